@@ -1,0 +1,507 @@
+//! Types shared by pyleak's eBPF programs (`pyleak-ebpf`) and its userspace (`pyleak-user`).
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and free of implicit padding, so the same bytes
+//! mean the same thing on both sides. Map sizes live here too, next to the types they hold.
+#![no_std]
+
+/// Live allocations tracked at once, over all layers and processes.
+pub const LIVE_ALLOCS_ENTRIES: u32 = 1 << 20;
+/// Threads with allocator calls or syscalls in flight, over all traced processes.
+pub const THREADS_ENTRIES: u32 = 16 << 10;
+/// Distinct stacks interned.
+pub const STACKS_ENTRIES: u32 = 16 << 10;
+/// Distinct (process, layer, stack) aggregates.
+pub const STACK_STATS_ENTRIES: u32 = 64 << 10;
+/// Processes traced at once.
+pub const TARGETS_ENTRIES: u32 = 4096;
+/// Bytes of the ring buffer that carries vm and page events to userspace.
+pub const EVENTS_RING_BYTES: u32 = 16 << 20;
+/// Native frames kept per stack (the immediate caller, then frame pointers).
+pub const MAX_NATIVE_FRAMES: usize = 32;
+/// Python frames kept per stack.
+pub const MAX_PY_FRAMES: usize = 128;
+/// Size-histogram buckets per layer (see [`size_bucket`]).
+pub const HIST_BUCKETS: usize = 1024;
+
+/// One level of CPython's allocator stack (`Objects/obmalloc.c`), top to bottom.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Layer {
+    /// `PyObject_*` and `PyMem_*`: what Python code asks for, object by object.
+    Pymalloc = 0,
+    /// `PyMem_Raw*`: buffers CPython takes straight from the C heap.
+    PymemRaw = 1,
+    /// The C library's malloc family.
+    Libc = 2,
+    /// Address space: `mmap`, `munmap`, `mremap`, `brk`.
+    Vm = 3,
+    /// Physical pages faulted in.
+    Pages = 4,
+}
+
+/// Number of [`Layer`]s.
+pub const NUM_LAYERS: usize = 5;
+
+impl Layer {
+    /// Every layer, top to bottom.
+    pub const ALL: [Layer; NUM_LAYERS] = [
+        Layer::Pymalloc,
+        Layer::PymemRaw,
+        Layer::Libc,
+        Layer::Vm,
+        Layer::Pages,
+    ];
+
+    /// The layer with this number, if any.
+    pub fn from_u32(n: u32) -> Option<Layer> {
+        match n {
+            0 => Some(Layer::Pymalloc),
+            1 => Some(Layer::PymemRaw),
+            2 => Some(Layer::Libc),
+            3 => Some(Layer::Vm),
+            4 => Some(Layer::Pages),
+            _ => None,
+        }
+    }
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layer::Pymalloc => "pymalloc",
+            Layer::PymemRaw => "pymem_raw",
+            Layer::Libc => "libc",
+            Layer::Vm => "vm",
+            Layer::Pages => "pages",
+        }
+    }
+}
+
+/// What an allocator entry point does with its arguments; carried in the uprobe cookie.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocKind {
+    /// `malloc(size)`, `valloc(size)`, `PyObject_Malloc(size)`.
+    Malloc = 0,
+    /// `calloc(nmemb, size)`.
+    Calloc = 1,
+    /// `realloc(ptr, size)`.
+    Realloc = 2,
+    /// `reallocarray(ptr, nmemb, size)`.
+    Reallocarray = 3,
+    /// `posix_memalign(&ptr, align, size)`: the block comes back through memory.
+    PosixMemalign = 4,
+    /// `aligned_alloc(align, size)`, `memalign(align, size)`.
+    Aligned = 5,
+    /// `pvalloc(size)`: size rounded up to whole pages.
+    Pvalloc = 6,
+    /// `free(ptr)`.
+    Free = 7,
+    /// `PyObject_Malloc(ctx, size)` reached through a `PyMemAllocatorEx` table.
+    CtxMalloc = 8,
+    /// `PyObject_Calloc(ctx, nelem, elsize)` through a table.
+    CtxCalloc = 9,
+    /// `PyObject_Realloc(ctx, ptr, size)` through a table.
+    CtxRealloc = 10,
+    /// `PyObject_Free(ctx, ptr)` through a table.
+    CtxFree = 11,
+}
+
+impl AllocKind {
+    /// The kind with this number, if any.
+    pub fn from_u32(n: u32) -> Option<AllocKind> {
+        Some(match n {
+            0 => AllocKind::Malloc,
+            1 => AllocKind::Calloc,
+            2 => AllocKind::Realloc,
+            3 => AllocKind::Reallocarray,
+            4 => AllocKind::PosixMemalign,
+            5 => AllocKind::Aligned,
+            6 => AllocKind::Pvalloc,
+            7 => AllocKind::Free,
+            8 => AllocKind::CtxMalloc,
+            9 => AllocKind::CtxCalloc,
+            10 => AllocKind::CtxRealloc,
+            11 => AllocKind::CtxFree,
+            _ => return None,
+        })
+    }
+}
+
+/// The 64-bit cookie given to every allocator uprobe: which kind, which layer, and how far
+/// below `rsp` the return address sits at the attach point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeCookie {
+    /// What the function does with its arguments.
+    pub kind: u32,
+    /// Which [`Layer`] it belongs to.
+    pub layer: u32,
+    /// Bytes pushed since entry at the attach point: the caller is at `[rsp + stack_delta]`.
+    pub stack_delta: u32,
+}
+
+impl ProbeCookie {
+    /// Packs the cookie into the 64 bits the kernel carries.
+    pub const fn encode(self) -> u64 {
+        (self.kind as u64 & 0xff) | ((self.layer as u64 & 0xff) << 8) | ((self.stack_delta as u64) << 16)
+    }
+
+    /// Unpacks a cookie made by [`ProbeCookie::encode`].
+    pub const fn decode(raw: u64) -> ProbeCookie {
+        ProbeCookie {
+            kind: (raw & 0xff) as u32,
+            layer: ((raw >> 8) & 0xff) as u32,
+            stack_delta: (raw >> 16) as u32,
+        }
+    }
+}
+
+/// Key of a live allocation: the same address can be live in two layers at once
+/// (`PyObject_Malloc(600)` hands out the block `malloc(600)` returned).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    /// Process (thread-group) id.
+    pub tgid: u32,
+    /// [`Layer`] number.
+    pub layer: u32,
+    /// Address of the block.
+    pub addr: u64,
+}
+
+/// A block allocated and not yet freed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveAlloc {
+    /// Bytes requested.
+    pub size: u64,
+    /// `bpf_ktime_get_ns()` when it was allocated.
+    pub ts_ns: u64,
+    /// Interned stack ([`StackTrace`]) of the allocating thread.
+    pub stack_id: u64,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// Set on a block a lower layer allocated while serving a `pymalloc` request.
+pub const FLAG_FOR_PYMALLOC: u32 = 1;
+/// Set on a block a lower layer allocated while serving a `pymem_raw` request.
+pub const FLAG_FOR_PYMEM_RAW: u32 = 2;
+/// Set on a mapping made while serving a libc malloc-family request.
+pub const FLAG_FOR_LIBC: u32 = 4;
+/// Set on a stack whose Python frames did not all fit.
+pub const STACK_PY_TRUNCATED: u32 = 1;
+/// Set on a stack whose Python frames could not be read.
+pub const STACK_PY_UNREADABLE: u32 = 2;
+/// Set on a stack whose first native frame is an instruction pointer (a tracepoint's), not
+/// a return address.
+pub const STACK_LEAF_IS_IP: u32 = 4;
+
+/// An allocator call entered and not yet returned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Bytes requested (already multiplied out for calloc/reallocarray).
+    pub size: u64,
+    /// The block being resized (realloc) or the `void **` to read (posix_memalign).
+    pub arg_ptr: u64,
+    /// Interned stack of the calling thread.
+    pub stack_id: u64,
+    /// [`AllocKind`] number.
+    pub kind: u32,
+    /// Nested calls of the same layer inside this one (e.g. reallocarray → realloc), ignored.
+    pub depth: u32,
+    /// `FLAG_*` bits inherited from an upper layer's call in flight.
+    pub flags: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// Layers whose calls can be in flight on a thread (those probed with uprobes).
+pub const CALL_LAYERS: usize = 3;
+
+/// Per-thread state, keyed by thread id: the allocator calls in flight, one slot per layer
+/// (a `malloc` inside `PyObject_Malloc` is two), and the syscall in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadState {
+    /// Calls in flight, indexed by [`Layer`] number.
+    pub calls: [Pending; CALL_LAYERS],
+    /// Bit `1 << layer` set while `calls[layer]` is in flight.
+    pub active: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The mmap-family syscall in flight, if `syscall.kind != 0`.
+    pub syscall: VmPending,
+}
+
+/// Key of per-stack aggregates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    /// Process id.
+    pub tgid: u32,
+    /// [`Layer`] number.
+    pub layer: u32,
+    /// Interned stack id.
+    pub stack_id: u64,
+}
+
+/// Totals for one (process, layer, stack), kept in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackAgg {
+    /// Allocations made from this stack.
+    pub allocs: u64,
+    /// Their bytes.
+    pub alloc_bytes: u64,
+    /// Of those, how many were freed.
+    pub frees: u64,
+    /// Their bytes.
+    pub freed_bytes: u64,
+}
+
+/// Per-layer counters, one copy per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    /// Successful allocations seen.
+    pub allocs: u64,
+    /// Their bytes.
+    pub alloc_bytes: u64,
+    /// Frees of blocks allocated while tracing.
+    pub frees: u64,
+    /// Their bytes.
+    pub freed_bytes: u64,
+    /// Frees of blocks not known (allocated before tracing began, or dropped).
+    pub unmatched_frees: u64,
+    /// Allocation calls that failed (returned NULL).
+    pub failed_allocs: u64,
+}
+
+/// Why an event was lost; index into the `DROPS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drop {
+    /// `LIVE_ALLOCS` was full: an allocation is not tracked.
+    LiveAllocsFull = 0,
+    /// An allocator returned to a thread with no call in flight, though no probe missed.
+    OrphanReturn = 1,
+    /// `STACKS` was full: an event kept no stack.
+    StacksFull = 2,
+    /// `STACK_STATS` was full: a stack's totals are short.
+    StackStatsFull = 3,
+    /// The ring buffer was full: a vm or page event is lost.
+    RingFull = 4,
+    /// An allocator returned without a matching entry (probe attached mid-call).
+    UnmatchedReturn = 5,
+    /// A user stack could not be read.
+    StackUnreadable = 6,
+    /// `THREADS` was full: a thread's calls are not tracked.
+    ThreadsFull = 7,
+    /// posix_memalign's result could not be read back.
+    MemptrUnreadable = 8,
+}
+
+/// Number of [`Drop`] reasons.
+pub const NUM_DROPS: usize = 9;
+
+impl Drop {
+    /// Every reason, in index order.
+    pub const ALL: [Drop; NUM_DROPS] = [
+        Drop::LiveAllocsFull,
+        Drop::OrphanReturn,
+        Drop::StacksFull,
+        Drop::StackStatsFull,
+        Drop::RingFull,
+        Drop::UnmatchedReturn,
+        Drop::StackUnreadable,
+        Drop::ThreadsFull,
+        Drop::MemptrUnreadable,
+    ];
+
+    /// Short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::LiveAllocsFull => "live_allocs_full",
+            Drop::OrphanReturn => "orphan_return",
+            Drop::StacksFull => "stacks_full",
+            Drop::StackStatsFull => "stack_stats_full",
+            Drop::RingFull => "ring_full",
+            Drop::UnmatchedReturn => "unmatched_return",
+            Drop::StackUnreadable => "stack_unreadable",
+            Drop::ThreadsFull => "threads_full",
+            Drop::MemptrUnreadable => "memptr_unreadable",
+        }
+    }
+}
+
+/// One Python frame as captured in the kernel: resolved to names in userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    /// Address of the code object.
+    pub code: u64,
+    /// Instruction position (`f_lasti`, or the instruction pointer's offset in the code).
+    pub lasti: u32,
+    /// A signature of the code object read in the kernel, to detect reused addresses.
+    pub sig: u32,
+}
+
+/// An interned stack: native frames (leaf first) and Python frames (leaf first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StackTrace {
+    /// Used entries of `native`.
+    pub native_len: u32,
+    /// Used entries of `py`.
+    pub py_len: u32,
+    /// `STACK_*` bits.
+    pub flags: u32,
+    /// Thread id that first produced this stack (for the report's thread column).
+    pub tid: u32,
+    /// Native return addresses, leaf first.
+    pub native: [u64; MAX_NATIVE_FRAMES],
+    /// Python frames, leaf first.
+    pub py: [PyFrame; MAX_PY_FRAMES],
+}
+
+/// What a vm or page event in the ring buffer describes.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmKind {
+    /// `mmap` returned `addr` for `len` bytes; `arg` = prot << 32 | flags.
+    Mmap = 0,
+    /// `munmap(addr, len)` succeeded.
+    Munmap = 1,
+    /// `mremap(addr, len, arg = new_len)` returned `arg2` = new address.
+    Mremap = 2,
+    /// `brk(addr)` returned `arg` = the new break.
+    Brk = 3,
+    /// A user page fault at `addr`; `arg` = error code.
+    Fault = 4,
+    /// `madvise(addr, len, arg = advice)` dropped pages (`MADV_DONTNEED`, `MADV_FREE`...).
+    Madvise = 5,
+    /// The process entered `Py_FinalizeEx` or exited: its state is frozen from here on.
+    Freeze = 6,
+}
+
+/// An event in the ring buffer (vm layer, pages layer, freezes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmEvent {
+    /// [`VmKind`] number.
+    pub kind: u32,
+    /// Process id.
+    pub tgid: u32,
+    /// Address (mapping start, fault address, break requested).
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Kind-specific (see [`VmKind`]).
+    pub arg: u64,
+    /// Kind-specific second value (see [`VmKind`]).
+    pub arg2: u64,
+    /// Interned stack of the thread.
+    pub stack_id: u64,
+    /// `bpf_ktime_get_ns()`.
+    pub ts_ns: u64,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Thread id.
+    pub tid: u32,
+}
+
+/// Arguments of a syscall entered and not yet returned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmPending {
+    /// [`VmKind`] number plus one (0: no syscall in flight).
+    pub kind: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// First argument.
+    pub addr: u64,
+    /// Second argument.
+    pub len: u64,
+    /// Third argument.
+    pub arg: u64,
+}
+
+/// Value of the `TARGETS` map: the process is traced and not frozen.
+pub const TARGET_ACTIVE: u32 = 1;
+/// Value of the `TARGETS` map: the process has begun shutting down; its state is final.
+pub const TARGET_FROZEN: u32 = 2;
+
+/// Histogram bucket of an allocation size: exact below 16, then 16 linear steps per power
+/// of two (relative error under 6.25%).
+#[inline(always)]
+pub fn size_bucket(size: u64) -> usize {
+    if size < 16 {
+        return size as usize;
+    }
+    let log = 63 - size.leading_zeros() as u64;
+    let sub = (size >> (log - 4)) & 0xf;
+    ((log - 3) * 16 + sub) as usize
+}
+
+/// Smallest size that falls into `bucket` (inverse of [`size_bucket`]).
+pub fn bucket_low(bucket: usize) -> u64 {
+    if bucket < 16 {
+        return bucket as u64;
+    }
+    let log = (bucket / 16) as u64 + 3;
+    let sub = (bucket % 16) as u64;
+    (1u64 << log) | (sub << (log - 4))
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type below is #[repr(C)], Copy, made of integers only, with explicit
+    // padding fields so no byte is uninitialised.
+    unsafe impl aya::Pod for super::AllocKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LiveAlloc {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ThreadState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StackKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StackAgg {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LayerStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StackTrace {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VmEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_invertible() {
+        let mut last = 0;
+        for size in 0..100_000u64 {
+            let b = size_bucket(size);
+            assert!(b >= last, "bucket went down at {size}");
+            assert!(bucket_low(b) <= size, "{size} below its bucket's low {}", bucket_low(b));
+            assert_eq!(size_bucket(bucket_low(b)), b);
+            last = b;
+        }
+        assert!(size_bucket(u64::MAX) < HIST_BUCKETS);
+        assert_eq!(size_bucket(15), 15);
+        assert_eq!(size_bucket(16), 16);
+        assert_eq!(size_bucket(17), 17);
+        assert_eq!(size_bucket(32), 32);
+        assert_eq!(size_bucket(34), 33);
+    }
+
+    #[test]
+    fn cookie_round_trips() {
+        let c = ProbeCookie { kind: AllocKind::PosixMemalign as u32, layer: Layer::Libc as u32, stack_delta: 24 };
+        assert_eq!(ProbeCookie::decode(c.encode()), c);
+    }
+}

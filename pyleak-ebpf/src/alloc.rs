@@ -1,0 +1,346 @@
+//! The one alloc/free path every allocator probe shares (libc's malloc family, pymalloc,
+//! PyMem_Raw). Which function a probe sits on, and its layer, come from the attach cookie.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_get_attach_cookie,
+    },
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+    EbpfContext,
+};
+use pyleak_common::{
+    size_bucket, AllocKey, AllocKind, Drop, Layer, LiveAlloc, Pending, ProbeCookie, StackAgg,
+    StackKey, ThreadState, CALL_LAYERS, FLAG_FOR_LIBC, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW,
+    HIST_BUCKETS, TARGET_ACTIVE,
+};
+
+use crate::{
+    maps::{
+        count_drop, target_state, LAYER_STATS, LIVE_ALLOCS, SIZE_HIST, STACK_STATS, THREADS,
+    },
+    stack,
+};
+
+const PAGE_SIZE: u64 = 4096;
+
+/// Entry of an allocating function: remember its request until it returns.
+#[uprobe]
+pub fn alloc_enter(ctx: ProbeContext) -> u32 {
+    let _ = try_alloc_enter(&ctx);
+    0
+}
+
+/// Return of an allocating function: record the block it handed out.
+#[uretprobe]
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    let _ = try_alloc_exit(&ctx);
+    0
+}
+
+/// Entry of a freeing function: forget the block.
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let _ = try_free_enter(&ctx);
+    0
+}
+
+/// Benchmark floor: the same attach points with an empty program.
+#[uprobe]
+pub fn bare_enter(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// Benchmark floor for return probes.
+#[uretprobe]
+pub fn bare_exit(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
+#[inline(always)]
+fn cookie<C: EbpfContext>(ctx: &C) -> ProbeCookie {
+    // SAFETY: reads the cookie userspace attached with this probe.
+    ProbeCookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) })
+}
+
+/// `a * b` for factors below 2^32, else `u64::MAX` (such a calloc fails anyway). LLVM
+/// would turn an exact overflow check into a 128-bit multiply, which BPF lacks.
+#[inline(always)]
+fn mul(a: u64, b: u64) -> u64 {
+    if (a | b) >> 32 != 0 {
+        u64::MAX
+    } else {
+        a * b
+    }
+}
+
+/// The first three integer arguments. Volatile reads at fixed offsets: the verifier
+/// rejects a context pointer moved by a variable amount, which LLVM would otherwise build
+/// when one of two arguments is chosen by the cookie.
+#[inline(always)]
+fn args3(ctx: &ProbeContext) -> [u64; 3] {
+    // SAFETY: `regs` points at the probe's register set for the program's whole run.
+    unsafe {
+        let r = ctx.regs;
+        [
+            core::ptr::read_volatile(&raw const (*r).rdi),
+            core::ptr::read_volatile(&raw const (*r).rsi),
+            core::ptr::read_volatile(&raw const (*r).rdx),
+        ]
+    }
+}
+
+fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
+    let c = cookie(ctx);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let layer = c.layer as usize;
+    if layer >= CALL_LAYERS || target_state(tgid) != TARGET_ACTIVE {
+        return Ok(());
+    }
+    let Some(t) = thread_state(tid) else {
+        return Ok(());
+    };
+    // SAFETY: a valid map value pointer; only this thread touches its own entry.
+    let t = unsafe { &mut *t };
+    if t.active & (1 << layer) != 0 {
+        // A call nested in one of the same layer (reallocarray → realloc): the outer call
+        // accounts for it.
+        t.calls[layer].depth += 1;
+        return Ok(());
+    }
+    let [a0, a1, a2] = args3(ctx);
+    let (size, arg_ptr) = match AllocKind::from_u32(c.kind) {
+        Some(AllocKind::Malloc) => (a0, 0),
+        Some(AllocKind::Calloc) => (mul(a0, a1), 0),
+        Some(AllocKind::Realloc) => (a1, a0),
+        Some(AllocKind::Reallocarray) => (mul(a1, a2), a0),
+        Some(AllocKind::PosixMemalign) => (a2, a0),
+        Some(AllocKind::Aligned) => (a1, 0),
+        Some(AllocKind::Pvalloc) => (a0.div_ceil(PAGE_SIZE) * PAGE_SIZE, 0),
+        Some(AllocKind::CtxMalloc) => (a1, 0),
+        Some(AllocKind::CtxCalloc) => (mul(a1, a2), 0),
+        Some(AllocKind::CtxRealloc) => (a2, a1),
+        _ => return Ok(()),
+    };
+    let (flags, inherited) = upper_call(t, layer);
+    let stack_id = match inherited {
+        Some(id) => id,
+        None => {
+            // SAFETY: `regs` is the probe's register set; rsp is read as a number.
+            let rsp = unsafe { (*ctx.regs).rsp };
+            let addr = rsp + c.stack_delta as u64;
+            // SAFETY: reads the return address from the target's stack, checked by the helper.
+            let caller = unsafe { bpf_probe_read_user(addr as *const u64) }.ok();
+            stack::capture(ctx.as_ptr(), caller, tid)
+        }
+    };
+    t.calls[layer] = Pending { size, arg_ptr, stack_id, kind: c.kind, depth: 0, flags, _pad: 0 };
+    t.active |= 1 << layer;
+    Ok(())
+}
+
+/// This thread's state, created on first use.
+#[inline(always)]
+pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
+    if let Some(t) = THREADS.get_ptr_mut(&tid) {
+        return Some(t);
+    }
+    let fresh = ThreadState::default();
+    if THREADS.insert(&tid, &fresh, BPF_NOEXIST as u64).is_err() {
+        // Either full, or another probe of this thread raced us in (not possible for one
+        // thread, so full).
+        count_drop(Drop::ThreadsFull);
+    }
+    THREADS.get_ptr_mut(&tid)
+}
+
+/// If an upper layer's call is in flight on this thread (malloc inside PyObject_Malloc,
+/// mmap inside malloc), the `FLAG_FOR_*` bit to set and that call's stack to reuse.
+#[inline(always)]
+pub fn upper_call(t: &ThreadState, layer: usize) -> (u32, Option<u64>) {
+    if layer > Layer::Pymalloc as usize && t.active & (1 << Layer::Pymalloc as u32) != 0 {
+        return (FLAG_FOR_PYMALLOC, Some(t.calls[Layer::Pymalloc as usize].stack_id));
+    }
+    if layer > Layer::PymemRaw as usize && t.active & (1 << Layer::PymemRaw as u32) != 0 {
+        return (FLAG_FOR_PYMEM_RAW, Some(t.calls[Layer::PymemRaw as usize].stack_id));
+    }
+    if layer > Layer::Libc as usize && t.active & (1 << Layer::Libc as u32) != 0 {
+        return (FLAG_FOR_LIBC, Some(t.calls[Layer::Libc as usize].stack_id));
+    }
+    (0, None)
+}
+
+fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
+    let c = cookie(ctx);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let layer = c.layer as usize;
+    if layer >= CALL_LAYERS {
+        return Ok(());
+    }
+    let t = THREADS.get_ptr_mut(&tid);
+    // SAFETY: a valid map value pointer; only this thread touches its own entry.
+    let Some(t) = t.map(|t| unsafe { &mut *t }) else {
+        if target_state(tgid) == TARGET_ACTIVE {
+            count_drop(Drop::UnmatchedReturn);
+        }
+        return Ok(());
+    };
+    if t.active & (1 << layer) == 0 {
+        if target_state(tgid) == TARGET_ACTIVE {
+            count_drop(Drop::OrphanReturn);
+        }
+        return Ok(());
+    }
+    if t.calls[layer].depth > 0 {
+        t.calls[layer].depth -= 1;
+        return Ok(());
+    }
+    let pending = t.calls[layer];
+    t.active &= !(1 << layer);
+    if target_state(tgid) != TARGET_ACTIVE {
+        return Ok(());
+    }
+    let ret: u64 = ctx.ret();
+    let layer = c.layer;
+    match AllocKind::from_u32(pending.kind) {
+        Some(AllocKind::PosixMemalign) => {
+            if ret as u32 != 0 {
+                failed(layer);
+                return Ok(());
+            }
+            // SAFETY: reads the pointer posix_memalign stored, checked by the helper.
+            match unsafe { bpf_probe_read_user(pending.arg_ptr as *const u64) } {
+                Ok(addr) => record_alloc(tgid, layer, addr, &pending),
+                Err(_) => count_drop(Drop::MemptrUnreadable),
+            }
+        }
+        Some(AllocKind::Realloc | AllocKind::Reallocarray | AllocKind::CtxRealloc) => {
+            if ret != 0 {
+                if pending.arg_ptr != 0 {
+                    record_free(tgid, layer, pending.arg_ptr);
+                }
+                record_alloc(tgid, layer, ret, &pending);
+            } else if pending.size == 0 && pending.arg_ptr != 0 {
+                // glibc's realloc(p, 0) frees p and returns NULL.
+                record_free(tgid, layer, pending.arg_ptr);
+            } else {
+                failed(layer);
+            }
+        }
+        _ => {
+            if ret != 0 {
+                record_alloc(tgid, layer, ret, &pending);
+            } else {
+                failed(layer);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn try_free_enter(ctx: &ProbeContext) -> Result<(), i32> {
+    let c = cookie(ctx);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let [a0, a1, _] = args3(ctx);
+    let addr = if c.kind == AllocKind::CtxFree as u32 { a1 } else { a0 };
+    let layer = c.layer as usize;
+    if addr == 0 || layer >= CALL_LAYERS || target_state(tgid) != TARGET_ACTIVE {
+        return Ok(());
+    }
+    // SAFETY: plain data read at once.
+    if let Some(t) = unsafe { THREADS.get(&tid) } {
+        if t.active & (1 << layer) != 0 {
+            // A free made by an allocator of the same layer on its own behalf (realloc).
+            return Ok(());
+        }
+    }
+    record_free(tgid, c.layer, addr);
+    Ok(())
+}
+
+#[inline(always)]
+fn failed(layer: u32) {
+    if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { (*s).failed_allocs += 1 };
+    }
+}
+
+/// Records a block handed out: live map, layer counters, histogram, stack totals.
+#[inline(always)]
+pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
+    // SAFETY: a helper without arguments.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    let key = AllocKey { tgid, layer, addr };
+    let live = LiveAlloc { size: p.size, ts_ns, stack_id: p.stack_id, flags: p.flags, _pad: 0 };
+    if LIVE_ALLOCS.insert(&key, &live, 0).is_err() {
+        count_drop(Drop::LiveAllocsFull);
+    }
+    if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*s).allocs += 1;
+            (*s).alloc_bytes += p.size;
+        }
+    }
+    let bucket = layer as usize * HIST_BUCKETS + size_bucket(p.size);
+    if let Some(n) = SIZE_HIST.get_ptr_mut(bucket as u32) {
+        // SAFETY: a per-CPU slot.
+        unsafe { *n += 1 };
+    }
+    let skey = StackKey { tgid, layer, stack_id: p.stack_id };
+    match STACK_STATS.get_ptr_mut(&skey) {
+        // SAFETY: a per-CPU map value; only this CPU writes its copy.
+        Some(a) => unsafe {
+            (*a).allocs += 1;
+            (*a).alloc_bytes += p.size;
+        },
+        None => {
+            let a = StackAgg { allocs: 1, alloc_bytes: p.size, frees: 0, freed_bytes: 0 };
+            if STACK_STATS.insert(&skey, &a, 0).is_err() {
+                count_drop(Drop::StackStatsFull);
+            }
+        }
+    }
+}
+
+/// Records a block given back; unknown blocks are counted, never subtracted.
+#[inline(always)]
+pub fn record_free(tgid: u32, layer: u32, addr: u64) {
+    let key = AllocKey { tgid, layer, addr };
+    // SAFETY: plain data copied out before the entry is removed.
+    let Some(live) = (unsafe { LIVE_ALLOCS.get(&key) }).copied() else {
+        if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
+            // SAFETY: a per-CPU slot.
+            unsafe { (*s).unmatched_frees += 1 };
+        }
+        return;
+    };
+    let _ = LIVE_ALLOCS.remove(&key);
+    if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
+        // SAFETY: a per-CPU slot.
+        unsafe {
+            (*s).frees += 1;
+            (*s).freed_bytes += live.size;
+        }
+    }
+    let skey = StackKey { tgid, layer, stack_id: live.stack_id };
+    match STACK_STATS.get_ptr_mut(&skey) {
+        // SAFETY: a per-CPU map value; only this CPU writes its copy.
+        Some(a) => unsafe {
+            (*a).frees += 1;
+            (*a).freed_bytes += live.size;
+        },
+        None => {
+            let a = StackAgg { allocs: 0, alloc_bytes: 0, frees: 1, freed_bytes: live.size };
+            if STACK_STATS.insert(&skey, &a, 0).is_err() {
+                count_drop(Drop::StackStatsFull);
+            }
+        }
+    }
+}

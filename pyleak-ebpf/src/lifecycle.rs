@@ -1,0 +1,59 @@
+//! When a traced process's state becomes final: its interpreter starts shutting down
+//! (`Py_FinalizeEx`) or the process exits. From then on its frees no longer change what is
+//! reported live, so userspace can read the maps at leisure.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{tracepoint, uprobe},
+    programs::{ProbeContext, TracePointContext},
+};
+use pyleak_common::{VmEvent, VmKind, TARGET_ACTIVE, TARGET_FROZEN};
+
+use crate::{
+    maps::{target_state, TARGETS, THREADS},
+    vm::emit,
+};
+
+/// Uprobe on `Py_FinalizeEx`: freeze the process.
+#[uprobe]
+pub fn py_finalize_enter(_ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    freeze(tgid);
+    0
+}
+
+/// `sched:sched_process_exit`: forget the thread; freeze the process when its last
+/// thread exits.
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let _ = THREADS.remove(&tid);
+    // SAFETY: `group_dead` is a bool at offset 32 of the format.
+    let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0);
+    if group_dead != 0 {
+        freeze(tgid);
+    }
+    0
+}
+
+#[inline(always)]
+fn freeze(tgid: u32) {
+    if target_state(tgid) != TARGET_ACTIVE {
+        return;
+    }
+    if TARGETS.insert(&tgid, &TARGET_FROZEN, 0).is_ok() {
+        emit(VmEvent {
+            kind: VmKind::Freeze as u32,
+            tgid,
+            addr: 0,
+            len: 0,
+            arg: 0,
+            arg2: 0,
+            stack_id: 0,
+            ts_ns: 0,
+            flags: 0,
+            tid: 0,
+        });
+    }
+}

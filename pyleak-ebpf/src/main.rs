@@ -1,0 +1,24 @@
+//! pyleak's kernel side: probes on every layer of CPython's allocator stack, aggregating in
+//! maps that userspace reads (see `pyleak-common` for the shared types).
+#![no_std]
+#![no_main]
+
+mod alloc;
+mod lifecycle;
+mod maps;
+mod pages;
+mod pystack;
+mod stack;
+mod vm;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Never reached: the verifier rejects programs that could panic.
+    loop {}
+}
+
+/// GPL-compatible, for `bpf_probe_read_user` and friends.
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

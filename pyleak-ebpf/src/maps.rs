@@ -1,0 +1,71 @@
+//! Every map the probes share, with the sizes from `pyleak-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use pyleak_common::{
+    AllocKey, LayerStats, LiveAlloc, StackAgg, StackKey, StackTrace, ThreadState,
+    EVENTS_RING_BYTES, HIST_BUCKETS, LIVE_ALLOCS_ENTRIES, NUM_DROPS, NUM_LAYERS, STACKS_ENTRIES,
+    STACK_STATS_ENTRIES, TARGETS_ENTRIES, THREADS_ENTRIES,
+};
+
+/// Processes traced: tgid → `TARGET_ACTIVE` or `TARGET_FROZEN`.
+#[map]
+pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_ENTRIES, 0);
+
+/// Blocks allocated and not yet freed.
+#[map]
+pub static LIVE_ALLOCS: HashMap<AllocKey, LiveAlloc> =
+    HashMap::with_max_entries(LIVE_ALLOCS_ENTRIES, 0);
+
+/// Per-thread calls in flight, by thread id.
+#[map]
+pub static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(THREADS_ENTRIES, 0);
+
+/// Interned stacks by id.
+#[map]
+pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(STACKS_ENTRIES, 0);
+
+/// Per (process, layer, stack) totals; per CPU so updates need no atomics.
+#[map]
+pub static STACK_STATS: PerCpuHashMap<StackKey, StackAgg> =
+    PerCpuHashMap::with_max_entries(STACK_STATS_ENTRIES, 0);
+
+/// Per-layer counters.
+#[map]
+pub static LAYER_STATS: PerCpuArray<LayerStats> =
+    PerCpuArray::with_max_entries(NUM_LAYERS as u32, 0);
+
+/// Per-layer size histograms: `layer * HIST_BUCKETS + size_bucket(size)`.
+#[map]
+pub static SIZE_HIST: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries((NUM_LAYERS * HIST_BUCKETS) as u32, 0);
+
+/// Lost events by `pyleak_common::Drop` reason.
+#[map]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_DROPS as u32, 0);
+
+/// Scratch space to build a stack in (too big for the 512-byte BPF stack).
+#[map]
+pub static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+/// vm and page events for userspace.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Counts one lost event.
+#[inline(always)]
+pub fn count_drop(reason: pyleak_common::Drop) {
+    if let Some(n) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *n += 1 };
+    }
+}
+
+/// The tracing state of a process: 0 (not traced), `TARGET_ACTIVE` or `TARGET_FROZEN`.
+#[inline(always)]
+pub fn target_state(tgid: u32) -> u32 {
+    // SAFETY: the value is a plain u32 copied out at once.
+    unsafe { TARGETS.get(&tgid) }.copied().unwrap_or(0)
+}

@@ -1,0 +1,108 @@
+//! Capturing the stack of the current thread and interning it in `STACKS`.
+//!
+//! A stack is the immediate native caller (read from `[rsp]` at an allocator's entry),
+//! then whatever frame pointers give. The id is a hash of the frames, so the same stack
+//! seen twice is stored once.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::generated::bpf_get_stack,
+};
+use pyleak_common::{Drop, MAX_NATIVE_FRAMES, MAX_PY_FRAMES, STACK_LEAF_IS_IP};
+
+use crate::maps::{count_drop, STACKS, STACK_SCRATCH};
+
+/// How many native frames to keep (1: the immediate caller only). Set by userspace.
+#[no_mangle]
+static NATIVE_DEPTH: u32 = MAX_NATIVE_FRAMES as u32;
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+const EEXIST: i64 = 17;
+
+/// Captures the current thread's stack and returns its interned id (0: none kept).
+///
+/// `caller` is the return address read at an allocator's entry; tracepoints pass `None`
+/// and keep the user instruction pointer as the leaf frame instead.
+#[inline(always)]
+pub fn capture(ctx: *mut c_void, caller: Option<u64>, tid: u32) -> u64 {
+    let Some(st) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
+    let st = unsafe { &mut *st };
+    st.flags = 0;
+    st.py_len = 0;
+    st.tid = tid;
+    // SAFETY: a read-only global, patched by userspace before load.
+    let depth = unsafe { core::ptr::read_volatile(&NATIVE_DEPTH) };
+    let mut len: usize = 0;
+    if depth > 1 {
+        // SAFETY: the helper writes at most the buffer's size into the scratch slot.
+        let n = unsafe {
+            bpf_get_stack(
+                ctx,
+                st.native.as_mut_ptr().cast(),
+                (MAX_NATIVE_FRAMES * 8) as u32,
+                BPF_F_USER_STACK as u64,
+            )
+        };
+        if n > 0 {
+            len = (n as usize) / 8;
+        } else {
+            count_drop(Drop::StackUnreadable);
+        }
+    }
+    if caller.is_none() {
+        st.flags |= STACK_LEAF_IS_IP;
+    }
+    if let Some(caller) = caller {
+        // At an allocator's entry the first frame is the allocator itself: replace it with
+        // the caller, which frame pointers would skip.
+        st.native[0] = caller;
+        if len == 0 {
+            len = 1;
+        }
+    }
+    if len > MAX_NATIVE_FRAMES {
+        len = MAX_NATIVE_FRAMES;
+    }
+    st.native_len = len as u32;
+    crate::pystack::walk(st);
+    intern(st)
+}
+
+/// Hashes the used part of `st` and stores it under that hash.
+#[inline(always)]
+fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
+    let mut h = FNV_OFFSET;
+    let nlen = st.native_len as usize;
+    for i in 0..MAX_NATIVE_FRAMES {
+        if i >= nlen {
+            break;
+        }
+        h = (h ^ st.native[i]).wrapping_mul(FNV_PRIME);
+    }
+    let plen = st.py_len as usize;
+    for i in 0..MAX_PY_FRAMES {
+        if i >= plen {
+            break;
+        }
+        let f = &st.py[i];
+        h = (h ^ f.code).wrapping_mul(FNV_PRIME);
+        h = (h ^ ((f.lasti as u64) << 32 | f.sig as u64)).wrapping_mul(FNV_PRIME);
+    }
+    h = (h ^ (st.flags as u64)).wrapping_mul(FNV_PRIME);
+    // 0 means "no stack".
+    let id = h | 1;
+    match STACKS.insert(&id, &*st, BPF_NOEXIST as u64) {
+        Ok(()) => id,
+        Err(e) if e as i64 == -EEXIST => id,
+        Err(_) => {
+            count_drop(Drop::StacksFull);
+            0
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Finding functions in ELF files: their file offsets (what uprobes take) and their bytes
+//! (to choose a cheap attach point).
+
+use std::path::{Path, PathBuf};
+
+use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+
+use crate::errors::UserError;
+
+/// An ELF file read into memory.
+pub struct ElfFile {
+    path: PathBuf,
+    data: Vec<u8>,
+}
+
+/// One function found in an [`ElfFile`].
+#[derive(Debug, Clone)]
+pub struct Function {
+    /// Its offset in the file (what a uprobe attaches to).
+    pub file_offset: u64,
+    /// Its virtual address.
+    pub address: u64,
+    /// Its bytes (the whole function when the symbol has a size, else the first 64).
+    pub code: Vec<u8>,
+}
+
+impl ElfFile {
+    /// Reads `path`.
+    pub fn open(path: &Path) -> Result<ElfFile, UserError> {
+        let data = std::fs::read(path).map_err(|e| UserError::BadElf {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        object::File::parse(&*data).map_err(|e| UserError::BadElf {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(ElfFile { path: path.to_owned(), data })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Finds a defined function by name in the dynamic symbols, then in the full table.
+    pub fn function(&self, name: &str) -> Option<Function> {
+        let file = object::File::parse(&*self.data).ok()?;
+        let sym = file
+            .dynamic_symbols()
+            .chain(file.symbols())
+            .find(|s| s.is_definition() && s.kind() == SymbolKind::Text && s.name() == Ok(name))?;
+        let section = file.section_by_index(sym.section_index()?).ok()?;
+        let (sec_off, sec_len) = section.file_range()?;
+        let rel = sym.address().checked_sub(section.address())?;
+        if rel >= sec_len {
+            return None;
+        }
+        let file_offset = sec_off + rel;
+        let len = if sym.size() > 0 { sym.size() } else { 64 }.min(sec_len - rel);
+        let start = usize::try_from(file_offset).ok()?;
+        let code = self.data.get(start..start + len as usize)?.to_vec();
+        Some(Function { file_offset, address: sym.address(), code })
+    }
+
+    /// Whether the file defines `name` (as a function).
+    pub fn defines(&self, name: &str) -> bool {
+        self.function(name).is_some()
+    }
+
+    /// Shared libraries the file needs (`DT_NEEDED`) and its run paths, `$ORIGIN` expanded.
+    pub fn needed(&self) -> (Vec<String>, Vec<PathBuf>) {
+        let Ok(file) = object::read::elf::ElfFile64::<object::Endianness>::parse(&*self.data)
+        else {
+            return (Vec::new(), Vec::new());
+        };
+        let origin = self.path.parent().unwrap_or(Path::new("/")).to_owned();
+        let mut needed = Vec::new();
+        let mut paths = Vec::new();
+        let endian = file.endian();
+        let Ok(Some((dynamic, index))) = file.elf_section_table().dynamic(endian, &*self.data)
+        else {
+            return (needed, paths);
+        };
+        let Ok(strings) = file.elf_section_table().strings(endian, &*self.data, index) else {
+            return (needed, paths);
+        };
+        use object::read::elf::Dyn as _;
+        for d in dynamic {
+            let tag = d.tag32(endian);
+            let Some(tag) = tag else { continue };
+            if !matches!(tag, object::elf::DT_NEEDED | object::elf::DT_RPATH | object::elf::DT_RUNPATH) {
+                continue;
+            }
+            let Ok(s) = d.string(endian, strings) else { continue };
+            let s = String::from_utf8_lossy(s).into_owned();
+            if tag == object::elf::DT_NEEDED {
+                needed.push(s);
+            } else {
+                for p in s.split(':') {
+                    let p = p.replace("$ORIGIN", &origin.to_string_lossy()).replace("${ORIGIN}", &origin.to_string_lossy());
+                    paths.push(PathBuf::from(p));
+                }
+            }
+        }
+        (needed, paths)
+    }
+}

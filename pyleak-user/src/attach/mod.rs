@@ -1,0 +1,200 @@
+//! Where to put probes: which files a target maps (its libc, its libpython), which
+//! functions in them, at which offsets, with which cookies.
+
+pub mod elf;
+pub mod prologue;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use pyleak_common::{AllocKind, Layer, ProbeCookie};
+
+use self::{elf::ElfFile, prologue::choose_attach_point};
+
+/// Which program a probe runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeRole {
+    /// `alloc_enter` plus `alloc_exit` at the same point.
+    Alloc,
+    /// `free_enter`.
+    Free,
+    /// `py_finalize_enter`.
+    Finalize,
+}
+
+/// One uprobe to attach.
+#[derive(Debug, Clone)]
+pub struct ProbeSpec {
+    /// The file, as a path the kernel can open from pyleak's mount namespace.
+    pub path: PathBuf,
+    /// The function's name (for messages).
+    pub symbol: &'static str,
+    /// File offset of the attach point.
+    pub offset: u64,
+    /// Program(s) to run.
+    pub role: ProbeRole,
+    /// The cookie the programs read.
+    pub cookie: u64,
+    /// Whether the instruction there is emulated by the kernel (cheap).
+    pub emulated: bool,
+    /// Attach point minus function start.
+    pub delta_from_entry: u64,
+}
+
+/// The libc malloc family: name, what it does, how many argument registers it reads.
+pub const LIBC_FUNCTIONS: [(&str, AllocKind, usize); 10] = [
+    ("malloc", AllocKind::Malloc, 1),
+    ("calloc", AllocKind::Calloc, 2),
+    ("realloc", AllocKind::Realloc, 2),
+    ("reallocarray", AllocKind::Reallocarray, 3),
+    ("posix_memalign", AllocKind::PosixMemalign, 3),
+    ("aligned_alloc", AllocKind::Aligned, 2),
+    ("memalign", AllocKind::Aligned, 2),
+    ("valloc", AllocKind::Malloc, 1),
+    ("pvalloc", AllocKind::Pvalloc, 1),
+    ("free", AllocKind::Free, 1),
+];
+
+/// Plans probes for `functions` of one layer in `elf`. Functions at the same address (glibc's
+/// `memalign` is `aligned_alloc`) get one probe.
+pub fn plan_layer(
+    elf: &ElfFile,
+    layer: Layer,
+    functions: &[(&'static str, AllocKind, usize)],
+) -> Vec<ProbeSpec> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for &(name, kind, args) in functions {
+        let Some(f) = elf.function(name) else {
+            log::debug!("{} does not define {name}", elf.path().display());
+            continue;
+        };
+        if !seen.insert(f.file_offset) {
+            continue;
+        }
+        let is_free = matches!(kind, AllocKind::Free | AllocKind::CtxFree);
+        let point = choose_attach_point(&f.code, f.address, args, !is_free);
+        let cookie = ProbeCookie {
+            kind: kind as u32,
+            layer: layer as u32,
+            stack_delta: point.stack_delta as u32,
+        };
+        out.push(ProbeSpec {
+            path: elf.path().to_owned(),
+            symbol: name,
+            offset: f.file_offset + point.offset,
+            role: if is_free { ProbeRole::Free } else { ProbeRole::Alloc },
+            cookie: cookie.encode(),
+            emulated: point.emulated,
+            delta_from_entry: point.offset,
+        });
+    }
+    out
+}
+
+/// The probe that freezes a process when its interpreter starts shutting down.
+pub fn plan_finalize(elf: &ElfFile) -> Option<ProbeSpec> {
+    let f = elf.function("Py_FinalizeEx")?;
+    let point = choose_attach_point(&f.code, f.address, 0, false);
+    Some(ProbeSpec {
+        path: elf.path().to_owned(),
+        symbol: "Py_FinalizeEx",
+        offset: f.file_offset + point.offset,
+        role: ProbeRole::Finalize,
+        cookie: 0,
+        emulated: point.emulated,
+        delta_from_entry: point.offset,
+    })
+}
+
+/// Files a running process maps, as paths reachable from pyleak (through `/proc/PID/root`).
+pub fn mapped_files(pid: u32) -> std::io::Result<Vec<PathBuf>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut files = BTreeSet::new();
+    for line in maps.lines() {
+        let path = line.split_whitespace().nth(5).unwrap_or("");
+        if path.starts_with('/') && !path.ends_with("(deleted)") {
+            files.insert(path.to_owned());
+        }
+    }
+    Ok(files
+        .into_iter()
+        .map(|p| PathBuf::from(format!("/proc/{pid}/root{p}")))
+        .collect())
+}
+
+/// Whether a file name looks like the C library.
+pub fn is_libc(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+}
+
+/// Whether a file name looks like a shared libpython.
+pub fn is_libpython(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.starts_with("libpython") && name.contains(".so")
+}
+
+/// Resolves a command the way `execvp` would: a path as given, else the first executable
+/// on `PATH`.
+pub fn resolve_command(cmd: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    };
+    if cmd.contains('/') {
+        let p = PathBuf::from(cmd);
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| executable(p))
+}
+
+/// The ELF program a command will run: the file itself, or the interpreter of a `#!` script
+/// (`#!/usr/bin/env python3` included).
+pub fn program_of(path: &Path) -> PathBuf {
+    let Ok(bytes) = std::fs::read(path) else {
+        return path.to_owned();
+    };
+    if !bytes.starts_with(b"#!") {
+        return path.to_owned();
+    }
+    let line = bytes[2..].split(|&b| b == b'\n').next().unwrap_or(&[]);
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let Some(interp) = words.next() else {
+        return path.to_owned();
+    };
+    if Path::new(interp).file_name().is_some_and(|n| n == "env") {
+        if let Some(p) = words.find(|w| !w.starts_with('-')).and_then(resolve_command) {
+            return program_of(&p);
+        }
+    }
+    program_of(Path::new(interp))
+}
+
+/// The files a program will map that pyleak probes: its libc and the file that holds the
+/// Python runtime (the executable itself or its libpython), found from `DT_NEEDED` and the
+/// library search path before the program runs.
+pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
+    let Ok(elf) = ElfFile::open(program) else {
+        return Vec::new();
+    };
+    let (needed, mut dirs) = elf.needed();
+    if let Some(extra) = std::env::var_os("LD_LIBRARY_PATH") {
+        dirs.extend(std::env::split_paths(&extra));
+    }
+    dirs.extend(
+        ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib", "/usr/local/lib"]
+            .map(PathBuf::from),
+    );
+    let mut out = vec![program.to_owned()];
+    for lib in needed {
+        if let Some(p) = dirs.iter().map(|d| d.join(&lib)).find(|p| p.exists()) {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -1,0 +1,59 @@
+//! Command-line arguments (clap derive; the doc comments are the help text).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::folded::Metric;
+
+/// Find memory leaks in running Python programs from the outside, at every layer of
+/// CPython's allocator stack.
+#[derive(Debug, Parser)]
+#[command(name = "pyleak", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace running processes (--pid) or a command (-- COMMAND) and report what is live.
+    Record(RecordArgs),
+}
+
+/// `pyleak record`.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// Process to attach to (repeat for several).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Stop after this many seconds (default: until Ctrl-C or the target exits).
+    #[arg(short, long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Write folded stacks (for inferno / flamegraph.pl) to FILE.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// What the folded stacks count.
+    #[arg(long, value_enum, default_value = "live-bytes")]
+    pub metric: Metric,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Layers to probe, comma-separated: pymalloc, pymem_raw, libc, vm, pages, or all.
+    #[arg(long, value_name = "LIST", default_value = "libc,vm,pages")]
+    pub layers: String,
+    /// Native frames kept per stack (1: only the immediate caller).
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub native_depth: u32,
+    /// No status line on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Attach empty programs at the same points (the benchmark's floor); no report.
+    #[arg(long, hide = true)]
+    pub bare: bool,
+    /// The command to run and trace, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}

@@ -1,0 +1,300 @@
+//! Loading the probes, attaching them to targets, and reading back what they gathered.
+
+pub mod vm;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    num::NonZeroU32,
+    path::PathBuf,
+};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        TracePoint, UProbe,
+    },
+    Ebpf, EbpfLoader,
+};
+use pyleak_common::{
+    Drop, Layer, LayerStats, StackAgg, StackKey, StackTrace, VmEvent, HIST_BUCKETS, NUM_DROPS,
+    NUM_LAYERS, TARGET_ACTIVE, TARGET_FROZEN,
+};
+
+use crate::{
+    attach::{ProbeRole, ProbeSpec},
+    errors::UserError,
+    layers::LayerSet,
+};
+
+use self::vm::VmModel;
+
+/// What the kernel side gathered, read at the end of a recording.
+pub struct Snapshot {
+    /// Per-layer counters of the uprobe layers, summed over CPUs.
+    pub layer_stats: [LayerStats; NUM_LAYERS],
+    /// Size histograms of the uprobe layers: `[layer][bucket]` counts.
+    pub size_hist: Vec<Vec<u64>>,
+    /// Per (pid, layer, stack) totals of the uprobe layers.
+    pub stacks: HashMap<(u32, Layer, u64), StackAgg>,
+    /// Lost events by reason (kernel and userspace).
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+/// Settings for [`Recorder::load`].
+#[derive(Debug, Clone)]
+pub struct RecorderOptions {
+    /// Layers to probe.
+    pub layers: LayerSet,
+    /// Native frames kept per stack.
+    pub native_depth: u32,
+    /// Attach empty programs at the same points (benchmark floor).
+    pub bare: bool,
+}
+
+/// Loaded programs, attached probes and the userspace side of the vm/pages layers.
+pub struct Recorder {
+    ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    opts: RecorderOptions,
+    /// The vm and pages layers.
+    pub model: VmModel,
+    /// Traced processes, in the order they were added.
+    pub targets: Vec<u32>,
+    /// Probes attached, for the report.
+    pub probes: Vec<ProbeSpec>,
+    /// Command names of the targets, read when they were added.
+    comms: HashMap<u32, String>,
+}
+
+const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyleak"));
+
+impl Recorder {
+    /// Loads the programs and attaches the tracepoints (they filter by process in the kernel).
+    pub fn load(opts: RecorderOptions) -> anyhow::Result<Recorder> {
+        crate::tracefs::ensure_mounted()?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("NATIVE_DEPTH", &opts.native_depth, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| UserError::Ebpf(e.to_string()))?;
+        for name in ["alloc_enter", "free_enter", "py_finalize_enter", "bare_enter"] {
+            uprobe(&mut ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
+        }
+        for name in ["alloc_exit", "bare_exit"] {
+            uprobe(&mut ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
+        }
+        let mut tracepoints: Vec<(&str, &str, &str)> = vec![("sched_process_exit", "sched", "sched_process_exit")];
+        if !opts.bare && (opts.layers.contains(Layer::Vm) || opts.layers.contains(Layer::Pages)) {
+            // Unmaps and the break matter to the pages layer too.
+            for sc in ["mmap", "munmap", "mremap", "brk", "madvise"] {
+                tracepoints.push(("sys_enter_vm", "syscalls", leak_name(format!("sys_enter_{sc}"))));
+                tracepoints.push(("sys_exit_vm", "syscalls", leak_name(format!("sys_exit_{sc}"))));
+            }
+        }
+        if !opts.bare && opts.layers.contains(Layer::Pages) {
+            tracepoints.push(("page_fault", "exceptions", "page_fault_user"));
+            tracepoints.push(("page_fault", "exceptions", "page_fault_kernel"));
+        }
+        for (prog, category, name) in tracepoints {
+            let tp: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .with_context(|| format!("program {prog} missing"))?
+                .try_into()?;
+            if tp.fd().is_err() {
+                tp.load().with_context(|| format!("loading {prog}"))?;
+            }
+            tp.attach(category, name).map_err(|e| {
+                UserError::Ebpf(format!("attaching tracepoint {category}:{name}: {e}"))
+            })?;
+        }
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
+        Ok(Recorder {
+            ebpf,
+            ring,
+            opts,
+            model: VmModel::default(),
+            targets: Vec::new(),
+            probes: Vec::new(),
+            comms: HashMap::new(),
+        })
+    }
+
+    /// Starts tracing `pid`: marks it in the kernel and attaches `probes` for it alone.
+    pub fn add_target(&mut self, pid: u32, probes: &[ProbeSpec]) -> anyhow::Result<()> {
+        let mut targets: BpfHashMap<_, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("map TARGETS missing")?)?;
+        targets.insert(pid, TARGET_ACTIVE, 0)?;
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(UserError::NoSuchPid(pid))?);
+        for p in probes {
+            let programs: &[&str] = match (p.role, self.opts.bare) {
+                (ProbeRole::Alloc, false) => &["alloc_enter", "alloc_exit"],
+                (ProbeRole::Free, false) => &["free_enter"],
+                (ProbeRole::Finalize, _) => &["py_finalize_enter"],
+                (ProbeRole::Alloc, true) => &["bare_enter", "bare_exit"],
+                (ProbeRole::Free, true) => &["bare_enter"],
+            };
+            for prog in programs {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(p.offset),
+                    cookie: Some(p.cookie),
+                };
+                uprobe(&mut self.ebpf, prog)?
+                    .attach(point, &p.path, scope)
+                    .map_err(|e| {
+                        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                            anyhow::Error::from(UserError::ProcessGone(pid))
+                        } else {
+                            anyhow::anyhow!("attaching {prog} to {}+{:#x} ({}): {e}", p.path.display(), p.offset, p.symbol)
+                        }
+                    })?;
+            }
+        }
+        self.model.add_process(pid, current_brk(pid));
+        self.refresh_comm(pid);
+        self.targets.push(pid);
+        self.probes.extend(probes.iter().cloned());
+        Ok(())
+    }
+
+    /// Reads every event waiting in the ring buffer into the vm model; returns how many.
+    pub fn drain(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            if item.len() >= size_of::<VmEvent>() {
+                // SAFETY: the kernel wrote a whole VmEvent; read_unaligned copes with the
+                // ring buffer's 8-byte alignment.
+                let ev: VmEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                self.model.apply(&ev);
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// The ring buffer, to wait on.
+    pub fn ring_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.ring.as_fd()
+    }
+
+    /// Makes every target's state final (frees stop counting), as at the end of a recording.
+    pub fn freeze_all(&mut self) -> anyhow::Result<()> {
+        let mut targets: BpfHashMap<_, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("map TARGETS missing")?)?;
+        for &pid in &self.targets {
+            targets.insert(pid, TARGET_FROZEN, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel has frozen `pid` (interpreter shutdown or exit).
+    pub fn is_frozen(&self, pid: u32) -> bool {
+        self.model.procs.get(&pid).is_some_and(|p| p.frozen)
+    }
+
+    /// Per-layer counters right now (for the status line).
+    pub fn layer_stats(&self) -> anyhow::Result<[LayerStats; NUM_LAYERS]> {
+        let stats: PerCpuArray<_, LayerStats> =
+            PerCpuArray::try_from(self.ebpf.map("LAYER_STATS").context("map LAYER_STATS missing")?)?;
+        let mut out = [LayerStats::default(); NUM_LAYERS];
+        for (i, slot) in out.iter_mut().enumerate() {
+            for cpu in stats.get(&(i as u32), 0)?.iter() {
+                slot.allocs += cpu.allocs;
+                slot.alloc_bytes += cpu.alloc_bytes;
+                slot.frees += cpu.frees;
+                slot.freed_bytes += cpu.freed_bytes;
+                slot.unmatched_frees += cpu.unmatched_frees;
+                slot.failed_allocs += cpu.failed_allocs;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads everything the kernel gathered.
+    pub fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        self.drain();
+        let layer_stats = self.layer_stats()?;
+        let hist: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("SIZE_HIST").context("map SIZE_HIST missing")?)?;
+        let mut size_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
+        for (layer, buckets) in size_hist.iter_mut().enumerate().take(Layer::Libc as usize + 1) {
+            for (b, slot) in buckets.iter_mut().enumerate() {
+                let idx = (layer * HIST_BUCKETS + b) as u32;
+                *slot = hist.get(&idx, 0)?.iter().sum();
+            }
+        }
+        let stats: PerCpuHashMap<_, StackKey, StackAgg> =
+            PerCpuHashMap::try_from(self.ebpf.map("STACK_STATS").context("map STACK_STATS missing")?)?;
+        let mut stacks: HashMap<(u32, Layer, u64), StackAgg> = HashMap::new();
+        for entry in stats.iter() {
+            let (key, values) = entry?;
+            let Some(layer) = Layer::from_u32(key.layer) else { continue };
+            let agg = stacks.entry((key.tgid, layer, key.stack_id)).or_default();
+            for v in values.iter() {
+                agg.allocs += v.allocs;
+                agg.alloc_bytes += v.alloc_bytes;
+                agg.frees += v.frees;
+                agg.freed_bytes += v.freed_bytes;
+            }
+        }
+        for (&key, agg) in &self.model.stacks {
+            stacks.insert(key, *agg);
+        }
+        let drops_map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("DROPS").context("map DROPS missing")?)?;
+        let mut drops = BTreeMap::new();
+        for (i, reason) in Drop::ALL.iter().enumerate().take(NUM_DROPS) {
+            let n: u64 = drops_map.get(&(i as u32), 0)?.iter().sum();
+            drops.insert(reason.name(), n);
+        }
+        Ok(Snapshot { layer_stats, size_hist, stacks, drops })
+    }
+
+    /// Re-reads the command name of `pid` (it changes at exec).
+    pub fn refresh_comm(&mut self, pid: u32) {
+        if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            self.comms.insert(pid, c.trim().to_owned());
+        }
+    }
+
+    /// The command name of `pid`, as last read.
+    pub fn comm(&self, pid: u32) -> String {
+        self.comms.get(&pid).cloned().unwrap_or_else(|| "?".to_owned())
+    }
+
+    /// Reads an interned stack.
+    pub fn stack(&self, id: u64) -> Option<StackTrace> {
+        let stacks: BpfHashMap<_, u64, StackTrace> =
+            BpfHashMap::try_from(self.ebpf.map("STACKS")?).ok()?;
+        stacks.get(&id, 0).ok()
+    }
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
+    Ok(ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?)
+}
+
+/// Tracepoint names are `&str` in aya's API; these few live for the whole run.
+fn leak_name(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// The current program break of `pid`: the end of its `[heap]`, or `start_brk` when it
+/// has no heap yet.
+fn current_brk(pid: u32) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    if let Some(line) = maps.lines().find(|l| l.ends_with("[heap]")) {
+        let end = line.split_whitespace().next()?.split_once('-')?.1;
+        return u64::from_str_radix(end, 16).ok();
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces): start_brk is field 47.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(47 - 3).and_then(|f| f.parse().ok()).filter(|&b: &u64| b != 0)
+}
+
+/// Every program file (for messages).
+pub fn describe(probes: &[ProbeSpec]) -> Vec<(PathBuf, &'static str, u64, bool)> {
+    probes.iter().map(|p| (p.path.clone(), p.symbol, p.delta_from_entry, p.emulated)).collect()
+}

@@ -1,0 +1,389 @@
+//! The vm and pages layers in userspace: an exact model of each traced process's mappings
+//! and resident pages, fed by the kernel's events in order. Partial unmaps split mappings,
+//! `mremap` moves them with their pages, the break grows and shrinks the heap, and a page
+//! counts once from its first fault until it is unmapped (or dropped by `madvise`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use hdrhistogram::Histogram;
+use pyleak_common::{Layer, VmEvent, VmKind, StackAgg};
+
+const PAGE: u64 = 4096;
+
+/// One mapping (or a piece of one) made while tracing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// End address (exclusive).
+    pub end: u64,
+    /// Stack of the call that made it.
+    pub stack_id: u64,
+    /// `FLAG_*` bits: made on behalf of an upper layer.
+    pub flags: u32,
+    /// When it was made.
+    pub ts_ns: u64,
+}
+
+/// A page faulted in while tracing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Stack of the faulting thread.
+    pub stack_id: u64,
+    /// When it was faulted in.
+    pub ts_ns: u64,
+}
+
+/// One process's mappings and pages.
+#[derive(Debug, Default)]
+pub struct ProcVm {
+    /// Mappings by start address.
+    pub regions: BTreeMap<u64, Region>,
+    /// Resident pages by address.
+    pub pages: BTreeMap<u64, Page>,
+    /// The program break, when known.
+    pub brk: Option<u64>,
+    /// No more events count (interpreter shutting down, or exited).
+    pub frozen: bool,
+}
+
+/// Counters of one layer kept in userspace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Mappings made / pages faulted in.
+    pub allocs: u64,
+    /// Their bytes.
+    pub alloc_bytes: u64,
+    /// Unmap calls that released tracked bytes / pages released.
+    pub frees: u64,
+    /// Bytes released.
+    pub freed_bytes: u64,
+    /// Unmaps that released nothing tracked (mappings older than the recording).
+    pub unmatched_frees: u64,
+}
+
+/// The vm and pages layers of every traced process.
+pub struct VmModel {
+    /// Per process.
+    pub procs: HashMap<u32, ProcVm>,
+    /// vm layer counters.
+    pub vm: Totals,
+    /// pages layer counters.
+    pub pages: Totals,
+    /// Per (pid, layer, stack) totals.
+    pub stacks: HashMap<(u32, Layer, u64), StackAgg>,
+    /// Sizes of mappings made.
+    pub vm_sizes: Histogram<u64>,
+    /// Events seen (for the status line).
+    pub events: u64,
+}
+
+impl Default for VmModel {
+    fn default() -> Self {
+        VmModel {
+            procs: HashMap::new(),
+            vm: Totals::default(),
+            pages: Totals::default(),
+            stacks: HashMap::new(),
+            vm_sizes: Histogram::new(3).expect("3 significant figures is a valid precision"),
+            events: 0,
+        }
+    }
+}
+
+impl VmModel {
+    /// Starts tracking a process whose break is `brk` (if known).
+    pub fn add_process(&mut self, pid: u32, brk: Option<u64>) {
+        let p = self.procs.entry(pid).or_default();
+        if p.brk.is_none() {
+            p.brk = brk;
+        }
+    }
+
+    /// Applies one event from the kernel.
+    pub fn apply(&mut self, ev: &VmEvent) {
+        self.events += 1;
+        let proc = self.procs.entry(ev.tgid).or_default();
+        if proc.frozen {
+            return;
+        }
+        let kind = match ev.kind {
+            0 => VmKind::Mmap,
+            1 => VmKind::Munmap,
+            2 => VmKind::Mremap,
+            3 => VmKind::Brk,
+            4 => VmKind::Fault,
+            5 => VmKind::Madvise,
+            6 => VmKind::Freeze,
+            _ => return,
+        };
+        match kind {
+            VmKind::Mmap => {
+                let len = round_up(ev.len);
+                // MAP_FIXED over an existing mapping replaces it.
+                self.unmap(ev.tgid, ev.addr, len, false);
+                self.map(ev.tgid, ev.addr, len, ev.stack_id, ev.flags, ev.ts_ns);
+            }
+            VmKind::Munmap => {
+                let released = self.unmap(ev.tgid, ev.addr, round_up(ev.len), true);
+                if released == 0 {
+                    self.vm.unmatched_frees += 1;
+                }
+            }
+            VmKind::Mremap => self.mremap(ev),
+            VmKind::Brk => {
+                let new = ev.arg;
+                let old = proc.brk;
+                proc.brk = Some(new);
+                match old {
+                    Some(old) if new > old => {
+                        self.map(ev.tgid, old, round_up(new - old), ev.stack_id, ev.flags, ev.ts_ns)
+                    }
+                    Some(old) if new < old => {
+                        self.unmap(ev.tgid, round_up(new), round_up(old) - round_up(new), true);
+                    }
+                    _ => {}
+                }
+            }
+            VmKind::Fault => {
+                if let std::collections::btree_map::Entry::Vacant(v) = proc.pages.entry(ev.addr) {
+                    v.insert(Page { stack_id: ev.stack_id, ts_ns: ev.ts_ns });
+                    self.pages.allocs += 1;
+                    self.pages.alloc_bytes += PAGE;
+                    let a = self.stacks.entry((ev.tgid, Layer::Pages, ev.stack_id)).or_default();
+                    a.allocs += 1;
+                    a.alloc_bytes += PAGE;
+                }
+            }
+            VmKind::Madvise => self.drop_pages(ev.tgid, ev.addr, round_up(ev.len)),
+            VmKind::Freeze => proc.frozen = true,
+        }
+    }
+
+    fn map(&mut self, pid: u32, start: u64, len: u64, stack_id: u64, flags: u32, ts_ns: u64) {
+        if len == 0 {
+            return;
+        }
+        let proc = self.procs.entry(pid).or_default();
+        proc.regions.insert(start, Region { end: start + len, stack_id, flags, ts_ns });
+        self.vm.allocs += 1;
+        self.vm.alloc_bytes += len;
+        let _ = self.vm_sizes.record(len);
+        let a = self.stacks.entry((pid, Layer::Vm, stack_id)).or_default();
+        a.allocs += 1;
+        a.alloc_bytes += len;
+    }
+
+    /// Removes `[start, start+len)` from the mappings (splitting partly covered ones) and
+    /// from the pages; returns the mapped bytes released.
+    fn unmap(&mut self, pid: u32, start: u64, len: u64, count_call: bool) -> u64 {
+        let end = start.saturating_add(len);
+        let proc = self.procs.entry(pid).or_default();
+        let cut = cut_range(&mut proc.regions, start, end);
+        let mut released = 0;
+        for (piece_start, r) in &cut {
+            let bytes = r.end - piece_start;
+            released += bytes;
+            let a = self.stacks.entry((pid, Layer::Vm, r.stack_id)).or_default();
+            a.freed_bytes += bytes;
+            a.frees += 1;
+        }
+        if released > 0 && count_call {
+            self.vm.frees += 1;
+        }
+        self.vm.freed_bytes += released;
+        self.drop_pages(pid, start, len);
+        released
+    }
+
+    fn drop_pages(&mut self, pid: u32, start: u64, len: u64) {
+        let proc = self.procs.entry(pid).or_default();
+        let end = start.saturating_add(len);
+        let gone: Vec<(u64, Page)> = proc.pages.range(start..end).map(|(&a, &p)| (a, p)).collect();
+        for (addr, page) in gone {
+            proc.pages.remove(&addr);
+            self.pages.frees += 1;
+            self.pages.freed_bytes += PAGE;
+            let a = self.stacks.entry((pid, Layer::Pages, page.stack_id)).or_default();
+            a.frees += 1;
+            a.freed_bytes += PAGE;
+        }
+    }
+
+    fn mremap(&mut self, ev: &VmEvent) {
+        let (old, old_len, new_len, new) = (ev.addr, round_up(ev.len), round_up(ev.arg), ev.arg2);
+        if new == old {
+            if new_len < old_len {
+                self.unmap(ev.tgid, old + new_len, old_len - new_len, true);
+            } else if new_len > old_len {
+                self.map(ev.tgid, old + old_len, new_len - old_len, ev.stack_id, ev.flags, ev.ts_ns);
+            }
+            return;
+        }
+        // Moved: the mapping and its resident pages go along, keeping their stacks.
+        let proc = self.procs.entry(ev.tgid).or_default();
+        let keep = old_len.min(new_len);
+        let moved = cut_range(&mut proc.regions, old, old + keep);
+        for (piece_start, r) in moved {
+            let shifted = Region { end: r.end - old + new, ..r };
+            proc.regions.insert(piece_start - old + new, shifted);
+        }
+        let pages: Vec<(u64, Page)> =
+            proc.pages.range(old..old + keep).map(|(&a, &p)| (a, p)).collect();
+        for (addr, page) in pages {
+            proc.pages.remove(&addr);
+            proc.pages.insert(addr - old + new, page);
+        }
+        if old_len > new_len {
+            self.unmap(ev.tgid, old + keep, old_len - keep, true);
+        } else {
+            // What was left behind of a shrinking move is unmapped by the kernel too.
+            self.unmap(ev.tgid, old, old_len, false);
+        }
+        if new_len > old_len {
+            self.map(ev.tgid, new + old_len, new_len - old_len, ev.stack_id, ev.flags, ev.ts_ns);
+        }
+    }
+
+    /// Live mapped bytes and mapping count of a process, per stack.
+    pub fn live_regions(&self) -> HashMap<(u32, u64), (u64, u64)> {
+        let mut out: HashMap<(u32, u64), (u64, u64)> = HashMap::new();
+        for (&pid, p) in &self.procs {
+            for (&start, r) in &p.regions {
+                let e = out.entry((pid, r.stack_id)).or_default();
+                e.0 += r.end - start;
+                e.1 += 1;
+            }
+        }
+        out
+    }
+
+    /// Live (resident) page bytes and page count of a process, per stack.
+    pub fn live_pages(&self) -> HashMap<(u32, u64), (u64, u64)> {
+        let mut out: HashMap<(u32, u64), (u64, u64)> = HashMap::new();
+        for (&pid, p) in &self.procs {
+            for page in p.pages.values() {
+                let e = out.entry((pid, page.stack_id)).or_default();
+                e.0 += PAGE;
+                e.1 += 1;
+            }
+        }
+        out
+    }
+}
+
+fn round_up(n: u64) -> u64 {
+    n.div_ceil(PAGE) * PAGE
+}
+
+/// Removes `[start, end)` from `regions`, splitting the ones that straddle its edges, and
+/// returns the removed pieces (start, region-with-its-new-end).
+fn cut_range(regions: &mut BTreeMap<u64, Region>, start: u64, end: u64) -> Vec<(u64, Region)> {
+    let mut removed = Vec::new();
+    // The region starting before `start` may overlap it.
+    let first = regions.range(..start).next_back().map(|(&s, &r)| (s, r));
+    if let Some((s, r)) = first {
+        if r.end > start {
+            regions.insert(s, Region { end: start, ..r });
+            if r.end > end {
+                regions.insert(end, r);
+                removed.push((start, Region { end, ..r }));
+                return removed;
+            }
+            removed.push((start, r));
+        }
+    }
+    let inside: Vec<(u64, Region)> = regions.range(start..end).map(|(&s, &r)| (s, r)).collect();
+    for (s, r) in inside {
+        regions.remove(&s);
+        if r.end > end {
+            regions.insert(end, r);
+            removed.push((s, Region { end, ..r }));
+        } else {
+            removed.push((s, r));
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: VmKind, addr: u64, len: u64, arg: u64, arg2: u64, stack: u64) -> VmEvent {
+        VmEvent { kind: kind as u32, tgid: 1, addr, len, arg, arg2, stack_id: stack, ts_ns: 0, flags: 0, tid: 1 }
+    }
+
+    fn live(m: &VmModel) -> u64 {
+        m.procs[&1].regions.iter().map(|(s, r)| r.end - s).sum()
+    }
+
+    #[test]
+    fn partial_munmap_splits_and_counts_exactly() {
+        let mut m = VmModel::default();
+        m.apply(&ev(VmKind::Mmap, 0x10000, 10 * PAGE, 0, 0, 7));
+        m.apply(&ev(VmKind::Munmap, 0x10000 + 2 * PAGE, 3 * PAGE, 0, 0, 9));
+        assert_eq!(live(&m), 7 * PAGE);
+        assert_eq!(m.procs[&1].regions.len(), 2);
+        assert_eq!(m.vm.freed_bytes, 3 * PAGE);
+        m.apply(&ev(VmKind::Munmap, 0x10000, 10 * PAGE, 0, 0, 9));
+        assert_eq!(live(&m), 0);
+        assert_eq!(m.vm, Totals { allocs: 1, alloc_bytes: 10 * PAGE, frees: 2, freed_bytes: 10 * PAGE, unmatched_frees: 0 });
+        let a = m.stacks[&(1, Layer::Vm, 7)];
+        assert_eq!((a.alloc_bytes, a.freed_bytes), (10 * PAGE, 10 * PAGE));
+    }
+
+    #[test]
+    fn pages_count_once_until_unmapped() {
+        let mut m = VmModel::default();
+        m.apply(&ev(VmKind::Mmap, 0x10000, 4 * PAGE, 0, 0, 7));
+        for _ in 0..3 {
+            m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 5));
+        }
+        m.apply(&ev(VmKind::Fault, 0x11000, PAGE, 0, 0, 5));
+        assert_eq!(m.pages.allocs, 2);
+        m.apply(&ev(VmKind::Munmap, 0x10000, PAGE, 0, 0, 5));
+        assert_eq!(m.procs[&1].pages.len(), 1);
+        m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 5));
+        assert_eq!(m.pages.allocs, 3);
+        m.apply(&ev(VmKind::Madvise, 0x10000, 2 * PAGE, 4, 0, 5));
+        assert_eq!(m.procs[&1].pages.len(), 0);
+        assert_eq!(m.pages.frees, 3);
+    }
+
+    #[test]
+    fn mremap_moves_regions_and_pages() {
+        let mut m = VmModel::default();
+        m.apply(&ev(VmKind::Mmap, 0x10000, 2 * PAGE, 0, 0, 7));
+        m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 7));
+        m.apply(&ev(VmKind::Mremap, 0x10000, 2 * PAGE, 4 * PAGE, 0x80000, 8));
+        let p = &m.procs[&1];
+        assert_eq!(p.regions.keys().copied().collect::<Vec<_>>(), vec![0x80000, 0x82000]);
+        assert!(p.pages.contains_key(&0x80000));
+        assert_eq!(live(&m), 4 * PAGE);
+        // Growing in place.
+        m.apply(&ev(VmKind::Mremap, 0x80000, 4 * PAGE, 6 * PAGE, 0x80000, 8));
+        assert_eq!(live(&m), 6 * PAGE);
+        // Shrinking in place.
+        m.apply(&ev(VmKind::Mremap, 0x80000, 6 * PAGE, PAGE, 0x80000, 8));
+        assert_eq!(live(&m), PAGE);
+    }
+
+    #[test]
+    fn brk_grows_and_shrinks_the_heap() {
+        let mut m = VmModel::default();
+        m.add_process(1, None);
+        m.apply(&ev(VmKind::Brk, 0, 0, 0x100000, 0, 3));
+        m.apply(&ev(VmKind::Brk, 0x121000, 0, 0x121000, 0, 3));
+        assert_eq!(live(&m), 0x21000);
+        m.apply(&ev(VmKind::Brk, 0x110000, 0, 0x110000, 0, 3));
+        assert_eq!(live(&m), 0x10000);
+    }
+
+    #[test]
+    fn frozen_processes_ignore_later_events() {
+        let mut m = VmModel::default();
+        m.apply(&ev(VmKind::Mmap, 0x10000, PAGE, 0, 0, 7));
+        m.apply(&ev(VmKind::Freeze, 0, 0, 0, 0, 0));
+        m.apply(&ev(VmKind::Munmap, 0x10000, PAGE, 0, 0, 7));
+        assert_eq!(live(&m), PAGE);
+    }
+}

@@ -1,0 +1,57 @@
+//! What a user can get wrong, each with a one-line message that says what to do.
+
+use std::path::PathBuf;
+
+/// Errors a user can hit; `main` prints them as one line and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// eBPF needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN for uprobes).
+    #[error("pyleak needs root to load eBPF programs: run it with sudo")]
+    NotRoot,
+    /// `--pid` names no process.
+    #[error("no process with PID {0}: check it with `ps -p {0}`")]
+    NoSuchPid(u32),
+    /// The process went away between finding and attaching.
+    #[error("process {0} exited before pyleak could attach: start it again, or use `pyleak record -- COMMAND`")]
+    ProcessGone(u32),
+    /// Nothing after `--`.
+    #[error("empty command after `--`: give the program to run, e.g. `pyleak record -- python3 app.py`")]
+    EmptyCommand,
+    /// The command is not an executable file on PATH.
+    #[error("command `{0}` not found: give a path or a program on PATH")]
+    CommandNotFound(String),
+    /// Neither `--pid` nor a command.
+    #[error("nothing to trace: give `--pid PID` or `-- COMMAND ARGS...`")]
+    NoTarget,
+    /// `--pid` and a command together.
+    #[error("give either `--pid` or `-- COMMAND`, not both")]
+    PidAndCommand,
+    /// tracefs missing and could not be mounted.
+    #[error("tracefs is not mounted and mounting it failed ({0}): run `mount -t tracefs tracefs /sys/kernel/tracing`")]
+    NoTracefs(String),
+    /// A `--layers` entry pyleak does not know.
+    #[error("unknown layer `{0}`: choose from pymalloc, pymem_raw, libc, vm, pages, all")]
+    BadLayer(String),
+    /// A file pyleak must read is not an ELF file it understands.
+    #[error("cannot read {path}: {reason}")]
+    BadElf {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An output file cannot be created.
+    #[error("cannot write {path}: {reason}")]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The kernel refused to load or attach a program.
+    #[error("the kernel refused pyleak's eBPF programs ({0}): pyleak needs a kernel with BTF, uprobes and tracepoints (5.15+)")]
+    Ebpf(String),
+    /// A saved report that cannot be parsed.
+    #[error("{0} is not a pyleak JSON report: {1}")]
+    BadReport(PathBuf, String),
+}

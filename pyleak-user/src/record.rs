@@ -1,0 +1,301 @@
+//! `pyleak record`: attach, trace until the end, report.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{IsTerminal as _, Write as _},
+    os::fd::{AsRawFd, RawFd},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use pyleak_common::Layer;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+
+use crate::{
+    attach::{self, elf::ElfFile, ProbeSpec, LIBC_FUNCTIONS},
+    cli::RecordArgs,
+    collect::{Recorder, RecorderOptions},
+    errors::UserError,
+    launch,
+    layers::LayerSet,
+    report::{self, human_bytes},
+    symbolize::Symbolizer,
+};
+
+/// How often the status line and the memory-map snapshots refresh.
+const TICK: Duration = Duration::from_secs(1);
+/// Memory maps are re-read at most this often while events flow (new libraries).
+const MAPS_REFRESH: Duration = Duration::from_millis(20);
+/// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
+const CHILD_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a recording ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Duration,
+    Signal,
+    TargetsExited,
+}
+
+/// Runs `pyleak record`; returns the exit code.
+pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(UserError::NotRoot.into());
+    }
+    let layers = LayerSet::parse(&args.layers)?;
+    if !args.pids.is_empty() && !args.command.is_empty() {
+        return Err(UserError::PidAndCommand.into());
+    }
+    for &pid in &args.pids {
+        if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(UserError::NoSuchPid(pid).into());
+        }
+    }
+    let program = match args.command.first() {
+        Some(cmd) if cmd.is_empty() => return Err(UserError::EmptyCommand.into()),
+        Some(cmd) => Some(attach::resolve_command(cmd).ok_or_else(|| UserError::CommandNotFound(cmd.clone()))?),
+        None if args.pids.is_empty() => {
+            return Err(if std::env::args().any(|a| a == "--") { UserError::EmptyCommand } else { UserError::NoTarget }.into())
+        }
+        None => None,
+    };
+    // Open outputs first: a bad path fails before anything is traced.
+    let folded_out = args.output.as_deref().map(create_output).transpose()?;
+    let json_out = args.json.as_deref().map(create_output).transpose()?;
+
+    // Fork before any thread exists (the runtime starts later).
+    let mut child = match &program {
+        Some(p) => Some(launch::spawn_paused(p, &args.command)?),
+        None => None,
+    };
+    let opts = RecorderOptions { layers, native_depth: args.native_depth.max(1), bare: args.bare };
+    let mut rec = Recorder::load(opts)?;
+    let mut planner = Planner::new(layers);
+    match (&program, &child) {
+        (Some(p), Some(c)) => {
+            let files = attach::libraries_of(&attach::program_of(p));
+            let probes = planner.plan(&files);
+            warn_missing(&probes, layers, &p.display().to_string());
+            rec.add_target(c.pid, &probes)?;
+        }
+        _ => {
+            for &pid in &args.pids {
+                let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
+                let probes = planner.plan(&files);
+                warn_missing(&probes, layers, &format!("process {pid}"));
+                rec.add_target(pid, &probes)?;
+            }
+        }
+    }
+    for p in rec.probes.iter().filter(|p| !p.emulated) {
+        log::info!("{}: {} probed at a single-stepped instruction (slower)", p.path.display(), p.symbol);
+    }
+    if let Some(c) = child.as_mut() {
+        c.start()?;
+    }
+    let child_pid = child.as_ref().map(|c| c.pid);
+    let started = Instant::now();
+    let mut syms = Symbolizer::default();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let end = runtime.block_on(trace_loop(&mut rec, &mut syms, &args, child_pid, started))?;
+    let duration_s = started.elapsed().as_secs_f64();
+    log::debug!("recording ended: {end:?}");
+
+    rec.freeze_all()?;
+    let snap = rec.snapshot()?;
+    if args.bare {
+        return Ok(0);
+    }
+    for &pid in &rec.targets {
+        syms.snapshot(pid);
+    }
+    let report = report::build(&rec, &snap, &syms, duration_s);
+    drop(rec);
+    drop(child);
+
+    let stdout = std::io::stdout();
+    report::text::write(&report, &mut stdout.lock())?;
+    if let (Some(mut f), Some(path)) = (folded_out, args.output.as_deref()) {
+        report::folded::write(&report, args.metric, &mut f)
+            .and_then(|()| f.flush())
+            .map_err(|e| UserError::Output { path: path.to_owned(), reason: e.to_string() })?;
+    }
+    if let (Some(mut f), Some(path)) = (json_out, args.json.as_deref()) {
+        serde_json::to_writer_pretty(&mut f, &report)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(f))
+            .and_then(|()| f.flush())
+            .map_err(|e| UserError::Output { path: path.to_owned(), reason: e.to_string() })?;
+    }
+    Ok(0)
+}
+
+/// Plans probes per file, once per file.
+struct Planner {
+    layers: LayerSet,
+    cache: HashMap<PathBuf, Vec<ProbeSpec>>,
+}
+
+impl Planner {
+    fn new(layers: LayerSet) -> Planner {
+        Planner { layers, cache: HashMap::new() }
+    }
+
+    /// Probes for the files a process maps (or will map).
+    fn plan(&mut self, files: &[PathBuf]) -> Vec<ProbeSpec> {
+        let mut out = Vec::new();
+        for f in files {
+            let layers = self.layers;
+            let probes = self.cache.entry(f.clone()).or_insert_with(|| {
+                let Ok(elf) = ElfFile::open(f) else {
+                    return Vec::new();
+                };
+                let mut probes = Vec::new();
+                if attach::is_libc(f) && layers.contains(Layer::Libc) {
+                    probes.extend(attach::plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
+                }
+                if !attach::is_libc(f) {
+                    probes.extend(attach::plan_finalize(&elf));
+                }
+                probes
+            });
+            out.extend(probes.iter().cloned());
+        }
+        out
+    }
+}
+
+/// Says once what will not be seen.
+fn warn_missing(probes: &[ProbeSpec], layers: LayerSet, what: &str) {
+    if layers.contains(Layer::Libc) && !probes.iter().any(|p| p.symbol == "malloc") {
+        eprintln!("pyleak: warning: no libc malloc found for {what} (statically linked?): the libc layer sees nothing");
+    }
+}
+
+fn create_output(path: &Path) -> Result<File, UserError> {
+    File::create(path).map_err(|e| UserError::Output { path: path.to_owned(), reason: e.to_string() })
+}
+
+/// The ring buffer's fd, for tokio to wait on.
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Reads events until the recording ends; returns why it ended.
+async fn trace_loop(
+    rec: &mut Recorder,
+    syms: &mut Symbolizer,
+    args: &RecordArgs,
+    child: Option<u32>,
+    started: Instant,
+) -> anyhow::Result<End> {
+    // SAFETY: the ring buffer's fd belongs to `rec`, which outlives this function and so
+    // this AsyncFd; it is not closed while registered.
+    let ring = unsafe { AsyncFd::register(RingFd(rec.ring_fd().as_raw_fd())) }
+        .map_err(|_| anyhow::anyhow!("cannot poll the ring buffer"))?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(TICK);
+    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    let mut child_exit = child.map(|pid| tokio::task::spawn_blocking(move || launch::wait(pid)));
+    let status_tty = std::io::stderr().is_terminal();
+    let mut last_maps = Instant::now() - MAPS_REFRESH;
+    let mut last_events = (0u64, Instant::now());
+    for &pid in &rec.targets {
+        syms.snapshot(pid);
+    }
+    let end = loop {
+        let sleep_until = deadline.map(tokio::time::Instant::from_std);
+        tokio::select! {
+            guard = ring.readable() => {
+                let mut guard = guard?;
+                let n = rec.drain();
+                guard.clear_ready();
+                if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
+                    last_maps = Instant::now();
+                    for pid in rec.targets.clone() {
+                        syms.snapshot(pid);
+                        rec.refresh_comm(pid);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                rec.drain();
+                for &pid in &rec.targets {
+                    syms.snapshot(pid);
+                }
+                if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
+                    break End::TargetsExited;
+                }
+                if !args.quiet && started.elapsed() >= TICK {
+                    status_line(rec, started, &mut last_events, status_tty);
+                }
+            }
+            _ = async { tokio::time::sleep_until(sleep_until.unwrap_or_else(tokio::time::Instant::now)).await }, if sleep_until.is_some() => {
+                break End::Duration;
+            }
+            _ = sigint.recv() => break End::Signal,
+            _ = sigterm.recv() => break End::Signal,
+            code = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
+                child_exit = None;
+                if let Ok(code) = code {
+                    log::info!("command exited with {code}");
+                }
+                break End::TargetsExited;
+            }
+        }
+    };
+    if status_tty && !args.quiet {
+        eprintln!();
+    }
+    if let (Some(pid), Some(wait)) = (child, child_exit) {
+        if end == End::Signal {
+            // Forward Ctrl-C/SIGTERM to the command and give it a moment to shut down,
+            // so its interpreter's teardown freezes its state as in a normal exit.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        let _ = tokio::time::timeout(CHILD_GRACE, wait).await;
+    }
+    rec.drain();
+    Ok(end)
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()), Some("Z" | "X")),
+        Err(_) => false,
+    }
+}
+
+/// One line on stderr: elapsed, events per second, live bytes per layer.
+fn status_line(rec: &Recorder, started: Instant, last: &mut (u64, Instant), tty: bool) {
+    let Ok(stats) = rec.layer_stats() else { return };
+    let events: u64 = stats.iter().map(|s| s.allocs + s.frees + s.unmatched_frees).sum::<u64>() + rec.model.events;
+    let rate = (events - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-3);
+    *last = (events, Instant::now());
+    let mut parts = Vec::new();
+    for layer in [Layer::Pymalloc, Layer::PymemRaw, Layer::Libc] {
+        let s = stats[layer as usize];
+        if s.allocs > 0 {
+            parts.push(format!("{} {}", layer.name(), human_bytes(s.alloc_bytes.saturating_sub(s.freed_bytes))));
+        }
+    }
+    let vm: u64 = rec.model.live_regions().values().map(|v| v.0).sum();
+    let pages: u64 = rec.model.live_pages().values().map(|v| v.0).sum();
+    parts.push(format!("vm {}", human_bytes(vm)));
+    parts.push(format!("pages {}", human_bytes(pages)));
+    let line = format!("pyleak: {:.0}s  {:.0} events/s  live: {}", started.elapsed().as_secs_f64(), rate, parts.join(", "));
+    if tty {
+        eprint!("\r\x1b[K{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}

@@ -1,0 +1,278 @@
+//! The report: what is live at the end of a recording, per layer and per stack, and the
+//! formats it is written in (one module each).
+
+pub mod folded;
+pub mod text;
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use pyleak_common::{bucket_low, Layer, StackTrace, HIST_BUCKETS, STACK_LEAF_IS_IP, STACK_PY_TRUNCATED};
+use serde::{Deserialize, Serialize};
+
+use crate::{collect::{Recorder, Snapshot}, symbolize::Symbolizer};
+
+/// A whole report; its JSON form is pyleak's output contract.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// pyleak's version.
+    pub pyleak_version: String,
+    /// Seconds recorded.
+    pub duration_s: f64,
+    /// Traced processes.
+    pub processes: Vec<ProcessInfo>,
+    /// Totals per layer, by layer name.
+    pub layers: BTreeMap<String, LayerReport>,
+    /// Per (process, layer, stack), most live bytes first.
+    pub stacks: Vec<StackReport>,
+    /// Events lost in all (the sum of `lost`).
+    pub lost_events: u64,
+    /// Events lost, by reason.
+    pub lost: BTreeMap<String, u64>,
+    /// Where the probes sit.
+    pub probes: Vec<ProbeInfo>,
+}
+
+/// A traced process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcessInfo {
+    /// Process id.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+}
+
+/// Totals of one layer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LayerReport {
+    /// Allocations (mappings made, pages faulted in).
+    pub allocs: u64,
+    /// Frees of blocks allocated while tracing.
+    pub frees: u64,
+    /// Bytes allocated.
+    pub alloc_bytes: u64,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+    /// Blocks (mappings, pages) live at the end.
+    pub live_count: u64,
+    /// Their bytes.
+    pub live_bytes: u64,
+    /// Frees of blocks not allocated while tracing.
+    pub unmatched_frees: u64,
+    /// Allocation calls that failed.
+    pub failed_allocs: u64,
+    /// Allocation size percentiles (p50, p90, p99, max), in bytes.
+    pub size_percentiles: BTreeMap<String, u64>,
+}
+
+/// One (process, layer, stack).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StackReport {
+    /// Layer name.
+    pub layer: String,
+    /// Process id.
+    pub pid: u32,
+    /// Frames, root first: Python `qualname (path:line)`, native `symbol (module)`.
+    pub frames: Vec<String>,
+    /// Bytes live at the end.
+    pub live_bytes: u64,
+    /// Blocks live at the end.
+    pub live_count: u64,
+    /// Bytes allocated.
+    pub alloc_bytes: u64,
+    /// Allocations.
+    pub allocs: u64,
+    /// Frees.
+    pub frees: u64,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+    /// Whether frames were cut off.
+    pub truncated: bool,
+}
+
+/// Where a probe sits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeInfo {
+    /// The file probed.
+    pub file: String,
+    /// The function.
+    pub symbol: String,
+    /// Attach point minus function start.
+    pub offset: u64,
+    /// Whether the kernel emulates the instruction there (cheap) or single-steps it.
+    pub emulated: bool,
+}
+
+/// Builds the report from what the kernel and the vm model hold.
+pub fn build(rec: &Recorder, snap: &Snapshot, syms: &Symbolizer, duration_s: f64) -> Report {
+    let mut layers = BTreeMap::new();
+    for layer in Layer::ALL {
+        let r = match layer {
+            Layer::Vm | Layer::Pages => {
+                let t = if layer == Layer::Vm { rec.model.vm } else { rec.model.pages };
+                let live = if layer == Layer::Vm { rec.model.live_regions() } else { rec.model.live_pages() };
+                let (live_bytes, live_count) =
+                    live.values().fold((0, 0), |(b, c), (lb, lc)| (b + lb, c + lc));
+                let sizes = if layer == Layer::Vm {
+                    percentiles(&rec.model.vm_sizes)
+                } else {
+                    let mut h = new_histogram();
+                    let _ = h.record_n(4096, t.allocs);
+                    percentiles(&h)
+                };
+                LayerReport {
+                    allocs: t.allocs,
+                    frees: t.frees,
+                    alloc_bytes: t.alloc_bytes,
+                    freed_bytes: t.freed_bytes,
+                    live_count,
+                    live_bytes,
+                    unmatched_frees: t.unmatched_frees,
+                    failed_allocs: 0,
+                    size_percentiles: sizes,
+                }
+            }
+            _ => {
+                let s = snap.layer_stats[layer as usize];
+                let mut h = new_histogram();
+                for (b, &n) in snap.size_hist[layer as usize].iter().enumerate().take(HIST_BUCKETS) {
+                    if n > 0 {
+                        let _ = h.record_n(bucket_low(b).max(1), n);
+                    }
+                }
+                LayerReport {
+                    allocs: s.allocs,
+                    frees: s.frees,
+                    alloc_bytes: s.alloc_bytes,
+                    freed_bytes: s.freed_bytes,
+                    live_count: s.allocs.saturating_sub(s.frees),
+                    live_bytes: s.alloc_bytes.saturating_sub(s.freed_bytes),
+                    unmatched_frees: s.unmatched_frees,
+                    failed_allocs: s.failed_allocs,
+                    size_percentiles: percentiles(&h),
+                }
+            }
+        };
+        layers.insert(layer.name().to_owned(), r);
+    }
+
+    let live_regions = rec.model.live_regions();
+    let live_pages = rec.model.live_pages();
+    let mut frames_cache: BTreeMap<(u32, u64), (Vec<String>, bool)> = BTreeMap::new();
+    let mut stacks = Vec::new();
+    for (&(pid, layer, stack_id), agg) in &snap.stacks {
+        let (live_bytes, live_count) = match layer {
+            Layer::Vm => live_regions.get(&(pid, stack_id)).copied().unwrap_or_default(),
+            Layer::Pages => live_pages.get(&(pid, stack_id)).copied().unwrap_or_default(),
+            _ => (
+                agg.alloc_bytes.saturating_sub(agg.freed_bytes),
+                agg.allocs.saturating_sub(agg.frees),
+            ),
+        };
+        let (frames, truncated) = frames_cache
+            .entry((pid, stack_id))
+            .or_insert_with(|| frames_of(rec, syms, pid, stack_id))
+            .clone();
+        stacks.push(StackReport {
+            layer: layer.name().to_owned(),
+            pid,
+            frames,
+            live_bytes,
+            live_count,
+            alloc_bytes: agg.alloc_bytes,
+            allocs: agg.allocs,
+            frees: agg.frees,
+            freed_bytes: agg.freed_bytes,
+            truncated,
+        });
+    }
+    stacks.sort_by(|a, b| {
+        b.live_bytes
+            .cmp(&a.live_bytes)
+            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
+            .then(a.layer.cmp(&b.layer))
+            .then(a.frames.cmp(&b.frames))
+    });
+
+    let lost: BTreeMap<String, u64> = snap.drops.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+    Report {
+        pyleak_version: env!("CARGO_PKG_VERSION").to_owned(),
+        duration_s,
+        processes: rec
+            .targets
+            .iter()
+            .map(|&pid| ProcessInfo { pid, comm: rec.comm(pid) })
+            .collect(),
+        layers,
+        stacks,
+        lost_events: lost.values().sum(),
+        lost,
+        probes: rec
+            .probes
+            .iter()
+            .map(|p| ProbeInfo {
+                file: p.path.display().to_string(),
+                symbol: p.symbol.to_owned(),
+                offset: p.delta_from_entry,
+                emulated: p.emulated,
+            })
+            .collect(),
+    }
+}
+
+/// Frames of an interned stack, root first.
+fn frames_of(rec: &Recorder, syms: &Symbolizer, pid: u32, stack_id: u64) -> (Vec<String>, bool) {
+    if stack_id == 0 {
+        return (vec!["[stack lost]".to_owned()], false);
+    }
+    let Some(st) = rec.stack(stack_id) else {
+        return (vec!["[stack lost]".to_owned()], false);
+    };
+    let frames = native_frames(syms, pid, &st);
+    (frames, st.flags & STACK_PY_TRUNCATED != 0)
+}
+
+/// Native frames of a stack, root first.
+pub fn native_frames(syms: &Symbolizer, pid: u32, st: &StackTrace) -> Vec<String> {
+    let n = (st.native_len as usize).min(st.native.len());
+    let leaf_is_ip = st.flags & STACK_LEAF_IS_IP != 0;
+    let mut out: Vec<String> = st.native[..n]
+        .iter()
+        .enumerate()
+        .map(|(i, &ip)| syms.frame(pid, ip, !(i == 0 && leaf_is_ip)))
+        .collect();
+    out.reverse();
+    out
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant figures is a valid precision")
+}
+
+fn percentiles(h: &Histogram<u64>) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    if h.is_empty() {
+        return m;
+    }
+    m.insert("p50".to_owned(), h.value_at_quantile(0.5));
+    m.insert("p90".to_owned(), h.value_at_quantile(0.9));
+    m.insert("p99".to_owned(), h.value_at_quantile(0.99));
+    m.insert("max".to_owned(), h.max());
+    m
+}
+
+/// `12.3 MiB` and friends.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

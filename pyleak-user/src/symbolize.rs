@@ -1,0 +1,147 @@
+//! Native frames to `symbol (module)`: the process's memory map (snapshotted while it is
+//! alive) gives the file and offset, the file's ELF symbol tables give the name.
+
+use std::{collections::HashMap, path::Path};
+
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+/// One line of `/proc/PID/maps` with a file behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    path: String,
+}
+
+/// The function symbols of one file, and how its file offsets become addresses.
+#[derive(Debug, Default)]
+struct ModuleSyms {
+    /// (address, end, name), sorted by address.
+    syms: Vec<(u64, u64, String)>,
+    /// (file offset, file size, virtual address) of each loaded segment.
+    segments: Vec<(u64, u64, u64)>,
+}
+
+/// Turns native addresses into names, caching files and memory maps.
+#[derive(Default)]
+pub struct Symbolizer {
+    maps: HashMap<u32, Vec<Mapping>>,
+    modules: HashMap<String, ModuleSyms>,
+}
+
+impl Symbolizer {
+    /// Records the current memory map of `pid` (mappings seen before are kept, so a
+    /// library unloaded later still resolves). Fails quietly when the process is gone.
+    pub fn snapshot(&mut self, pid: u32) {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            return;
+        };
+        let known = self.maps.entry(pid).or_default();
+        for line in text.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(range), Some(_perms), Some(off)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let path = f.nth(2).unwrap_or("");
+            if !path.starts_with('/') {
+                continue;
+            }
+            let Some((s, e)) = range.split_once('-') else { continue };
+            let (Ok(start), Ok(end), Ok(offset)) =
+                (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16), u64::from_str_radix(off, 16))
+            else {
+                continue;
+            };
+            let m = Mapping { start, end, offset, path: path.to_owned() };
+            if !known.contains(&m) {
+                // Newer mappings first: they win where addresses were reused.
+                known.insert(0, m);
+            }
+        }
+        let paths: Vec<String> = known.iter().map(|m| m.path.clone()).collect();
+        for path in paths {
+            if !self.modules.contains_key(&path) {
+                let syms = load_module(pid, &path);
+                self.modules.insert(path, syms);
+            }
+        }
+    }
+
+    /// `symbol (module)` for an address in `pid`; `is_return` when it is a return address
+    /// (looked up one byte back, inside the call).
+    pub fn frame(&self, pid: u32, ip: u64, is_return: bool) -> String {
+        let ip_lookup = if is_return { ip.saturating_sub(1) } else { ip };
+        let Some(m) = self
+            .maps
+            .get(&pid)
+            .and_then(|maps| maps.iter().find(|m| m.start <= ip_lookup && ip_lookup < m.end))
+        else {
+            return format!("{ip:#x} ([unknown])");
+        };
+        let module = Path::new(&m.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let file_off = ip_lookup - m.start + m.offset;
+        let name = self.modules.get(&m.path).and_then(|syms| {
+            let (seg_off, _, seg_addr) = *syms
+                .segments
+                .iter()
+                .find(|(o, size, _)| *o <= file_off && file_off < o + size)?;
+            let addr = file_off - seg_off + seg_addr;
+            let i = syms.syms.partition_point(|(s, _, _)| *s <= addr);
+            let (s, e, name) = syms.syms.get(i.checked_sub(1)?)?;
+            (addr < *e || *s == *e).then(|| name.clone())
+        });
+        match name {
+            Some(name) => format!("{name} ({module})"),
+            None => format!("{:#x} ({module})", file_off),
+        }
+    }
+}
+
+fn load_module(pid: u32, path: &str) -> ModuleSyms {
+    let through_root = format!("/proc/{pid}/root{path}");
+    let data = std::fs::read(&through_root).or_else(|_| std::fs::read(path));
+    let Ok(data) = data else {
+        return ModuleSyms::default();
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return ModuleSyms::default();
+    };
+    let mut syms: Vec<(u64, u64, String)> = file
+        .symbols()
+        .chain(file.dynamic_symbols())
+        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
+        .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_owned())))
+        .collect();
+    syms.sort();
+    syms.dedup_by_key(|(a, _, _)| *a);
+    let segments = file
+        .segments()
+        .map(|s| {
+            let (off, size) = s.file_range();
+            (off, size, s.address())
+        })
+        .collect();
+    ModuleSyms { syms, segments }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function() -> u64 {
+        marker_function as usize as u64
+    }
+
+    #[test]
+    fn resolves_a_function_in_this_test_binary() {
+        let mut s = Symbolizer::default();
+        let pid = std::process::id();
+        s.snapshot(pid);
+        let addr = marker_function();
+        let frame = s.frame(pid, addr + 1, true);
+        assert!(frame.contains("marker_function"), "{frame}");
+        assert!(s.frame(pid, 8, false).contains("[unknown]"));
+    }
+}

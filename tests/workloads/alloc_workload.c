@@ -1,0 +1,90 @@
+/* A C program whose allocations are known to the byte, for pyleak's integration tests.
+ *
+ * Every allocator pyleak probes is called here with fixed sizes; the expected totals are in
+ * tests/tests/c_workload.rs. No stdio (its buffers would malloc): output goes through write.
+ * Built with -O0 and frame pointers (see tests/src/lib.rs) so that no call is optimised
+ * away and each stack names the function below that allocated.
+ * Usage: alloc_workload [--wait FILE]  (waits for FILE to exist before starting). */
+#define _GNU_SOURCE
+#include <malloc.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PAGE 4096
+
+void *keep[64]; /* not static: the compiler must not drop the allocations */
+int nkeep;
+
+__attribute__((noinline)) void leak_malloc(void) {
+    for (int i = 0; i < 10; i++) keep[nkeep++] = malloc(100);      /* 10 live, 1000 B */
+    for (int i = 0; i < 5; i++) free(malloc(200));                 /* 5 allocs, 5 frees */
+    free(NULL);                                                    /* ignored */
+}
+
+__attribute__((noinline)) void leak_calloc(void) {
+    for (int i = 0; i < 3; i++) keep[nkeep++] = calloc(4, 25);     /* 3 live, 300 B */
+}
+
+__attribute__((noinline)) void leak_realloc(void) {
+    void *p = malloc(64);                                          /* alloc 64 */
+    p = realloc(p, 128);                                           /* free 64, alloc 128 */
+    p = realloc(p, 100000);                                        /* free 128, alloc 100000 */
+    keep[nkeep++] = p;                                             /* live 100000 */
+    keep[nkeep++] = realloc(NULL, 50);                             /* alloc 50, live */
+    void *q = malloc(70);                                          /* alloc 70 */
+    q = realloc(q, 0);                                             /* glibc frees q, NULL */
+    keep[nkeep++] = reallocarray(NULL, 10, 30);                    /* alloc 300, live */
+}
+
+__attribute__((noinline)) void leak_aligned(void) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, 1000) == 0) keep[nkeep++] = p;      /* 1000 live */
+    keep[nkeep++] = aligned_alloc(64, 512);                        /* 512 live */
+    keep[nkeep++] = memalign(32, 96);                              /* 96 live */
+    keep[nkeep++] = valloc(5000);                                  /* 5000 live */
+    keep[nkeep++] = pvalloc(5000);                                 /* 8192 live (page-rounded) */
+}
+
+__attribute__((noinline)) void touch(char *p, size_t len) {
+    for (size_t off = 0; off < len; off += PAGE) p[off] = 1;
+}
+
+__attribute__((noinline)) void vm_partial(void) {
+    char *p = mmap(NULL, 10 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    touch(p, 10 * PAGE);                                           /* 10 pages faulted */
+    munmap(p + 2 * PAGE, 3 * PAGE);                                /* 7 pages stay */
+}
+
+__attribute__((noinline)) void vm_remap(void) {
+    char *p = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    touch(p, 4 * PAGE);                                            /* 4 pages faulted */
+    p = mremap(p, 4 * PAGE, 8 * PAGE, MREMAP_MAYMOVE);
+    touch(p, 8 * PAGE);                                            /* 4 more pages */
+}
+
+__attribute__((noinline)) void vm_unmapped(void) {
+    char *p = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    touch(p, 2 * PAGE);
+    munmap(p, 2 * PAGE);                                           /* nothing stays */
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "--wait") == 0) {
+        while (access(argv[2], F_OK) != 0) usleep(10000);
+    }
+    leak_malloc();
+    leak_calloc();
+    leak_realloc();
+    leak_aligned();
+    vm_partial();
+    vm_remap();
+    vm_unmapped();
+    static const char done[] = "alloc_workload: done\n";
+    write(1, done, sizeof done - 1);
+    if (argc == 3 && strcmp(argv[1], "--wait") == 0) {
+        pause(); /* attached mode: stay alive until pyleak has read its state */
+    }
+    return 0;
+}
