@@ -69,3 +69,23 @@ pub fn target_state(tgid: u32) -> u32 {
     // SAFETY: the value is a plain u32 copied out at once.
     unsafe { TARGETS.get(&tgid) }.copied().unwrap_or(0)
 }
+
+/// Set on this CPU while a probe reads the target's memory (stack walks): a page fault the
+/// kernel takes then is pyleak's own read failing, not the target paging memory in.
+#[map]
+pub static IN_PROBE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Marks this CPU as reading the target's memory (`true`) or done (`false`).
+#[inline(always)]
+pub fn set_in_probe(on: bool) {
+    if let Some(f) = IN_PROBE.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot.
+        unsafe { *f = on as u32 };
+    }
+}
+
+/// Whether this CPU is inside one of pyleak's own reads of target memory.
+#[inline(always)]
+pub fn in_probe() -> bool {
+    IN_PROBE.get(0).is_some_and(|f| *f != 0)
+}

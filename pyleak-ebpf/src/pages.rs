@@ -11,7 +11,7 @@ use pyleak_common::{Layer, VmEvent, VmKind, TARGET_ACTIVE};
 
 use crate::{
     alloc::upper_call,
-    maps::{target_state, THREADS},
+    maps::{in_probe, target_state, THREADS},
     stack,
     vm::emit,
 };
@@ -30,7 +30,7 @@ pub fn page_fault(ctx: TracePointContext) -> u32 {
 fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if target_state(tgid) != TARGET_ACTIVE {
+    if in_probe() || target_state(tgid) != TARGET_ACTIVE {
         return Ok(());
     }
     // SAFETY: offsets from the tracepoint's format file.

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use pyleak_common::{Drop, MAX_NATIVE_FRAMES, MAX_PY_FRAMES, STACK_LEAF_IS_IP};
 
-use crate::maps::{count_drop, STACKS, STACK_SCRATCH};
+use crate::maps::{count_drop, set_in_probe, STACKS, STACK_SCRATCH};
 
 /// How many native frames to keep (1: the immediate caller only). Set by userspace.
 #[no_mangle]
@@ -39,6 +39,7 @@ pub fn capture(ctx: *mut c_void, caller: Option<u64>, tid: u32) -> u64 {
     // SAFETY: a read-only global, patched by userspace before load.
     let depth = unsafe { core::ptr::read_volatile(&NATIVE_DEPTH) };
     let mut len: usize = 0;
+    set_in_probe(true);
     if depth > 1 {
         // SAFETY: the helper writes at most the buffer's size into the scratch slot.
         let n = unsafe {
@@ -71,6 +72,7 @@ pub fn capture(ctx: *mut c_void, caller: Option<u64>, tid: u32) -> u64 {
     }
     st.native_len = len as u32;
     crate::pystack::walk(st);
+    set_in_probe(false);
     intern(st)
 }
 

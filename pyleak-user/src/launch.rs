@@ -3,50 +3,90 @@
 //!
 //! fork, then the child waits on a pipe; the parent attaches and writes one byte; the child
 //! execs. (`std::process::Command` with a blocking `pre_exec` deadlocks: spawn waits for
-//! the exec.) The fork happens before any thread exists.
+//! the exec.)
 
 use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
 
 use anyhow::Context as _;
 
-/// A child forked and waiting to exec.
+/// A command forked, waiting to exec until [`Launched::start`].
+///
+/// A dedicated thread forks it and stays its ptrace tracer (ptrace requests must come from
+/// the thread that forked). The only use of ptrace is `PTRACE_O_TRACEEXIT`: the command
+/// stops once as it exits, with its memory map still in place, so pyleak can read it for
+/// symbols even when the command lives a millisecond; signals are passed on unchanged.
 pub struct Launched {
     /// Its pid.
     pub pid: u32,
-    go: libc::c_int,
+    go: Option<std::sync::mpsc::Sender<()>>,
+    /// Resolves to the exit code (128+signal when killed).
+    pub exited: Option<tokio::sync::oneshot::Receiver<i32>>,
 }
 
-/// Forks a child that will exec `program` with `args` (args[0] included) once told to.
-pub fn spawn_paused(program: &Path, args: &[String]) -> anyhow::Result<Launched> {
+/// Forks a child that will exec `program` with `args` (args[0] included) once started;
+/// `on_exit(pid)` runs while it stops on its way out.
+pub fn spawn_paused(
+    program: &Path,
+    args: &[String],
+    on_exit: impl Fn(u32) + Send + 'static,
+) -> anyhow::Result<Launched> {
     let path = CString::new(program.as_os_str().as_bytes()).context("command path has a NUL byte")?;
     let argv: Vec<CString> = args
         .iter()
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .context("argument has a NUL byte")?;
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel::<std::io::Result<u32>>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("pyleak-launcher".into()).spawn(move || {
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let (pid, go_fd) = match fork_paused(&path, &argv_ptrs) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = pid_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = pid_tx.send(Ok(pid));
+        let started = go_rx.recv().is_ok();
+        if started {
+            let b = 1u8;
+            // SAFETY: writing one byte from a valid buffer to our pipe end.
+            unsafe { libc::write(go_fd, (&b as *const u8).cast(), 1) };
+        }
+        // SAFETY: closing our pipe end once; unstarted, the child exits on EOF.
+        unsafe { libc::close(go_fd) };
+        let _ = exit_tx.send(trace_until_exit(pid, &on_exit));
+    })?;
+    let pid = pid_rx.recv().context("launcher thread")?.context("fork")?;
+    Ok(Launched { pid, go: Some(go_tx), exited: Some(exit_rx) })
+}
+
+/// Forks; the child asks to be traced, waits for a byte on a pipe, then execs.
+fn fork_paused(path: &CString, argv: &[*const libc::c_char]) -> std::io::Result<(u32, libc::c_int)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe");
+        return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: called while the process has one thread; the child only makes
-    // async-signal-safe calls (close, read, execv, write, _exit).
+    // SAFETY: the child only makes async-signal-safe calls on data prepared before fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(std::io::Error::last_os_error()).context("fork");
+        return Err(std::io::Error::last_os_error());
     }
     if pid == 0 {
         // SAFETY: async-signal-safe calls on fds and buffers prepared before fork.
         unsafe {
             libc::close(fds[1]);
+            libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
             let mut b = 0u8;
             if libc::read(fds[0], (&mut b as *mut u8).cast(), 1) != 1 {
                 // pyleak gave up before starting the command.
                 libc::_exit(127);
             }
-            libc::execv(path.as_ptr(), argv_ptrs.as_ptr());
+            libc::execv(path.as_ptr(), argv.as_ptr());
             let msg = b"pyleak: exec of the command failed\n";
             libc::write(2, msg.as_ptr().cast(), msg.len());
             libc::_exit(127);
@@ -54,53 +94,56 @@ pub fn spawn_paused(program: &Path, args: &[String]) -> anyhow::Result<Launched>
     }
     // SAFETY: closing our copy of the read end.
     unsafe { libc::close(fds[0]) };
-    Ok(Launched { pid: pid as u32, go: fds[1] })
+    Ok((pid as u32, fds[1]))
+}
+
+/// Runs the child to its end as its tracer; returns its exit code.
+fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> i32 {
+    let pid_t = pid as libc::pid_t;
+    let mut exec_seen = false;
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid_t, &mut status, libc::__WALL) };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return -1;
+        }
+        if libc::WIFEXITED(status) {
+            return libc::WEXITSTATUS(status);
+        }
+        if libc::WIFSIGNALED(status) {
+            return 128 + libc::WTERMSIG(status);
+        }
+        if !libc::WIFSTOPPED(status) {
+            continue;
+        }
+        let sig = libc::WSTOPSIG(status);
+        let event = status >> 16;
+        let inject = if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXIT {
+            on_exit(pid);
+            0
+        } else if sig == libc::SIGTRAP && !exec_seen {
+            // The stop after exec: from here on, only the exit stop matters.
+            exec_seen = true;
+            // SAFETY: setting options on our stopped tracee.
+            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid_t, 0, libc::PTRACE_O_TRACEEXIT) };
+            0
+        } else {
+            // A signal for the command: deliver it as if nobody were watching.
+            sig
+        };
+        // SAFETY: resuming our stopped tracee.
+        unsafe { libc::ptrace(libc::PTRACE_CONT, pid_t, 0, inject as libc::c_long) };
+    }
 }
 
 impl Launched {
     /// Lets the child exec.
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let b = 1u8;
-        // SAFETY: writing one byte from a valid buffer to our pipe end.
-        let n = unsafe { libc::write(self.go, (&b as *const u8).cast(), 1) };
-        // SAFETY: closing our pipe end once.
-        unsafe { libc::close(self.go) };
-        self.go = -1;
-        if n != 1 {
-            return Err(std::io::Error::last_os_error()).context("starting the command");
-        }
+        self.go.take().context("already started")?.send(()).context("launcher thread gone")?;
         Ok(())
-    }
-}
-
-impl Drop for Launched {
-    fn drop(&mut self) {
-        if self.go >= 0 {
-            // Never started: closing the pipe makes the child exit without running anything.
-            // SAFETY: closing our pipe end once.
-            unsafe { libc::close(self.go) };
-        }
-    }
-}
-
-/// Waits for `pid` to exit; returns its exit code (128+signal when killed).
-pub fn wait(pid: u32) -> i32 {
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
-        if r == pid as libc::pid_t {
-            break;
-        }
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return -1;
-        }
-    }
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
-    } else {
-        -1
     }
 }

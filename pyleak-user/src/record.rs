@@ -6,10 +6,10 @@ use std::{
     io::{IsTerminal as _, Write as _},
     os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use pyleak_common::Layer;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
@@ -66,9 +66,13 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let folded_out = args.output.as_deref().map(create_output).transpose()?;
     let json_out = args.json.as_deref().map(create_output).transpose()?;
 
-    // Fork before any thread exists (the runtime starts later).
+    let syms = Arc::new(Mutex::new(Symbolizer::default()));
     let mut child = match &program {
-        Some(p) => Some(launch::spawn_paused(p, &args.command)?),
+        Some(p) => {
+            let syms = Arc::clone(&syms);
+            let on_exit = move |pid| lock(&syms).snapshot(pid);
+            Some(launch::spawn_paused(p, &args.command, on_exit)?)
+        }
         None => None,
     };
     let opts = RecorderOptions { layers, native_depth: args.native_depth.max(1), bare: args.bare };
@@ -80,6 +84,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             let probes = planner.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string());
             rec.add_target(c.pid, &probes)?;
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            rec.set_comm(c.pid, &name);
         }
         _ => {
             for &pid in &args.pids {
@@ -93,14 +99,20 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     for p in rec.probes.iter().filter(|p| !p.emulated) {
         log::info!("{}: {} probed at a single-stepped instruction (slower)", p.path.display(), p.symbol);
     }
+    let what = match &program {
+        Some(p) => format!("{} (pid {})", p.display(), child.as_ref().map_or(0, |c| c.pid)),
+        None => format!("pid {}", args.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")),
+    };
+    // Always said (even with -q): scripts wait for this line before starting the work.
+    eprintln!("pyleak: tracing {what}, layers {}; Ctrl-C to stop", layers.names());
     if let Some(c) = child.as_mut() {
         c.start()?;
     }
     let child_pid = child.as_ref().map(|c| c.pid);
+    let child_exit = child.as_mut().and_then(|c| c.exited.take());
     let started = Instant::now();
-    let mut syms = Symbolizer::default();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let end = runtime.block_on(trace_loop(&mut rec, &mut syms, &args, child_pid, started))?;
+    let end = runtime.block_on(trace_loop(&mut rec, &syms, &args, child_pid, child_exit, started))?;
     let duration_s = started.elapsed().as_secs_f64();
     log::debug!("recording ended: {end:?}");
 
@@ -109,9 +121,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     if args.bare {
         return Ok(0);
     }
-    for &pid in &rec.targets {
-        syms.snapshot(pid);
-    }
+    let syms = lock(&syms);
     let report = report::build(&rec, &snap, &syms, duration_s);
     drop(rec);
     drop(child);
@@ -191,9 +201,10 @@ impl AsRawFd for RingFd {
 /// Reads events until the recording ends; returns why it ended.
 async fn trace_loop(
     rec: &mut Recorder,
-    syms: &mut Symbolizer,
+    syms: &Mutex<Symbolizer>,
     args: &RecordArgs,
     child: Option<u32>,
+    mut child_exit: Option<tokio::sync::oneshot::Receiver<i32>>,
     started: Instant,
 ) -> anyhow::Result<End> {
     // SAFETY: the ring buffer's fd belongs to `rec`, which outlives this function and so
@@ -204,13 +215,10 @@ async fn trace_loop(
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(TICK);
     let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
-    let mut child_exit = child.map(|pid| tokio::task::spawn_blocking(move || launch::wait(pid)));
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    for &pid in &rec.targets {
-        syms.snapshot(pid);
-    }
+    snapshot_all(rec, syms);
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -220,17 +228,12 @@ async fn trace_loop(
                 guard.clear_ready();
                 if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
                     last_maps = Instant::now();
-                    for pid in rec.targets.clone() {
-                        syms.snapshot(pid);
-                        rec.refresh_comm(pid);
-                    }
+                    snapshot_all(rec, syms);
                 }
             }
             _ = tick.tick() => {
                 rec.drain();
-                for &pid in &rec.targets {
-                    syms.snapshot(pid);
-                }
+                snapshot_all(rec, syms);
                 if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
                     break End::TargetsExited;
                 }
@@ -266,6 +269,21 @@ async fn trace_loop(
     }
     rec.drain();
     Ok(end)
+}
+
+/// Re-reads the memory maps (for symbols) and names of the targets still alive.
+fn snapshot_all(rec: &mut Recorder, syms: &Mutex<Symbolizer>) {
+    let mut syms = lock(syms);
+    for pid in rec.targets.clone() {
+        syms.snapshot(pid);
+        rec.refresh_comm(pid);
+    }
+}
+
+/// Locks the symbolizer; a panic elsewhere cannot leave it half-updated in a way that
+/// matters, so a poisoned lock is used as is.
+fn lock(syms: &Mutex<Symbolizer>) -> std::sync::MutexGuard<'_, Symbolizer> {
+    syms.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn alive(pid: u32) -> bool {

@@ -68,6 +68,12 @@ impl Symbolizer {
         }
     }
 
+    /// Whether `ip` lies in a file mapping of `pid` (frame-pointer walks through code built
+    /// without frame pointers end in garbage that does not).
+    pub fn is_mapped(&self, pid: u32, ip: u64) -> bool {
+        self.maps.get(&pid).is_some_and(|maps| maps.iter().any(|m| m.start <= ip && ip < m.end))
+    }
+
     /// `symbol (module)` for an address in `pid`; `is_return` when it is a return address
     /// (looked up one byte back, inside the call).
     pub fn frame(&self, pid: u32, ip: u64, is_return: bool) -> String {

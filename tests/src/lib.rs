@@ -1,1 +1,213 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for pyleak's privileged integration tests: finding the binary, building
+//! the workloads, running pyleak and reading its JSON, finding the CPythons on the machine.
+//!
+//! A test that cannot run here (not root, a missing CPython) says so on stderr in capitals;
+//! under CI (`CI` set) it fails instead, because there the feature is expected.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests live in the workspace").to_owned()
+}
+
+/// The pyleak binary under test (`PYLEAK_BIN`, else the release build).
+pub fn pyleak_bin() -> PathBuf {
+    let p = std::env::var_os("PYLEAK_BIN").map(PathBuf::from).unwrap_or_else(|| root().join("target/release/pyleak"));
+    assert!(p.exists(), "{} missing: run the tests with `cargo xtask test`", p.display());
+    p
+}
+
+/// Whether we run under CI, where every feature is expected.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Reports a test that cannot run here: fails under CI, shouts otherwise. Returns false so
+/// callers can `if !skip_unless(..) { return; }`.
+pub fn skip_unless(ok: bool, why: &str) -> bool {
+    if !ok {
+        assert!(!in_ci(), "required under CI: {why}");
+        eprintln!("\n!!! TEST NOT RUN: {why} !!!\n");
+    }
+    ok
+}
+
+/// True when running as root (eBPF needs it); see [`skip_unless`].
+pub fn root_or_skip() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    skip_unless(unsafe { libc::geteuid() } == 0, "needs root to load eBPF programs")
+}
+
+/// Builds the C workload once (-O0 so no call is optimised away, frame pointers for stacks).
+pub fn c_workload() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = root().join("target/test-workloads");
+        std::fs::create_dir_all(&out).expect("creating target/test-workloads");
+        let bin = out.join("alloc_workload");
+        let status = Command::new("gcc")
+            .args(["-O0", "-fno-omit-frame-pointer", "-g", "-o"])
+            .arg(&bin)
+            .arg(root().join("tests/workloads/alloc_workload.c"))
+            .status()
+            .expect("running gcc");
+        assert!(status.success(), "gcc failed on alloc_workload.c");
+        bin
+    })
+    .clone()
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = root().join("target/test-scratch").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("creating a scratch directory");
+    d
+}
+
+/// Runs `pyleak ARGS` to completion.
+pub fn pyleak(args: &[&str]) -> Output {
+    Command::new(pyleak_bin()).args(args).output().expect("running pyleak")
+}
+
+/// Runs `pyleak record --json FILE ARGS` and returns the parsed report and the output.
+pub fn record_json(dir: &Path, args: &[&str]) -> (Value, Output) {
+    let json = dir.join("report.json");
+    let mut full = vec!["record", "-q", "--json", json.to_str().expect("utf-8 path")];
+    full.extend_from_slice(args);
+    let out = pyleak(&full);
+    assert!(
+        out.status.success(),
+        "pyleak {full:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = std::fs::read_to_string(&json).expect("reading the JSON report");
+    (serde_json::from_str(&text).expect("parsing the JSON report"), out)
+}
+
+/// Starts `pyleak ARGS` in the background and waits until it says it is tracing.
+pub fn spawn_pyleak(args: &[&str]) -> Child {
+    let mut child = Command::new(pyleak_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting pyleak");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "pyleak did not start tracing within 30 s");
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("pyleak: tracing") => break,
+            Some(Ok(_)) => continue,
+            _ => {
+                let out = child.wait_with_output().expect("waiting for pyleak");
+                panic!("pyleak exited before tracing: {:?}", out.status);
+            }
+        }
+    }
+    // Keep draining stderr so pyleak never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: sending a signal to a process we started.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+/// The layer totals of a report.
+pub fn layer(report: &Value, name: &str) -> Value {
+    report["layers"][name].clone()
+}
+
+/// Sums a numeric field over the report's stacks of `layer` that satisfy `keep`.
+pub fn stack_sum(report: &Value, layer: &str, field: &str, keep: impl Fn(&[String]) -> bool) -> u64 {
+    report["stacks"]
+        .as_array()
+        .expect("stacks array")
+        .iter()
+        .filter(|s| s["layer"] == layer)
+        .filter(|s| {
+            let frames: Vec<String> = s["frames"].as_array().expect("frames").iter().map(|f| f.as_str().unwrap_or("").to_owned()).collect();
+            keep(&frames)
+        })
+        .map(|s| s[field].as_u64().expect("numeric field"))
+        .sum()
+}
+
+/// The CPythons on this machine: (label, interpreter path).
+pub fn pythons() -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let pyenv_root = std::env::var_os("PYENV_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    for v in ["3.8.18", "3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"] {
+        let p = pyenv_root.join("versions").join(v).join("bin/python3");
+        if p.exists() {
+            out.push((format!("pyenv {v}"), p));
+        }
+    }
+    if Path::new("/usr/bin/python3.11").exists() {
+        out.push(("debian 3.11".to_owned(), PathBuf::from("/usr/bin/python3.11")));
+    }
+    out
+}
+
+/// The CPythons a test needs, by label; missing ones are reported via [`skip_unless`].
+pub fn required_pythons(labels: &[&str]) -> Vec<(String, PathBuf)> {
+    let all = pythons();
+    let mut out = Vec::new();
+    for l in labels {
+        match all.iter().find(|(label, _)| label == l) {
+            Some(p) => out.push(p.clone()),
+            None => {
+                skip_unless(false, &format!("CPython `{l}` is not installed"));
+            }
+        }
+    }
+    out
+}
+
+/// Names of BPF programs loaded in the kernel (through bpftool).
+pub fn loaded_programs() -> Vec<String> {
+    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("running bpftool");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect()).unwrap_or_default()
+}
+
+/// pyleak's program names as the kernel shows them (15 characters at most).
+pub const PYLEAK_PROGRAMS: [&str; 8] = [
+    "alloc_enter",
+    "alloc_exit",
+    "free_enter",
+    "py_finalize_ent",
+    "sys_enter_vm",
+    "sys_exit_vm",
+    "page_fault",
+    "sched_process_e",
+];
+
+/// Waits (up to 5 s) until none of pyleak's programs is loaded; panics with what is left.
+pub fn assert_no_pyleak_programs() {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<String> = loaded_programs().into_iter().filter(|n| PYLEAK_PROGRAMS.contains(&n.as_str())).collect();
+        let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+        if left.is_empty() && events.trim().is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left in the kernel: programs {left:?}, uprobe_events {events:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -63,11 +63,6 @@ impl ElfFile {
         Some(Function { file_offset, address: sym.address(), code })
     }
 
-    /// Whether the file defines `name` (as a function).
-    pub fn defines(&self, name: &str) -> bool {
-        self.function(name).is_some()
-    }
-
     /// Shared libraries the file needs (`DT_NEEDED`) and its run paths, `$ORIGIN` expanded.
     pub fn needed(&self) -> (Vec<String>, Vec<PathBuf>) {
         let Ok(file) = object::read::elf::ElfFile64::<object::Endianness>::parse(&*self.data)

@@ -5,7 +5,6 @@ pub mod vm;
 use std::{
     collections::{BTreeMap, HashMap},
     num::NonZeroU32,
-    path::PathBuf,
 };
 
 use anyhow::Context as _;
@@ -258,6 +257,11 @@ impl Recorder {
         }
     }
 
+    /// Sets the command name of `pid` until it can be read (a launched command before exec).
+    pub fn set_comm(&mut self, pid: u32, comm: &str) {
+        self.comms.insert(pid, comm.to_owned());
+    }
+
     /// The command name of `pid`, as last read.
     pub fn comm(&self, pid: u32) -> String {
         self.comms.get(&pid).cloned().unwrap_or_else(|| "?".to_owned())
@@ -292,9 +296,4 @@ fn current_brk(pid: u32) -> Option<u64> {
     // Fields after the command (which may hold spaces): start_brk is field 47.
     let rest = stat.rsplit_once(')')?.1;
     rest.split_whitespace().nth(47 - 3).and_then(|f| f.parse().ok()).filter(|&b: &u64| b != 0)
-}
-
-/// Every program file (for messages).
-pub fn describe(probes: &[ProbeSpec]) -> Vec<(PathBuf, &'static str, u64, bool)> {
-    probes.iter().map(|p| (p.path.clone(), p.symbol, p.delta_from_entry, p.emulated)).collect()
 }

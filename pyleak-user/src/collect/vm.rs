@@ -129,6 +129,11 @@ impl VmModel {
                 }
             }
             VmKind::Mremap => self.mremap(ev),
+            VmKind::Brk if ev.addr == 0 => {
+                // brk(0) asks for the break (a fresh program's first call, after exec):
+                // it says where the heap starts, and maps nothing.
+                proc.brk = Some(ev.arg);
+            }
             VmKind::Brk => {
                 let new = ev.arg;
                 let old = proc.brk;
@@ -370,8 +375,10 @@ mod tests {
     #[test]
     fn brk_grows_and_shrinks_the_heap() {
         let mut m = VmModel::default();
-        m.add_process(1, None);
+        m.add_process(1, Some(0x50000));
+        // After exec, brk(0) reports the new break: nothing is mapped.
         m.apply(&ev(VmKind::Brk, 0, 0, 0x100000, 0, 3));
+        assert_eq!(live(&m), 0);
         m.apply(&ev(VmKind::Brk, 0x121000, 0, 0x121000, 0, 3));
         assert_eq!(live(&m), 0x21000);
         m.apply(&ev(VmKind::Brk, 0x110000, 0, 0x110000, 0, 3));

@@ -236,11 +236,15 @@ fn frames_of(rec: &Recorder, syms: &Symbolizer, pid: u32, stack_id: u64) -> (Vec
 pub fn native_frames(syms: &Symbolizer, pid: u32, st: &StackTrace) -> Vec<String> {
     let n = (st.native_len as usize).min(st.native.len());
     let leaf_is_ip = st.flags & STACK_LEAF_IS_IP != 0;
-    let mut out: Vec<String> = st.native[..n]
-        .iter()
-        .enumerate()
-        .map(|(i, &ip)| syms.frame(pid, ip, !(i == 0 && leaf_is_ip)))
-        .collect();
+    let mut out = Vec::with_capacity(n);
+    for (i, &ip) in st.native[..n].iter().enumerate() {
+        // Past the first frame, an address outside every mapping means the frame-pointer
+        // walk went astray (code without frame pointers): the rest is noise.
+        if i > 0 && !syms.is_mapped(pid, ip) {
+            break;
+        }
+        out.push(syms.frame(pid, ip, !(i == 0 && leaf_is_ip)));
+    }
     out.reverse();
     out
 }

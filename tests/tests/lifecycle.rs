@@ -1,0 +1,95 @@
+//! Every way a recording ends leaves nothing of pyleak in the kernel: Ctrl-C, SIGTERM, the
+//! target exiting, and an error while writing the report.
+
+use std::process::{Command, Stdio};
+
+use pyleak_tests::*;
+
+fn sleeper() -> std::process::Child {
+    Command::new("sleep").arg("60").stdout(Stdio::null()).spawn().expect("starting sleep")
+}
+
+fn ends_clean_on(sig: libc::c_int) {
+    let dir = scratch(&format!("signal-{sig}"));
+    let mut target = sleeper();
+    let json = dir.join("r.json");
+    let pyleak = spawn_pyleak(&["record", "-q", "-p", &target.id().to_string(), "--json", json.to_str().unwrap()]);
+    assert!(!loaded_programs().is_empty(), "programs should be loaded while tracing");
+    signal(pyleak.id(), sig);
+    let out = pyleak.wait_with_output().unwrap();
+    assert!(out.status.success(), "pyleak after signal {sig}: {out:?}");
+    assert!(json.exists(), "report written after signal {sig}");
+    assert_no_pyleak_programs();
+    let _ = target.kill();
+    let _ = target.wait();
+}
+
+#[test]
+fn ctrl_c_detaches_everything() {
+    if root_or_skip() {
+        ends_clean_on(libc::SIGINT);
+    }
+}
+
+#[test]
+fn sigterm_detaches_everything() {
+    if root_or_skip() {
+        ends_clean_on(libc::SIGTERM);
+    }
+}
+
+#[test]
+fn target_exit_detaches_everything() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("exit");
+    let (report, _) = record_json(&dir, &["--", "/bin/true"]);
+    assert!(report["layers"]["libc"].is_object());
+    assert_no_pyleak_programs();
+}
+
+#[test]
+fn attached_process_exiting_mid_run_still_gets_a_report() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("pid-exits");
+    let mut target = Command::new("sleep").arg("1").spawn().unwrap();
+    let json = dir.join("r.json");
+    let out = pyleak(&["record", "-q", "-p", &target.id().to_string(), "--json", json.to_str().unwrap(), "-d", "30"]);
+    let _ = target.wait();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["processes"][0]["pid"], target.id());
+    assert!(report["duration_s"].as_f64().unwrap() < 10.0, "ended when the process exited");
+    assert_no_pyleak_programs();
+}
+
+#[test]
+fn error_while_writing_the_report_detaches_everything() {
+    if !root_or_skip() {
+        return;
+    }
+    // /dev/full accepts the open and fails the write: an error after tracing has begun.
+    let out = pyleak(&["record", "-q", "-o", "/dev/full", "--", "/bin/true"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/dev/full") && err.lines().count() == 1, "one-line error: {err}");
+    assert_no_pyleak_programs();
+}
+
+#[test]
+fn duration_ends_the_recording() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("duration");
+    let mut target = sleeper();
+    let (report, _) = record_json(&dir, &["-p", &target.id().to_string(), "-d", "1"]);
+    let d = report["duration_s"].as_f64().unwrap();
+    assert!((0.9..5.0).contains(&d), "duration {d}");
+    let _ = target.kill();
+    let _ = target.wait();
+    assert_no_pyleak_programs();
+}
