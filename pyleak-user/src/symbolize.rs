@@ -104,9 +104,19 @@ impl Symbolizer {
     }
 }
 
+/// Files larger than this are not read for symbols.
+const MAX_MODULE_BYTES: u64 = 1 << 30;
+
 fn load_module(pid: u32, path: &str) -> ModuleSyms {
     let through_root = format!("/proc/{pid}/root{path}");
-    let data = std::fs::read(&through_root).or_else(|_| std::fs::read(path));
+    let file = [through_root.as_str(), path]
+        .into_iter()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() < MAX_MODULE_BYTES));
+    // Device mappings (/dev/zero...) and other non-files have no symbols to read.
+    let Some(file) = file else {
+        return ModuleSyms::default();
+    };
+    let data = std::fs::read(file);
     let Ok(data) = data else {
         return ModuleSyms::default();
     };

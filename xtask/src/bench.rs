@@ -91,7 +91,6 @@ fn ensure_bpftrace() -> bool {
     if ok("bpftrace") {
         return true;
     }
-    let _ = Command::new("apt-get").arg("update").status();
-    let _ = Command::new("apt-get").args(["install", "-y", "bpftrace"]).env("DEBIAN_FRONTEND", "noninteractive").status();
+    let _ = crate::apt_install(&["bpftrace"]);
     ok("bpftrace")
 }

@@ -103,10 +103,23 @@ fn setup() -> anyhow::Result<()> {
             "--locked",
         ]))?;
     }
+    // bpftool: the tests check with it that nothing of pyleak stays in the kernel.
+    if Command::new("bpftool").arg("version").output().is_err() {
+        apt_install(&["bpftool"])?;
+    }
     if !Path::new("/sys/kernel/tracing/events").exists() {
         run(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))?;
     }
     Ok(())
+}
+
+/// Installs Debian packages (after refreshing the package lists once).
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// Builds pyleak (release) and returns the binary's path.

@@ -76,7 +76,7 @@ impl Recorder {
         let mut ebpf = EbpfLoader::new()
             .override_global("NATIVE_DEPTH", &opts.native_depth, true)
             .load(EBPF_OBJECT)
-            .map_err(|e| UserError::Ebpf(e.to_string()))?;
+            .map_err(|e| UserError::Ebpf(error_chain(&e)))?;
         for name in ["alloc_enter", "free_enter", "py_finalize_enter", "bare_enter"] {
             uprobe(&mut ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
         }
@@ -296,4 +296,16 @@ fn current_brk(pid: u32) -> Option<u64> {
     // Fields after the command (which may hold spaces): start_brk is field 47.
     let rest = stat.rsplit_once(')')?.1;
     rest.split_whitespace().nth(47 - 3).and_then(|f| f.parse().ok()).filter(|&b: &u64| b != 0)
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
