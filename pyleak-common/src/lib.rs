@@ -142,7 +142,9 @@ pub struct ProbeCookie {
 impl ProbeCookie {
     /// Packs the cookie into the 64 bits the kernel carries.
     pub const fn encode(self) -> u64 {
-        (self.kind as u64 & 0xff) | ((self.layer as u64 & 0xff) << 8) | ((self.stack_delta as u64) << 16)
+        (self.kind as u64 & 0xff)
+            | ((self.layer as u64 & 0xff) << 8)
+            | ((self.stack_delta as u64) << 16)
     }
 
     /// Unpacks a cookie made by [`ProbeCookie::encode`].
@@ -487,7 +489,11 @@ mod tests {
         for size in 0..100_000u64 {
             let b = size_bucket(size);
             assert!(b >= last, "bucket went down at {size}");
-            assert!(bucket_low(b) <= size, "{size} below its bucket's low {}", bucket_low(b));
+            assert!(
+                bucket_low(b) <= size,
+                "{size} below its bucket's low {}",
+                bucket_low(b)
+            );
             assert_eq!(size_bucket(bucket_low(b)), b);
             last = b;
         }
@@ -501,7 +507,11 @@ mod tests {
 
     #[test]
     fn cookie_round_trips() {
-        let c = ProbeCookie { kind: AllocKind::PosixMemalign as u32, layer: Layer::Libc as u32, stack_delta: 24 };
+        let c = ProbeCookie {
+            kind: AllocKind::PosixMemalign as u32,
+            layer: Layer::Libc as u32,
+            stack_delta: 24,
+        };
         assert_eq!(ProbeCookie::decode(c.encode()), c);
     }
 }

@@ -14,12 +14,12 @@ use aya_ebpf::{
 use pyleak_common::{
     size_bucket, AllocKey, AllocKind, Drop, Layer, LiveAlloc, Pending, ProbeCookie, StackAgg,
     StackKey, ThreadState, CALL_LAYERS, FLAG_FOR_LIBC, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW,
-    HIST_BUCKETS, TARGET_ACTIVE,
+    HIST_BUCKETS,
 };
 
 use crate::{
     maps::{
-        count_drop, target_state, LAYER_STATS, LIVE_ALLOCS, SIZE_HIST, STACK_STATS, THREADS,
+        count_drop, uprobe_target_active, LAYER_STATS, LIVE_ALLOCS, SIZE_HIST, STACK_STATS, THREADS,
     },
     stack,
 };
@@ -97,7 +97,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let layer = c.layer as usize;
-    if layer >= CALL_LAYERS || target_state(tgid) != TARGET_ACTIVE {
+    if layer >= CALL_LAYERS || !uprobe_target_active(tgid) {
         return Ok(());
     }
     let Some(t) = thread_state(tid) else {
@@ -137,7 +137,15 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
             stack::capture(ctx.as_ptr(), caller, tid)
         }
     };
-    t.calls[layer] = Pending { size, arg_ptr, stack_id, kind: c.kind, depth: 0, flags, _pad: 0 };
+    t.calls[layer] = Pending {
+        size,
+        arg_ptr,
+        stack_id,
+        kind: c.kind,
+        depth: 0,
+        flags,
+        _pad: 0,
+    };
     t.active |= 1 << layer;
     Ok(())
 }
@@ -145,16 +153,16 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
 /// This thread's state, created on first use.
 #[inline(always)]
 pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
-    if let Some(t) = THREADS.get_ptr_mut(&tid) {
+    if let Some(t) = THREADS.get_ptr_mut(tid) {
         return Some(t);
     }
     let fresh = ThreadState::default();
-    if THREADS.insert(&tid, &fresh, BPF_NOEXIST as u64).is_err() {
+    if THREADS.insert(tid, fresh, BPF_NOEXIST as u64).is_err() {
         // Either full, or another probe of this thread raced us in (not possible for one
         // thread, so full).
         count_drop(Drop::ThreadsFull);
     }
-    THREADS.get_ptr_mut(&tid)
+    THREADS.get_ptr_mut(tid)
 }
 
 /// If an upper layer's call is in flight on this thread (malloc inside PyObject_Malloc,
@@ -162,10 +170,16 @@ pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
 #[inline(always)]
 pub fn upper_call(t: &ThreadState, layer: usize) -> (u32, Option<u64>) {
     if layer > Layer::Pymalloc as usize && t.active & (1 << Layer::Pymalloc as u32) != 0 {
-        return (FLAG_FOR_PYMALLOC, Some(t.calls[Layer::Pymalloc as usize].stack_id));
+        return (
+            FLAG_FOR_PYMALLOC,
+            Some(t.calls[Layer::Pymalloc as usize].stack_id),
+        );
     }
     if layer > Layer::PymemRaw as usize && t.active & (1 << Layer::PymemRaw as u32) != 0 {
-        return (FLAG_FOR_PYMEM_RAW, Some(t.calls[Layer::PymemRaw as usize].stack_id));
+        return (
+            FLAG_FOR_PYMEM_RAW,
+            Some(t.calls[Layer::PymemRaw as usize].stack_id),
+        );
     }
     if layer > Layer::Libc as usize && t.active & (1 << Layer::Libc as u32) != 0 {
         return (FLAG_FOR_LIBC, Some(t.calls[Layer::Libc as usize].stack_id));
@@ -181,16 +195,16 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
     if layer >= CALL_LAYERS {
         return Ok(());
     }
-    let t = THREADS.get_ptr_mut(&tid);
+    let t = THREADS.get_ptr_mut(tid);
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let Some(t) = t.map(|t| unsafe { &mut *t }) else {
-        if target_state(tgid) == TARGET_ACTIVE {
+        if uprobe_target_active(tgid) {
             count_drop(Drop::UnmatchedReturn);
         }
         return Ok(());
     };
     if t.active & (1 << layer) == 0 {
-        if target_state(tgid) == TARGET_ACTIVE {
+        if uprobe_target_active(tgid) {
             count_drop(Drop::OrphanReturn);
         }
         return Ok(());
@@ -201,7 +215,7 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
     }
     let pending = t.calls[layer];
     t.active &= !(1 << layer);
-    if target_state(tgid) != TARGET_ACTIVE {
+    if !uprobe_target_active(tgid) {
         return Ok(());
     }
     let ret: u64 = ctx.ret();
@@ -247,16 +261,24 @@ fn try_free_enter(ctx: &ProbeContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let [a0, a1, _] = args3(ctx);
-    let addr = if c.kind == AllocKind::CtxFree as u32 { a1 } else { a0 };
+    let addr = if c.kind == AllocKind::CtxFree as u32 {
+        a1
+    } else {
+        a0
+    };
     let layer = c.layer as usize;
-    if addr == 0 || layer >= CALL_LAYERS || target_state(tgid) != TARGET_ACTIVE {
+    if addr == 0 || layer >= CALL_LAYERS || !uprobe_target_active(tgid) {
         return Ok(());
     }
-    // SAFETY: plain data read at once.
-    if let Some(t) = unsafe { THREADS.get(&tid) } {
-        if t.active & (1 << layer) != 0 {
-            // A free made by an allocator of the same layer on its own behalf (realloc).
-            return Ok(());
+    // A free made by an allocator of the same layer on its own behalf (inside realloc) is
+    // the allocator's to account. glibc's realloc never calls the public free: the libc
+    // layer skips the lookup.
+    if layer != Layer::Libc as usize {
+        // SAFETY: plain data read at once.
+        if let Some(t) = unsafe { THREADS.get(tid) } {
+            if t.active & (1 << layer) != 0 {
+                return Ok(());
+            }
         }
     }
     record_free(tgid, c.layer, addr);
@@ -277,8 +299,14 @@ pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
     // SAFETY: a helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     let key = AllocKey { tgid, layer, addr };
-    let live = LiveAlloc { size: p.size, ts_ns, stack_id: p.stack_id, flags: p.flags, _pad: 0 };
-    if LIVE_ALLOCS.insert(&key, &live, 0).is_err() {
+    let live = LiveAlloc {
+        size: p.size,
+        ts_ns,
+        stack_id: p.stack_id,
+        flags: p.flags,
+        _pad: 0,
+    };
+    if LIVE_ALLOCS.insert(key, live, 0).is_err() {
         count_drop(Drop::LiveAllocsFull);
     }
     if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
@@ -293,16 +321,25 @@ pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
         // SAFETY: a per-CPU slot.
         unsafe { *n += 1 };
     }
-    let skey = StackKey { tgid, layer, stack_id: p.stack_id };
-    match STACK_STATS.get_ptr_mut(&skey) {
+    let skey = StackKey {
+        tgid,
+        layer,
+        stack_id: p.stack_id,
+    };
+    match STACK_STATS.get_ptr_mut(skey) {
         // SAFETY: a per-CPU map value; only this CPU writes its copy.
         Some(a) => unsafe {
             (*a).allocs += 1;
             (*a).alloc_bytes += p.size;
         },
         None => {
-            let a = StackAgg { allocs: 1, alloc_bytes: p.size, frees: 0, freed_bytes: 0 };
-            if STACK_STATS.insert(&skey, &a, 0).is_err() {
+            let a = StackAgg {
+                allocs: 1,
+                alloc_bytes: p.size,
+                frees: 0,
+                freed_bytes: 0,
+            };
+            if STACK_STATS.insert(skey, a, 0).is_err() {
                 count_drop(Drop::StackStatsFull);
             }
         }
@@ -314,14 +351,14 @@ pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
 pub fn record_free(tgid: u32, layer: u32, addr: u64) {
     let key = AllocKey { tgid, layer, addr };
     // SAFETY: plain data copied out before the entry is removed.
-    let Some(live) = (unsafe { LIVE_ALLOCS.get(&key) }).copied() else {
+    let Some(live) = (unsafe { LIVE_ALLOCS.get(key) }).copied() else {
         if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
             // SAFETY: a per-CPU slot.
             unsafe { (*s).unmatched_frees += 1 };
         }
         return;
     };
-    let _ = LIVE_ALLOCS.remove(&key);
+    let _ = LIVE_ALLOCS.remove(key);
     if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
         // SAFETY: a per-CPU slot.
         unsafe {
@@ -329,16 +366,25 @@ pub fn record_free(tgid: u32, layer: u32, addr: u64) {
             (*s).freed_bytes += live.size;
         }
     }
-    let skey = StackKey { tgid, layer, stack_id: live.stack_id };
-    match STACK_STATS.get_ptr_mut(&skey) {
+    let skey = StackKey {
+        tgid,
+        layer,
+        stack_id: live.stack_id,
+    };
+    match STACK_STATS.get_ptr_mut(skey) {
         // SAFETY: a per-CPU map value; only this CPU writes its copy.
         Some(a) => unsafe {
             (*a).frees += 1;
             (*a).freed_bytes += live.size;
         },
         None => {
-            let a = StackAgg { allocs: 0, alloc_bytes: 0, frees: 1, freed_bytes: live.size };
-            if STACK_STATS.insert(&skey, &a, 0).is_err() {
+            let a = StackAgg {
+                allocs: 0,
+                alloc_bytes: 0,
+                frees: 1,
+                freed_bytes: live.size,
+            };
+            if STACK_STATS.insert(skey, a, 0).is_err() {
                 count_drop(Drop::StackStatsFull);
             }
         }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use pyleak_common::{VmEvent, VmKind, TARGET_ACTIVE, TARGET_FROZEN};
 
 use crate::{
-    maps::{target_state, TARGETS, THREADS},
+    maps::{target_state, FROZEN_COUNT, TARGETS, THREADS},
     vm::emit,
 };
 
@@ -28,7 +28,7 @@ pub fn py_finalize_enter(_ctx: ProbeContext) -> u32 {
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let _ = THREADS.remove(&tid);
+    let _ = THREADS.remove(tid);
     // SAFETY: `group_dead` is a bool at offset 32 of the format.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0);
     if group_dead != 0 {
@@ -42,7 +42,12 @@ fn freeze(tgid: u32) {
     if target_state(tgid) != TARGET_ACTIVE {
         return;
     }
-    if TARGETS.insert(&tgid, &TARGET_FROZEN, 0).is_ok() {
+    if TARGETS.insert(tgid, TARGET_FROZEN, 0).is_ok() {
+        if let Some(n) = FROZEN_COUNT.get_ptr_mut(0) {
+            // SAFETY: a map value; concurrent freezes of two processes at once may lose an
+            // increment, which only makes uprobes look the state up more often.
+            unsafe { *n += 1 };
+        }
         emit(VmEvent {
             kind: VmKind::Freeze as u32,
             tgid,

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use pyleak_common::{
     AllocKey, LayerStats, LiveAlloc, StackAgg, StackKey, StackTrace, ThreadState,
@@ -63,11 +63,29 @@ pub fn count_drop(reason: pyleak_common::Drop) {
     }
 }
 
+/// `[0]`: how many targets are frozen. While none is, uprobes (attached per process) need
+/// no `TARGETS` lookup; an array lookup is inlined by the verifier and costs nothing.
+#[map]
+pub static FROZEN_COUNT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether a process that a uprobe fired in is still being traced (not frozen).
+#[inline(always)]
+pub fn uprobe_target_active(tgid: u32) -> bool {
+    if FROZEN_COUNT.get(0).is_some_and(|n| *n == 0) {
+        return true;
+    }
+    target_state(tgid) == pyleak_common::TARGET_ACTIVE
+}
+
+/// Last stack interned on this CPU: a repeat needs no map update.
+#[map]
+pub static LAST_STACK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// The tracing state of a process: 0 (not traced), `TARGET_ACTIVE` or `TARGET_FROZEN`.
 #[inline(always)]
 pub fn target_state(tgid: u32) -> u32 {
     // SAFETY: the value is a plain u32 copied out at once.
-    unsafe { TARGETS.get(&tgid) }.copied().unwrap_or(0)
+    unsafe { TARGETS.get(tgid) }.copied().unwrap_or(0)
 }
 
 /// Set on this CPU while a probe reads the target's memory (stack walks): a page fault the

@@ -4,8 +4,7 @@
 //! until it is unmapped.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
-    EbpfContext,
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext, EbpfContext,
 };
 use pyleak_common::{Layer, VmEvent, VmKind, TARGET_ACTIVE};
 
@@ -39,7 +38,7 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     // SAFETY: plain data copied out at once.
-    let upper = unsafe { THREADS.get(&tid) }.map(|t| upper_call(t, Layer::Pages as usize));
+    let upper = unsafe { THREADS.get(tid) }.map(|t| upper_call(t, Layer::Pages as usize));
     let (flags, stack_id) = match upper {
         Some((flags, Some(id))) => (flags, id),
         _ => (0, stack::capture(ctx.as_ptr(), None, tid)),

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use pyleak_common::{Drop, MAX_NATIVE_FRAMES, MAX_PY_FRAMES, STACK_LEAF_IS_IP};
 
-use crate::maps::{count_drop, set_in_probe, STACKS, STACK_SCRATCH};
+use crate::maps::{count_drop, set_in_probe, LAST_STACK, STACKS, STACK_SCRATCH};
 
 /// How many native frames to keep (1: the immediate caller only). Set by userspace.
 #[no_mangle]
@@ -99,12 +99,24 @@ fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
     h = (h ^ (st.flags as u64)).wrapping_mul(FNV_PRIME);
     // 0 means "no stack".
     let id = h | 1;
-    match STACKS.insert(&id, &*st, BPF_NOEXIST as u64) {
+    let last = LAST_STACK.get_ptr_mut(0);
+    if let Some(last) = last {
+        // SAFETY: a per-CPU slot.
+        if unsafe { *last } == id {
+            return id;
+        }
+    }
+    let id = match STACKS.insert(id, *st, BPF_NOEXIST as u64) {
         Ok(()) => id,
         Err(e) if e as i64 == -EEXIST => id,
         Err(_) => {
             count_drop(Drop::StacksFull);
             0
         }
+    };
+    if let Some(last) = last {
+        // SAFETY: a per-CPU slot.
+        unsafe { *last = id };
     }
+    id
 }

@@ -60,16 +60,49 @@ fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
     };
     let pending = match nr {
         // addr slot: the fd; arg: prot << 32 | flags.
-        NR_MMAP => VmPending { kind: VmKind::Mmap as u32 + 1, _pad: 0, addr: a4, len: a1, arg: (a2 << 32) | (a3 & 0xffff_ffff) },
-        NR_MUNMAP => VmPending { kind: VmKind::Munmap as u32 + 1, _pad: 0, addr: a0, len: a1, arg: 0 },
-        NR_MREMAP => VmPending { kind: VmKind::Mremap as u32 + 1, _pad: 0, addr: a0, len: a1, arg: a2 },
-        NR_BRK => VmPending { kind: VmKind::Brk as u32 + 1, _pad: 0, addr: a0, len: 0, arg: 0 },
+        NR_MMAP => VmPending {
+            kind: VmKind::Mmap as u32 + 1,
+            _pad: 0,
+            addr: a4,
+            len: a1,
+            arg: (a2 << 32) | (a3 & 0xffff_ffff),
+        },
+        NR_MUNMAP => VmPending {
+            kind: VmKind::Munmap as u32 + 1,
+            _pad: 0,
+            addr: a0,
+            len: a1,
+            arg: 0,
+        },
+        NR_MREMAP => VmPending {
+            kind: VmKind::Mremap as u32 + 1,
+            _pad: 0,
+            addr: a0,
+            len: a1,
+            arg: a2,
+        },
+        NR_BRK => VmPending {
+            kind: VmKind::Brk as u32 + 1,
+            _pad: 0,
+            addr: a0,
+            len: 0,
+            arg: 0,
+        },
         NR_MADVISE => {
             let advice = a2 & 0xffff_ffff;
-            if !matches!(advice, MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED) {
+            if !matches!(
+                advice,
+                MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED
+            ) {
                 return Ok(());
             }
-            VmPending { kind: VmKind::Madvise as u32 + 1, _pad: 0, addr: a0, len: a1, arg: advice }
+            VmPending {
+                kind: VmKind::Madvise as u32 + 1,
+                _pad: 0,
+                addr: a0,
+                len: a1,
+                arg: advice,
+            }
         }
         _ => return Ok(()),
     };
@@ -83,7 +116,7 @@ fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
 fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(t) = THREADS.get_ptr_mut(&tid) else {
+    let Some(t) = THREADS.get_ptr_mut(tid) else {
         return Ok(());
     };
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
@@ -123,7 +156,18 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
         Some(id) => id,
         None => stack::capture(ctx.as_ptr(), None, tid),
     };
-    emit(VmEvent { kind, tgid, addr, len, arg, arg2, stack_id, ts_ns: 0, flags, tid });
+    emit(VmEvent {
+        kind,
+        tgid,
+        addr,
+        len,
+        arg,
+        arg2,
+        stack_id,
+        ts_ns: 0,
+        flags,
+        tid,
+    });
     Ok(())
 }
 

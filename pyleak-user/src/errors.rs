@@ -15,7 +15,9 @@ pub enum UserError {
     #[error("process {0} exited before pyleak could attach: start it again, or use `pyleak record -- COMMAND`")]
     ProcessGone(u32),
     /// Nothing after `--`.
-    #[error("empty command after `--`: give the program to run, e.g. `pyleak record -- python3 app.py`")]
+    #[error(
+        "empty command after `--`: give the program to run, e.g. `pyleak record -- python3 app.py`"
+    )]
     EmptyCommand,
     /// The command is not an executable file on PATH.
     #[error("command `{0}` not found: give a path or a program on PATH")]
@@ -51,7 +53,4 @@ pub enum UserError {
     /// The kernel refused to load or attach a program.
     #[error("the kernel refused pyleak's eBPF programs ({0}): pyleak needs a kernel with BTF, uprobes and tracepoints (5.15+)")]
     Ebpf(String),
-    /// A saved report that cannot be parsed.
-    #[error("{0} is not a pyleak JSON report: {1}")]
-    BadReport(PathBuf, String),
 }

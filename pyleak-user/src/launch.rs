@@ -30,7 +30,8 @@ pub fn spawn_paused(
     args: &[String],
     on_exit: impl Fn(u32) + Send + 'static,
 ) -> anyhow::Result<Launched> {
-    let path = CString::new(program.as_os_str().as_bytes()).context("command path has a NUL byte")?;
+    let path =
+        CString::new(program.as_os_str().as_bytes()).context("command path has a NUL byte")?;
     let argv: Vec<CString> = args
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -39,33 +40,42 @@ pub fn spawn_paused(
     let (pid_tx, pid_rx) = std::sync::mpsc::channel::<std::io::Result<u32>>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("pyleak-launcher".into()).spawn(move || {
-        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-        argv_ptrs.push(std::ptr::null());
-        let (pid, go_fd) = match fork_paused(&path, &argv_ptrs) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = pid_tx.send(Err(e));
-                return;
+    std::thread::Builder::new()
+        .name("pyleak-launcher".into())
+        .spawn(move || {
+            let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+            argv_ptrs.push(std::ptr::null());
+            let (pid, go_fd) = match fork_paused(&path, &argv_ptrs) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = pid_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = pid_tx.send(Ok(pid));
+            let started = go_rx.recv().is_ok();
+            if started {
+                let b = 1u8;
+                // SAFETY: writing one byte from a valid buffer to our pipe end.
+                unsafe { libc::write(go_fd, (&b as *const u8).cast(), 1) };
             }
-        };
-        let _ = pid_tx.send(Ok(pid));
-        let started = go_rx.recv().is_ok();
-        if started {
-            let b = 1u8;
-            // SAFETY: writing one byte from a valid buffer to our pipe end.
-            unsafe { libc::write(go_fd, (&b as *const u8).cast(), 1) };
-        }
-        // SAFETY: closing our pipe end once; unstarted, the child exits on EOF.
-        unsafe { libc::close(go_fd) };
-        let _ = exit_tx.send(trace_until_exit(pid, &on_exit));
-    })?;
+            // SAFETY: closing our pipe end once; unstarted, the child exits on EOF.
+            unsafe { libc::close(go_fd) };
+            let _ = exit_tx.send(trace_until_exit(pid, &on_exit));
+        })?;
     let pid = pid_rx.recv().context("launcher thread")?.context("fork")?;
-    Ok(Launched { pid, go: Some(go_tx), exited: Some(exit_rx) })
+    Ok(Launched {
+        pid,
+        go: Some(go_tx),
+        exited: Some(exit_rx),
+    })
 }
 
 /// Forks; the child asks to be traced, waits for a byte on a pipe, then execs.
-fn fork_paused(path: &CString, argv: &[*const libc::c_char]) -> std::io::Result<(u32, libc::c_int)> {
+fn fork_paused(
+    path: &CString,
+    argv: &[*const libc::c_char],
+) -> std::io::Result<(u32, libc::c_int)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -143,7 +153,11 @@ fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> i32 {
 impl Launched {
     /// Lets the child exec.
     pub fn start(&mut self) -> anyhow::Result<()> {
-        self.go.take().context("already started")?.send(()).context("launcher thread gone")?;
+        self.go
+            .take()
+            .context("already started")?
+            .send(())
+            .context("launcher thread gone")?;
         Ok(())
     }
 }

@@ -56,9 +56,16 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     }
     let program = match args.command.first() {
         Some(cmd) if cmd.is_empty() => return Err(UserError::EmptyCommand.into()),
-        Some(cmd) => Some(attach::resolve_command(cmd).ok_or_else(|| UserError::CommandNotFound(cmd.clone()))?),
+        Some(cmd) => Some(
+            attach::resolve_command(cmd).ok_or_else(|| UserError::CommandNotFound(cmd.clone()))?,
+        ),
         None if args.pids.is_empty() => {
-            return Err(if std::env::args().any(|a| a == "--") { UserError::EmptyCommand } else { UserError::NoTarget }.into())
+            return Err(if std::env::args().any(|a| a == "--") {
+                UserError::EmptyCommand
+            } else {
+                UserError::NoTarget
+            }
+            .into())
         }
         None => None,
     };
@@ -75,7 +82,11 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         }
         None => None,
     };
-    let opts = RecorderOptions { layers, native_depth: args.native_depth.max(1), bare: args.bare };
+    let opts = RecorderOptions {
+        layers,
+        native_depth: args.native_depth.max(1),
+        bare: args.bare,
+    };
     let mut rec = Recorder::load(opts)?;
     let mut planner = Planner::new(layers);
     match (&program, &child) {
@@ -84,7 +95,10 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             let probes = planner.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string());
             rec.add_target(c.pid, &probes)?;
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             rec.set_comm(c.pid, &name);
         }
         _ => {
@@ -97,22 +111,44 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         }
     }
     for p in rec.probes.iter().filter(|p| !p.emulated) {
-        log::info!("{}: {} probed at a single-stepped instruction (slower)", p.path.display(), p.symbol);
+        log::info!(
+            "{}: {} probed at a single-stepped instruction (slower)",
+            p.path.display(),
+            p.symbol
+        );
     }
     let what = match &program {
-        Some(p) => format!("{} (pid {})", p.display(), child.as_ref().map_or(0, |c| c.pid)),
-        None => format!("pid {}", args.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")),
+        Some(p) => format!(
+            "{} (pid {})",
+            p.display(),
+            child.as_ref().map_or(0, |c| c.pid)
+        ),
+        None => format!(
+            "pid {}",
+            args.pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     // Always said (even with -q): scripts wait for this line before starting the work.
-    eprintln!("pyleak: tracing {what}, layers {}; Ctrl-C to stop", layers.names());
+    eprintln!(
+        "pyleak: tracing {what}, layers {}; Ctrl-C to stop",
+        layers.names()
+    );
     if let Some(c) = child.as_mut() {
         c.start()?;
     }
     let child_pid = child.as_ref().map(|c| c.pid);
     let child_exit = child.as_mut().and_then(|c| c.exited.take());
     let started = Instant::now();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let end = runtime.block_on(trace_loop(&mut rec, &syms, &args, child_pid, child_exit, started))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let end = runtime.block_on(trace_loop(
+        &mut rec, &syms, &args, child_pid, child_exit, started,
+    ))?;
     let duration_s = started.elapsed().as_secs_f64();
     log::debug!("recording ended: {end:?}");
 
@@ -131,14 +167,20 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     if let (Some(mut f), Some(path)) = (folded_out, args.output.as_deref()) {
         report::folded::write(&report, args.metric, &mut f)
             .and_then(|()| f.flush())
-            .map_err(|e| UserError::Output { path: path.to_owned(), reason: e.to_string() })?;
+            .map_err(|e| UserError::Output {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
     }
     if let (Some(mut f), Some(path)) = (json_out, args.json.as_deref()) {
         serde_json::to_writer_pretty(&mut f, &report)
             .map_err(std::io::Error::from)
             .and_then(|()| writeln!(f))
             .and_then(|()| f.flush())
-            .map_err(|e| UserError::Output { path: path.to_owned(), reason: e.to_string() })?;
+            .map_err(|e| UserError::Output {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
     }
     Ok(0)
 }
@@ -151,7 +193,10 @@ struct Planner {
 
 impl Planner {
     fn new(layers: LayerSet) -> Planner {
-        Planner { layers, cache: HashMap::new() }
+        Planner {
+            layers,
+            cache: HashMap::new(),
+        }
     }
 
     /// Probes for the files a process maps (or will map).
@@ -167,7 +212,7 @@ impl Planner {
                 if attach::is_libc(f) && layers.contains(Layer::Libc) {
                     probes.extend(attach::plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
                 }
-                if !attach::is_libc(f) {
+                if attach::may_hold_python(f) {
                     probes.extend(attach::plan_finalize(&elf));
                 }
                 probes
@@ -186,7 +231,10 @@ fn warn_missing(probes: &[ProbeSpec], layers: LayerSet, what: &str) {
 }
 
 fn create_output(path: &Path) -> Result<File, UserError> {
-    File::create(path).map_err(|e| UserError::Output { path: path.to_owned(), reason: e.to_string() })
+    File::create(path).map_err(|e| UserError::Output {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// The ring buffer's fd, for tokio to wait on.
@@ -214,7 +262,9 @@ async fn trace_loop(
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(TICK);
-    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    let deadline = args
+        .duration
+        .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
@@ -288,7 +338,11 @@ fn lock(syms: &Mutex<Symbolizer>) -> std::sync::MutexGuard<'_, Symbolizer> {
 
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()), Some("Z" | "X")),
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
         Err(_) => false,
     }
 }
@@ -296,21 +350,34 @@ fn alive(pid: u32) -> bool {
 /// One line on stderr: elapsed, events per second, live bytes per layer.
 fn status_line(rec: &Recorder, started: Instant, last: &mut (u64, Instant), tty: bool) {
     let Ok(stats) = rec.layer_stats() else { return };
-    let events: u64 = stats.iter().map(|s| s.allocs + s.frees + s.unmatched_frees).sum::<u64>() + rec.model.events;
+    let events: u64 = stats
+        .iter()
+        .map(|s| s.allocs + s.frees + s.unmatched_frees)
+        .sum::<u64>()
+        + rec.model.events;
     let rate = (events - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-3);
     *last = (events, Instant::now());
     let mut parts = Vec::new();
     for layer in [Layer::Pymalloc, Layer::PymemRaw, Layer::Libc] {
         let s = stats[layer as usize];
         if s.allocs > 0 {
-            parts.push(format!("{} {}", layer.name(), human_bytes(s.alloc_bytes.saturating_sub(s.freed_bytes))));
+            parts.push(format!(
+                "{} {}",
+                layer.name(),
+                human_bytes(s.alloc_bytes.saturating_sub(s.freed_bytes))
+            ));
         }
     }
     let vm: u64 = rec.model.live_regions().values().map(|v| v.0).sum();
     let pages: u64 = rec.model.live_pages().values().map(|v| v.0).sum();
     parts.push(format!("vm {}", human_bytes(vm)));
     parts.push(format!("pages {}", human_bytes(pages)));
-    let line = format!("pyleak: {:.0}s  {:.0} events/s  live: {}", started.elapsed().as_secs_f64(), rate, parts.join(", "));
+    let line = format!(
+        "pyleak: {:.0}s  {:.0} events/s  live: {}",
+        started.elapsed().as_secs_f64(),
+        rate,
+        parts.join(", ")
+    );
     if tty {
         eprint!("\r\x1b[K{line}");
     } else {

@@ -47,13 +47,22 @@ impl Symbolizer {
             if !path.starts_with('/') {
                 continue;
             }
-            let Some((s, e)) = range.split_once('-') else { continue };
-            let (Ok(start), Ok(end), Ok(offset)) =
-                (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16), u64::from_str_radix(off, 16))
-            else {
+            let Some((s, e)) = range.split_once('-') else {
                 continue;
             };
-            let m = Mapping { start, end, offset, path: path.to_owned() };
+            let (Ok(start), Ok(end), Ok(offset)) = (
+                u64::from_str_radix(s, 16),
+                u64::from_str_radix(e, 16),
+                u64::from_str_radix(off, 16),
+            ) else {
+                continue;
+            };
+            let m = Mapping {
+                start,
+                end,
+                offset,
+                path: path.to_owned(),
+            };
             if !known.contains(&m) {
                 // Newer mappings first: they win where addresses were reused.
                 known.insert(0, m);
@@ -61,31 +70,34 @@ impl Symbolizer {
         }
         let paths: Vec<String> = known.iter().map(|m| m.path.clone()).collect();
         for path in paths {
-            if !self.modules.contains_key(&path) {
-                let syms = load_module(pid, &path);
-                self.modules.insert(path, syms);
-            }
+            self.modules
+                .entry(path)
+                .or_insert_with_key(|path| load_module(pid, path));
         }
     }
 
     /// Whether `ip` lies in a file mapping of `pid` (frame-pointer walks through code built
     /// without frame pointers end in garbage that does not).
     pub fn is_mapped(&self, pid: u32, ip: u64) -> bool {
-        self.maps.get(&pid).is_some_and(|maps| maps.iter().any(|m| m.start <= ip && ip < m.end))
+        self.maps
+            .get(&pid)
+            .is_some_and(|maps| maps.iter().any(|m| m.start <= ip && ip < m.end))
     }
 
     /// `symbol (module)` for an address in `pid`; `is_return` when it is a return address
     /// (looked up one byte back, inside the call).
     pub fn frame(&self, pid: u32, ip: u64, is_return: bool) -> String {
         let ip_lookup = if is_return { ip.saturating_sub(1) } else { ip };
-        let Some(m) = self
-            .maps
-            .get(&pid)
-            .and_then(|maps| maps.iter().find(|m| m.start <= ip_lookup && ip_lookup < m.end))
-        else {
+        let Some(m) = self.maps.get(&pid).and_then(|maps| {
+            maps.iter()
+                .find(|m| m.start <= ip_lookup && ip_lookup < m.end)
+        }) else {
             return format!("{ip:#x} ([unknown])");
         };
-        let module = Path::new(&m.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let module = Path::new(&m.path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let file_off = ip_lookup - m.start + m.offset;
         let name = self.modules.get(&m.path).and_then(|syms| {
             let (seg_off, _, seg_addr) = *syms
@@ -127,7 +139,13 @@ fn load_module(pid: u32, path: &str) -> ModuleSyms {
         .symbols()
         .chain(file.dynamic_symbols())
         .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
-        .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_owned())))
+        .filter_map(|s| {
+            Some((
+                s.address(),
+                s.address() + s.size(),
+                s.name().ok()?.to_owned(),
+            ))
+        })
         .collect();
     syms.sort();
     syms.dedup_by_key(|(a, _, _)| *a);
@@ -147,7 +165,7 @@ mod tests {
 
     #[inline(never)]
     fn marker_function() -> u64 {
-        marker_function as usize as u64
+        marker_function as fn() -> u64 as usize as u64
     }
 
     #[test]

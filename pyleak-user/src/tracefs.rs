@@ -16,7 +16,9 @@ pub fn ensure_mounted() -> Result<(), UserError> {
         .output()
         .map_err(|e| UserError::NoTracefs(e.to_string()))?;
     if !status.status.success() || !Path::new("/sys/kernel/tracing/events").exists() {
-        return Err(UserError::NoTracefs(String::from_utf8_lossy(&status.stderr).trim().to_owned()));
+        return Err(UserError::NoTracefs(
+            String::from_utf8_lossy(&status.stderr).trim().to_owned(),
+        ));
     }
     Ok(())
 }

@@ -16,13 +16,22 @@ use serde_json::Value;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests live in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests live in the workspace")
+        .to_owned()
 }
 
 /// The pyleak binary under test (`PYLEAK_BIN`, else the release build).
 pub fn pyleak_bin() -> PathBuf {
-    let p = std::env::var_os("PYLEAK_BIN").map(PathBuf::from).unwrap_or_else(|| root().join("target/release/pyleak"));
-    assert!(p.exists(), "{} missing: run the tests with `cargo xtask test`", p.display());
+    let p = std::env::var_os("PYLEAK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/release/pyleak"));
+    assert!(
+        p.exists(),
+        "{} missing: run the tests with `cargo xtask test`",
+        p.display()
+    );
     p
 }
 
@@ -44,7 +53,10 @@ pub fn skip_unless(ok: bool, why: &str) -> bool {
 /// True when running as root (eBPF needs it); see [`skip_unless`].
 pub fn root_or_skip() -> bool {
     // SAFETY: geteuid has no preconditions.
-    skip_unless(unsafe { libc::geteuid() } == 0, "needs root to load eBPF programs")
+    skip_unless(
+        unsafe { libc::geteuid() } == 0,
+        "needs root to load eBPF programs",
+    )
 }
 
 /// Builds the C workload once (-O0 so no call is optimised away, frame pointers for stacks).
@@ -68,7 +80,9 @@ pub fn c_workload() -> PathBuf {
 
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = root().join("target/test-scratch").join(format!("{name}-{}", std::process::id()));
+    let d = root()
+        .join("target/test-scratch")
+        .join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("creating a scratch directory");
     d
@@ -76,7 +90,10 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Runs `pyleak ARGS` to completion.
 pub fn pyleak(args: &[&str]) -> Output {
-    Command::new(pyleak_bin()).args(args).output().expect("running pyleak")
+    Command::new(pyleak_bin())
+        .args(args)
+        .output()
+        .expect("running pyleak")
 }
 
 /// Runs `pyleak record --json FILE ARGS` and returns the parsed report and the output.
@@ -92,7 +109,10 @@ pub fn record_json(dir: &Path, args: &[&str]) -> (Value, Output) {
         String::from_utf8_lossy(&out.stdout)
     );
     let text = std::fs::read_to_string(&json).expect("reading the JSON report");
-    (serde_json::from_str(&text).expect("parsing the JSON report"), out)
+    (
+        serde_json::from_str(&text).expect("parsing the JSON report"),
+        out,
+    )
 }
 
 /// Starts `pyleak ARGS` in the background and waits until it says it is tracing.
@@ -107,7 +127,10 @@ pub fn spawn_pyleak(args: &[&str]) -> Child {
     let mut lines = BufReader::new(stderr).lines();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        assert!(Instant::now() < deadline, "pyleak did not start tracing within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "pyleak did not start tracing within 30 s"
+        );
         match lines.next() {
             Some(Ok(line)) if line.starts_with("pyleak: tracing") => break,
             Some(Ok(_)) => continue,
@@ -134,14 +157,24 @@ pub fn layer(report: &Value, name: &str) -> Value {
 }
 
 /// Sums a numeric field over the report's stacks of `layer` that satisfy `keep`.
-pub fn stack_sum(report: &Value, layer: &str, field: &str, keep: impl Fn(&[String]) -> bool) -> u64 {
+pub fn stack_sum(
+    report: &Value,
+    layer: &str,
+    field: &str,
+    keep: impl Fn(&[String]) -> bool,
+) -> u64 {
     report["stacks"]
         .as_array()
         .expect("stacks array")
         .iter()
         .filter(|s| s["layer"] == layer)
         .filter(|s| {
-            let frames: Vec<String> = s["frames"].as_array().expect("frames").iter().map(|f| f.as_str().unwrap_or("").to_owned()).collect();
+            let frames: Vec<String> = s["frames"]
+                .as_array()
+                .expect("frames")
+                .iter()
+                .map(|f| f.as_str().unwrap_or("").to_owned())
+                .collect();
             keep(&frames)
         })
         .map(|s| s[field].as_u64().expect("numeric field"))
@@ -151,7 +184,9 @@ pub fn stack_sum(report: &Value, layer: &str, field: &str, keep: impl Fn(&[Strin
 /// The CPythons on this machine: (label, interpreter path).
 pub fn pythons() -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
-    let pyenv_root = std::env::var_os("PYENV_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    let pyenv_root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
     for v in ["3.8.18", "3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"] {
         let p = pyenv_root.join("versions").join(v).join("bin/python3");
         if p.exists() {
@@ -159,7 +194,10 @@ pub fn pythons() -> Vec<(String, PathBuf)> {
         }
     }
     if Path::new("/usr/bin/python3.11").exists() {
-        out.push(("debian 3.11".to_owned(), PathBuf::from("/usr/bin/python3.11")));
+        out.push((
+            "debian 3.11".to_owned(),
+            PathBuf::from("/usr/bin/python3.11"),
+        ));
     }
     out
 }
@@ -181,9 +219,18 @@ pub fn required_pythons(labels: &[&str]) -> Vec<(String, PathBuf)> {
 
 /// Names of BPF programs loaded in the kernel (through bpftool).
 pub fn loaded_programs() -> Vec<String> {
-    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("running bpftool");
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("running bpftool");
     let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    v.as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// pyleak's program names as the kernel shows them (15 characters at most).
@@ -202,12 +249,19 @@ pub const PYLEAK_PROGRAMS: [&str; 8] = [
 pub fn assert_no_pyleak_programs() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let left: Vec<String> = loaded_programs().into_iter().filter(|n| PYLEAK_PROGRAMS.contains(&n.as_str())).collect();
-        let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+        let left: Vec<String> = loaded_programs()
+            .into_iter()
+            .filter(|n| PYLEAK_PROGRAMS.contains(&n.as_str()))
+            .collect();
+        let events =
+            std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
         if left.is_empty() && events.trim().is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "left in the kernel: programs {left:?}, uprobe_events {events:?}");
+        assert!(
+            Instant::now() < deadline,
+            "left in the kernel: programs {left:?}, uprobe_events {events:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -9,7 +9,10 @@ fn one_line_error(out: &std::process::Output, want: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line expected: {err}");
-    assert!(lines[0].starts_with("pyleak: ") && lines[0].contains(want), "{err}");
+    assert!(
+        lines[0].starts_with("pyleak: ") && lines[0].contains(want),
+        "{err}"
+    );
 }
 
 #[test]
@@ -32,7 +35,10 @@ fn pid_that_does_not_exist() {
     if !root_or_skip() {
         return;
     }
-    one_line_error(&pyleak(&["record", "-p", "999999999"]), "no process with PID 999999999");
+    one_line_error(
+        &pyleak(&["record", "-p", "999999999"]),
+        "no process with PID 999999999",
+    );
 }
 
 #[test]
@@ -49,7 +55,10 @@ fn command_not_found() {
     if !root_or_skip() {
         return;
     }
-    one_line_error(&pyleak(&["record", "--", "no-such-program-xyz"]), "not found");
+    one_line_error(
+        &pyleak(&["record", "--", "no-such-program-xyz"]),
+        "not found",
+    );
 }
 
 #[test]
@@ -57,7 +66,10 @@ fn unknown_layer() {
     if !root_or_skip() {
         return;
     }
-    one_line_error(&pyleak(&["record", "--layers", "heap", "--", "/bin/true"]), "unknown layer `heap`");
+    one_line_error(
+        &pyleak(&["record", "--layers", "heap", "--", "/bin/true"]),
+        "unknown layer `heap`",
+    );
 }
 
 #[test]
@@ -65,7 +77,16 @@ fn unwritable_output() {
     if !root_or_skip() {
         return;
     }
-    one_line_error(&pyleak(&["record", "--json", "/nonexistent/dir/r.json", "--", "/bin/true"]), "cannot write /nonexistent/dir/r.json");
+    one_line_error(
+        &pyleak(&[
+            "record",
+            "--json",
+            "/nonexistent/dir/r.json",
+            "--",
+            "/bin/true",
+        ]),
+        "cannot write /nonexistent/dir/r.json",
+    );
 }
 
 #[test]
@@ -75,7 +96,10 @@ fn tracefs_not_mounted_is_mounted_by_pyleak() {
     }
     let tracing = std::path::Path::new("/sys/kernel/tracing/events");
     if tracing.exists() {
-        let st = Command::new("umount").arg("/sys/kernel/tracing").status().unwrap();
+        let st = Command::new("umount")
+            .arg("/sys/kernel/tracing")
+            .status()
+            .unwrap();
         if !skip_unless(st.success(), "cannot unmount tracefs to test mounting it") {
             return;
         }

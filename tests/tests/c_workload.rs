@@ -10,7 +10,9 @@ use serde_json::Value;
 const PAGE: u64 = 4096;
 
 fn has(frames: &[String], func: &str) -> bool {
-    frames.iter().any(|f| f == &format!("{func} (alloc_workload)"))
+    frames
+        .iter()
+        .any(|f| f == &format!("{func} (alloc_workload)"))
 }
 
 /// Checks every number the workload fixes.
@@ -19,25 +21,42 @@ fn check(report: &Value) {
     // leak_malloc 10×100 + 5×200; leak_calloc 3×100; leak_realloc 64, 128, 100000, 50, 70,
     // 300; leak_aligned 1000, 512, 96, 5000, 8192.
     assert_eq!(libc["allocs"], 29, "libc allocs: {libc}");
-    assert_eq!(libc["alloc_bytes"], 1000 + 1000 + 300 + 64 + 128 + 100_000 + 50 + 70 + 300 + 1000 + 512 + 96 + 5000 + 8192);
+    assert_eq!(
+        libc["alloc_bytes"],
+        1000 + 1000 + 300 + 64 + 128 + 100_000 + 50 + 70 + 300 + 1000 + 512 + 96 + 5000 + 8192
+    );
     // 5×200 freed; realloc frees 64 and 128; realloc(q, 0) frees 70.
     assert_eq!(libc["frees"], 8);
     assert_eq!(libc["freed_bytes"], 1000 + 64 + 128 + 70);
     assert_eq!(libc["live_count"], 21);
-    assert_eq!(libc["live_bytes"], 1000 + 300 + 100_000 + 50 + 300 + 1000 + 512 + 96 + 5000 + 8192);
+    assert_eq!(
+        libc["live_bytes"],
+        1000 + 300 + 100_000 + 50 + 300 + 1000 + 512 + 96 + 5000 + 8192
+    );
     assert_eq!(libc["failed_allocs"], 0);
 
     // Per function (frame pointers give the caller of each allocator).
     let live = |f: &str| stack_sum(report, "libc", "live_bytes", |fr| has(fr, f));
     let count = |f: &str| stack_sum(report, "libc", "live_count", |fr| has(fr, f));
     assert_eq!((live("leak_malloc"), count("leak_malloc")), (1000, 10));
-    assert_eq!(stack_sum(report, "libc", "allocs", |fr| has(fr, "leak_malloc")), 15);
+    assert_eq!(
+        stack_sum(report, "libc", "allocs", |fr| has(fr, "leak_malloc")),
+        15
+    );
     assert_eq!((live("leak_calloc"), count("leak_calloc")), (300, 3));
-    assert_eq!((live("leak_realloc"), count("leak_realloc")), (100_000 + 50 + 300, 3));
-    assert_eq!((live("leak_aligned"), count("leak_aligned")), (1000 + 512 + 96 + 5000 + 8192, 5));
+    assert_eq!(
+        (live("leak_realloc"), count("leak_realloc")),
+        (100_000 + 50 + 300, 3)
+    );
+    assert_eq!(
+        (live("leak_aligned"), count("leak_aligned")),
+        (1000 + 512 + 96 + 5000 + 8192, 5)
+    );
 
     // Pages: faults land in touch(), called from each vm_* function.
-    let pages = |f: &str, field: &str| stack_sum(report, "pages", field, |fr| has(fr, "touch") && has(fr, f));
+    let pages = |f: &str, field: &str| {
+        stack_sum(report, "pages", field, |fr| has(fr, "touch") && has(fr, f))
+    };
     assert_eq!(pages("vm_partial", "allocs"), 10);
     assert_eq!(pages("vm_partial", "live_bytes"), 7 * PAGE);
     assert_eq!(pages("vm_remap", "allocs"), 8);
@@ -48,9 +67,15 @@ fn check(report: &Value) {
     // vm: the three mmaps and the mremap growth, made from main's callees (libc's syscall
     // wrappers keep no frame pointer, so main is the first workload frame).
     let ours = |fr: &[String]| {
-        has(fr, "main") && fr.last().is_some_and(|l| l.starts_with("__mmap (") || l.starts_with("mremap ("))
+        has(fr, "main")
+            && fr
+                .last()
+                .is_some_and(|l| l.starts_with("__mmap (") || l.starts_with("mremap ("))
     };
-    assert_eq!(stack_sum(report, "vm", "alloc_bytes", ours), (10 + 4 + 2 + 4) * PAGE);
+    assert_eq!(
+        stack_sum(report, "vm", "alloc_bytes", ours),
+        (10 + 4 + 2 + 4) * PAGE
+    );
     assert_eq!(stack_sum(report, "vm", "live_bytes", ours), (7 + 8) * PAGE);
     assert_eq!(stack_sum(report, "vm", "freed_bytes", ours), (3 + 2) * PAGE);
     assert_eq!(report["lost_events"], 0, "lost: {}", report["lost"]);
@@ -66,7 +91,10 @@ fn launch_mode_counts_every_allocator_exactly() {
     let (report, out) = record_json(&dir, &["--", bin.to_str().unwrap()]);
     check(&report);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("libc") && text.contains("top stacks by live bytes"), "{text}");
+    assert!(
+        text.contains("libc") && text.contains("top stacks by live bytes"),
+        "{text}"
+    );
     assert_eq!(report["processes"][0]["comm"], "alloc_workload");
 }
 
@@ -89,7 +117,11 @@ fn attach_mode_counts_every_allocator_exactly() {
     std::fs::write(&go, b"").unwrap();
     // Wait for the workload to finish its allocations.
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(target.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(target.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert_eq!(line.trim(), "alloc_workload: done");
     signal(pyleak.id(), libc::SIGINT);
     let out = pyleak.wait_with_output().unwrap();
@@ -108,8 +140,22 @@ fn folded_output_is_inferno_compatible() {
     let dir = scratch("c-folded");
     let folded = dir.join("out.folded");
     let bin = c_workload();
-    for (metric, want) in [("live-bytes", 1000u64), ("alloc-bytes", 2000), ("allocs", 15)] {
-        let (_, _) = record_json(&dir, &["-o", folded.to_str().unwrap(), "--metric", metric, "--", bin.to_str().unwrap()]);
+    for (metric, want) in [
+        ("live-bytes", 1000u64),
+        ("alloc-bytes", 2000),
+        ("allocs", 15),
+    ] {
+        let (_, _) = record_json(
+            &dir,
+            &[
+                "-o",
+                folded.to_str().unwrap(),
+                "--metric",
+                metric,
+                "--",
+                bin.to_str().unwrap(),
+            ],
+        );
         let text = std::fs::read_to_string(&folded).unwrap();
         // Every line is `frames value` with frames separated by ';', the layer first.
         let mut leak_malloc = 0;

@@ -6,15 +6,29 @@ use std::process::{Command, Stdio};
 use pyleak_tests::*;
 
 fn sleeper() -> std::process::Child {
-    Command::new("sleep").arg("60").stdout(Stdio::null()).spawn().expect("starting sleep")
+    Command::new("sleep")
+        .arg("60")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting sleep")
 }
 
 fn ends_clean_on(sig: libc::c_int) {
     let dir = scratch(&format!("signal-{sig}"));
     let mut target = sleeper();
     let json = dir.join("r.json");
-    let pyleak = spawn_pyleak(&["record", "-q", "-p", &target.id().to_string(), "--json", json.to_str().unwrap()]);
-    assert!(!loaded_programs().is_empty(), "programs should be loaded while tracing");
+    let pyleak = spawn_pyleak(&[
+        "record",
+        "-q",
+        "-p",
+        &target.id().to_string(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        !loaded_programs().is_empty(),
+        "programs should be loaded while tracing"
+    );
     signal(pyleak.id(), sig);
     let out = pyleak.wait_with_output().unwrap();
     assert!(out.status.success(), "pyleak after signal {sig}: {out:?}");
@@ -57,12 +71,25 @@ fn attached_process_exiting_mid_run_still_gets_a_report() {
     let dir = scratch("pid-exits");
     let mut target = Command::new("sleep").arg("1").spawn().unwrap();
     let json = dir.join("r.json");
-    let out = pyleak(&["record", "-q", "-p", &target.id().to_string(), "--json", json.to_str().unwrap(), "-d", "30"]);
+    let out = pyleak(&[
+        "record",
+        "-q",
+        "-p",
+        &target.id().to_string(),
+        "--json",
+        json.to_str().unwrap(),
+        "-d",
+        "30",
+    ]);
     let _ = target.wait();
     assert!(out.status.success(), "{out:?}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["processes"][0]["pid"], target.id());
-    assert!(report["duration_s"].as_f64().unwrap() < 10.0, "ended when the process exited");
+    assert!(
+        report["duration_s"].as_f64().unwrap() < 10.0,
+        "ended when the process exited"
+    );
     assert_no_pyleak_programs();
 }
 
@@ -75,8 +102,14 @@ fn error_while_writing_the_report_detaches_everything() {
     let out = pyleak(&["record", "-q", "-o", "/dev/full", "--", "/bin/true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = err.lines().filter(|l| !l.starts_with("pyleak: tracing")).collect();
-    assert!(errors.len() == 1 && errors[0].contains("cannot write /dev/full"), "one-line error: {err}");
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("pyleak: tracing"))
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("cannot write /dev/full"),
+        "one-line error: {err}"
+    );
     assert_no_pyleak_programs();
 }
 

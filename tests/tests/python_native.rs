@@ -13,28 +13,63 @@ const MALLOC_MIB: u64 = 16;
 const MMAP_MIB: u64 = 12;
 
 fn script() -> String {
-    root().join("tests/workloads/py_native_leak.py").to_string_lossy().into_owned()
+    root()
+        .join("tests/workloads/py_native_leak.py")
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn live(report: &Value, layer: &str) -> f64 {
-    report["layers"][layer]["live_bytes"].as_u64().expect("live_bytes") as f64
+    report["layers"][layer]["live_bytes"]
+        .as_u64()
+        .expect("live_bytes") as f64
 }
 
 fn within_2pct(label: &str, what: &str, got: f64, want: f64) {
     let err = (got - want).abs() / want;
-    assert!(err <= 0.02, "{label}: {what} above baseline {:.3} MiB, want {:.3} MiB ({:.2}% off)", got / MIB, want / MIB, err * 100.0);
+    assert!(
+        err <= 0.02,
+        "{label}: {what} above baseline {:.3} MiB, want {:.3} MiB ({:.2}% off)",
+        got / MIB,
+        want / MIB,
+        err * 100.0
+    );
 }
 
 fn launch(dir: &std::path::Path, python: &std::path::Path, malloc: u64, mmap: u64) -> Value {
-    let (r, _) = record_json(dir, &["--", python.to_str().unwrap(), &script(), &malloc.to_string(), &mmap.to_string()]);
+    let (r, _) = record_json(
+        dir,
+        &[
+            "--",
+            python.to_str().unwrap(),
+            &script(),
+            &malloc.to_string(),
+            &mmap.to_string(),
+        ],
+    );
     r
 }
 
 fn check(label: &str, base: &Value, leak: &Value) {
-    within_2pct(label, "libc", live(leak, "libc") - live(base, "libc"), (MALLOC_MIB << 20) as f64);
-    within_2pct(label, "pages", live(leak, "pages") - live(base, "pages"), (MMAP_MIB << 20) as f64);
+    within_2pct(
+        label,
+        "libc",
+        live(leak, "libc") - live(base, "libc"),
+        (MALLOC_MIB << 20) as f64,
+    );
+    within_2pct(
+        label,
+        "pages",
+        live(leak, "pages") - live(base, "pages"),
+        (MMAP_MIB << 20) as f64,
+    );
     // The mapping itself, plus glibc's own mmap per 1 MiB block (a page of header each).
-    within_2pct(label, "vm", live(leak, "vm") - live(base, "vm"), ((MMAP_MIB + MALLOC_MIB) << 20) as f64);
+    within_2pct(
+        label,
+        "vm",
+        live(leak, "vm") - live(base, "vm"),
+        ((MMAP_MIB + MALLOC_MIB) << 20) as f64,
+    );
     assert_eq!(leak["lost_events"], 0, "{label}: lost {}", leak["lost"]);
 }
 
@@ -43,13 +78,25 @@ fn launch_mode_every_cpython() {
     if !root_or_skip() {
         return;
     }
-    let pythons = required_pythons(&["pyenv 3.8.18", "pyenv 3.9.18", "pyenv 3.10.13", "pyenv 3.11.7", "pyenv 3.12.1", "pyenv 3.13.0", "debian 3.11"]);
+    let pythons = required_pythons(&[
+        "pyenv 3.8.18",
+        "pyenv 3.9.18",
+        "pyenv 3.10.13",
+        "pyenv 3.11.7",
+        "pyenv 3.12.1",
+        "pyenv 3.13.0",
+        "debian 3.11",
+    ]);
     for (label, python) in pythons {
         let dir = scratch(&format!("pynative-{}", label.replace(' ', "-")));
         let base = launch(&dir, &python, 0, 0);
         let leak = launch(&dir, &python, MALLOC_MIB, MMAP_MIB);
         check(&label, &base, &leak);
-        eprintln!("{label}: ok (libc +{:.2} MiB, pages +{:.2} MiB)", (live(&leak, "libc") - live(&base, "libc")) / MIB, (live(&leak, "pages") - live(&base, "pages")) / MIB);
+        eprintln!(
+            "{label}: ok (libc +{:.2} MiB, pages +{:.2} MiB)",
+            (live(&leak, "libc") - live(&base, "libc")) / MIB,
+            (live(&leak, "pages") - live(&base, "pages")) / MIB
+        );
     }
 }
 
@@ -57,15 +104,32 @@ fn attach(dir: &std::path::Path, python: &std::path::Path, malloc: u64, mmap: u6
     let go = dir.join(format!("go-{malloc}"));
     let _ = std::fs::remove_file(&go);
     let mut target = Command::new(python)
-        .args([script(), malloc.to_string(), mmap.to_string(), "--wait".into(), go.to_string_lossy().into_owned()])
+        .args([
+            script(),
+            malloc.to_string(),
+            mmap.to_string(),
+            "--wait".into(),
+            go.to_string_lossy().into_owned(),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting python");
     let json = dir.join(format!("attach-{malloc}.json"));
-    let pyleak = spawn_pyleak(&["record", "-q", "-p", &target.id().to_string(), "--json", json.to_str().unwrap()]);
+    let pyleak = spawn_pyleak(&[
+        "record",
+        "-q",
+        "-p",
+        &target.id().to_string(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     std::fs::write(&go, b"").unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(target.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(target.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert_eq!(line.trim(), "leaked");
     signal(pyleak.id(), libc::SIGINT);
     let out = pyleak.wait_with_output().unwrap();

@@ -60,7 +60,10 @@ fn main() -> anyhow::Result<()> {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 /// Runs a command, failing with its command line when it fails.
@@ -78,20 +81,38 @@ fn setup() -> anyhow::Result<()> {
         bail!("pyleak loads eBPF programs: run this as root");
     }
     // The pinned toolchain: on these machines it is the installed stable one.
-    let have = Command::new("rustup").args(["toolchain", "list"]).output()?;
+    let have = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()?;
     if !String::from_utf8_lossy(&have.stdout).contains(TOOLCHAIN) {
-        let sysroot = Command::new("rustc").args(["+stable", "--print", "sysroot"]).output()?;
+        let sysroot = Command::new("rustc")
+            .args(["+stable", "--print", "sysroot"])
+            .output()?;
         let sysroot = String::from_utf8(sysroot.stdout)?.trim().to_owned();
         run(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, &sysroot]))?;
     }
-    let src = Command::new("rustc").args([&format!("+{TOOLCHAIN}"), "--print", "sysroot"]).output()?;
+    let src = Command::new("rustc")
+        .args([&format!("+{TOOLCHAIN}"), "--print", "sysroot"])
+        .output()?;
     let sysroot = PathBuf::from(String::from_utf8(src.stdout)?.trim());
-    if !sysroot.join("lib/rustlib/src/rust/library/Cargo.lock").exists() {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", TOOLCHAIN]))?;
+    if !sysroot
+        .join("lib/rustlib/src/rust/library/Cargo.lock")
+        .exists()
+    {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            TOOLCHAIN,
+        ]))?;
     }
-    let linker_ok = Command::new("bpf-linker").arg("--version").output().map(|o| {
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-    });
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        });
     if !matches!(linker_ok, Ok(true)) {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
         run(Command::new("cargo").args([
@@ -124,7 +145,9 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 
 /// Builds pyleak (release) and returns the binary's path.
 fn build() -> anyhow::Result<PathBuf> {
-    run(Command::new("cargo").current_dir(root()).args(["build", "--release", "-p", "pyleak"]))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--release", "-p", "pyleak"]))?;
     Ok(root().join("target/release/pyleak"))
 }
 
@@ -135,11 +158,21 @@ fn demo() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let python = ["/usr/bin/python3", "python3"]
         .into_iter()
-        .find(|p| Command::new(p).arg("-c").arg("pass").status().is_ok_and(|s| s.success()))
+        .find(|p| {
+            Command::new(p)
+                .arg("-c")
+                .arg("pass")
+                .status()
+                .is_ok_and(|s| s.success())
+        })
         .context("the demo needs a python3")?;
     let folded = out.join("leaky.folded");
     let json = out.join("leaky.json");
-    eprintln!("xtask: pyleak record -o {} --json {} -- {python} demo/leaky_service.py", folded.display(), json.display());
+    eprintln!(
+        "xtask: pyleak record -o {} --json {} -- {python} demo/leaky_service.py",
+        folded.display(),
+        json.display()
+    );
     run(Command::new(&bin)
         .current_dir(root())
         .args(["record", "--layers", "all", "-o"])

@@ -35,7 +35,10 @@ impl ElfFile {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        Ok(ElfFile { path: path.to_owned(), data })
+        Ok(ElfFile {
+            path: path.to_owned(),
+            data,
+        })
     }
 
     /// The file's path.
@@ -60,7 +63,11 @@ impl ElfFile {
         let len = if sym.size() > 0 { sym.size() } else { 64 }.min(sec_len - rel);
         let start = usize::try_from(file_offset).ok()?;
         let code = self.data.get(start..start + len as usize)?.to_vec();
-        Some(Function { file_offset, address: sym.address(), code })
+        Some(Function {
+            file_offset,
+            address: sym.address(),
+            code,
+        })
     }
 
     /// Shared libraries the file needs (`DT_NEEDED`) and its run paths, `$ORIGIN` expanded.
@@ -84,16 +91,23 @@ impl ElfFile {
         for d in dynamic {
             let tag = d.tag32(endian);
             let Some(tag) = tag else { continue };
-            if !matches!(tag, object::elf::DT_NEEDED | object::elf::DT_RPATH | object::elf::DT_RUNPATH) {
+            if !matches!(
+                tag,
+                object::elf::DT_NEEDED | object::elf::DT_RPATH | object::elf::DT_RUNPATH
+            ) {
                 continue;
             }
-            let Ok(s) = d.string(endian, strings) else { continue };
+            let Ok(s) = d.string(endian, strings) else {
+                continue;
+            };
             let s = String::from_utf8_lossy(s).into_owned();
             if tag == object::elf::DT_NEEDED {
                 needed.push(s);
             } else {
                 for p in s.split(':') {
-                    let p = p.replace("$ORIGIN", &origin.to_string_lossy()).replace("${ORIGIN}", &origin.to_string_lossy());
+                    let p = p
+                        .replace("$ORIGIN", &origin.to_string_lossy())
+                        .replace("${ORIGIN}", &origin.to_string_lossy());
                     paths.push(PathBuf::from(p));
                 }
             }

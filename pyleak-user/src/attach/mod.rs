@@ -85,7 +85,11 @@ pub fn plan_layer(
             path: elf.path().to_owned(),
             symbol: name,
             offset: f.file_offset + point.offset,
-            role: if is_free { ProbeRole::Free } else { ProbeRole::Alloc },
+            role: if is_free {
+                ProbeRole::Free
+            } else {
+                ProbeRole::Alloc
+            },
             cookie: cookie.encode(),
             emulated: point.emulated,
             delta_from_entry: point.offset,
@@ -131,10 +135,11 @@ pub fn is_libc(path: &Path) -> bool {
     name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
 }
 
-/// Whether a file name looks like a shared libpython.
-pub fn is_libpython(path: &Path) -> bool {
+/// Whether a file may hold the Python runtime: a shared libpython, or a python executable
+/// (statically linked builds such as Debian's keep it there).
+pub fn may_hold_python(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    name.starts_with("libpython") && name.contains(".so")
+    (name.starts_with("libpython") && name.contains(".so")) || name.starts_with("python")
 }
 
 /// Resolves a command the way `execvp` would: a path as given, else the first executable
@@ -142,14 +147,18 @@ pub fn is_libpython(path: &Path) -> bool {
 pub fn resolve_command(cmd: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &Path| {
-        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
     };
     if cmd.contains('/') {
         let p = PathBuf::from(cmd);
         return executable(&p).then_some(p);
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| executable(p))
+    std::env::split_paths(&path)
+        .map(|d| d.join(cmd))
+        .find(|p| executable(p))
 }
 
 /// The ELF program a command will run: the file itself, or the interpreter of a `#!` script
@@ -168,7 +177,10 @@ pub fn program_of(path: &Path) -> PathBuf {
         return path.to_owned();
     };
     if Path::new(interp).file_name().is_some_and(|n| n == "env") {
-        if let Some(p) = words.find(|w| !w.starts_with('-')).and_then(resolve_command) {
+        if let Some(p) = words
+            .find(|w| !w.starts_with('-'))
+            .and_then(resolve_command)
+        {
             return program_of(&p);
         }
     }
@@ -187,8 +199,16 @@ pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
         dirs.extend(std::env::split_paths(&extra));
     }
     dirs.extend(
-        ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib", "/usr/local/lib"]
-            .map(PathBuf::from),
+        [
+            "/lib/x86_64-linux-gnu",
+            "/usr/lib/x86_64-linux-gnu",
+            "/lib64",
+            "/usr/lib64",
+            "/lib",
+            "/usr/lib",
+            "/usr/local/lib",
+        ]
+        .map(PathBuf::from),
     );
     let mut out = vec![program.to_owned()];
     for lib in needed {

@@ -77,18 +77,36 @@ impl Recorder {
             .override_global("NATIVE_DEPTH", &opts.native_depth, true)
             .load(EBPF_OBJECT)
             .map_err(|e| UserError::Ebpf(error_chain(&e)))?;
-        for name in ["alloc_enter", "free_enter", "py_finalize_enter", "bare_enter"] {
-            uprobe(&mut ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
+        for name in [
+            "alloc_enter",
+            "free_enter",
+            "py_finalize_enter",
+            "bare_enter",
+        ] {
+            uprobe(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("loading {name}"))?;
         }
         for name in ["alloc_exit", "bare_exit"] {
-            uprobe(&mut ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
+            uprobe(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("loading {name}"))?;
         }
-        let mut tracepoints: Vec<(&str, &str, &str)> = vec![("sched_process_exit", "sched", "sched_process_exit")];
+        let mut tracepoints: Vec<(&str, &str, &str)> =
+            vec![("sched_process_exit", "sched", "sched_process_exit")];
         if !opts.bare && (opts.layers.contains(Layer::Vm) || opts.layers.contains(Layer::Pages)) {
             // Unmaps and the break matter to the pages layer too.
             for sc in ["mmap", "munmap", "mremap", "brk", "madvise"] {
-                tracepoints.push(("sys_enter_vm", "syscalls", leak_name(format!("sys_enter_{sc}"))));
-                tracepoints.push(("sys_exit_vm", "syscalls", leak_name(format!("sys_exit_{sc}"))));
+                tracepoints.push((
+                    "sys_enter_vm",
+                    "syscalls",
+                    leak_name(format!("sys_enter_{sc}")),
+                ));
+                tracepoints.push((
+                    "sys_exit_vm",
+                    "syscalls",
+                    leak_name(format!("sys_exit_{sc}")),
+                ));
             }
         }
         if !opts.bare && opts.layers.contains(Layer::Pages) {
@@ -121,8 +139,11 @@ impl Recorder {
 
     /// Starts tracing `pid`: marks it in the kernel and attaches `probes` for it alone.
     pub fn add_target(&mut self, pid: u32, probes: &[ProbeSpec]) -> anyhow::Result<()> {
-        let mut targets: BpfHashMap<_, u32, u32> =
-            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("map TARGETS missing")?)?;
+        let mut targets: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("TARGETS")
+                .context("map TARGETS missing")?,
+        )?;
         targets.insert(pid, TARGET_ACTIVE, 0)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(UserError::NoSuchPid(pid))?);
         for p in probes {
@@ -144,7 +165,12 @@ impl Recorder {
                         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                             anyhow::Error::from(UserError::ProcessGone(pid))
                         } else {
-                            anyhow::anyhow!("attaching {prog} to {}+{:#x} ({}): {e}", p.path.display(), p.offset, p.symbol)
+                            anyhow::anyhow!(
+                                "attaching {prog} to {}+{:#x} ({}): {e}",
+                                p.path.display(),
+                                p.offset,
+                                p.symbol
+                            )
                         }
                     })?;
             }
@@ -179,11 +205,21 @@ impl Recorder {
 
     /// Makes every target's state final (frees stop counting), as at the end of a recording.
     pub fn freeze_all(&mut self) -> anyhow::Result<()> {
-        let mut targets: BpfHashMap<_, u32, u32> =
-            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("map TARGETS missing")?)?;
+        let mut targets: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("TARGETS")
+                .context("map TARGETS missing")?,
+        )?;
         for &pid in &self.targets {
             targets.insert(pid, TARGET_FROZEN, 0)?;
         }
+        // Uprobes look at TARGETS only once some target is frozen.
+        let mut frozen: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut("FROZEN_COUNT")
+                .context("map FROZEN_COUNT missing")?,
+        )?;
+        frozen.set(0, self.targets.len().max(1) as u32, 0)?;
         Ok(())
     }
 
@@ -194,8 +230,11 @@ impl Recorder {
 
     /// Per-layer counters right now (for the status line).
     pub fn layer_stats(&self) -> anyhow::Result<[LayerStats; NUM_LAYERS]> {
-        let stats: PerCpuArray<_, LayerStats> =
-            PerCpuArray::try_from(self.ebpf.map("LAYER_STATS").context("map LAYER_STATS missing")?)?;
+        let stats: PerCpuArray<_, LayerStats> = PerCpuArray::try_from(
+            self.ebpf
+                .map("LAYER_STATS")
+                .context("map LAYER_STATS missing")?,
+        )?;
         let mut out = [LayerStats::default(); NUM_LAYERS];
         for (i, slot) in out.iter_mut().enumerate() {
             for cpu in stats.get(&(i as u32), 0)?.iter() {
@@ -214,21 +253,33 @@ impl Recorder {
     pub fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         self.drain();
         let layer_stats = self.layer_stats()?;
-        let hist: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("SIZE_HIST").context("map SIZE_HIST missing")?)?;
+        let hist: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("SIZE_HIST")
+                .context("map SIZE_HIST missing")?,
+        )?;
         let mut size_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
-        for (layer, buckets) in size_hist.iter_mut().enumerate().take(Layer::Libc as usize + 1) {
+        for (layer, buckets) in size_hist
+            .iter_mut()
+            .enumerate()
+            .take(Layer::Libc as usize + 1)
+        {
             for (b, slot) in buckets.iter_mut().enumerate() {
                 let idx = (layer * HIST_BUCKETS + b) as u32;
                 *slot = hist.get(&idx, 0)?.iter().sum();
             }
         }
-        let stats: PerCpuHashMap<_, StackKey, StackAgg> =
-            PerCpuHashMap::try_from(self.ebpf.map("STACK_STATS").context("map STACK_STATS missing")?)?;
+        let stats: PerCpuHashMap<_, StackKey, StackAgg> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map("STACK_STATS")
+                .context("map STACK_STATS missing")?,
+        )?;
         let mut stacks: HashMap<(u32, Layer, u64), StackAgg> = HashMap::new();
         for entry in stats.iter() {
             let (key, values) = entry?;
-            let Some(layer) = Layer::from_u32(key.layer) else { continue };
+            let Some(layer) = Layer::from_u32(key.layer) else {
+                continue;
+            };
             let agg = stacks.entry((key.tgid, layer, key.stack_id)).or_default();
             for v in values.iter() {
                 agg.allocs += v.allocs;
@@ -247,7 +298,12 @@ impl Recorder {
             let n: u64 = drops_map.get(&(i as u32), 0)?.iter().sum();
             drops.insert(reason.name(), n);
         }
-        Ok(Snapshot { layer_stats, size_hist, stacks, drops })
+        Ok(Snapshot {
+            layer_stats,
+            size_hist,
+            stacks,
+            drops,
+        })
     }
 
     /// Re-reads the command name of `pid` (it changes at exec).
@@ -264,7 +320,10 @@ impl Recorder {
 
     /// The command name of `pid`, as last read.
     pub fn comm(&self, pid: u32) -> String {
-        self.comms.get(&pid).cloned().unwrap_or_else(|| "?".to_owned())
+        self.comms
+            .get(&pid)
+            .cloned()
+            .unwrap_or_else(|| "?".to_owned())
     }
 
     /// Reads an interned stack.
@@ -276,7 +335,10 @@ impl Recorder {
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
-    Ok(ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?)
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing"))?
+        .try_into()?)
 }
 
 /// Tracepoint names are `&str` in aya's API; these few live for the whole run.
@@ -295,7 +357,10 @@ fn current_brk(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command (which may hold spaces): start_brk is field 47.
     let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(47 - 3).and_then(|f| f.parse().ok()).filter(|&b: &u64| b != 0)
+    rest.split_whitespace()
+        .nth(47 - 3)
+        .and_then(|f| f.parse().ok())
+        .filter(|&b: &u64| b != 0)
 }
 
 /// An error and its causes on one line.

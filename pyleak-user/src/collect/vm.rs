@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use hdrhistogram::Histogram;
-use pyleak_common::{Layer, VmEvent, VmKind, StackAgg};
+use pyleak_common::{Layer, StackAgg, VmEvent, VmKind};
 
 const PAGE: u64 = 4096;
 
@@ -139,9 +139,14 @@ impl VmModel {
                 let old = proc.brk;
                 proc.brk = Some(new);
                 match old {
-                    Some(old) if new > old => {
-                        self.map(ev.tgid, old, round_up(new - old), ev.stack_id, ev.flags, ev.ts_ns)
-                    }
+                    Some(old) if new > old => self.map(
+                        ev.tgid,
+                        old,
+                        round_up(new - old),
+                        ev.stack_id,
+                        ev.flags,
+                        ev.ts_ns,
+                    ),
                     Some(old) if new < old => {
                         self.unmap(ev.tgid, round_up(new), round_up(old) - round_up(new), true);
                     }
@@ -150,10 +155,16 @@ impl VmModel {
             }
             VmKind::Fault => {
                 if let std::collections::btree_map::Entry::Vacant(v) = proc.pages.entry(ev.addr) {
-                    v.insert(Page { stack_id: ev.stack_id, ts_ns: ev.ts_ns });
+                    v.insert(Page {
+                        stack_id: ev.stack_id,
+                        ts_ns: ev.ts_ns,
+                    });
                     self.pages.allocs += 1;
                     self.pages.alloc_bytes += PAGE;
-                    let a = self.stacks.entry((ev.tgid, Layer::Pages, ev.stack_id)).or_default();
+                    let a = self
+                        .stacks
+                        .entry((ev.tgid, Layer::Pages, ev.stack_id))
+                        .or_default();
                     a.allocs += 1;
                     a.alloc_bytes += PAGE;
                 }
@@ -168,7 +179,15 @@ impl VmModel {
             return;
         }
         let proc = self.procs.entry(pid).or_default();
-        proc.regions.insert(start, Region { end: start + len, stack_id, flags, ts_ns });
+        proc.regions.insert(
+            start,
+            Region {
+                end: start + len,
+                stack_id,
+                flags,
+                ts_ns,
+            },
+        );
         self.vm.allocs += 1;
         self.vm.alloc_bytes += len;
         let _ = self.vm_sizes.record(len);
@@ -202,12 +221,19 @@ impl VmModel {
     fn drop_pages(&mut self, pid: u32, start: u64, len: u64) {
         let proc = self.procs.entry(pid).or_default();
         let end = start.saturating_add(len);
-        let gone: Vec<(u64, Page)> = proc.pages.range(start..end).map(|(&a, &p)| (a, p)).collect();
+        let gone: Vec<(u64, Page)> = proc
+            .pages
+            .range(start..end)
+            .map(|(&a, &p)| (a, p))
+            .collect();
         for (addr, page) in gone {
             proc.pages.remove(&addr);
             self.pages.frees += 1;
             self.pages.freed_bytes += PAGE;
-            let a = self.stacks.entry((pid, Layer::Pages, page.stack_id)).or_default();
+            let a = self
+                .stacks
+                .entry((pid, Layer::Pages, page.stack_id))
+                .or_default();
             a.frees += 1;
             a.freed_bytes += PAGE;
         }
@@ -219,7 +245,14 @@ impl VmModel {
             if new_len < old_len {
                 self.unmap(ev.tgid, old + new_len, old_len - new_len, true);
             } else if new_len > old_len {
-                self.map(ev.tgid, old + old_len, new_len - old_len, ev.stack_id, ev.flags, ev.ts_ns);
+                self.map(
+                    ev.tgid,
+                    old + old_len,
+                    new_len - old_len,
+                    ev.stack_id,
+                    ev.flags,
+                    ev.ts_ns,
+                );
             }
             return;
         }
@@ -228,11 +261,17 @@ impl VmModel {
         let keep = old_len.min(new_len);
         let moved = cut_range(&mut proc.regions, old, old + keep);
         for (piece_start, r) in moved {
-            let shifted = Region { end: r.end - old + new, ..r };
+            let shifted = Region {
+                end: r.end - old + new,
+                ..r
+            };
             proc.regions.insert(piece_start - old + new, shifted);
         }
-        let pages: Vec<(u64, Page)> =
-            proc.pages.range(old..old + keep).map(|(&a, &p)| (a, p)).collect();
+        let pages: Vec<(u64, Page)> = proc
+            .pages
+            .range(old..old + keep)
+            .map(|(&a, &p)| (a, p))
+            .collect();
         for (addr, page) in pages {
             proc.pages.remove(&addr);
             proc.pages.insert(addr - old + new, page);
@@ -244,7 +283,14 @@ impl VmModel {
             self.unmap(ev.tgid, old, old_len, false);
         }
         if new_len > old_len {
-            self.map(ev.tgid, new + old_len, new_len - old_len, ev.stack_id, ev.flags, ev.ts_ns);
+            self.map(
+                ev.tgid,
+                new + old_len,
+                new_len - old_len,
+                ev.stack_id,
+                ev.flags,
+                ev.ts_ns,
+            );
         }
     }
 
@@ -314,7 +360,18 @@ mod tests {
     use super::*;
 
     fn ev(kind: VmKind, addr: u64, len: u64, arg: u64, arg2: u64, stack: u64) -> VmEvent {
-        VmEvent { kind: kind as u32, tgid: 1, addr, len, arg, arg2, stack_id: stack, ts_ns: 0, flags: 0, tid: 1 }
+        VmEvent {
+            kind: kind as u32,
+            tgid: 1,
+            addr,
+            len,
+            arg,
+            arg2,
+            stack_id: stack,
+            ts_ns: 0,
+            flags: 0,
+            tid: 1,
+        }
     }
 
     fn live(m: &VmModel) -> u64 {
@@ -331,7 +388,16 @@ mod tests {
         assert_eq!(m.vm.freed_bytes, 3 * PAGE);
         m.apply(&ev(VmKind::Munmap, 0x10000, 10 * PAGE, 0, 0, 9));
         assert_eq!(live(&m), 0);
-        assert_eq!(m.vm, Totals { allocs: 1, alloc_bytes: 10 * PAGE, frees: 2, freed_bytes: 10 * PAGE, unmatched_frees: 0 });
+        assert_eq!(
+            m.vm,
+            Totals {
+                allocs: 1,
+                alloc_bytes: 10 * PAGE,
+                frees: 2,
+                freed_bytes: 10 * PAGE,
+                unmatched_frees: 0
+            }
+        );
         let a = m.stacks[&(1, Layer::Vm, 7)];
         assert_eq!((a.alloc_bytes, a.freed_bytes), (10 * PAGE, 10 * PAGE));
     }
@@ -361,7 +427,10 @@ mod tests {
         m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 7));
         m.apply(&ev(VmKind::Mremap, 0x10000, 2 * PAGE, 4 * PAGE, 0x80000, 8));
         let p = &m.procs[&1];
-        assert_eq!(p.regions.keys().copied().collect::<Vec<_>>(), vec![0x80000, 0x82000]);
+        assert_eq!(
+            p.regions.keys().copied().collect::<Vec<_>>(),
+            vec![0x80000, 0x82000]
+        );
         assert!(p.pages.contains_key(&0x80000));
         assert_eq!(live(&m), 4 * PAGE);
         // Growing in place.

@@ -7,10 +7,15 @@ pub mod text;
 use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
-use pyleak_common::{bucket_low, Layer, StackTrace, HIST_BUCKETS, STACK_LEAF_IS_IP, STACK_PY_TRUNCATED};
+use pyleak_common::{
+    bucket_low, Layer, StackTrace, HIST_BUCKETS, STACK_LEAF_IS_IP, STACK_PY_TRUNCATED,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::{collect::{Recorder, Snapshot}, symbolize::Symbolizer};
+use crate::{
+    collect::{Recorder, Snapshot},
+    symbolize::Symbolizer,
+};
 
 /// A whole report; its JSON form is pyleak's output contract.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -109,10 +114,19 @@ pub fn build(rec: &Recorder, snap: &Snapshot, syms: &Symbolizer, duration_s: f64
     for layer in Layer::ALL {
         let r = match layer {
             Layer::Vm | Layer::Pages => {
-                let t = if layer == Layer::Vm { rec.model.vm } else { rec.model.pages };
-                let live = if layer == Layer::Vm { rec.model.live_regions() } else { rec.model.live_pages() };
-                let (live_bytes, live_count) =
-                    live.values().fold((0, 0), |(b, c), (lb, lc)| (b + lb, c + lc));
+                let t = if layer == Layer::Vm {
+                    rec.model.vm
+                } else {
+                    rec.model.pages
+                };
+                let live = if layer == Layer::Vm {
+                    rec.model.live_regions()
+                } else {
+                    rec.model.live_pages()
+                };
+                let (live_bytes, live_count) = live
+                    .values()
+                    .fold((0, 0), |(b, c), (lb, lc)| (b + lb, c + lc));
                 let sizes = if layer == Layer::Vm {
                     percentiles(&rec.model.vm_sizes)
                 } else {
@@ -135,7 +149,11 @@ pub fn build(rec: &Recorder, snap: &Snapshot, syms: &Symbolizer, duration_s: f64
             _ => {
                 let s = snap.layer_stats[layer as usize];
                 let mut h = new_histogram();
-                for (b, &n) in snap.size_hist[layer as usize].iter().enumerate().take(HIST_BUCKETS) {
+                for (b, &n) in snap.size_hist[layer as usize]
+                    .iter()
+                    .enumerate()
+                    .take(HIST_BUCKETS)
+                {
                     if n > 0 {
                         let _ = h.record_n(bucket_low(b).max(1), n);
                     }
@@ -162,8 +180,14 @@ pub fn build(rec: &Recorder, snap: &Snapshot, syms: &Symbolizer, duration_s: f64
     let mut stacks = Vec::new();
     for (&(pid, layer, stack_id), agg) in &snap.stacks {
         let (live_bytes, live_count) = match layer {
-            Layer::Vm => live_regions.get(&(pid, stack_id)).copied().unwrap_or_default(),
-            Layer::Pages => live_pages.get(&(pid, stack_id)).copied().unwrap_or_default(),
+            Layer::Vm => live_regions
+                .get(&(pid, stack_id))
+                .copied()
+                .unwrap_or_default(),
+            Layer::Pages => live_pages
+                .get(&(pid, stack_id))
+                .copied()
+                .unwrap_or_default(),
             _ => (
                 agg.alloc_bytes.saturating_sub(agg.freed_bytes),
                 agg.allocs.saturating_sub(agg.frees),
@@ -194,14 +218,21 @@ pub fn build(rec: &Recorder, snap: &Snapshot, syms: &Symbolizer, duration_s: f64
             .then(a.frames.cmp(&b.frames))
     });
 
-    let lost: BTreeMap<String, u64> = snap.drops.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+    let lost: BTreeMap<String, u64> = snap
+        .drops
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), *v))
+        .collect();
     Report {
         pyleak_version: env!("CARGO_PKG_VERSION").to_owned(),
         duration_s,
         processes: rec
             .targets
             .iter()
-            .map(|&pid| ProcessInfo { pid, comm: rec.comm(pid) })
+            .map(|&pid| ProcessInfo {
+                pid,
+                comm: rec.comm(pid),
+            })
             .collect(),
         layers,
         stacks,

@@ -13,16 +13,32 @@ const FRAMES_SHOWN: usize = 8;
 
 /// Writes the summary: a table of layers, lost events, the stacks holding most live memory.
 pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
-    let procs: Vec<String> = report.processes.iter().map(|p| format!("{} ({})", p.pid, p.comm)).collect();
-    writeln!(out, "pyleak: {:.1} s recorded, process {}", report.duration_s, procs.join(", "))?;
+    let procs: Vec<String> = report
+        .processes
+        .iter()
+        .map(|p| format!("{} ({})", p.pid, p.comm))
+        .collect();
+    writeln!(
+        out,
+        "pyleak: {:.1} s recorded, process {}",
+        report.duration_s,
+        procs.join(", ")
+    )?;
     writeln!(
         out,
         "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8}",
         "layer", "allocs", "frees", "alloc", "freed", "live n", "live", "p50", "p90", "p99", "max"
     )?;
     for layer in Layer::ALL {
-        let Some(l) = report.layers.get(layer.name()) else { continue };
-        let p = |k: &str| l.size_percentiles.get(k).map(|v| human_bytes(*v)).unwrap_or_else(|| "-".into());
+        let Some(l) = report.layers.get(layer.name()) else {
+            continue;
+        };
+        let p = |k: &str| {
+            l.size_percentiles
+                .get(k)
+                .map(|v| human_bytes(*v))
+                .unwrap_or_else(|| "-".into())
+        };
         writeln!(
             out,
             "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8}",
@@ -41,18 +57,43 @@ pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     }
     let unmatched: Vec<String> = Layer::ALL
         .iter()
-        .filter_map(|l| report.layers.get(l.name()).filter(|r| r.unmatched_frees > 0).map(|r| format!("{} {}", l.name(), r.unmatched_frees)))
+        .filter_map(|l| {
+            report
+                .layers
+                .get(l.name())
+                .filter(|r| r.unmatched_frees > 0)
+                .map(|r| format!("{} {}", l.name(), r.unmatched_frees))
+        })
         .collect();
     if !unmatched.is_empty() {
-        writeln!(out, "frees of memory allocated before tracing (not counted): {}", unmatched.join(", "))?;
+        writeln!(
+            out,
+            "frees of memory allocated before tracing (not counted): {}",
+            unmatched.join(", ")
+        )?;
     }
     if report.lost_events == 0 {
         writeln!(out, "lost events: 0")?;
     } else {
-        let reasons: Vec<String> = report.lost.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
-        writeln!(out, "lost events: {} ({})", report.lost_events, reasons.join(", "))?;
+        let reasons: Vec<String> = report
+            .lost
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        writeln!(
+            out,
+            "lost events: {} ({})",
+            report.lost_events,
+            reasons.join(", ")
+        )?;
     }
-    let top: Vec<_> = report.stacks.iter().filter(|s| s.live_bytes > 0).take(TOP_STACKS).collect();
+    let top: Vec<_> = report
+        .stacks
+        .iter()
+        .filter(|s| s.live_bytes > 0)
+        .take(TOP_STACKS)
+        .collect();
     if top.is_empty() {
         writeln!(out, "no live memory attributed to any stack")?;
         return Ok(());
