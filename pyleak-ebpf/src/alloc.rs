@@ -157,7 +157,7 @@ pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
         return Some(t);
     }
     let fresh = ThreadState::default();
-    if THREADS.insert(tid, fresh, BPF_NOEXIST as u64).is_err() {
+    if THREADS.insert(&tid, &fresh, BPF_NOEXIST as u64).is_err() {
         // Either full, or another probe of this thread raced us in (not possible for one
         // thread, so full).
         count_drop(Drop::ThreadsFull);

@@ -2,6 +2,9 @@
 //! maps that userspace reads (see `pyleak-common` for the shared types).
 #![no_std]
 #![no_main]
+// Map values are passed by reference on purpose: by value, LLVM copies them onto the
+// 512-byte BPF stack (a ThreadState or StackTrace does not fit).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod alloc;
 mod lifecycle;

@@ -106,7 +106,7 @@ fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
             return id;
         }
     }
-    let id = match STACKS.insert(id, *st, BPF_NOEXIST as u64) {
+    let id = match STACKS.insert(&id, &*st, BPF_NOEXIST as u64) {
         Ok(()) => id,
         Err(e) if e as i64 == -EEXIST => id,
         Err(_) => {
