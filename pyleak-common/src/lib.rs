@@ -8,8 +8,9 @@
 pub const LIVE_ALLOCS_ENTRIES: u32 = 1 << 20;
 /// Threads with allocator calls or syscalls in flight, over all traced processes.
 pub const THREADS_ENTRIES: u32 = 16 << 10;
-/// Distinct stacks interned.
-pub const STACKS_ENTRIES: u32 = 16 << 10;
+/// Distinct stacks interned (allocated on first use: a Python program has tens of
+/// thousands, one per call path and instruction).
+pub const STACKS_ENTRIES: u32 = 128 << 10;
 /// Distinct (process, layer, stack) aggregates.
 pub const STACK_STATS_ENTRIES: u32 = 64 << 10;
 /// Processes traced at once.
@@ -387,6 +388,9 @@ pub enum VmKind {
     Madvise = 5,
     /// The process entered `Py_FinalizeEx` or exited: its state is frozen from here on.
     Freeze = 6,
+    /// A stack with Python frames was interned for the first time (`stack_id`): userspace
+    /// reads its code objects now, while they surely exist.
+    NewStack = 7,
 }
 
 /// An event in the ring buffer (vm layer, pages layer, freezes).
@@ -429,6 +433,53 @@ pub struct VmPending {
     pub len: u64,
     /// Third argument.
     pub arg: u64,
+}
+
+/// An offset field that does not apply to this CPython version.
+pub const NO_OFFSET: u32 = u32::MAX;
+/// Python threads looked at when searching a thread's state.
+pub const MAX_PY_THREADS: u32 = 64;
+/// Frames looked at per walk (entry frames are skipped, so a little more than kept).
+pub const MAX_PY_WALK: usize = MAX_PY_FRAMES + 16;
+
+/// How to find and walk the Python frames of one process: where its runtime is, and the
+/// layout of its CPython version. Filled by userspace; `bias` may be filled by the kernel
+/// (the `py_init_enter` probe) for a command started by pyleak.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyProc {
+    /// Load bias of the file holding `_PyRuntime` (0: not known yet, no walk).
+    pub bias: u64,
+    /// Link-time address of `_PyRuntime` in that file.
+    pub runtime_vaddr: u64,
+    /// `_PyRuntime.interpreters.head`.
+    pub interp_head: u32,
+    /// `PyInterpreterState` → first thread state.
+    pub tstate_head: u32,
+    /// `PyThreadState.next`.
+    pub tstate_next: u32,
+    /// `PyThreadState.native_thread_id` (3.11+), or [`NO_OFFSET`].
+    pub tstate_native_tid: u32,
+    /// `PyThreadState.thread_id` (the `pthread_t`).
+    pub tstate_thread_id: u32,
+    /// `PyThreadState` → frame (3.8–3.10: `frame`; 3.11/3.12: `cframe`; 3.13: `current_frame`).
+    pub tstate_frame: u32,
+    /// `_PyCFrame.current_frame` when `tstate_frame` leads to a cframe, else [`NO_OFFSET`].
+    pub cframe_frame: u32,
+    /// Frame → previous frame.
+    pub frame_back: u32,
+    /// Frame → code object.
+    pub frame_code: u32,
+    /// Frame → instruction position (`f_lasti`, or the instruction pointer).
+    pub frame_lasti: u32,
+    /// 1 when `frame_lasti` holds a pointer (3.11+), 0 for an int.
+    pub lasti_is_ptr: u32,
+    /// Frame → owner byte (entry frames ≥ 3 are skipped), or [`NO_OFFSET`].
+    pub frame_owner: u32,
+    /// Code object → `co_firstlineno` (the signature kept with each frame).
+    pub code_firstlineno: u32,
+    /// glibc `struct pthread` → `tid`, for versions without `native_thread_id`.
+    pub pthread_tid: u32,
 }
 
 /// Value of the `TARGETS` map: the process is traced and not frozen.
@@ -477,6 +528,8 @@ mod pod {
     unsafe impl aya::Pod for super::StackTrace {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VmEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PyProc {}
 }
 
 #[cfg(test)]

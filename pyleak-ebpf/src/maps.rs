@@ -1,6 +1,7 @@
 //! Every map the probes share, with the sizes from `pyleak-common`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
@@ -25,7 +26,8 @@ pub static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(THREAD
 
 /// Interned stacks by id.
 #[map]
-pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(STACKS_ENTRIES, 0);
+pub static STACKS: HashMap<u64, StackTrace> =
+    HashMap::with_max_entries(STACKS_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Per (process, layer, stack) totals; per CPU so updates need no atomics.
 #[map]

@@ -1,9 +1,209 @@
-//! Python frames of the current thread, read from the interpreter's own structures.
+//! Python frames of the current thread, read from the interpreter's own structures with the
+//! layout userspace put in `PY_PROCS` (python-stacks.md in shared/design has the offsets).
+//!
+//! The thread's `PyThreadState` is found by walking the interpreter's thread list for the
+//! one whose thread id is ours (cached per thread and re-checked on each use), which works
+//! whether or not the thread holds the GIL.
 
-use pyleak_common::StackTrace;
+use crate::maps::STACK_SCRATCH;
+use aya_ebpf::{
+    helpers::generated::bpf_loop,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{map, uprobe},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::ProbeContext,
+    EbpfContext,
+};
+use pyleak_common::{
+    PyFrame, PyProc, StackTrace, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_PY_WALK, NO_OFFSET,
+    STACK_PY_TRUNCATED, STACK_PY_UNREADABLE, TARGETS_ENTRIES, THREADS_ENTRIES,
+};
 
-/// Appends the Python frames of the current thread to `st` (none yet: native stacks only).
+/// Per process: where its Python runtime is and how to walk its frames.
+#[map]
+pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(TARGETS_ENTRIES, 0);
+
+/// Thread id → its `PyThreadState` address, as last found.
+#[map]
+pub static TSTATES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(THREADS_ENTRIES, 0);
+
+/// Owner values from here up mark interpreter entry frames (C stack), not Python code.
+const FRAME_OWNED_BY_CSTACK: u8 = 3;
+
+#[inline(always)]
+fn read_u64(addr: u64) -> Option<u64> {
+    // SAFETY: reads target memory through the checked helper.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+#[inline(always)]
+fn read_u32(addr: u64) -> Option<u32> {
+    // SAFETY: reads target memory through the checked helper.
+    unsafe { bpf_probe_read_user(addr as *const u32) }.ok()
+}
+
+#[inline(always)]
+fn read_u8(addr: u64) -> Option<u8> {
+    // SAFETY: reads target memory through the checked helper.
+    unsafe { bpf_probe_read_user(addr as *const u8) }.ok()
+}
+
+/// Uprobe on `Py_InitializeFromConfig` of a command pyleak started: its address tells where
+/// the file holding the runtime was loaded (the cookie is its link-time address).
+#[uprobe]
+pub fn py_init_enter(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: reads the cookie and the probe's own instruction pointer.
+    let (vaddr, ip) = unsafe {
+        (
+            aya_ebpf::helpers::generated::bpf_get_attach_cookie(ctx.as_ptr()),
+            (*ctx.regs).rip,
+        )
+    };
+    if let Some(p) = PY_PROCS.get_ptr_mut(&tgid) {
+        // SAFETY: a valid map value pointer.
+        unsafe { (*p).bias = ip.wrapping_sub(vaddr) };
+    }
+    0
+}
+
+/// Whether `ts` is the thread state of thread `tid`.
+#[inline(always)]
+fn is_ours(p: &PyProc, ts: u64, tid: u32) -> bool {
+    if p.tstate_native_tid != NO_OFFSET {
+        return read_u32(ts + p.tstate_native_tid as u64) == Some(tid);
+    }
+    let Some(pthread) = read_u64(ts + p.tstate_thread_id as u64) else {
+        return false;
+    };
+    pthread != 0 && read_u32(pthread + p.pthread_tid as u64) == Some(tid)
+}
+
+#[inline(always)]
+fn find_tstate(p: &PyProc, tid: u32) -> Option<u64> {
+    // SAFETY: plain data copied out at once.
+    if let Some(&ts) = unsafe { TSTATES.get(&tid) } {
+        if is_ours(p, ts, tid) {
+            return Some(ts);
+        }
+    }
+    let runtime = p.runtime_vaddr.wrapping_add(p.bias);
+    let interp = read_u64(runtime + p.interp_head as u64)?;
+    let mut ts = read_u64(interp + p.tstate_head as u64)?;
+    for _ in 0..MAX_PY_THREADS {
+        if ts == 0 {
+            return None;
+        }
+        if is_ours(p, ts, tid) {
+            let _ = TSTATES.insert(&tid, &ts, 0);
+            return Some(ts);
+        }
+        ts = read_u64(ts + p.tstate_next as u64)?;
+    }
+    None
+}
+
+/// Where a walk is, between steps of `bpf_loop` (lives on the caller's stack).
+#[repr(C)]
+struct WalkState {
+    frame: u64,
+    n: u32,
+    flags: u32,
+}
+
+/// Appends the Python frames of the current thread to `st`, leaf first.
+///
+/// The frame loop runs through `bpf_loop`, so the verifier checks one step instead of
+/// every unrolled iteration.
 #[inline(always)]
 pub fn walk(st: &mut StackTrace) {
     st.py_len = 0;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: plain data copied out at once.
+    let Some(p) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
+        return;
+    };
+    if p.bias == 0 {
+        return;
+    }
+    let Some(ts) = find_tstate(&p, tid) else {
+        // Not a Python thread (or not one yet).
+        return;
+    };
+    let Some(mut frame) = read_u64(ts + p.tstate_frame as u64) else {
+        st.flags |= STACK_PY_UNREADABLE;
+        return;
+    };
+    if p.cframe_frame != NO_OFFSET && frame != 0 {
+        frame = read_u64(frame + p.cframe_frame as u64).unwrap_or(0);
+    }
+    if PY_SCRATCH.set(0, &p, 0).is_err() {
+        return;
+    }
+    let mut state = WalkState {
+        frame,
+        n: 0,
+        flags: 0,
+    };
+    // SAFETY: the callback is a static BPF function; the context is our stack variable.
+    unsafe {
+        bpf_loop(
+            MAX_PY_WALK as u32,
+            walk_step as *mut core::ffi::c_void,
+            (&mut state as *mut WalkState).cast(),
+            0,
+        );
+    }
+    if state.frame != 0 && state.n as usize >= MAX_PY_FRAMES {
+        state.flags |= STACK_PY_TRUNCATED;
+    }
+    st.flags |= state.flags;
+    st.py_len = state.n.min(MAX_PY_FRAMES as u32);
+}
+
+/// The layout of the process being walked, for `walk_step`.
+#[map]
+static PY_SCRATCH: PerCpuArray<PyProc> = PerCpuArray::with_max_entries(1, 0);
+
+/// One frame of the walk: returns 1 to stop, 0 to go on.
+extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the WalkState `walk` passed to bpf_loop.
+    let s = unsafe { &mut *(ctx as *mut WalkState) };
+    let (Some(p), Some(st)) = (PY_SCRATCH.get(0), STACK_SCRATCH.get_ptr_mut(0)) else {
+        return 1;
+    };
+    let frame = s.frame;
+    if frame == 0 {
+        return 1;
+    }
+    let Some(code) = read_u64(frame + p.frame_code as u64) else {
+        s.flags |= STACK_PY_UNREADABLE;
+        return 1;
+    };
+    let back = read_u64(frame + p.frame_back as u64).unwrap_or(0);
+    if p.frame_owner != NO_OFFSET
+        && read_u8(frame + p.frame_owner as u64).unwrap_or(0) >= FRAME_OWNED_BY_CSTACK
+    {
+        s.frame = back;
+        return 0;
+    }
+    let lasti = if p.lasti_is_ptr != 0 {
+        read_u64(frame + p.frame_lasti as u64)
+            .unwrap_or(0)
+            .wrapping_sub(code) as u32
+    } else {
+        read_u32(frame + p.frame_lasti as u64).unwrap_or(0)
+    };
+    let sig = read_u32(code + p.code_firstlineno as u64).unwrap_or(0);
+    let n = s.n as usize;
+    if n >= MAX_PY_FRAMES {
+        s.flags |= STACK_PY_TRUNCATED;
+        return 1;
+    }
+    // SAFETY: the per-CPU scratch stack; `n` is below the array's length.
+    unsafe { (*st).py[n] = PyFrame { code, lasti, sig } };
+    s.n += 1;
+    s.frame = back;
+    0
 }

@@ -107,7 +107,12 @@ fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
         }
     }
     let id = match STACKS.insert(&id, &*st, BPF_NOEXIST as u64) {
-        Ok(()) => id,
+        Ok(()) => {
+            if st.py_len > 0 {
+                announce(id, st.tid);
+            }
+            id
+        }
         Err(e) if e as i64 == -EEXIST => id,
         Err(_) => {
             count_drop(Drop::StacksFull);
@@ -119,4 +124,22 @@ fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
         unsafe { *last = id };
     }
     id
+}
+
+/// Tells userspace about a new stack with Python frames.
+#[inline(always)]
+fn announce(stack_id: u64, tid: u32) {
+    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    crate::vm::emit(pyleak_common::VmEvent {
+        kind: pyleak_common::VmKind::NewStack as u32,
+        tgid,
+        addr: 0,
+        len: 0,
+        arg: 0,
+        arg2: 0,
+        stack_id,
+        ts_ns: 0,
+        flags: 0,
+        tid,
+    });
 }

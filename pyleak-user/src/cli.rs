@@ -41,12 +41,16 @@ pub struct RecordArgs {
     /// Write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Layers to probe, comma-separated: pymalloc, pymem_raw, libc, vm, pages, or all.
-    #[arg(long, value_name = "LIST", default_value = "libc,vm,pages")]
-    pub layers: String,
+    /// Layers to probe, comma-separated: pymalloc, pymem_raw, libc, vm, pages, or all
+    /// [default: all with a command, libc,vm,pages with --pid].
+    #[arg(long, value_name = "LIST")]
+    pub layers: Option<String>,
     /// Native frames kept per stack (1: only the immediate caller).
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub native_depth: u32,
+    /// Show the native frames under the Python ones (mixed stacks).
+    #[arg(long)]
+    pub native: bool,
     /// No status line on stderr.
     #[arg(short, long)]
     pub quiet: bool,

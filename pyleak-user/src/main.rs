@@ -6,6 +6,7 @@ mod collect;
 mod errors;
 mod launch;
 mod layers;
+mod python;
 mod record;
 mod report;
 mod symbolize;

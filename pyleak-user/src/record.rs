@@ -10,16 +10,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pyleak_common::Layer;
+use pyleak_common::{Layer, PyProc};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    attach::{self, elf::ElfFile, ProbeSpec, LIBC_FUNCTIONS},
+    attach::{
+        self, elf::ElfFile, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS, PYMEM_RAW_FUNCTIONS,
+    },
     cli::RecordArgs,
     collect::{Recorder, RecorderOptions},
     errors::UserError,
     launch,
     layers::LayerSet,
+    python,
     report::{self, human_bytes},
     symbolize::Symbolizer,
 };
@@ -45,7 +48,13 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(UserError::NotRoot.into());
     }
-    let layers = LayerSet::parse(&args.layers)?;
+    // Launching: every layer. Attaching: not the pymalloc layers, which cost a trap per
+    // Python allocation in a service that did not ask for it.
+    let layers = match &args.layers {
+        Some(l) => LayerSet::parse(l)?,
+        None if args.command.is_empty() => LayerSet::parse("libc,vm,pages")?,
+        None => LayerSet::ALL,
+    };
     if !args.pids.is_empty() && !args.command.is_empty() {
         return Err(UserError::PidAndCommand.into());
     }
@@ -89,11 +98,30 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     };
     let mut rec = Recorder::load(opts)?;
     let mut planner = Planner::new(layers);
+    let mut resolver = python::Resolver::default();
     match (&program, &child) {
         (Some(p), Some(c)) => {
             let files = attach::libraries_of(&attach::program_of(p));
-            let probes = planner.plan(&files);
+            let mut probes = planner.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string());
+            if let Some(rt) = python_runtime(&files, &p.display().to_string()) {
+                // Where the runtime lands is known once the command runs: a probe at
+                // interpreter start-up tells the kernel.
+                let layout =
+                    python::layouts::for_version(rt.version).expect("detect checks the version");
+                rec.set_python(
+                    c.pid,
+                    &PyProc {
+                        runtime_vaddr: rt.runtime_vaddr,
+                        bias: 0,
+                        ..layout
+                    },
+                )?;
+                if let Ok(elf) = ElfFile::open(&rt.file) {
+                    probes.extend(attach::plan_py_init(&elf));
+                }
+                resolver.add_process(c.pid, rt.version);
+            }
             rec.add_target(c.pid, &probes)?;
             let name = p
                 .file_name()
@@ -106,6 +134,22 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                 let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
                 let probes = planner.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"));
+                if let Some(rt) = python_runtime(&files, &format!("process {pid}")) {
+                    let layout = python::layouts::for_version(rt.version)
+                        .expect("detect checks the version");
+                    let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
+                    // A bias of 0 means "unknown" to the kernel: a non-PIE python at its
+                    // link-time address gets 1 page of slack instead.
+                    rec.set_python(
+                        pid,
+                        &PyProc {
+                            runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
+                            bias: bias.wrapping_add(4096),
+                            ..layout
+                        },
+                    )?;
+                    resolver.add_process(pid, rt.version);
+                }
                 rec.add_target(pid, &probes)?;
             }
         }
@@ -134,8 +178,13 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     };
     // Always said (even with -q): scripts wait for this line before starting the work.
     eprintln!(
-        "pyleak: tracing {what}, layers {}; Ctrl-C to stop",
-        layers.names()
+        "pyleak: tracing {what}, layers {}{}; Ctrl-C to stop",
+        layers.names(),
+        if args.layers.is_none() && args.command.is_empty() {
+            " (add the Python allocator layers with --layers all: a trap per Python allocation)"
+        } else {
+            ""
+        }
     );
     if let Some(c) = child.as_mut() {
         c.start()?;
@@ -147,18 +196,25 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()?;
     let end = runtime.block_on(trace_loop(
-        &mut rec, &syms, &args, child_pid, child_exit, started,
+        &mut rec,
+        &syms,
+        &mut resolver,
+        &args,
+        child_pid,
+        child_exit,
+        started,
     ))?;
     let duration_s = started.elapsed().as_secs_f64();
     log::debug!("recording ended: {end:?}");
 
     rec.freeze_all()?;
     let snap = rec.snapshot()?;
+    learn_new_stacks(&mut rec, &mut resolver);
     if args.bare {
         return Ok(0);
     }
     let syms = lock(&syms);
-    let report = report::build(&rec, &snap, &syms, duration_s);
+    let report = report::build(&rec, &snap, &syms, &resolver, args.native, duration_s);
     drop(rec);
     drop(child);
 
@@ -214,6 +270,20 @@ impl Planner {
                 }
                 if attach::may_hold_python(f) {
                     probes.extend(attach::plan_finalize(&elf));
+                    if layers.contains(Layer::Pymalloc) {
+                        probes.extend(attach::plan_layer(
+                            &elf,
+                            Layer::Pymalloc,
+                            &PYMALLOC_FUNCTIONS,
+                        ));
+                    }
+                    if layers.contains(Layer::PymemRaw) {
+                        probes.extend(attach::plan_layer(
+                            &elf,
+                            Layer::PymemRaw,
+                            &PYMEM_RAW_FUNCTIONS,
+                        ));
+                    }
                 }
                 probes
             });
@@ -250,6 +320,7 @@ impl AsRawFd for RingFd {
 async fn trace_loop(
     rec: &mut Recorder,
     syms: &Mutex<Symbolizer>,
+    resolver: &mut python::Resolver,
     args: &RecordArgs,
     child: Option<u32>,
     mut child_exit: Option<tokio::sync::oneshot::Receiver<i32>>,
@@ -276,6 +347,7 @@ async fn trace_loop(
                 let mut guard = guard?;
                 let n = rec.drain();
                 guard.clear_ready();
+                learn_new_stacks(rec, resolver);
                 if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
                     last_maps = Instant::now();
                     snapshot_all(rec, syms);
@@ -283,6 +355,7 @@ async fn trace_loop(
             }
             _ = tick.tick() => {
                 rec.drain();
+                learn_new_stacks(rec, resolver);
                 snapshot_all(rec, syms);
                 if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
                     break End::TargetsExited;
@@ -319,6 +392,33 @@ async fn trace_loop(
     }
     rec.drain();
     Ok(end)
+}
+
+/// Reads the code objects of stacks the kernel announced (while their process lives).
+fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
+    for (pid, id) in std::mem::take(&mut rec.new_stacks) {
+        if let Some(st) = rec.stack(id) {
+            let n = (st.py_len as usize).min(st.py.len());
+            resolver.learn(pid, &st.py[..n]);
+        }
+    }
+}
+
+/// The supported Python runtime among `files`, warning once about an unsupported one.
+fn python_runtime(files: &[PathBuf], what: &str) -> Option<python::PythonRuntime> {
+    match python::detect(files)? {
+        python::Detected::Supported(rt) => {
+            log::info!("{what}: {}", python::describe(&rt));
+            Some(rt)
+        }
+        python::Detected::Unsupported { file, version } => {
+            eprintln!(
+                "pyleak: warning: {what} runs CPython {version} ({}), which pyleak cannot walk (3.8 and newer): native stacks only",
+                file.display()
+            );
+            None
+        }
+    }
 }
 
 /// Re-reads the memory maps (for symbols) and names of the targets still alive.

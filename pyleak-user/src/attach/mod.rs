@@ -22,6 +22,8 @@ pub enum ProbeRole {
     Free,
     /// `py_finalize_enter`.
     Finalize,
+    /// `py_init_enter` (its cookie: the attach point's link-time address).
+    PyInit,
 }
 
 /// One uprobe to attach.
@@ -55,6 +57,26 @@ pub const LIBC_FUNCTIONS: [(&str, AllocKind, usize); 10] = [
     ("valloc", AllocKind::Malloc, 1),
     ("pvalloc", AllocKind::Pvalloc, 1),
     ("free", AllocKind::Free, 1),
+];
+
+/// CPython's object and mem domains (both served by pymalloc since 3.6).
+pub const PYMALLOC_FUNCTIONS: [(&str, AllocKind, usize); 8] = [
+    ("PyObject_Malloc", AllocKind::Malloc, 1),
+    ("PyObject_Calloc", AllocKind::Calloc, 2),
+    ("PyObject_Realloc", AllocKind::Realloc, 2),
+    ("PyObject_Free", AllocKind::Free, 1),
+    ("PyMem_Malloc", AllocKind::Malloc, 1),
+    ("PyMem_Calloc", AllocKind::Calloc, 2),
+    ("PyMem_Realloc", AllocKind::Realloc, 2),
+    ("PyMem_Free", AllocKind::Free, 1),
+];
+
+/// CPython's raw domain: buffers taken straight from the C heap.
+pub const PYMEM_RAW_FUNCTIONS: [(&str, AllocKind, usize); 4] = [
+    ("PyMem_RawMalloc", AllocKind::Malloc, 1),
+    ("PyMem_RawCalloc", AllocKind::Calloc, 2),
+    ("PyMem_RawRealloc", AllocKind::Realloc, 2),
+    ("PyMem_RawFree", AllocKind::Free, 1),
 ];
 
 /// Plans probes for `functions` of one layer in `elf`. Functions at the same address (glibc's
@@ -110,6 +132,20 @@ pub fn plan_finalize(elf: &ElfFile) -> Option<ProbeSpec> {
         cookie: 0,
         emulated: point.emulated,
         delta_from_entry: point.offset,
+    })
+}
+
+/// The probe that tells the kernel where a launched command's Python runtime was loaded.
+pub fn plan_py_init(elf: &ElfFile) -> Option<ProbeSpec> {
+    let f = elf.function("Py_InitializeFromConfig")?;
+    Some(ProbeSpec {
+        path: elf.path().to_owned(),
+        symbol: "Py_InitializeFromConfig",
+        offset: f.file_offset,
+        role: ProbeRole::PyInit,
+        cookie: f.address,
+        emulated: false,
+        delta_from_entry: 0,
     })
 }
 

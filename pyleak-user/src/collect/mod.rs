@@ -17,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use pyleak_common::{
-    Drop, Layer, LayerStats, StackAgg, StackKey, StackTrace, VmEvent, HIST_BUCKETS, NUM_DROPS,
-    NUM_LAYERS, TARGET_ACTIVE, TARGET_FROZEN,
+    Drop, Layer, LayerStats, PyProc, StackAgg, StackKey, StackTrace, VmEvent, VmKind, HIST_BUCKETS,
+    NUM_DROPS, NUM_LAYERS, TARGET_ACTIVE, TARGET_FROZEN,
 };
 
 use crate::{
@@ -65,6 +65,8 @@ pub struct Recorder {
     pub probes: Vec<ProbeSpec>,
     /// Command names of the targets, read when they were added.
     comms: HashMap<u32, String>,
+    /// Stacks with Python frames announced since last taken: (pid, stack id).
+    pub new_stacks: Vec<(u32, u64)>,
 }
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyleak"));
@@ -81,6 +83,7 @@ impl Recorder {
             "alloc_enter",
             "free_enter",
             "py_finalize_enter",
+            "py_init_enter",
             "bare_enter",
         ] {
             uprobe(&mut ebpf, name)?
@@ -134,6 +137,7 @@ impl Recorder {
             targets: Vec::new(),
             probes: Vec::new(),
             comms: HashMap::new(),
+            new_stacks: Vec::new(),
         })
     }
 
@@ -151,6 +155,7 @@ impl Recorder {
                 (ProbeRole::Alloc, false) => &["alloc_enter", "alloc_exit"],
                 (ProbeRole::Free, false) => &["free_enter"],
                 (ProbeRole::Finalize, _) => &["py_finalize_enter"],
+                (ProbeRole::PyInit, _) => &["py_init_enter"],
                 (ProbeRole::Alloc, true) => &["bare_enter", "bare_exit"],
                 (ProbeRole::Free, true) => &["bare_enter"],
             };
@@ -190,7 +195,11 @@ impl Recorder {
                 // SAFETY: the kernel wrote a whole VmEvent; read_unaligned copes with the
                 // ring buffer's 8-byte alignment.
                 let ev: VmEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                self.model.apply(&ev);
+                if ev.kind == VmKind::NewStack as u32 {
+                    self.new_stacks.push((ev.tgid, ev.stack_id));
+                } else {
+                    self.model.apply(&ev);
+                }
             }
             n += 1;
         }
@@ -247,6 +256,17 @@ impl Recorder {
             }
         }
         Ok(out)
+    }
+
+    /// Tells the kernel how to walk the Python frames of `pid`.
+    pub fn set_python(&mut self, pid: u32, layout: &PyProc) -> anyhow::Result<()> {
+        let mut procs: BpfHashMap<_, u32, PyProc> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("PY_PROCS")
+                .context("map PY_PROCS missing")?,
+        )?;
+        procs.insert(pid, *layout, 0)?;
+        Ok(())
     }
 
     /// Reads everything the kernel gathered.

@@ -113,6 +113,7 @@ impl VmModel {
             4 => VmKind::Fault,
             5 => VmKind::Madvise,
             6 => VmKind::Freeze,
+            // New stacks are the Python resolver's business.
             _ => return,
         };
         match kind {
@@ -171,6 +172,7 @@ impl VmModel {
             }
             VmKind::Madvise => self.drop_pages(ev.tgid, ev.addr, round_up(ev.len)),
             VmKind::Freeze => proc.frozen = true,
+            VmKind::NewStack => {}
         }
     }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     collect::{Recorder, Snapshot},
+    python::Resolver,
     symbolize::Symbolizer,
 };
 
@@ -109,7 +110,14 @@ pub struct ProbeInfo {
 }
 
 /// Builds the report from what the kernel and the vm model hold.
-pub fn build(rec: &Recorder, snap: &Snapshot, syms: &Symbolizer, duration_s: f64) -> Report {
+pub fn build(
+    rec: &Recorder,
+    snap: &Snapshot,
+    syms: &Symbolizer,
+    py: &Resolver,
+    native: bool,
+    duration_s: f64,
+) -> Report {
     let mut layers = BTreeMap::new();
     for layer in Layer::ALL {
         let r = match layer {
@@ -195,7 +203,7 @@ pub fn build(rec: &Recorder, snap: &Snapshot, syms: &Symbolizer, duration_s: f64
         };
         let (frames, truncated) = frames_cache
             .entry((pid, stack_id))
-            .or_insert_with(|| frames_of(rec, syms, pid, stack_id))
+            .or_insert_with(|| frames_of(rec, syms, py, native, pid, stack_id))
             .clone();
         stacks.push(StackReport {
             layer: layer.name().to_owned(),
@@ -251,16 +259,40 @@ pub fn build(rec: &Recorder, snap: &Snapshot, syms: &Symbolizer, duration_s: f64
     }
 }
 
-/// Frames of an interned stack, root first.
-fn frames_of(rec: &Recorder, syms: &Symbolizer, pid: u32, stack_id: u64) -> (Vec<String>, bool) {
+/// Frames of an interned stack, root first: the Python frames when there are any (then,
+/// with `native`, the native frames below them), else the native frames.
+fn frames_of(
+    rec: &Recorder,
+    syms: &Symbolizer,
+    py: &Resolver,
+    native: bool,
+    pid: u32,
+    stack_id: u64,
+) -> (Vec<String>, bool) {
     if stack_id == 0 {
         return (vec!["[stack lost]".to_owned()], false);
     }
     let Some(st) = rec.stack(stack_id) else {
         return (vec!["[stack lost]".to_owned()], false);
     };
-    let frames = native_frames(syms, pid, &st);
-    (frames, st.flags & STACK_PY_TRUNCATED != 0)
+    let n = (st.py_len as usize).min(st.py.len());
+    let truncated = st.flags & STACK_PY_TRUNCATED != 0;
+    if n == 0 {
+        return (native_frames(syms, pid, &st), truncated);
+    }
+    let mut frames: Vec<String> = Vec::with_capacity(n + 1);
+    if truncated {
+        frames.push("[truncated]".to_owned());
+    }
+    frames.extend(st.py[..n].iter().rev().map(|f| py.frame(pid, f)));
+    if native {
+        frames.extend(
+            native_frames(syms, pid, &st)
+                .into_iter()
+                .map(|f| format!("{f} [native]")),
+        );
+    }
+    (frames, truncated)
 }
 
 /// Native frames of a stack, root first.

@@ -1,0 +1,578 @@
+//! Userspace resolution of the Python frames that the BPF walk captures as
+//! `(code object address, lasti, signature)`: read the `PyCodeObject` out of the target's
+//! memory, then turn `lasti` into a line number with the version's line table
+//! (design note `python-stacks.md`, sections 2 and 3). x86_64, release builds, 3.8–3.14.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// CPython minor version, e.g. (3, 12).
+pub type PyVersion = (u8, u8);
+
+/// Longest string (in characters) we accept; anything longer is treated as garbage.
+const MAX_STR_CHARS: usize = 4096;
+/// Largest line table (in bytes) we accept.
+const MAX_LINETABLE: usize = 1 << 20;
+/// `PyASCIIObject.length` / `.state`, `PyVarObject.ob_size` / `PyBytesObject.ob_sval`.
+const STR_LENGTH: usize = 16;
+const STR_STATE: usize = 32;
+const BYTES_SIZE: usize = 16;
+const BYTES_DATA: u64 = 32;
+/// `state` bits (interned:2, kind:3, compact:1, ascii:1 on every supported version).
+const STATE_COMPACT: u32 = 1 << 5;
+const STATE_ASCII: u32 = 1 << 6;
+
+/// Reads bytes of another process's memory (implemented by the caller with /proc/PID/mem;
+/// tests implement it on a Vec). Returns None when unreadable.
+pub trait Memory {
+    /// Reads exactly `len` bytes at `addr`, or returns None.
+    fn read(&self, addr: u64, len: usize) -> Option<Vec<u8>>;
+}
+
+/// /proc/PID/mem reader.
+pub struct ProcMem {
+    file: File,
+}
+
+impl ProcMem {
+    /// Opens `/proc/PID/mem` read-only (needs ptrace access to `pid`, e.g. root).
+    pub fn open(pid: u32) -> std::io::Result<ProcMem> {
+        Ok(ProcMem {
+            file: File::open(format!("/proc/{pid}/mem"))?,
+        })
+    }
+}
+
+impl Memory for ProcMem {
+    fn read(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.file.read_exact_at(&mut buf, addr).ok()?;
+        Some(buf)
+    }
+}
+
+/// What a code object says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeInfo {
+    /// `co_qualname` on 3.11+, `co_name` before (3.8–3.10 have no qualname).
+    pub qualname: String,
+    /// `co_filename`.
+    pub filename: String,
+    /// `co_firstlineno`.
+    pub firstlineno: u32,
+    /// Raw line table: `co_lnotab` (3.8/3.9) or `co_linetable` (3.10+).
+    pub linetable: Vec<u8>,
+}
+
+/// Format of the line table, which also fixes the meaning of the captured `lasti`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineFormat {
+    /// 3.8/3.9 `co_lnotab`: (u8 byte delta, i8 line delta) pairs; `lasti` is in bytes.
+    Lnotab,
+    /// 3.10 `co_linetable`: (u8 byte length, i8 line delta, −128 = no line) pairs;
+    /// `lasti` is in code units.
+    Linetable310,
+    /// 3.11+ location table; `lasti` is instruction pointer − code object address.
+    Locations,
+}
+
+/// Layout knowledge for one CPython version (offsets of PyCodeObject fields, sizes of
+/// PyASCIIObject/PyCompactUnicodeObject, line table format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeLayout {
+    /// The version this layout describes.
+    pub version: PyVersion,
+    /// Offset of `co_firstlineno` (a C `int`).
+    pub firstlineno: usize,
+    /// Offset of `co_filename`.
+    pub filename: usize,
+    /// Offset of `co_name`.
+    pub name: usize,
+    /// Offset of `co_qualname` (3.11+ only).
+    pub qualname: Option<usize>,
+    /// Offset of `co_lnotab` (3.8/3.9) or `co_linetable` (3.10+).
+    pub linetable: usize,
+    /// Offset of `co_code_adaptive` (= `PyCode_Type.tp_basicsize`, 3.11+), else 0.
+    pub code_adaptive: u32,
+    /// `sizeof(PyASCIIObject)`: where compact ASCII data starts.
+    pub sizeof_ascii: u64,
+    /// `sizeof(PyCompactUnicodeObject)`: where compact non-ASCII data starts.
+    pub sizeof_compact: u64,
+    /// Line table format.
+    pub line_format: LineFormat,
+}
+
+impl CodeLayout {
+    /// The layout for `v`: 3.8..=3.13 (DWARF-verified, x86_64), 3.14 (unverified), else None.
+    pub fn for_version(v: PyVersion) -> Option<CodeLayout> {
+        use LineFormat::*;
+        // (firstlineno, filename, name, qualname, linetable, adaptive, ascii, compact, format)
+        let (first, file, name, qual, table, adaptive, ascii, compact, fmt) = match v {
+            (3, 8) | (3, 9) => (40, 104, 112, None, 120, 0, 48, 72, Lnotab),
+            (3, 10) => (40, 104, 112, None, 120, 0, 48, 72, Linetable310),
+            (3, 11) => (72, 112, 120, Some(128), 136, 184, 48, 72, Locations),
+            (3, 12) => (68, 112, 120, Some(128), 136, 192, 40, 56, Locations),
+            (3, 13) => (68, 112, 120, Some(128), 136, 200, 40, 56, Locations),
+            // UNVERIFIED: from py-spy's 3.14.0 bindgen output (design note table), not DWARF.
+            (3, 14) => (68, 112, 120, Some(128), 136, 208, 40, 56, Locations),
+            _ => return None,
+        };
+        Some(CodeLayout {
+            version: v,
+            firstlineno: first,
+            filename: file,
+            name,
+            qualname: qual,
+            linetable: table,
+            code_adaptive: adaptive,
+            sizeof_ascii: ascii,
+            sizeof_compact: compact,
+            line_format: fmt,
+        })
+    }
+}
+
+fn field<const N: usize>(buf: &[u8], off: usize) -> Option<[u8; N]> {
+    buf.get(off..off.checked_add(N)?)?.try_into().ok()
+}
+
+fn ptr_at(buf: &[u8], off: usize) -> Option<u64> {
+    field(buf, off).map(u64::from_le_bytes).filter(|&p| p != 0)
+}
+
+/// Reads a compact `str` object (ASCII or UCS1/2/4), bounded to `MAX_STR_CHARS`.
+fn read_str(mem: &dyn Memory, layout: &CodeLayout, addr: u64) -> Option<String> {
+    let hdr = mem.read(addr, STR_STATE + 4)?;
+    let len = usize::try_from(i64::from_le_bytes(field(&hdr, STR_LENGTH)?)).ok()?;
+    let state = u32::from_le_bytes(field(&hdr, STR_STATE)?);
+    let kind = ((state >> 2) & 7) as usize;
+    if len > MAX_STR_CHARS || state & STATE_COMPACT == 0 || ![1, 2, 4].contains(&kind) {
+        return None;
+    }
+    if state & STATE_ASCII != 0 {
+        let data = mem.read(addr.checked_add(layout.sizeof_ascii)?, len)?;
+        return (kind == 1 && data.len() == len && data.is_ascii())
+            .then(|| data.iter().map(|&b| char::from(b)).collect());
+    }
+    let data = mem.read(addr.checked_add(layout.sizeof_compact)?, len * kind)?;
+    if data.len() != len * kind {
+        return None;
+    }
+    let unit = |c: &[u8]| match kind {
+        1 => u32::from(c[0]),
+        2 => u32::from(u16::from_le_bytes([c[0], c[1]])),
+        _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+    };
+    let to_char = |c| char::from_u32(unit(c)).unwrap_or(char::REPLACEMENT_CHARACTER);
+    Some(data.chunks_exact(kind).map(to_char).collect())
+}
+
+/// Reads a `bytes` object's payload, bounded to `MAX_LINETABLE`.
+fn read_bytes(mem: &dyn Memory, addr: u64) -> Option<Vec<u8>> {
+    let hdr = mem.read(addr, BYTES_SIZE + 8)?;
+    let len = usize::try_from(i64::from_le_bytes(field(&hdr, BYTES_SIZE)?)).ok()?;
+    if len > MAX_LINETABLE {
+        return None;
+    }
+    mem.read(addr.checked_add(BYTES_DATA)?, len)
+        .filter(|d| d.len() == len)
+}
+
+/// Reads a code object. On 3.8–3.10 there is no co_qualname: use co_name.
+pub fn read_code(mem: &dyn Memory, layout: &CodeLayout, code_addr: u64) -> Option<CodeInfo> {
+    let name_off = layout.qualname.unwrap_or(layout.name);
+    let end = (layout.firstlineno + 4)
+        .max(layout.filename + 8)
+        .max(name_off + 8)
+        .max(layout.linetable + 8);
+    let hdr = mem.read(code_addr, end)?;
+    let firstlineno = i32::from_le_bytes(field(&hdr, layout.firstlineno)?);
+    Some(CodeInfo {
+        qualname: read_str(mem, layout, ptr_at(&hdr, name_off)?)?,
+        filename: read_str(mem, layout, ptr_at(&hdr, layout.filename)?)?,
+        firstlineno: u32::try_from(firstlineno).ok()?,
+        linetable: read_bytes(mem, ptr_at(&hdr, layout.linetable)?)?,
+    })
+}
+
+/// The line of instruction position `lasti` as the kernel captured it:
+///  - 3.8/3.9: `lasti` is f_lasti in BYTES (co_lnotab pairs);
+///  - 3.10: `lasti` is f_lasti in CODE UNITS (co_linetable; multiply by 2);
+///  - 3.11+: `lasti` is (instruction pointer − code object address) in bytes; the bytecode
+///    starts at `co_code_adaptive`, so the address looked up is `2*((lasti − adaptive)/2)`.
+///
+/// A negative position (f_lasti −1, or an instruction pointer before the bytecode) gives
+/// `co_firstlineno`, as in CPython. An instruction without a line (or past the end of the
+/// table) gives 0.
+pub fn line_for(layout: &CodeLayout, info: &CodeInfo, lasti: u32) -> u32 {
+    let first = i64::from(info.firstlineno);
+    let table = &info.linetable;
+    let line = match layout.line_format {
+        LineFormat::Lnotab if (lasti as i32) >= 0 => lnotab_line(table, first, lasti.into()),
+        LineFormat::Linetable310 if (lasti as i32) >= 0 => {
+            linetable310_line(table, first, 2 * u64::from(lasti))
+        }
+        LineFormat::Locations => match lasti.checked_sub(layout.code_adaptive) {
+            Some(addr) => locations_line(table, first, u64::from(addr & !1)),
+            None => first,
+        },
+        _ => first,
+    };
+    u32::try_from(line).unwrap_or(0)
+}
+
+/// 3.8/3.9 `PyCode_Addr2Line`: accumulate pairs until the address passes `target`.
+fn lnotab_line(table: &[u8], first: i64, target: u64) -> i64 {
+    let (mut line, mut addr) = (first, 0u64);
+    for pair in table.chunks_exact(2) {
+        addr += u64::from(pair[0]);
+        if addr > target {
+            break;
+        }
+        line += i64::from(pair[1] as i8);
+    }
+    line
+}
+
+/// 3.10 `_PyCode_CheckLineNumber`: the first range whose end is past `target`.
+fn linetable310_line(table: &[u8], first: i64, target: u64) -> i64 {
+    let (mut computed, mut end) = (first, 0u64);
+    for pair in table.chunks_exact(2) {
+        end += u64::from(pair[0]);
+        let delta = pair[1] as i8;
+        let line = if delta == -128 {
+            -1
+        } else {
+            computed += i64::from(delta);
+            computed
+        };
+        if target < end {
+            return line;
+        }
+    }
+    -1
+}
+
+/// 6-bit varint with continuation bit 0x40 (CPython `scan_varint`), bounded.
+fn varint(table: &[u8], mut i: usize) -> u64 {
+    let (mut val, mut shift) = (0u64, 0u32);
+    while let Some(&b) = table.get(i) {
+        val |= u64::from(b & 63) << shift;
+        if b & 64 == 0 || shift >= 56 {
+            break;
+        }
+        (i, shift) = (i + 1, shift + 6);
+    }
+    val
+}
+
+/// 3.11+ location table (`Objects/locations.md`): entry byte `1cccclll` covers `lll+1`
+/// code units; code 15 = no line, 14/13 = signed varint delta, 10–12 = delta `code−10`.
+fn locations_line(table: &[u8], first: i64, target: u64) -> i64 {
+    let (mut computed, mut end, mut i) = (first, 0u64, 0usize);
+    while let Some(&b) = table.get(i) {
+        let code = (b >> 3) & 15;
+        computed += match code {
+            13 | 14 => {
+                let v = varint(table, i + 1);
+                let mag = (v >> 1) as i64;
+                if v & 1 != 0 {
+                    -mag
+                } else {
+                    mag
+                }
+            }
+            10..=12 => i64::from(code - 10),
+            _ => 0,
+        };
+        end += (u64::from(b & 7) + 1) * 2;
+        if target < end {
+            return if code == 15 { -1 } else { computed };
+        }
+        i += 1;
+        while table.get(i).is_some_and(|&b| b & 0x80 == 0) {
+            i += 1;
+        }
+    }
+    -1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    /// Checks `line_for` on flattened (lasti, line) pairs, with `co_firstlineno` 10.
+    fn check(v: PyVersion, table: &[u8], want: &[u32]) {
+        let (qualname, filename, linetable) = (String::new(), String::new(), table.to_vec());
+        let i = CodeInfo {
+            qualname,
+            filename,
+            firstlineno: 10,
+            linetable,
+        };
+        let l = CodeLayout::for_version(v).unwrap();
+        for p in want.chunks(2) {
+            assert_eq!(line_for(&l, &i, p[0]), p[1], "{v:?} lasti {}", p[0]);
+        }
+    }
+
+    #[test]
+    fn decoders() {
+        // lnotab: [0,6) 10, [6,10) 11, (0,+127)(0,+3) → 143 up to 265 (255+1), 142, then 147.
+        let t = [6, 1, 4, 2, 0, 127, 0, 3, 255, 0, 1, 0xff, 8, 5];
+        check((3, 8), &t, &[0, 10, 5, 10, 6, 11, 9, 11, 10, 143]);
+        check((3, 9), &t, &[265, 143, 266, 142, 274, 147, u32::MAX, 10]);
+        // 3.10, lasti in code units: [0,6) 11, [6,10) no line, empty (12), [10,18) 14, end.
+        let t = [6, 1, 4, 0x80, 0, 1, 8, 2];
+        check((3, 10), &t, &[0, 11, 2, 11, 3, 0, 4, 0, 5, 14]);
+        check((3, 10), &t, &[8, 14, 9, 0, u32::MAX, 10]);
+        // 3.12, bytes from adaptive 192: short [0,4) 10; one-line +1 [4,6) 11; no-column −3
+        // [6,12) 8; long +100 [12,14) 108; none [14,16); one-line +0 [16,20) 108; end.
+        let mut t = vec![0x81, 5, 0xd8, 1, 2, 0xea, 7, 0xf0, 0x48, 3];
+        t.extend([0, 0, 0, 0xf8, 0xd1, 0, 0]);
+        check((3, 12), &t, &[0, 10, 190, 10, 191, 10, 192, 10, 195, 10]);
+        check((3, 12), &t, &[196, 11, 197, 11, 198, 8, 203, 8, 204, 108]);
+        check((3, 12), &t, &[206, 0, 208, 108, 211, 108, 212, 0]);
+    }
+
+    struct Fake(Vec<u8>);
+    impl Memory for Fake {
+        fn read(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+            let off = usize::try_from(addr.checked_sub(0x1000)?).ok()?;
+            self.0.get(off..off.checked_add(len)?).map(<[u8]>::to_vec)
+        }
+    }
+
+    #[test]
+    fn read_fake_code() {
+        for v in [(3, 9), (3, 11), (3, 13), (3, 14)] {
+            let l = CodeLayout::for_version(v).unwrap();
+            let mut m = Fake(vec![0; 4096]);
+            let mut put = |off: usize, b: &[u8]| m.0[off..off + b.len()].copy_from_slice(b);
+            put(l.firstlineno, &42i32.to_le_bytes());
+            put(l.qualname.unwrap_or(l.name), &0x1200u64.to_le_bytes());
+            put(l.filename, &0x1400u64.to_le_bytes());
+            put(l.linetable, &0x1600u64.to_le_bytes());
+            // UCS4 "é𠀀", ASCII "/x.py", bytes [1, 2, 3].
+            let (ascii, compact) = (l.sizeof_ascii as usize, l.sizeof_compact as usize);
+            put(0x200 + 16, &2i64.to_le_bytes());
+            put(0x200 + 32, &(STATE_COMPACT | 4 << 2).to_le_bytes());
+            put(0x200 + compact, &[0xe9, 0, 0, 0, 0, 0, 2, 0]);
+            put(0x400 + 16, &5i64.to_le_bytes());
+            put(
+                0x400 + 32,
+                &(STATE_COMPACT | 1 << 2 | STATE_ASCII).to_le_bytes(),
+            );
+            put(0x400 + ascii, b"/x.py");
+            put(0x600 + 16, &3i64.to_le_bytes());
+            put(0x600 + 32, &[1, 2, 3]);
+            let got = read_code(&m, &l, 0x1000).unwrap();
+            let got = (got.qualname, got.filename, got.firstlineno, got.linetable);
+            assert_eq!(got, ("é𠀀".into(), "/x.py".into(), 42, vec![1, 2, 3]));
+            m.0[0x400 + 16..0x400 + 24].copy_from_slice(&(1i64 << 40).to_le_bytes());
+            assert_eq!(read_code(&m, &l, 0x1000), None, "garbage length");
+            assert_eq!(read_code(&m, &l, 0x9000), None);
+        }
+        assert_eq!(CodeLayout::for_version((3, 7)), None);
+        assert_eq!(CodeLayout::for_version((3, 15)), None);
+        let data = b"pyleak-procmem".to_vec();
+        let mem = ProcMem::open(std::process::id()).unwrap();
+        assert_eq!(mem.read(data.as_ptr() as u64, data.len()), Some(data));
+        assert_eq!(mem.read(8, 8), None);
+    }
+
+    /// Prints META (version, tp_basicsize, str header sizes), CODE (id, firstlineno, hex
+    /// qualname, hex filename, expected line per code unit) and FRAME (code id, lasti as
+    /// the kernel would capture it, f_lineno) lines, then waits for stdin to close.
+    const CHILD: &str = r#"import dis, sys, threading, time
+def façade():
+    def 函数():
+        def 𠀀(): return 1
+        return 𠀀
+    return 函数
+class Holder:
+    def method(self):
+        def inner_gen():
+            x = 1
+            yield x
+            yield (x +
+                   2)
+        return inner_gen
+    def sleeper(self, ev):
+        ev.set()
+        while True:
+            time.sleep(1000)
+def big(f): return f(#ARGS)
+def loops(n, t=0):
+    while n > 0:
+        t, n = t + n, n - 1
+    try:
+        t /= [j * n
+              for j in range(n)].__len__()
+    except ZeroDivisionError:
+        t = -1
+#GAP
+    finally:
+        return (t,
+                n)
+def klasti(f):
+    if sys.version_info < (3, 11):
+        return (f.f_lasti // (2 if sys.version_info >= (3, 10) else 1)) & 0xffffffff
+    return type(f.f_code).__basicsize__ + (f.f_lasti if f.f_lasti >= 0 else -2)
+def lines_of(code):
+    n = len(code.co_code)
+    out, line = [0] * (n // 2), code.co_firstlineno
+    if hasattr(code, "co_lines"):
+        for start, end, line in code.co_lines():
+            out[start // 2:end // 2] = [line or 0] * (end // 2 - start // 2)
+        return out
+    starts = dict(dis.findlinestarts(code))
+    for off in range(0, n, 2):
+        out[off // 2] = line = starts.get(off, line)
+    return out
+codes = {}
+def walk(c):
+    if id(c) not in codes:
+        codes[id(c)] = c
+        [walk(k) for k in c.co_consts if isinstance(k, type(c))]
+def main():
+    g, g2 = Holder().method()(), Holder().method()()
+    next(g)
+    ev = threading.Event()
+    t = threading.Thread(target=Holder().sleeper, args=(ev,), daemon=True)
+    t.start()
+    ev.wait()
+    while sys._current_frames()[t.ident].f_lineno != Holder.sleeper.__code__.co_firstlineno + 3:
+        time.sleep(0.01)
+    frames = [g.gi_frame, g2.gi_frame]
+    for f in (sys._current_frames()[t.ident], sys._getframe()):
+        while f is not None:
+            frames.append(f)
+            f = f.f_back
+    [walk(f.f_code) for f in frames]
+    print("META", *sys.version_info[:2], type(main.__code__).__basicsize__,
+          sys.getsizeof("".join("ab")) - 3, sys.getsizeof("".join([chr(0x4e00)] * 3)) - 8)
+    for i, c in codes.items():
+        q = getattr(c, "co_qualname", c.co_name)
+        print("CODE", i, c.co_firstlineno, q.encode().hex(), c.co_filename.encode().hex(),
+              ",".join(map(str, lines_of(c))))
+    for f in frames:
+        print("FRAME", id(f.f_code), klasti(f), f.f_lineno)
+    print("END", flush=True)
+    sys.stdin.read()
+main()
+"#;
+
+    fn unhex(s: &str) -> String {
+        let b = (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16));
+        String::from_utf8(b.map(Result::unwrap).collect()).unwrap()
+    }
+
+    fn e2e(python: &str) {
+        if !std::path::Path::new(python).exists() {
+            eprintln!("!!!!!!!! NOT RUN: {python} is not installed on this machine !!!!!!!!");
+            return;
+        }
+        let tag: String = python.chars().filter(char::is_ascii_alphanumeric).collect();
+        let dir = std::env::temp_dir().join(format!("pyleak-tëst-{}-{tag}", std::process::id()));
+        let args: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+        let src = CHILD.replace("#GAP\n", &"\n".repeat(300));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("c.py"), src.replace("#ARGS", &args.join(", "))).unwrap();
+        let mut cmd = Command::new(python);
+        cmd.arg(dir.join("c.py")).stdin(Stdio::piped());
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let lines: Vec<String> = out.lines().map_while(Result::ok).collect::<Vec<_>>();
+        let lines = &lines[..lines.iter().position(|l| l == "END").expect("END")];
+        let mem = ProcMem::open(child.id()).unwrap();
+        let (mut infos, mut checked) = (std::collections::HashMap::new(), 0);
+        let meta: Vec<u32> = lines[0]
+            .split(' ')
+            .skip(1)
+            .map(|w| w.parse().unwrap())
+            .collect();
+        let l = CodeLayout::for_version((meta[0] as u8, meta[1] as u8)).unwrap();
+        let sizes = [l.sizeof_ascii, l.sizeof_compact].map(|s| s as u32);
+        assert_eq!(sizes, meta[3..5], "str header sizes");
+        if l.line_format == LineFormat::Locations {
+            assert_eq!(l.code_adaptive, meta[2], "co_code_adaptive");
+        }
+        for line in &lines[1..] {
+            let w: Vec<&str> = line.split(' ').collect();
+            let num = |i: usize| w[i].parse::<u32>().unwrap();
+            let addr = w[1].parse::<u64>().unwrap();
+            if w[0] == "FRAME" {
+                assert_eq!(line_for(&l, &infos[&addr], num(2)), num(3), "{line}");
+                continue;
+            }
+            let got = read_code(&mem, &l, addr).expect("read_code");
+            let want = (unhex(w[3]), unhex(w[4]), num(2));
+            assert_eq!(
+                (got.qualname.clone(), got.filename.clone(), got.firstlineno),
+                want
+            );
+            for (i, want) in w[5].split(',').filter(|s| !s.is_empty()).enumerate() {
+                let (i, a) = (2 * i as u32, l.code_adaptive);
+                let lasti = match l.line_format {
+                    LineFormat::Lnotab => vec![i, i + 1],
+                    LineFormat::Linetable310 => vec![i / 2],
+                    LineFormat::Locations => vec![a + i, a + i + 1],
+                };
+                for x in lasti {
+                    assert_eq!(line_for(&l, &got, x), want.parse().unwrap(), "{line} @{x}");
+                    checked += 1;
+                }
+            }
+            infos.insert(addr, got);
+        }
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        std::fs::remove_dir_all(&dir).unwrap();
+        let names: Vec<&str> = infos.values().map(|i| i.qualname.as_str()).collect();
+        let genq = ["inner_gen", "Holder.method.<locals>.inner_gen"][l.version.1 as usize / 11];
+        for n in [
+            "façade",
+            "函数",
+            "𠀀",
+            genq,
+            "sleeper",
+            "_bootstrap",
+            "<module>",
+            "loops",
+        ] {
+            assert!(names.iter().any(|q| q.ends_with(n)), "{n}: {names:?}");
+        }
+        let (n, frames) = (infos.len(), lines.len() - infos.len() - 1);
+        eprintln!("{python}: {n} code objects, {checked} lasti, {frames} frames OK");
+    }
+
+    fn pyenv(v: &str) -> String {
+        let root = Command::new("pyenv").arg("root").output();
+        let root = root.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        format!("{}/versions/{v}/bin/python3", root.unwrap_or_default())
+    }
+
+    macro_rules! live {
+        ($($name:ident: $path:expr;)*) => {$(
+            #[test]
+            fn $name() {
+                e2e(&$path);
+            }
+        )*};
+    }
+
+    live! {
+        live_3_8_18: pyenv("3.8.18");
+        live_3_9_18: pyenv("3.9.18");
+        live_3_10_13: pyenv("3.10.13");
+        live_3_11_7: pyenv("3.11.7");
+        live_3_12_1: pyenv("3.12.1");
+        live_3_13_0: pyenv("3.13.0");
+        live_debian_3_11_2: String::from("/usr/bin/python3.11");
+    }
+}
