@@ -61,8 +61,14 @@ pub fn py_init_enter(ctx: ProbeContext) -> u32 {
         )
     };
     if let Some(p) = PY_PROCS.get_ptr_mut(&tgid) {
+        // Userspace may have placed the runtime already (with its own runtime_vaddr and
+        // bias pair): only fill in a bias still unknown.
         // SAFETY: a valid map value pointer.
-        unsafe { (*p).bias = ip.wrapping_sub(vaddr) };
+        unsafe {
+            if (*p).bias == 0 {
+                (*p).bias = ip.wrapping_sub(vaddr);
+            }
+        }
     }
     0
 }

@@ -99,6 +99,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let mut rec = Recorder::load(opts)?;
     let mut planner = Planner::new(layers);
     let mut resolver = python::Resolver::default();
+    let mut unplaced: HashMap<u32, (python::PythonRuntime, PyProc)> = HashMap::new();
     match (&program, &child) {
         (Some(p), Some(c)) => {
             let files = attach::libraries_of(&attach::program_of(p));
@@ -121,6 +122,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                     probes.extend(attach::plan_py_init(&elf));
                 }
                 resolver.add_process(c.pid, rt.version);
+                // ...or pyleak reads it from the memory map first (an LTO build may have
+                // inlined the probed function away).
+                unplaced.insert(c.pid, (rt.clone(), layout));
             }
             rec.add_target(c.pid, &probes)?;
             let name = p
@@ -138,16 +142,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                     let layout = python::layouts::for_version(rt.version)
                         .expect("detect checks the version");
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
-                    // A bias of 0 means "unknown" to the kernel: a non-PIE python at its
-                    // link-time address gets 1 page of slack instead.
-                    rec.set_python(
-                        pid,
-                        &PyProc {
-                            runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
-                            bias: bias.wrapping_add(4096),
-                            ..layout
-                        },
-                    )?;
+                    rec.set_python(pid, &placed(&rt, bias, layout))?;
                     resolver.add_process(pid, rt.version);
                 }
                 rec.add_target(pid, &probes)?;
@@ -199,6 +194,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         &mut rec,
         &syms,
         &mut resolver,
+        &mut unplaced,
         &args,
         child_pid,
         child_exit,
@@ -321,6 +317,7 @@ async fn trace_loop(
     rec: &mut Recorder,
     syms: &Mutex<Symbolizer>,
     resolver: &mut python::Resolver,
+    unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
     args: &RecordArgs,
     child: Option<u32>,
     mut child_exit: Option<tokio::sync::oneshot::Receiver<i32>>,
@@ -339,7 +336,7 @@ async fn trace_loop(
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    snapshot_all(rec, syms);
+    snapshot_all(rec, syms, unplaced);
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -350,13 +347,13 @@ async fn trace_loop(
                 learn_new_stacks(rec, resolver);
                 if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
                     last_maps = Instant::now();
-                    snapshot_all(rec, syms);
+                    snapshot_all(rec, syms, unplaced);
                 }
             }
             _ = tick.tick() => {
                 rec.drain();
                 learn_new_stacks(rec, resolver);
-                snapshot_all(rec, syms);
+                snapshot_all(rec, syms, unplaced);
                 if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
                     break End::TargetsExited;
                 }
@@ -421,8 +418,41 @@ fn python_runtime(files: &[PathBuf], what: &str) -> Option<python::PythonRuntime
     }
 }
 
+/// The layout of a runtime loaded `bias` bytes above its link-time address. A bias of 0
+/// means "not known yet" to the kernel, so a python at its link-time address (not PIE)
+/// is described as one page higher with a page less of bias.
+fn placed(rt: &python::PythonRuntime, bias: u64, layout: PyProc) -> PyProc {
+    PyProc {
+        runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
+        bias: bias.wrapping_add(4096),
+        ..layout
+    }
+}
+
+/// Tells the kernel where launched commands' Python runtimes landed, once their memory
+/// maps show it.
+fn place_runtimes(
+    rec: &mut Recorder,
+    unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
+) {
+    unplaced.retain(|&pid, (rt, layout)| {
+        let Some(bias) = python::load_bias(pid, rt) else {
+            return true;
+        };
+        if let Err(e) = rec.set_python(pid, &placed(rt, bias, *layout)) {
+            log::warn!("process {pid}: {e}");
+        }
+        false
+    });
+}
+
 /// Re-reads the memory maps (for symbols) and names of the targets still alive.
-fn snapshot_all(rec: &mut Recorder, syms: &Mutex<Symbolizer>) {
+fn snapshot_all(
+    rec: &mut Recorder,
+    syms: &Mutex<Symbolizer>,
+    unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
+) {
+    place_runtimes(rec, unplaced);
     let mut syms = lock(syms);
     for pid in rec.targets.clone() {
         syms.snapshot(pid);

@@ -43,7 +43,7 @@ def lister(path):
 
 def recurse(depth):
     if depth == 0:
-        KEEP.append(bytearray(3 * SIZE)); mark("deep")  # noqa: E702
+        KEEP.append(bytearray(30 * SIZE)); mark("deep")  # noqa: E702
         return
     recurse(depth - 1)
 

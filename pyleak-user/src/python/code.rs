@@ -37,9 +37,7 @@ pub struct ProcMem {
 impl ProcMem {
     /// Opens `/proc/PID/mem` read-only (needs ptrace access to `pid`, e.g. root).
     pub fn open(pid: u32) -> std::io::Result<ProcMem> {
-        Ok(ProcMem {
-            file: File::open(format!("/proc/{pid}/mem"))?,
-        })
+        File::open(format!("/proc/{pid}/mem")).map(|file| ProcMem { file })
     }
 }
 
@@ -52,7 +50,7 @@ impl Memory for ProcMem {
 }
 
 /// What a code object says about itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CodeInfo {
     /// `co_qualname` on 3.11+, `co_name` before (3.8–3.10 have no qualname).
     pub qualname: String,
@@ -181,10 +179,14 @@ fn read_bytes(mem: &dyn Memory, addr: u64) -> Option<Vec<u8>> {
 /// Reads a code object. On 3.8–3.10 there is no co_qualname: use co_name.
 pub fn read_code(mem: &dyn Memory, layout: &CodeLayout, code_addr: u64) -> Option<CodeInfo> {
     let name_off = layout.qualname.unwrap_or(layout.name);
-    let end = (layout.firstlineno + 4)
-        .max(layout.filename + 8)
-        .max(name_off + 8)
-        .max(layout.linetable + 8);
+    let end = [
+        layout.firstlineno,
+        layout.filename,
+        name_off,
+        layout.linetable,
+    ]
+    .into_iter();
+    let end = end.max()? + 8;
     let hdr = mem.read(code_addr, end)?;
     let firstlineno = i32::from_le_bytes(field(&hdr, layout.firstlineno)?);
     Some(CodeInfo {
@@ -305,13 +307,8 @@ mod tests {
 
     /// Checks `line_for` on flattened (lasti, line) pairs, with `co_firstlineno` 10.
     fn check(v: PyVersion, table: &[u8], want: &[u32]) {
-        let (qualname, filename, linetable) = (String::new(), String::new(), table.to_vec());
-        let i = CodeInfo {
-            qualname,
-            filename,
-            firstlineno: 10,
-            linetable,
-        };
+        let mut i = CodeInfo::default();
+        (i.firstlineno, i.linetable) = (10, table.to_vec());
         let l = CodeLayout::for_version(v).unwrap();
         for p in want.chunks(2) {
             assert_eq!(line_for(&l, &i, p[0]), p[1], "{v:?} lasti {}", p[0]);
@@ -346,35 +343,17 @@ mod tests {
     }
 
     #[test]
-    fn read_fake_code() {
-        for v in [(3, 9), (3, 11), (3, 13), (3, 14)] {
-            let l = CodeLayout::for_version(v).unwrap();
-            let mut m = Fake(vec![0; 4096]);
-            let mut put = |off: usize, b: &[u8]| m.0[off..off + b.len()].copy_from_slice(b);
-            put(l.firstlineno, &42i32.to_le_bytes());
-            put(l.qualname.unwrap_or(l.name), &0x1200u64.to_le_bytes());
-            put(l.filename, &0x1400u64.to_le_bytes());
-            put(l.linetable, &0x1600u64.to_le_bytes());
-            // UCS4 "é𠀀", ASCII "/x.py", bytes [1, 2, 3].
-            let (ascii, compact) = (l.sizeof_ascii as usize, l.sizeof_compact as usize);
-            put(0x200 + 16, &2i64.to_le_bytes());
-            put(0x200 + 32, &(STATE_COMPACT | 4 << 2).to_le_bytes());
-            put(0x200 + compact, &[0xe9, 0, 0, 0, 0, 0, 2, 0]);
-            put(0x400 + 16, &5i64.to_le_bytes());
-            put(
-                0x400 + 32,
-                &(STATE_COMPACT | 1 << 2 | STATE_ASCII).to_le_bytes(),
-            );
-            put(0x400 + ascii, b"/x.py");
-            put(0x600 + 16, &3i64.to_le_bytes());
-            put(0x600 + 32, &[1, 2, 3]);
-            let got = read_code(&m, &l, 0x1000).unwrap();
-            let got = (got.qualname, got.filename, got.firstlineno, got.linetable);
-            assert_eq!(got, ("é𠀀".into(), "/x.py".into(), 42, vec![1, 2, 3]));
-            m.0[0x400 + 16..0x400 + 24].copy_from_slice(&(1i64 << 40).to_le_bytes());
-            assert_eq!(read_code(&m, &l, 0x1000), None, "garbage length");
-            assert_eq!(read_code(&m, &l, 0x9000), None);
-        }
+    fn bounds_and_procmem() {
+        let l = CodeLayout::for_version((3, 14)).unwrap();
+        let mut m = Fake(vec![0; 256]);
+        m.0[16..24].copy_from_slice(&2i64.to_le_bytes());
+        m.0[32..36].copy_from_slice(&(STATE_COMPACT | 4 << 2).to_le_bytes());
+        m.0[56..64].copy_from_slice(&[0xe9, 0, 0, 0, 0, 0, 2, 0]);
+        assert_eq!(read_str(&m, &l, 0x1000).as_deref(), Some("é𠀀"));
+        m.0[16..24].copy_from_slice(&(1i64 << 40).to_le_bytes());
+        assert_eq!(read_str(&m, &l, 0x1000), None, "garbage length");
+        assert_eq!(read_bytes(&m, 0x1000), None, "garbage length");
+        assert_eq!(read_code(&m, &l, 0x9000), None, "unreadable");
         assert_eq!(CodeLayout::for_version((3, 7)), None);
         assert_eq!(CodeLayout::for_version((3, 15)), None);
         let data = b"pyleak-procmem".to_vec();
@@ -394,18 +373,15 @@ def façade():
     return 函数
 class Holder:
     def method(self):
-        def inner_gen():
-            x = 1
+        def inner_gen(x=1):
             yield x
             yield (x +
                    2)
         return inner_gen
     def sleeper(self, ev):
         ev.set()
-        while True:
-            time.sleep(1000)
-def big(f): return f(#ARGS)
-def loops(n, t=0):
+        time.sleep(1000)
+def loops(f, n, t=0):
     while n > 0:
         t, n = t + n, n - 1
     try:
@@ -416,14 +392,14 @@ def loops(n, t=0):
 #GAP
     finally:
         return (t,
-                n)
+                f(#ARGS))
 def klasti(f):
     if sys.version_info < (3, 11):
         return (f.f_lasti // (2 if sys.version_info >= (3, 10) else 1)) & 0xffffffff
     return type(f.f_code).__basicsize__ + (f.f_lasti if f.f_lasti >= 0 else -2)
 def lines_of(code):
-    n = len(code.co_code)
-    out, line = [0] * (n // 2), code.co_firstlineno
+    n, line = len(code.co_code), code.co_firstlineno
+    out = [0] * (n // 2)
     if hasattr(code, "co_lines"):
         for start, end, line in code.co_lines():
             out[start // 2:end // 2] = [line or 0] * (end // 2 - start // 2)
@@ -444,7 +420,7 @@ def main():
     t = threading.Thread(target=Holder().sleeper, args=(ev,), daemon=True)
     t.start()
     ev.wait()
-    while sys._current_frames()[t.ident].f_lineno != Holder.sleeper.__code__.co_firstlineno + 3:
+    while sys._current_frames()[t.ident].f_lineno != Holder.sleeper.__code__.co_firstlineno + 2:
         time.sleep(0.01)
     frames = [g.gi_frame, g2.gi_frame]
     for f in (sys._current_frames()[t.ident], sys._getframe()):
@@ -466,10 +442,8 @@ main()
 "#;
 
     fn unhex(s: &str) -> String {
-        let b = (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16));
-        String::from_utf8(b.map(Result::unwrap).collect()).unwrap()
+        let hex = |i| u8::from_str_radix(&s[i..i + 2], 16).unwrap();
+        String::from_utf8((0..s.len()).step_by(2).map(hex).collect()).unwrap()
     }
 
     fn e2e(python: &str) {
@@ -486,16 +460,14 @@ main()
         let mut cmd = Command::new(python);
         cmd.arg(dir.join("c.py")).stdin(Stdio::piped());
         let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let lines: Vec<String> = out.lines().map_while(Result::ok).collect::<Vec<_>>();
-        let lines = &lines[..lines.iter().position(|l| l == "END").expect("END")];
+        let out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let end = |l: &String| l != "END";
+        let lines: Vec<String> = out.map_while(Result::ok).take_while(end).collect();
+        std::fs::remove_dir_all(&dir).unwrap(); // the child has compiled it already
         let mem = ProcMem::open(child.id()).unwrap();
         let (mut infos, mut checked) = (std::collections::HashMap::new(), 0);
-        let meta: Vec<u32> = lines[0]
-            .split(' ')
-            .skip(1)
-            .map(|w| w.parse().unwrap())
-            .collect();
+        let num = |s: &str| s.parse::<u32>().unwrap();
+        let meta: Vec<u32> = lines[0].split(' ').skip(1).map(num).collect();
         let l = CodeLayout::for_version((meta[0] as u8, meta[1] as u8)).unwrap();
         let sizes = [l.sizeof_ascii, l.sizeof_compact].map(|s| s as u32);
         assert_eq!(sizes, meta[3..5], "str header sizes");
@@ -504,18 +476,15 @@ main()
         }
         for line in &lines[1..] {
             let w: Vec<&str> = line.split(' ').collect();
-            let num = |i: usize| w[i].parse::<u32>().unwrap();
             let addr = w[1].parse::<u64>().unwrap();
             if w[0] == "FRAME" {
-                assert_eq!(line_for(&l, &infos[&addr], num(2)), num(3), "{line}");
+                assert_eq!(line_for(&l, &infos[&addr], num(w[2])), num(w[3]), "{line}");
                 continue;
             }
             let got = read_code(&mem, &l, addr).expect("read_code");
-            let want = (unhex(w[3]), unhex(w[4]), num(2));
-            assert_eq!(
-                (got.qualname.clone(), got.filename.clone(), got.firstlineno),
-                want
-            );
+            let want = (unhex(w[3]), unhex(w[4]), num(w[2]));
+            let info = (got.qualname.clone(), got.filename.clone(), got.firstlineno);
+            assert_eq!(info, want, "{line}");
             for (i, want) in w[5].split(',').filter(|s| !s.is_empty()).enumerate() {
                 let (i, a) = (2 * i as u32, l.code_adaptive);
                 let lasti = match l.line_format {
@@ -524,7 +493,7 @@ main()
                     LineFormat::Locations => vec![a + i, a + i + 1],
                 };
                 for x in lasti {
-                    assert_eq!(line_for(&l, &got, x), want.parse().unwrap(), "{line} @{x}");
+                    assert_eq!(line_for(&l, &got, x), num(want), "{line} @{x}");
                     checked += 1;
                 }
             }
@@ -532,19 +501,10 @@ main()
         }
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
-        std::fs::remove_dir_all(&dir).unwrap();
         let names: Vec<&str> = infos.values().map(|i| i.qualname.as_str()).collect();
         let genq = ["inner_gen", "Holder.method.<locals>.inner_gen"][l.version.1 as usize / 11];
-        for n in [
-            "façade",
-            "函数",
-            "𠀀",
-            genq,
-            "sleeper",
-            "_bootstrap",
-            "<module>",
-            "loops",
-        ] {
+        let want = "façade 函数 𠀀 sleeper _bootstrap <module> loops".split(' ');
+        for n in want.chain([genq]) {
             assert!(names.iter().any(|q| q.ends_with(n)), "{n}: {names:?}");
         }
         let (n, frames) = (infos.len(), lines.len() - infos.len() - 1);

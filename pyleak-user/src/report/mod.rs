@@ -343,3 +343,147 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small report with Python, mixed and native stacks, as `record` builds them.
+    fn sample() -> Report {
+        let stack = |layer: &str, frames: &[&str], live: u64, alloc: u64, n: u64| StackReport {
+            layer: layer.to_owned(),
+            pid: 42,
+            frames: frames.iter().map(|f| (*f).to_owned()).collect(),
+            live_bytes: live,
+            live_count: n,
+            alloc_bytes: alloc,
+            allocs: n + 1,
+            frees: 1,
+            freed_bytes: alloc - live,
+            truncated: frames.first() == Some(&"[truncated]"),
+        };
+        let mut layers = BTreeMap::new();
+        for layer in Layer::ALL {
+            layers.insert(
+                layer.name().to_owned(),
+                LayerReport {
+                    allocs: 3,
+                    alloc_bytes: 4096,
+                    live_bytes: 1024,
+                    live_count: 1,
+                    ..Default::default()
+                },
+            );
+        }
+        Report {
+            pyleak_version: "0.1.0".to_owned(),
+            duration_s: 1.5,
+            processes: vec![ProcessInfo {
+                pid: 42,
+                comm: "python3".to_owned(),
+            }],
+            layers,
+            stacks: vec![
+                stack(
+                    "pymalloc",
+                    &[
+                        "<module> (/srv/app.py:73)",
+                        "main (/srv/app.py:56)",
+                        "leak (/srv/app.py:26)",
+                    ],
+                    4000400,
+                    4000500,
+                    400,
+                ),
+                stack(
+                    "libc",
+                    &[
+                        "<module> (/srv/app.py:73)",
+                        "main (/srv/app.py:56)",
+                        "leak (/srv/app.py:26)",
+                        "PyObject_Malloc (libpython3.12.so) [native]",
+                    ],
+                    4000400,
+                    4000400,
+                    400,
+                ),
+                stack(
+                    "pages",
+                    &[
+                        "[truncated]",
+                        "recurse (/srv/app.py:48)",
+                        "recurse (/srv/app.py:46)",
+                    ],
+                    8192,
+                    12288,
+                    2,
+                ),
+                stack(
+                    "vm",
+                    &["main (alloc_workload)", "__mmap (libc.so.6)"],
+                    0,
+                    40960,
+                    0,
+                ),
+                stack("libc", &["weird;name (a.out)"], 7, 7, 1),
+            ],
+            lost_events: 0,
+            lost: BTreeMap::from([("ring_full".to_owned(), 0)]),
+            probes: vec![ProbeInfo {
+                file: "/lib/libc.so.6".to_owned(),
+                symbol: "free".to_owned(),
+                offset: 3,
+                emulated: true,
+            }],
+        }
+    }
+
+    fn golden(name: &str, got: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/report/golden")
+            .join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, got).expect("writing golden file");
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|_| panic!("{} missing: run with UPDATE_GOLDEN=1", path.display()));
+        assert_eq!(got, want, "output differs from {}", path.display());
+    }
+
+    #[test]
+    fn folded_matches_golden_files() {
+        for (metric, file) in [
+            (folded::Metric::LiveBytes, "live-bytes.folded"),
+            (folded::Metric::AllocBytes, "alloc-bytes.folded"),
+            (folded::Metric::Allocs, "allocs.folded"),
+        ] {
+            let mut out = Vec::new();
+            folded::write(&sample(), metric, &mut out).unwrap();
+            golden(file, &String::from_utf8(out).unwrap());
+        }
+    }
+
+    #[test]
+    fn json_matches_golden_file_and_round_trips() {
+        let text = serde_json::to_string_pretty(&sample()).unwrap() + "\n";
+        golden("report.json", &text);
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn folded_renders_with_inferno() {
+        let mut out = Vec::new();
+        folded::write(&sample(), folded::Metric::AllocBytes, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let mut svg = Vec::new();
+        let mut opts = inferno::flamegraph::Options::default();
+        inferno::flamegraph::from_lines(&mut opts, text.lines(), &mut svg)
+            .expect("inferno renders the folded stacks");
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(
+            svg.contains("leak (/srv/app.py:26)") && svg.contains("[pymalloc]"),
+            "frames drawn"
+        );
+    }
+}
