@@ -54,6 +54,9 @@ pub struct RecordArgs {
     /// No status line on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Do not read Python stacks (benchmark of their cost); native stacks only.
+    #[arg(long, hide = true)]
+    pub no_python_stacks: bool,
     /// Attach empty programs at the same points (the benchmark's floor); no report.
     #[arg(long, hide = true)]
     pub bare: bool,

@@ -105,7 +105,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             let files = attach::libraries_of(&attach::program_of(p));
             let mut probes = planner.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string());
-            if let Some(rt) = python_runtime(&files, &p.display().to_string()) {
+            if let Some(rt) =
+                python_runtime(&files, &p.display().to_string(), !args.no_python_stacks)
+            {
                 // Where the runtime lands is known once the command runs: a probe at
                 // interpreter start-up tells the kernel.
                 let layout =
@@ -138,7 +140,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                 let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
                 let probes = planner.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"));
-                if let Some(rt) = python_runtime(&files, &format!("process {pid}")) {
+                if let Some(rt) =
+                    python_runtime(&files, &format!("process {pid}"), !args.no_python_stacks)
+                {
                     let layout = python::layouts::for_version(rt.version)
                         .expect("detect checks the version");
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
@@ -402,7 +406,10 @@ fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
 }
 
 /// The supported Python runtime among `files`, warning once about an unsupported one.
-fn python_runtime(files: &[PathBuf], what: &str) -> Option<python::PythonRuntime> {
+fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python::PythonRuntime> {
+    if !enabled {
+        return None;
+    }
     match python::detect(files)? {
         python::Detected::Supported(rt) => {
             log::info!("{what}: {}", python::describe(&rt));

@@ -1,0 +1,20 @@
+"""An allocation-heavy Python workload for `cargo xtask bench`: builds and drops small
+objects (tuples, dicts, lists, strings, floats) like the pyperformance benchmarks
+(float, json_dumps, deltablue) do, and prints its own run time."""
+import json
+import time
+
+
+def work(n):
+    out = []
+    for i in range(n):
+        d = {"id": i, "name": "item%d" % i, "tags": [i, i + 1, i + 2], "score": i * 1.5}
+        out.append(json.dumps(d))
+        if len(out) > 1000:
+            out.clear()
+    return len(out)
+
+
+start = time.perf_counter()
+work(200_000)
+print("seconds %.4f" % (time.perf_counter() - start))
