@@ -265,3 +265,35 @@ pub fn assert_no_pyleak_programs() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Attach mode, end to end: starts `target` (which waits for the file `go` before doing
+/// its work, then prints `ready_line`), attaches `pyleak record -p` to it, lets it work,
+/// stops pyleak with Ctrl-C once the line is printed, and returns the JSON report.
+pub fn attach_and_record(mut target: Command, go: &Path, ready_line: &str, json: &Path) -> Value {
+    let _ = std::fs::remove_file(go);
+    let mut target = target
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the target");
+    let pid = target.id().to_string();
+    let pyleak = spawn_pyleak(&[
+        "record",
+        "-q",
+        "-p",
+        &pid,
+        "--json",
+        json.to_str().expect("utf-8 path"),
+    ]);
+    std::fs::write(go, b"").expect("writing the go file");
+    let mut line = String::new();
+    let stdout = target.stdout.take().expect("piped stdout");
+    BufRead::read_line(&mut BufReader::new(stdout), &mut line).expect("reading the target");
+    assert_eq!(line.trim(), ready_line);
+    signal(pyleak.id(), libc::SIGINT);
+    let out = pyleak.wait_with_output().expect("waiting for pyleak");
+    let _ = target.kill();
+    let _ = target.wait();
+    assert!(out.status.success(), "pyleak failed: {out:?}");
+    serde_json::from_str(&std::fs::read_to_string(json).expect("reading the JSON report"))
+        .expect("parsing the JSON report")
+}

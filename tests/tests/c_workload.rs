@@ -2,7 +2,7 @@
 //! partial munmap, mremap and touches pages with counts known to the byte; pyleak must
 //! report each exactly, in launch mode and attached with --pid.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use pyleak_tests::*;
 use serde_json::Value;
@@ -105,30 +105,14 @@ fn attach_mode_counts_every_allocator_exactly() {
     }
     let dir = scratch("c-attach");
     let go = dir.join("go");
-    let mut target = Command::new(c_workload())
-        .arg("--wait")
-        .arg(&go)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting the workload");
-    let json = dir.join("report.json");
-    let pid = target.id().to_string();
-    let pyleak = spawn_pyleak(&["record", "-q", "-p", &pid, "--json", json.to_str().unwrap()]);
-    std::fs::write(&go, b"").unwrap();
-    // Wait for the workload to finish its allocations.
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(target.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "alloc_workload: done");
-    signal(pyleak.id(), libc::SIGINT);
-    let out = pyleak.wait_with_output().unwrap();
-    let _ = target.kill();
-    let _ = target.wait();
-    assert!(out.status.success(), "pyleak failed: {out:?}");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let mut target = Command::new(c_workload());
+    target.arg("--wait").arg(&go);
+    let report = attach_and_record(
+        target,
+        &go,
+        "alloc_workload: done",
+        &dir.join("report.json"),
+    );
     check(&report);
 }
 

@@ -3,7 +3,7 @@
 //! same script leaking nothing) must be within 2% of the truth, on every CPython here, in
 //! launch mode and attached with --pid.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use pyleak_tests::*;
 use serde_json::Value;
@@ -102,41 +102,19 @@ fn launch_mode_every_cpython() {
 
 fn attach(dir: &std::path::Path, python: &std::path::Path, malloc: u64, mmap: u64) -> Value {
     let go = dir.join(format!("go-{malloc}"));
-    let _ = std::fs::remove_file(&go);
-    let mut target = Command::new(python)
-        .args([
-            script(),
-            malloc.to_string(),
-            mmap.to_string(),
-            "--wait".into(),
-            go.to_string_lossy().into_owned(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting python");
-    let json = dir.join(format!("attach-{malloc}.json"));
-    let pyleak = spawn_pyleak(&[
-        "record",
-        "-q",
-        "-p",
-        &target.id().to_string(),
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    std::fs::write(&go, b"").unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(target.stdout.take().unwrap()),
-        &mut line,
+    let mut target = Command::new(python);
+    target
+        .arg(script())
+        .arg(malloc.to_string())
+        .arg(mmap.to_string())
+        .arg("--wait")
+        .arg(&go);
+    attach_and_record(
+        target,
+        &go,
+        "leaked",
+        &dir.join(format!("attach-{malloc}.json")),
     )
-    .unwrap();
-    assert_eq!(line.trim(), "leaked");
-    signal(pyleak.id(), libc::SIGINT);
-    let out = pyleak.wait_with_output().unwrap();
-    let _ = target.kill();
-    let _ = target.wait();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
 }
 
 #[test]

@@ -66,7 +66,7 @@ pub fn run(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             ],
         ),
         (
-            "pyleak (libc,vm,pages)",
+            "pyleak (every layer, the launch default)",
             vec![
                 pl.clone(),
                 "record".into(),
@@ -111,14 +111,11 @@ pub fn run(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     let mut results = Vec::new();
     for (name, argv) in &modes {
-        let mut samples = Vec::new();
-        for _ in 0..args.runs {
-            samples.push(ns_per_pair(argv).with_context(|| format!("benchmark mode {name}"))?);
-        }
-        samples.sort_by(f64::total_cmp);
-        let median = samples[samples.len() / 2];
-        eprintln!("bench: {name}: {median:.1} ns/pair ({samples:?})");
-        results.push((*name, median));
+        results.push((
+            *name,
+            median(argv, args.runs, ns_per_pair)
+                .with_context(|| format!("benchmark mode {name}"))?,
+        ));
     }
     let untraced = results[0].1;
     let floor = results[1].1;
@@ -138,12 +135,152 @@ pub fn run(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     if let Some((_, peer)) = results.iter().find(|(n, _)| n.starts_with("memleak")) {
         let ours = results
             .iter()
-            .find(|(n, _)| n.starts_with("pyleak (libc"))
+            .find(|(n, _)| n.starts_with("pyleak (every"))
             .map(|r| r.1)
             .unwrap_or(f64::NAN);
         println!("\npyleak / memleak-style peer: {:.2}", ours / peer);
     }
+    python_bench(pyleak, args)
+}
+
+/// Runs `argv` `runs` times; the median of what `measure` reads from each output.
+fn median(
+    argv: &[String],
+    runs: usize,
+    measure: fn(&[String]) -> anyhow::Result<f64>,
+) -> anyhow::Result<f64> {
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        samples.push(measure(argv)?);
+    }
+    samples.sort_by(f64::total_cmp);
+    eprintln!("bench: {argv:?}: {samples:?}");
+    Ok(samples[samples.len() / 2])
+}
+
+/// Python workload: run time untraced, under pyleak's layers, and under memray.
+fn python_bench(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let python = ["/root/.pyenv/versions/3.12.1/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| {
+            Command::new(p)
+                .arg("-V")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .context("no python3 for the Python benchmark")?
+        .to_owned();
+    let script = root()
+        .join("bench/py_alloc.py")
+        .to_string_lossy()
+        .into_owned();
+    let venv = root().join("target/bench/venv");
+    let venv_python = venv.join("bin/python3");
+    let has_memray = || {
+        Command::new(&venv_python)
+            .args(["-c", "import memray"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has_memray() {
+        let _ = Command::new(&python)
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status();
+        let _ = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "memray"])
+            .status();
+    }
+    let pl = pyleak.to_string_lossy().into_owned();
+    let rec = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![pl.clone(), "record".into(), "-q".into()];
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v.extend(["--".into(), python.clone(), script.clone()]);
+        v
+    };
+    let mut modes: Vec<(&str, Vec<String>)> = vec![
+        ("untraced", vec![python.clone(), script.clone()]),
+        (
+            "pyleak libc,vm,pages (the --pid default)",
+            rec(&["--layers", "libc,vm,pages"]),
+        ),
+        (
+            "pyleak all layers (the launch default)",
+            rec(&["--layers", "all"]),
+        ),
+        (
+            "pyleak all layers, no Python stacks",
+            rec(&["--layers", "all", "--no-python-stacks"]),
+        ),
+        (
+            "pyleak all layers, --native-depth 1",
+            rec(&["--layers", "all", "--native-depth", "1"]),
+        ),
+    ];
+    if has_memray() {
+        let m = venv_python.to_string_lossy().into_owned();
+        let out = root()
+            .join("target/bench/memray.bin")
+            .to_string_lossy()
+            .into_owned();
+        let memray = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = vec![
+                m.clone(),
+                "-m".into(),
+                "memray".into(),
+                "run".into(),
+                "-f".into(),
+                "-q".into(),
+            ];
+            v.extend(extra.iter().map(|s| (*s).to_owned()));
+            v.extend(["-o".into(), out.clone(), script.clone()]);
+            v
+        };
+        modes.push(("memray run", memray(&[])));
+        modes.push((
+            "memray run --trace-python-allocators",
+            memray(&["--trace-python-allocators"]),
+        ));
+    } else {
+        eprintln!("bench: memray could not be installed: its rows are missing");
+    }
+    let mut results = Vec::new();
+    for (name, argv) in &modes {
+        results.push((
+            *name,
+            median(argv, args.runs, seconds).with_context(|| format!("benchmark mode {name}"))?,
+        ));
+    }
+    let base = results[0].1;
+    println!(
+        "\nPython workload (bench/py_alloc.py, {python}), in-script seconds, median of {} runs",
+        args.runs
+    );
+    println!("| mode | seconds | × untraced |");
+    println!("|---|---:|---:|");
+    for (name, s) in &results {
+        println!("| {name} | {s:.3} | {:.2} |", s / base);
+    }
     Ok(())
+}
+
+/// Runs one command and reads the workload's `seconds` line from its output.
+fn seconds(argv: &[String]) -> anyhow::Result<f64> {
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .output()
+        .with_context(|| format!("running {argv:?}"))?;
+    if !out.status.success() {
+        bail!("{argv:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("seconds ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .with_context(|| format!("no seconds line in the output of {argv:?}"))
 }
 
 /// Runs one command and reads the loop's `ns_per_pair` line from its output.
