@@ -15,8 +15,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use pyleak_common::{
-    PyFrame, PyProc, StackTrace, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_PY_WALK, NO_OFFSET,
-    STACK_PY_TRUNCATED, STACK_PY_UNREADABLE, TARGETS_ENTRIES, THREADS_ENTRIES,
+    PyFrame, PyProc, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_PY_WALK, NO_OFFSET, STACK_PY_TRUNCATED,
+    STACK_PY_UNREADABLE, TARGETS_ENTRIES, THREADS_ENTRIES,
 };
 
 /// Per process: where its Python runtime is and how to walk its frames.
@@ -122,30 +122,31 @@ struct WalkState {
 /// The frame loop runs through `bpf_loop`, so the verifier checks one step instead of
 /// every unrolled iteration.
 #[inline(always)]
-pub fn walk(st: &mut StackTrace) {
-    st.py_len = 0;
+///
+/// Returns (frames kept, `STACK_PY_*` flags); the frames are written into the per-CPU
+/// `STACK_SCRATCH` slot, which the caller must not hold a reference into meanwhile.
+pub fn walk() -> (u32, u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // SAFETY: plain data copied out at once.
     let Some(p) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
-        return;
+        return (0, 0);
     };
     if p.bias == 0 {
-        return;
+        return (0, 0);
     }
     let Some(ts) = find_tstate(&p, tid) else {
         // Not a Python thread (or not one yet).
-        return;
+        return (0, 0);
     };
     let Some(mut frame) = read_u64(ts + p.tstate_frame as u64) else {
-        st.flags |= STACK_PY_UNREADABLE;
-        return;
+        return (0, STACK_PY_UNREADABLE);
     };
     if p.cframe_frame != NO_OFFSET && frame != 0 {
         frame = read_u64(frame + p.cframe_frame as u64).unwrap_or(0);
     }
     if PY_SCRATCH.set(0, &p, 0).is_err() {
-        return;
+        return (0, 0);
     }
     let mut state = WalkState {
         frame,
@@ -164,8 +165,7 @@ pub fn walk(st: &mut StackTrace) {
     if state.frame != 0 && state.n as usize >= MAX_PY_FRAMES {
         state.flags |= STACK_PY_TRUNCATED;
     }
-    st.flags |= state.flags;
-    st.py_len = state.n.min(MAX_PY_FRAMES as u32);
+    (state.n.min(MAX_PY_FRAMES as u32), state.flags)
 }
 
 /// The layout of the process being walked, for `walk_step`.

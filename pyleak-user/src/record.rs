@@ -188,8 +188,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     if let Some(c) = child.as_mut() {
         c.start()?;
     }
-    let child_pid = child.as_ref().map(|c| c.pid);
-    let child_exit = child.as_mut().and_then(|c| c.exited.take());
+    let launched = child.as_mut().and_then(|c| Some((c.pid, c.exited.take()?)));
     let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -200,8 +199,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         &mut resolver,
         &mut unplaced,
         &args,
-        child_pid,
-        child_exit,
+        launched,
         started,
     ))?;
     let duration_s = started.elapsed().as_secs_f64();
@@ -323,10 +321,11 @@ async fn trace_loop(
     resolver: &mut python::Resolver,
     unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
     args: &RecordArgs,
-    child: Option<u32>,
-    mut child_exit: Option<tokio::sync::oneshot::Receiver<i32>>,
+    launched: Option<(u32, tokio::sync::oneshot::Receiver<i32>)>,
     started: Instant,
 ) -> anyhow::Result<End> {
+    let child = launched.as_ref().map(|(pid, _)| *pid);
+    let mut child_exit = launched.map(|(_, exit)| exit);
     // SAFETY: the ring buffer's fd belongs to `rec`, which outlives this function and so
     // this AsyncFd; it is not closed while registered.
     let ring = unsafe { AsyncFd::register(RingFd(rec.ring_fd().as_raw_fd())) }
