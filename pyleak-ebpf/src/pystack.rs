@@ -15,8 +15,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use pyleak_common::{
-    PyFrame, PyProc, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_PY_WALK, NO_OFFSET, STACK_PY_TRUNCATED,
-    STACK_PY_UNREADABLE, TARGETS_ENTRIES, THREADS_ENTRIES,
+    PyFrame, PyProc, StackTrace, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_PY_WALK, NO_OFFSET,
+    STACK_PY_TRUNCATED, STACK_PY_UNREADABLE, TARGETS_ENTRIES, THREADS_ENTRIES,
 };
 
 /// Per process: where its Python runtime is and how to walk its frames.
@@ -122,31 +122,30 @@ struct WalkState {
 /// The frame loop runs through `bpf_loop`, so the verifier checks one step instead of
 /// every unrolled iteration.
 #[inline(always)]
-///
-/// Returns (frames kept, `STACK_PY_*` flags); the frames are written into the per-CPU
-/// `STACK_SCRATCH` slot, which the caller must not hold a reference into meanwhile.
-pub fn walk() -> (u32, u32) {
+pub fn walk(st: &mut StackTrace) {
+    st.py_len = 0;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // SAFETY: plain data copied out at once.
     let Some(p) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
-        return (0, 0);
+        return;
     };
     if p.bias == 0 {
-        return (0, 0);
+        return;
     }
     let Some(ts) = find_tstate(&p, tid) else {
         // Not a Python thread (or not one yet).
-        return (0, 0);
+        return;
     };
     let Some(mut frame) = read_u64(ts + p.tstate_frame as u64) else {
-        return (0, STACK_PY_UNREADABLE);
+        st.flags |= STACK_PY_UNREADABLE;
+        return;
     };
     if p.cframe_frame != NO_OFFSET && frame != 0 {
         frame = read_u64(frame + p.cframe_frame as u64).unwrap_or(0);
     }
     if PY_SCRATCH.set(0, &p, 0).is_err() {
-        return (0, 0);
+        return;
     }
     let mut state = WalkState {
         frame,
@@ -165,7 +164,8 @@ pub fn walk() -> (u32, u32) {
     if state.frame != 0 && state.n as usize >= MAX_PY_FRAMES {
         state.flags |= STACK_PY_TRUNCATED;
     }
-    (state.n.min(MAX_PY_FRAMES as u32), state.flags)
+    st.flags |= state.flags;
+    st.py_len = state.n.min(MAX_PY_FRAMES as u32);
 }
 
 /// The layout of the process being walked, for `walk_step`.

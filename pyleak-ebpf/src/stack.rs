@@ -71,16 +71,8 @@ pub fn capture(ctx: *mut c_void, caller: Option<u64>, tid: u32) -> u64 {
         len = MAX_NATIVE_FRAMES;
     }
     st.native_len = len as u32;
-    let (py_len, py_flags) = crate::pystack::walk();
+    crate::pystack::walk(st);
     set_in_probe(false);
-    // The walk wrote frames through the map: take the slot afresh.
-    let Some(st) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
-    let st = unsafe { &mut *st };
-    st.py_len = py_len;
-    st.flags |= py_flags;
     intern(st)
 }
 

@@ -15,7 +15,8 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     attach::{
-        self, elf::ElfFile, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS, PYMEM_RAW_FUNCTIONS,
+        self, elf::ElfFile, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
+        PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
     },
     cli::RecordArgs,
     collect::{Recorder, RecorderOptions},
@@ -269,16 +270,18 @@ impl Planner {
                 if attach::may_hold_python(f) {
                     probes.extend(attach::plan_finalize(&elf));
                     if layers.contains(Layer::Pymalloc) {
-                        probes.extend(attach::plan_layer(
+                        probes.extend(attach::plan_python_domain(
                             &elf,
                             Layer::Pymalloc,
+                            &PYMALLOC_TABLE_FUNCTIONS,
                             &PYMALLOC_FUNCTIONS,
                         ));
                     }
                     if layers.contains(Layer::PymemRaw) {
-                        probes.extend(attach::plan_layer(
+                        probes.extend(attach::plan_python_domain(
                             &elf,
                             Layer::PymemRaw,
+                            &PYMEM_RAW_TABLE_FUNCTIONS,
                             &PYMEM_RAW_FUNCTIONS,
                         ));
                     }

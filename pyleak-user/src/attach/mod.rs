@@ -71,6 +71,43 @@ pub const PYMALLOC_FUNCTIONS: [(&str, AllocKind, usize); 8] = [
     ("PyMem_Free", AllocKind::Free, 1),
 ];
 
+/// The functions CPython's object and mem domain tables point at (local symbols, present
+/// in unstripped builds). Probing them instead of the exported entry points catches calls
+/// the exported ones inline (LTO), and their prologues have cheap attach points where the
+/// exported thunks (`mov rsi,rdi; mov rdi,ctx; jmp *table`) have none.
+pub const PYMALLOC_TABLE_FUNCTIONS: [(&str, AllocKind, usize); 4] = [
+    ("_PyObject_Malloc", AllocKind::CtxMalloc, 2),
+    ("_PyObject_Calloc", AllocKind::CtxCalloc, 3),
+    ("_PyObject_Realloc", AllocKind::CtxRealloc, 3),
+    ("_PyObject_Free", AllocKind::CtxFree, 2),
+];
+
+/// The functions CPython's raw domain table points at.
+pub const PYMEM_RAW_TABLE_FUNCTIONS: [(&str, AllocKind, usize); 4] = [
+    ("_PyMem_RawMalloc", AllocKind::CtxMalloc, 2),
+    ("_PyMem_RawCalloc", AllocKind::CtxCalloc, 3),
+    ("_PyMem_RawRealloc", AllocKind::CtxRealloc, 3),
+    ("_PyMem_RawFree", AllocKind::CtxFree, 2),
+];
+
+/// Probes for one CPython allocator domain: the table's functions when the file names all
+/// of them, else the exported API.
+pub fn plan_python_domain(
+    elf: &ElfFile,
+    layer: Layer,
+    table: &[(&'static str, AllocKind, usize)],
+    exported: &[(&'static str, AllocKind, usize)],
+) -> Vec<ProbeSpec> {
+    if table
+        .iter()
+        .all(|(name, _, _)| elf.function(name).is_some())
+    {
+        plan_layer(elf, layer, table)
+    } else {
+        plan_layer(elf, layer, exported)
+    }
+}
+
 /// CPython's raw domain: buffers taken straight from the C heap.
 pub const PYMEM_RAW_FUNCTIONS: [(&str, AllocKind, usize); 4] = [
     ("PyMem_RawMalloc", AllocKind::Malloc, 1),
