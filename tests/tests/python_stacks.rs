@@ -197,3 +197,39 @@ fn unsupported_cpython_warns_and_counts() {
         "libc still counted without Python stacks: {live}"
     );
 }
+
+#[test]
+fn demo_through_a_symlinked_python_names_the_leaking_line() {
+    if !root_or_skip() {
+        return;
+    }
+    // /usr/bin/python3 is a symlink to python3.11: the runtime must still be found.
+    if !skip_unless(
+        std::path::Path::new("/usr/bin/python3").exists(),
+        "no /usr/bin/python3",
+    ) {
+        return;
+    }
+    let dir = scratch("demo");
+    let demo = root().join("demo/leaky_service.py");
+    let (report, _) = record_json(&dir, &["--", "/usr/bin/python3", demo.to_str().unwrap()]);
+    let file = demo.to_string_lossy().into_owned();
+    let top = stacks(&report, "libc")
+        .max_by_key(|s| s["live_bytes"].as_u64().unwrap())
+        .expect("libc stacks");
+    let leaf = top["frames"]
+        .as_array()
+        .unwrap()
+        .last()
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    assert_eq!(
+        leaf,
+        format!("handle_request ({file}:26)"),
+        "top libc stack: {top}"
+    );
+    // 400 payloads of bytearray(64 KiB): 65537-byte blocks.
+    let want = 400.0 * 65537.0;
+    let live = top["live_bytes"].as_u64().unwrap() as f64;
+    assert!((live - want).abs() / want <= 0.02, "live {live} vs {want}");
+}

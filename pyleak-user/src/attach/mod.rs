@@ -289,5 +289,8 @@ pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
             out.push(p);
         }
     }
-    out
+    // The memory map will name the files behind any symlinks (python3 → python3.11).
+    out.into_iter()
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+        .collect()
 }
