@@ -202,6 +202,17 @@ pub fn pythons() -> Vec<(String, PathBuf)> {
     out
 }
 
+/// Every CPython this machine kind has, by label (as [`pythons`] names them).
+pub const ALL_PYTHONS: [&str; 7] = [
+    "pyenv 3.8.18",
+    "pyenv 3.9.18",
+    "pyenv 3.10.13",
+    "pyenv 3.11.7",
+    "pyenv 3.12.1",
+    "pyenv 3.13.0",
+    "debian 3.11",
+];
+
 /// The CPythons a test needs, by label; missing ones are reported via [`skip_unless`].
 pub fn required_pythons(labels: &[&str]) -> Vec<(String, PathBuf)> {
     let all = pythons();

@@ -78,15 +78,7 @@ fn launch_mode_every_cpython() {
     if !root_or_skip() {
         return;
     }
-    let pythons = required_pythons(&[
-        "pyenv 3.8.18",
-        "pyenv 3.9.18",
-        "pyenv 3.10.13",
-        "pyenv 3.11.7",
-        "pyenv 3.12.1",
-        "pyenv 3.13.0",
-        "debian 3.11",
-    ]);
+    let pythons = required_pythons(&ALL_PYTHONS);
     for (label, python) in pythons {
         let dir = scratch(&format!("pynative-{}", label.replace(' ', "-")));
         let base = launch(&dir, &python, 0, 0);

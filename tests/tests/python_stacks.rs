@@ -143,15 +143,7 @@ fn frames_match_traceback_on_every_cpython() {
     if !root_or_skip() {
         return;
     }
-    let all = required_pythons(&[
-        "pyenv 3.8.18",
-        "pyenv 3.9.18",
-        "pyenv 3.10.13",
-        "pyenv 3.11.7",
-        "pyenv 3.12.1",
-        "pyenv 3.13.0",
-        "debian 3.11",
-    ]);
+    let all = required_pythons(&ALL_PYTHONS);
     for (label, python) in all {
         check_python(&label, &python);
     }

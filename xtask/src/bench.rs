@@ -265,42 +265,6 @@ fn python_bench(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one command and reads the workload's `seconds` line from its output.
-fn seconds(argv: &[String]) -> anyhow::Result<f64> {
-    let out = Command::new(&argv[0])
-        .args(&argv[1..])
-        .output()
-        .with_context(|| format!("running {argv:?}"))?;
-    if !out.status.success() {
-        bail!("{argv:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("seconds ")
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .with_context(|| format!("no seconds line in the output of {argv:?}"))
-}
-
-/// Runs one command and reads the loop's `ns_per_pair` line from its output.
-fn ns_per_pair(argv: &[String]) -> anyhow::Result<f64> {
-    let out = Command::new(&argv[0])
-        .args(&argv[1..])
-        .output()
-        .with_context(|| format!("running {argv:?}"))?;
-    if !out.status.success() {
-        bail!("{argv:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("ns_per_pair ")
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .with_context(|| format!("no ns_per_pair line in the output of {argv:?}"))
-}
-
 /// Installs bpftrace from Debian's packages if needed; whether it is there.
 fn ensure_bpftrace() -> bool {
     let ok = |c: &str| {
@@ -314,4 +278,29 @@ fn ensure_bpftrace() -> bool {
     }
     let _ = crate::apt_install(&["bpftrace"]);
     ok("bpftrace")
+}
+
+/// Runs one command and reads the number on its `KEY value` output line.
+fn reported(argv: &[String], key: &str) -> anyhow::Result<f64> {
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .output()
+        .with_context(|| format!("running {argv:?}"))?;
+    if !out.status.success() {
+        bail!("{argv:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("no {key} line in the output of {argv:?}"))
+}
+
+/// The C loop's own time per malloc/free pair.
+fn ns_per_pair(argv: &[String]) -> anyhow::Result<f64> {
+    reported(argv, "ns_per_pair")
+}
+
+/// The Python workload's own run time.
+fn seconds(argv: &[String]) -> anyhow::Result<f64> {
+    reported(argv, "seconds")
 }
