@@ -2,9 +2,11 @@
 
 Each request builds a response; the handler keeps every request's 64 KiB payload in a
 module-level list it never trims (the leak), while a bounded LRU cache of rendered pages
-fills up and then stays flat (not a leak). Runs 400 requests and exits.
+fills up and then stays flat (not a leak). Serves 400 requests over about 4 seconds (so
+pyleak sees the leak grow) and exits.
 """
 import collections
+import time
 
 HISTORY = []                       # grows forever: the leak
 CACHE = collections.OrderedDict()  # bounded: fills, then plateaus
@@ -31,6 +33,7 @@ def handle_request(i):
 def main():
     for i in range(400):
         handle_request(i)
+        time.sleep(0.01)
     print("served 400 requests; history holds %d payloads" % len(HISTORY))
 
 

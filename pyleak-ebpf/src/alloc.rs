@@ -19,7 +19,8 @@ use pyleak_common::{
 
 use crate::{
     maps::{
-        count_drop, uprobe_target_active, LAYER_STATS, LIVE_ALLOCS, SIZE_HIST, STACK_STATS, THREADS,
+        count_drop, uprobe_target_active, LAYER_STATS, LIFETIME_HIST, LIVE_ALLOCS, SIZE_HIST,
+        STACK_STATS, THREADS,
     },
     stack,
 };
@@ -165,26 +166,27 @@ pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
     THREADS.get_ptr_mut(tid)
 }
 
-/// If an upper layer's call is in flight on this thread (malloc inside PyObject_Malloc,
-/// mmap inside malloc), the `FLAG_FOR_*` bit to set and that call's stack to reuse.
+/// If upper layers' calls are in flight on this thread (malloc inside PyObject_Malloc, mmap
+/// inside malloc inside PyObject_Malloc), the `FLAG_FOR_*` bits of every one of them and
+/// the topmost call's stack to reuse. An arena mmap is `FOR_PYMALLOC` alone; a big
+/// request's mmap is `FOR_PYMALLOC | FOR_LIBC`.
 #[inline(always)]
 pub fn upper_call(t: &ThreadState, layer: usize) -> (u32, Option<u64>) {
-    if layer > Layer::Pymalloc as usize && t.active & (1 << Layer::Pymalloc as u32) != 0 {
-        return (
-            FLAG_FOR_PYMALLOC,
-            Some(t.calls[Layer::Pymalloc as usize].stack_id),
-        );
+    let mut flags = 0;
+    let mut stack = None;
+    if layer > Layer::Libc as usize && t.active & (1 << Layer::Libc as u32) != 0 {
+        flags |= FLAG_FOR_LIBC;
+        stack = Some(t.calls[Layer::Libc as usize].stack_id);
     }
     if layer > Layer::PymemRaw as usize && t.active & (1 << Layer::PymemRaw as u32) != 0 {
-        return (
-            FLAG_FOR_PYMEM_RAW,
-            Some(t.calls[Layer::PymemRaw as usize].stack_id),
-        );
+        flags |= FLAG_FOR_PYMEM_RAW;
+        stack = Some(t.calls[Layer::PymemRaw as usize].stack_id);
     }
-    if layer > Layer::Libc as usize && t.active & (1 << Layer::Libc as u32) != 0 {
-        return (FLAG_FOR_LIBC, Some(t.calls[Layer::Libc as usize].stack_id));
+    if layer > Layer::Pymalloc as usize && t.active & (1 << Layer::Pymalloc as u32) != 0 {
+        flags |= FLAG_FOR_PYMALLOC;
+        stack = Some(t.calls[Layer::Pymalloc as usize].stack_id);
     }
-    (0, None)
+    (flags, stack)
 }
 
 fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
@@ -359,6 +361,13 @@ pub fn record_free(tgid: u32, layer: u32, addr: u64) {
         return;
     };
     let _ = LIVE_ALLOCS.remove(key);
+    // SAFETY: a helper without arguments.
+    let lifetime_us = (unsafe { bpf_ktime_get_ns() }).saturating_sub(live.ts_ns) / 1000;
+    let bucket = layer as usize * HIST_BUCKETS + size_bucket(lifetime_us);
+    if let Some(n) = LIFETIME_HIST.get_ptr_mut(bucket as u32) {
+        // SAFETY: a per-CPU slot.
+        unsafe { *n += 1 };
+    }
     if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
         // SAFETY: a per-CPU slot.
         unsafe {

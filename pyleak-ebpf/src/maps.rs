@@ -44,6 +44,11 @@ pub static LAYER_STATS: PerCpuArray<LayerStats> =
 pub static SIZE_HIST: PerCpuArray<u64> =
     PerCpuArray::with_max_entries((NUM_LAYERS * HIST_BUCKETS) as u32, 0);
 
+/// Per-layer lifetime histograms of freed blocks, in microseconds, bucketed like sizes.
+#[map]
+pub static LIFETIME_HIST: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries((NUM_LAYERS * HIST_BUCKETS) as u32, 0);
+
 /// Lost events by `pyleak_common::Drop` reason.
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_DROPS as u32, 0);

@@ -21,6 +21,25 @@ pub struct Cli {
 pub enum Command {
     /// Trace running processes (--pid) or a command (-- COMMAND) and report what is live.
     Record(RecordArgs),
+    /// Trace like `record`, showing layer totals and the fastest-growing stacks live,
+    /// refreshed every second (q or Ctrl-C to stop).
+    Top(RecordArgs),
+    /// Render a saved JSON report again (text, SVG or folded); needs no privileges.
+    Report(ReportArgs),
+}
+
+/// `pyleak report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A report written by `pyleak record --json`.
+    #[arg(value_name = "FILE.json")]
+    pub input: PathBuf,
+    /// Write a flamegraph: SVG when FILE ends in .svg, else folded stacks.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// What the flamegraph counts.
+    #[arg(long, value_enum, default_value = "live-bytes")]
+    pub metric: Metric,
 }
 
 /// `pyleak record`.
@@ -32,10 +51,11 @@ pub struct RecordArgs {
     /// Stop after this many seconds (default: until Ctrl-C or the target exits).
     #[arg(short, long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Write folded stacks (for inferno / flamegraph.pl) to FILE.
+    /// Write a flamegraph to FILE: an SVG when FILE ends in .svg, else folded stacks (for
+    /// inferno / flamegraph.pl).
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// What the folded stacks count.
+    /// What the flamegraph counts (resident: pages faulted in and still resident).
     #[arg(long, value_enum, default_value = "live-bytes")]
     pub metric: Metric,
     /// Write the report as JSON to FILE.
@@ -48,6 +68,19 @@ pub struct RecordArgs {
     /// Native frames kept per stack (1: only the immediate caller).
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub native_depth: u32,
+    /// Live memory younger than this at the end is not a leak suspect. The default, 1 s,
+    /// outlives what a request or a job holds while in flight, and is short enough that a
+    /// one-minute recording sees most of what it leaks aged.
+    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+    pub min_age: f64,
+    /// Seconds between growth samples (live bytes per stack), from which growing stacks
+    /// are told from caches that fill and level off.
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    pub interval: f64,
+    /// Stream one JSON line per growth sample to FILE (layer totals, top growing stacks),
+    /// for runs of days.
+    #[arg(long, value_name = "FILE")]
+    pub snapshots: Option<PathBuf>,
     /// Show the native frames under the Python ones (mixed stacks).
     #[arg(long)]
     pub native: bool,

@@ -50,6 +50,22 @@ pub enum UserError {
         /// What went wrong.
         reason: String,
     },
+    /// `--interval` not a positive number.
+    #[error("--interval must be a positive number of seconds, not {0}: e.g. `--interval 2`")]
+    BadInterval(f64),
+    /// `--min-age` negative.
+    #[error("--min-age must be zero or more seconds, not {0}: e.g. `--min-age 1`")]
+    BadMinAge(f64),
+    /// `pyleak report` input unreadable or not a pyleak report.
+    #[error(
+        "cannot read report {path}: {reason}; give a file written by `pyleak record --json FILE`"
+    )]
+    BadReport {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// The kernel refused to load or attach a program.
     #[error("the kernel refused pyleak's eBPF programs ({0}): pyleak needs a kernel with BTF, uprobes and tracepoints (5.15+)")]
     Ebpf(String),

@@ -1,5 +1,6 @@
 //! pyleak: find memory leaks in running Python programs from the outside.
 
+mod analysis;
 mod attach;
 mod cli;
 mod collect;
@@ -18,7 +19,9 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Record(args) => record::run(args),
+        cli::Command::Record(args) => record::run(args, record::View::StatusLine),
+        cli::Command::Top(args) => record::run(args, record::View::Top),
+        cli::Command::Report(args) => report::rerender(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -14,6 +14,7 @@ use pyleak_common::{Layer, PyProc};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
+    analysis::sampler::Sampler,
     attach::{
         self, elf::ElfFile, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
         PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
@@ -43,8 +44,17 @@ enum End {
     TargetsExited,
 }
 
-/// Runs `pyleak record`; returns the exit code.
-pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
+/// How the recording is shown while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// A status line on stderr (`pyleak record`).
+    StatusLine,
+    /// A full-screen live view (`pyleak top`).
+    Top,
+}
+
+/// Runs `pyleak record` (or `top`); returns the exit code.
+pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(UserError::NotRoot.into());
@@ -79,9 +89,16 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         }
         None => None,
     };
+    if !(args.interval > 0.0 && args.interval.is_finite()) {
+        return Err(UserError::BadInterval(args.interval).into());
+    }
+    if !(args.min_age >= 0.0 && args.min_age.is_finite()) {
+        return Err(UserError::BadMinAge(args.min_age).into());
+    }
     // Open outputs first: a bad path fails before anything is traced.
     let folded_out = args.output.as_deref().map(create_output).transpose()?;
     let json_out = args.json.as_deref().map(create_output).transpose()?;
+    let snapshots_out = args.snapshots.as_deref().map(create_output).transpose()?;
 
     let syms = Arc::new(Mutex::new(Symbolizer::default()));
     let mut child = match &program {
@@ -194,6 +211,12 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let mut sampler = Sampler::new(
+        &args,
+        view,
+        started,
+        snapshots_out.map(|f| (f, args.snapshots.clone().unwrap_or_default())),
+    );
     let end = runtime.block_on(trace_loop(
         &mut rec,
         &syms,
@@ -201,31 +224,41 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         &mut unplaced,
         &args,
         launched,
-        started,
-    ))?;
+        &mut sampler,
+    ));
+    sampler.close_view();
+    let end = end?;
     let duration_s = started.elapsed().as_secs_f64();
     log::debug!("recording ended: {end:?}");
 
     rec.freeze_all()?;
-    let snap = rec.snapshot()?;
+    let snap = rec.snapshot((args.min_age * 1e9) as u64)?;
     learn_new_stacks(&mut rec, &mut resolver);
     if args.bare {
         return Ok(0);
     }
+    sampler.error?;
     let syms = lock(&syms);
-    let report = report::build(&rec, &snap, &syms, &resolver, args.native, duration_s);
+    let report = report::build(
+        &rec,
+        &snap,
+        &syms,
+        &resolver,
+        &sampler.timeline,
+        report::BuildOptions {
+            native: args.native,
+            duration_s,
+            min_age_s: args.min_age,
+            interval_s: args.interval,
+        },
+    );
     drop(rec);
     drop(child);
 
     let stdout = std::io::stdout();
     report::text::write(&report, &mut stdout.lock())?;
     if let (Some(mut f), Some(path)) = (folded_out, args.output.as_deref()) {
-        report::folded::write(&report, args.metric, &mut f)
-            .and_then(|()| f.flush())
-            .map_err(|e| UserError::Output {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
+        report::write_flamegraph(&report, args.metric, path, &mut f)?;
     }
     if let (Some(mut f), Some(path)) = (json_out, args.json.as_deref()) {
         serde_json::to_writer_pretty(&mut f, &report)
@@ -325,8 +358,9 @@ async fn trace_loop(
     unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
     args: &RecordArgs,
     launched: Option<(u32, tokio::sync::oneshot::Receiver<i32>)>,
-    started: Instant,
+    sampler: &mut Sampler,
 ) -> anyhow::Result<End> {
+    let started = sampler.started;
     let child = launched.as_ref().map(|(pid, _)| *pid);
     let mut child_exit = launched.map(|(_, exit)| exit);
     // SAFETY: the ring buffer's fd belongs to `rec`, which outlives this function and so
@@ -336,6 +370,8 @@ async fn trace_loop(
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(TICK);
+    let mut sample_tick = tokio::time::interval(sampler.interval);
+    let mut keys = sampler.keys()?;
     let deadline = args
         .duration
         .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
@@ -363,8 +399,24 @@ async fn trace_loop(
                 if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
                     break End::TargetsExited;
                 }
-                if !args.quiet && started.elapsed() >= TICK {
+                if sampler.view == View::Top {
+                    sampler.draw(rec);
+                } else if !args.quiet && started.elapsed() >= TICK {
                     status_line(rec, started, &mut last_events, status_tty);
+                }
+            }
+            _ = sample_tick.tick() => {
+                learn_new_stacks(rec, resolver);
+                sampler.sample(rec, &lock(syms), resolver);
+                if sampler.error.is_err() {
+                    break End::Signal;
+                }
+            }
+            key = async { keys.as_mut().expect("guarded").recv().await }, if keys.is_some() => {
+                match key {
+                    Some(b'q' | b'Q' | 3) => break End::Signal,
+                    Some(_) => {}
+                    None => keys = None,
                 }
             }
             _ = async { tokio::time::sleep_until(sleep_until.unwrap_or_else(tokio::time::Instant::now)).await }, if sleep_until.is_some() => {
@@ -381,9 +433,12 @@ async fn trace_loop(
             }
         }
     };
-    if status_tty && !args.quiet {
+    if status_tty && !args.quiet && sampler.view == View::StatusLine {
         eprintln!();
     }
+    // The last moment counts for growth too.
+    learn_new_stacks(rec, resolver);
+    sampler.sample(rec, &lock(syms), resolver);
     if let (Some(pid), Some(wait)) = (child, child_exit) {
         if end == End::Signal {
             // Forward Ctrl-C/SIGTERM to the command and give it a moment to shut down,

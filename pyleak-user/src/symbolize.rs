@@ -44,7 +44,8 @@ impl Symbolizer {
                 continue;
             };
             let path = f.nth(2).unwrap_or("");
-            if !path.starts_with('/') {
+            // Files, and the kernel's named areas ([heap], [stack]) for mapping kinds.
+            if !path.starts_with('/') && !path.starts_with('[') {
                 continue;
             }
             let Some((s, e)) = range.split_once('-') else {
@@ -68,7 +69,11 @@ impl Symbolizer {
                 known.insert(0, m);
             }
         }
-        let paths: Vec<String> = known.iter().map(|m| m.path.clone()).collect();
+        let paths: Vec<String> = known
+            .iter()
+            .filter(|m| m.path.starts_with('/'))
+            .map(|m| m.path.clone())
+            .collect();
         for path in paths {
             self.modules
                 .entry(path)
@@ -76,12 +81,23 @@ impl Symbolizer {
         }
     }
 
+    /// The name of the mapping of `pid` holding `addr` (a file, `[heap]`, `[stack]`), as
+    /// last seen; `None` for anonymous memory or an unknown address.
+    pub fn mapping_name(&self, pid: u32, addr: u64) -> Option<&str> {
+        self.maps
+            .get(&pid)?
+            .iter()
+            .find(|m| m.start <= addr && addr < m.end)
+            .map(|m| m.path.as_str())
+    }
+
     /// Whether `ip` lies in a file mapping of `pid` (frame-pointer walks through code built
     /// without frame pointers end in garbage that does not).
     pub fn is_mapped(&self, pid: u32, ip: u64) -> bool {
-        self.maps
-            .get(&pid)
-            .is_some_and(|maps| maps.iter().any(|m| m.start <= ip && ip < m.end))
+        self.maps.get(&pid).is_some_and(|maps| {
+            maps.iter()
+                .any(|m| m.start <= ip && ip < m.end && m.path.starts_with('/'))
+        })
     }
 
     /// `symbol (module)` for an address in `pid`; `is_return` when it is a return address

@@ -17,8 +17,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use pyleak_common::{
-    Drop, Layer, LayerStats, PyProc, StackAgg, StackKey, StackTrace, VmEvent, VmKind, HIST_BUCKETS,
-    NUM_DROPS, NUM_LAYERS, TARGET_ACTIVE, TARGET_FROZEN,
+    AllocKey, Drop, Layer, LayerStats, LiveAlloc, PyProc, StackAgg, StackKey, StackTrace, VmEvent,
+    VmKind, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS, NUM_LAYERS,
+    TARGET_ACTIVE, TARGET_FROZEN,
 };
 
 use crate::{
@@ -39,6 +40,51 @@ pub struct Snapshot {
     pub stacks: HashMap<(u32, Layer, u64), StackAgg>,
     /// Lost events by reason (kernel and userspace).
     pub drops: BTreeMap<&'static str, u64>,
+    /// Lifetimes of freed blocks of the uprobe layers: `[layer][bucket]` counts, in µs.
+    pub lifetime_hist: Vec<Vec<u64>>,
+    /// Ages of what is live, per (pid, layer, stack): every block of the uprobe layers;
+    /// of the vm and pages layers, anonymous memory no probed allocator made.
+    pub ages: HashMap<(u32, Layer, u64), Ages>,
+    /// Live bytes of pymalloc requests small enough to be served from its arenas.
+    pub pymalloc_small_live: u64,
+    /// Live libc bytes allocated on behalf of pymalloc or PyMem_Raw.
+    pub libc_for_python_live: u64,
+}
+
+/// Requests pymalloc serves from its arenas (larger ones go to `PyMem_RawMalloc`).
+pub const PYMALLOC_SMALL_REQUEST: u64 = 512;
+
+/// How old the live blocks of one (pid, layer, stack) are, at the end of the recording.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ages {
+    /// Live bytes at least `min_age` old.
+    pub aged_bytes: u64,
+    /// Live blocks at least `min_age` old.
+    pub aged_count: u64,
+    /// Age of the oldest live block, in nanoseconds.
+    pub oldest_ns: u64,
+}
+
+impl Ages {
+    /// Counts one live block of `bytes` that is `age_ns` old.
+    pub fn add(&mut self, bytes: u64, age_ns: u64, min_age_ns: u64) {
+        if age_ns >= min_age_ns {
+            self.aged_bytes += bytes;
+            self.aged_count += 1;
+        }
+        self.oldest_ns = self.oldest_ns.max(age_ns);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Settings for [`Recorder::load`].
@@ -269,26 +315,27 @@ impl Recorder {
         Ok(())
     }
 
-    /// Reads everything the kernel gathered.
-    pub fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+    /// Live bytes per (pid, layer, stack) right now, every layer: one sample for growth.
+    pub fn sample(&mut self) -> anyhow::Result<HashMap<(u32, Layer, u64), u64>> {
         self.drain();
-        let layer_stats = self.layer_stats()?;
-        let hist: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map("SIZE_HIST")
-                .context("map SIZE_HIST missing")?,
-        )?;
-        let mut size_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
-        for (layer, buckets) in size_hist
-            .iter_mut()
-            .enumerate()
-            .take(Layer::Libc as usize + 1)
-        {
-            for (b, slot) in buckets.iter_mut().enumerate() {
-                let idx = (layer * HIST_BUCKETS + b) as u32;
-                *slot = hist.get(&idx, 0)?.iter().sum();
+        let mut out = HashMap::new();
+        for (key, agg) in self.stack_stats()? {
+            let live = agg.alloc_bytes.saturating_sub(agg.freed_bytes);
+            if live > 0 {
+                out.insert(key, live);
             }
         }
+        for (&key, agg) in &self.model.stacks {
+            let live = agg.alloc_bytes.saturating_sub(agg.freed_bytes);
+            if live > 0 {
+                out.insert(key, live);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per (pid, layer, stack) totals of the uprobe layers, summed over CPUs.
+    fn stack_stats(&self) -> anyhow::Result<HashMap<(u32, Layer, u64), StackAgg>> {
         let stats: PerCpuHashMap<_, StackKey, StackAgg> = PerCpuHashMap::try_from(
             self.ebpf
                 .map("STACK_STATS")
@@ -308,6 +355,114 @@ impl Recorder {
                 agg.freed_bytes += v.freed_bytes;
             }
         }
+        Ok(stacks)
+    }
+
+    /// The moment a process's state was last counted: when it froze, else now.
+    fn end_ns(&self, pid: u32, now: u64) -> u64 {
+        self.model
+            .procs
+            .get(&pid)
+            .and_then(|p| p.frozen_ns)
+            .unwrap_or(now)
+    }
+
+    /// Reads everything the kernel gathered; blocks younger than `min_age_ns` at the end
+    /// are live but not aged.
+    pub fn snapshot(&mut self, min_age_ns: u64) -> anyhow::Result<Snapshot> {
+        self.drain();
+        let now = monotonic_ns();
+        let layer_stats = self.layer_stats()?;
+        let hist: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("SIZE_HIST")
+                .context("map SIZE_HIST missing")?,
+        )?;
+        let mut size_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
+        for (layer, buckets) in size_hist
+            .iter_mut()
+            .enumerate()
+            .take(Layer::Libc as usize + 1)
+        {
+            for (b, slot) in buckets.iter_mut().enumerate() {
+                let idx = (layer * HIST_BUCKETS + b) as u32;
+                *slot = hist.get(&idx, 0)?.iter().sum();
+            }
+        }
+        let lifetimes: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("LIFETIME_HIST")
+                .context("map LIFETIME_HIST missing")?,
+        )?;
+        let mut lifetime_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
+        for (layer, buckets) in lifetime_hist
+            .iter_mut()
+            .enumerate()
+            .take(Layer::Libc as usize + 1)
+        {
+            for (b, slot) in buckets.iter_mut().enumerate() {
+                let idx = (layer * HIST_BUCKETS + b) as u32;
+                *slot = lifetimes.get(&idx, 0)?.iter().sum();
+            }
+        }
+        let mut ages: HashMap<(u32, Layer, u64), Ages> = HashMap::new();
+        let (mut pymalloc_small_live, mut libc_for_python_live) = (0, 0);
+        let live: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
+            self.ebpf
+                .map("LIVE_ALLOCS")
+                .context("map LIVE_ALLOCS missing")?,
+        )?;
+        let mut ends: HashMap<u32, u64> = HashMap::new();
+        for entry in live.iter() {
+            // Every target is frozen by now, so nothing is removed under the walk.
+            let Ok((key, block)) = entry else { break };
+            let Some(layer) = Layer::from_u32(key.layer) else {
+                continue;
+            };
+            let end = *ends
+                .entry(key.tgid)
+                .or_insert_with(|| self.end_ns(key.tgid, now));
+            ages.entry((key.tgid, layer, block.stack_id))
+                .or_default()
+                .add(block.size, end.saturating_sub(block.ts_ns), min_age_ns);
+            match layer {
+                Layer::Pymalloc if block.size <= PYMALLOC_SMALL_REQUEST => {
+                    pymalloc_small_live += block.size
+                }
+                Layer::Libc if block.flags & (FLAG_FOR_PYMALLOC | FLAG_FOR_PYMEM_RAW) != 0 => {
+                    libc_for_python_live += block.size
+                }
+                _ => {}
+            }
+        }
+        for (&pid, p) in &self.model.procs {
+            let end = self.end_ns(pid, now);
+            for (&start, r) in &p.regions {
+                // Only memory no probed allocator accounts for can be a vm or pages
+                // suspect: a library's mapping holds no leak, and what malloc or pymalloc
+                // mapped (and keep after the blocks in it are freed) is their layers'
+                // business, where a leak shows as live blocks.
+                if r.kind() != vm::MappingKind::Anonymous {
+                    continue;
+                }
+                ages.entry((pid, Layer::Vm, r.stack_id)).or_default().add(
+                    r.end - start,
+                    end.saturating_sub(r.ts_ns),
+                    min_age_ns,
+                );
+            }
+            for (&addr, page) in &p.pages {
+                if p.region_at(addr)
+                    .is_none_or(|r| r.kind() != vm::MappingKind::Anonymous)
+                {
+                    continue;
+                }
+                ages.entry((pid, Layer::Pages, page.stack_id))
+                    .or_default()
+                    .add(vm::PAGE, end.saturating_sub(page.ts_ns), min_age_ns);
+            }
+        }
+        let mut stacks = self.stack_stats()?;
         for (&key, agg) in &self.model.stacks {
             stacks.insert(key, *agg);
         }
@@ -323,6 +478,10 @@ impl Recorder {
             size_hist,
             stacks,
             drops,
+            lifetime_hist,
+            ages,
+            pymalloc_small_live,
+            libc_for_python_live,
         })
     }
 

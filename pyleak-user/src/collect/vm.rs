@@ -6,9 +6,14 @@
 use std::collections::{BTreeMap, HashMap};
 
 use hdrhistogram::Histogram;
-use pyleak_common::{Layer, StackAgg, VmEvent, VmKind};
+use pyleak_common::{
+    Layer, StackAgg, VmEvent, VmKind, FLAG_FOR_LIBC, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW,
+};
 
-const PAGE: u64 = 4096;
+/// Page size.
+pub const PAGE: u64 = 4096;
+/// `MAP_ANONYMOUS`.
+const MAP_ANONYMOUS: u64 = 0x20;
 
 /// One mapping (or a piece of one) made while tracing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +26,81 @@ pub struct Region {
     pub flags: u32,
     /// When it was made.
     pub ts_ns: u64,
+    /// How it was made.
+    pub origin: Origin,
+    /// Its length when it was made (an arena is mapped whole).
+    pub made_len: u64,
+}
+
+/// How a mapping came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// An anonymous `mmap` (or the growth of one by `mremap`).
+    Anonymous,
+    /// A file `mmap`.
+    File,
+    /// The program break moved up.
+    Brk,
+}
+
+/// What a mapping holds, as far as pyleak can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MappingKind {
+    /// A pymalloc arena: an anonymous mapping of one arena's size made by pymalloc itself.
+    PymallocArena,
+    /// malloc's main heap (the break).
+    MallocHeap,
+    /// Mappings malloc made (big blocks, the heaps of its other arenas).
+    MallocMmap,
+    /// A file mapping.
+    File,
+    /// A thread's stack.
+    Stack,
+    /// Any other anonymous memory.
+    Anonymous,
+}
+
+impl MappingKind {
+    /// Name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MappingKind::PymallocArena => "pymalloc_arena",
+            MappingKind::MallocHeap => "malloc_heap",
+            MappingKind::MallocMmap => "malloc_mmap",
+            MappingKind::File => "file",
+            MappingKind::Stack => "stack",
+            MappingKind::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// pymalloc's arena sizes: 256 KiB before CPython 3.10, 1 MiB from 3.10 (64-bit).
+pub const ARENA_SIZES: [u64; 2] = [256 << 10, 1 << 20];
+
+impl Region {
+    /// What the mapping holds, when pyleak saw it made.
+    pub fn kind(&self) -> MappingKind {
+        let for_python = self.flags & (FLAG_FOR_PYMALLOC | FLAG_FOR_PYMEM_RAW) != 0;
+        match self.origin {
+            Origin::Brk => MappingKind::MallocHeap,
+            Origin::File => MappingKind::File,
+            Origin::Anonymous
+                if self.flags == FLAG_FOR_PYMALLOC && ARENA_SIZES.contains(&self.made_len) =>
+            {
+                MappingKind::PymallocArena
+            }
+            // Where pymalloc is not probed (or inlined by LTO), an anonymous mapping of
+            // exactly an arena's size made outside malloc is taken for one.
+            Origin::Anonymous if self.flags == 0 && ARENA_SIZES.contains(&self.made_len) => {
+                MappingKind::PymallocArena
+            }
+            Origin::Anonymous if self.flags & FLAG_FOR_LIBC != 0 => MappingKind::MallocMmap,
+            // pymalloc's big requests go through malloc; without the libc layer probed
+            // the mmap under them is pymalloc's on-behalf mapping of another size.
+            Origin::Anonymous if for_python => MappingKind::MallocMmap,
+            Origin::Anonymous => MappingKind::Anonymous,
+        }
+    }
 }
 
 /// A page faulted in while tracing.
@@ -43,6 +123,19 @@ pub struct ProcVm {
     pub brk: Option<u64>,
     /// No more events count (interpreter shutting down, or exited).
     pub frozen: bool,
+    /// When it froze (`bpf_ktime_get_ns`).
+    pub frozen_ns: Option<u64>,
+}
+
+impl ProcVm {
+    /// The mapping made while tracing that holds `addr`.
+    pub fn region_at(&self, addr: u64) -> Option<&Region> {
+        self.regions
+            .range(..=addr)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| addr < r.end)
+    }
 }
 
 /// Counters of one layer kept in userspace.
@@ -74,6 +167,12 @@ pub struct VmModel {
     pub vm_sizes: Histogram<u64>,
     /// Events seen (for the status line).
     pub events: u64,
+    /// Lifetimes of unmapped mappings, µs.
+    pub vm_lifetimes: Histogram<u64>,
+    /// Lifetimes of released pages, µs.
+    pub page_lifetimes: Histogram<u64>,
+    /// Time of the event being applied.
+    now_ns: u64,
 }
 
 impl Default for VmModel {
@@ -85,6 +184,9 @@ impl Default for VmModel {
             stacks: HashMap::new(),
             vm_sizes: Histogram::new(3).expect("3 significant figures is a valid precision"),
             events: 0,
+            vm_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
+            page_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
+            now_ns: 0,
         }
     }
 }
@@ -101,6 +203,7 @@ impl VmModel {
     /// Applies one event from the kernel.
     pub fn apply(&mut self, ev: &VmEvent) {
         self.events += 1;
+        self.now_ns = ev.ts_ns;
         let proc = self.procs.entry(ev.tgid).or_default();
         if proc.frozen {
             return;
@@ -121,7 +224,21 @@ impl VmModel {
                 let len = round_up(ev.len);
                 // MAP_FIXED over an existing mapping replaces it.
                 self.unmap(ev.tgid, ev.addr, len, false);
-                self.map(ev.tgid, ev.addr, len, ev.stack_id, ev.flags, ev.ts_ns);
+                // arg: prot << 32 | flags.
+                let origin = if ev.arg & MAP_ANONYMOUS != 0 {
+                    Origin::Anonymous
+                } else {
+                    Origin::File
+                };
+                self.map(
+                    ev.tgid,
+                    ev.addr,
+                    len,
+                    ev.stack_id,
+                    ev.flags,
+                    ev.ts_ns,
+                    origin,
+                );
             }
             VmKind::Munmap => {
                 let released = self.unmap(ev.tgid, ev.addr, round_up(ev.len), true);
@@ -147,6 +264,7 @@ impl VmModel {
                         ev.stack_id,
                         ev.flags,
                         ev.ts_ns,
+                        Origin::Brk,
                     ),
                     Some(old) if new < old => {
                         self.unmap(ev.tgid, round_up(new), round_up(old) - round_up(new), true);
@@ -171,12 +289,25 @@ impl VmModel {
                 }
             }
             VmKind::Madvise => self.drop_pages(ev.tgid, ev.addr, round_up(ev.len)),
-            VmKind::Freeze => proc.frozen = true,
+            VmKind::Freeze => {
+                proc.frozen = true;
+                proc.frozen_ns = Some(ev.ts_ns);
+            }
             VmKind::NewStack => {}
         }
     }
 
-    fn map(&mut self, pid: u32, start: u64, len: u64, stack_id: u64, flags: u32, ts_ns: u64) {
+    #[allow(clippy::too_many_arguments)]
+    fn map(
+        &mut self,
+        pid: u32,
+        start: u64,
+        len: u64,
+        stack_id: u64,
+        flags: u32,
+        ts_ns: u64,
+        origin: Origin,
+    ) {
         if len == 0 {
             return;
         }
@@ -188,6 +319,8 @@ impl VmModel {
                 stack_id,
                 flags,
                 ts_ns,
+                origin,
+                made_len: len,
             },
         );
         self.vm.allocs += 1;
@@ -211,6 +344,9 @@ impl VmModel {
             let a = self.stacks.entry((pid, Layer::Vm, r.stack_id)).or_default();
             a.freed_bytes += bytes;
             a.frees += 1;
+            let _ = self
+                .vm_lifetimes
+                .record(self.now_ns.saturating_sub(r.ts_ns) / 1000);
         }
         if released > 0 && count_call {
             self.vm.frees += 1;
@@ -230,6 +366,9 @@ impl VmModel {
             .collect();
         for (addr, page) in gone {
             proc.pages.remove(&addr);
+            let _ = self
+                .page_lifetimes
+                .record(self.now_ns.saturating_sub(page.ts_ns) / 1000);
             self.pages.frees += 1;
             self.pages.freed_bytes += PAGE;
             let a = self
@@ -243,6 +382,12 @@ impl VmModel {
 
     fn mremap(&mut self, ev: &VmEvent) {
         let (old, old_len, new_len, new) = (ev.addr, round_up(ev.len), round_up(ev.arg), ev.arg2);
+        // Growth is of the same kind as the mapping grown.
+        let origin = self
+            .procs
+            .get(&ev.tgid)
+            .and_then(|p| p.region_at(old))
+            .map_or(Origin::Anonymous, |r| r.origin);
         if new == old {
             if new_len < old_len {
                 self.unmap(ev.tgid, old + new_len, old_len - new_len, true);
@@ -254,6 +399,7 @@ impl VmModel {
                     ev.stack_id,
                     ev.flags,
                     ev.ts_ns,
+                    origin,
                 );
             }
             return;
@@ -292,6 +438,7 @@ impl VmModel {
                 ev.stack_id,
                 ev.flags,
                 ev.ts_ns,
+                origin,
             );
         }
     }

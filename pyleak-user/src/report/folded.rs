@@ -16,6 +16,20 @@ pub enum Metric {
     AllocBytes,
     /// Allocations over the recording.
     Allocs,
+    /// Bytes of pages faulted in and still resident at the end (the pages layer).
+    Resident,
+}
+
+impl Metric {
+    /// Name, as given on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::LiveBytes => "live-bytes",
+            Metric::AllocBytes => "alloc-bytes",
+            Metric::Allocs => "allocs",
+            Metric::Resident => "resident",
+        }
+    }
 }
 
 /// Writes one line per (layer, stack) with a non-zero value; stacks of several processes
@@ -27,6 +41,8 @@ pub fn write(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::
             Metric::LiveBytes => s.live_bytes,
             Metric::AllocBytes => s.alloc_bytes,
             Metric::Allocs => s.allocs,
+            Metric::Resident if s.layer == "pages" => s.live_bytes,
+            Metric::Resident => 0,
         };
         if value == 0 {
             continue;
@@ -43,4 +59,40 @@ pub fn write(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::
         writeln!(out, "{k} {v}")?;
     }
     Ok(())
+}
+
+/// Draws the folded stacks as an SVG flamegraph (inferno), titled with the metric and the
+/// layers drawn.
+pub fn write_svg(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::Result<()> {
+    let mut folded = Vec::new();
+    write(report, metric, &mut folded)?;
+    let folded = String::from_utf8_lossy(&folded);
+    let layers: std::collections::BTreeSet<&str> = folded
+        .lines()
+        .filter_map(|l| l.strip_prefix('[')?.split_once(']').map(|(n, _)| n))
+        .collect();
+    let mut opts = inferno::flamegraph::Options::default();
+    opts.title = format!(
+        "pyleak: {} by stack ({})",
+        metric.name(),
+        if layers.is_empty() {
+            "no data".to_owned()
+        } else {
+            layers.into_iter().collect::<Vec<_>>().join(", ")
+        }
+    );
+    opts.count_name = match metric {
+        Metric::Allocs => "allocations".to_owned(),
+        _ => "bytes".to_owned(),
+    };
+    if folded.trim().is_empty() {
+        // inferno refuses an empty input; say so in the picture instead.
+        return write!(
+            out,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="600" height="40"><text x="10" y="25">{}: nothing to draw</text></svg>"#,
+            opts.title
+        );
+    }
+    inferno::flamegraph::from_lines(&mut opts, folded.lines(), out)
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }

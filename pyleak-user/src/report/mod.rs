@@ -4,7 +4,7 @@
 pub mod folded;
 pub mod text;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use hdrhistogram::Histogram;
 use pyleak_common::{
@@ -13,7 +13,16 @@ use pyleak_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    collect::{Recorder, Snapshot},
+    analysis::{
+        self,
+        growth::{self, Growth, Timeline, Trend},
+    },
+    cli::ReportArgs,
+    collect::{
+        vm::{MappingKind, PAGE},
+        Ages, Recorder, Snapshot,
+    },
+    errors::UserError,
     python::Resolver,
     symbolize::Symbolizer,
 };
@@ -37,6 +46,101 @@ pub struct Report {
     pub lost: BTreeMap<String, u64>,
     /// Where the probes sit.
     pub probes: Vec<ProbeInfo>,
+    /// Live memory younger than this (seconds) at the end is not a suspect.
+    #[serde(default)]
+    pub min_age_s: f64,
+    /// Seconds between growth samples (0: none taken).
+    #[serde(default)]
+    pub interval_s: f64,
+    /// Growth samples taken.
+    #[serde(default)]
+    pub samples: usize,
+    /// Leak suspects, most likely leak first.
+    #[serde(default)]
+    pub suspects: Vec<Suspect>,
+    /// The layers linked: what Python asked for, what pymalloc, malloc and the kernel hold.
+    #[serde(default)]
+    pub linkage: Linkage,
+}
+
+/// A (process, layer, stack) whose live memory outlived `min_age_s` or keeps growing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Suspect {
+    /// Layer name.
+    pub layer: String,
+    /// Process id.
+    pub pid: u32,
+    /// Frames, root first.
+    pub frames: Vec<String>,
+    /// Bytes live at the end.
+    pub live_bytes: u64,
+    /// Blocks live at the end.
+    pub live_count: u64,
+    /// Of those, bytes at least `min_age_s` old.
+    pub aged_live_bytes: u64,
+    /// Blocks at least `min_age_s` old.
+    pub aged_live_count: u64,
+    /// Growth of live bytes in the recent half of the recording, bytes per second.
+    pub growth_bytes_per_s: f64,
+    /// Growth over the whole recording, bytes per second.
+    pub overall_growth_bytes_per_s: f64,
+    /// Share of recent sampling intervals in which live bytes rose.
+    pub steadiness: f64,
+    /// `growing`, `plateau`, `flat`, `shrinking` or `unknown` (too few samples).
+    pub trend: Trend,
+    /// Age of the oldest live block, seconds.
+    pub oldest_age_s: f64,
+    /// The same Python stack at every layer.
+    pub linkage: SuspectLinkage,
+}
+
+/// One stack's memory at every layer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SuspectLinkage {
+    /// Live pymalloc requests.
+    pub pymalloc_live_bytes: u64,
+    /// Live PyMem_Raw requests.
+    pub pymem_raw_live_bytes: u64,
+    /// Live malloc blocks.
+    pub libc_live_bytes: u64,
+    /// pymalloc arenas this stack caused to be mapped, still mapped.
+    pub arena_bytes: u64,
+    /// Mappings still mapped.
+    pub vm_live_bytes: u64,
+    /// Pages this stack faulted in, still resident.
+    pub resident_bytes: u64,
+}
+
+/// The layers linked, for all traced processes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Linkage {
+    /// Live pymalloc requests (what Python code asked for).
+    pub pymalloc_live_bytes: u64,
+    /// Of those, requests of at most 512 bytes (served from arenas).
+    pub pymalloc_small_live_bytes: u64,
+    /// Live PyMem_Raw requests.
+    pub pymem_raw_live_bytes: u64,
+    /// pymalloc arenas mapped while tracing and still mapped.
+    pub arena_count: u64,
+    /// Their bytes.
+    pub arena_bytes: u64,
+    /// Their resident bytes.
+    pub arena_resident_bytes: u64,
+    /// `arena_bytes / pymalloc_small_live_bytes`: 1.0 is perfectly packed; far above 1,
+    /// arenas kept alive by a few objects each.
+    pub fragmentation_ratio: Option<f64>,
+    /// Live malloc blocks.
+    pub libc_live_bytes: u64,
+    /// Of those, allocated on behalf of pymalloc or PyMem_Raw.
+    pub libc_for_python_live_bytes: u64,
+    /// Mappings made while tracing and still mapped.
+    pub vm_live_bytes: u64,
+    /// Those mappings by kind.
+    pub vm_by_kind: BTreeMap<String, u64>,
+    /// Pages faulted in while tracing and still resident.
+    pub resident_bytes: u64,
+    /// Those pages by the kind of mapping they are in.
+    pub resident_by_kind: BTreeMap<String, u64>,
 }
 
 /// A traced process.
@@ -69,6 +173,9 @@ pub struct LayerReport {
     pub failed_allocs: u64,
     /// Allocation size percentiles (p50, p90, p99, max), in bytes.
     pub size_percentiles: BTreeMap<String, u64>,
+    /// Lifetime percentiles of freed blocks (p50, p90, p99, max), in microseconds.
+    #[serde(default)]
+    pub lifetime_percentiles_us: BTreeMap<String, u64>,
 }
 
 /// One (process, layer, stack).
@@ -94,6 +201,12 @@ pub struct StackReport {
     pub freed_bytes: u64,
     /// Whether frames were cut off.
     pub truncated: bool,
+    /// Live bytes at least `min_age_s` old.
+    #[serde(default)]
+    pub aged_live_bytes: u64,
+    /// Growth of live bytes in the recent half of the recording, bytes per second.
+    #[serde(default)]
+    pub growth_bytes_per_s: f64,
 }
 
 /// Where a probe sits.
@@ -109,14 +222,30 @@ pub struct ProbeInfo {
     pub emulated: bool,
 }
 
-/// Builds the report from what the kernel and the vm model hold.
+/// Settings of [`build`].
+#[derive(Debug, Clone, Copy)]
+pub struct BuildOptions {
+    /// Native frames under the Python ones.
+    pub native: bool,
+    /// Seconds recorded.
+    pub duration_s: f64,
+    /// Live memory younger than this at the end is not a suspect.
+    pub min_age_s: f64,
+    /// Seconds between growth samples.
+    pub interval_s: f64,
+}
+
+/// Suspects listed at most.
+pub const MAX_SUSPECTS: usize = 50;
+
+/// Builds the report from what the kernel and the vm model hold, and the growth samples.
 pub fn build(
     rec: &Recorder,
     snap: &Snapshot,
     syms: &Symbolizer,
     py: &Resolver,
-    native: bool,
-    duration_s: f64,
+    timeline: &Timeline<(u32, Layer, u64)>,
+    opts: BuildOptions,
 ) -> Report {
     let mut layers = BTreeMap::new();
     for layer in Layer::ALL {
@@ -152,20 +281,15 @@ pub fn build(
                     unmatched_frees: t.unmatched_frees,
                     failed_allocs: 0,
                     size_percentiles: sizes,
+                    lifetime_percentiles_us: percentiles(if layer == Layer::Vm {
+                        &rec.model.vm_lifetimes
+                    } else {
+                        &rec.model.page_lifetimes
+                    }),
                 }
             }
             _ => {
                 let s = snap.layer_stats[layer as usize];
-                let mut h = new_histogram();
-                for (b, &n) in snap.size_hist[layer as usize]
-                    .iter()
-                    .enumerate()
-                    .take(HIST_BUCKETS)
-                {
-                    if n > 0 {
-                        let _ = h.record_n(bucket_low(b).max(1), n);
-                    }
-                }
                 LayerReport {
                     allocs: s.allocs,
                     frees: s.frees,
@@ -175,17 +299,33 @@ pub fn build(
                     live_bytes: s.alloc_bytes.saturating_sub(s.freed_bytes),
                     unmatched_frees: s.unmatched_frees,
                     failed_allocs: s.failed_allocs,
-                    size_percentiles: percentiles(&h),
+                    size_percentiles: percentiles(&bucket_histogram(
+                        &snap.size_hist[layer as usize],
+                    )),
+                    lifetime_percentiles_us: percentiles(&bucket_histogram(
+                        &snap.lifetime_hist[layer as usize],
+                    )),
                 }
             }
         };
         layers.insert(layer.name().to_owned(), r);
     }
 
+    // Rows: one per (process, layer, frames); stacks that differ only in frames not shown
+    // (native callers under the same Python line) are one row.
     let live_regions = rec.model.live_regions();
     let live_pages = rec.model.live_pages();
-    let mut frames_cache: BTreeMap<(u32, u64), (Vec<String>, bool)> = BTreeMap::new();
-    let mut stacks = Vec::new();
+    let mut frames_cache: HashMap<(u32, u64), (Vec<String>, bool)> = HashMap::new();
+    let mut frames = |pid: u32, stack_id: u64| {
+        frames_cache
+            .entry((pid, stack_id))
+            .or_insert_with(|| frames_of(rec, syms, py, opts.native, pid, stack_id))
+            .clone()
+    };
+    let mut rows: Vec<StackReport> = Vec::new();
+    let mut row_of: HashMap<(u32, Layer, Vec<String>), usize> = HashMap::new();
+    let mut row_of_key: HashMap<(u32, Layer, u64), usize> = HashMap::new();
+    let mut ages: Vec<Ages> = Vec::new();
     for (&(pid, layer, stack_id), agg) in &snap.stacks {
         let (live_bytes, live_count) = match layer {
             Layer::Vm => live_regions
@@ -201,24 +341,156 @@ pub fn build(
                 agg.allocs.saturating_sub(agg.frees),
             ),
         };
-        let (frames, truncated) = frames_cache
-            .entry((pid, stack_id))
-            .or_insert_with(|| frames_of(rec, syms, py, native, pid, stack_id))
-            .clone();
-        stacks.push(StackReport {
-            layer: layer.name().to_owned(),
-            pid,
-            frames,
-            live_bytes,
-            live_count,
-            alloc_bytes: agg.alloc_bytes,
-            allocs: agg.allocs,
-            frees: agg.frees,
-            freed_bytes: agg.freed_bytes,
-            truncated,
+        let (fr, truncated) = frames(pid, stack_id);
+        let i = *row_of.entry((pid, layer, fr.clone())).or_insert_with(|| {
+            rows.push(StackReport {
+                layer: layer.name().to_owned(),
+                pid,
+                frames: fr,
+                live_bytes: 0,
+                live_count: 0,
+                alloc_bytes: 0,
+                allocs: 0,
+                frees: 0,
+                freed_bytes: 0,
+                truncated,
+                aged_live_bytes: 0,
+                growth_bytes_per_s: 0.0,
+            });
+            ages.push(Ages::default());
+            rows.len() - 1
+        });
+        row_of_key.insert((pid, layer, stack_id), i);
+        let r = &mut rows[i];
+        r.live_bytes += live_bytes;
+        r.live_count += live_count;
+        r.alloc_bytes += agg.alloc_bytes;
+        r.allocs += agg.allocs;
+        r.frees += agg.frees;
+        r.freed_bytes += agg.freed_bytes;
+        if let Some(a) = snap.ages.get(&(pid, layer, stack_id)) {
+            let row = &mut ages[i];
+            row.aged_bytes += a.aged_bytes;
+            row.aged_count += a.aged_count;
+            row.oldest_ns = row.oldest_ns.max(a.oldest_ns);
+        }
+    }
+    let series = timeline.grouped(|k| row_of_key.get(k).copied());
+    let noise = analysis::growth_noise(opts.interval_s);
+    let growth: Vec<Growth> = (0..rows.len())
+        .map(|i| match series.get(&i) {
+            Some(v) => growth::assess(timeline.times(), v, noise),
+            None => growth::assess(timeline.times(), &vec![0; timeline.len()], noise),
+        })
+        .collect();
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.aged_live_bytes = ages[i].aged_bytes;
+        r.growth_bytes_per_s = growth[i].bytes_per_s;
+    }
+
+    // Mappings and resident pages by kind, per (pid, frames) for the suspects.
+    let mut linkage = Linkage {
+        pymalloc_live_bytes: layers["pymalloc"].live_bytes,
+        pymalloc_small_live_bytes: snap.pymalloc_small_live,
+        pymem_raw_live_bytes: layers["pymem_raw"].live_bytes,
+        libc_live_bytes: layers["libc"].live_bytes,
+        libc_for_python_live_bytes: snap.libc_for_python_live,
+        vm_live_bytes: layers["vm"].live_bytes,
+        resident_bytes: layers["pages"].live_bytes,
+        ..Linkage::default()
+    };
+    let mut arenas_by_stack: HashMap<(u32, Vec<String>), u64> = HashMap::new();
+    for (&pid, p) in &rec.model.procs {
+        for (&start, r) in &p.regions {
+            let kind = r.kind();
+            *linkage
+                .vm_by_kind
+                .entry(kind.name().to_owned())
+                .or_default() += r.end - start;
+            if kind == MappingKind::PymallocArena {
+                linkage.arena_count += 1;
+                linkage.arena_bytes += r.end - start;
+                *arenas_by_stack
+                    .entry((pid, frames(pid, r.stack_id).0))
+                    .or_default() += r.end - start;
+            }
+        }
+        for &addr in p.pages.keys() {
+            let kind = match p.region_at(addr) {
+                Some(r) => r.kind(),
+                None => match syms.mapping_name(pid, addr) {
+                    Some("[heap]") => MappingKind::MallocHeap,
+                    Some(n) if n.starts_with("[stack") => MappingKind::Stack,
+                    Some(n) if n.starts_with('/') => MappingKind::File,
+                    _ => MappingKind::Anonymous,
+                },
+            };
+            if kind == MappingKind::PymallocArena {
+                linkage.arena_resident_bytes += PAGE;
+            }
+            *linkage
+                .resident_by_kind
+                .entry(kind.name().to_owned())
+                .or_default() += PAGE;
+        }
+    }
+    if linkage.arena_bytes > 0 && linkage.pymalloc_small_live_bytes > 0 {
+        linkage.fragmentation_ratio =
+            Some(linkage.arena_bytes as f64 / linkage.pymalloc_small_live_bytes as f64);
+    }
+
+    let mut by_frames: HashMap<(u32, &[String]), SuspectLinkage> = HashMap::new();
+    for r in &rows {
+        let l = by_frames.entry((r.pid, &r.frames)).or_default();
+        match analysis::layer_named(&r.layer) {
+            Some(Layer::Pymalloc) => l.pymalloc_live_bytes += r.live_bytes,
+            Some(Layer::PymemRaw) => l.pymem_raw_live_bytes += r.live_bytes,
+            Some(Layer::Libc) => l.libc_live_bytes += r.live_bytes,
+            Some(Layer::Vm) => l.vm_live_bytes += r.live_bytes,
+            Some(Layer::Pages) => l.resident_bytes += r.live_bytes,
+            None => {}
+        }
+    }
+    let mut suspects: Vec<Suspect> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let (a, g) = (ages[i], growth[i]);
+        // vm and pages rows qualify by aged memory only: their growth is mostly malloc's
+        // and pymalloc's, whose own layers say whether blocks are leaking.
+        let uprobe_layer = !matches!(
+            analysis::layer_named(&r.layer),
+            Some(Layer::Vm | Layer::Pages)
+        );
+        if a.aged_bytes == 0 && !(g.trend == Trend::Growing && uprobe_layer) {
+            continue;
+        }
+        let mut link = by_frames
+            .get(&(r.pid, r.frames.as_slice()))
+            .cloned()
+            .unwrap_or_default();
+        link.arena_bytes = arenas_by_stack
+            .get(&(r.pid, r.frames.clone()))
+            .copied()
+            .unwrap_or(0);
+        suspects.push(Suspect {
+            layer: r.layer.clone(),
+            pid: r.pid,
+            frames: r.frames.clone(),
+            live_bytes: r.live_bytes,
+            live_count: r.live_count,
+            aged_live_bytes: a.aged_bytes,
+            aged_live_count: a.aged_count,
+            growth_bytes_per_s: g.bytes_per_s,
+            overall_growth_bytes_per_s: g.overall_bytes_per_s,
+            steadiness: g.steadiness,
+            trend: g.trend,
+            oldest_age_s: a.oldest_ns as f64 / 1e9,
+            linkage: link,
         });
     }
-    stacks.sort_by(|a, b| {
+    analysis::rank(&mut suspects);
+    suspects.truncate(MAX_SUSPECTS);
+
+    rows.sort_by(|a, b| {
         b.live_bytes
             .cmp(&a.live_bytes)
             .then(b.alloc_bytes.cmp(&a.alloc_bytes))
@@ -233,7 +505,7 @@ pub fn build(
         .collect();
     Report {
         pyleak_version: env!("CARGO_PKG_VERSION").to_owned(),
-        duration_s,
+        duration_s: opts.duration_s,
         processes: rec
             .targets
             .iter()
@@ -243,7 +515,7 @@ pub fn build(
             })
             .collect(),
         layers,
-        stacks,
+        stacks: rows,
         lost_events: lost.values().sum(),
         lost,
         probes: rec
@@ -256,12 +528,77 @@ pub fn build(
                 emulated: p.emulated,
             })
             .collect(),
+        min_age_s: opts.min_age_s,
+        interval_s: opts.interval_s,
+        samples: timeline.len(),
+        suspects,
+        linkage,
     }
+}
+
+/// Writes the flamegraph `-o` asks for: an SVG when the path ends in `.svg`, else folded.
+pub fn write_flamegraph(
+    report: &Report,
+    metric: folded::Metric,
+    path: &std::path::Path,
+    f: &mut std::fs::File,
+) -> Result<(), UserError> {
+    use std::io::Write as _;
+    let svg = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    let mut out = std::io::BufWriter::new(f);
+    if svg {
+        folded::write_svg(report, metric, &mut out)
+    } else {
+        folded::write(report, metric, &mut out)
+    }
+    .and_then(|()| out.flush())
+    .map_err(|e| UserError::Output {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// `pyleak report FILE.json`: the text summary again, and a flamegraph with `-o`.
+pub fn rerender(args: &ReportArgs) -> anyhow::Result<i32> {
+    let bad = |reason: String| UserError::BadReport {
+        path: args.input.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(&args.input).map_err(|e| bad(e.to_string()))?;
+    let report: Report = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut out = args
+        .output
+        .as_deref()
+        .map(|p| {
+            std::fs::File::create(p).map_err(|e| UserError::Output {
+                path: p.to_owned(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()?;
+    text::write(&report, &mut std::io::stdout().lock())?;
+    if let (Some(f), Some(path)) = (out.as_mut(), args.output.as_deref()) {
+        write_flamegraph(&report, args.metric, path, f)?;
+    }
+    Ok(0)
+}
+
+/// A histogram from the kernel's log-linear bucket counts.
+fn bucket_histogram(counts: &[u64]) -> Histogram<u64> {
+    let mut h = new_histogram();
+    for (b, &n) in counts.iter().enumerate().take(HIST_BUCKETS) {
+        if n > 0 {
+            let _ = h.record_n(bucket_low(b).max(1), n);
+        }
+    }
+    h
 }
 
 /// Frames of an interned stack, root first: the Python frames when there are any (then,
 /// with `native`, the native frames below them), else the native frames.
-fn frames_of(
+pub fn frames_of(
     rec: &Recorder,
     syms: &Symbolizer,
     py: &Resolver,
@@ -361,6 +698,8 @@ mod tests {
             frees: 1,
             freed_bytes: alloc - live,
             truncated: frames.first() == Some(&"[truncated]"),
+            aged_live_bytes: live / 2,
+            growth_bytes_per_s: 0.0,
         };
         let mut layers = BTreeMap::new();
         for layer in Layer::ALL {
@@ -435,6 +774,74 @@ mod tests {
                 offset: 3,
                 emulated: true,
             }],
+            min_age_s: 1.0,
+            interval_s: 2.0,
+            samples: 12,
+            suspects: vec![
+                Suspect {
+                    layer: "pymalloc".to_owned(),
+                    pid: 42,
+                    frames: vec![
+                        "<module> (/srv/app.py:73)".to_owned(),
+                        "main (/srv/app.py:56)".to_owned(),
+                        "leak (/srv/app.py:26)".to_owned(),
+                    ],
+                    live_bytes: 4000400,
+                    live_count: 400,
+                    aged_live_bytes: 3000300,
+                    aged_live_count: 300,
+                    growth_bytes_per_s: 100010.0,
+                    overall_growth_bytes_per_s: 100000.0,
+                    steadiness: 1.0,
+                    trend: Trend::Growing,
+                    oldest_age_s: 23.5,
+                    linkage: SuspectLinkage {
+                        pymalloc_live_bytes: 4000400,
+                        libc_live_bytes: 4000400,
+                        resident_bytes: 4001792,
+                        ..Default::default()
+                    },
+                },
+                Suspect {
+                    layer: "pages".to_owned(),
+                    pid: 42,
+                    frames: vec!["recurse (/srv/app.py:48)".to_owned()],
+                    live_bytes: 8192,
+                    live_count: 2,
+                    aged_live_bytes: 8192,
+                    aged_live_count: 2,
+                    growth_bytes_per_s: 0.0,
+                    overall_growth_bytes_per_s: 300.0,
+                    steadiness: 0.0,
+                    trend: Trend::Plateau,
+                    oldest_age_s: 20.0,
+                    linkage: SuspectLinkage {
+                        resident_bytes: 8192,
+                        ..Default::default()
+                    },
+                },
+            ],
+            linkage: Linkage {
+                pymalloc_live_bytes: 4100000,
+                pymalloc_small_live_bytes: 99600,
+                pymem_raw_live_bytes: 5000,
+                arena_count: 3,
+                arena_bytes: 3 << 20,
+                arena_resident_bytes: 2 << 20,
+                fragmentation_ratio: Some((3 << 20) as f64 / 99600.0),
+                libc_live_bytes: 4100000,
+                libc_for_python_live_bytes: 4000400,
+                vm_live_bytes: 8 << 20,
+                vm_by_kind: BTreeMap::from([
+                    ("pymalloc_arena".to_owned(), 3 << 20),
+                    ("malloc_heap".to_owned(), 5 << 20),
+                ]),
+                resident_bytes: 7 << 20,
+                resident_by_kind: BTreeMap::from([
+                    ("pymalloc_arena".to_owned(), 2 << 20),
+                    ("malloc_heap".to_owned(), 5 << 20),
+                ]),
+            },
         }
     }
 
@@ -456,6 +863,7 @@ mod tests {
             (folded::Metric::LiveBytes, "live-bytes.folded"),
             (folded::Metric::AllocBytes, "alloc-bytes.folded"),
             (folded::Metric::Allocs, "allocs.folded"),
+            (folded::Metric::Resident, "resident.folded"),
         ] {
             let mut out = Vec::new();
             folded::write(&sample(), metric, &mut out).unwrap();
@@ -469,6 +877,30 @@ mod tests {
         golden("report.json", &text);
         let back: Report = serde_json::from_str(&text).unwrap();
         assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn text_matches_golden_file() {
+        let mut out = Vec::new();
+        text::write(&sample(), &mut out).unwrap();
+        golden("report.txt", &String::from_utf8(out).unwrap());
+    }
+
+    #[test]
+    fn svg_is_titled_with_metric_and_layers() {
+        let mut svg = Vec::new();
+        folded::write_svg(&sample(), folded::Metric::Resident, &mut svg).unwrap();
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(svg.starts_with("<?xml"), "an SVG document");
+        assert!(
+            svg.contains("pyleak: resident by stack (pages)"),
+            "title names the metric and the one layer with resident pages"
+        );
+        assert!(svg.contains("recurse (/srv/app.py:48)"));
+        assert!(
+            !svg.contains("[libc]"),
+            "resident counts the pages layer only"
+        );
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             reasons.join(", ")
         )?;
     }
+    linkage(report, out)?;
+    suspects(report, out)?;
     let top: Vec<_> = report
         .stacks
         .iter()
@@ -112,6 +114,155 @@ pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         )?;
         for f in s.frames.iter().rev().take(FRAMES_SHOWN) {
             writeln!(out, "      {f}")?;
+        }
+    }
+    Ok(())
+}
+
+/// How many suspects the summary lists.
+const TOP_SUSPECTS: usize = 5;
+
+/// The layers linked, in words: requested by Python → held by pymalloc's arenas → held by
+/// malloc → mapped → resident.
+fn linkage(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    let l = &report.linkage;
+    let kinds = |m: &std::collections::BTreeMap<String, u64>| {
+        let mut v: Vec<(&String, &u64)> = m.iter().filter(|(_, b)| **b > 0).collect();
+        v.sort_by(|a, b| b.1.cmp(a.1));
+        v.iter()
+            .map(|(k, b)| format!("{} {}", k, human_bytes(**b)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    writeln!(out, "memory by layer, top down (live at the end):")?;
+    if report.layers.get("pymalloc").is_some_and(|r| r.allocs > 0) {
+        writeln!(
+            out,
+            "  requested by Python code   {:>10} in pymalloc ({} in objects of at most 512 B)",
+            human_bytes(l.pymalloc_live_bytes),
+            human_bytes(l.pymalloc_small_live_bytes)
+        )?;
+    }
+    if l.arena_count > 0 {
+        let ratio = l
+            .fragmentation_ratio
+            .map(|r| format!("; {r:.1}x the small objects in them: fragmentation"))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  held by pymalloc arenas    {:>10} in {} arenas mapped while tracing, {} resident{}",
+            human_bytes(l.arena_bytes),
+            l.arena_count,
+            human_bytes(l.arena_resident_bytes),
+            ratio
+        )?;
+    }
+    if report.layers.get("pymem_raw").is_some_and(|r| r.allocs > 0) {
+        writeln!(
+            out,
+            "  raw Python buffers         {:>10} in PyMem_Raw",
+            human_bytes(l.pymem_raw_live_bytes)
+        )?;
+    }
+    if report.layers.get("libc").is_some_and(|r| r.allocs > 0) {
+        writeln!(
+            out,
+            "  held by malloc             {:>10} ({} of it for pymalloc/PyMem_Raw)",
+            human_bytes(l.libc_live_bytes),
+            human_bytes(l.libc_for_python_live_bytes)
+        )?;
+    }
+    if report.layers.get("vm").is_some_and(|r| r.allocs > 0) {
+        writeln!(
+            out,
+            "  mapped                     {:>10} ({})",
+            human_bytes(l.vm_live_bytes),
+            kinds(&l.vm_by_kind)
+        )?;
+    }
+    if report.layers.get("pages").is_some_and(|r| r.allocs > 0) {
+        writeln!(
+            out,
+            "  resident                   {:>10} ({})",
+            human_bytes(l.resident_bytes),
+            kinds(&l.resident_by_kind)
+        )?;
+    }
+    Ok(())
+}
+
+/// The leak suspects, most likely first.
+fn suspects(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    if report.suspects.is_empty() {
+        writeln!(
+            out,
+            "no leak suspects: nothing live older than {} s and no stack growing",
+            report.min_age_s
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "leak suspects (live at least {} s, or growing; {} samples {} s apart):",
+        report.min_age_s, report.samples, report.interval_s
+    )?;
+    // One entry per Python stack (its layers are ranked together, upper layer first); the
+    // linkage line gives the other layers.
+    let mut seen = std::collections::HashSet::new();
+    let shown = report
+        .suspects
+        .iter()
+        .filter(|s| seen.insert((s.pid, &s.frames)))
+        .take(TOP_SUSPECTS);
+    for (i, s) in shown.enumerate() {
+        let growth = match s.trend {
+            crate::analysis::growth::Trend::Unknown => "growth unknown".to_owned(),
+            t => format!(
+                "{}, {}/s",
+                format!("{t:?}").to_lowercase(),
+                if s.growth_bytes_per_s >= 0.0 {
+                    format!("+{}", human_bytes(s.growth_bytes_per_s as u64))
+                } else {
+                    format!("-{}", human_bytes((-s.growth_bytes_per_s) as u64))
+                }
+            ),
+        };
+        writeln!(
+            out,
+            "  #{} {:<9} {:>10} live in {} ({} older than {} s, oldest {:.1} s), {}, pid {}",
+            i + 1,
+            s.layer,
+            human_bytes(s.live_bytes),
+            s.live_count,
+            human_bytes(s.aged_live_bytes),
+            report.min_age_s,
+            s.oldest_age_s,
+            growth,
+            s.pid
+        )?;
+        for f in s.frames.iter().rev().take(FRAMES_SHOWN) {
+            writeln!(out, "      {f}")?;
+        }
+        let k = &s.linkage;
+        let mut parts = Vec::new();
+        for (name, v) in [
+            ("pymalloc", k.pymalloc_live_bytes),
+            ("pymem_raw", k.pymem_raw_live_bytes),
+            ("malloc", k.libc_live_bytes),
+            ("arenas", k.arena_bytes),
+            ("mapped", k.vm_live_bytes),
+            ("resident", k.resident_bytes),
+        ] {
+            if v > 0 {
+                parts.push(format!("{name} {}", human_bytes(v)));
+            }
+        }
+        if !parts.is_empty() {
+            writeln!(
+                out,
+                "      this stack at every layer: {}",
+                parts.join(" -> ")
+            )?;
         }
     }
     Ok(())
