@@ -457,7 +457,7 @@ fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
     for (pid, id) in std::mem::take(&mut rec.new_stacks) {
         if let Some(st) = rec.stack(id) {
             let n = (st.py_len as usize).min(st.py.len());
-            resolver.learn(pid, &st.py[..n]);
+            resolver.learn(pid, id, &st.py[..n]);
         }
     }
 }

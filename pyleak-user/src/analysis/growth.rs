@@ -144,12 +144,16 @@ pub fn assess(times: &[f64], bytes: &[u64], noise: u64) -> Growth {
     let steadiness = ups as f64 / (steps.len() - 1).max(1) as f64;
     let span = times[n - 1] - times[half];
     let recent_change = recent * span;
-    let earlier_change = bytes[half] as f64 - bytes[0] as f64;
-    let trend = if recent_change > noise as f64 && steadiness >= 0.5 {
+    let quarter = n - n / 4 - 1;
+    let last_quarter_change = bytes[n - 1] as f64 - bytes[quarter] as f64;
+    let total_change = bytes[n - 1] as f64 - bytes[0] as f64;
+    let noise = noise as f64;
+    let trend = if recent_change > noise && steadiness >= 0.5 {
         Trend::Growing
-    } else if recent_change < -(noise as f64) {
+    } else if recent_change < -noise {
         Trend::Shrinking
-    } else if earlier_change > noise as f64 {
+    } else if total_change > noise && last_quarter_change <= noise {
+        // Rose (perhaps in a burst), then levelled off.
         Trend::Plateau
     } else {
         Trend::Flat
@@ -207,6 +211,17 @@ mod tests {
         assert_eq!(g.trend, Trend::Plateau, "{g:?}");
         assert_eq!(g.bytes_per_s, 0.0);
         assert!(g.overall_bytes_per_s > 0.0);
+    }
+
+    #[test]
+    fn a_cache_filled_in_a_burst_late_is_a_plateau_not_growth() {
+        // Nothing for 12 samples, a burst over 3, then flat: rose in the recent half, but
+        // in few of its steps.
+        let bytes: Vec<u64> = (0..30)
+            .map(|i: u64| i.saturating_sub(12).min(3) * 300_000)
+            .collect();
+        let g = assess(&times(30), &bytes, 1024);
+        assert_eq!(g.trend, Trend::Plateau, "{g:?}");
     }
 
     #[test]

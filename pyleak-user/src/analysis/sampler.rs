@@ -122,7 +122,8 @@ impl Sampler {
     /// Takes one sample, and writes it as a line when streaming.
     pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &Resolver) {
         let live = match rec.sample() {
-            Ok(l) => l,
+            Ok(Some(l)) => l,
+            Ok(None) => return,
             Err(e) => {
                 log::warn!("growth sample: {e}");
                 return;

@@ -51,6 +51,9 @@ pub struct Snapshot {
     pub libc_for_python_live: u64,
 }
 
+/// One (pid, layer, stack).
+pub type StackSlot = (u32, Layer, u64);
+
 /// Requests pymalloc serves from its arenas (larger ones go to `PyMem_RawMalloc`).
 pub const PYMALLOC_SMALL_REQUEST: u64 = 512;
 
@@ -63,6 +66,10 @@ pub struct Ages {
     pub aged_count: u64,
     /// Age of the oldest live block, in nanoseconds.
     pub oldest_ns: u64,
+    /// All live bytes counted (aged or not).
+    pub bytes: u64,
+    /// All live blocks counted.
+    pub count: u64,
 }
 
 impl Ages {
@@ -73,6 +80,8 @@ impl Ages {
             self.aged_count += 1;
         }
         self.oldest_ns = self.oldest_ns.max(age_ns);
+        self.bytes += bytes;
+        self.count += 1;
     }
 }
 
@@ -316,8 +325,13 @@ impl Recorder {
     }
 
     /// Live bytes per (pid, layer, stack) right now, every layer: one sample for growth.
-    pub fn sample(&mut self) -> anyhow::Result<HashMap<(u32, Layer, u64), u64>> {
+    /// `None` once every target is frozen: its memory no longer moves, and flat samples
+    /// after the end would read as a leak that stopped.
+    pub fn sample(&mut self) -> anyhow::Result<Option<HashMap<StackSlot, u64>>> {
         self.drain();
+        if !self.targets.is_empty() && self.targets.iter().all(|&p| self.is_frozen(p)) {
+            return Ok(None);
+        }
         let mut out = HashMap::new();
         for (key, agg) in self.stack_stats()? {
             let live = agg.alloc_bytes.saturating_sub(agg.freed_bytes);
@@ -331,7 +345,7 @@ impl Recorder {
                 out.insert(key, live);
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Per (pid, layer, stack) totals of the uprobe layers, summed over CPUs.

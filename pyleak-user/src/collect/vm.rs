@@ -12,6 +12,10 @@ use pyleak_common::{
 
 /// Page size.
 pub const PAGE: u64 = 4096;
+/// x86 page fault error code: the page was present (a protection fault).
+const PF_PRESENT: u64 = 1;
+/// x86 page fault error code: a write.
+const PF_WRITE: u64 = 2;
 /// `MAP_ANONYMOUS`.
 const MAP_ANONYMOUS: u64 = 0x20;
 
@@ -273,6 +277,16 @@ impl VmModel {
                 }
             }
             VmKind::Fault => {
+                // A read of a never-written page of anonymous memory maps the shared zero
+                // page: nothing becomes resident until the write that follows.
+                let read_of_absent = ev.arg & (PF_PRESENT | PF_WRITE) == 0;
+                if read_of_absent
+                    && proc
+                        .region_at(ev.addr)
+                        .is_some_and(|r| r.origin != Origin::File)
+                {
+                    return;
+                }
                 if let std::collections::btree_map::Entry::Vacant(v) = proc.pages.entry(ev.addr) {
                     v.insert(Page {
                         stack_id: ev.stack_id,
@@ -601,6 +615,70 @@ mod tests {
         assert_eq!(live(&m), 0x21000);
         m.apply(&ev(VmKind::Brk, 0x110000, 0, 0x110000, 0, 3));
         assert_eq!(live(&m), 0x10000);
+    }
+
+    #[test]
+    fn reads_of_fresh_anonymous_memory_are_not_resident() {
+        let mut m = VmModel::default();
+        let anon = 0x22; // MAP_PRIVATE | MAP_ANONYMOUS
+        m.apply(&ev(VmKind::Mmap, 0x10000, 2 * PAGE, anon, u64::MAX, 7));
+        m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 5)); // read: the zero page
+        assert_eq!(m.pages.allocs, 0);
+        m.apply(&ev(
+            VmKind::Fault,
+            0x10000,
+            PAGE,
+            PF_PRESENT | PF_WRITE,
+            0,
+            6,
+        )); // COW
+        m.apply(&ev(VmKind::Fault, 0x11000, PAGE, PF_WRITE, 0, 6));
+        assert_eq!(m.pages.allocs, 2);
+        assert_eq!(m.stacks[&(1, Layer::Pages, 6)].alloc_bytes, 2 * PAGE);
+        // A file mapping's pages are resident when read.
+        m.apply(&ev(VmKind::Mmap, 0x40000, PAGE, 0x2, 3, 8));
+        m.apply(&ev(VmKind::Fault, 0x40000, PAGE, 0, 0, 5));
+        assert_eq!(m.pages.allocs, 3);
+    }
+
+    #[test]
+    fn mapping_kinds() {
+        let region = |flags, origin, made_len| Region {
+            end: 0,
+            stack_id: 0,
+            flags,
+            ts_ns: 0,
+            origin,
+            made_len,
+        };
+        let arena = 1 << 20;
+        assert_eq!(
+            region(FLAG_FOR_PYMALLOC, Origin::Anonymous, arena).kind(),
+            MappingKind::PymallocArena
+        );
+        assert_eq!(
+            region(FLAG_FOR_PYMALLOC | FLAG_FOR_LIBC, Origin::Anonymous, arena).kind(),
+            MappingKind::MallocMmap,
+            "a big pymalloc request's block, mapped by malloc"
+        );
+        assert_eq!(
+            region(FLAG_FOR_LIBC, Origin::Anonymous, 3 << 20).kind(),
+            MappingKind::MallocMmap
+        );
+        assert_eq!(
+            region(0, Origin::Anonymous, 256 << 10).kind(),
+            MappingKind::PymallocArena,
+            "an arena made where pymalloc is not probed"
+        );
+        assert_eq!(
+            region(0, Origin::Anonymous, 3 << 20).kind(),
+            MappingKind::Anonymous
+        );
+        assert_eq!(
+            region(FLAG_FOR_LIBC, Origin::Brk, PAGE).kind(),
+            MappingKind::MallocHeap
+        );
+        assert_eq!(region(0, Origin::File, arena).kind(), MappingKind::File);
     }
 
     #[test]

@@ -60,6 +60,46 @@ pub struct CodeInfo {
     pub firstlineno: u32,
     /// Raw line table: `co_lnotab` (3.8/3.9) or `co_linetable` (3.10+).
     pub linetable: Vec<u8>,
+    /// What identifies the object cheaply: its first line and the addresses of its name,
+    /// file name and line table (a code object freed and another made at the same address
+    /// differs in these).
+    pub identity: CodeIdentity,
+}
+
+/// First line and the name, file name and line table pointers of a code object.
+pub type CodeIdentity = (u32, [u64; 3]);
+
+/// Reads just what identifies the code object at `code_addr` (one read).
+pub fn read_identity(
+    mem: &dyn Memory,
+    layout: &CodeLayout,
+    code_addr: u64,
+) -> Option<CodeIdentity> {
+    let name_off = layout.qualname.unwrap_or(layout.name);
+    let end = [
+        layout.firstlineno,
+        layout.filename,
+        name_off,
+        layout.linetable,
+    ]
+    .into_iter()
+    .max()?
+        + 8;
+    let hdr = mem.read(code_addr, end)?;
+    identity_of(&hdr, layout)
+}
+
+fn identity_of(hdr: &[u8], layout: &CodeLayout) -> Option<CodeIdentity> {
+    let name_off = layout.qualname.unwrap_or(layout.name);
+    let firstlineno = u32::try_from(i32::from_le_bytes(field(hdr, layout.firstlineno)?)).ok()?;
+    Some((
+        firstlineno,
+        [
+            ptr_at(hdr, name_off)?,
+            ptr_at(hdr, layout.filename)?,
+            ptr_at(hdr, layout.linetable)?,
+        ],
+    ))
 }
 
 /// Format of the line table, which also fixes the meaning of the captured `lasti`.
@@ -188,12 +228,13 @@ pub fn read_code(mem: &dyn Memory, layout: &CodeLayout, code_addr: u64) -> Optio
     .into_iter();
     let end = end.max()? + 8;
     let hdr = mem.read(code_addr, end)?;
-    let firstlineno = i32::from_le_bytes(field(&hdr, layout.firstlineno)?);
+    let identity = identity_of(&hdr, layout)?;
     Some(CodeInfo {
         qualname: read_str(mem, layout, ptr_at(&hdr, name_off)?)?,
         filename: read_str(mem, layout, ptr_at(&hdr, layout.filename)?)?,
-        firstlineno: u32::try_from(firstlineno).ok()?,
+        firstlineno: identity.0,
         linetable: read_bytes(mem, ptr_at(&hdr, layout.linetable)?)?,
+        identity,
     })
 }
 

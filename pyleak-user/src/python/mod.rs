@@ -4,7 +4,7 @@
 pub mod code;
 pub mod layouts;
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 use pyleak_common::PyFrame;
@@ -139,11 +139,16 @@ pub fn load_bias(pid: u32, rt: &PythonRuntime) -> Option<u64> {
 }
 
 /// Reads code objects of traced processes and turns Python frames into
-/// `qualname (path:line)`, caching by (process, code address, signature).
+/// `qualname (path:line)`. Each stack is resolved when the kernel announces it, while its
+/// code objects are alive: a code object freed later and another made at the same address
+/// cannot rename the frames of stacks seen before.
 #[derive(Default)]
 pub struct Resolver {
     procs: HashMap<u32, (CodeLayout, Option<ProcMem>)>,
-    cache: HashMap<(u32, u64, u32), Option<CodeInfo>>,
+    /// The code object last seen at (process, address, first line).
+    cache: HashMap<(u32, u64, u32), Option<Arc<CodeInfo>>>,
+    /// Per (process, stack id): the code object of each Python frame, leaf first.
+    stacks: HashMap<(u32, u64), Vec<Option<Arc<CodeInfo>>>>,
 }
 
 impl Resolver {
@@ -155,8 +160,10 @@ impl Resolver {
         }
     }
 
-    /// Reads the code objects of `frames` not seen yet (call while the process lives).
-    pub fn learn(&mut self, pid: u32, frames: &[PyFrame]) {
+    /// Resolves the Python frames of a newly announced stack (call while the process
+    /// lives). A cached code object is reused only if the object at its address still has
+    /// its identity (one small read); otherwise it is read again.
+    pub fn learn(&mut self, pid: u32, stack_id: u64, frames: &[PyFrame]) {
         let Some((layout, mem)) = self.procs.get_mut(&pid) else {
             return;
         };
@@ -164,25 +171,44 @@ impl Resolver {
             *mem = ProcMem::open(pid).ok();
         }
         let Some(mem) = mem.as_ref() else { return };
+        let mut resolved = Vec::with_capacity(frames.len());
         for f in frames {
-            self.cache.entry((pid, f.code, f.sig)).or_insert_with(|| {
-                let info = code::read_code(mem as &dyn Memory, layout, f.code)?;
-                // A reused address shows as a different first line: not our code object.
-                (info.firstlineno == f.sig).then_some(info)
+            let key = (pid, f.code, f.sig);
+            let cached = self.cache.get(&key).cloned().flatten();
+            let still = cached.filter(|info| {
+                code::read_identity(mem as &dyn Memory, layout, f.code) == Some(info.identity)
             });
+            let info = match still {
+                Some(info) => Some(info),
+                None => {
+                    let info = code::read_code(mem as &dyn Memory, layout, f.code)
+                        // A different first line: not the code object the kernel saw.
+                        .filter(|info| info.firstlineno == f.sig)
+                        .map(Arc::new);
+                    self.cache.insert(key, info.clone());
+                    info
+                }
+            };
+            resolved.push(info);
         }
+        self.stacks.insert((pid, stack_id), resolved);
     }
 
-    /// `qualname (path:line)`, or a placeholder when the code object could not be read.
-    pub fn frame(&self, pid: u32, f: &PyFrame) -> String {
+    /// `qualname (path:line)` of frame `i` (leaf first) of stack `stack_id`, or a
+    /// placeholder when its code object could not be read.
+    pub fn frame(&self, pid: u32, stack_id: u64, i: usize, f: &PyFrame) -> String {
         let layout = self.procs.get(&pid).map(|p| &p.0);
-        match (self.cache.get(&(pid, f.code, f.sig)), layout) {
-            (Some(Some(info)), Some(layout)) => {
+        let info = match self.stacks.get(&(pid, stack_id)) {
+            Some(v) => v.get(i).cloned().flatten(),
+            None => self.cache.get(&(pid, f.code, f.sig)).cloned().flatten(),
+        };
+        match (info, layout) {
+            (Some(info), Some(layout)) => {
                 format!(
                     "{} ({}:{})",
                     info.qualname,
                     info.filename,
-                    code::line_for(layout, info, f.lasti)
+                    code::line_for(layout, &info, f.lasti)
                 )
             }
             _ => format!("[python code {:#x}] (?:{})", f.code, f.sig),

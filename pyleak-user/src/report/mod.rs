@@ -373,6 +373,8 @@ pub fn build(
             row.aged_bytes += a.aged_bytes;
             row.aged_count += a.aged_count;
             row.oldest_ns = row.oldest_ns.max(a.oldest_ns);
+            row.bytes += a.bytes;
+            row.count += a.count;
         }
     }
     let series = timeline.grouped(|k| row_of_key.get(k).copied());
@@ -475,8 +477,9 @@ pub fn build(
             layer: r.layer.clone(),
             pid: r.pid,
             frames: r.frames.clone(),
-            live_bytes: r.live_bytes,
-            live_count: r.live_count,
+            // Of vm and pages, the memory that can be a suspect (see `Snapshot::ages`).
+            live_bytes: if uprobe_layer { r.live_bytes } else { a.bytes },
+            live_count: if uprobe_layer { r.live_count } else { a.count },
             aged_live_bytes: a.aged_bytes,
             aged_live_count: a.aged_count,
             growth_bytes_per_s: g.bytes_per_s,
@@ -621,7 +624,13 @@ pub fn frames_of(
     if truncated {
         frames.push("[truncated]".to_owned());
     }
-    frames.extend(st.py[..n].iter().rev().map(|f| py.frame(pid, f)));
+    frames.extend(
+        st.py[..n]
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, f)| py.frame(pid, stack_id, i, f)),
+    );
     if native {
         frames.extend(
             native_frames(syms, pid, &st)
