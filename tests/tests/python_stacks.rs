@@ -204,8 +204,23 @@ fn demo_through_a_symlinked_python_names_the_leaking_line() {
     }
     let dir = scratch("demo");
     let demo = root().join("demo/leaky_service.py");
-    let (report, _) = record_json(&dir, &["--", "/usr/bin/python3", demo.to_str().unwrap()]);
+    let (report, _) = record_json(
+        &dir,
+        &[
+            "--interval",
+            "0.5",
+            "--",
+            "/usr/bin/python3",
+            demo.to_str().unwrap(),
+        ],
+    );
     let file = demo.to_string_lossy().into_owned();
+    let line = std::fs::read_to_string(&demo)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains("bytearray(64 * 1024)"))
+        .expect("the leaking line")
+        + 1;
     let top = stacks(&report, "libc")
         .max_by_key(|s| s["live_bytes"].as_u64().unwrap())
         .expect("libc stacks");
@@ -217,9 +232,13 @@ fn demo_through_a_symlinked_python_names_the_leaking_line() {
         .unwrap_or("");
     assert_eq!(
         leaf,
-        format!("handle_request ({file}:26)"),
+        format!("handle_request ({file}:{line})"),
         "top libc stack: {top}"
     );
+    // It is also the top leak suspect, growing; the bounded cache is not.
+    let suspect = &report["suspects"][0];
+    assert_eq!(suspect["frames"], top["frames"], "{suspect:#}");
+    assert_eq!(suspect["trend"], "growing", "{suspect:#}");
     // 400 payloads of bytearray(64 KiB): 65537-byte blocks.
     let want = 400.0 * 65537.0;
     let live = top["live_bytes"].as_u64().unwrap() as f64;

@@ -175,12 +175,26 @@ fn demo() -> anyhow::Result<()> {
     );
     run(Command::new(&bin)
         .current_dir(root())
-        .args(["record", "--layers", "all", "-o"])
+        .args(["record", "--layers", "all", "--interval", "0.5", "-o"])
         .arg(&folded)
         .arg("--json")
         .arg(&json)
         .args(["--", python, "demo/leaky_service.py"]))?;
-    eprintln!("xtask: wrote {} and {}", folded.display(), json.display());
+    // The same report drawn as a flamegraph, from the saved JSON.
+    let svg = out.join("leaky.svg");
+    let rendered = Command::new(&bin)
+        .args(["report", "-o"])
+        .arg(&svg)
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(rendered.success(), "pyleak report failed");
+    eprintln!(
+        "xtask: wrote {}, {} and {}",
+        folded.display(),
+        json.display(),
+        svg.display()
+    );
     Ok(())
 }
 
