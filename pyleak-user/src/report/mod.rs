@@ -719,6 +719,10 @@ mod tests {
                     alloc_bytes: 4096,
                     live_bytes: 1024,
                     live_count: 1,
+                    lifetime_percentiles_us: BTreeMap::from([
+                        ("p50".to_owned(), 850),
+                        ("p99".to_owned(), 3_400_000),
+                    ]),
                     ..Default::default()
                 },
             );

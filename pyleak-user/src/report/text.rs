@@ -26,8 +26,20 @@ pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8}",
-        "layer", "allocs", "frees", "alloc", "freed", "live n", "live", "p50", "p90", "p99", "max"
+        "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "layer",
+        "allocs",
+        "frees",
+        "alloc",
+        "freed",
+        "live n",
+        "live",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+        "life p50",
+        "life p99"
     )?;
     for layer in Layer::ALL {
         let Some(l) = report.layers.get(layer.name()) else {
@@ -39,9 +51,15 @@ pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
                 .map(|v| human_bytes(*v))
                 .unwrap_or_else(|| "-".into())
         };
+        let life = |k: &str| {
+            l.lifetime_percentiles_us
+                .get(k)
+                .map(|v| human_duration_us(*v))
+                .unwrap_or_else(|| "-".into())
+        };
         writeln!(
             out,
-            "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8}",
+            "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
             layer.name(),
             l.allocs,
             l.frees,
@@ -53,6 +71,8 @@ pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             p("p90"),
             p("p99"),
             p("max"),
+            life("p50"),
+            life("p99"),
         )?;
     }
     let unmatched: Vec<String> = Layer::ALL
@@ -266,4 +286,14 @@ fn suspects(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `850 us`, `12 ms`, `3.4 s`, `2.0 min`: a lifetime in microseconds, short.
+fn human_duration_us(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us} us"),
+        1_000..1_000_000 => format!("{} ms", us / 1_000),
+        1_000_000..120_000_000 => format!("{:.1} s", us as f64 / 1e6),
+        _ => format!("{:.1} min", us as f64 / 60e6),
+    }
 }
