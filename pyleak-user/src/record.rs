@@ -1,10 +1,11 @@
 //! `pyleak record`: attach, trace until the end, report.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io::{IsTerminal as _, Write as _},
     os::fd::{AsRawFd, RawFd},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -19,8 +20,9 @@ use crate::{
         PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
     },
     cli::RecordArgs,
-    collect::{Recorder, RecorderOptions},
+    collect::{Filter, Recorder, RecorderOptions},
     errors::UserError,
+    group::{self, Cgroup},
     launch,
     layers::LayerSet,
     python,
@@ -34,6 +36,9 @@ const TICK: Duration = Duration::from_secs(1);
 const MAPS_REFRESH: Duration = Duration::from_millis(20);
 /// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
 const CHILD_GRACE: Duration = Duration::from_secs(2);
+/// `--cgroup`, `--all`: how long after it starts (or execs) a process's memory map is
+/// re-read for a Python runtime it has not mapped yet.
+const PENDING_FOR: Duration = Duration::from_secs(10);
 
 /// Why a recording ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +64,22 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     if !args.pids.is_empty() && !args.command.is_empty() {
         return Err(UserError::PidAndCommand.into());
     }
+    let kinds = [
+        !args.pids.is_empty(),
+        !args.command.is_empty(),
+        args.cgroup.is_some(),
+        args.container.is_some(),
+        args.all,
+    ];
+    if kinds.iter().filter(|k| **k).count() > 1 {
+        return Err(UserError::TooManyTargets.into());
+    }
+    let cgroup = match (&args.cgroup, &args.container) {
+        (Some(path), _) => Some(group::resolve(path)?),
+        (_, Some(id)) => Some(group::resolve_container(id)?),
+        _ => None,
+    };
+    let group_mode = cgroup.is_some() || args.all;
     for &pid in &args.pids {
         if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
             return Err(UserError::NoSuchPid(pid).into());
@@ -69,7 +90,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         Some(cmd) => Some(
             attach::resolve_command(cmd).ok_or_else(|| UserError::CommandNotFound(cmd.clone()))?,
         ),
-        None if args.pids.is_empty() => {
+        None if args.pids.is_empty() && !group_mode => {
             return Err(if std::env::args().any(|a| a == "--") {
                 UserError::EmptyCommand
             } else {
@@ -92,15 +113,28 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         }
         None => None,
     };
+    let filter = match (&cgroup, args.all) {
+        (Some(cg), _) => Filter::Cgroup {
+            id: cg.id,
+            level: cg.level,
+        },
+        (None, true) => Filter::PidSet,
+        (None, false) => Filter::Pids,
+    };
     let opts = RecorderOptions {
         layers,
         native_depth: args.native_depth.max(1),
         bare: args.bare,
+        filter,
     };
     let mut rec = Recorder::load(opts)?;
     let mut planner = Planner::new(layers);
     let mut resolver = python::Resolver::default();
     let mut unplaced: HashMap<u32, (python::PythonRuntime, PyProc)> = HashMap::new();
+    let mut group = group_mode.then(|| Group::new(cgroup.clone(), layers, !args.no_python_stacks));
+    if let Some(g) = group.as_mut() {
+        g.scan(&mut rec, &mut resolver, &syms);
+    }
     match (&program, &child) {
         (Some(p), Some(c)) => {
             let files = attach::libraries_of(&attach::program_of(p));
@@ -161,13 +195,25 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             p.symbol
         );
     }
-    let what = match &program {
-        Some(p) => format!(
+    let what = match (&program, &group) {
+        (_, Some(g)) => {
+            eprintln!("pyleak: note: probes sit on whole files (libc, libpython): every process on this host that maps them traps on each call, and only the traced ones are counted");
+            let n = g.tracked();
+            match &g.cgroup {
+                Some(cg) => format!(
+                    "cgroup {} ({n} process{} now, and any started in it later)",
+                    cg.path,
+                    if n == 1 { "" } else { "es" }
+                ),
+                None => format!("every Python process ({n} now, and any started later)"),
+            }
+        }
+        (Some(p), _) => format!(
             "{} (pid {})",
             p.display(),
             child.as_ref().map_or(0, |c| c.pid)
         ),
-        None => format!(
+        (None, None) => format!(
             "pid {}",
             args.pids
                 .iter()
@@ -180,7 +226,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     eprintln!(
         "pyleak: tracing {what}, layers {}{}; Ctrl-C to stop",
         layers.names(),
-        if args.layers.is_none() && args.command.is_empty() {
+        if args.layers.is_none() && args.command.is_empty() && !args.bare {
             " (add the Python allocator layers with --layers all: a trap per Python allocation)"
         } else {
             ""
@@ -198,7 +244,10 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         &mut rec,
         &syms,
         &mut resolver,
-        &mut unplaced,
+        match group.as_mut() {
+            Some(g) => Follow::Group(g),
+            None => Follow::Pids(&mut unplaced),
+        },
         &args,
         launched,
         started,
@@ -206,6 +255,12 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let duration_s = started.elapsed().as_secs_f64();
     log::debug!("recording ended: {end:?}");
 
+    if let Some(g) = group.as_mut() {
+        // Processes that started while the recording ended are part of it too.
+        rec.drain();
+        g.poll(&mut rec, &mut resolver, &syms);
+        g.scan(&mut rec, &mut resolver, &syms);
+    }
     rec.freeze_all()?;
     let snap = rec.snapshot()?;
     learn_new_stacks(&mut rec, &mut resolver);
@@ -220,7 +275,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let stdout = std::io::stdout();
     report::text::write(&report, &mut stdout.lock())?;
     if let (Some(mut f), Some(path)) = (folded_out, args.output.as_deref()) {
-        report::folded::write(&report, args.metric, &mut f)
+        report::folded::write(&report, args.metric, args.per_process, &mut f)
             .and_then(|()| f.flush())
             .map_err(|e| UserError::Output {
                 path: path.to_owned(),
@@ -308,6 +363,14 @@ fn create_output(path: &Path) -> Result<File, UserError> {
     })
 }
 
+/// How targets are followed while recording.
+enum Follow<'a> {
+    /// `--pid`, a command: launched commands whose Python runtime is not placed yet.
+    Pids(&'a mut HashMap<u32, (python::PythonRuntime, PyProc)>),
+    /// `--cgroup`, `--container`, `--all`: processes come and go.
+    Group(&'a mut Group),
+}
+
 /// The ring buffer's fd, for tokio to wait on.
 struct RingFd(RawFd);
 
@@ -322,7 +385,7 @@ async fn trace_loop(
     rec: &mut Recorder,
     syms: &Mutex<Symbolizer>,
     resolver: &mut python::Resolver,
-    unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
+    mut follow: Follow<'_>,
     args: &RecordArgs,
     launched: Option<(u32, tokio::sync::oneshot::Receiver<i32>)>,
     started: Instant,
@@ -342,7 +405,9 @@ async fn trace_loop(
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    snapshot_all(rec, syms, unplaced);
+    if let Follow::Pids(unplaced) = &mut follow {
+        snapshot_all(rec, syms, unplaced);
+    }
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -350,18 +415,36 @@ async fn trace_loop(
                 let mut guard = guard?;
                 let n = rec.drain();
                 guard.clear_ready();
+                if let Follow::Group(g) = &mut follow {
+                    g.poll(rec, resolver, syms);
+                }
                 learn_new_stacks(rec, resolver);
                 if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
                     last_maps = Instant::now();
-                    snapshot_all(rec, syms, unplaced);
+                    match &mut follow {
+                        Follow::Group(g) => g.refresh(rec, resolver, syms),
+                        Follow::Pids(unplaced) => snapshot_all(rec, syms, unplaced),
+                    }
                 }
             }
             _ = tick.tick() => {
                 rec.drain();
-                learn_new_stacks(rec, resolver);
-                snapshot_all(rec, syms, unplaced);
-                if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
-                    break End::TargetsExited;
+                if let Follow::Group(g) = &mut follow {
+                    g.poll(rec, resolver, syms);
+                    learn_new_stacks(rec, resolver);
+                    g.scan(rec, resolver, syms);
+                    g.refresh(rec, resolver, syms);
+                    g.reap(rec);
+                    if let Some(cg) = g.cgroup.as_ref().filter(|cg| !cg.dir.exists()) {
+                        eprintln!("pyleak: cgroup {} was removed: ending the recording", cg.path);
+                        break End::TargetsExited;
+                    }
+                } else if let Follow::Pids(unplaced) = &mut follow {
+                    learn_new_stacks(rec, resolver);
+                    snapshot_all(rec, syms, unplaced);
+                    if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
+                        break End::TargetsExited;
+                    }
                 }
                 if !args.quiet && started.elapsed() >= TICK {
                     status_line(rec, started, &mut last_events, status_tty);
@@ -521,5 +604,332 @@ fn status_line(rec: &Recorder, started: Instant, last: &mut (u64, Instant), tty:
         eprint!("\r\x1b[K{line}");
     } else {
         eprintln!("{line}");
+    }
+}
+
+/// One process followed by a group target.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    /// Traced (with `--all`, only once it shows a Python runtime).
+    tracked: bool,
+    /// Its Python runtime is known (or there is nothing more to learn).
+    settled: bool,
+    /// When it started (or exec'd), as pyleak first saw it.
+    since: Instant,
+    /// It exited and its kernel entries were dropped.
+    reaped: bool,
+}
+
+/// The Python runtime of one file (by device and inode), as detected once.
+#[derive(Debug, Clone)]
+enum FileRuntime {
+    /// Not a Python runtime.
+    None,
+    /// A CPython pyleak walks: where its runtime is and the frame layout.
+    Supported(python::PythonRuntime, PyProc),
+    /// A CPython pyleak cannot walk (its version).
+    Unsupported(String),
+}
+
+/// `--cgroup`, `--container`, `--all`: the processes of the group as they come and go,
+/// and the files probed for them (each distinct file once, for every process mapping it).
+struct Group {
+    /// The traced cgroup; `None` with `--all`.
+    cgroup: Option<Cgroup>,
+    planner: Planner,
+    python_stacks: bool,
+    /// Files probed, by (device, inode).
+    probed: HashSet<(u64, u64)>,
+    /// Runtime detection per file, by (device, inode).
+    runtimes: HashMap<(u64, u64), FileRuntime>,
+    /// Layout templates handed to the kernel so far.
+    templates: u32,
+    /// Processes seen.
+    members: HashMap<u32, Member>,
+}
+
+impl Group {
+    fn new(cgroup: Option<Cgroup>, layers: LayerSet, python_stacks: bool) -> Group {
+        Group {
+            cgroup,
+            planner: Planner::new(layers),
+            python_stacks,
+            probed: HashSet::new(),
+            runtimes: HashMap::new(),
+            templates: 0,
+            members: HashMap::new(),
+        }
+    }
+
+    /// How many processes are traced.
+    fn tracked(&self) -> usize {
+        self.members.values().filter(|m| m.tracked).count()
+    }
+
+    /// Looks for processes not seen yet: the cgroup's, or (with `--all`) the host's.
+    fn scan(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+    ) {
+        let pids: Vec<u32> = match &self.cgroup {
+            Some(cg) => group::processes(&cg.dir),
+            None => procfs::process::all_processes()
+                .map(|it| it.flatten().map(|p| p.pid as u32).collect())
+                .unwrap_or_default(),
+        };
+        let me = std::process::id();
+        for pid in pids {
+            if pid == me || self.members.contains_key(&pid) {
+                continue;
+            }
+            self.members.insert(
+                pid,
+                Member {
+                    tracked: false,
+                    settled: false,
+                    since: Instant::now(),
+                    reaped: false,
+                },
+            );
+            self.examine(rec, resolver, syms, pid);
+        }
+    }
+
+    /// Handles what the kernel announced: processes that exec'd, stacks of processes not
+    /// examined yet (a fork pyleak has not seen).
+    fn poll(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+    ) {
+        for pid in std::mem::take(&mut rec.execs) {
+            if pid == std::process::id() {
+                continue;
+            }
+            let m = self.members.entry(pid).or_insert(Member {
+                tracked: false,
+                settled: false,
+                since: Instant::now(),
+                reaped: false,
+            });
+            // A new program: its files and runtime are to be learnt again.
+            m.settled = false;
+            m.reaped = false;
+            m.since = Instant::now();
+            self.examine(rec, resolver, syms, pid);
+        }
+        let unseen: Vec<u32> = rec
+            .new_stacks
+            .iter()
+            .map(|&(pid, _)| pid)
+            .filter(|pid| !self.members.get(pid).is_some_and(|m| m.settled))
+            .collect();
+        for pid in unseen {
+            self.members.entry(pid).or_insert(Member {
+                tracked: false,
+                settled: false,
+                since: Instant::now(),
+                reaped: false,
+            });
+            self.examine(rec, resolver, syms, pid);
+        }
+    }
+
+    /// Re-reads the memory maps of processes whose Python runtime is not mapped yet.
+    fn refresh(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+    ) {
+        let pending: Vec<u32> = self
+            .members
+            .iter()
+            .filter(|(_, m)| !m.settled && !m.reaped && m.since.elapsed() < PENDING_FOR)
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in pending {
+            self.examine(rec, resolver, syms, pid);
+        }
+        let mut syms = lock(syms);
+        for (&pid, m) in &self.members {
+            if m.tracked && !m.reaped {
+                syms.snapshot(pid);
+                rec.refresh_comm(pid);
+            }
+        }
+    }
+
+    /// Drops the kernel entries of traced processes that exited (their events are all
+    /// read by now), and forgets untraced ones.
+    fn reap(&mut self, rec: &mut Recorder) {
+        self.members.retain(|&pid, m| {
+            if m.reaped || alive(pid) {
+                return true;
+            }
+            if !m.tracked {
+                return false;
+            }
+            rec.forget(pid);
+            m.reaped = true;
+            true
+        });
+    }
+
+    /// Looks at the files `pid` maps: probes the ones not probed yet, places its Python
+    /// runtime, starts tracing it.
+    fn examine(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+        pid: u32,
+    ) {
+        let Ok(files) = attach::mapped_files(pid) else {
+            // Gone already: what it did is in the kernel's maps under its pid.
+            if let Some(m) = self.members.get_mut(&pid) {
+                m.settled = true;
+            }
+            return;
+        };
+        let t0 = Instant::now();
+        // The runtime first: a process that just exec'd is about to start its interpreter,
+        // and its Python stacks need the layout in the kernel before its first allocation.
+        let mut runtime = FileRuntime::None;
+        let mut new_files = Vec::new();
+        for f in &files {
+            if !(attach::is_libc(f) || attach::may_hold_python(f)) {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(f) else {
+                continue;
+            };
+            let key = (meta.dev(), meta.ino());
+            if attach::may_hold_python(f) && !self.runtimes.contains_key(&key) {
+                let rt = self.detect(f);
+                self.runtimes.insert(key, rt);
+            }
+            match self.runtimes.get(&key) {
+                Some(FileRuntime::Supported(rt, layout)) => {
+                    let mut rt = rt.clone();
+                    rt.file = f.clone();
+                    runtime = FileRuntime::Supported(rt, *layout);
+                }
+                Some(FileRuntime::Unsupported(v)) => runtime = FileRuntime::Unsupported(v.clone()),
+                _ => {}
+            }
+            if self.probed.insert(key) {
+                new_files.push((f.clone(), key));
+            }
+        }
+        let in_cgroup = self.cgroup.is_some();
+        if let Some(m) = self.members.get_mut(&pid) {
+            let is_python = !matches!(runtime, FileRuntime::None);
+            if !m.tracked && (in_cgroup || is_python) {
+                match rec.track(pid) {
+                    Ok(()) => m.tracked = true,
+                    Err(e) => log::warn!("process {pid}: {e}"),
+                }
+            }
+            if m.tracked {
+                self.place(rec, resolver, pid, &runtime);
+            }
+        }
+        for (f, key) in new_files {
+            let mut probes = self.planner.plan(std::slice::from_ref(&f));
+            if let Some(FileRuntime::Supported(rt, layout)) = self.runtimes.get(&key).cloned() {
+                probes.extend(self.init_probe(rec, &f, &rt, layout));
+            }
+            if let Err(e) = rec.attach_file_wide(&probes) {
+                eprintln!(
+                    "pyleak: warning: {e}: calls in {} are not seen",
+                    f.display()
+                );
+            }
+        }
+        if self.members.get(&pid).is_some_and(|m| m.tracked) {
+            lock(syms).snapshot(pid);
+        }
+        log::debug!("process {pid} examined in {:?}", t0.elapsed());
+    }
+
+    /// Tells the kernel (and the resolver) where `pid`'s Python runtime is.
+    fn place(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        pid: u32,
+        runtime: &FileRuntime,
+    ) {
+        let Some(m) = self.members.get_mut(&pid) else {
+            return;
+        };
+        match runtime {
+            FileRuntime::Supported(rt, layout) => {
+                let Some(bias) = python::load_bias(pid, rt) else {
+                    return;
+                };
+                if self.python_stacks {
+                    if let Err(e) = rec.set_python(pid, &placed(rt, bias, *layout)) {
+                        log::warn!("process {pid}: {e}");
+                    }
+                    resolver.add_process(pid, rt.version);
+                }
+                rec.pythons
+                    .insert(pid, format!("{}.{}", rt.version.0, rt.version.1));
+                m.settled = true;
+            }
+            FileRuntime::Unsupported(v) => {
+                rec.pythons.insert(pid, v.clone());
+                m.settled = true;
+            }
+            FileRuntime::None => {}
+        }
+    }
+
+    /// The probe that applies `layout` to processes of the group that start `file`'s
+    /// interpreter later, with the kernel's template for it.
+    fn init_probe(
+        &mut self,
+        rec: &mut Recorder,
+        file: &Path,
+        rt: &python::PythonRuntime,
+        layout: PyProc,
+    ) -> Option<ProbeSpec> {
+        if !self.python_stacks || self.templates >= pyleak_common::PY_TEMPLATES_ENTRIES {
+            return None;
+        }
+        let template = PyProc {
+            runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
+            bias: 0,
+            ..layout
+        };
+        let mut init = attach::plan_py_init(&ElfFile::open(file).ok()?)?;
+        rec.set_template(self.templates, &template).ok()?;
+        init.cookie = pyleak_common::py_init_cookie(init.cookie, Some(self.templates));
+        self.templates += 1;
+        Some(init)
+    }
+    /// Detects the Python runtime in `file` (once per file).
+    fn detect(&mut self, file: &Path) -> FileRuntime {
+        match python::detect(std::slice::from_ref(&file.to_owned())) {
+            Some(python::Detected::Supported(rt)) => {
+                let layout =
+                    python::layouts::for_version(rt.version).expect("detect checks the version");
+                log::info!("{}", python::describe(&rt));
+                FileRuntime::Supported(rt, layout)
+            }
+            Some(python::Detected::Unsupported { file, version }) => {
+                eprintln!(
+                    "pyleak: warning: {} is CPython {version}, which pyleak cannot walk (3.8 and newer): native stacks only",
+                    file.display()
+                );
+                FileRuntime::Unsupported(version)
+            }
+            None => FileRuntime::None,
+        }
     }
 }

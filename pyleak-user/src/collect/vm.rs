@@ -9,6 +9,8 @@ use hdrhistogram::Histogram;
 use pyleak_common::{Layer, StackAgg, VmEvent, VmKind};
 
 const PAGE: u64 = 4096;
+/// End of user space on x86_64 (47-bit addresses).
+const USER_END: u64 = 1 << 47;
 
 /// One mapping (or a piece of one) made while tracing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,7 @@ impl VmModel {
             4 => VmKind::Fault,
             5 => VmKind::Madvise,
             6 => VmKind::Freeze,
+            8 => VmKind::Exec,
             // New stacks are the Python resolver's business.
             _ => return,
         };
@@ -172,6 +175,12 @@ impl VmModel {
             }
             VmKind::Madvise => self.drop_pages(ev.tgid, ev.addr, round_up(ev.len)),
             VmKind::Freeze => proc.frozen = true,
+            VmKind::Exec => {
+                // The old program's address space is gone with it: its mappings and pages
+                // were released, not leaked; the new program's break is learnt afresh.
+                proc.brk = None;
+                self.unmap(ev.tgid, 0, USER_END, false);
+            }
             VmKind::NewStack => {}
         }
     }

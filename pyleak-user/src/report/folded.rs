@@ -19,8 +19,19 @@ pub enum Metric {
 }
 
 /// Writes one line per (layer, stack) with a non-zero value; stacks of several processes
-/// with the same frames are summed.
-pub fn write(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::Result<()> {
+/// with the same frames are summed, unless `per_process` puts each process
+/// (`comm (pid N)`) at the root, above the layer.
+pub fn write(
+    report: &Report,
+    metric: Metric,
+    per_process: bool,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let comms: std::collections::HashMap<u32, &str> = report
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.comm.as_str()))
+        .collect();
     let mut lines: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     for s in &report.stacks {
         let value = match metric {
@@ -31,7 +42,12 @@ pub fn write(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::
         if value == 0 {
             continue;
         }
-        let mut key = format!("[{}]", s.layer);
+        let mut key = String::new();
+        if per_process {
+            let comm = comms.get(&s.pid).copied().unwrap_or("?").replace(';', ":");
+            key.push_str(&format!("{comm} (pid {});", s.pid));
+        }
+        key.push_str(&format!("[{}]", s.layer));
         for f in &s.frames {
             key.push(';');
             // ';' separates frames; keep it out of names.

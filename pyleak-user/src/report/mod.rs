@@ -46,6 +46,10 @@ pub struct ProcessInfo {
     pub pid: u32,
     /// Its command name.
     pub comm: String,
+    /// Its cgroup v2 path (`/system.slice/app.service`), when it could be read.
+    pub cgroup: Option<String>,
+    /// The CPython version it runs (`3.12`), if any was found.
+    pub python: Option<String>,
 }
 
 /// Totals of one layer.
@@ -234,14 +238,27 @@ pub fn build(
     Report {
         pyleak_version: env!("CARGO_PKG_VERSION").to_owned(),
         duration_s,
-        processes: rec
-            .targets
-            .iter()
-            .map(|&pid| ProcessInfo {
-                pid,
-                comm: rec.comm(pid),
-            })
-            .collect(),
+        processes: {
+            // Targets, then any process the kernel counted that userspace never saw (a
+            // short-lived fork in a traced cgroup).
+            let mut pids = rec.targets.clone();
+            let mut extra: Vec<u32> = stacks
+                .iter()
+                .map(|s| s.pid)
+                .filter(|p| !pids.contains(p))
+                .collect();
+            extra.sort_unstable();
+            extra.dedup();
+            pids.extend(extra);
+            pids.into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    comm: rec.comm(pid),
+                    cgroup: rec.cgroups.get(&pid).cloned(),
+                    python: rec.pythons.get(&pid).cloned(),
+                })
+                .collect()
+        },
         layers,
         stacks,
         lost_events: lost.values().sum(),
@@ -378,10 +395,20 @@ mod tests {
         Report {
             pyleak_version: "0.1.0".to_owned(),
             duration_s: 1.5,
-            processes: vec![ProcessInfo {
-                pid: 42,
-                comm: "python3".to_owned(),
-            }],
+            processes: vec![
+                ProcessInfo {
+                    pid: 42,
+                    comm: "python3".to_owned(),
+                    cgroup: Some("/system.slice/app.service".to_owned()),
+                    python: Some("3.12".to_owned()),
+                },
+                ProcessInfo {
+                    pid: 43,
+                    comm: "a.out".to_owned(),
+                    cgroup: None,
+                    python: None,
+                },
+            ],
             layers,
             stacks: vec![
                 stack(
@@ -425,7 +452,10 @@ mod tests {
                     40960,
                     0,
                 ),
-                stack("libc", &["weird;name (a.out)"], 7, 7, 1),
+                StackReport {
+                    pid: 43,
+                    ..stack("libc", &["weird;name (a.out)"], 7, 7, 1)
+                },
             ],
             lost_events: 0,
             lost: BTreeMap::from([("ring_full".to_owned(), 0)]),
@@ -458,9 +488,19 @@ mod tests {
             (folded::Metric::Allocs, "allocs.folded"),
         ] {
             let mut out = Vec::new();
-            folded::write(&sample(), metric, &mut out).unwrap();
+            folded::write(&sample(), metric, false, &mut out).unwrap();
             golden(file, &String::from_utf8(out).unwrap());
         }
+        let mut out = Vec::new();
+        folded::write(&sample(), folded::Metric::LiveBytes, true, &mut out).unwrap();
+        golden("per-process.folded", &String::from_utf8(out).unwrap());
+    }
+
+    #[test]
+    fn text_matches_golden_file() {
+        let mut out = Vec::new();
+        text::write(&sample(), &mut out).unwrap();
+        golden("summary.txt", &String::from_utf8(out).unwrap());
     }
 
     #[test]
@@ -474,7 +514,7 @@ mod tests {
     #[test]
     fn folded_renders_with_inferno() {
         let mut out = Vec::new();
-        folded::write(&sample(), folded::Metric::AllocBytes, &mut out).unwrap();
+        folded::write(&sample(), folded::Metric::AllocBytes, false, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         let mut svg = Vec::new();
         let mut opts = inferno::flamegraph::Options::default();
