@@ -314,39 +314,46 @@ impl Planner {
         let mut out = Vec::new();
         for f in files {
             let layers = self.layers;
-            let probes = self.cache.entry(f.clone()).or_insert_with(|| {
-                let Ok(elf) = ElfFile::open(f) else {
-                    return Vec::new();
-                };
-                let mut probes = Vec::new();
-                if attach::is_libc(f) && layers.contains(Layer::Libc) {
-                    probes.extend(attach::plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
-                }
-                if attach::may_hold_python(f) {
-                    probes.extend(attach::plan_finalize(&elf));
-                    if layers.contains(Layer::Pymalloc) {
-                        probes.extend(attach::plan_python_domain(
-                            &elf,
-                            Layer::Pymalloc,
-                            &PYMALLOC_TABLE_FUNCTIONS,
-                            &PYMALLOC_FUNCTIONS,
-                        ));
-                    }
-                    if layers.contains(Layer::PymemRaw) {
-                        probes.extend(attach::plan_python_domain(
-                            &elf,
-                            Layer::PymemRaw,
-                            &PYMEM_RAW_TABLE_FUNCTIONS,
-                            &PYMEM_RAW_FUNCTIONS,
-                        ));
-                    }
-                }
-                probes
-            });
+            let probes = self
+                .cache
+                .entry(f.clone())
+                .or_insert_with(|| plan_file(layers, f, f));
             out.extend(probes.iter().cloned());
         }
         out
     }
+}
+
+/// Probes for one file (named `file`, read through `via`): its libc functions, its
+/// Python allocator functions and interpreter shutdown.
+fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
+    let Ok(elf) = ElfFile::open(via) else {
+        return Vec::new();
+    };
+    let mut probes = Vec::new();
+    if attach::is_libc(file) && layers.contains(Layer::Libc) {
+        probes.extend(attach::plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
+    }
+    if attach::may_hold_python(file) {
+        probes.extend(attach::plan_finalize(&elf));
+        if layers.contains(Layer::Pymalloc) {
+            probes.extend(attach::plan_python_domain(
+                &elf,
+                Layer::Pymalloc,
+                &PYMALLOC_TABLE_FUNCTIONS,
+                &PYMALLOC_FUNCTIONS,
+            ));
+        }
+        if layers.contains(Layer::PymemRaw) {
+            probes.extend(attach::plan_python_domain(
+                &elf,
+                Layer::PymemRaw,
+                &PYMEM_RAW_TABLE_FUNCTIONS,
+                &PYMEM_RAW_FUNCTIONS,
+            ));
+        }
+    }
+    probes
 }
 
 /// Says once what will not be seen.
@@ -636,7 +643,7 @@ enum FileRuntime {
 struct Group {
     /// The traced cgroup; `None` with `--all`.
     cgroup: Option<Cgroup>,
-    planner: Planner,
+    layers: LayerSet,
     python_stacks: bool,
     /// Files probed, by (device, inode).
     probed: HashSet<(u64, u64)>,
@@ -652,7 +659,7 @@ impl Group {
     fn new(cgroup: Option<Cgroup>, layers: LayerSet, python_stacks: bool) -> Group {
         Group {
             cgroup,
-            planner: Planner::new(layers),
+            layers,
             python_stacks,
             probed: HashSet::new(),
             runtimes: HashMap::new(),
@@ -694,6 +701,11 @@ impl Group {
                 },
             );
             self.examine(rec, resolver, syms, pid);
+            // Running before it was seen: what it maps now is what it runs (a program
+            // that loads libpython late is re-read when it execs or allocates).
+            if let Some(m) = self.members.get_mut(&pid) {
+                m.settled = true;
+            }
         }
     }
 
@@ -804,12 +816,18 @@ impl Group {
             if !(attach::is_libc(f) || attach::may_hold_python(f)) {
                 continue;
             }
-            let Ok(meta) = std::fs::metadata(f) else {
+            // Held open and read through /proc/self/fd: the process may exit meanwhile,
+            // taking its /proc/PID/root with it.
+            let Ok(open) = std::fs::File::open(f) else {
                 continue;
             };
+            let Ok(meta) = open.metadata() else {
+                continue;
+            };
+            let via = PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
             let key = (meta.dev(), meta.ino());
             if attach::may_hold_python(f) && !self.runtimes.contains_key(&key) {
-                let rt = self.detect(f);
+                let rt = self.detect(f, &via);
                 self.runtimes.insert(key, rt);
             }
             match self.runtimes.get(&key) {
@@ -821,8 +839,8 @@ impl Group {
                 Some(FileRuntime::Unsupported(v)) => runtime = FileRuntime::Unsupported(v.clone()),
                 _ => {}
             }
-            if self.probed.insert(key) {
-                new_files.push((f.clone(), key));
+            if !self.probed.contains(&key) {
+                new_files.push((f.clone(), open, key));
             }
         }
         let in_cgroup = self.cgroup.is_some();
@@ -838,16 +856,20 @@ impl Group {
                 self.place(rec, resolver, pid, &runtime);
             }
         }
-        for (f, key) in new_files {
-            let mut probes = self.planner.plan(std::slice::from_ref(&f));
+        for (f, open, key) in new_files {
+            let via = PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
+            let mut probes = plan_file(self.layers, &f, &via);
             if let Some(FileRuntime::Supported(rt, layout)) = self.runtimes.get(&key).cloned() {
-                probes.extend(self.init_probe(rec, &f, &rt, layout));
+                probes.extend(self.init_probe(rec, &via, &rt, layout));
             }
-            if let Err(e) = rec.attach_file_wide(&probes) {
-                eprintln!(
-                    "pyleak: warning: {e}: calls in {} are not seen",
+            match rec.attach_file_wide(&probes, &f) {
+                Ok(()) => {
+                    self.probed.insert(key);
+                }
+                Err(e) => eprintln!(
+                    "pyleak: warning: {e:#}: calls in {} are not seen",
                     f.display()
-                );
+                ),
             }
         }
         if self.members.get(&pid).is_some_and(|m| m.tracked) {
@@ -913,9 +935,9 @@ impl Group {
         self.templates += 1;
         Some(init)
     }
-    /// Detects the Python runtime in `file` (once per file).
-    fn detect(&mut self, file: &Path) -> FileRuntime {
-        match python::detect(std::slice::from_ref(&file.to_owned())) {
+    /// Detects the Python runtime in `file`, read through `via` (once per file).
+    fn detect(&mut self, file: &Path, via: &Path) -> FileRuntime {
+        match python::detect_via(file, via) {
             Some(python::Detected::Supported(rt)) => {
                 let layout =
                     python::layouts::for_version(rt.version).expect("detect checks the version");

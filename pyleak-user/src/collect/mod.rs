@@ -5,6 +5,7 @@ pub mod vm;
 use std::{
     collections::{BTreeMap, HashMap},
     num::NonZeroU32,
+    path::Path,
 };
 
 use anyhow::Context as _;
@@ -233,10 +234,11 @@ impl Recorder {
                     .attach(point, &p.path, scope)
                     .map_err(|e| {
                         anyhow::anyhow!(
-                            "attaching {prog} to {}+{:#x} ({}): {e}",
+                            "attaching {prog} to {}+{:#x} ({}): {}",
                             p.path.display(),
                             p.offset,
-                            p.symbol
+                            p.symbol,
+                            error_chain(&e)
                         )
                     })?;
             }
@@ -245,11 +247,16 @@ impl Recorder {
         Ok(())
     }
 
-    /// `--cgroup`, `--all`: attaches `probes` to their files for every process mapping
-    /// them (the kernel counts only the traced ones).
-    pub fn attach_file_wide(&mut self, probes: &[ProbeSpec]) -> anyhow::Result<()> {
+    /// `--cgroup`, `--all`: attaches `probes` to their file for every process mapping it
+    /// (the kernel counts only the traced ones); the report names the file `shown`.
+    pub fn attach_file_wide(&mut self, probes: &[ProbeSpec], shown: &Path) -> anyhow::Result<()> {
         debug_assert!(self.opts.filter.file_wide());
-        self.attach(probes, UProbeScope::AllProcesses)
+        let n = self.probes.len();
+        self.attach(probes, UProbeScope::AllProcesses)?;
+        for p in &mut self.probes[n..] {
+            p.path = shown.to_owned();
+        }
+        Ok(())
     }
 
     /// `--cgroup`, `--all`: starts following `pid` in userspace (its vm model, name and

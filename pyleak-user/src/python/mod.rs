@@ -40,57 +40,63 @@ pub enum Detected {
 
 /// Looks through `files` for the one defining `_PyRuntime` and tells its version.
 pub fn detect(files: &[PathBuf]) -> Option<Detected> {
-    for f in files {
-        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !(name.starts_with("libpython") || name.starts_with("python")) {
-            continue;
-        }
-        let Ok(data) = std::fs::read(f) else { continue };
-        let Ok(obj) = object::File::parse(&*data) else {
-            continue;
-        };
-        let find = |want: &str| {
-            obj.dynamic_symbols()
-                .chain(obj.symbols())
-                .find(|s| s.is_definition() && s.name() == Ok(want))
-        };
-        let version = find("Py_Version")
-            .and_then(|s| read_u32_at(&obj, s.address()))
-            .map(|hex| (((hex >> 24) & 0xff) as u8, ((hex >> 16) & 0xff) as u8))
-            .or_else(|| version_from_name(name));
-        let Some(runtime) = find("_PyRuntime") else {
-            // Python 3.6 and older have no _PyRuntime.
-            if name.starts_with("libpython") || find("Py_Initialize").is_some() {
-                return Some(Detected::Unsupported {
-                    file: f.clone(),
-                    version: version
-                        .map(|(a, b)| format!("{a}.{b}"))
-                        .unwrap_or_else(|| name.to_owned()),
-                });
-            }
-            continue;
-        };
-        let base_vaddr = obj.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
-        let Some(version) = version else {
-            return Some(Detected::Unsupported {
-                file: f.clone(),
-                version: "unknown".into(),
-            });
-        };
-        if layouts::for_version(version).is_none() {
-            return Some(Detected::Unsupported {
-                file: f.clone(),
-                version: format!("{}.{}", version.0, version.1),
-            });
-        }
-        return Some(Detected::Supported(PythonRuntime {
-            file: f.clone(),
-            version,
-            runtime_vaddr: runtime.address(),
-            base_vaddr,
-        }));
+    files.iter().find_map(|f| detect_via(f, f))
+}
+
+/// Whether `file` holds a Python runtime, reading it through `via` (an open file's
+/// `/proc/self/fd/N`, which stays valid when the process that mapped it exits).
+pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detected> {
+    let f = &file.to_owned();
+    let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !(name.starts_with("libpython") || name.starts_with("python")) {
+        return None;
     }
-    None
+    let Ok(data) = std::fs::read(via) else {
+        return None;
+    };
+    let Ok(obj) = object::File::parse(&*data) else {
+        return None;
+    };
+    let find = |want: &str| {
+        obj.dynamic_symbols()
+            .chain(obj.symbols())
+            .find(|s| s.is_definition() && s.name() == Ok(want))
+    };
+    let version = find("Py_Version")
+        .and_then(|s| read_u32_at(&obj, s.address()))
+        .map(|hex| (((hex >> 24) & 0xff) as u8, ((hex >> 16) & 0xff) as u8))
+        .or_else(|| version_from_name(name));
+    let Some(runtime) = find("_PyRuntime") else {
+        // Python 3.6 and older have no _PyRuntime.
+        if name.starts_with("libpython") || find("Py_Initialize").is_some() {
+            return Some(Detected::Unsupported {
+                file: f.clone(),
+                version: version
+                    .map(|(a, b)| format!("{a}.{b}"))
+                    .unwrap_or_else(|| name.to_owned()),
+            });
+        }
+        return None;
+    };
+    let base_vaddr = obj.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
+    let Some(version) = version else {
+        return Some(Detected::Unsupported {
+            file: f.clone(),
+            version: "unknown".into(),
+        });
+    };
+    if layouts::for_version(version).is_none() {
+        return Some(Detected::Unsupported {
+            file: f.clone(),
+            version: format!("{}.{}", version.0, version.1),
+        });
+    }
+    Some(Detected::Supported(PythonRuntime {
+        file: f.clone(),
+        version,
+        runtime_vaddr: runtime.address(),
+        base_vaddr,
+    }))
 }
 
 fn read_u32_at(obj: &object::File<'_>, addr: u64) -> Option<u32> {
