@@ -134,6 +134,12 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let mut group = group_mode.then(|| Group::new(cgroup.clone(), layers, !args.no_python_stacks));
     if let Some(g) = group.as_mut() {
         g.scan(&mut rec, &mut resolver, &syms);
+        if g.probed.is_empty() {
+            // No process to learn a libc from yet: the host's (pyleak's own) is the likely
+            // one, and attaching a file-wide probe takes long enough (a breakpoint in every
+            // process mapping it) that a process starting later would run ahead of it.
+            g.probe_own_libc(&mut rec);
+        }
     }
     match (&program, &child) {
         (Some(p), Some(c)) => {
@@ -800,7 +806,7 @@ impl Group {
         syms: &Mutex<Symbolizer>,
         pid: u32,
     ) {
-        let Ok(files) = attach::mapped_files(pid) else {
+        let Ok(mut files) = attach::mapped_file_handles(pid) else {
             // Gone already: what it did is in the kernel's maps under its pid.
             if let Some(m) = self.members.get_mut(&pid) {
                 m.settled = true;
@@ -808,29 +814,63 @@ impl Group {
             return;
         };
         let t0 = Instant::now();
-        // The runtime first: a process that just exec'd is about to start its interpreter,
-        // and its Python stacks need the layout in the kernel before its first allocation.
-        let mut runtime = FileRuntime::None;
-        let mut new_files = Vec::new();
-        for f in &files {
+        if self.cgroup.is_some() && self.members.get(&pid).is_some_and(|m| !m.settled) {
+            // Just exec'd, perhaps: what its loader is about to map.
+            files.extend(
+                attach::needed_in_root(pid)
+                    .into_iter()
+                    .map(|p| (p.clone(), p)),
+            );
+        }
+        // Each distinct file once, held open and read through /proc/self/fd: the process
+        // may exit meanwhile, taking its /proc/PID/root and map_files with it.
+        let mut cands: Vec<(PathBuf, std::fs::File, (u64, u64))> = Vec::new();
+        for (f, mapped) in &files {
             if !(attach::is_libc(f) || attach::may_hold_python(f)) {
                 continue;
             }
-            // Held open and read through /proc/self/fd: the process may exit meanwhile,
-            // taking its /proc/PID/root with it.
-            let Ok(open) = std::fs::File::open(f) else {
+            let Ok(open) = std::fs::File::open(mapped).or_else(|_| std::fs::File::open(f)) else {
                 continue;
             };
             let Ok(meta) = open.metadata() else {
                 continue;
             };
-            let via = PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
             let key = (meta.dev(), meta.ino());
-            if attach::may_hold_python(f) && !self.runtimes.contains_key(&key) {
-                let rt = self.detect(f, &via);
-                self.runtimes.insert(key, rt);
+            if !cands.iter().any(|c| c.2 == key) {
+                cands.push((f.clone(), open, key));
             }
-            match self.runtimes.get(&key) {
+        }
+        let via =
+            |open: &std::fs::File| PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
+        // libc first: a process that just exec'd is about to allocate, and its loader may
+        // not have mapped libc yet (the probe then lands when it does).
+        for (f, open, key) in cands.iter().filter(|c| attach::is_libc(&c.0)) {
+            if !self.probed.contains(key) {
+                let probes = plan_file(self.layers, f, &via(open));
+                self.attach(rec, &probes, f, *key);
+                log::debug!(
+                    "process {pid}: {} probed after {:?}",
+                    f.display(),
+                    t0.elapsed()
+                );
+            }
+        }
+        // Then the Python runtime, its probes and the layout template the kernel applies
+        // when the interpreter starts.
+        let mut runtime = FileRuntime::None;
+        for (f, open, key) in cands.iter().filter(|c| attach::may_hold_python(&c.0)) {
+            if !self.runtimes.contains_key(key) {
+                let rt = self.detect(f, &via(open));
+                self.runtimes.insert(*key, rt);
+            }
+            if !self.probed.contains(key) {
+                let mut probes = plan_file(self.layers, f, &via(open));
+                if let Some(FileRuntime::Supported(rt, layout)) = self.runtimes.get(key).cloned() {
+                    probes.extend(self.init_probe(rec, &via(open), &rt, layout));
+                }
+                self.attach(rec, &probes, f, *key);
+            }
+            match self.runtimes.get(key) {
                 Some(FileRuntime::Supported(rt, layout)) => {
                     let mut rt = rt.clone();
                     rt.file = f.clone();
@@ -838,9 +878,6 @@ impl Group {
                 }
                 Some(FileRuntime::Unsupported(v)) => runtime = FileRuntime::Unsupported(v.clone()),
                 _ => {}
-            }
-            if !self.probed.contains(&key) {
-                new_files.push((f.clone(), open, key));
             }
         }
         let in_cgroup = self.cgroup.is_some();
@@ -856,26 +893,48 @@ impl Group {
                 self.place(rec, resolver, pid, &runtime);
             }
         }
-        for (f, open, key) in new_files {
-            let via = PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
-            let mut probes = plan_file(self.layers, &f, &via);
-            if let Some(FileRuntime::Supported(rt, layout)) = self.runtimes.get(&key).cloned() {
-                probes.extend(self.init_probe(rec, &via, &rt, layout));
-            }
-            match rec.attach_file_wide(&probes, &f) {
-                Ok(()) => {
-                    self.probed.insert(key);
-                }
-                Err(e) => eprintln!(
-                    "pyleak: warning: {e:#}: calls in {} are not seen",
-                    f.display()
-                ),
-            }
-        }
         if self.members.get(&pid).is_some_and(|m| m.tracked) {
             lock(syms).snapshot(pid);
         }
         log::debug!("process {pid} examined in {:?}", t0.elapsed());
+    }
+
+    /// Probes the C library pyleak itself runs with.
+    fn probe_own_libc(&mut self, rec: &mut Recorder) {
+        let me = std::process::id();
+        for (f, mapped) in attach::mapped_file_handles(me).unwrap_or_default() {
+            if !attach::is_libc(&f) {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&mapped) else {
+                continue;
+            };
+            let key = (meta.dev(), meta.ino());
+            if self.probed.contains(&key) {
+                continue;
+            }
+            // The file as any process names it, not through pyleak's own /proc entry.
+            let shown = f
+                .strip_prefix(format!("/proc/{me}/root"))
+                .map(|p| Path::new("/").join(p))
+                .unwrap_or(f);
+            let probes = plan_file(self.layers, &shown, &shown);
+            self.attach(rec, &probes, &shown, key);
+        }
+    }
+
+    /// Attaches `probes` for every process mapping `file`; on success the file counts as
+    /// probed.
+    fn attach(&mut self, rec: &mut Recorder, probes: &[ProbeSpec], file: &Path, key: (u64, u64)) {
+        match rec.attach_file_wide(probes, file) {
+            Ok(()) => {
+                self.probed.insert(key);
+            }
+            Err(e) => eprintln!(
+                "pyleak: warning: {e:#}: calls in {} are not seen",
+                file.display()
+            ),
+        }
     }
 
     /// Tells the kernel (and the resolver) where `pid`'s Python runtime is.

@@ -217,12 +217,15 @@ impl Recorder {
     /// Attaches `probes` with `scope`; remembers them for the report.
     fn attach(&mut self, probes: &[ProbeSpec], scope: UProbeScope) -> anyhow::Result<()> {
         for p in probes {
+            // The return probe first: a call entering between the two attachments must
+            // not leave an entry behind whose return is never seen (the thread's later
+            // calls would look nested in it); a return without its entry is counted.
             let programs: &[&str] = match (p.role, self.opts.bare) {
-                (ProbeRole::Alloc, false) => &["alloc_enter", "alloc_exit"],
+                (ProbeRole::Alloc, false) => &["alloc_exit", "alloc_enter"],
                 (ProbeRole::Free, false) => &["free_enter"],
                 (ProbeRole::Finalize, _) => &["py_finalize_enter"],
                 (ProbeRole::PyInit, _) => &["py_init_enter"],
-                (ProbeRole::Alloc, true) => &["bare_enter", "bare_exit"],
+                (ProbeRole::Alloc, true) => &["bare_exit", "bare_enter"],
                 (ProbeRole::Free, true) => &["bare_enter"],
             };
             for prog in programs {
