@@ -40,7 +40,11 @@ struct TestCgroup {
 
 impl TestCgroup {
     fn new(name: &str) -> TestCgroup {
-        let dir = Path::new(CGROUP2).join(format!("pyleak-test-{name}-{}", std::process::id()));
+        TestCgroup::named(&format!("pyleak-test-{name}-{}", std::process::id()))
+    }
+
+    fn named(dirname: &str) -> TestCgroup {
+        let dir = Path::new(CGROUP2).join(dirname);
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         TestCgroup { dir }
@@ -511,4 +515,63 @@ fn a_group_that_empties_and_is_removed_mid_run() {
         "{}",
         report["stacks"]
     );
+}
+
+#[test]
+fn container_by_id_prefix_with_per_process_folded_stacks() {
+    if !cgroup_or_skip() {
+        return;
+    }
+    let pys = required_pythons(&["pyenv 3.12.1"]);
+    if pys.is_empty() {
+        return;
+    }
+    let dir = scratch("cgroup-container");
+    let json = dir.join("report.json");
+    let folded = dir.join("live.folded");
+    let go = dir.join("go");
+    let script = script();
+    let s = script.to_str().unwrap();
+    // What Docker's systemd driver makes, with a made-up id unique to this run.
+    let id = format!("{:08x}{}", std::process::id(), "ab".repeat(28));
+    let cg = TestCgroup::named(&format!("docker-{id}.scope"));
+    let mut child = cg.spawn(&pys[0].1, &[s, "3", "--wait", go.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cg.procs().contains(&child.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "program did not enter the cgroup"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pyleak = spawn_pyleak(&[
+        "record",
+        "-q",
+        "--container",
+        &id[..12],
+        "--json",
+        json.to_str().unwrap(),
+        "-o",
+        folded.to_str().unwrap(),
+        "--per-process",
+    ]);
+    std::fs::write(&go, b"").unwrap();
+    wait_leaked(&mut child);
+    let report = stop(pyleak, &json);
+    cg.remove();
+    let _ = child.wait();
+
+    let frame = leak_frame(s);
+    assert_eq!(leaked_at(&report, child.id(), "libc", &frame), 3 * MIB);
+    assert_eq!(
+        process(&report, child.id()).expect("listed")["cgroup"],
+        cg.path()
+    );
+    let text = std::fs::read_to_string(&folded).unwrap();
+    let prefix = format!("python3 (pid {});[libc];", child.id());
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix) && l.contains(&format!(";{frame} ")))
+        .unwrap_or_else(|| panic!("no per-process line for the leak in:\n{text}"));
+    assert!(line.ends_with(&format!(" {}", 3 * MIB)), "{line}");
 }
