@@ -488,6 +488,11 @@ pub struct PyProc {
     pub code_firstlineno: u32,
     /// glibc `struct pthread` → `tid`, for versions without `native_thread_id`.
     pub pthread_tid: u32,
+    /// Device of the process's pid namespace (`stat /proc/PID/ns/pid`) when it is not
+    /// pyleak's: the interpreter records thread ids as that namespace numbers them.
+    pub pidns_dev: u64,
+    /// Inode of that pid namespace; 0: pyleak's own, thread ids compare as they are.
+    pub pidns_ino: u64,
 }
 
 /// `FILTER_MODE`: the processes in `TARGETS`, probed one by one (`--pid`, a command).

@@ -7,7 +7,8 @@
 
 use crate::maps::STACK_SCRATCH;
 use aya_ebpf::{
-    helpers::generated::bpf_loop,
+    bindings::bpf_pidns_info,
+    helpers::generated::{bpf_get_ns_current_pid_tgid, bpf_loop},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -160,6 +161,25 @@ pub fn walk(st: &mut StackTrace) {
     if p.bias == 0 {
         return;
     }
+    // The interpreter knows its threads by the ids its own pid namespace gives them.
+    let tid = if p.pidns_ino != 0 {
+        let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+        // SAFETY: the helper writes at most `size` bytes into `ns`, a local.
+        let rc = unsafe {
+            bpf_get_ns_current_pid_tgid(
+                p.pidns_dev,
+                p.pidns_ino,
+                &mut ns,
+                core::mem::size_of::<bpf_pidns_info>() as u32,
+            )
+        };
+        if rc != 0 {
+            return;
+        }
+        ns.pid
+    } else {
+        tid
+    };
     let Some(ts) = find_tstate(&p, tid) else {
         // Not a Python thread (or not one yet).
         return;

@@ -187,7 +187,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                     let layout = python::layouts::for_version(rt.version)
                         .expect("detect checks the version");
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
-                    rec.set_python(pid, &placed(&rt, bias, layout))?;
+                    rec.set_python(pid, &placed(pid, &rt, bias, layout))?;
                     resolver.add_process(pid, rt.version);
                 }
                 rec.add_target(pid, &probes)?;
@@ -526,10 +526,13 @@ fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python
 /// The layout of a runtime loaded `bias` bytes above its link-time address. A bias of 0
 /// means "not known yet" to the kernel, so a python at its link-time address (not PIE)
 /// is described as one page higher with a page less of bias.
-fn placed(rt: &python::PythonRuntime, bias: u64, layout: PyProc) -> PyProc {
+fn placed(pid: u32, rt: &python::PythonRuntime, bias: u64, layout: PyProc) -> PyProc {
+    let (pidns_dev, pidns_ino) = python::pid_namespace(pid).unwrap_or((0, 0));
     PyProc {
         runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
         bias: bias.wrapping_add(4096),
+        pidns_dev,
+        pidns_ino,
         ..layout
     }
 }
@@ -544,7 +547,7 @@ fn place_runtimes(
         let Some(bias) = python::load_bias(pid, rt) else {
             return true;
         };
-        if let Err(e) = rec.set_python(pid, &placed(rt, bias, *layout)) {
+        if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, *layout)) {
             log::warn!("process {pid}: {e}");
         }
         false
@@ -954,7 +957,7 @@ impl Group {
                     return;
                 };
                 if self.python_stacks {
-                    if let Err(e) = rec.set_python(pid, &placed(rt, bias, *layout)) {
+                    if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, *layout)) {
                         log::warn!("process {pid}: {e}");
                     }
                     resolver.add_process(pid, rt.version);

@@ -1,6 +1,6 @@
 //! Group targets end to end: a child cgroup v2 group with leaky Python programs inside
 //! (one started after pyleak, in another CPython version) and one outside; a program in its
-//! own mount namespace running a libc only reachable through /proc/PID/root; 50
+//! own mount and pid namespaces running a libc only reachable through /proc/PID; 50
 //! short-lived programs; a group removed mid-run. Each inside program's leak must be
 //! reported under its pid with its exact bytes at its leaking line.
 
@@ -268,7 +268,7 @@ fn only_the_groups_processes_including_later_ones_and_another_cpython() {
 }
 
 #[test]
-fn own_mount_namespace_with_a_libc_reached_through_proc_root() {
+fn own_mount_and_pid_namespaces_with_a_libc_reached_through_proc() {
     if !cgroup_or_skip() {
         return;
     }
@@ -295,25 +295,27 @@ fn own_mount_namespace_with_a_libc_reached_through_proc_root() {
         script = script().display(),
         procs = cg.dir.join("cgroup.procs").display(),
     );
+    // Its own pid namespace too, as in a container: the interpreter numbers its threads
+    // there (the shell is its pid 1, writing "1" to cgroup.procs moves itself).
     let mut target = Command::new("unshare")
-        .args(["-m", "sh", "-c", &setup])
+        .args(["-m", "-p", "-f", "sh", "-c", &setup])
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting unshare");
-    let pid = target.id();
     // Wait until it runs python with the copied libc.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let pid = loop {
+        let pid = cg.procs().first().copied().unwrap_or(0);
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-        if maps.contains("/opt/libc.so.6") && maps.contains("python3.11") {
-            break;
+        if pid != 0 && maps.contains("/opt/libc.so.6") && maps.contains("python3.11") {
+            break pid;
         }
         assert!(
             Instant::now() < deadline,
             "the namespaced python did not start"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     assert!(
         !newroot.join("opt/libc.so.6").exists(),
         "the copied libc must be invisible from pyleak's mount namespace"

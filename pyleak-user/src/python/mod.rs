@@ -121,6 +121,15 @@ fn version_from_name(name: &str) -> Option<(u8, u8)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
+/// The pid namespace of `pid` as (device, inode) when it is not pyleak's own (a
+/// container's), for the kernel to translate thread ids.
+pub fn pid_namespace(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then(|| (theirs.dev(), theirs.ino()))
+}
+
 /// Where `file` is loaded in `pid` minus its link-time base, from `/proc/PID/maps`.
 pub fn load_bias(pid: u32, rt: &PythonRuntime) -> Option<u64> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
