@@ -305,10 +305,13 @@ pub enum Drop {
     ThreadsFull = 7,
     /// posix_memalign's result could not be read back.
     MemptrUnreadable = 8,
+    /// `TARGETS` was full: a process of a traced cgroup could not be frozen at exit or
+    /// interpreter shutdown, so its teardown's frees count.
+    TargetsFull = 9,
 }
 
 /// Number of [`Drop`] reasons.
-pub const NUM_DROPS: usize = 9;
+pub const NUM_DROPS: usize = 10;
 
 impl Drop {
     /// Every reason, in index order.
@@ -322,6 +325,7 @@ impl Drop {
         Drop::StackUnreadable,
         Drop::ThreadsFull,
         Drop::MemptrUnreadable,
+        Drop::TargetsFull,
     ];
 
     /// Short name for reports.
@@ -336,6 +340,7 @@ impl Drop {
             Drop::StackUnreadable => "stack_unreadable",
             Drop::ThreadsFull => "threads_full",
             Drop::MemptrUnreadable => "memptr_unreadable",
+            Drop::TargetsFull => "targets_full",
         }
     }
 }
@@ -391,6 +396,9 @@ pub enum VmKind {
     /// A stack with Python frames was interned for the first time (`stack_id`): userspace
     /// reads its code objects now, while they surely exist.
     NewStack = 7,
+    /// A process of the traced group (or, with `--all`, any process) called `exec`:
+    /// userspace looks at its files and attaches to the ones not probed yet.
+    Exec = 8,
 }
 
 /// An event in the ring buffer (vm layer, pages layer, freezes).
@@ -480,7 +488,37 @@ pub struct PyProc {
     pub code_firstlineno: u32,
     /// glibc `struct pthread` → `tid`, for versions without `native_thread_id`.
     pub pthread_tid: u32,
+    /// Device of the process's pid namespace (`stat /proc/PID/ns/pid`) when it is not
+    /// pyleak's: the interpreter records thread ids as that namespace numbers them.
+    pub pidns_dev: u64,
+    /// Inode of that pid namespace; 0: pyleak's own, thread ids compare as they are.
+    pub pidns_ino: u64,
 }
+
+/// `FILTER_MODE`: the processes in `TARGETS`, probed one by one (`--pid`, a command).
+pub const FILTER_PIDS: u32 = 0;
+/// `FILTER_MODE`: every process in the cgroup `CGROUP_ID` (at `CGROUP_LEVEL`) and its
+/// descendants, with file-wide uprobes; `TARGETS` holds only frozen processes.
+pub const FILTER_CGROUP: u32 = 1;
+/// `FILTER_MODE`: the processes in `TARGETS`, with file-wide uprobes (`--all`).
+pub const FILTER_PID_SET: u32 = 2;
+
+/// Distinct Python runtime files whose layout the kernel can apply by itself to a process
+/// that starts later (see [`py_init_cookie`]).
+pub const PY_TEMPLATES_ENTRIES: u32 = 64;
+
+/// The cookie of a `py_init_enter` probe: the link-time address of the probed function,
+/// and (when not 0) one plus the index of the layout template for its file.
+pub const fn py_init_cookie(vaddr: u64, template: Option<u32>) -> u64 {
+    let t = match template {
+        Some(i) => i as u64 + 1,
+        None => 0,
+    };
+    (vaddr & PY_INIT_VADDR_MASK) | (t << 48)
+}
+
+/// The address part of a [`py_init_cookie`].
+pub const PY_INIT_VADDR_MASK: u64 = (1 << 48) - 1;
 
 /// Value of the `TARGETS` map: the process is traced and not frozen.
 pub const TARGET_ACTIVE: u32 = 1;

@@ -7,10 +7,13 @@ use aya_ebpf::{
     macros::{tracepoint, uprobe},
     programs::{ProbeContext, TracePointContext},
 };
-use pyleak_common::{VmEvent, VmKind, TARGET_ACTIVE, TARGET_FROZEN};
+use pyleak_common::{
+    Drop, VmEvent, VmKind, FILTER_CGROUP, FILTER_PIDS, TARGET_ACTIVE, TARGET_FROZEN,
+};
 
 use crate::{
-    maps::{target_state, FROZEN_COUNT, TARGETS, THREADS},
+    maps::{count_drop, filter_mode, target_state, FROZEN_COUNT, TARGETS, THREADS},
+    pystack::PY_PROCS,
     vm::emit,
 };
 
@@ -37,12 +40,45 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `sched:sched_process_exec`: with `--cgroup` (a process of the group) or `--all` (any
+/// process), tell userspace, which attaches to the files the new program maps. The layout
+/// of the old program's Python runtime no longer applies.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let mode = filter_mode();
+    if mode == FILTER_PIDS {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if mode == FILTER_CGROUP && target_state(tgid) == 0 {
+        return 0;
+    }
+    let _ = PY_PROCS.remove(&tgid);
+    emit(VmEvent {
+        kind: VmKind::Exec as u32,
+        tgid,
+        addr: 0,
+        len: 0,
+        arg: 0,
+        arg2: 0,
+        stack_id: 0,
+        ts_ns: 0,
+        flags: 0,
+        tid: 0,
+    });
+    0
+}
+
 #[inline(always)]
 fn freeze(tgid: u32) {
     if target_state(tgid) != TARGET_ACTIVE {
         return;
     }
-    if TARGETS.insert(tgid, TARGET_FROZEN, 0).is_ok() {
+    if TARGETS.insert(tgid, TARGET_FROZEN, 0).is_err() {
+        count_drop(Drop::TargetsFull);
+        return;
+    }
+    {
         if let Some(n) = FROZEN_COUNT.get_ptr_mut(0) {
             // SAFETY: a map value; concurrent freezes of two processes at once may lose an
             // increment, which only makes uprobes look the state up more often.

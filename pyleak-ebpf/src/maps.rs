@@ -2,13 +2,15 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
+    helpers::generated::bpf_get_current_ancestor_cgroup_id,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use pyleak_common::{
     AllocKey, LayerStats, LiveAlloc, StackAgg, StackKey, StackTrace, ThreadState,
-    EVENTS_RING_BYTES, HIST_BUCKETS, LIVE_ALLOCS_ENTRIES, NUM_DROPS, NUM_LAYERS, STACKS_ENTRIES,
-    STACK_STATS_ENTRIES, TARGETS_ENTRIES, THREADS_ENTRIES,
+    EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS, LIVE_ALLOCS_ENTRIES, NUM_DROPS,
+    NUM_LAYERS, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES, TARGET_ACTIVE, TARGET_FROZEN,
+    THREADS_ENTRIES,
 };
 
 /// Processes traced: tgid → `TARGET_ACTIVE` or `TARGET_FROZEN`.
@@ -75,13 +77,62 @@ pub fn count_drop(reason: pyleak_common::Drop) {
 #[map]
 pub static FROZEN_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 
+/// How targets are chosen (`pyleak_common::FILTER_*`). Set by userspace before load; the
+/// verifier sees a constant and drops the other modes' code.
+#[no_mangle]
+static FILTER_MODE: u32 = FILTER_PIDS;
+/// `FILTER_CGROUP`: id of the traced cgroup (its directory's inode number).
+#[no_mangle]
+static CGROUP_ID: u64 = 0;
+/// `FILTER_CGROUP`: its level in the hierarchy (the root is 0).
+#[no_mangle]
+static CGROUP_LEVEL: u32 = 0;
+
+/// The filter mode userspace chose.
+#[inline(always)]
+pub fn filter_mode() -> u32 {
+    // SAFETY: a read-only global, patched by userspace before load.
+    unsafe { core::ptr::read_volatile(&FILTER_MODE) }
+}
+
+/// Whether the current task is in the traced cgroup or one of its descendants.
+#[inline(always)]
+fn in_cgroup() -> bool {
+    // SAFETY: read-only globals, patched by userspace before load.
+    let (id, level) = unsafe {
+        (
+            core::ptr::read_volatile(&CGROUP_ID),
+            core::ptr::read_volatile(&CGROUP_LEVEL),
+        )
+    };
+    // SAFETY: a helper reading the current task's cgroup; no pointers.
+    let current = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+    current == id
+}
+
 /// Whether a process that a uprobe fired in is still being traced (not frozen).
 #[inline(always)]
 pub fn uprobe_target_active(tgid: u32) -> bool {
-    if FROZEN_COUNT.get(0).is_some_and(|n| *n == 0) {
-        return true;
+    match filter_mode() {
+        // Uprobes attached per process fire only in targets.
+        FILTER_PIDS => {
+            if FROZEN_COUNT.get(0).is_some_and(|n| *n == 0) {
+                return true;
+            }
+            target_state(tgid) == TARGET_ACTIVE
+        }
+        FILTER_CGROUP => {
+            if !in_cgroup() {
+                return false;
+            }
+            if FROZEN_COUNT.get(0).is_some_and(|n| *n == 0) {
+                return true;
+            }
+            // SAFETY: a plain u32 copied out at once.
+            unsafe { TARGETS.get(tgid) }.copied() != Some(TARGET_FROZEN)
+        }
+        _ => target_state(tgid) == TARGET_ACTIVE,
     }
-    target_state(tgid) == pyleak_common::TARGET_ACTIVE
 }
 
 /// Last stack interned on this CPU: a repeat needs no map update.
@@ -89,8 +140,18 @@ pub fn uprobe_target_active(tgid: u32) -> bool {
 pub static LAST_STACK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The tracing state of a process: 0 (not traced), `TARGET_ACTIVE` or `TARGET_FROZEN`.
+/// In cgroup mode every process of the group is active until frozen.
 #[inline(always)]
 pub fn target_state(tgid: u32) -> u32 {
+    if filter_mode() == FILTER_CGROUP {
+        if !in_cgroup() {
+            return 0;
+        }
+        // SAFETY: the value is a plain u32 copied out at once.
+        return unsafe { TARGETS.get(tgid) }
+            .copied()
+            .unwrap_or(TARGET_ACTIVE);
+    }
     // SAFETY: the value is a plain u32 copied out at once.
     unsafe { TARGETS.get(tgid) }.copied().unwrap_or(0)
 }

@@ -7,21 +7,30 @@
 
 use crate::maps::STACK_SCRATCH;
 use aya_ebpf::{
-    helpers::generated::bpf_loop,
+    bindings::bpf_pidns_info,
+    helpers::generated::{bpf_get_ns_current_pid_tgid, bpf_loop},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::ProbeContext,
     EbpfContext,
 };
 use pyleak_common::{
-    PyFrame, PyProc, StackTrace, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_PY_WALK, NO_OFFSET,
-    STACK_PY_TRUNCATED, STACK_PY_UNREADABLE, TARGETS_ENTRIES, THREADS_ENTRIES,
+    PyFrame, PyProc, StackTrace, FILTER_PIDS, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_PY_WALK,
+    NO_OFFSET, PY_INIT_VADDR_MASK, PY_TEMPLATES_ENTRIES, STACK_PY_TRUNCATED, STACK_PY_UNREADABLE,
+    TARGETS_ENTRIES, TARGET_ACTIVE, THREADS_ENTRIES,
 };
 
 /// Per process: where its Python runtime is and how to walk its frames.
 #[map]
 pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(TARGETS_ENTRIES, 0);
+
+/// Layouts of the Python runtime files seen so far (`--cgroup`, `--all`), by index: a
+/// process that starts later gets its layout from the one its `Py_InitializeFromConfig`
+/// probe names, with no wait for userspace. `runtime_vaddr` is one page low and the
+/// kernel adds that page to the bias (a bias of 0 means "unknown").
+#[map]
+pub static PY_TEMPLATES: Array<PyProc> = Array::with_max_entries(PY_TEMPLATES_ENTRIES, 0);
 
 /// Thread id → its `PyThreadState` address, as last found.
 #[map]
@@ -48,18 +57,37 @@ fn read_u8(addr: u64) -> Option<u8> {
     unsafe { bpf_probe_read_user(addr as *const u8) }.ok()
 }
 
-/// Uprobe on `Py_InitializeFromConfig` of a command pyleak started: its address tells where
-/// the file holding the runtime was loaded (the cookie is its link-time address).
+/// Uprobe on `Py_InitializeFromConfig`: its address tells where the file holding the
+/// runtime was loaded (the cookie is its link-time address, see
+/// `pyleak_common::py_init_cookie`). For a command pyleak started, userspace has put the
+/// layout in `PY_PROCS` with a bias of 0; for a process of a traced group that started
+/// later, the layout comes from the file's template.
 #[uprobe]
 pub fn py_init_enter(ctx: ProbeContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: reads the cookie and the probe's own instruction pointer.
-    let (vaddr, ip) = unsafe {
+    let (cookie, ip) = unsafe {
         (
             aya_ebpf::helpers::generated::bpf_get_attach_cookie(ctx.as_ptr()),
             (*ctx.regs).rip,
         )
     };
+    let vaddr = cookie & PY_INIT_VADDR_MASK;
+    let template = (cookie >> 48) as u32;
+    if crate::maps::filter_mode() != FILTER_PIDS {
+        // A file-wide probe: only processes being traced.
+        if crate::maps::target_state(tgid) != TARGET_ACTIVE {
+            return 0;
+        }
+        if template != 0 && PY_PROCS.get_ptr(&tgid).is_none() {
+            if let Some(t) = PY_TEMPLATES.get(template - 1) {
+                let mut p = *t;
+                p.bias = ip.wrapping_sub(vaddr).wrapping_add(4096);
+                let _ = PY_PROCS.insert(&tgid, &p, 0);
+            }
+            return 0;
+        }
+    }
     if let Some(p) = PY_PROCS.get_ptr_mut(&tgid) {
         // Userspace may have placed the runtime already (with its own runtime_vaddr and
         // bias pair): only fill in a bias still unknown.
@@ -133,6 +161,25 @@ pub fn walk(st: &mut StackTrace) {
     if p.bias == 0 {
         return;
     }
+    // The interpreter knows its threads by the ids its own pid namespace gives them.
+    let tid = if p.pidns_ino != 0 {
+        let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+        // SAFETY: the helper writes at most `size` bytes into `ns`, a local.
+        let rc = unsafe {
+            bpf_get_ns_current_pid_tgid(
+                p.pidns_dev,
+                p.pidns_ino,
+                &mut ns,
+                core::mem::size_of::<bpf_pidns_info>() as u32,
+            )
+        };
+        if rc != 0 {
+            return;
+        }
+        ns.pid
+    } else {
+        tid
+    };
     let Some(ts) = find_tstate(&p, tid) else {
         // Not a Python thread (or not one yet).
         return;

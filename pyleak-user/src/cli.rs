@@ -19,7 +19,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Trace running processes (--pid) or a command (-- COMMAND) and report what is live.
+    /// Trace running processes (--pid), a cgroup (--cgroup, --container), every Python
+    /// process (--all) or a command (-- COMMAND) and report what is live.
     Record(RecordArgs),
     /// Trace like `record`, showing layer totals and the fastest-growing stacks live,
     /// refreshed every second (q or Ctrl-C to stop).
@@ -40,6 +41,9 @@ pub struct ReportArgs {
     /// What the flamegraph counts.
     #[arg(long, value_enum, default_value = "live-bytes")]
     pub metric: Metric,
+    /// Start each flamegraph stack with its process (`comm (pid N)`).
+    #[arg(long)]
+    pub per_process: bool,
 }
 
 /// `pyleak record`.
@@ -48,6 +52,22 @@ pub struct RecordArgs {
     /// Process to attach to (repeat for several).
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Trace every process in a cgroup v2 group and its descendants, including processes
+    /// that start there later: a directory of the cgroup v2 mount (absolute, or relative
+    /// to the mount). Probes on shared files (libc, libpython) then trap in every process
+    /// on the host that maps them; only the group's are counted.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Trace a Docker, containerd, CRI-O or Podman container (its id or a unique prefix):
+    /// its cgroup, as with --cgroup.
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
+    /// Trace every Python process on the host, including ones that start later.
+    #[arg(long)]
+    pub all: bool,
+    /// Folded stacks: put the process (`comm (pid N)`) above each stack's frames.
+    #[arg(long)]
+    pub per_process: bool,
     /// Stop after this many seconds (default: until Ctrl-C or the target exits).
     #[arg(short, long, value_name = "SECS")]
     pub duration: Option<f64>,
@@ -62,7 +82,7 @@ pub struct RecordArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Layers to probe, comma-separated: pymalloc, pymem_raw, libc, vm, pages, or all
-    /// [default: all with a command, libc,vm,pages with --pid].
+    /// [default: all with a command, libc,vm,pages otherwise].
     #[arg(long, value_name = "LIST")]
     pub layers: Option<String>,
     /// Native frames kept per stack (1: only the immediate caller).

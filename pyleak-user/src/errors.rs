@@ -23,11 +23,50 @@ pub enum UserError {
     #[error("command `{0}` not found: give a path or a program on PATH")]
     CommandNotFound(String),
     /// Neither `--pid` nor a command.
-    #[error("nothing to trace: give `--pid PID` or `-- COMMAND ARGS...`")]
+    #[error("nothing to trace: give `--pid PID`, `--cgroup PATH`, `--container ID`, `--all` or `-- COMMAND ARGS...`")]
     NoTarget,
     /// `--pid` and a command together.
     #[error("give either `--pid` or `-- COMMAND`, not both")]
     PidAndCommand,
+    /// Two kinds of target at once (`--cgroup` and `--pid`...).
+    #[error(
+        "give one kind of target: `--pid`, `--cgroup`, `--container`, `--all` or `-- COMMAND`"
+    )]
+    TooManyTargets,
+    /// No cgroup v2 hierarchy to filter by.
+    #[error("no cgroup v2 hierarchy is mounted ({0}): mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`")]
+    NoCgroup2(String),
+    /// `--cgroup` names something that is not a cgroup v2 directory.
+    #[error("{path} is not a cgroup v2 directory ({reason}): give a directory under {mount}, e.g. `--cgroup {mount}/system.slice`, or a path relative to it")]
+    NotCgroup {
+        /// What was given.
+        path: PathBuf,
+        /// Where cgroup v2 is mounted.
+        mount: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--container` is not a (prefix of a) hexadecimal container id.
+    #[error("`{0}` is not a container id: give the hexadecimal id or a prefix of it, as `docker ps`, `podman ps` or `crictl ps` show it")]
+    BadContainerId(String),
+    /// No container's cgroup has this id.
+    #[error("no container with id `{id}` under {root}: check the id with `docker ps --no-trunc` (or podman/crictl ps); is the container running on this host?")]
+    ContainerNotFound {
+        /// The id given.
+        id: String,
+        /// The cgroup v2 mount searched.
+        root: PathBuf,
+    },
+    /// The id prefix matches several containers.
+    #[error("container id `{id}` matches {count} containers ({matches}...): give more of the id")]
+    ContainerAmbiguous {
+        /// The id given.
+        id: String,
+        /// How many matched.
+        count: usize,
+        /// The first few, shortened.
+        matches: String,
+    },
     /// tracefs missing and could not be mounted.
     #[error("tracefs is not mounted and mounting it failed ({0}): run `mount -t tracefs tracefs /sys/kernel/tracing`")]
     NoTracefs(String),

@@ -5,6 +5,7 @@ mod attach;
 mod cli;
 mod collect;
 mod errors;
+mod group;
 mod launch;
 mod layers;
 mod python;

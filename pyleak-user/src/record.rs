@@ -1,10 +1,11 @@
 //! `pyleak record`: attach, trace until the end, report.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io::{IsTerminal as _, Write as _},
     os::fd::{AsRawFd, RawFd},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -20,8 +21,9 @@ use crate::{
         PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
     },
     cli::RecordArgs,
-    collect::{Recorder, RecorderOptions},
+    collect::{Filter, Recorder, RecorderOptions},
     errors::UserError,
+    group::{self, Cgroup},
     launch,
     layers::LayerSet,
     python,
@@ -35,6 +37,9 @@ const TICK: Duration = Duration::from_secs(1);
 const MAPS_REFRESH: Duration = Duration::from_millis(20);
 /// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
 const CHILD_GRACE: Duration = Duration::from_secs(2);
+/// `--cgroup`, `--all`: how long after it starts (or execs) a process's memory map is
+/// re-read for a Python runtime it has not mapped yet.
+const PENDING_FOR: Duration = Duration::from_secs(10);
 
 /// Why a recording ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +74,22 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     if !args.pids.is_empty() && !args.command.is_empty() {
         return Err(UserError::PidAndCommand.into());
     }
+    let kinds = [
+        !args.pids.is_empty(),
+        !args.command.is_empty(),
+        args.cgroup.is_some(),
+        args.container.is_some(),
+        args.all,
+    ];
+    if kinds.iter().filter(|k| **k).count() > 1 {
+        return Err(UserError::TooManyTargets.into());
+    }
+    let cgroup = match (&args.cgroup, &args.container) {
+        (Some(path), _) => Some(group::resolve(path)?),
+        (_, Some(id)) => Some(group::resolve_container(id)?),
+        _ => None,
+    };
+    let group_mode = cgroup.is_some() || args.all;
     for &pid in &args.pids {
         if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
             return Err(UserError::NoSuchPid(pid).into());
@@ -79,7 +100,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
         Some(cmd) => Some(
             attach::resolve_command(cmd).ok_or_else(|| UserError::CommandNotFound(cmd.clone()))?,
         ),
-        None if args.pids.is_empty() => {
+        None if args.pids.is_empty() && !group_mode => {
             return Err(if std::env::args().any(|a| a == "--") {
                 UserError::EmptyCommand
             } else {
@@ -109,15 +130,34 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
         }
         None => None,
     };
+    let filter = match (&cgroup, args.all) {
+        (Some(cg), _) => Filter::Cgroup {
+            id: cg.id,
+            level: cg.level,
+        },
+        (None, true) => Filter::PidSet,
+        (None, false) => Filter::Pids,
+    };
     let opts = RecorderOptions {
         layers,
         native_depth: args.native_depth.max(1),
         bare: args.bare,
+        filter,
     };
     let mut rec = Recorder::load(opts)?;
     let mut planner = Planner::new(layers);
     let mut resolver = python::Resolver::default();
     let mut unplaced: HashMap<u32, (python::PythonRuntime, PyProc)> = HashMap::new();
+    let mut group = group_mode.then(|| Group::new(cgroup.clone(), layers, !args.no_python_stacks));
+    if let Some(g) = group.as_mut() {
+        g.scan(&mut rec, &mut resolver, &syms);
+        if g.probed.is_empty() {
+            // No process to learn a libc from yet: the host's (pyleak's own) is the likely
+            // one, and attaching a file-wide probe takes long enough (a breakpoint in every
+            // process mapping it) that a process starting later would run ahead of it.
+            g.probe_own_libc(&mut rec);
+        }
+    }
     match (&program, &child) {
         (Some(p), Some(c)) => {
             let files = attach::libraries_of(&attach::program_of(p));
@@ -164,7 +204,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
                     let layout = python::layouts::for_version(rt.version)
                         .expect("detect checks the version");
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
-                    rec.set_python(pid, &placed(&rt, bias, layout))?;
+                    rec.set_python(pid, &placed(pid, &rt, bias, layout))?;
                     resolver.add_process(pid, rt.version);
                 }
                 rec.add_target(pid, &probes)?;
@@ -178,13 +218,25 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
             p.symbol
         );
     }
-    let what = match &program {
-        Some(p) => format!(
+    let what = match (&program, &group) {
+        (_, Some(g)) => {
+            eprintln!("pyleak: note: probes sit on whole files (libc, libpython): every process on this host that maps them traps on each call, and only the traced ones are counted");
+            let n = g.tracked();
+            match &g.cgroup {
+                Some(cg) => format!(
+                    "cgroup {} ({n} process{} now, and any started in it later)",
+                    cg.path,
+                    if n == 1 { "" } else { "es" }
+                ),
+                None => format!("every Python process ({n} now, and any started later)"),
+            }
+        }
+        (Some(p), _) => format!(
             "{} (pid {})",
             p.display(),
             child.as_ref().map_or(0, |c| c.pid)
         ),
-        None => format!(
+        (None, None) => format!(
             "pid {}",
             args.pids
                 .iter()
@@ -197,7 +249,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     eprintln!(
         "pyleak: tracing {what}, layers {}{}; Ctrl-C to stop",
         layers.names(),
-        if args.layers.is_none() && args.command.is_empty() {
+        if args.layers.is_none() && args.command.is_empty() && !args.bare {
             " (add the Python allocator layers with --layers all: a trap per Python allocation)"
         } else {
             ""
@@ -221,7 +273,10 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
         &mut rec,
         &syms,
         &mut resolver,
-        &mut unplaced,
+        match group.as_mut() {
+            Some(g) => Follow::Group(g),
+            None => Follow::Pids(&mut unplaced),
+        },
         &args,
         launched,
         &mut sampler,
@@ -231,6 +286,12 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     let duration_s = started.elapsed().as_secs_f64();
     log::debug!("recording ended: {end:?}");
 
+    if let Some(g) = group.as_mut() {
+        // Processes that started while the recording ended are part of it too.
+        rec.drain();
+        g.poll(&mut rec, &mut resolver, &syms);
+        g.scan(&mut rec, &mut resolver, &syms);
+    }
     rec.freeze_all()?;
     let snap = rec.snapshot((args.min_age * 1e9) as u64)?;
     learn_new_stacks(&mut rec, &mut resolver);
@@ -258,7 +319,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     let stdout = std::io::stdout();
     report::text::write(&report, &mut stdout.lock())?;
     if let (Some(mut f), Some(path)) = (folded_out, args.output.as_deref()) {
-        report::write_flamegraph(&report, args.metric, path, &mut f)?;
+        report::write_flamegraph(&report, args.metric, args.per_process, path, &mut f)?;
     }
     if let (Some(mut f), Some(path)) = (json_out, args.json.as_deref()) {
         serde_json::to_writer_pretty(&mut f, &report)
@@ -292,39 +353,46 @@ impl Planner {
         let mut out = Vec::new();
         for f in files {
             let layers = self.layers;
-            let probes = self.cache.entry(f.clone()).or_insert_with(|| {
-                let Ok(elf) = ElfFile::open(f) else {
-                    return Vec::new();
-                };
-                let mut probes = Vec::new();
-                if attach::is_libc(f) && layers.contains(Layer::Libc) {
-                    probes.extend(attach::plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
-                }
-                if attach::may_hold_python(f) {
-                    probes.extend(attach::plan_finalize(&elf));
-                    if layers.contains(Layer::Pymalloc) {
-                        probes.extend(attach::plan_python_domain(
-                            &elf,
-                            Layer::Pymalloc,
-                            &PYMALLOC_TABLE_FUNCTIONS,
-                            &PYMALLOC_FUNCTIONS,
-                        ));
-                    }
-                    if layers.contains(Layer::PymemRaw) {
-                        probes.extend(attach::plan_python_domain(
-                            &elf,
-                            Layer::PymemRaw,
-                            &PYMEM_RAW_TABLE_FUNCTIONS,
-                            &PYMEM_RAW_FUNCTIONS,
-                        ));
-                    }
-                }
-                probes
-            });
+            let probes = self
+                .cache
+                .entry(f.clone())
+                .or_insert_with(|| plan_file(layers, f, f));
             out.extend(probes.iter().cloned());
         }
         out
     }
+}
+
+/// Probes for one file (named `file`, read through `via`): its libc functions, its
+/// Python allocator functions and interpreter shutdown.
+fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
+    let Ok(elf) = ElfFile::open(via) else {
+        return Vec::new();
+    };
+    let mut probes = Vec::new();
+    if attach::is_libc(file) && layers.contains(Layer::Libc) {
+        probes.extend(attach::plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
+    }
+    if attach::may_hold_python(file) {
+        probes.extend(attach::plan_finalize(&elf));
+        if layers.contains(Layer::Pymalloc) {
+            probes.extend(attach::plan_python_domain(
+                &elf,
+                Layer::Pymalloc,
+                &PYMALLOC_TABLE_FUNCTIONS,
+                &PYMALLOC_FUNCTIONS,
+            ));
+        }
+        if layers.contains(Layer::PymemRaw) {
+            probes.extend(attach::plan_python_domain(
+                &elf,
+                Layer::PymemRaw,
+                &PYMEM_RAW_TABLE_FUNCTIONS,
+                &PYMEM_RAW_FUNCTIONS,
+            ));
+        }
+    }
+    probes
 }
 
 /// Says once what will not be seen.
@@ -341,6 +409,14 @@ fn create_output(path: &Path) -> Result<File, UserError> {
     })
 }
 
+/// How targets are followed while recording.
+enum Follow<'a> {
+    /// `--pid`, a command: launched commands whose Python runtime is not placed yet.
+    Pids(&'a mut HashMap<u32, (python::PythonRuntime, PyProc)>),
+    /// `--cgroup`, `--container`, `--all`: processes come and go.
+    Group(&'a mut Group),
+}
+
 /// The ring buffer's fd, for tokio to wait on.
 struct RingFd(RawFd);
 
@@ -355,7 +431,7 @@ async fn trace_loop(
     rec: &mut Recorder,
     syms: &Mutex<Symbolizer>,
     resolver: &mut python::Resolver,
-    unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
+    mut follow: Follow<'_>,
     args: &RecordArgs,
     launched: Option<(u32, tokio::sync::oneshot::Receiver<i32>)>,
     sampler: &mut Sampler,
@@ -378,26 +454,48 @@ async fn trace_loop(
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    snapshot_all(rec, syms, unplaced);
+    if let Follow::Pids(unplaced) = &mut follow {
+        snapshot_all(rec, syms, unplaced);
+    }
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
             guard = ring.readable() => {
+                // Readiness is cleared before draining: an event submitted while draining
+                // wakes the loop again instead of waiting for the next tick.
                 let mut guard = guard?;
-                let n = rec.drain();
                 guard.clear_ready();
+                let n = rec.drain();
+                if let Follow::Group(g) = &mut follow {
+                    g.poll(rec, resolver, syms);
+                }
                 learn_new_stacks(rec, resolver);
                 if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
                     last_maps = Instant::now();
-                    snapshot_all(rec, syms, unplaced);
+                    match &mut follow {
+                        Follow::Group(g) => g.refresh(rec, resolver, syms),
+                        Follow::Pids(unplaced) => snapshot_all(rec, syms, unplaced),
+                    }
                 }
             }
             _ = tick.tick() => {
                 rec.drain();
-                learn_new_stacks(rec, resolver);
-                snapshot_all(rec, syms, unplaced);
-                if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
-                    break End::TargetsExited;
+                if let Follow::Group(g) = &mut follow {
+                    g.poll(rec, resolver, syms);
+                    learn_new_stacks(rec, resolver);
+                    g.scan(rec, resolver, syms);
+                    g.refresh(rec, resolver, syms);
+                    g.reap(rec);
+                    if let Some(cg) = g.cgroup.as_ref().filter(|cg| !cg.dir.exists()) {
+                        eprintln!("pyleak: cgroup {} was removed: ending the recording", cg.path);
+                        break End::TargetsExited;
+                    }
+                } else if let Follow::Pids(unplaced) = &mut follow {
+                    learn_new_stacks(rec, resolver);
+                    snapshot_all(rec, syms, unplaced);
+                    if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
+                        break End::TargetsExited;
+                    }
                 }
                 if sampler.view == View::Top {
                     sampler.draw(rec);
@@ -406,6 +504,10 @@ async fn trace_loop(
                 }
             }
             _ = sample_tick.tick() => {
+                rec.drain();
+                if let Follow::Group(g) = &mut follow {
+                    g.poll(rec, resolver, syms);
+                }
                 learn_new_stacks(rec, resolver);
                 sampler.sample(rec, &lock(syms), resolver);
                 if sampler.error.is_err() {
@@ -437,6 +539,10 @@ async fn trace_loop(
         eprintln!();
     }
     // The last moment counts for growth too.
+    rec.drain();
+    if let Follow::Group(g) = &mut follow {
+        g.poll(rec, resolver, syms);
+    }
     learn_new_stacks(rec, resolver);
     sampler.sample(rec, &lock(syms), resolver);
     if let (Some(pid), Some(wait)) = (child, child_exit) {
@@ -454,12 +560,19 @@ async fn trace_loop(
 
 /// Reads the code objects of stacks the kernel announced (while their process lives).
 fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
+    if rec.new_stacks.is_empty() {
+        return;
+    }
+    resolver.next_batch();
+    let t0 = Instant::now();
+    let n = rec.new_stacks.len();
     for (pid, id) in std::mem::take(&mut rec.new_stacks) {
         if let Some(st) = rec.stack(id) {
             let n = (st.py_len as usize).min(st.py.len());
             resolver.learn(pid, id, &st.py[..n]);
         }
     }
+    log::debug!("learnt {n} stacks in {:?}", t0.elapsed());
 }
 
 /// The supported Python runtime among `files`, warning once about an unsupported one.
@@ -485,10 +598,13 @@ fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python
 /// The layout of a runtime loaded `bias` bytes above its link-time address. A bias of 0
 /// means "not known yet" to the kernel, so a python at its link-time address (not PIE)
 /// is described as one page higher with a page less of bias.
-fn placed(rt: &python::PythonRuntime, bias: u64, layout: PyProc) -> PyProc {
+fn placed(pid: u32, rt: &python::PythonRuntime, bias: u64, layout: PyProc) -> PyProc {
+    let (pidns_dev, pidns_ino) = python::pid_namespace(pid).unwrap_or((0, 0));
     PyProc {
         runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
         bias: bias.wrapping_add(4096),
+        pidns_dev,
+        pidns_ino,
         ..layout
     }
 }
@@ -503,7 +619,7 @@ fn place_runtimes(
         let Some(bias) = python::load_bias(pid, rt) else {
             return true;
         };
-        if let Err(e) = rec.set_python(pid, &placed(rt, bias, *layout)) {
+        if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, *layout)) {
             log::warn!("process {pid}: {e}");
         }
         false
@@ -576,5 +692,400 @@ fn status_line(rec: &Recorder, started: Instant, last: &mut (u64, Instant), tty:
         eprint!("\r\x1b[K{line}");
     } else {
         eprintln!("{line}");
+    }
+}
+
+/// One process followed by a group target.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    /// Traced (with `--all`, only once it shows a Python runtime).
+    tracked: bool,
+    /// Its Python runtime is known (or there is nothing more to learn).
+    settled: bool,
+    /// When it started (or exec'd), as pyleak first saw it.
+    since: Instant,
+    /// It exited and its kernel entries were dropped.
+    reaped: bool,
+}
+
+/// The Python runtime of one file (by device and inode), as detected once.
+#[derive(Debug, Clone)]
+enum FileRuntime {
+    /// Not a Python runtime.
+    None,
+    /// A CPython pyleak walks: where its runtime is and the frame layout.
+    Supported(python::PythonRuntime, PyProc),
+    /// A CPython pyleak cannot walk (its version).
+    Unsupported(String),
+}
+
+/// `--cgroup`, `--container`, `--all`: the processes of the group as they come and go,
+/// and the files probed for them (each distinct file once, for every process mapping it).
+struct Group {
+    /// The traced cgroup; `None` with `--all`.
+    cgroup: Option<Cgroup>,
+    layers: LayerSet,
+    python_stacks: bool,
+    /// Files probed, by (device, inode).
+    probed: HashSet<(u64, u64)>,
+    /// Runtime detection per file, by (device, inode).
+    runtimes: HashMap<(u64, u64), FileRuntime>,
+    /// Layout templates handed to the kernel so far.
+    templates: u32,
+    /// Processes seen.
+    members: HashMap<u32, Member>,
+}
+
+impl Group {
+    fn new(cgroup: Option<Cgroup>, layers: LayerSet, python_stacks: bool) -> Group {
+        Group {
+            cgroup,
+            layers,
+            python_stacks,
+            probed: HashSet::new(),
+            runtimes: HashMap::new(),
+            templates: 0,
+            members: HashMap::new(),
+        }
+    }
+
+    /// How many processes are traced.
+    fn tracked(&self) -> usize {
+        self.members.values().filter(|m| m.tracked).count()
+    }
+
+    /// Looks for processes not seen yet: the cgroup's, or (with `--all`) the host's.
+    fn scan(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+    ) {
+        let pids: Vec<u32> = match &self.cgroup {
+            Some(cg) => group::processes(&cg.dir),
+            None => procfs::process::all_processes()
+                .map(|it| it.flatten().map(|p| p.pid as u32).collect())
+                .unwrap_or_default(),
+        };
+        let me = std::process::id();
+        for pid in pids {
+            if pid == me || self.members.contains_key(&pid) {
+                continue;
+            }
+            self.members.insert(
+                pid,
+                Member {
+                    tracked: false,
+                    settled: false,
+                    since: Instant::now(),
+                    reaped: false,
+                },
+            );
+            self.examine(rec, resolver, syms, pid);
+            // Running before it was seen: what it maps now is what it runs (a program
+            // that loads libpython late is re-read when it execs or allocates).
+            if let Some(m) = self.members.get_mut(&pid) {
+                m.settled = true;
+            }
+        }
+    }
+
+    /// Handles what the kernel announced: processes that exec'd, stacks of processes not
+    /// examined yet (a fork pyleak has not seen).
+    fn poll(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+    ) {
+        for pid in std::mem::take(&mut rec.execs) {
+            if pid == std::process::id() {
+                continue;
+            }
+            let m = self.members.entry(pid).or_insert(Member {
+                tracked: false,
+                settled: false,
+                since: Instant::now(),
+                reaped: false,
+            });
+            // A new program: its files and runtime are to be learnt again.
+            m.settled = false;
+            m.reaped = false;
+            m.since = Instant::now();
+            self.examine(rec, resolver, syms, pid);
+        }
+        let unseen: Vec<u32> = rec
+            .new_stacks
+            .iter()
+            .map(|&(pid, _)| pid)
+            .filter(|pid| !self.members.get(pid).is_some_and(|m| m.settled))
+            .collect();
+        for pid in unseen {
+            self.members.entry(pid).or_insert(Member {
+                tracked: false,
+                settled: false,
+                since: Instant::now(),
+                reaped: false,
+            });
+            self.examine(rec, resolver, syms, pid);
+        }
+    }
+
+    /// Re-reads the memory maps of processes whose Python runtime is not mapped yet.
+    fn refresh(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+    ) {
+        let pending: Vec<u32> = self
+            .members
+            .iter()
+            .filter(|(_, m)| !m.settled && !m.reaped && m.since.elapsed() < PENDING_FOR)
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in pending {
+            self.examine(rec, resolver, syms, pid);
+        }
+        let mut syms = lock(syms);
+        for (&pid, m) in &self.members {
+            if m.tracked && !m.reaped {
+                syms.snapshot(pid);
+                rec.refresh_comm(pid);
+            }
+        }
+    }
+
+    /// Drops the kernel entries of traced processes that exited (their events are all
+    /// read by now), and forgets untraced ones.
+    fn reap(&mut self, rec: &mut Recorder) {
+        self.members.retain(|&pid, m| {
+            if m.reaped || alive(pid) {
+                return true;
+            }
+            if !m.tracked {
+                return false;
+            }
+            rec.forget(pid);
+            m.reaped = true;
+            true
+        });
+    }
+
+    /// Looks at the files `pid` maps: probes the ones not probed yet, places its Python
+    /// runtime, starts tracing it.
+    fn examine(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+        pid: u32,
+    ) {
+        let Ok(mut files) = attach::mapped_file_handles(pid) else {
+            // Gone already: what it did is in the kernel's maps under its pid.
+            if let Some(m) = self.members.get_mut(&pid) {
+                m.settled = true;
+            }
+            return;
+        };
+        let t0 = Instant::now();
+        if self.cgroup.is_some() && self.members.get(&pid).is_some_and(|m| !m.settled) {
+            // Just exec'd, perhaps: what its loader is about to map.
+            files.extend(
+                attach::needed_in_root(pid)
+                    .into_iter()
+                    .map(|p| (p.clone(), p)),
+            );
+        }
+        // Each distinct file once, held open and read through /proc/self/fd: the process
+        // may exit meanwhile, taking its /proc/PID/root and map_files with it.
+        let mut cands: Vec<(PathBuf, std::fs::File, (u64, u64))> = Vec::new();
+        for (f, mapped) in &files {
+            if !(attach::is_libc(f) || attach::may_hold_python(f)) {
+                continue;
+            }
+            let Ok(open) = std::fs::File::open(mapped).or_else(|_| std::fs::File::open(f)) else {
+                continue;
+            };
+            let Ok(meta) = open.metadata() else {
+                continue;
+            };
+            let key = (meta.dev(), meta.ino());
+            if !cands.iter().any(|c| c.2 == key) {
+                cands.push((f.clone(), open, key));
+            }
+        }
+        let via =
+            |open: &std::fs::File| PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
+        // libc first: a process that just exec'd is about to allocate, and its loader may
+        // not have mapped libc yet (the probe then lands when it does).
+        for (f, open, key) in cands.iter().filter(|c| attach::is_libc(&c.0)) {
+            if !self.probed.contains(key) {
+                let probes = plan_file(self.layers, f, &via(open));
+                self.attach(rec, &probes, f, *key);
+                log::debug!(
+                    "process {pid}: {} probed after {:?}",
+                    f.display(),
+                    t0.elapsed()
+                );
+            }
+        }
+        // Then the Python runtime, its probes and the layout template the kernel applies
+        // when the interpreter starts.
+        let mut runtime = FileRuntime::None;
+        for (f, open, key) in cands.iter().filter(|c| attach::may_hold_python(&c.0)) {
+            if !self.runtimes.contains_key(key) {
+                let rt = self.detect(f, &via(open));
+                self.runtimes.insert(*key, rt);
+            }
+            if !self.probed.contains(key) {
+                let mut probes = plan_file(self.layers, f, &via(open));
+                if let Some(FileRuntime::Supported(rt, layout)) = self.runtimes.get(key).cloned() {
+                    probes.extend(self.init_probe(rec, &via(open), &rt, layout));
+                }
+                self.attach(rec, &probes, f, *key);
+            }
+            match self.runtimes.get(key) {
+                Some(FileRuntime::Supported(rt, layout)) => {
+                    let mut rt = rt.clone();
+                    rt.file = f.clone();
+                    runtime = FileRuntime::Supported(rt, *layout);
+                }
+                Some(FileRuntime::Unsupported(v)) => runtime = FileRuntime::Unsupported(v.clone()),
+                _ => {}
+            }
+        }
+        let in_cgroup = self.cgroup.is_some();
+        if let Some(m) = self.members.get_mut(&pid) {
+            let is_python = !matches!(runtime, FileRuntime::None);
+            if !m.tracked && (in_cgroup || is_python) {
+                match rec.track(pid) {
+                    Ok(()) => m.tracked = true,
+                    Err(e) => log::warn!("process {pid}: {e}"),
+                }
+            }
+            if m.tracked {
+                self.place(rec, resolver, pid, &runtime);
+            }
+        }
+        if self.members.get(&pid).is_some_and(|m| m.tracked) {
+            lock(syms).snapshot(pid);
+        }
+        log::debug!("process {pid} examined in {:?}", t0.elapsed());
+    }
+
+    /// Probes the C library pyleak itself runs with.
+    fn probe_own_libc(&mut self, rec: &mut Recorder) {
+        let me = std::process::id();
+        for (f, mapped) in attach::mapped_file_handles(me).unwrap_or_default() {
+            if !attach::is_libc(&f) {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&mapped) else {
+                continue;
+            };
+            let key = (meta.dev(), meta.ino());
+            if self.probed.contains(&key) {
+                continue;
+            }
+            // The file as any process names it, not through pyleak's own /proc entry.
+            let shown = f
+                .strip_prefix(format!("/proc/{me}/root"))
+                .map(|p| Path::new("/").join(p))
+                .unwrap_or(f);
+            let probes = plan_file(self.layers, &shown, &shown);
+            self.attach(rec, &probes, &shown, key);
+        }
+    }
+
+    /// Attaches `probes` for every process mapping `file`; on success the file counts as
+    /// probed.
+    fn attach(&mut self, rec: &mut Recorder, probes: &[ProbeSpec], file: &Path, key: (u64, u64)) {
+        match rec.attach_file_wide(probes, file) {
+            Ok(()) => {
+                self.probed.insert(key);
+            }
+            Err(e) => eprintln!(
+                "pyleak: warning: {e:#}: calls in {} are not seen",
+                file.display()
+            ),
+        }
+    }
+
+    /// Tells the kernel (and the resolver) where `pid`'s Python runtime is.
+    fn place(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        pid: u32,
+        runtime: &FileRuntime,
+    ) {
+        let Some(m) = self.members.get_mut(&pid) else {
+            return;
+        };
+        match runtime {
+            FileRuntime::Supported(rt, layout) => {
+                let Some(bias) = python::load_bias(pid, rt) else {
+                    return;
+                };
+                if self.python_stacks {
+                    if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, *layout)) {
+                        log::warn!("process {pid}: {e}");
+                    }
+                    resolver.add_process(pid, rt.version);
+                }
+                rec.pythons
+                    .insert(pid, format!("{}.{}", rt.version.0, rt.version.1));
+                m.settled = true;
+            }
+            FileRuntime::Unsupported(v) => {
+                rec.pythons.insert(pid, v.clone());
+                m.settled = true;
+            }
+            FileRuntime::None => {}
+        }
+    }
+
+    /// The probe that applies `layout` to processes of the group that start `file`'s
+    /// interpreter later, with the kernel's template for it.
+    fn init_probe(
+        &mut self,
+        rec: &mut Recorder,
+        file: &Path,
+        rt: &python::PythonRuntime,
+        layout: PyProc,
+    ) -> Option<ProbeSpec> {
+        if !self.python_stacks || self.templates >= pyleak_common::PY_TEMPLATES_ENTRIES {
+            return None;
+        }
+        let template = PyProc {
+            runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
+            bias: 0,
+            ..layout
+        };
+        let mut init = attach::plan_py_init(&ElfFile::open(file).ok()?)?;
+        rec.set_template(self.templates, &template).ok()?;
+        init.cookie = pyleak_common::py_init_cookie(init.cookie, Some(self.templates));
+        self.templates += 1;
+        Some(init)
+    }
+    /// Detects the Python runtime in `file`, read through `via` (once per file).
+    fn detect(&mut self, file: &Path, via: &Path) -> FileRuntime {
+        match python::detect_via(file, via) {
+            Some(python::Detected::Supported(rt)) => {
+                let layout =
+                    python::layouts::for_version(rt.version).expect("detect checks the version");
+                log::info!("{}", python::describe(&rt));
+                FileRuntime::Supported(rt, layout)
+            }
+            Some(python::Detected::Unsupported { file, version }) => {
+                eprintln!(
+                    "pyleak: warning: {} is CPython {version}, which pyleak cannot walk (3.8 and newer): native stacks only",
+                    file.display()
+                );
+                FileRuntime::Unsupported(version)
+            }
+            None => FileRuntime::None,
+        }
     }
 }

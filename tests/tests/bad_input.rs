@@ -108,3 +108,54 @@ fn tracefs_not_mounted_is_mounted_by_pyleak() {
     assert!(out.status.success(), "{out:?}");
     assert!(tracing.exists(), "pyleak mounted tracefs");
 }
+
+#[test]
+fn cgroup_that_is_not_a_cgroup_v2_directory() {
+    if !root_or_skip() {
+        return;
+    }
+    // A plain directory, a missing group, a cgroup v1 hierarchy's directory.
+    for path in [
+        "/tmp",
+        "/sys/fs/cgroup/unified/no-such-group-xyz",
+        "/sys/fs/cgroup/memory",
+    ] {
+        if path.contains("memory") && !std::path::Path::new(path).exists() {
+            continue;
+        }
+        one_line_error(
+            &pyleak(&["record", "--cgroup", path]),
+            "is not a cgroup v2 directory",
+        );
+    }
+}
+
+#[test]
+fn unknown_or_malformed_container_id() {
+    if !root_or_skip() {
+        return;
+    }
+    one_line_error(
+        &pyleak(&["record", "--container", "0123456789abcdef"]),
+        "no container with id `0123456789abcdef`",
+    );
+    one_line_error(
+        &pyleak(&["record", "--container", "my-app"]),
+        "`my-app` is not a container id",
+    );
+}
+
+#[test]
+fn two_kinds_of_target() {
+    if !root_or_skip() {
+        return;
+    }
+    one_line_error(
+        &pyleak(&["record", "--all", "--cgroup", "/sys/fs/cgroup/unified"]),
+        "give one kind of target",
+    );
+    one_line_error(
+        &pyleak(&["record", "--all", "-p", "1"]),
+        "give one kind of target",
+    );
+}

@@ -53,5 +53,5 @@ def mapping():
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    result = {"registry": registry, "fragment": fragment, "mmap": mapping}[mode]()
+    result = {"registry": registry, "fragment": fragment, "mmap": mapping}[mode]()  # MAIN_LINE
     print(json.dumps(result), flush=True)

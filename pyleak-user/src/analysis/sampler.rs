@@ -121,6 +121,12 @@ impl Sampler {
 
     /// Takes one sample, and writes it as a line when streaming.
     pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &Resolver) {
+        let t0 = Instant::now();
+        self.sample_inner(rec, syms, py);
+        log::debug!("growth sample took {:?}", t0.elapsed());
+    }
+
+    fn sample_inner(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &Resolver) {
         let live = match rec.sample() {
             Ok(Some(l)) => l,
             Ok(None) => return,
@@ -135,7 +141,9 @@ impl Sampler {
             *layers.entry(layer.name()).or_default() += bytes;
         }
         self.timeline.record(t, live);
-        self.growing = self.top_growing(rec, syms, py);
+        if self.view == View::Top || self.out.is_some() {
+            self.growing = self.top_growing(rec, syms, py);
+        }
         if let Some((f, path)) = self.out.as_mut() {
             let line = SnapshotLine {
                 t_s: t,
@@ -164,14 +172,40 @@ impl Sampler {
         py: &Resolver,
     ) -> Vec<GrowingStack> {
         let native = self.native;
+        let noise = super::growth_noise(self.interval.as_secs_f64());
+        // Frames are resolved only for the stacks that grow fastest on their own (a few
+        // times more than shown, as stacks with the same frames are summed).
+        let mut candidates: Vec<((u32, Layer, u64), f64)> = self
+            .timeline
+            .grouped(|&k| Some(k))
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    growth::assess(self.timeline.times(), &v, noise).bytes_per_s,
+                )
+            })
+            .filter(|&(_, rate)| rate > 0.0)
+            .collect();
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
+        candidates.truncate(TOP_GROWING * 8);
+        let candidates: std::collections::HashSet<(u32, Layer, u64)> =
+            candidates.into_iter().map(|(k, _)| k).collect();
         let frames = &mut self.frames;
         let series = self.timeline.grouped(|&(pid, layer, id)| {
-            let f = frames
-                .entry((pid, id))
-                .or_insert_with(|| frames_of(rec, syms, py, native, pid, id).0);
-            Some((pid, layer, f.clone()))
+            if !candidates.contains(&(pid, layer, id)) {
+                return None;
+            }
+            if let Some(f) = frames.get(&(pid, id)) {
+                return Some((pid, layer, f.clone()));
+            }
+            let f = frames_of(rec, syms, py, native, pid, id).0;
+            // Kept once every Python frame is named (the resolver may learn it later).
+            if !f.iter().any(|name| name.starts_with("[python code")) {
+                frames.insert((pid, id), f.clone());
+            }
+            Some((pid, layer, f))
         });
-        let noise = super::growth_noise(self.interval.as_secs_f64());
         let mut out: Vec<GrowingStack> = series
             .into_iter()
             .filter_map(|((pid, layer, frames), v)| {

@@ -202,6 +202,36 @@ pub fn mapped_files(pid: u32) -> std::io::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Files a running process maps, each as (a path naming it through `/proc/PID/root`, a
+/// path that opens the very file mapped: `/proc/PID/map_files/START-END`). The memory map
+/// names files as seen from the process's mount namespace, which may not be reachable
+/// from pyleak's even through `/proc/PID/root` (a chroot inside a private namespace);
+/// `map_files` always is.
+pub fn mapped_file_handles(pid: u32) -> std::io::Result<Vec<(PathBuf, PathBuf)>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let range = f.next().unwrap_or("");
+        let path = f.nth(4).unwrap_or("");
+        if path.starts_with('/') && !path.ends_with("(deleted)") && seen.insert(path) {
+            // map_files names ranges without the zero padding the memory map has.
+            let (start, end) = range.split_once('-').unwrap_or(("0", "0"));
+            let hex = |h: &str| u64::from_str_radix(h, 16).unwrap_or(0);
+            out.push((
+                PathBuf::from(format!("/proc/{pid}/root{path}")),
+                PathBuf::from(format!(
+                    "/proc/{pid}/map_files/{:x}-{:x}",
+                    hex(start),
+                    hex(end)
+                )),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// Whether a file name looks like the C library.
 pub fn is_libc(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -260,6 +290,47 @@ pub fn program_of(path: &Path) -> PathBuf {
     program_of(Path::new(interp))
 }
 
+/// Where the dynamic loader looks after the program's own search path.
+const LIBRARY_DIRS: [&str; 7] = [
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+    "/usr/local/lib",
+];
+
+/// The libraries a process that has just called exec is about to map (its program's
+/// `DT_NEEDED`, found under its root), as paths through `/proc/PID/root`: probing them
+/// before its loader maps them catches its first allocations.
+pub fn needed_in_root(pid: u32) -> Vec<PathBuf> {
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return Vec::new();
+    };
+    let under_root = |p: &Path| -> PathBuf {
+        if p.starts_with(&root) {
+            p.to_owned()
+        } else {
+            root.join(p.strip_prefix("/").unwrap_or(p))
+        }
+    };
+    let Ok(elf) = ElfFile::open(&under_root(&exe)) else {
+        return Vec::new();
+    };
+    let (needed, dirs) = elf.needed();
+    let dirs: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| under_root(d))
+        .chain(LIBRARY_DIRS.iter().map(|d| under_root(Path::new(d))))
+        .collect();
+    needed
+        .iter()
+        .filter_map(|lib| dirs.iter().map(|d| d.join(lib)).find(|p| p.is_file()))
+        .collect()
+}
+
 /// The files a program will map that pyleak probes: its libc and the file that holds the
 /// Python runtime (the executable itself or its libpython), found from `DT_NEEDED` and the
 /// library search path before the program runs.
@@ -271,18 +342,7 @@ pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
     if let Some(extra) = std::env::var_os("LD_LIBRARY_PATH") {
         dirs.extend(std::env::split_paths(&extra));
     }
-    dirs.extend(
-        [
-            "/lib/x86_64-linux-gnu",
-            "/usr/lib/x86_64-linux-gnu",
-            "/lib64",
-            "/usr/lib64",
-            "/lib",
-            "/usr/lib",
-            "/usr/local/lib",
-        ]
-        .map(PathBuf::from),
-    );
+    dirs.extend(LIBRARY_DIRS.map(PathBuf::from));
     let mut out = vec![program.to_owned()];
     for lib in needed {
         if let Some(p) = dirs.iter().map(|d| d.join(&lib)).find(|p| p.exists()) {

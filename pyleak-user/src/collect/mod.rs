@@ -5,6 +5,7 @@ pub mod vm;
 use std::{
     collections::{BTreeMap, HashMap},
     num::NonZeroU32,
+    path::Path,
 };
 
 use anyhow::Context as _;
@@ -18,8 +19,8 @@ use aya::{
 };
 use pyleak_common::{
     AllocKey, Drop, Layer, LayerStats, LiveAlloc, PyProc, StackAgg, StackKey, StackTrace, VmEvent,
-    VmKind, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS, NUM_LAYERS,
-    TARGET_ACTIVE, TARGET_FROZEN,
+    VmKind, FILTER_CGROUP, FILTER_PIDS, FILTER_PID_SET, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW,
+    HIST_BUCKETS, NUM_DROPS, NUM_LAYERS, TARGET_ACTIVE, TARGET_FROZEN,
 };
 
 use crate::{
@@ -105,6 +106,32 @@ pub struct RecorderOptions {
     pub native_depth: u32,
     /// Attach empty programs at the same points (benchmark floor).
     pub bare: bool,
+    /// Which processes the kernel counts.
+    pub filter: Filter,
+}
+
+/// Which processes the kernel counts, and how uprobes are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// The processes added with [`Recorder::add_target`], probed one by one.
+    Pids,
+    /// Every process in a cgroup and its descendants; uprobes on whole files.
+    Cgroup {
+        /// The cgroup's id (its directory's inode).
+        id: u64,
+        /// Its level in the hierarchy.
+        level: u32,
+    },
+    /// The processes added with [`Recorder::track`]; uprobes on whole files (`--all`).
+    PidSet,
+}
+
+impl Filter {
+    /// Whether uprobes sit on whole files (every process mapping them) rather than on one
+    /// process each.
+    pub fn file_wide(self) -> bool {
+        self != Filter::Pids
+    }
 }
 
 /// Loaded programs, attached probes and the userspace side of the vm/pages layers.
@@ -122,6 +149,12 @@ pub struct Recorder {
     comms: HashMap<u32, String>,
     /// Stacks with Python frames announced since last taken: (pid, stack id).
     pub new_stacks: Vec<(u32, u64)>,
+    /// Processes that called exec since last taken (`--cgroup`, `--all`).
+    pub execs: Vec<u32>,
+    /// Cgroup v2 path of each target, read when it was added.
+    pub cgroups: HashMap<u32, String>,
+    /// CPython version of each target that runs one.
+    pub pythons: HashMap<u32, String>,
 }
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyleak"));
@@ -130,8 +163,16 @@ impl Recorder {
     /// Loads the programs and attaches the tracepoints (they filter by process in the kernel).
     pub fn load(opts: RecorderOptions) -> anyhow::Result<Recorder> {
         crate::tracefs::ensure_mounted()?;
+        let (mode, cgroup_id, cgroup_level) = match opts.filter {
+            Filter::Pids => (FILTER_PIDS, 0u64, 0u32),
+            Filter::Cgroup { id, level } => (FILTER_CGROUP, id, level),
+            Filter::PidSet => (FILTER_PID_SET, 0, 0),
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("NATIVE_DEPTH", &opts.native_depth, true)
+            .override_global("FILTER_MODE", &mode, true)
+            .override_global("CGROUP_ID", &cgroup_id, true)
+            .override_global("CGROUP_LEVEL", &cgroup_level, true)
             .load(EBPF_OBJECT)
             .map_err(|e| UserError::Ebpf(error_chain(&e)))?;
         for name in [
@@ -152,6 +193,9 @@ impl Recorder {
         }
         let mut tracepoints: Vec<(&str, &str, &str)> =
             vec![("sched_process_exit", "sched", "sched_process_exit")];
+        if opts.filter.file_wide() {
+            tracepoints.push(("sched_process_exec", "sched", "sched_process_exec"));
+        }
         if !opts.bare && (opts.layers.contains(Layer::Vm) || opts.layers.contains(Layer::Pages)) {
             // Unmaps and the break matter to the pages layer too.
             for sc in ["mmap", "munmap", "mremap", "brk", "madvise"] {
@@ -193,6 +237,9 @@ impl Recorder {
             probes: Vec::new(),
             comms: HashMap::new(),
             new_stacks: Vec::new(),
+            execs: Vec::new(),
+            cgroups: HashMap::new(),
+            pythons: HashMap::new(),
         })
     }
 
@@ -205,13 +252,34 @@ impl Recorder {
         )?;
         targets.insert(pid, TARGET_ACTIVE, 0)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(UserError::NoSuchPid(pid))?);
+        self.attach(probes, scope).map_err(|e| {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                anyhow::Error::from(UserError::ProcessGone(pid))
+            } else {
+                e
+            }
+        })?;
+        self.model.add_process(pid, current_brk(pid));
+        self.refresh_comm(pid);
+        self.targets.push(pid);
+        if let Some(cg) = crate::group::of_process(pid) {
+            self.cgroups.insert(pid, cg);
+        }
+        Ok(())
+    }
+
+    /// Attaches `probes` with `scope`; remembers them for the report.
+    fn attach(&mut self, probes: &[ProbeSpec], scope: UProbeScope) -> anyhow::Result<()> {
         for p in probes {
+            // The return probe first: a call entering between the two attachments must
+            // not leave an entry behind whose return is never seen (the thread's later
+            // calls would look nested in it); a return without its entry is counted.
             let programs: &[&str] = match (p.role, self.opts.bare) {
-                (ProbeRole::Alloc, false) => &["alloc_enter", "alloc_exit"],
+                (ProbeRole::Alloc, false) => &["alloc_exit", "alloc_enter"],
                 (ProbeRole::Free, false) => &["free_enter"],
                 (ProbeRole::Finalize, _) => &["py_finalize_enter"],
                 (ProbeRole::PyInit, _) => &["py_init_enter"],
-                (ProbeRole::Alloc, true) => &["bare_enter", "bare_exit"],
+                (ProbeRole::Alloc, true) => &["bare_exit", "bare_enter"],
                 (ProbeRole::Free, true) => &["bare_enter"],
             };
             for prog in programs {
@@ -222,23 +290,78 @@ impl Recorder {
                 uprobe(&mut self.ebpf, prog)?
                     .attach(point, &p.path, scope)
                     .map_err(|e| {
-                        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                            anyhow::Error::from(UserError::ProcessGone(pid))
-                        } else {
-                            anyhow::anyhow!(
-                                "attaching {prog} to {}+{:#x} ({}): {e}",
-                                p.path.display(),
-                                p.offset,
-                                p.symbol
-                            )
-                        }
+                        anyhow::anyhow!(
+                            "attaching {prog} to {}+{:#x} ({}): {}",
+                            p.path.display(),
+                            p.offset,
+                            p.symbol,
+                            error_chain(&e)
+                        )
                     })?;
             }
         }
-        self.model.add_process(pid, current_brk(pid));
-        self.refresh_comm(pid);
-        self.targets.push(pid);
         self.probes.extend(probes.iter().cloned());
+        Ok(())
+    }
+
+    /// `--cgroup`, `--all`: attaches `probes` to their file for every process mapping it
+    /// (the kernel counts only the traced ones); the report names the file `shown`.
+    pub fn attach_file_wide(&mut self, probes: &[ProbeSpec], shown: &Path) -> anyhow::Result<()> {
+        debug_assert!(self.opts.filter.file_wide());
+        let n = self.probes.len();
+        self.attach(probes, UProbeScope::AllProcesses)?;
+        for p in &mut self.probes[n..] {
+            p.path = shown.to_owned();
+        }
+        Ok(())
+    }
+
+    /// `--cgroup`, `--all`: starts following `pid` in userspace (its vm model, name and
+    /// cgroup); with `--all` also marks it traced in the kernel.
+    pub fn track(&mut self, pid: u32) -> anyhow::Result<()> {
+        if self.opts.filter == Filter::PidSet {
+            let mut targets: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+                self.ebpf
+                    .map_mut("TARGETS")
+                    .context("map TARGETS missing")?,
+            )?;
+            targets.insert(pid, TARGET_ACTIVE, 0)?;
+        }
+        if !self.targets.contains(&pid) {
+            self.model.add_process(pid, current_brk(pid));
+            self.targets.push(pid);
+        }
+        self.refresh_comm(pid);
+        if let Some(cg) = crate::group::of_process(pid) {
+            self.cgroups.insert(pid, cg);
+        }
+        Ok(())
+    }
+
+    /// `--cgroup`, `--all`: `pid` has exited and its last events are read; drops its
+    /// kernel entries (the frozen mark, the Python layout) so the maps stay bounded. What
+    /// it left live stays in the maps for the report.
+    pub fn forget(&mut self, pid: u32) {
+        if let Ok(mut targets) =
+            BpfHashMap::<_, u32, u32>::try_from(self.ebpf.map_mut("TARGETS").expect("map TARGETS"))
+        {
+            let _ = targets.remove(&pid);
+        }
+        if let Ok(mut procs) = BpfHashMap::<_, u32, PyProc>::try_from(
+            self.ebpf.map_mut("PY_PROCS").expect("map PY_PROCS"),
+        ) {
+            let _ = procs.remove(&pid);
+        }
+    }
+
+    /// Stores the layout template `index` the kernel applies to processes starting later.
+    pub fn set_template(&mut self, index: u32, layout: &PyProc) -> anyhow::Result<()> {
+        let mut t: aya::maps::Array<_, PyProc> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut("PY_TEMPLATES")
+                .context("map PY_TEMPLATES missing")?,
+        )?;
+        t.set(index, *layout, 0)?;
         Ok(())
     }
 
@@ -253,6 +376,9 @@ impl Recorder {
                 if ev.kind == VmKind::NewStack as u32 {
                     self.new_stacks.push((ev.tgid, ev.stack_id));
                 } else {
+                    if ev.kind == VmKind::Exec as u32 {
+                        self.execs.push(ev.tgid);
+                    }
                     self.model.apply(&ev);
                 }
             }
@@ -327,8 +453,8 @@ impl Recorder {
     /// Live bytes per (pid, layer, stack) right now, every layer: one sample for growth.
     /// `None` once every target is frozen: its memory no longer moves, and flat samples
     /// after the end would read as a leak that stopped.
+    /// Call right after [`Recorder::drain`], so the vm model is current.
     pub fn sample(&mut self) -> anyhow::Result<Option<HashMap<StackSlot, u64>>> {
-        self.drain();
         if !self.targets.is_empty() && self.targets.iter().all(|&p| self.is_frozen(p)) {
             return Ok(None);
         }

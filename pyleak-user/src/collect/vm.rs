@@ -18,6 +18,8 @@ const PF_PRESENT: u64 = 1;
 const PF_WRITE: u64 = 2;
 /// `MAP_ANONYMOUS`.
 const MAP_ANONYMOUS: u64 = 0x20;
+/// End of user space on x86_64 (47-bit addresses).
+const USER_END: u64 = 1 << 47;
 
 /// One mapping (or a piece of one) made while tracing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +222,7 @@ impl VmModel {
             4 => VmKind::Fault,
             5 => VmKind::Madvise,
             6 => VmKind::Freeze,
+            8 => VmKind::Exec,
             // New stacks are the Python resolver's business.
             _ => return,
         };
@@ -306,6 +309,12 @@ impl VmModel {
             VmKind::Freeze => {
                 proc.frozen = true;
                 proc.frozen_ns = Some(ev.ts_ns);
+            }
+            VmKind::Exec => {
+                // The old program's address space is gone with it: its mappings and pages
+                // were released, not leaked; the new program's break is learnt afresh.
+                proc.brk = None;
+                self.unmap(ev.tgid, 0, USER_END, false);
             }
             VmKind::NewStack => {}
         }

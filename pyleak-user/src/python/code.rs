@@ -64,7 +64,13 @@ pub struct CodeInfo {
     /// file name and line table (a code object freed and another made at the same address
     /// differs in these).
     pub identity: CodeIdentity,
+    /// A function's code (`CO_NEWLOCALS`), which lives as long as its function. Module
+    /// and class bodies run once and are freed: their addresses get reused.
+    pub is_function: bool,
 }
+
+/// `CO_NEWLOCALS`: the code gets a fresh locals dict, i.e. is a function's.
+const CO_NEWLOCALS: u32 = 0x2;
 
 /// First line and the name, file name and line table pointers of a code object.
 pub type CodeIdentity = (u32, [u64; 3]);
@@ -122,6 +128,8 @@ pub struct CodeLayout {
     pub version: PyVersion,
     /// Offset of `co_firstlineno` (a C `int`).
     pub firstlineno: usize,
+    /// Offset of `co_flags` (a C `int`).
+    pub flags: usize,
     /// Offset of `co_filename`.
     pub filename: usize,
     /// Offset of `co_name`.
@@ -158,6 +166,8 @@ impl CodeLayout {
         Some(CodeLayout {
             version: v,
             firstlineno: first,
+            // cpython-offsets-x86_64.json: 36 before 3.11, 48 from 3.11.
+            flags: if v < (3, 11) { 36 } else { 48 },
             filename: file,
             name,
             qualname: qual,
@@ -221,6 +231,7 @@ pub fn read_code(mem: &dyn Memory, layout: &CodeLayout, code_addr: u64) -> Optio
     let name_off = layout.qualname.unwrap_or(layout.name);
     let end = [
         layout.firstlineno,
+        layout.flags,
         layout.filename,
         name_off,
         layout.linetable,
@@ -229,7 +240,9 @@ pub fn read_code(mem: &dyn Memory, layout: &CodeLayout, code_addr: u64) -> Optio
     let end = end.max()? + 8;
     let hdr = mem.read(code_addr, end)?;
     let identity = identity_of(&hdr, layout)?;
+    let flags = u32::from_le_bytes(field(&hdr, layout.flags)?);
     Some(CodeInfo {
+        is_function: flags & CO_NEWLOCALS != 0,
         qualname: read_str(mem, layout, ptr_at(&hdr, name_off)?)?,
         filename: read_str(mem, layout, ptr_at(&hdr, layout.filename)?)?,
         firstlineno: identity.0,

@@ -40,57 +40,63 @@ pub enum Detected {
 
 /// Looks through `files` for the one defining `_PyRuntime` and tells its version.
 pub fn detect(files: &[PathBuf]) -> Option<Detected> {
-    for f in files {
-        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !(name.starts_with("libpython") || name.starts_with("python")) {
-            continue;
-        }
-        let Ok(data) = std::fs::read(f) else { continue };
-        let Ok(obj) = object::File::parse(&*data) else {
-            continue;
-        };
-        let find = |want: &str| {
-            obj.dynamic_symbols()
-                .chain(obj.symbols())
-                .find(|s| s.is_definition() && s.name() == Ok(want))
-        };
-        let version = find("Py_Version")
-            .and_then(|s| read_u32_at(&obj, s.address()))
-            .map(|hex| (((hex >> 24) & 0xff) as u8, ((hex >> 16) & 0xff) as u8))
-            .or_else(|| version_from_name(name));
-        let Some(runtime) = find("_PyRuntime") else {
-            // Python 3.6 and older have no _PyRuntime.
-            if name.starts_with("libpython") || find("Py_Initialize").is_some() {
-                return Some(Detected::Unsupported {
-                    file: f.clone(),
-                    version: version
-                        .map(|(a, b)| format!("{a}.{b}"))
-                        .unwrap_or_else(|| name.to_owned()),
-                });
-            }
-            continue;
-        };
-        let base_vaddr = obj.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
-        let Some(version) = version else {
-            return Some(Detected::Unsupported {
-                file: f.clone(),
-                version: "unknown".into(),
-            });
-        };
-        if layouts::for_version(version).is_none() {
-            return Some(Detected::Unsupported {
-                file: f.clone(),
-                version: format!("{}.{}", version.0, version.1),
-            });
-        }
-        return Some(Detected::Supported(PythonRuntime {
-            file: f.clone(),
-            version,
-            runtime_vaddr: runtime.address(),
-            base_vaddr,
-        }));
+    files.iter().find_map(|f| detect_via(f, f))
+}
+
+/// Whether `file` holds a Python runtime, reading it through `via` (an open file's
+/// `/proc/self/fd/N`, which stays valid when the process that mapped it exits).
+pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detected> {
+    let f = &file.to_owned();
+    let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !(name.starts_with("libpython") || name.starts_with("python")) {
+        return None;
     }
-    None
+    let Ok(data) = std::fs::read(via) else {
+        return None;
+    };
+    let Ok(obj) = object::File::parse(&*data) else {
+        return None;
+    };
+    let find = |want: &str| {
+        obj.dynamic_symbols()
+            .chain(obj.symbols())
+            .find(|s| s.is_definition() && s.name() == Ok(want))
+    };
+    let version = find("Py_Version")
+        .and_then(|s| read_u32_at(&obj, s.address()))
+        .map(|hex| (((hex >> 24) & 0xff) as u8, ((hex >> 16) & 0xff) as u8))
+        .or_else(|| version_from_name(name));
+    let Some(runtime) = find("_PyRuntime") else {
+        // Python 3.6 and older have no _PyRuntime.
+        if name.starts_with("libpython") || find("Py_Initialize").is_some() {
+            return Some(Detected::Unsupported {
+                file: f.clone(),
+                version: version
+                    .map(|(a, b)| format!("{a}.{b}"))
+                    .unwrap_or_else(|| name.to_owned()),
+            });
+        }
+        return None;
+    };
+    let base_vaddr = obj.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
+    let Some(version) = version else {
+        return Some(Detected::Unsupported {
+            file: f.clone(),
+            version: "unknown".into(),
+        });
+    };
+    if layouts::for_version(version).is_none() {
+        return Some(Detected::Unsupported {
+            file: f.clone(),
+            version: format!("{}.{}", version.0, version.1),
+        });
+    }
+    Some(Detected::Supported(PythonRuntime {
+        file: f.clone(),
+        version,
+        runtime_vaddr: runtime.address(),
+        base_vaddr,
+    }))
 }
 
 fn read_u32_at(obj: &object::File<'_>, addr: u64) -> Option<u32> {
@@ -113,6 +119,15 @@ fn version_from_name(name: &str) -> Option<(u8, u8)> {
         .split(|c: char| !c.is_ascii_digit())
         .filter(|p| !p.is_empty());
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The pid namespace of `pid` as (device, inode) when it is not pyleak's own (a
+/// container's), for the kernel to translate thread ids.
+pub fn pid_namespace(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then(|| (theirs.dev(), theirs.ino()))
 }
 
 /// Where `file` is loaded in `pid` minus its link-time base, from `/proc/PID/maps`.
@@ -146,7 +161,9 @@ pub fn load_bias(pid: u32, rt: &PythonRuntime) -> Option<u64> {
 pub struct Resolver {
     procs: HashMap<u32, (CodeLayout, Option<ProcMem>)>,
     /// The code object last seen at (process, address, first line).
-    cache: HashMap<(u32, u64, u32), Option<Arc<CodeInfo>>>,
+    cache: HashMap<(u32, u64, u32), Cached>,
+    /// Batches of stacks learnt so far: a cached code object is checked once per batch.
+    generation: u64,
     /// Per (process, stack id): the code object of each Python frame, leaf first.
     stacks: HashMap<(u32, u64), Vec<Option<Arc<CodeInfo>>>>,
 }
@@ -161,8 +178,9 @@ impl Resolver {
     }
 
     /// Resolves the Python frames of a newly announced stack (call while the process
-    /// lives). A cached code object is reused only if the object at its address still has
-    /// its identity (one small read); otherwise it is read again.
+    /// lives). A cached function's code object is reused as is; a module's or class
+    /// body's (freed once run, its address reused) only if the object at its address still
+    /// has its identity, checked with one small read once per batch.
     pub fn learn(&mut self, pid: u32, stack_id: u64, frames: &[PyFrame]) {
         let Some((layout, mem)) = self.procs.get_mut(&pid) else {
             return;
@@ -170,22 +188,56 @@ impl Resolver {
         if mem.is_none() {
             *mem = ProcMem::open(pid).ok();
         }
-        let Some(mem) = mem.as_ref() else { return };
+        let Some(mem) = mem.as_ref() else {
+            log::debug!("process {pid}: memory unreadable, stack {stack_id:#x} unnamed");
+            return;
+        };
         let mut resolved = Vec::with_capacity(frames.len());
         for f in frames {
             let key = (pid, f.code, f.sig);
-            let cached = self.cache.get(&key).cloned().flatten();
-            let still = cached.filter(|info| {
-                code::read_identity(mem as &dyn Memory, layout, f.code) == Some(info.identity)
-            });
-            let info = match still {
-                Some(info) => Some(info),
+            let gen = self.generation;
+            let info = match self.cache.get(&key).cloned() {
+                // A function's code lives as long as the function: no check needed.
+                Some(e)
+                    if e.checked == gen || e.info.as_ref().is_none_or(|info| info.is_function) =>
+                {
+                    e.info
+                }
+                Some(e) => {
+                    // Once per batch: is the object at that address still the one read?
+                    // (Unreadable now, e.g. the process just exited: keep what was read.)
+                    let id = code::read_identity(mem as &dyn Memory, layout, f.code);
+                    let reused = e
+                        .info
+                        .as_ref()
+                        .zip(id)
+                        .is_some_and(|(info, id)| info.identity != id);
+                    let info = if reused {
+                        read_checked(mem, layout, f)
+                    } else {
+                        e.info
+                    };
+                    self.cache.insert(
+                        key,
+                        Cached {
+                            info: info.clone(),
+                            checked: gen,
+                        },
+                    );
+                    info
+                }
                 None => {
-                    let info = code::read_code(mem as &dyn Memory, layout, f.code)
-                        // A different first line: not the code object the kernel saw.
-                        .filter(|info| info.firstlineno == f.sig)
-                        .map(Arc::new);
-                    self.cache.insert(key, info.clone());
+                    let info = read_checked(mem, layout, f);
+                    if info.is_none() {
+                        log::debug!("process {pid}: code object {:#x} unreadable", f.code);
+                    }
+                    self.cache.insert(
+                        key,
+                        Cached {
+                            info: info.clone(),
+                            checked: gen,
+                        },
+                    );
                     info
                 }
             };
@@ -194,13 +246,21 @@ impl Resolver {
         self.stacks.insert((pid, stack_id), resolved);
     }
 
+    /// Starts a batch of newly announced stacks (see [`Resolver::learn`]).
+    pub fn next_batch(&mut self) {
+        self.generation += 1;
+    }
+
     /// `qualname (path:line)` of frame `i` (leaf first) of stack `stack_id`, or a
     /// placeholder when its code object could not be read.
     pub fn frame(&self, pid: u32, stack_id: u64, i: usize, f: &PyFrame) -> String {
         let layout = self.procs.get(&pid).map(|p| &p.0);
         let info = match self.stacks.get(&(pid, stack_id)) {
             Some(v) => v.get(i).cloned().flatten(),
-            None => self.cache.get(&(pid, f.code, f.sig)).cloned().flatten(),
+            None => self
+                .cache
+                .get(&(pid, f.code, f.sig))
+                .and_then(|c| c.info.clone()),
         };
         match (info, layout) {
             (Some(info), Some(layout)) => {
@@ -214,6 +274,20 @@ impl Resolver {
             _ => format!("[python code {:#x}] (?:{})", f.code, f.sig),
         }
     }
+}
+
+/// A code object as read, and the batch in which it was last checked.
+#[derive(Clone)]
+struct Cached {
+    info: Option<Arc<CodeInfo>>,
+    checked: u64,
+}
+
+/// Reads the code object of `f`, if it is still the one the kernel saw (same first line).
+fn read_checked(mem: &ProcMem, layout: &CodeLayout, f: &PyFrame) -> Option<Arc<CodeInfo>> {
+    code::read_code(mem as &dyn Memory, layout, f.code)
+        .filter(|info| info.firstlineno == f.sig)
+        .map(Arc::new)
 }
 
 /// `CPython 3.12 (/path/libpython3.12.so)`, for messages.

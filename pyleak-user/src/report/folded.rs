@@ -33,8 +33,19 @@ impl Metric {
 }
 
 /// Writes one line per (layer, stack) with a non-zero value; stacks of several processes
-/// with the same frames are summed.
-pub fn write(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::Result<()> {
+/// with the same frames are summed, unless `per_process` puts each process
+/// (`comm (pid N)`) at the root, above the layer.
+pub fn write(
+    report: &Report,
+    metric: Metric,
+    per_process: bool,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let comms: std::collections::HashMap<u32, &str> = report
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.comm.as_str()))
+        .collect();
     let mut lines: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     for s in &report.stacks {
         let value = match metric {
@@ -47,7 +58,12 @@ pub fn write(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::
         if value == 0 {
             continue;
         }
-        let mut key = format!("[{}]", s.layer);
+        let mut key = String::new();
+        if per_process {
+            let comm = comms.get(&s.pid).copied().unwrap_or("?").replace(';', ":");
+            key.push_str(&format!("{comm} (pid {});", s.pid));
+        }
+        key.push_str(&format!("[{}]", s.layer));
         for f in &s.frames {
             key.push(';');
             // ';' separates frames; keep it out of names.
@@ -63,13 +79,22 @@ pub fn write(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::
 
 /// Draws the folded stacks as an SVG flamegraph (inferno), titled with the metric and the
 /// layers drawn.
-pub fn write_svg(report: &Report, metric: Metric, out: &mut impl Write) -> std::io::Result<()> {
+pub fn write_svg(
+    report: &Report,
+    metric: Metric,
+    per_process: bool,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
     let mut folded = Vec::new();
-    write(report, metric, &mut folded)?;
+    write(report, metric, per_process, &mut folded)?;
     let folded = String::from_utf8_lossy(&folded);
     let layers: std::collections::BTreeSet<&str> = folded
         .lines()
-        .filter_map(|l| l.strip_prefix('[')?.split_once(']').map(|(n, _)| n))
+        .filter_map(|l| {
+            // The first bracketed frame is the layer (after the process, with --per-process).
+            l.split(';')
+                .find_map(|f| f.strip_prefix('[')?.strip_suffix(']'))
+        })
         .collect();
     let mut opts = inferno::flamegraph::Options::default();
     opts.title = format!(

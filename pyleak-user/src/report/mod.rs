@@ -150,6 +150,10 @@ pub struct ProcessInfo {
     pub pid: u32,
     /// Its command name.
     pub comm: String,
+    /// Its cgroup v2 path (`/system.slice/app.service`), when it could be read.
+    pub cgroup: Option<String>,
+    /// The CPython version it runs (`3.12`), if any was found.
+    pub python: Option<String>,
 }
 
 /// Totals of one layer.
@@ -509,14 +513,27 @@ pub fn build(
     Report {
         pyleak_version: env!("CARGO_PKG_VERSION").to_owned(),
         duration_s: opts.duration_s,
-        processes: rec
-            .targets
-            .iter()
-            .map(|&pid| ProcessInfo {
-                pid,
-                comm: rec.comm(pid),
-            })
-            .collect(),
+        processes: {
+            // Targets, then any process the kernel counted that userspace never saw (a
+            // short-lived fork in a traced cgroup).
+            let mut pids = rec.targets.clone();
+            let mut extra: Vec<u32> = rows
+                .iter()
+                .map(|s| s.pid)
+                .filter(|p| !pids.contains(p))
+                .collect();
+            extra.sort_unstable();
+            extra.dedup();
+            pids.extend(extra);
+            pids.into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    comm: rec.comm(pid),
+                    cgroup: rec.cgroups.get(&pid).cloned(),
+                    python: rec.pythons.get(&pid).cloned(),
+                })
+                .collect()
+        },
         layers,
         stacks: rows,
         lost_events: lost.values().sum(),
@@ -543,6 +560,7 @@ pub fn build(
 pub fn write_flamegraph(
     report: &Report,
     metric: folded::Metric,
+    per_process: bool,
     path: &std::path::Path,
     f: &mut std::fs::File,
 ) -> Result<(), UserError> {
@@ -552,9 +570,9 @@ pub fn write_flamegraph(
         .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
     let mut out = std::io::BufWriter::new(f);
     if svg {
-        folded::write_svg(report, metric, &mut out)
+        folded::write_svg(report, metric, per_process, &mut out)
     } else {
-        folded::write(report, metric, &mut out)
+        folded::write(report, metric, per_process, &mut out)
     }
     .and_then(|()| out.flush())
     .map_err(|e| UserError::Output {
@@ -583,7 +601,7 @@ pub fn rerender(args: &ReportArgs) -> anyhow::Result<i32> {
         .transpose()?;
     text::write(&report, &mut std::io::stdout().lock())?;
     if let (Some(f), Some(path)) = (out.as_mut(), args.output.as_deref()) {
-        write_flamegraph(&report, args.metric, path, f)?;
+        write_flamegraph(&report, args.metric, args.per_process, path, f)?;
     }
     Ok(0)
 }
@@ -730,10 +748,20 @@ mod tests {
         Report {
             pyleak_version: "0.1.0".to_owned(),
             duration_s: 1.5,
-            processes: vec![ProcessInfo {
-                pid: 42,
-                comm: "python3".to_owned(),
-            }],
+            processes: vec![
+                ProcessInfo {
+                    pid: 42,
+                    comm: "python3".to_owned(),
+                    cgroup: Some("/system.slice/app.service".to_owned()),
+                    python: Some("3.12".to_owned()),
+                },
+                ProcessInfo {
+                    pid: 43,
+                    comm: "a.out".to_owned(),
+                    cgroup: None,
+                    python: None,
+                },
+            ],
             layers,
             stacks: vec![
                 stack(
@@ -777,7 +805,10 @@ mod tests {
                     40960,
                     0,
                 ),
-                stack("libc", &["weird;name (a.out)"], 7, 7, 1),
+                StackReport {
+                    pid: 43,
+                    ..stack("libc", &["weird;name (a.out)"], 7, 7, 1)
+                },
             ],
             lost_events: 0,
             lost: BTreeMap::from([("ring_full".to_owned(), 0)]),
@@ -879,9 +910,19 @@ mod tests {
             (folded::Metric::Resident, "resident.folded"),
         ] {
             let mut out = Vec::new();
-            folded::write(&sample(), metric, &mut out).unwrap();
+            folded::write(&sample(), metric, false, &mut out).unwrap();
             golden(file, &String::from_utf8(out).unwrap());
         }
+        let mut out = Vec::new();
+        folded::write(&sample(), folded::Metric::LiveBytes, true, &mut out).unwrap();
+        golden("per-process.folded", &String::from_utf8(out).unwrap());
+    }
+
+    #[test]
+    fn text_matches_golden_file() {
+        let mut out = Vec::new();
+        text::write(&sample(), &mut out).unwrap();
+        golden("summary.txt", &String::from_utf8(out).unwrap());
     }
 
     #[test]
@@ -893,16 +934,9 @@ mod tests {
     }
 
     #[test]
-    fn text_matches_golden_file() {
-        let mut out = Vec::new();
-        text::write(&sample(), &mut out).unwrap();
-        golden("report.txt", &String::from_utf8(out).unwrap());
-    }
-
-    #[test]
     fn svg_is_titled_with_metric_and_layers() {
         let mut svg = Vec::new();
-        folded::write_svg(&sample(), folded::Metric::Resident, &mut svg).unwrap();
+        folded::write_svg(&sample(), folded::Metric::Resident, false, &mut svg).unwrap();
         let svg = String::from_utf8(svg).unwrap();
         assert!(svg.starts_with("<?xml"), "an SVG document");
         assert!(
@@ -919,7 +953,7 @@ mod tests {
     #[test]
     fn folded_renders_with_inferno() {
         let mut out = Vec::new();
-        folded::write(&sample(), folded::Metric::AllocBytes, &mut out).unwrap();
+        folded::write(&sample(), folded::Metric::AllocBytes, false, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         let mut svg = Vec::new();
         let mut opts = inferno::flamegraph::Options::default();

@@ -92,6 +92,7 @@ pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             unmatched.join(", ")
         )?;
     }
+    write_processes(report, out)?;
     if report.lost_events == 0 {
         writeln!(out, "lost events: 0")?;
     } else {
@@ -296,4 +297,39 @@ fn human_duration_us(us: u64) -> String {
         1_000_000..120_000_000 => format!("{:.1} s", us as f64 / 1e6),
         _ => format!("{:.1} min", us as f64 / 60e6),
     }
+}
+
+/// Per process, when there are several: pid, command, cgroup, CPython version, and the
+/// live bytes of each layer.
+fn write_processes(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    if report.processes.len() < 2 {
+        return Ok(());
+    }
+    let mut live: std::collections::HashMap<(u32, &str), u64> = std::collections::HashMap::new();
+    for s in &report.stacks {
+        *live.entry((s.pid, s.layer.as_str())).or_default() += s.live_bytes;
+    }
+    writeln!(out, "per process (live bytes):")?;
+    writeln!(
+        out,
+        "  {:>7} {:<16} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10}  cgroup",
+        "pid", "command", "python", "pymalloc", "pymem_raw", "libc", "vm", "pages"
+    )?;
+    for p in &report.processes {
+        let l = |layer: Layer| human_bytes(live.get(&(p.pid, layer.name())).copied().unwrap_or(0));
+        writeln!(
+            out,
+            "  {:>7} {:<16} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
+            p.pid,
+            p.comm,
+            p.python.as_deref().unwrap_or("-"),
+            l(Layer::Pymalloc),
+            l(Layer::PymemRaw),
+            l(Layer::Libc),
+            l(Layer::Vm),
+            l(Layer::Pages),
+            p.cgroup.as_deref().unwrap_or("?"),
+        )?;
+    }
+    Ok(())
 }
