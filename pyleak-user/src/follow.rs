@@ -357,6 +357,7 @@ impl Group {
         match runtime {
             FileRuntime::Supported(rt, layout) => {
                 let Some(bias) = python::load_bias(pid, rt) else {
+                    log::debug!("process {pid}: {} not mapped yet", rt.file.display());
                     return;
                 };
                 if self.python_stacks {

@@ -490,13 +490,23 @@ async fn trace_loop(
 }
 
 /// Reads the code objects of stacks the kernel announced (while their process lives).
+/// A stack of a process whose runtime is not placed yet (a group member pyleak is still
+/// examining) waits for it while the process lives.
 fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
+    let mut waiting = Vec::new();
     for (pid, id) in std::mem::take(&mut rec.new_stacks) {
+        if !resolver.knows(pid) {
+            if alive(pid) {
+                waiting.push((pid, id));
+            }
+            continue;
+        }
         if let Some(st) = rec.stack(id) {
             let n = (st.py_len as usize).min(st.py.len());
             resolver.learn(pid, &st.py[..n]);
         }
     }
+    rec.new_stacks = waiting;
 }
 
 /// The supported Python runtime among `files`, warning once about an unsupported one.

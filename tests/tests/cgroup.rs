@@ -436,7 +436,17 @@ fn fifty_short_lived_programs_none_missed_nothing_left_behind() {
     for &(pid, bytes) in &expected {
         let got = leaked_at(&report, pid, "libc", &frame);
         if got != bytes || process(&report, pid).is_none() {
-            wrong.push(format!("pid {pid}: {got} of {bytes}"));
+            let big: Vec<String> = report["stacks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["pid"] == pid && s["layer"] == "libc")
+                .filter(|s| s["live_bytes"].as_u64().unwrap() >= MIB)
+                .map(|s| format!("{} at {}", s["live_bytes"], s["frames"]))
+                .collect();
+            wrong.push(format!(
+                "pid {pid}: {got} of {bytes} (1 MiB+ stacks: {big:?})"
+            ));
         }
     }
     assert!(wrong.is_empty(), "missed or wrong: {wrong:?}");

@@ -170,6 +170,11 @@ impl Resolver {
         }
     }
 
+    /// Whether frames of `pid` can be resolved (its CPython version is known).
+    pub fn knows(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
     /// Reads the code objects of `frames` not seen yet (call while the process lives).
     pub fn learn(&mut self, pid: u32, frames: &[PyFrame]) {
         let Some((layout, mem)) = self.procs.get_mut(&pid) else {
