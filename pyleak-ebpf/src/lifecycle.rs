@@ -78,23 +78,21 @@ fn freeze(tgid: u32) {
         count_drop(Drop::TargetsFull);
         return;
     }
-    {
-        if let Some(n) = FROZEN_COUNT.get_ptr_mut(0) {
-            // SAFETY: a map value; concurrent freezes of two processes at once may lose an
-            // increment, which only makes uprobes look the state up more often.
-            unsafe { *n += 1 };
-        }
-        emit(VmEvent {
-            kind: VmKind::Freeze as u32,
-            tgid,
-            addr: 0,
-            len: 0,
-            arg: 0,
-            arg2: 0,
-            stack_id: 0,
-            ts_ns: 0,
-            flags: 0,
-            tid: 0,
-        });
+    if let Some(n) = FROZEN_COUNT.get_ptr_mut(0) {
+        // SAFETY: a map value; concurrent freezes of two processes at once may lose an
+        // increment, which only makes uprobes look the state up more often.
+        unsafe { *n += 1 };
     }
+    emit(VmEvent {
+        kind: VmKind::Freeze as u32,
+        tgid,
+        addr: 0,
+        len: 0,
+        arg: 0,
+        arg2: 0,
+        stack_id: 0,
+        ts_ns: 0,
+        flags: 0,
+        tid: 0,
+    });
 }

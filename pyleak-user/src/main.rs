@@ -5,6 +5,7 @@ mod attach;
 mod cli;
 mod collect;
 mod errors;
+mod follow;
 mod group;
 mod launch;
 mod layers;

@@ -1,11 +1,10 @@
 //! `pyleak record`: attach, trace until the end, report.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs::File,
     io::{IsTerminal as _, Write as _},
     os::fd::{AsRawFd, RawFd},
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -23,8 +22,8 @@ use crate::{
     cli::RecordArgs,
     collect::{Filter, Recorder, RecorderOptions},
     errors::UserError,
-    group::{self, Cgroup},
-    launch,
+    follow::Group,
+    group, launch,
     layers::LayerSet,
     python,
     report::{self, human_bytes},
@@ -37,9 +36,6 @@ const TICK: Duration = Duration::from_secs(1);
 const MAPS_REFRESH: Duration = Duration::from_millis(20);
 /// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
 const CHILD_GRACE: Duration = Duration::from_secs(2);
-/// `--cgroup`, `--all`: how long after it starts (or execs) a process's memory map is
-/// re-read for a Python runtime it has not mapped yet.
-const PENDING_FOR: Duration = Duration::from_secs(10);
 
 /// Why a recording ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,7 +361,7 @@ impl Planner {
 
 /// Probes for one file (named `file`, read through `via`): its libc functions, its
 /// Python allocator functions and interpreter shutdown.
-fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
+pub(crate) fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
     let Ok(elf) = ElfFile::open(via) else {
         return Vec::new();
     };
@@ -559,20 +555,27 @@ async fn trace_loop(
 }
 
 /// Reads the code objects of stacks the kernel announced (while their process lives).
+/// A stack of a process whose runtime is not placed yet (a group member pyleak is still
+/// examining) waits for it while the process lives.
 fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
     if rec.new_stacks.is_empty() {
         return;
     }
     resolver.next_batch();
-    let t0 = Instant::now();
-    let n = rec.new_stacks.len();
+    let mut waiting = Vec::new();
     for (pid, id) in std::mem::take(&mut rec.new_stacks) {
+        if !resolver.knows(pid) {
+            if alive(pid) {
+                waiting.push((pid, id));
+            }
+            continue;
+        }
         if let Some(st) = rec.stack(id) {
             let n = (st.py_len as usize).min(st.py.len());
             resolver.learn(pid, id, &st.py[..n]);
         }
     }
-    log::debug!("learnt {n} stacks in {:?}", t0.elapsed());
+    rec.new_stacks = waiting;
 }
 
 /// The supported Python runtime among `files`, warning once about an unsupported one.
@@ -598,7 +601,7 @@ fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python
 /// The layout of a runtime loaded `bias` bytes above its link-time address. A bias of 0
 /// means "not known yet" to the kernel, so a python at its link-time address (not PIE)
 /// is described as one page higher with a page less of bias.
-fn placed(pid: u32, rt: &python::PythonRuntime, bias: u64, layout: PyProc) -> PyProc {
+pub(crate) fn placed(pid: u32, rt: &python::PythonRuntime, bias: u64, layout: PyProc) -> PyProc {
     let (pidns_dev, pidns_ino) = python::pid_namespace(pid).unwrap_or((0, 0));
     PyProc {
         runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
@@ -642,11 +645,11 @@ fn snapshot_all(
 
 /// Locks the symbolizer; a panic elsewhere cannot leave it half-updated in a way that
 /// matters, so a poisoned lock is used as is.
-fn lock(syms: &Mutex<Symbolizer>) -> std::sync::MutexGuard<'_, Symbolizer> {
+pub(crate) fn lock(syms: &Mutex<Symbolizer>) -> std::sync::MutexGuard<'_, Symbolizer> {
     syms.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !matches!(
             stat.rsplit_once(')')
@@ -692,400 +695,5 @@ fn status_line(rec: &Recorder, started: Instant, last: &mut (u64, Instant), tty:
         eprint!("\r\x1b[K{line}");
     } else {
         eprintln!("{line}");
-    }
-}
-
-/// One process followed by a group target.
-#[derive(Debug, Clone, Copy)]
-struct Member {
-    /// Traced (with `--all`, only once it shows a Python runtime).
-    tracked: bool,
-    /// Its Python runtime is known (or there is nothing more to learn).
-    settled: bool,
-    /// When it started (or exec'd), as pyleak first saw it.
-    since: Instant,
-    /// It exited and its kernel entries were dropped.
-    reaped: bool,
-}
-
-/// The Python runtime of one file (by device and inode), as detected once.
-#[derive(Debug, Clone)]
-enum FileRuntime {
-    /// Not a Python runtime.
-    None,
-    /// A CPython pyleak walks: where its runtime is and the frame layout.
-    Supported(python::PythonRuntime, PyProc),
-    /// A CPython pyleak cannot walk (its version).
-    Unsupported(String),
-}
-
-/// `--cgroup`, `--container`, `--all`: the processes of the group as they come and go,
-/// and the files probed for them (each distinct file once, for every process mapping it).
-struct Group {
-    /// The traced cgroup; `None` with `--all`.
-    cgroup: Option<Cgroup>,
-    layers: LayerSet,
-    python_stacks: bool,
-    /// Files probed, by (device, inode).
-    probed: HashSet<(u64, u64)>,
-    /// Runtime detection per file, by (device, inode).
-    runtimes: HashMap<(u64, u64), FileRuntime>,
-    /// Layout templates handed to the kernel so far.
-    templates: u32,
-    /// Processes seen.
-    members: HashMap<u32, Member>,
-}
-
-impl Group {
-    fn new(cgroup: Option<Cgroup>, layers: LayerSet, python_stacks: bool) -> Group {
-        Group {
-            cgroup,
-            layers,
-            python_stacks,
-            probed: HashSet::new(),
-            runtimes: HashMap::new(),
-            templates: 0,
-            members: HashMap::new(),
-        }
-    }
-
-    /// How many processes are traced.
-    fn tracked(&self) -> usize {
-        self.members.values().filter(|m| m.tracked).count()
-    }
-
-    /// Looks for processes not seen yet: the cgroup's, or (with `--all`) the host's.
-    fn scan(
-        &mut self,
-        rec: &mut Recorder,
-        resolver: &mut python::Resolver,
-        syms: &Mutex<Symbolizer>,
-    ) {
-        let pids: Vec<u32> = match &self.cgroup {
-            Some(cg) => group::processes(&cg.dir),
-            None => procfs::process::all_processes()
-                .map(|it| it.flatten().map(|p| p.pid as u32).collect())
-                .unwrap_or_default(),
-        };
-        let me = std::process::id();
-        for pid in pids {
-            if pid == me || self.members.contains_key(&pid) {
-                continue;
-            }
-            self.members.insert(
-                pid,
-                Member {
-                    tracked: false,
-                    settled: false,
-                    since: Instant::now(),
-                    reaped: false,
-                },
-            );
-            self.examine(rec, resolver, syms, pid);
-            // Running before it was seen: what it maps now is what it runs (a program
-            // that loads libpython late is re-read when it execs or allocates).
-            if let Some(m) = self.members.get_mut(&pid) {
-                m.settled = true;
-            }
-        }
-    }
-
-    /// Handles what the kernel announced: processes that exec'd, stacks of processes not
-    /// examined yet (a fork pyleak has not seen).
-    fn poll(
-        &mut self,
-        rec: &mut Recorder,
-        resolver: &mut python::Resolver,
-        syms: &Mutex<Symbolizer>,
-    ) {
-        for pid in std::mem::take(&mut rec.execs) {
-            if pid == std::process::id() {
-                continue;
-            }
-            let m = self.members.entry(pid).or_insert(Member {
-                tracked: false,
-                settled: false,
-                since: Instant::now(),
-                reaped: false,
-            });
-            // A new program: its files and runtime are to be learnt again.
-            m.settled = false;
-            m.reaped = false;
-            m.since = Instant::now();
-            self.examine(rec, resolver, syms, pid);
-        }
-        let unseen: Vec<u32> = rec
-            .new_stacks
-            .iter()
-            .map(|&(pid, _)| pid)
-            .filter(|pid| !self.members.get(pid).is_some_and(|m| m.settled))
-            .collect();
-        for pid in unseen {
-            self.members.entry(pid).or_insert(Member {
-                tracked: false,
-                settled: false,
-                since: Instant::now(),
-                reaped: false,
-            });
-            self.examine(rec, resolver, syms, pid);
-        }
-    }
-
-    /// Re-reads the memory maps of processes whose Python runtime is not mapped yet.
-    fn refresh(
-        &mut self,
-        rec: &mut Recorder,
-        resolver: &mut python::Resolver,
-        syms: &Mutex<Symbolizer>,
-    ) {
-        let pending: Vec<u32> = self
-            .members
-            .iter()
-            .filter(|(_, m)| !m.settled && !m.reaped && m.since.elapsed() < PENDING_FOR)
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in pending {
-            self.examine(rec, resolver, syms, pid);
-        }
-        let mut syms = lock(syms);
-        for (&pid, m) in &self.members {
-            if m.tracked && !m.reaped {
-                syms.snapshot(pid);
-                rec.refresh_comm(pid);
-            }
-        }
-    }
-
-    /// Drops the kernel entries of traced processes that exited (their events are all
-    /// read by now), and forgets untraced ones.
-    fn reap(&mut self, rec: &mut Recorder) {
-        self.members.retain(|&pid, m| {
-            if m.reaped || alive(pid) {
-                return true;
-            }
-            if !m.tracked {
-                return false;
-            }
-            rec.forget(pid);
-            m.reaped = true;
-            true
-        });
-    }
-
-    /// Looks at the files `pid` maps: probes the ones not probed yet, places its Python
-    /// runtime, starts tracing it.
-    fn examine(
-        &mut self,
-        rec: &mut Recorder,
-        resolver: &mut python::Resolver,
-        syms: &Mutex<Symbolizer>,
-        pid: u32,
-    ) {
-        let Ok(mut files) = attach::mapped_file_handles(pid) else {
-            // Gone already: what it did is in the kernel's maps under its pid.
-            if let Some(m) = self.members.get_mut(&pid) {
-                m.settled = true;
-            }
-            return;
-        };
-        let t0 = Instant::now();
-        if self.cgroup.is_some() && self.members.get(&pid).is_some_and(|m| !m.settled) {
-            // Just exec'd, perhaps: what its loader is about to map.
-            files.extend(
-                attach::needed_in_root(pid)
-                    .into_iter()
-                    .map(|p| (p.clone(), p)),
-            );
-        }
-        // Each distinct file once, held open and read through /proc/self/fd: the process
-        // may exit meanwhile, taking its /proc/PID/root and map_files with it.
-        let mut cands: Vec<(PathBuf, std::fs::File, (u64, u64))> = Vec::new();
-        for (f, mapped) in &files {
-            if !(attach::is_libc(f) || attach::may_hold_python(f)) {
-                continue;
-            }
-            let Ok(open) = std::fs::File::open(mapped).or_else(|_| std::fs::File::open(f)) else {
-                continue;
-            };
-            let Ok(meta) = open.metadata() else {
-                continue;
-            };
-            let key = (meta.dev(), meta.ino());
-            if !cands.iter().any(|c| c.2 == key) {
-                cands.push((f.clone(), open, key));
-            }
-        }
-        let via =
-            |open: &std::fs::File| PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
-        // libc first: a process that just exec'd is about to allocate, and its loader may
-        // not have mapped libc yet (the probe then lands when it does).
-        for (f, open, key) in cands.iter().filter(|c| attach::is_libc(&c.0)) {
-            if !self.probed.contains(key) {
-                let probes = plan_file(self.layers, f, &via(open));
-                self.attach(rec, &probes, f, *key);
-                log::debug!(
-                    "process {pid}: {} probed after {:?}",
-                    f.display(),
-                    t0.elapsed()
-                );
-            }
-        }
-        // Then the Python runtime, its probes and the layout template the kernel applies
-        // when the interpreter starts.
-        let mut runtime = FileRuntime::None;
-        for (f, open, key) in cands.iter().filter(|c| attach::may_hold_python(&c.0)) {
-            if !self.runtimes.contains_key(key) {
-                let rt = self.detect(f, &via(open));
-                self.runtimes.insert(*key, rt);
-            }
-            if !self.probed.contains(key) {
-                let mut probes = plan_file(self.layers, f, &via(open));
-                if let Some(FileRuntime::Supported(rt, layout)) = self.runtimes.get(key).cloned() {
-                    probes.extend(self.init_probe(rec, &via(open), &rt, layout));
-                }
-                self.attach(rec, &probes, f, *key);
-            }
-            match self.runtimes.get(key) {
-                Some(FileRuntime::Supported(rt, layout)) => {
-                    let mut rt = rt.clone();
-                    rt.file = f.clone();
-                    runtime = FileRuntime::Supported(rt, *layout);
-                }
-                Some(FileRuntime::Unsupported(v)) => runtime = FileRuntime::Unsupported(v.clone()),
-                _ => {}
-            }
-        }
-        let in_cgroup = self.cgroup.is_some();
-        if let Some(m) = self.members.get_mut(&pid) {
-            let is_python = !matches!(runtime, FileRuntime::None);
-            if !m.tracked && (in_cgroup || is_python) {
-                match rec.track(pid) {
-                    Ok(()) => m.tracked = true,
-                    Err(e) => log::warn!("process {pid}: {e}"),
-                }
-            }
-            if m.tracked {
-                self.place(rec, resolver, pid, &runtime);
-            }
-        }
-        if self.members.get(&pid).is_some_and(|m| m.tracked) {
-            lock(syms).snapshot(pid);
-        }
-        log::debug!("process {pid} examined in {:?}", t0.elapsed());
-    }
-
-    /// Probes the C library pyleak itself runs with.
-    fn probe_own_libc(&mut self, rec: &mut Recorder) {
-        let me = std::process::id();
-        for (f, mapped) in attach::mapped_file_handles(me).unwrap_or_default() {
-            if !attach::is_libc(&f) {
-                continue;
-            }
-            let Ok(meta) = std::fs::metadata(&mapped) else {
-                continue;
-            };
-            let key = (meta.dev(), meta.ino());
-            if self.probed.contains(&key) {
-                continue;
-            }
-            // The file as any process names it, not through pyleak's own /proc entry.
-            let shown = f
-                .strip_prefix(format!("/proc/{me}/root"))
-                .map(|p| Path::new("/").join(p))
-                .unwrap_or(f);
-            let probes = plan_file(self.layers, &shown, &shown);
-            self.attach(rec, &probes, &shown, key);
-        }
-    }
-
-    /// Attaches `probes` for every process mapping `file`; on success the file counts as
-    /// probed.
-    fn attach(&mut self, rec: &mut Recorder, probes: &[ProbeSpec], file: &Path, key: (u64, u64)) {
-        match rec.attach_file_wide(probes, file) {
-            Ok(()) => {
-                self.probed.insert(key);
-            }
-            Err(e) => eprintln!(
-                "pyleak: warning: {e:#}: calls in {} are not seen",
-                file.display()
-            ),
-        }
-    }
-
-    /// Tells the kernel (and the resolver) where `pid`'s Python runtime is.
-    fn place(
-        &mut self,
-        rec: &mut Recorder,
-        resolver: &mut python::Resolver,
-        pid: u32,
-        runtime: &FileRuntime,
-    ) {
-        let Some(m) = self.members.get_mut(&pid) else {
-            return;
-        };
-        match runtime {
-            FileRuntime::Supported(rt, layout) => {
-                let Some(bias) = python::load_bias(pid, rt) else {
-                    return;
-                };
-                if self.python_stacks {
-                    if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, *layout)) {
-                        log::warn!("process {pid}: {e}");
-                    }
-                    resolver.add_process(pid, rt.version);
-                }
-                rec.pythons
-                    .insert(pid, format!("{}.{}", rt.version.0, rt.version.1));
-                m.settled = true;
-            }
-            FileRuntime::Unsupported(v) => {
-                rec.pythons.insert(pid, v.clone());
-                m.settled = true;
-            }
-            FileRuntime::None => {}
-        }
-    }
-
-    /// The probe that applies `layout` to processes of the group that start `file`'s
-    /// interpreter later, with the kernel's template for it.
-    fn init_probe(
-        &mut self,
-        rec: &mut Recorder,
-        file: &Path,
-        rt: &python::PythonRuntime,
-        layout: PyProc,
-    ) -> Option<ProbeSpec> {
-        if !self.python_stacks || self.templates >= pyleak_common::PY_TEMPLATES_ENTRIES {
-            return None;
-        }
-        let template = PyProc {
-            runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
-            bias: 0,
-            ..layout
-        };
-        let mut init = attach::plan_py_init(&ElfFile::open(file).ok()?)?;
-        rec.set_template(self.templates, &template).ok()?;
-        init.cookie = pyleak_common::py_init_cookie(init.cookie, Some(self.templates));
-        self.templates += 1;
-        Some(init)
-    }
-    /// Detects the Python runtime in `file`, read through `via` (once per file).
-    fn detect(&mut self, file: &Path, via: &Path) -> FileRuntime {
-        match python::detect_via(file, via) {
-            Some(python::Detected::Supported(rt)) => {
-                let layout =
-                    python::layouts::for_version(rt.version).expect("detect checks the version");
-                log::info!("{}", python::describe(&rt));
-                FileRuntime::Supported(rt, layout)
-            }
-            Some(python::Detected::Unsupported { file, version }) => {
-                eprintln!(
-                    "pyleak: warning: {} is CPython {version}, which pyleak cannot walk (3.8 and newer): native stacks only",
-                    file.display()
-                );
-                FileRuntime::Unsupported(version)
-            }
-            None => FileRuntime::None,
-        }
     }
 }

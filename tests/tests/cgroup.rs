@@ -149,6 +149,18 @@ fn process(report: &Value, pid: u32) -> Option<&Value> {
         .find(|p| p["pid"] == pid)
 }
 
+/// Nothing lost but returns of calls already in flight while a file-wide probe was being
+/// attached (the return probe goes first; a call entering between the two attachments is
+/// counted as `unmatched_return`): a few dozen at most, on a busy machine (6-8 when idle).
+fn nothing_lost(report: &Value) {
+    let lost = report["lost"].as_object().expect("lost");
+    for (reason, n) in lost {
+        let n = n.as_u64().unwrap();
+        let allowed = if reason == "unmatched_return" { 32 } else { 0 };
+        assert!(n <= allowed, "lost {n} to {reason}: {}", report["lost"]);
+    }
+}
+
 /// Stops pyleak with Ctrl-C and reads its JSON report.
 fn stop(pyleak: Child, json: &Path) -> Value {
     signal(pyleak.id(), libc::SIGINT);
@@ -264,7 +276,7 @@ fn only_the_groups_processes_including_later_ones_and_another_cpython() {
         assert_eq!(p["cgroup"], cg.path());
         assert_eq!(p["python"], version);
     }
-    assert_eq!(report["lost_events"], 0, "lost {}", report["lost"]);
+    nothing_lost(&report);
 }
 
 #[test]
@@ -386,7 +398,8 @@ fn fifty_short_lived_programs_none_missed_nothing_left_behind() {
             * 1024
     };
     // 50 programs, 5 at a time, alternating CPythons, leaking 1-3 MiB each; each lives
-    // about a fifth of a second.
+    // about half a second after leaking (time for pyleak to name their stacks while they
+    // live, on a busy machine too).
     let mut expected: Vec<(u32, u64)> = Vec::new();
     let mut rss_after_10 = 0;
     for batch in 0..10 {
@@ -398,7 +411,7 @@ fn fifty_short_lived_programs_none_missed_nothing_left_behind() {
             // The delay: see the first test (the first process of each CPython).
             let child = cg.spawn(
                 py,
-                &[s, &mib.to_string(), "--delay", "0.4", "--linger", "0.2"],
+                &[s, &mib.to_string(), "--delay", "0.4", "--linger", "0.5"],
             );
             expected.push((child.id(), mib * MIB));
             running.push(child);
@@ -424,11 +437,26 @@ fn fifty_short_lived_programs_none_missed_nothing_left_behind() {
     for &(pid, bytes) in &expected {
         let got = leaked_at(&report, pid, "libc", &frame);
         if got != bytes || process(&report, pid).is_none() {
-            wrong.push(format!("pid {pid}: {got} of {bytes}"));
+            let big: Vec<String> = report["stacks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["pid"] == pid && s["layer"] == "libc")
+                .filter(|s| s["live_bytes"].as_u64().unwrap() >= MIB)
+                .map(|s| format!("{} at {}", s["live_bytes"], s["frames"]))
+                .collect();
+            wrong.push(format!(
+                "pid {pid}: {got} of {bytes} (1 MiB+ stacks: {big:?})"
+            ));
         }
     }
     assert!(wrong.is_empty(), "missed or wrong: {wrong:?}");
-    assert_eq!(report["lost_events"], 0, "lost {}", report["lost"]);
+    nothing_lost(&report);
+    eprintln!(
+        "pyleak RSS after 10 processes {:.1} MiB, after 50 {:.1} MiB",
+        rss_after_10 as f64 / MIB as f64,
+        rss_after_50 as f64 / MIB as f64
+    );
     // Per-process state grows with what the processes left live, not with time: 40
     // more processes cost pyleak less than 32 MiB.
     assert!(
@@ -576,4 +604,57 @@ fn container_by_id_prefix_with_per_process_folded_stacks() {
         .find(|l| l.starts_with(&prefix) && l.contains(&format!(";{frame} ")))
         .unwrap_or_else(|| panic!("no per-process line for the leak in:\n{text}"));
     assert!(line.ends_with(&format!(" {}", 3 * MIB)), "{line}");
+}
+
+#[test]
+fn all_python_processes_on_the_host_including_later_ones() {
+    if !root_or_skip() {
+        return;
+    }
+    let pys = required_pythons(&["pyenv 3.12.1", "debian 3.11"]);
+    if pys.len() < 2 {
+        return;
+    }
+    let dir = scratch("all-pythons");
+    let json = dir.join("report.json");
+    let go = dir.join("go");
+    let script = script();
+    let s = script.to_str().unwrap();
+    let spawn = |py: &Path, args: &[&str]| {
+        Command::new(py)
+            .arg(s)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut before = spawn(&pys[0].1, &["3", "--wait", go.to_str().unwrap()]);
+    // Not Python: must not be listed.
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pyleak = spawn_pyleak(&["record", "-q", "--all", "--json", json.to_str().unwrap()]);
+    std::fs::write(&go, b"").unwrap();
+    wait_leaked(&mut before);
+    // A new CPython is counted once pyleak sees its runtime mapped (see the README).
+    let mut later = spawn(&pys[1].1, &["5", "--delay", "0.5", "--linger", "30"]);
+    wait_leaked(&mut later);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = stop(pyleak, &json);
+    for c in [&mut before, &mut later, &mut other] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let frame = leak_frame(s);
+    assert_eq!(leaked_at(&report, before.id(), "libc", &frame), 3 * MIB);
+    assert_eq!(leaked_at(&report, later.id(), "libc", &frame), 5 * MIB);
+    assert_eq!(
+        process(&report, before.id()).expect("listed")["python"],
+        "3.12"
+    );
+    assert_eq!(
+        process(&report, later.id()).expect("listed")["python"],
+        "3.11"
+    );
+    assert!(process(&report, other.id()).is_none(), "sleep was traced");
+    assert!(!stack_pids(&report).contains(&(other.id() as u64)));
 }

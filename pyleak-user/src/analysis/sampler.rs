@@ -121,12 +121,6 @@ impl Sampler {
 
     /// Takes one sample, and writes it as a line when streaming.
     pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &Resolver) {
-        let t0 = Instant::now();
-        self.sample_inner(rec, syms, py);
-        log::debug!("growth sample took {:?}", t0.elapsed());
-    }
-
-    fn sample_inner(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &Resolver) {
         let live = match rec.sample() {
             Ok(Some(l)) => l,
             Ok(None) => return,

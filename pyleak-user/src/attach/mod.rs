@@ -216,20 +216,21 @@ pub fn mapped_file_handles(pid: u32) -> std::io::Result<Vec<(PathBuf, PathBuf)>>
         let range = f.next().unwrap_or("");
         let path = f.nth(4).unwrap_or("");
         if path.starts_with('/') && !path.ends_with("(deleted)") && seen.insert(path) {
-            // map_files names ranges without the zero padding the memory map has.
-            let (start, end) = range.split_once('-').unwrap_or(("0", "0"));
-            let hex = |h: &str| u64::from_str_radix(h, 16).unwrap_or(0);
             out.push((
                 PathBuf::from(format!("/proc/{pid}/root{path}")),
-                PathBuf::from(format!(
-                    "/proc/{pid}/map_files/{:x}-{:x}",
-                    hex(start),
-                    hex(end)
-                )),
+                PathBuf::from(format!("/proc/{pid}/map_files/{}", map_files_name(range))),
             ));
         }
     }
     Ok(out)
+}
+
+/// The `map_files` entry of a memory-map range: the same numbers without the zero
+/// padding (`00400000-0041f000` → `400000-41f000`).
+fn map_files_name(range: &str) -> String {
+    let (start, end) = range.split_once('-').unwrap_or(("0", "0"));
+    let hex = |h: &str| u64::from_str_radix(h, 16).unwrap_or(0);
+    format!("{:x}-{:x}", hex(start), hex(end))
 }
 
 /// Whether a file name looks like the C library.
@@ -353,4 +354,18 @@ pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
     out.into_iter()
         .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_files_names_drop_the_padding() {
+        assert_eq!(map_files_name("00400000-0041f000"), "400000-41f000");
+        assert_eq!(
+            map_files_name("7f1c2a3b4000-7f1c2a3b6000"),
+            "7f1c2a3b4000-7f1c2a3b6000"
+        );
+    }
 }

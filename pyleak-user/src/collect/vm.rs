@@ -575,6 +575,26 @@ mod tests {
     }
 
     #[test]
+    fn exec_releases_the_old_programs_address_space() {
+        let mut m = VmModel::default();
+        m.apply(&ev(VmKind::Brk, 0, 0, 0x50000, 0, 0));
+        m.apply(&ev(VmKind::Brk, 0x52000, 0, 0x52000, 0, 3));
+        m.apply(&ev(VmKind::Mmap, 0x10000, 4 * PAGE, 0, 0, 7));
+        m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 7));
+        assert_eq!(live(&m), 6 * PAGE);
+        m.apply(&ev(VmKind::Exec, 0, 0, 0, 0, 0));
+        assert_eq!(live(&m), 0);
+        assert!(m.procs[&1].pages.is_empty());
+        assert_eq!(m.procs[&1].brk, None);
+        // Not frees the old program made: no call counted.
+        assert_eq!(m.vm.frees, 0);
+        // The new program's heap starts afresh.
+        m.apply(&ev(VmKind::Brk, 0, 0, 0x90000, 0, 0));
+        m.apply(&ev(VmKind::Brk, 0x91000, 0, 0x91000, 0, 4));
+        assert_eq!(live(&m), PAGE);
+    }
+
+    #[test]
     fn pages_count_once_until_unmapped() {
         let mut m = VmModel::default();
         m.apply(&ev(VmKind::Mmap, 0x10000, 4 * PAGE, 0, 0, 7));

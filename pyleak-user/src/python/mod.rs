@@ -177,6 +177,11 @@ impl Resolver {
         }
     }
 
+    /// Whether frames of `pid` can be resolved (its CPython version is known).
+    pub fn knows(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
     /// Resolves the Python frames of a newly announced stack (call while the process
     /// lives). A cached function's code object is reused as is; a module's or class
     /// body's (freed once run, its address reused) only if the object at its address still

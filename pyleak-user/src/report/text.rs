@@ -18,12 +18,21 @@ pub fn write(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         .iter()
         .map(|p| format!("{} ({})", p.pid, p.comm))
         .collect();
-    writeln!(
-        out,
-        "pyleak: {:.1} s recorded, process {}",
-        report.duration_s,
-        procs.join(", ")
-    )?;
+    if procs.len() > 4 {
+        writeln!(
+            out,
+            "pyleak: {:.1} s recorded, {} processes (per process below)",
+            report.duration_s,
+            procs.len()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "pyleak: {:.1} s recorded, process {}",
+            report.duration_s,
+            procs.join(", ")
+        )?;
+    }
     writeln!(
         out,
         "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
