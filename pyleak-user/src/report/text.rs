@@ -233,8 +233,8 @@ fn suspects(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        "leak suspects (live at least {} s, or growing; {} samples {} s apart):",
-        report.min_age_s, report.samples, report.interval_s
+        "leak suspects (live at least {} s, or growing; sampled every {} s, {} samples kept):",
+        report.min_age_s, report.interval_s, report.samples
     )?;
     // One entry per Python stack (its layers are ranked together, upper layer first); the
     // linkage line gives the other layers.
