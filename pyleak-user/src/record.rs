@@ -15,7 +15,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     attach::{
-        self, elf::ElfFile, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
+        self, elf::ElfFile, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
         PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
     },
     cli::RecordArgs,
@@ -273,6 +273,7 @@ impl Planner {
                         probes.extend(attach::plan_python_domain(
                             &elf,
                             Layer::Pymalloc,
+                            &[Domain::Obj, Domain::Mem],
                             &PYMALLOC_TABLE_FUNCTIONS,
                             &PYMALLOC_FUNCTIONS,
                         ));
@@ -281,6 +282,7 @@ impl Planner {
                         probes.extend(attach::plan_python_domain(
                             &elf,
                             Layer::PymemRaw,
+                            &[Domain::Raw],
                             &PYMEM_RAW_TABLE_FUNCTIONS,
                             &PYMEM_RAW_FUNCTIONS,
                         ));

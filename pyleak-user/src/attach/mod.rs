@@ -3,6 +3,7 @@
 
 pub mod elf;
 pub mod prologue;
+pub mod tables;
 
 use std::{
     collections::BTreeSet,
@@ -90,14 +91,47 @@ pub const PYMEM_RAW_TABLE_FUNCTIONS: [(&str, AllocKind, usize); 4] = [
     ("_PyMem_RawFree", AllocKind::CtxFree, 2),
 ];
 
-/// Probes for one CPython allocator domain: the table's functions when the file names all
-/// of them, else the exported API.
+/// Probes for CPython allocator domains (`domains` share `layer`): the functions their
+/// tables point at, found from the tables themselves (stripped and LTO builds included),
+/// else by their local names, else the exported API. Domains whose tables point at the same
+/// functions (mem and object use pymalloc) get one probe per function, so nothing counts
+/// twice.
 pub fn plan_python_domain(
     elf: &ElfFile,
     layer: Layer,
+    domains: &[tables::Domain],
     table: &[(&'static str, AllocKind, usize)],
     exported: &[(&'static str, AllocKind, usize)],
 ) -> Vec<ProbeSpec> {
+    let found: Option<Vec<_>> = domains
+        .iter()
+        .map(|&d| tables::find_table(elf, d))
+        .collect();
+    if let Some(found) = found {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for t in found {
+            for (i, &addr) in t.functions.iter().enumerate() {
+                // `table` names the four functions in table order.
+                let Some(&(name, kind, args)) = table.get(i) else {
+                    continue;
+                };
+                if !seen.insert(addr) {
+                    continue;
+                }
+                match elf.function_at(addr) {
+                    Some(f) => out.push(plan_function(elf, layer, name, kind, args, &f)),
+                    None => log::debug!("{}: no code at {addr:#x}", elf.path().display()),
+                }
+            }
+        }
+        log::debug!(
+            "{}: {} probes from the allocator tables",
+            elf.path().display(),
+            out.len()
+        );
+        return out;
+    }
     if table
         .iter()
         .all(|(name, _, _)| elf.function(name).is_some())
@@ -133,28 +167,40 @@ pub fn plan_layer(
         if !seen.insert(f.file_offset) {
             continue;
         }
-        let is_free = matches!(kind, AllocKind::Free | AllocKind::CtxFree);
-        let point = choose_attach_point(&f.code, f.address, args, !is_free);
-        let cookie = ProbeCookie {
-            kind: kind as u32,
-            layer: layer as u32,
-            stack_delta: point.stack_delta as u32,
-        };
-        out.push(ProbeSpec {
-            path: elf.path().to_owned(),
-            symbol: name,
-            offset: f.file_offset + point.offset,
-            role: if is_free {
-                ProbeRole::Free
-            } else {
-                ProbeRole::Alloc
-            },
-            cookie: cookie.encode(),
-            emulated: point.emulated,
-            delta_from_entry: point.offset,
-        });
+        out.push(plan_function(elf, layer, name, kind, args, &f));
     }
     out
+}
+
+/// The probe on one allocator function, at a cheap attach point of its prologue.
+fn plan_function(
+    elf: &ElfFile,
+    layer: Layer,
+    name: &'static str,
+    kind: AllocKind,
+    args: usize,
+    f: &elf::Function,
+) -> ProbeSpec {
+    let is_free = matches!(kind, AllocKind::Free | AllocKind::CtxFree);
+    let point = choose_attach_point(&f.code, f.address, args, !is_free);
+    let cookie = ProbeCookie {
+        kind: kind as u32,
+        layer: layer as u32,
+        stack_delta: point.stack_delta as u32,
+    };
+    ProbeSpec {
+        path: elf.path().to_owned(),
+        symbol: name,
+        offset: f.file_offset + point.offset,
+        role: if is_free {
+            ProbeRole::Free
+        } else {
+            ProbeRole::Alloc
+        },
+        cookie: cookie.encode(),
+        emulated: point.emulated,
+        delta_from_entry: point.offset,
+    }
 }
 
 /// The probe that freezes a process when its interpreter starts shutting down.
