@@ -3,6 +3,7 @@
 
 pub mod elf;
 pub mod prologue;
+pub mod sites;
 pub mod tables;
 
 use std::{
@@ -25,6 +26,10 @@ pub enum ProbeRole {
     Finalize,
     /// `py_init_enter` (its cookie: the attach point's link-time address).
     PyInit,
+    /// `site_enter`: the guard of an inlined allocator call ([`ProbeSpec::site`]).
+    Site,
+    /// `site_join`: where an inlined allocator call's block is in a register.
+    Join,
 }
 
 /// One uprobe to attach.
@@ -44,6 +49,9 @@ pub struct ProbeSpec {
     pub emulated: bool,
     /// Attach point minus function start.
     pub delta_from_entry: u64,
+    /// For `Site` and `Join` probes: what the kernel reads there (`SITES[id]`, the id being
+    /// the cookie's third field).
+    pub site: Option<pyleak_common::SiteInfo>,
 }
 
 /// The libc malloc family: name, what it does, how many argument registers it reads.
@@ -109,7 +117,7 @@ pub fn plan_python_domain(
         .collect();
     if let Some(found) = found {
         let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
+        let mut out = plan_sites(elf, layer, &found, exported);
         for t in found {
             for (i, &addr) in t.functions.iter().enumerate() {
                 // `table` names the four functions in table order.
@@ -172,6 +180,142 @@ pub fn plan_layer(
     out
 }
 
+/// Site ids given so far (0 means "none" to the kernel).
+static NEXT_SITE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Probes for the allocator calls a fixed-address LTO/PGO executable inlined behind guards
+/// (see [`sites`]); nothing for other files.
+///
+/// A guarded copy whose fallback tail-calls through the table returns to the enclosing
+/// function's caller; those are the exported entry points (`PyObject_Malloc`…), which get
+/// an ordinary entry+return probe instead (their frees, needing no return, keep the guard).
+fn plan_sites(
+    elf: &ElfFile,
+    layer: Layer,
+    tables: &[tables::AllocTable],
+    exported: &[(&'static str, AllocKind, usize)],
+) -> Vec<ProbeSpec> {
+    use std::sync::atomic::Ordering;
+    let mut out = Vec::new();
+    // Domains that share functions (mem and object) share sites.
+    let mut groups: Vec<Vec<tables::AllocTable>> = Vec::new();
+    for t in tables {
+        match groups.iter_mut().find(|g| g[0].functions == t.functions) {
+            Some(g) => g.push(*t),
+            None => groups.push(vec![*t]),
+        }
+    }
+    let Ok(file) = object::File::parse(elf.data()) else {
+        return out;
+    };
+    for group in groups {
+        let mut scan = sites::find_sites(elf, &group);
+        if scan.sites.is_empty() {
+            continue;
+        }
+        let mut ranges = Vec::new();
+        for &(name, kind, args) in exported {
+            if matches!(kind, AllocKind::Free) {
+                continue;
+            }
+            if let Some(f) = elf.function(name) {
+                ranges.push(f.address..f.address + f.code.len() as u64);
+                out.push(plan_function(elf, layer, name, kind, args, &f));
+            }
+        }
+        scan.sites
+            .retain(|s| s.join.is_none() || !ranges.iter().any(|r| r.contains(&s.guard)));
+        let guards: BTreeSet<u64> = scan.sites.iter().map(|s| s.guard).collect();
+        let mut joins: std::collections::BTreeMap<(u64, u8, u64), u32> = Default::default();
+        let mut used = 0;
+        for site in &scan.sites {
+            let join_id = match site.join {
+                None => 0,
+                // A join on another guard's jump would race with it: leave such sites out.
+                Some((j, _, _)) if guards.contains(&j) => continue,
+                Some((j, r, disp)) => match joins.get(&(j, r, disp)) {
+                    Some(&id) => id,
+                    None => {
+                        let Some(off) = file_offset(&file, j) else {
+                            continue;
+                        };
+                        let id = NEXT_SITE.fetch_add(1, Ordering::Relaxed);
+                        if id >= pyleak_common::SITES_ENTRIES {
+                            break;
+                        }
+                        joins.insert((j, r, disp), id);
+                        out.push(ProbeSpec {
+                            path: elf.path().to_owned(),
+                            symbol: "inlined allocator (return)",
+                            offset: off,
+                            role: ProbeRole::Join,
+                            cookie: ProbeCookie {
+                                kind: AllocKind::SiteJoin as u32,
+                                layer: layer as u32,
+                                stack_delta: id,
+                            }
+                            .encode(),
+                            emulated: false,
+                            delta_from_entry: 0,
+                            site: Some(pyleak_common::SiteInfo {
+                                join: id,
+                                result_reg: r,
+                                arg_const: [disp, 0],
+                                ..Default::default()
+                            }),
+                        });
+                        id
+                    }
+                },
+            };
+            let Some(off) = file_offset(&file, site.guard) else {
+                continue;
+            };
+            let id = NEXT_SITE.fetch_add(1, Ordering::Relaxed);
+            if id >= pyleak_common::SITES_ENTRIES {
+                break;
+            }
+            used += 1;
+            out.push(ProbeSpec {
+                path: elf.path().to_owned(),
+                symbol: "inlined allocator (guard)",
+                offset: off,
+                role: ProbeRole::Site,
+                cookie: ProbeCookie {
+                    kind: site.kind as u32,
+                    layer: layer as u32,
+                    stack_delta: id,
+                }
+                .encode(),
+                emulated: true,
+                delta_from_entry: 0,
+                site: Some(pyleak_common::SiteInfo {
+                    join: join_id,
+                    ..site.info
+                }),
+            });
+        }
+        log::info!(
+            "{}: {used} inlined allocator calls probed, {} left out ({} guards)",
+            elf.path().display(),
+            scan.sites.len() + scan.skipped - used,
+            scan.sites.len() + scan.skipped
+        );
+    }
+    out
+}
+
+/// The file offset of link-time address `addr` in an executable section.
+fn file_offset(file: &object::File, addr: u64) -> Option<u64> {
+    use object::{Object, ObjectSection};
+    let s = file.sections().find(|s| {
+        s.kind() == object::SectionKind::Text
+            && addr >= s.address()
+            && addr < s.address() + s.size()
+    })?;
+    Some(s.file_range()?.0 + (addr - s.address()))
+}
+
 /// The probe on one allocator function, at a cheap attach point of its prologue.
 fn plan_function(
     elf: &ElfFile,
@@ -200,6 +344,7 @@ fn plan_function(
         cookie: cookie.encode(),
         emulated: point.emulated,
         delta_from_entry: point.offset,
+        site: None,
     }
 }
 
@@ -215,6 +360,7 @@ pub fn plan_finalize(elf: &ElfFile) -> Option<ProbeSpec> {
         cookie: 0,
         emulated: point.emulated,
         delta_from_entry: point.offset,
+        site: None,
     })
 }
 
@@ -229,6 +375,7 @@ pub fn plan_py_init(elf: &ElfFile) -> Option<ProbeSpec> {
         cookie: f.address,
         emulated: false,
         delta_from_entry: 0,
+        site: None,
     })
 }
 
