@@ -244,6 +244,11 @@ fn plan_sites(
                             break;
                         }
                         joins.insert((j, r, disp), id);
+                        log::debug!(
+                            "join at {j:#x} (guard {:#x}, emulated: {})",
+                            site.guard,
+                            site.join_emulated
+                        );
                         out.push(ProbeSpec {
                             path: elf.path().to_owned(),
                             symbol: "inlined allocator (return)",
@@ -255,7 +260,7 @@ fn plan_sites(
                                 stack_delta: id,
                             }
                             .encode(),
-                            emulated: false,
+                            emulated: site.join_emulated,
                             delta_from_entry: 0,
                             site: Some(pyleak_common::SiteInfo {
                                 join: id,

@@ -42,6 +42,8 @@ pub struct Site {
     /// Where the call returns (`J`) and where the block is there (a register number, or
     /// `REG_STACK` and the slot's offset from rsp); `None` for frees.
     pub join: Option<(u64, u8, u64)>,
+    /// Whether the kernel emulates the instruction at the join (cheap).
+    pub join_emulated: bool,
 }
 
 /// What the scan found.
@@ -95,6 +97,15 @@ struct Code_<'a> {
 }
 
 impl<'a> Code_<'a> {
+    fn bytes(&self, addr: u64, len: usize) -> Option<&'a [u8]> {
+        let (start, bytes) = self
+            .ranges
+            .iter()
+            .find(|(s, b)| addr >= *s && addr < s + b.len() as u64)?;
+        let rel = usize::try_from(addr - start).ok()?;
+        bytes.get(rel..rel + len)
+    }
+
     fn at(&self, addr: u64) -> Option<Instruction> {
         let (start, bytes) = self
             .ranges
@@ -308,6 +319,43 @@ fn walk_to_join(
     None
 }
 
+/// A cheaper place for a join probe at `j`: the first instruction the kernel emulates in the
+/// straight-line code from `j` before anything writes where the block is (or rsp, or
+/// memory when the block is in a stack slot). Single-stepping the instruction at `j` would
+/// cost ~10 µs a call on this machine kind, an emulated one ~1 µs.
+fn cheap_join(
+    code: &Code_,
+    factory: &mut InstructionInfoFactory,
+    j: u64,
+    place: u8,
+) -> (u64, bool) {
+    let mut pc = j;
+    for _ in 0..8 {
+        let Some(i) = code.at(pc) else { break };
+        let Some(bytes) = code.bytes(pc, i.len()) else {
+            break;
+        };
+        if super::prologue::is_emulated(&i, bytes) {
+            return (pc, true);
+        }
+        if i.flow_control() != FlowControl::Next {
+            break;
+        }
+        let writes = written(factory, &i);
+        let clobbers = writes.contains(&7)
+            || if place == REG_STACK {
+                i.op0_kind() == OpKind::Memory
+            } else {
+                writes.contains(&place)
+            };
+        if clobbers {
+            break;
+        }
+        pc = i.next_ip();
+    }
+    (j, false)
+}
+
 /// Finds the guarded inline copies of a domain's table functions in a fixed-address
 /// executable. `tables`: the domains sharing these functions (object and mem).
 pub fn find_sites(elf: &ElfFile, tables: &[AllocTable]) -> SiteScan {
@@ -446,15 +494,20 @@ fn analyse(
     }
     // A tail call returns to the enclosing function's caller: such a site is left to a
     // probe on that function (the exported entry points are the ones that do this).
+    let mut join_emulated = false;
     let join = if kind == AllocKind::SiteFree {
         None
     } else {
-        Some(walk_to_join(code, factory, after?)?)
+        let (j, place, disp) = walk_to_join(code, factory, after?)?;
+        let (j, emulated) = cheap_join(code, factory, j, place);
+        join_emulated = emulated;
+        Some((j, place, disp))
     };
     Some(Site {
         guard,
         kind,
         info,
         join,
+        join_emulated,
     })
 }
