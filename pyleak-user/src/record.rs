@@ -14,6 +14,7 @@ use pyleak_common::{Layer, PyProc};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
+    allocwatch::AllocWatch,
     attach::{
         self, elf::ElfFile, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
         PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
@@ -101,9 +102,11 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let mut planner = Planner::new(layers);
     let mut resolver = python::Resolver::default();
     let mut unplaced: HashMap<u32, (python::PythonRuntime, PyProc)> = HashMap::new();
+    let mut watches: Vec<AllocWatch> = Vec::new();
     match (&program, &child) {
         (Some(p), Some(c)) => {
             let files = attach::libraries_of(&attach::program_of(p));
+            watches.extend(watch(c.pid, &files));
             let mut probes = planner.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string());
             if let Some(rt) =
@@ -139,6 +142,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         _ => {
             for &pid in &args.pids {
                 let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
+                watches.extend(watch(pid, &files));
                 let probes = planner.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"));
                 if let Some(rt) =
@@ -199,6 +203,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         &syms,
         &mut resolver,
         &mut unplaced,
+        &mut watches,
         &args,
         launched,
         started,
@@ -296,6 +301,15 @@ impl Planner {
     }
 }
 
+/// A watch on the allocator tables of the Python runtime among `files`, if any.
+fn watch(pid: u32, files: &[PathBuf]) -> Option<AllocWatch> {
+    let file = match python::detect(files)? {
+        python::Detected::Supported(rt) => rt.file,
+        python::Detected::Unsupported { file, .. } => file,
+    };
+    AllocWatch::new(pid, &file)
+}
+
 /// Says once what will not be seen.
 fn warn_missing(probes: &[ProbeSpec], layers: LayerSet, what: &str) {
     if layers.contains(Layer::Libc) && !probes.iter().any(|p| p.symbol == "malloc") {
@@ -325,6 +339,7 @@ async fn trace_loop(
     syms: &Mutex<Symbolizer>,
     resolver: &mut python::Resolver,
     unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
+    watches: &mut [AllocWatch],
     args: &RecordArgs,
     launched: Option<(u32, tokio::sync::oneshot::Receiver<i32>)>,
     started: Instant,
@@ -344,7 +359,7 @@ async fn trace_loop(
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    snapshot_all(rec, syms, unplaced);
+    snapshot_all(rec, syms, unplaced, watches);
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -355,13 +370,13 @@ async fn trace_loop(
                 learn_new_stacks(rec, resolver);
                 if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
                     last_maps = Instant::now();
-                    snapshot_all(rec, syms, unplaced);
+                    snapshot_all(rec, syms, unplaced, watches);
                 }
             }
             _ = tick.tick() => {
                 rec.drain();
                 learn_new_stacks(rec, resolver);
-                snapshot_all(rec, syms, unplaced);
+                snapshot_all(rec, syms, unplaced, watches);
                 if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
                     break End::TargetsExited;
                 }
@@ -462,8 +477,12 @@ fn snapshot_all(
     rec: &mut Recorder,
     syms: &Mutex<Symbolizer>,
     unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
+    watches: &mut [AllocWatch],
 ) {
     place_runtimes(rec, unplaced);
+    for w in watches.iter_mut() {
+        w.check();
+    }
     let mut syms = lock(syms);
     for pid in rec.targets.clone() {
         syms.snapshot(pid);
