@@ -156,7 +156,10 @@ mod tests {
         };
         let initial = [t(0x100), t(0x200), t(0x200)];
         let f = |i: usize| initial[i].functions;
-        assert_eq!(classify(&initial, &[f(0), f(1), f(2)]), TableState::Original);
+        assert_eq!(
+            classify(&initial, &[f(0), f(1), f(2)]),
+            TableState::Original
+        );
         assert_eq!(classify(&initial, &[f(0), f(0), f(0)]), TableState::Malloc);
         let hook = [0x900, 0x901, 0x902, 0x903];
         assert_eq!(classify(&initial, &[hook, hook, hook]), TableState::Hooked);
