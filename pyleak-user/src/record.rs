@@ -202,8 +202,10 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         &mut rec,
         &syms,
         &mut resolver,
-        &mut unplaced,
-        &mut watches,
+        &mut Runtimes {
+            unplaced: &mut unplaced,
+            watches: &mut watches,
+        },
         &args,
         launched,
         started,
@@ -333,13 +335,19 @@ impl AsRawFd for RingFd {
     }
 }
 
+/// The targets' Python runtimes: those whose load address the kernel does not know yet, and
+/// the watches on their allocator tables.
+struct Runtimes<'a> {
+    unplaced: &'a mut HashMap<u32, (python::PythonRuntime, PyProc)>,
+    watches: &'a mut [AllocWatch],
+}
+
 /// Reads events until the recording ends; returns why it ended.
 async fn trace_loop(
     rec: &mut Recorder,
     syms: &Mutex<Symbolizer>,
     resolver: &mut python::Resolver,
-    unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
-    watches: &mut [AllocWatch],
+    runtimes: &mut Runtimes<'_>,
     args: &RecordArgs,
     launched: Option<(u32, tokio::sync::oneshot::Receiver<i32>)>,
     started: Instant,
@@ -359,7 +367,7 @@ async fn trace_loop(
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    snapshot_all(rec, syms, unplaced, watches);
+    snapshot_all(rec, syms, runtimes);
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -370,13 +378,13 @@ async fn trace_loop(
                 learn_new_stacks(rec, resolver);
                 if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
                     last_maps = Instant::now();
-                    snapshot_all(rec, syms, unplaced, watches);
+                    snapshot_all(rec, syms, runtimes);
                 }
             }
             _ = tick.tick() => {
                 rec.drain();
                 learn_new_stacks(rec, resolver);
-                snapshot_all(rec, syms, unplaced, watches);
+                snapshot_all(rec, syms, runtimes);
                 if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
                     break End::TargetsExited;
                 }
@@ -473,14 +481,9 @@ fn place_runtimes(
 }
 
 /// Re-reads the memory maps (for symbols) and names of the targets still alive.
-fn snapshot_all(
-    rec: &mut Recorder,
-    syms: &Mutex<Symbolizer>,
-    unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
-    watches: &mut [AllocWatch],
-) {
-    place_runtimes(rec, unplaced);
-    for w in watches.iter_mut() {
+fn snapshot_all(rec: &mut Recorder, syms: &Mutex<Symbolizer>, runtimes: &mut Runtimes<'_>) {
+    place_runtimes(rec, runtimes.unplaced);
+    for w in runtimes.watches.iter_mut() {
         w.check();
     }
     let mut syms = lock(syms);
