@@ -105,6 +105,17 @@ pub enum AllocKind {
     CtxRealloc = 10,
     /// `PyObject_Free(ctx, ptr)` through a table.
     CtxFree = 11,
+    /// A `malloc(ctx, size)` inlined behind a guard (`cmp $fn,reg; jne call-through-table`):
+    /// the probe sits on the guard's jump; arguments in the registers [`SiteInfo`] names.
+    SiteMalloc = 12,
+    /// A guarded inline `calloc(ctx, nelem, elsize)`.
+    SiteCalloc = 13,
+    /// A guarded inline `realloc(ctx, ptr, size)`.
+    SiteRealloc = 14,
+    /// A guarded inline `free(ctx, ptr)`.
+    SiteFree = 15,
+    /// Where a guarded inline allocation's result is in a register ([`SiteInfo::result_reg`]).
+    SiteJoin = 16,
 }
 
 impl AllocKind {
@@ -123,6 +134,11 @@ impl AllocKind {
             9 => AllocKind::CtxCalloc,
             10 => AllocKind::CtxRealloc,
             11 => AllocKind::CtxFree,
+            12 => AllocKind::SiteMalloc,
+            13 => AllocKind::SiteCalloc,
+            14 => AllocKind::SiteRealloc,
+            15 => AllocKind::SiteFree,
+            16 => AllocKind::SiteJoin,
             _ => return None,
         })
     }
@@ -156,6 +172,40 @@ impl ProbeCookie {
             stack_delta: (raw >> 16) as u32,
         }
     }
+}
+
+/// Guarded inline allocator sites and their joins described at once, over all files.
+pub const SITES_ENTRIES: u32 = 8192;
+/// [`SiteInfo`] register number meaning "a constant" (`arg_const`).
+pub const REG_CONST: u8 = 0xfe;
+/// [`SiteInfo`] register number meaning "the stack slot at rsp + `arg_const`".
+pub const REG_STACK: u8 = 0xfd;
+/// [`SiteInfo`] register number meaning "none" (a guard that compares memory).
+pub const REG_NONE: u8 = 0xff;
+
+/// One guarded inline allocator call (an LTO/PGO build's `if (table.malloc == &fn)
+/// { inlined fn } else { table.malloc(ctx, ...) }`) or its join, indexed by the probe
+/// cookie's third field. Registers are numbered rax, rbx, rcx, rdx, rsi, rdi, rbp, rsp,
+/// r8…r15 (0–15).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteInfo {
+    /// The function the guard compares the table's pointer with: equal means the inlined
+    /// copy runs (the probe counts it); else the call goes through the table.
+    pub expected: u64,
+    /// The table field the guard compares, when it compares memory (`guard_reg == REG_NONE`).
+    pub guard_mem: u64,
+    /// Constant arguments (`arg_reg[i] == REG_CONST`), or the stack offsets of arguments in
+    /// stack slots (`REG_STACK`).
+    pub arg_const: [u64; 2],
+    /// Guards: the id of the join completing the call. Joins: their own id. Never 0.
+    pub join: u32,
+    /// The register the guard compares.
+    pub guard_reg: u8,
+    /// Where the arguments after ctx are (size; nelem, elsize; ptr, size; ptr).
+    pub arg_reg: [u8; 2],
+    /// Joins: the register holding the block (`REG_STACK`: the slot at rsp + `arg_const[0]`).
+    pub result_reg: u8,
 }
 
 /// Key of a live allocation: the same address can be live in two layers at once
@@ -217,8 +267,9 @@ pub struct Pending {
     pub depth: u32,
     /// `FLAG_*` bits inherited from an upper layer's call in flight.
     pub flags: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// For a call inlined at a guarded site ([`SiteInfo`]): the id of the join probe that
+    /// completes it; 0 for a real call.
+    pub join: u32,
 }
 
 /// Layers whose calls can be in flight on a thread (those probed with uprobes).
@@ -568,6 +619,8 @@ mod pod {
     unsafe impl aya::Pod for super::VmEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PyProc {}
+    // SAFETY: repr(C), Copy, no padding (8+8+16+4+1+2+1 bytes).
+    unsafe impl aya::Pod for super::SiteInfo {}
 }
 
 #[cfg(test)]

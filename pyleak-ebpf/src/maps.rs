@@ -7,15 +7,19 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use pyleak_common::{
-    AllocKey, LayerStats, LiveAlloc, StackAgg, StackKey, StackTrace, ThreadState,
+    AllocKey, LayerStats, LiveAlloc, SiteInfo, StackAgg, StackKey, StackTrace, ThreadState,
     EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS, LIVE_ALLOCS_ENTRIES, NUM_DROPS,
-    NUM_LAYERS, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES, TARGET_ACTIVE, TARGET_FROZEN,
-    THREADS_ENTRIES,
+    NUM_LAYERS, SITES_ENTRIES, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES, TARGET_ACTIVE,
+    TARGET_FROZEN, THREADS_ENTRIES,
 };
 
 /// Processes traced: tgid → `TARGET_ACTIVE` or `TARGET_FROZEN`.
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_ENTRIES, 0);
+
+/// Guarded inline allocator sites and joins (filled by userspace), by the cookie's id.
+#[map]
+pub static SITES: Array<SiteInfo> = Array::with_max_entries(SITES_ENTRIES, 0);
 
 /// Blocks allocated and not yet freed.
 #[map]

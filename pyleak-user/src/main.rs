@@ -1,5 +1,6 @@
 //! pyleak: find memory leaks in running Python programs from the outside.
 
+mod allocwatch;
 mod analysis;
 mod attach;
 mod cli;

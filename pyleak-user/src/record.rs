@@ -14,9 +14,10 @@ use pyleak_common::{Layer, PyProc};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
+    allocwatch::AllocWatch,
     analysis::sampler::Sampler,
     attach::{
-        self, elf::ElfFile, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
+        self, elf::ElfFile, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
         PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
     },
     cli::RecordArgs,
@@ -154,9 +155,11 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
             g.probe_own_libc(&mut rec);
         }
     }
+    let mut watches: Vec<AllocWatch> = Vec::new();
     match (&program, &child) {
         (Some(p), Some(c)) => {
             let files = attach::libraries_of(&attach::program_of(p));
+            watches.extend(watch(c.pid, &files));
             let mut probes = planner.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string());
             if let Some(rt) =
@@ -192,6 +195,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
         _ => {
             for &pid in &args.pids {
                 let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
+                watches.extend(watch(pid, &files));
                 let probes = planner.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"));
                 if let Some(rt) =
@@ -265,13 +269,17 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
         started,
         snapshots_out.map(|f| (f, args.snapshots.clone().unwrap_or_default())),
     );
+    let mut runtimes = Runtimes {
+        unplaced: &mut unplaced,
+        watches: &mut watches,
+    };
     let end = runtime.block_on(trace_loop(
         &mut rec,
         &syms,
         &mut resolver,
         match group.as_mut() {
             Some(g) => Follow::Group(g),
-            None => Follow::Pids(&mut unplaced),
+            None => Follow::Pids(&mut runtimes),
         },
         &args,
         launched,
@@ -375,6 +383,7 @@ pub(crate) fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeS
             probes.extend(attach::plan_python_domain(
                 &elf,
                 Layer::Pymalloc,
+                &[Domain::Obj, Domain::Mem],
                 &PYMALLOC_TABLE_FUNCTIONS,
                 &PYMALLOC_FUNCTIONS,
             ));
@@ -383,12 +392,22 @@ pub(crate) fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeS
             probes.extend(attach::plan_python_domain(
                 &elf,
                 Layer::PymemRaw,
+                &[Domain::Raw],
                 &PYMEM_RAW_TABLE_FUNCTIONS,
                 &PYMEM_RAW_FUNCTIONS,
             ));
         }
     }
     probes
+}
+
+/// A watch on the allocator tables of the Python runtime among `files`, if any.
+fn watch(pid: u32, files: &[PathBuf]) -> Option<AllocWatch> {
+    let file = match python::detect(files)? {
+        python::Detected::Supported(rt) => rt.file,
+        python::Detected::Unsupported { file, .. } => file,
+    };
+    AllocWatch::new(pid, &file)
 }
 
 /// Says once what will not be seen.
@@ -407,8 +426,8 @@ fn create_output(path: &Path) -> Result<File, UserError> {
 
 /// How targets are followed while recording.
 enum Follow<'a> {
-    /// `--pid`, a command: launched commands whose Python runtime is not placed yet.
-    Pids(&'a mut HashMap<u32, (python::PythonRuntime, PyProc)>),
+    /// `--pid`, a command: the targets' Python runtimes (placement, allocator tables).
+    Pids(&'a mut Runtimes<'a>),
     /// `--cgroup`, `--container`, `--all`: processes come and go.
     Group(&'a mut Group),
 }
@@ -420,6 +439,13 @@ impl AsRawFd for RingFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0
     }
+}
+
+/// The targets' Python runtimes: those whose load address the kernel does not know yet, and
+/// the watches on their allocator tables.
+struct Runtimes<'a> {
+    unplaced: &'a mut HashMap<u32, (python::PythonRuntime, PyProc)>,
+    watches: &'a mut [AllocWatch],
 }
 
 /// Reads events until the recording ends; returns why it ended.
@@ -450,8 +476,8 @@ async fn trace_loop(
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    if let Follow::Pids(unplaced) = &mut follow {
-        snapshot_all(rec, syms, unplaced);
+    if let Follow::Pids(runtimes) = &mut follow {
+        snapshot_all(rec, syms, runtimes);
     }
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
@@ -470,7 +496,7 @@ async fn trace_loop(
                     last_maps = Instant::now();
                     match &mut follow {
                         Follow::Group(g) => g.refresh(rec, resolver, syms),
-                        Follow::Pids(unplaced) => snapshot_all(rec, syms, unplaced),
+                        Follow::Pids(runtimes) => snapshot_all(rec, syms, runtimes),
                     }
                 }
             }
@@ -486,9 +512,9 @@ async fn trace_loop(
                         eprintln!("pyleak: cgroup {} was removed: ending the recording", cg.path);
                         break End::TargetsExited;
                     }
-                } else if let Follow::Pids(unplaced) = &mut follow {
+                } else if let Follow::Pids(runtimes) = &mut follow {
                     learn_new_stacks(rec, resolver);
-                    snapshot_all(rec, syms, unplaced);
+                    snapshot_all(rec, syms, runtimes);
                     if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
                         break End::TargetsExited;
                     }
@@ -630,12 +656,11 @@ fn place_runtimes(
 }
 
 /// Re-reads the memory maps (for symbols) and names of the targets still alive.
-fn snapshot_all(
-    rec: &mut Recorder,
-    syms: &Mutex<Symbolizer>,
-    unplaced: &mut HashMap<u32, (python::PythonRuntime, PyProc)>,
-) {
-    place_runtimes(rec, unplaced);
+fn snapshot_all(rec: &mut Recorder, syms: &Mutex<Symbolizer>, runtimes: &mut Runtimes<'_>) {
+    place_runtimes(rec, runtimes.unplaced);
+    for w in runtimes.watches.iter_mut() {
+        w.check();
+    }
     let mut syms = lock(syms);
     for pid in rec.targets.clone() {
         syms.snapshot(pid);

@@ -19,10 +19,24 @@ pub struct BenchArgs {
     /// Runs per mode (the median is kept).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// One run per mode and a tenth of the C loop's pairs (a few minutes in all).
+    #[arg(long)]
+    pub quick: bool,
 }
 
 /// Runs every benchmark and prints the tables.
 pub fn run(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let quick;
+    let args = if args.quick {
+        quick = BenchArgs {
+            pairs: args.pairs / 10,
+            runs: 1,
+            quick: true,
+        };
+        &quick
+    } else {
+        args
+    };
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let loop_bin = dir.join("malloc_loop");
@@ -158,110 +172,143 @@ fn median(
     Ok(samples[samples.len() / 2])
 }
 
-/// Python workload: run time untraced, under pyleak's layers, and under memray.
+/// pyperformance benchmarks run in-process by `bench/pyperf_subset.py`, with the loops that
+/// make each take roughly 0.1–0.3 s untraced here.
+const PYPERF_SUBSET: [(&str, u32); 6] = [
+    ("float", 1),
+    ("json_dumps", 10),
+    ("deltablue", 30),
+    ("raytrace", 1),
+    ("go", 1),
+    ("richards", 3),
+];
+
+/// Python workloads (a pyperformance subset and `bench/py_alloc.py`): run time untraced,
+/// under pyleak's default layers, with the pymalloc layer (with and without Python stacks),
+/// and under memray (default and `--trace-python-allocators`), as ratios; plus the cost of
+/// the Python stack capture per allocation.
 fn python_bench(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
-    let python = ["/root/.pyenv/versions/3.12.1/bin/python3", "python3"]
-        .into_iter()
-        .find(|p| {
-            Command::new(p)
-                .arg("-V")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .context("no python3 for the Python benchmark")?
-        .to_owned();
-    let script = root()
-        .join("bench/py_alloc.py")
-        .to_string_lossy()
-        .into_owned();
+    let python = "/root/.pyenv/versions/3.12.1/bin/python3";
     let venv = root().join("target/bench/venv");
     let venv_python = venv.join("bin/python3");
-    let has_memray = || {
+    let ready = || {
         Command::new(&venv_python)
-            .args(["-c", "import memray"])
+            .args(["-c", "import memray, pyperformance"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if !has_memray() {
-        let _ = Command::new(&python)
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status();
-        let _ = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "memray"])
-            .status();
+    if !ready() {
+        // A venv copied from another checkout points at that checkout: make our own.
+        let _ = std::fs::remove_dir_all(&venv);
+        run_cmd(Command::new(python).arg("-m").arg("venv").arg(&venv))
+            .context("making the benchmark venv (pyenv 3.12.1)")?;
+        run_cmd(Command::new(&venv_python).args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "memray",
+            "pyperformance",
+        ]))
+        .context("installing memray and pyperformance into the benchmark venv")?;
     }
+    let py = venv_python.to_string_lossy().into_owned();
+    let subset = root()
+        .join("bench/pyperf_subset.py")
+        .to_string_lossy()
+        .into_owned();
+    let py_alloc = root()
+        .join("bench/py_alloc.py")
+        .to_string_lossy()
+        .into_owned();
+    let json = root().join("target/bench/py.json");
+    let memray_out = root()
+        .join("target/bench/memray.bin")
+        .to_string_lossy()
+        .into_owned();
     let pl = pyleak.to_string_lossy().into_owned();
-    let rec = |extra: &[&str]| -> Vec<String> {
-        let mut v = vec![pl.clone(), "record".into(), "-q".into()];
-        v.extend(extra.iter().map(|s| (*s).to_owned()));
-        v.extend(["--".into(), python.clone(), script.clone()]);
-        v
-    };
-    let mut modes: Vec<(&str, Vec<String>)> = vec![
-        ("untraced", vec![python.clone(), script.clone()]),
-        (
-            "pyleak libc,vm,pages (the --pid default)",
-            rec(&["--layers", "libc,vm,pages"]),
-        ),
-        (
-            "pyleak all layers (the launch default)",
-            rec(&["--layers", "all"]),
-        ),
-        (
-            "pyleak all layers, no Python stacks",
-            rec(&["--layers", "all", "--no-python-stacks"]),
-        ),
-        (
-            "pyleak all layers, --native-depth 1",
-            rec(&["--layers", "all", "--native-depth", "1"]),
-        ),
-    ];
-    if has_memray() {
-        let m = venv_python.to_string_lossy().into_owned();
-        let out = root()
-            .join("target/bench/memray.bin")
-            .to_string_lossy()
-            .into_owned();
-        let memray = |extra: &[&str]| -> Vec<String> {
-            let mut v: Vec<String> = vec![
-                m.clone(),
-                "-m".into(),
-                "memray".into(),
-                "run".into(),
-                "-f".into(),
-                "-q".into(),
-            ];
-            v.extend(extra.iter().map(|s| (*s).to_owned()));
-            v.extend(["-o".into(), out.clone(), script.clone()]);
-            v
-        };
-        modes.push(("memray run", memray(&[])));
-        modes.push((
-            "memray run --trace-python-allocators",
-            memray(&["--trace-python-allocators"]),
-        ));
-    } else {
-        eprintln!("bench: memray could not be installed: its rows are missing");
-    }
-    let mut results = Vec::new();
-    for (name, argv) in &modes {
-        results.push((
-            *name,
-            median(argv, args.runs, seconds).with_context(|| format!("benchmark mode {name}"))?,
-        ));
-    }
-    let base = results[0].1;
+    let mut workloads: Vec<(String, Vec<String>)> = PYPERF_SUBSET
+        .iter()
+        .map(|(name, loops)| {
+            (
+                (*name).to_owned(),
+                vec![subset.clone(), (*name).to_owned(), loops.to_string()],
+            )
+        })
+        .collect();
+    workloads.push(("py_alloc.py".into(), vec![py_alloc]));
+    let strs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     println!(
-        "\nPython workload (bench/py_alloc.py, {python}), in-script seconds, median of {} runs",
+        "\nPython workloads (pyperformance {} benchmark functions run in-process, and \
+         bench/py_alloc.py), CPython 3.12.1, in-script seconds, median of {} runs",
+        PYPERF_SUBSET.len(),
         args.runs
     );
-    println!("| mode | seconds | × untraced |");
-    println!("|---|---:|---:|");
-    for (name, s) in &results {
-        println!("| {name} | {s:.3} | {:.2} |", s / base);
+    println!(
+        "| workload | untraced s | pyleak default (libc,vm,pages) | pyleak + pymalloc | \
+         pyleak + pymalloc, no Python stacks | memray | memray --trace-python-allocators | \
+         stack capture µs/alloc |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let mut logs = [0f64; 5];
+    for (name, script) in &workloads {
+        let target: Vec<String> = std::iter::once(py.clone())
+            .chain(script.iter().cloned())
+            .collect();
+        let pyleak_with = |extra: &[&str]| -> Vec<String> {
+            let mut v = strs(&[&pl, "record", "-q"]);
+            v.extend(strs(extra));
+            v.push("--".into());
+            v.extend(target.iter().cloned());
+            v
+        };
+        let memray_with = |extra: &[&str]| -> Vec<String> {
+            let mut v = strs(&[&py, "-m", "memray", "run", "-f", "-q"]);
+            v.extend(strs(extra));
+            v.extend(strs(&["-o", &memray_out]));
+            v.extend(script.iter().cloned());
+            v
+        };
+        let j = json.to_string_lossy().into_owned();
+        let modes = [
+            target.clone(),
+            pyleak_with(&["--layers", "libc,vm,pages"]),
+            pyleak_with(&["--layers", "all", "--json", &j]),
+            pyleak_with(&["--layers", "all", "--no-python-stacks"]),
+            memray_with(&[]),
+            memray_with(&["--trace-python-allocators"]),
+        ];
+        let mut t = Vec::new();
+        for argv in &modes {
+            t.push(median(argv, args.runs, seconds).with_context(|| format!("{name}: {argv:?}"))?);
+        }
+        // Allocations the pymalloc run recorded (each one captured a stack).
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json)?).context("pyleak JSON")?;
+        let allocs: f64 = ["pymalloc", "pymem_raw", "libc"]
+            .iter()
+            .filter_map(|l| report["layers"][*l]["allocs"].as_f64())
+            .sum();
+        let per_alloc_us = (t[2] - t[3]) / allocs.max(1.0) * 1e6;
+        for (k, l) in logs.iter_mut().enumerate() {
+            *l += (t[k + 1] / t[0]).ln();
+        }
+        println!(
+            "| {name} | {:.3} | {:.2}× | {:.1}× | {:.1}× | {:.2}× | {:.2}× | {per_alloc_us:.2} |",
+            t[0],
+            t[1] / t[0],
+            t[2] / t[0],
+            t[3] / t[0],
+            t[4] / t[0],
+            t[5] / t[0],
+        );
     }
+    let n = workloads.len() as f64;
+    let g: Vec<f64> = logs.iter().map(|l| (l / n).exp()).collect();
+    println!(
+        "| geometric mean | | {:.2}× | {:.1}× | {:.1}× | {:.2}× | {:.2}× | |",
+        g[0], g[1], g[2], g[3], g[4]
+    );
     Ok(())
 }
 

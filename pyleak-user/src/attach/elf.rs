@@ -46,6 +46,38 @@ impl ElfFile {
         &self.path
     }
 
+    /// The file's bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The function at link-time address `addr` (found without a name: the bytes from
+    /// there, as many as a symbol starting there says, else 64).
+    pub fn function_at(&self, addr: u64) -> Option<Function> {
+        let file = object::File::parse(&*self.data).ok()?;
+        let size = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .find(|s| s.address() == addr && s.kind() == SymbolKind::Text && s.size() > 0)
+            .map_or(64, |s| s.size());
+        let section = file.sections().find(|s| {
+            s.kind() == object::SectionKind::Text
+                && addr >= s.address()
+                && addr < s.address() + s.size()
+        })?;
+        let (sec_off, sec_len) = section.file_range()?;
+        let rel = addr - section.address();
+        let file_offset = sec_off + rel;
+        let len = size.min(sec_len - rel);
+        let start = usize::try_from(file_offset).ok()?;
+        let code = self.data.get(start..start + len as usize)?.to_vec();
+        Some(Function {
+            file_offset,
+            address: addr,
+            code,
+        })
+    }
+
     /// Finds a defined function by name in the dynamic symbols, then in the full table.
     pub fn function(&self, name: &str) -> Option<Function> {
         let file = object::File::parse(&*self.data).ok()?;

@@ -3,6 +3,8 @@
 
 pub mod elf;
 pub mod prologue;
+pub mod sites;
+pub mod tables;
 
 use std::{
     collections::BTreeSet,
@@ -24,6 +26,10 @@ pub enum ProbeRole {
     Finalize,
     /// `py_init_enter` (its cookie: the attach point's link-time address).
     PyInit,
+    /// `site_enter`: the guard of an inlined allocator call ([`ProbeSpec::site`]).
+    Site,
+    /// `site_join`: where an inlined allocator call's block is in a register.
+    Join,
 }
 
 /// One uprobe to attach.
@@ -43,6 +49,9 @@ pub struct ProbeSpec {
     pub emulated: bool,
     /// Attach point minus function start.
     pub delta_from_entry: u64,
+    /// For `Site` and `Join` probes: what the kernel reads there (`SITES[id]`, the id being
+    /// the cookie's third field).
+    pub site: Option<pyleak_common::SiteInfo>,
 }
 
 /// The libc malloc family: name, what it does, how many argument registers it reads.
@@ -90,14 +99,47 @@ pub const PYMEM_RAW_TABLE_FUNCTIONS: [(&str, AllocKind, usize); 4] = [
     ("_PyMem_RawFree", AllocKind::CtxFree, 2),
 ];
 
-/// Probes for one CPython allocator domain: the table's functions when the file names all
-/// of them, else the exported API.
+/// Probes for CPython allocator domains (`domains` share `layer`): the functions their
+/// tables point at, found from the tables themselves (stripped and LTO builds included),
+/// else by their local names, else the exported API. Domains whose tables point at the same
+/// functions (mem and object use pymalloc) get one probe per function, so nothing counts
+/// twice.
 pub fn plan_python_domain(
     elf: &ElfFile,
     layer: Layer,
+    domains: &[tables::Domain],
     table: &[(&'static str, AllocKind, usize)],
     exported: &[(&'static str, AllocKind, usize)],
 ) -> Vec<ProbeSpec> {
+    let found: Option<Vec<_>> = domains
+        .iter()
+        .map(|&d| tables::find_table(elf, d))
+        .collect();
+    if let Some(found) = found {
+        let mut seen = BTreeSet::new();
+        let mut out = plan_sites(elf, layer, &found, exported);
+        for t in found {
+            for (i, &addr) in t.functions.iter().enumerate() {
+                // `table` names the four functions in table order.
+                let Some(&(name, kind, args)) = table.get(i) else {
+                    continue;
+                };
+                if !seen.insert(addr) {
+                    continue;
+                }
+                match elf.function_at(addr) {
+                    Some(f) => out.push(plan_function(elf, layer, name, kind, args, &f)),
+                    None => log::debug!("{}: no code at {addr:#x}", elf.path().display()),
+                }
+            }
+        }
+        log::debug!(
+            "{}: {} probes from the allocator tables",
+            elf.path().display(),
+            out.len()
+        );
+        return out;
+    }
     if table
         .iter()
         .all(|(name, _, _)| elf.function(name).is_some())
@@ -133,28 +175,182 @@ pub fn plan_layer(
         if !seen.insert(f.file_offset) {
             continue;
         }
-        let is_free = matches!(kind, AllocKind::Free | AllocKind::CtxFree);
-        let point = choose_attach_point(&f.code, f.address, args, !is_free);
-        let cookie = ProbeCookie {
-            kind: kind as u32,
-            layer: layer as u32,
-            stack_delta: point.stack_delta as u32,
-        };
-        out.push(ProbeSpec {
-            path: elf.path().to_owned(),
-            symbol: name,
-            offset: f.file_offset + point.offset,
-            role: if is_free {
-                ProbeRole::Free
-            } else {
-                ProbeRole::Alloc
-            },
-            cookie: cookie.encode(),
-            emulated: point.emulated,
-            delta_from_entry: point.offset,
-        });
+        out.push(plan_function(elf, layer, name, kind, args, &f));
     }
     out
+}
+
+/// Site ids given so far (0 means "none" to the kernel).
+static NEXT_SITE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Probes for the allocator calls a fixed-address LTO/PGO executable inlined behind guards
+/// (see [`sites`]); nothing for other files.
+///
+/// A guarded copy whose fallback tail-calls through the table returns to the enclosing
+/// function's caller; those are the exported entry points (`PyObject_Malloc`…), which get
+/// an ordinary entry+return probe instead (their frees, needing no return, keep the guard).
+fn plan_sites(
+    elf: &ElfFile,
+    layer: Layer,
+    tables: &[tables::AllocTable],
+    exported: &[(&'static str, AllocKind, usize)],
+) -> Vec<ProbeSpec> {
+    use std::sync::atomic::Ordering;
+    let mut out = Vec::new();
+    // Domains that share functions (mem and object) share sites.
+    let mut groups: Vec<Vec<tables::AllocTable>> = Vec::new();
+    for t in tables {
+        match groups.iter_mut().find(|g| g[0].functions == t.functions) {
+            Some(g) => g.push(*t),
+            None => groups.push(vec![*t]),
+        }
+    }
+    let Ok(file) = object::File::parse(elf.data()) else {
+        return out;
+    };
+    for group in groups {
+        let mut scan = sites::find_sites(elf, &group);
+        if scan.sites.is_empty() {
+            continue;
+        }
+        let mut ranges = Vec::new();
+        for &(name, kind, args) in exported {
+            if matches!(kind, AllocKind::Free) {
+                continue;
+            }
+            if let Some(f) = elf.function(name) {
+                ranges.push(f.address..f.address + f.code.len() as u64);
+                out.push(plan_function(elf, layer, name, kind, args, &f));
+            }
+        }
+        scan.sites
+            .retain(|s| s.join.is_none() || !ranges.iter().any(|r| r.contains(&s.guard)));
+        let guards: BTreeSet<u64> = scan.sites.iter().map(|s| s.guard).collect();
+        let mut joins: std::collections::BTreeMap<(u64, u8, u64), u32> = Default::default();
+        let mut used = 0;
+        for site in &scan.sites {
+            let join_id = match site.join {
+                None => 0,
+                // A join on another guard's jump would race with it: leave such sites out.
+                Some((j, _, _)) if guards.contains(&j) => continue,
+                Some((j, r, disp)) => match joins.get(&(j, r, disp)) {
+                    Some(&id) => id,
+                    None => {
+                        let Some(off) = file_offset(&file, j) else {
+                            continue;
+                        };
+                        let id = NEXT_SITE.fetch_add(1, Ordering::Relaxed);
+                        if id >= pyleak_common::SITES_ENTRIES {
+                            break;
+                        }
+                        joins.insert((j, r, disp), id);
+                        log::debug!(
+                            "join at {j:#x} (guard {:#x}, emulated: {})",
+                            site.guard,
+                            site.join_emulated
+                        );
+                        out.push(ProbeSpec {
+                            path: elf.path().to_owned(),
+                            symbol: "inlined allocator (return)",
+                            offset: off,
+                            role: ProbeRole::Join,
+                            cookie: ProbeCookie {
+                                kind: AllocKind::SiteJoin as u32,
+                                layer: layer as u32,
+                                stack_delta: id,
+                            }
+                            .encode(),
+                            emulated: site.join_emulated,
+                            delta_from_entry: 0,
+                            site: Some(pyleak_common::SiteInfo {
+                                join: id,
+                                result_reg: r,
+                                arg_const: [disp, 0],
+                                ..Default::default()
+                            }),
+                        });
+                        id
+                    }
+                },
+            };
+            let Some(off) = file_offset(&file, site.guard) else {
+                continue;
+            };
+            let id = NEXT_SITE.fetch_add(1, Ordering::Relaxed);
+            if id >= pyleak_common::SITES_ENTRIES {
+                break;
+            }
+            used += 1;
+            out.push(ProbeSpec {
+                path: elf.path().to_owned(),
+                symbol: "inlined allocator (guard)",
+                offset: off,
+                role: ProbeRole::Site,
+                cookie: ProbeCookie {
+                    kind: site.kind as u32,
+                    layer: layer as u32,
+                    stack_delta: id,
+                }
+                .encode(),
+                emulated: true,
+                delta_from_entry: 0,
+                site: Some(pyleak_common::SiteInfo {
+                    join: join_id,
+                    ..site.info
+                }),
+            });
+        }
+        log::info!(
+            "{}: {used} inlined allocator calls probed, {} left out ({} guards)",
+            elf.path().display(),
+            scan.sites.len() + scan.skipped - used,
+            scan.sites.len() + scan.skipped
+        );
+    }
+    out
+}
+
+/// The file offset of link-time address `addr` in an executable section.
+fn file_offset(file: &object::File, addr: u64) -> Option<u64> {
+    use object::{Object, ObjectSection};
+    let s = file.sections().find(|s| {
+        s.kind() == object::SectionKind::Text
+            && addr >= s.address()
+            && addr < s.address() + s.size()
+    })?;
+    Some(s.file_range()?.0 + (addr - s.address()))
+}
+
+/// The probe on one allocator function, at a cheap attach point of its prologue.
+fn plan_function(
+    elf: &ElfFile,
+    layer: Layer,
+    name: &'static str,
+    kind: AllocKind,
+    args: usize,
+    f: &elf::Function,
+) -> ProbeSpec {
+    let is_free = matches!(kind, AllocKind::Free | AllocKind::CtxFree);
+    let point = choose_attach_point(&f.code, f.address, args, !is_free);
+    let cookie = ProbeCookie {
+        kind: kind as u32,
+        layer: layer as u32,
+        stack_delta: point.stack_delta as u32,
+    };
+    ProbeSpec {
+        path: elf.path().to_owned(),
+        symbol: name,
+        offset: f.file_offset + point.offset,
+        role: if is_free {
+            ProbeRole::Free
+        } else {
+            ProbeRole::Alloc
+        },
+        cookie: cookie.encode(),
+        emulated: point.emulated,
+        delta_from_entry: point.offset,
+        site: None,
+    }
 }
 
 /// The probe that freezes a process when its interpreter starts shutting down.
@@ -169,6 +365,7 @@ pub fn plan_finalize(elf: &ElfFile) -> Option<ProbeSpec> {
         cookie: 0,
         emulated: point.emulated,
         delta_from_entry: point.offset,
+        site: None,
     })
 }
 
@@ -183,6 +380,7 @@ pub fn plan_py_init(elf: &ElfFile) -> Option<ProbeSpec> {
         cookie: f.address,
         emulated: false,
         delta_from_entry: 0,
+        site: None,
     })
 }
 

@@ -38,7 +38,7 @@ const ARG_REGS: [Register; 6] = [
 /// True when arch/x86/kernel/uprobes.c emulates `instr` (encoded as `bytes`) instead of
 /// single-stepping it: `push reg` (optionally REX 0x41), relative jmp/jcc/call without a 0x66
 /// prefix (the kernel rejects those), and NOPs.
-fn is_emulated(instr: &Instruction, bytes: &[u8]) -> bool {
+pub(crate) fn is_emulated(instr: &Instruction, bytes: &[u8]) -> bool {
     if matches!(bytes, [0x50..=0x57] | [0x41, 0x50..=0x57]) || instr.mnemonic() == Mnemonic::Nop {
         return true;
     }

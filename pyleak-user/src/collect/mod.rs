@@ -181,6 +181,8 @@ impl Recorder {
             "py_finalize_enter",
             "py_init_enter",
             "bare_enter",
+            "site_enter",
+            "site_join",
         ] {
             uprobe(&mut ebpf, name)?
                 .load()
@@ -281,7 +283,18 @@ impl Recorder {
                 (ProbeRole::PyInit, _) => &["py_init_enter"],
                 (ProbeRole::Alloc, true) => &["bare_exit", "bare_enter"],
                 (ProbeRole::Free, true) => &["bare_enter"],
+                (ProbeRole::Site, false) => &["site_enter"],
+                (ProbeRole::Join, false) => &["site_join"],
+                (ProbeRole::Site | ProbeRole::Join, true) => &["bare_enter"],
             };
+            if let Some(info) = p.site {
+                let id = pyleak_common::ProbeCookie::decode(p.cookie).stack_delta;
+                let mut sites: aya::maps::Array<_, pyleak_common::SiteInfo> =
+                    aya::maps::Array::try_from(
+                        self.ebpf.map_mut("SITES").context("map SITES missing")?,
+                    )?;
+                sites.set(id, info, 0)?;
+            }
             for prog in programs {
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(p.offset),
