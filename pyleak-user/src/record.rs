@@ -221,7 +221,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     }
     let syms = lock(&syms);
     let report = report::build(&rec, &snap, &syms, &resolver, args.native, duration_s);
-    drop(rec);
+    // The targets are frozen in the kernel: let the command go, write the report, then
+    // detach (each uprobe's detach waits for an RCU grace period, ~0.1 s here: seconds to
+    // a minute for an LTO build's hundreds of inlined-allocator probes).
     drop(child);
 
     let stdout = std::io::stdout();
@@ -244,6 +246,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                 reason: e.to_string(),
             })?;
     }
+    std::io::stdout().flush()?;
+    drop(rec);
     Ok(0)
 }
 
