@@ -317,7 +317,9 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
             interval_s: args.interval,
         },
     );
-    drop(rec);
+    // The targets are frozen in the kernel: let the command go, write the report, then
+    // detach (each uprobe's detach waits for an RCU grace period, ~0.1 s here: seconds to
+    // a minute for an LTO build's hundreds of inlined-allocator probes).
     drop(child);
 
     let stdout = std::io::stdout();
@@ -335,6 +337,8 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
                 reason: e.to_string(),
             })?;
     }
+    std::io::stdout().flush()?;
+    drop(rec);
     Ok(0)
 }
 
