@@ -5,7 +5,6 @@
 //! the original allocators, so the `pymalloc` counts stay right.
 
 use std::{
-    io::Read as _,
     os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
@@ -79,7 +78,7 @@ impl AllocWatch {
     /// Reads the live tables and says (once per change) what they point at.
     pub fn check(&mut self) {
         if self.bias.is_none() {
-            self.bias = load_bias(self.pid, &self.file, self.base_vaddr);
+            self.bias = crate::python::file_load_bias(self.pid, &self.file, self.base_vaddr);
         }
         let Some(bias) = self.bias else { return };
         let Some(state) = self.read(bias) else { return };
@@ -114,34 +113,6 @@ impl AllocWatch {
         }
         Some(classify(&self.tables, &live))
     }
-}
-
-/// Where `file` is loaded in `pid` minus its link-time base (0 for a fixed-address
-/// executable).
-fn load_bias(pid: u32, file: &Path, base_vaddr: u64) -> Option<u64> {
-    let mut maps = String::new();
-    std::fs::File::open(format!("/proc/{pid}/maps"))
-        .ok()?
-        .read_to_string(&mut maps)
-        .ok()?;
-    let want = file.to_string_lossy();
-    let want = want
-        .split_once("/root")
-        .filter(|(p, _)| p.starts_with("/proc/"))
-        .map(|(_, r)| r)
-        .unwrap_or(&want);
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), _, Some(off)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        if f.nth(2) != Some(want) || u64::from_str_radix(off, 16) != Ok(0) {
-            continue;
-        }
-        let start = u64::from_str_radix(range.split_once('-')?.0, 16).ok()?;
-        return Some(start - base_vaddr);
-    }
-    None
 }
 
 #[cfg(test)]

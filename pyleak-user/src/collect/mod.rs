@@ -511,6 +511,23 @@ impl Recorder {
         Ok(stacks)
     }
 
+    /// A per-layer histogram map of the uprobe layers: `[layer][bucket]` counts over CPUs.
+    fn histograms(&self, name: &str) -> anyhow::Result<Vec<Vec<u64>>> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing"))?,
+        )?;
+        let mut out = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
+        for (layer, buckets) in out.iter_mut().enumerate().take(Layer::Libc as usize + 1) {
+            for (b, slot) in buckets.iter_mut().enumerate() {
+                let idx = (layer * HIST_BUCKETS + b) as u32;
+                *slot = map.get(&idx, 0)?.iter().sum();
+            }
+        }
+        Ok(out)
+    }
+
     /// The moment a process's state was last counted: when it froze, else now.
     fn end_ns(&self, pid: u32, now: u64) -> u64 {
         self.model
@@ -526,38 +543,8 @@ impl Recorder {
         self.drain();
         let now = monotonic_ns();
         let layer_stats = self.layer_stats()?;
-        let hist: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map("SIZE_HIST")
-                .context("map SIZE_HIST missing")?,
-        )?;
-        let mut size_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
-        for (layer, buckets) in size_hist
-            .iter_mut()
-            .enumerate()
-            .take(Layer::Libc as usize + 1)
-        {
-            for (b, slot) in buckets.iter_mut().enumerate() {
-                let idx = (layer * HIST_BUCKETS + b) as u32;
-                *slot = hist.get(&idx, 0)?.iter().sum();
-            }
-        }
-        let lifetimes: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map("LIFETIME_HIST")
-                .context("map LIFETIME_HIST missing")?,
-        )?;
-        let mut lifetime_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
-        for (layer, buckets) in lifetime_hist
-            .iter_mut()
-            .enumerate()
-            .take(Layer::Libc as usize + 1)
-        {
-            for (b, slot) in buckets.iter_mut().enumerate() {
-                let idx = (layer * HIST_BUCKETS + b) as u32;
-                *slot = lifetimes.get(&idx, 0)?.iter().sum();
-            }
-        }
+        let size_hist = self.histograms("SIZE_HIST")?;
+        let lifetime_hist = self.histograms("LIFETIME_HIST")?;
         let mut ages: HashMap<(u32, Layer, u64), Ages> = HashMap::new();
         let (mut pymalloc_small_live, mut libc_for_python_live) = (0, 0);
         let live: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(

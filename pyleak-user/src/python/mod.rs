@@ -130,10 +130,16 @@ pub fn pid_namespace(pid: u32) -> Option<(u64, u64)> {
     (theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then(|| (theirs.dev(), theirs.ino()))
 }
 
-/// Where `file` is loaded in `pid` minus its link-time base, from `/proc/PID/maps`.
+/// Where the runtime's file is loaded in `pid` minus its link-time base.
 pub fn load_bias(pid: u32, rt: &PythonRuntime) -> Option<u64> {
+    file_load_bias(pid, &rt.file, rt.base_vaddr)
+}
+
+/// Where `file` (linked at `base_vaddr`) is loaded in `pid` minus that base, from
+/// `/proc/PID/maps`; a path through `/proc/N/root` is compared as the process names it.
+pub fn file_load_bias(pid: u32, file: &std::path::Path, base_vaddr: u64) -> Option<u64> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let want = rt.file.to_string_lossy();
+    let want = file.to_string_lossy();
     let want = want
         .split_once("/root")
         .filter(|(p, _)| p.starts_with("/proc/"))
@@ -148,7 +154,7 @@ pub fn load_bias(pid: u32, rt: &PythonRuntime) -> Option<u64> {
             continue;
         }
         let start = u64::from_str_radix(range.split_once('-')?.0, 16).ok()?;
-        return Some(start - rt.base_vaddr);
+        return Some(start - base_vaddr);
     }
     None
 }
@@ -217,35 +223,21 @@ impl Resolver {
                         .as_ref()
                         .zip(id)
                         .is_some_and(|(info, id)| info.identity != id);
-                    let info = if reused {
+                    if reused {
                         read_checked(mem, layout, f)
                     } else {
                         e.info
-                    };
-                    self.cache.insert(
-                        key,
-                        Cached {
-                            info: info.clone(),
-                            checked: gen,
-                        },
-                    );
-                    info
-                }
-                None => {
-                    let info = read_checked(mem, layout, f);
-                    if info.is_none() {
-                        log::debug!("process {pid}: code object {:#x} unreadable", f.code);
                     }
-                    self.cache.insert(
-                        key,
-                        Cached {
-                            info: info.clone(),
-                            checked: gen,
-                        },
-                    );
-                    info
                 }
+                None => read_checked(mem, layout, f),
             };
+            self.cache.insert(
+                key,
+                Cached {
+                    info: info.clone(),
+                    checked: gen,
+                },
+            );
             resolved.push(info);
         }
         self.stacks.insert((pid, stack_id), resolved);
