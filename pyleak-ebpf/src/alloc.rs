@@ -359,6 +359,11 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
     };
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let t = unsafe { &mut *t };
+    if t.active & (1 << layer) != 0 && t.calls[layer].join == 0 {
+        // Inside a probed call of the same layer (a tracemalloc hook called from the
+        // exported PyObject_Malloc): that call accounts for this one, as for nested calls.
+        return Ok(());
+    }
     let (size, arg_ptr, kind) = match AllocKind::from_u32(c.kind) {
         Some(AllocKind::SiteMalloc) => (a0, 0, AllocKind::Malloc),
         Some(AllocKind::SiteCalloc) => (mul(a0, site_arg(ctx, s, 1)), 0, AllocKind::Malloc),
