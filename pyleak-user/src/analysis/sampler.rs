@@ -241,25 +241,25 @@ impl Sampler {
             "{:<10} {:>12} {:>12} {:>12}\r\n",
             "layer", "live", "allocated", "freed"
         ));
+        // (layer, allocated, freed): the uprobe layers from the kernel, vm and pages from
+        // the model.
+        let mut rows: Vec<(Layer, u64, u64)> = Vec::new();
         if let Ok(stats) = rec.layer_stats() {
             for layer in [Layer::Pymalloc, Layer::PymemRaw, Layer::Libc] {
                 let l = stats[layer as usize];
-                s.push_str(&format!(
-                    "{:<10} {:>12} {:>12} {:>12}\r\n",
-                    layer.name(),
-                    human_bytes(l.alloc_bytes.saturating_sub(l.freed_bytes)),
-                    human_bytes(l.alloc_bytes),
-                    human_bytes(l.freed_bytes)
-                ));
+                rows.push((layer, l.alloc_bytes, l.freed_bytes));
             }
         }
         for (layer, t) in [(Layer::Vm, rec.model.vm), (Layer::Pages, rec.model.pages)] {
+            rows.push((layer, t.alloc_bytes, t.freed_bytes));
+        }
+        for (layer, alloc, freed) in rows {
             s.push_str(&format!(
                 "{:<10} {:>12} {:>12} {:>12}\r\n",
                 layer.name(),
-                human_bytes(t.alloc_bytes.saturating_sub(t.freed_bytes)),
-                human_bytes(t.alloc_bytes),
-                human_bytes(t.freed_bytes)
+                human_bytes(alloc.saturating_sub(freed)),
+                human_bytes(alloc),
+                human_bytes(freed)
             ));
         }
         s.push_str(&format!(

@@ -245,14 +245,20 @@ impl Recorder {
         })
     }
 
-    /// Starts tracing `pid`: marks it in the kernel and attaches `probes` for it alone.
-    pub fn add_target(&mut self, pid: u32, probes: &[ProbeSpec]) -> anyhow::Result<()> {
+    /// Marks `pid` traced (not frozen) in the kernel's target map.
+    fn mark_active(&mut self, pid: u32) -> anyhow::Result<()> {
         let mut targets: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
             self.ebpf
                 .map_mut("TARGETS")
                 .context("map TARGETS missing")?,
         )?;
         targets.insert(pid, TARGET_ACTIVE, 0)?;
+        Ok(())
+    }
+
+    /// Starts tracing `pid`: marks it in the kernel and attaches `probes` for it alone.
+    pub fn add_target(&mut self, pid: u32, probes: &[ProbeSpec]) -> anyhow::Result<()> {
+        self.mark_active(pid)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(UserError::NoSuchPid(pid))?);
         self.attach(probes, scope).map_err(|e| {
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -333,12 +339,7 @@ impl Recorder {
     /// cgroup); with `--all` also marks it traced in the kernel.
     pub fn track(&mut self, pid: u32) -> anyhow::Result<()> {
         if self.opts.filter == Filter::PidSet {
-            let mut targets: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
-                self.ebpf
-                    .map_mut("TARGETS")
-                    .context("map TARGETS missing")?,
-            )?;
-            targets.insert(pid, TARGET_ACTIVE, 0)?;
+            self.mark_active(pid)?;
         }
         if !self.targets.contains(&pid) {
             self.model.add_process(pid, current_brk(pid));
