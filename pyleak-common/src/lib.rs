@@ -270,6 +270,10 @@ pub struct Pending {
     /// For a call inlined at a guarded site ([`SiteInfo`]): the id of the join probe that
     /// completes it; 0 for a real call.
     pub join: u32,
+    /// While the stack is not captured yet (`stack_id` 0): where the call's return address
+    /// is on the stack. The stack is taken at the return, where the return address is the
+    /// instruction pointer, unless a lower layer needs it first.
+    pub ret_addr_at: u64,
 }
 
 /// Layers whose calls can be in flight on a thread (those probed with uprobes).

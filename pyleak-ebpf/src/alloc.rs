@@ -126,16 +126,24 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
         Some(AllocKind::CtxRealloc) => (a2, a1),
         _ => return Ok(()),
     };
-    let (flags, inherited) = upper_call(t, layer);
-    let stack_id = match inherited {
-        Some(id) => id,
+    let (flags, inherited) = upper_call(t, layer, tid, false);
+    let (stack_id, ret_addr_at) = match inherited {
+        Some(id) => (id, 0),
         None => {
-            // SAFETY: `regs` is the probe's register set; rsp is read as a number.
-            let rsp = unsafe { (*ctx.regs).rsp };
-            let addr = rsp + c.stack_delta as u64;
-            // SAFETY: reads the return address from the target's stack, checked by the helper.
-            let caller = unsafe { bpf_probe_read_user(addr as *const u64) }.ok();
-            stack::capture(ctx.as_ptr(), caller, tid)
+            // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
+            let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
+            let at = rsp + c.stack_delta as u64;
+            if stack::frame_chain_plausible(rsp, rbp) {
+                // SAFETY: reads the return address from the target's stack, checked by the
+                // helper.
+                let caller = unsafe { bpf_probe_read_user(at as *const u64) }.ok();
+                (stack::capture(ctx.as_ptr(), caller, tid, true), 0)
+            } else {
+                // No frame chain to walk: the caller alone is the native stack, and the
+                // return probe has it in a register, for free. Python frames do not move
+                // while the call runs.
+                (0, at)
+            }
         }
     };
     t.calls[layer] = Pending {
@@ -146,6 +154,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
         depth: 0,
         flags,
         join: 0,
+        ret_addr_at,
     };
     t.active |= 1 << layer;
     Ok(())
@@ -169,24 +178,49 @@ pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
 /// If upper layers' calls are in flight on this thread (malloc inside PyObject_Malloc, mmap
 /// inside malloc inside PyObject_Malloc), the `FLAG_FOR_*` bits of every one of them and
 /// the topmost call's stack to reuse. An arena mmap is `FOR_PYMALLOC` alone; a big
-/// request's mmap is `FOR_PYMALLOC | FOR_LIBC`.
+/// request's mmap is `FOR_PYMALLOC | FOR_LIBC`. If that call left its stack for its return,
+/// `take_deferred` takes it now (for the kernel layers), else there is none to reuse (an
+/// allocator probe takes its own: a second walk inlined there would exceed the verifier's
+/// budget).
 #[inline(always)]
-pub fn upper_call(t: &ThreadState, layer: usize) -> (u32, Option<u64>) {
+pub fn upper_call(
+    t: &mut ThreadState,
+    layer: usize,
+    tid: u32,
+    take_deferred: bool,
+) -> (u32, Option<u64>) {
     let mut flags = 0;
-    let mut stack = None;
+    let mut top = None;
     if layer > Layer::Libc as usize && t.active & (1 << Layer::Libc as u32) != 0 {
         flags |= FLAG_FOR_LIBC;
-        stack = Some(t.calls[Layer::Libc as usize].stack_id);
+        top = Some(Layer::Libc as usize);
     }
     if layer > Layer::PymemRaw as usize && t.active & (1 << Layer::PymemRaw as u32) != 0 {
         flags |= FLAG_FOR_PYMEM_RAW;
-        stack = Some(t.calls[Layer::PymemRaw as usize].stack_id);
+        top = Some(Layer::PymemRaw as usize);
     }
     if layer > Layer::Pymalloc as usize && t.active & (1 << Layer::Pymalloc as u32) != 0 {
         flags |= FLAG_FOR_PYMALLOC;
-        stack = Some(t.calls[Layer::Pymalloc as usize].stack_id);
+        top = Some(Layer::Pymalloc as usize);
     }
-    (flags, stack)
+    let Some(top) = top else {
+        return (flags, None);
+    };
+    if top >= CALL_LAYERS {
+        return (flags, None);
+    }
+    let call = &mut t.calls[top];
+    if call.stack_id == 0 && call.ret_addr_at != 0 {
+        if !take_deferred {
+            return (flags, None);
+        }
+        // SAFETY: reads the upper call's return address from the target's stack, checked
+        // by the helper.
+        let caller = unsafe { bpf_probe_read_user(call.ret_addr_at as *const u64) }.ok();
+        call.stack_id = stack::capture(core::ptr::null_mut(), caller, tid, false);
+        call.ret_addr_at = 0;
+    }
+    (flags, Some(call.stack_id))
 }
 
 fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
@@ -215,10 +249,16 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
         t.calls[layer].depth -= 1;
         return Ok(());
     }
-    let pending = t.calls[layer];
+    let mut pending = t.calls[layer];
     t.active &= !(1 << layer);
     if !uprobe_target_active(tgid) {
         return Ok(());
+    }
+    if pending.stack_id == 0 && pending.ret_addr_at != 0 {
+        // SAFETY: `regs` is the probe's register set. A return probe runs with the
+        // instruction pointer already back at the return address.
+        let caller = unsafe { (*ctx.regs).rip };
+        pending.stack_id = stack::capture(ctx.as_ptr(), Some(caller), tid, false);
     }
     let ret: u64 = ctx.ret();
     finish(tgid, c.layer, &pending, ret);
@@ -381,10 +421,10 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
         }
         _ => return Ok(()),
     };
-    let (flags, inherited) = upper_call(t, layer);
+    let (flags, inherited) = upper_call(t, layer, tid, false);
     let stack_id = match inherited {
         Some(id) => id,
-        None => stack::capture(ctx.as_ptr(), None, tid),
+        None => stack::capture(ctx.as_ptr(), None, tid, true),
     };
     t.calls[layer] = Pending {
         size,
@@ -394,6 +434,7 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
         depth: 0,
         flags,
         join: s.join,
+        ret_addr_at: 0,
     };
     t.active |= 1 << layer;
     Ok(())

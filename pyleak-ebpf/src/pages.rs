@@ -37,11 +37,13 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
     if address >= USER_MAX {
         return Ok(());
     }
-    // SAFETY: plain data copied out at once.
-    let upper = unsafe { THREADS.get(tid) }.map(|t| upper_call(t, Layer::Pages as usize));
+    // SAFETY: a valid map value pointer; only this thread touches its own entry.
+    let upper = THREADS
+        .get_ptr_mut(tid)
+        .map(|t| upper_call(unsafe { &mut *t }, Layer::Pages as usize, tid, true));
     let (flags, stack_id) = match upper {
         Some((flags, Some(id))) => (flags, id),
-        _ => (0, stack::capture(ctx.as_ptr(), None, tid)),
+        _ => (0, stack::capture(ctx.as_ptr(), None, tid, true)),
     };
     emit(VmEvent {
         kind: VmKind::Fault as u32,

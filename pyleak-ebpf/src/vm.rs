@@ -151,10 +151,10 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         (sc.addr, 0, ret as u64, 0)
     };
-    let (flags, inherited) = upper_call(t, Layer::Vm as usize);
+    let (flags, inherited) = upper_call(t, Layer::Vm as usize, tid, true);
     let stack_id = match inherited {
         Some(id) => id,
-        None => stack::capture(ctx.as_ptr(), None, tid),
+        None => stack::capture(ctx.as_ptr(), None, tid, true),
     };
     emit(VmEvent {
         kind,
