@@ -296,7 +296,7 @@ pub struct ThreadState {
 
 /// Key of per-stack aggregates.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct StackKey {
     /// Process id.
     pub tgid: u32,
@@ -318,6 +318,30 @@ pub struct StackAgg {
     pub frees: u64,
     /// Their bytes.
     pub freed_bytes: u64,
+}
+
+impl StackAgg {
+    /// Adds `o`'s counts to these.
+    #[inline(always)]
+    pub fn add(&mut self, o: &StackAgg) {
+        self.allocs += o.allocs;
+        self.alloc_bytes += o.alloc_bytes;
+        self.frees += o.frees;
+        self.freed_bytes += o.freed_bytes;
+    }
+}
+
+/// The per-CPU write-back slot in front of the per-stack totals: updates for the stack a CPU
+/// saw last add up here, and reach the hash map only when another stack comes (a loop
+/// allocating and freeing at one place touches no hash map for its totals). Readers add
+/// every CPU's slot to the map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackAggSlot {
+    /// Whose totals these are; `stack_id` 0 when the slot is empty.
+    pub key: StackKey,
+    /// Not yet in the map.
+    pub agg: StackAgg,
 }
 
 /// Per-layer counters, one copy per CPU.
@@ -615,6 +639,8 @@ mod pod {
     unsafe impl aya::Pod for super::StackKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::StackAgg {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StackAggSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LayerStats {}
     // SAFETY: as above.

@@ -20,7 +20,7 @@ use pyleak_common::{
 use crate::{
     maps::{
         count_drop, uprobe_target_active, LAYER_STATS, LIFETIME_HIST, LIVE_ALLOCS, SITES,
-        SIZE_HIST, STACK_STATS, THREADS,
+        SIZE_HIST, STACK_AGG_SLOT, STACK_STATS, THREADS,
     },
     stack,
 };
@@ -540,29 +540,19 @@ pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
         // SAFETY: a per-CPU slot.
         unsafe { *n += 1 };
     }
-    let skey = StackKey {
-        tgid,
-        layer,
-        stack_id: p.stack_id,
-    };
-    match STACK_STATS.get_ptr_mut(skey) {
-        // SAFETY: a per-CPU map value; only this CPU writes its copy.
-        Some(a) => unsafe {
-            (*a).allocs += 1;
-            (*a).alloc_bytes += p.size;
+    stack_add(
+        StackKey {
+            tgid,
+            layer,
+            stack_id: p.stack_id,
         },
-        None => {
-            let a = StackAgg {
-                allocs: 1,
-                alloc_bytes: p.size,
-                frees: 0,
-                freed_bytes: 0,
-            };
-            if STACK_STATS.insert(skey, a, 0).is_err() {
-                count_drop(Drop::StackStatsFull);
-            }
-        }
-    }
+        StackAgg {
+            allocs: 1,
+            alloc_bytes: p.size,
+            frees: 0,
+            freed_bytes: 0,
+        },
+    );
 }
 
 /// Records a block given back; unknown blocks are counted, never subtracted.
@@ -592,25 +582,48 @@ pub fn record_free(tgid: u32, layer: u32, addr: u64) {
             (*s).freed_bytes += live.size;
         }
     }
-    let skey = StackKey {
-        tgid,
-        layer,
-        stack_id: live.stack_id,
-    };
-    match STACK_STATS.get_ptr_mut(skey) {
-        // SAFETY: a per-CPU map value; only this CPU writes its copy.
-        Some(a) => unsafe {
-            (*a).frees += 1;
-            (*a).freed_bytes += live.size;
+    stack_add(
+        StackKey {
+            tgid,
+            layer,
+            stack_id: live.stack_id,
         },
+        StackAgg {
+            allocs: 0,
+            alloc_bytes: 0,
+            frees: 1,
+            freed_bytes: live.size,
+        },
+    );
+}
+
+/// Adds to a stack's totals: in this CPU's slot if the stack is the slot's, else the slot
+/// goes to `STACK_STATS` and takes this stack.
+#[inline(always)]
+fn stack_add(key: StackKey, add: StackAgg) {
+    let Some(slot) = STACK_AGG_SLOT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; only this CPU writes it while the program runs.
+    let slot = unsafe { &mut *slot };
+    if slot.key != key {
+        if slot.key.stack_id != 0 {
+            flush(&slot.key, &slot.agg);
+        }
+        slot.key = key;
+        slot.agg = StackAgg::default();
+    }
+    slot.agg.add(&add);
+}
+
+/// Adds a slot's totals to `STACK_STATS`.
+#[inline(always)]
+fn flush(key: &StackKey, add: &StackAgg) {
+    match STACK_STATS.get_ptr_mut(*key) {
+        // SAFETY: a per-CPU map value; only this CPU writes its copy.
+        Some(a) => unsafe { (*a).add(add) },
         None => {
-            let a = StackAgg {
-                allocs: 0,
-                alloc_bytes: 0,
-                frees: 1,
-                freed_bytes: live.size,
-            };
-            if STACK_STATS.insert(skey, a, 0).is_err() {
+            if STACK_STATS.insert(*key, *add, 0).is_err() {
                 count_drop(Drop::StackStatsFull);
             }
         }

@@ -7,10 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use pyleak_common::{
-    AllocKey, LayerStats, LiveAlloc, SiteInfo, StackAgg, StackKey, StackTrace, ThreadState,
-    EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS, LIVE_ALLOCS_ENTRIES, NUM_DROPS,
-    NUM_LAYERS, SITES_ENTRIES, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES, TARGET_ACTIVE,
-    TARGET_FROZEN, THREADS_ENTRIES,
+    AllocKey, LayerStats, LiveAlloc, SiteInfo, StackAgg, StackAggSlot, StackKey, StackTrace,
+    ThreadState, EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS, LIVE_ALLOCS_ENTRIES,
+    NUM_DROPS, NUM_LAYERS, SITES_ENTRIES, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES,
+    TARGET_ACTIVE, TARGET_FROZEN, THREADS_ENTRIES,
 };
 
 /// Processes traced: tgid → `TARGET_ACTIVE` or `TARGET_FROZEN`.
@@ -39,6 +39,10 @@ pub static STACKS: HashMap<u64, StackTrace> =
 #[map]
 pub static STACK_STATS: PerCpuHashMap<StackKey, StackAgg> =
     PerCpuHashMap::with_max_entries(STACK_STATS_ENTRIES, 0);
+
+/// Each CPU's write-back slot in front of `STACK_STATS`.
+#[map]
+pub static STACK_AGG_SLOT: PerCpuArray<StackAggSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-layer counters.
 #[map]

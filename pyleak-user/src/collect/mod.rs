@@ -18,9 +18,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use pyleak_common::{
-    AllocKey, Drop, Layer, LayerStats, LiveAlloc, PyProc, StackAgg, StackKey, StackTrace, VmEvent,
-    VmKind, FILTER_CGROUP, FILTER_PIDS, FILTER_PID_SET, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW,
-    HIST_BUCKETS, NUM_DROPS, NUM_LAYERS, TARGET_ACTIVE, TARGET_FROZEN,
+    AllocKey, Drop, Layer, LayerStats, LiveAlloc, PyProc, StackAgg, StackAggSlot, StackKey,
+    StackTrace, VmEvent, VmKind, FILTER_CGROUP, FILTER_PIDS, FILTER_PID_SET, FLAG_FOR_PYMALLOC,
+    FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS, NUM_LAYERS, TARGET_ACTIVE, TARGET_FROZEN,
 };
 
 use crate::{
@@ -503,11 +503,26 @@ impl Recorder {
             };
             let agg = stacks.entry((key.tgid, layer, key.stack_id)).or_default();
             for v in values.iter() {
-                agg.allocs += v.allocs;
-                agg.alloc_bytes += v.alloc_bytes;
-                agg.frees += v.frees;
-                agg.freed_bytes += v.freed_bytes;
+                agg.add(v);
             }
+        }
+        // What each CPU's write-back slot holds has not reached the map yet.
+        let slots: PerCpuArray<_, StackAggSlot> = PerCpuArray::try_from(
+            self.ebpf
+                .map("STACK_AGG_SLOT")
+                .context("map STACK_AGG_SLOT missing")?,
+        )?;
+        for slot in slots.get(&0, 0)?.iter() {
+            let Some(layer) = Layer::from_u32(slot.key.layer) else {
+                continue;
+            };
+            if slot.key.stack_id == 0 {
+                continue;
+            }
+            stacks
+                .entry((slot.key.tgid, layer, slot.key.stack_id))
+                .or_default()
+                .add(&slot.agg);
         }
         Ok(stacks)
     }
