@@ -193,6 +193,18 @@ impl Recorder {
                 .load()
                 .with_context(|| format!("loading {name}"))?;
         }
+        if std::env::var_os("PYLEAK_VERIFIER_STATS").is_some() {
+            // For developers: how close each program is to the verifier's 1M-instruction
+            // budget.
+            for (name, prog) in ebpf.programs() {
+                if let Ok(info) = prog.info() {
+                    eprintln!(
+                        "pyleak: {name}: {} instructions verified",
+                        info.verified_instruction_count().unwrap_or(0)
+                    );
+                }
+            }
+        }
         let mut tracepoints: Vec<(&str, &str, &str)> =
             vec![("sched_process_exit", "sched", "sched_process_exit")];
         if opts.filter.file_wide() {
