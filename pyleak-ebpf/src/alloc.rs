@@ -112,23 +112,16 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
         t.calls[layer].depth += 1;
         return Ok(());
     }
-    let [a0, a1, a2] = args3(ctx);
-    let (size, arg_ptr) = match AllocKind::from_u32(c.kind) {
-        Some(AllocKind::Malloc) => (a0, 0),
-        Some(AllocKind::Calloc) => (mul(a0, a1), 0),
-        Some(AllocKind::Realloc) => (a1, a0),
-        Some(AllocKind::Reallocarray) => (mul(a1, a2), a0),
-        Some(AllocKind::PosixMemalign) => (a2, a0),
-        Some(AllocKind::Aligned) => (a1, 0),
-        Some(AllocKind::Pvalloc) => (a0.div_ceil(PAGE_SIZE) * PAGE_SIZE, 0),
-        Some(AllocKind::CtxMalloc) => (a1, 0),
-        Some(AllocKind::CtxCalloc) => (mul(a1, a2), 0),
-        Some(AllocKind::CtxRealloc) => (a2, a1),
-        _ => return Ok(()),
+    let Some(kind) = AllocKind::from_u32(c.kind) else {
+        return Ok(());
     };
+    // The stack first: the verifier then walks its loops once, not once per kind below.
     let (flags, inherited) = upper_call(t, layer, tid, false);
     let (stack_id, ret_addr_at) = match inherited {
         Some(id) => (id, 0),
+        // An upper call in flight left its stack for later: this call takes that one at
+        // its return, for both.
+        None if flags != 0 => (0, RET_ADDR_OF_UPPER),
         None => {
             // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
             let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
@@ -145,6 +138,20 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
                 (0, at)
             }
         }
+    };
+    let [a0, a1, a2] = args3(ctx);
+    let (size, arg_ptr) = match kind {
+        AllocKind::Malloc => (a0, 0),
+        AllocKind::Calloc => (mul(a0, a1), 0),
+        AllocKind::Realloc => (a1, a0),
+        AllocKind::Reallocarray => (mul(a1, a2), a0),
+        AllocKind::PosixMemalign => (a2, a0),
+        AllocKind::Aligned => (a1, 0),
+        AllocKind::Pvalloc => (a0.div_ceil(PAGE_SIZE) * PAGE_SIZE, 0),
+        AllocKind::CtxMalloc => (a1, 0),
+        AllocKind::CtxCalloc => (mul(a1, a2), 0),
+        AllocKind::CtxRealloc => (a2, a1),
+        _ => return Ok(()),
     };
     t.calls[layer] = Pending {
         size,
@@ -255,14 +262,59 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
         return Ok(());
     }
     if pending.stack_id == 0 && pending.ret_addr_at != 0 {
-        // SAFETY: `regs` is the probe's register set. A return probe runs with the
-        // instruction pointer already back at the return address.
-        let caller = unsafe { (*ctx.regs).rip };
-        pending.stack_id = stack::capture(ctx.as_ptr(), Some(caller), tid, false);
+        pending.stack_id = deferred_stack(ctx, t, layer, &pending, tid);
     }
     let ret: u64 = ctx.ret();
     finish(tgid, c.layer, &pending, ret);
     Ok(())
+}
+
+/// `Pending::ret_addr_at` of a call whose stack is the upper call's, taken at its return.
+const RET_ADDR_OF_UPPER: u64 = u64::MAX;
+
+/// The stack of a call that left it for its return: the caller is the instruction pointer
+/// now, or, for a call made inside an upper one that left its stack too (a malloc inside
+/// PyObject_Malloc), the upper call's caller, and both get the stack.
+#[inline(always)]
+fn deferred_stack(
+    ctx: &RetProbeContext,
+    t: &mut ThreadState,
+    layer: usize,
+    pending: &Pending,
+    tid: u32,
+) -> u64 {
+    // The outermost call in flight above this one (upper layers have lower numbers), as
+    // `upper_call` chooses.
+    let mut upper = None;
+    if pending.ret_addr_at == RET_ADDR_OF_UPPER {
+        for l in (0..CALL_LAYERS).rev() {
+            if l < layer && t.active & (1 << l) != 0 {
+                upper = Some(l);
+            }
+        }
+    }
+    let caller = match upper {
+        Some(l) => {
+            if t.calls[l].stack_id != 0 {
+                return t.calls[l].stack_id;
+            }
+            let at = t.calls[l].ret_addr_at;
+            // SAFETY: reads the upper call's return address from the target's stack,
+            // checked by the helper.
+            unsafe { bpf_probe_read_user(at as *const u64) }.ok()
+        }
+        // SAFETY: `regs` is the probe's register set. A return probe runs with the
+        // instruction pointer already back at the return address.
+        None => Some(unsafe { (*ctx.regs).rip }),
+    };
+    let id = stack::capture(ctx.as_ptr(), caller, tid, false);
+    if let Some(l) = upper {
+        if l < CALL_LAYERS && t.calls[l].stack_id == 0 {
+            t.calls[l].stack_id = id;
+            t.calls[l].ret_addr_at = 0;
+        }
+    }
+    id
 }
 
 /// Accounts a call that returned `ret`.

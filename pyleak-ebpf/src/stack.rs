@@ -8,7 +8,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::generated::bpf_get_stack,
+    helpers::generated::{bpf_get_stack, bpf_loop},
 };
 use pyleak_common::{Drop, MAX_NATIVE_FRAMES, MAX_PY_FRAMES, STACK_LEAF_IS_IP};
 
@@ -94,23 +94,32 @@ const MAX_FRAME_SPAN: u64 = 8 << 20;
 /// Hashes the used part of `st` and stores it under that hash.
 #[inline(always)]
 fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
-    let mut h = FNV_OFFSET;
-    let nlen = st.native_len as usize;
-    for i in 0..MAX_NATIVE_FRAMES {
-        if i >= nlen {
-            break;
-        }
-        h = (h ^ st.native[i]).wrapping_mul(FNV_PRIME);
+    // Loops through `bpf_loop`: the verifier checks one step, not every unrolled one per
+    // path into this function.
+    let mut hs = HashState {
+        h: FNV_OFFSET,
+        len: st.native_len.min(MAX_NATIVE_FRAMES as u32),
+    };
+    // SAFETY: the callbacks are static BPF functions; the context is our stack variable.
+    unsafe {
+        bpf_loop(
+            hs.len,
+            hash_native_step as *mut c_void,
+            (&mut hs as *mut HashState).cast(),
+            0,
+        );
     }
-    let plen = st.py_len as usize;
-    for i in 0..MAX_PY_FRAMES {
-        if i >= plen {
-            break;
-        }
-        let f = &st.py[i];
-        h = (h ^ f.code).wrapping_mul(FNV_PRIME);
-        h = (h ^ ((f.lasti as u64) << 32 | f.sig as u64)).wrapping_mul(FNV_PRIME);
+    hs.len = st.py_len.min(MAX_PY_FRAMES as u32);
+    // SAFETY: as above.
+    unsafe {
+        bpf_loop(
+            hs.len,
+            hash_py_step as *mut c_void,
+            (&mut hs as *mut HashState).cast(),
+            0,
+        );
     }
+    let mut h = hs.h;
     h = (h ^ (st.flags as u64)).wrapping_mul(FNV_PRIME);
     // 0 means "no stack".
     let id = h | 1;
@@ -139,6 +148,42 @@ fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
         unsafe { *last = id };
     }
     id
+}
+
+/// A stack's hash being computed, between steps of `bpf_loop`.
+#[repr(C)]
+struct HashState {
+    h: u64,
+    len: u32,
+}
+
+/// Hashes native frame `i` of this CPU's scratch stack.
+extern "C" fn hash_native_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the HashState `intern` passed to bpf_loop.
+    let hs = unsafe { &mut *(ctx as *mut HashState) };
+    let Some(st) = STACK_SCRATCH.get(0) else {
+        return 1;
+    };
+    let Some(&ip) = st.native.get(i as usize) else {
+        return 1;
+    };
+    hs.h = (hs.h ^ ip).wrapping_mul(FNV_PRIME);
+    0
+}
+
+/// Hashes Python frame `i` of this CPU's scratch stack.
+extern "C" fn hash_py_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the HashState `intern` passed to bpf_loop.
+    let hs = unsafe { &mut *(ctx as *mut HashState) };
+    let Some(st) = STACK_SCRATCH.get(0) else {
+        return 1;
+    };
+    let Some(f) = st.py.get(i as usize) else {
+        return 1;
+    };
+    hs.h = (hs.h ^ f.code).wrapping_mul(FNV_PRIME);
+    hs.h = (hs.h ^ ((f.lasti as u64) << 32 | f.sig as u64)).wrapping_mul(FNV_PRIME);
+    0
 }
 
 /// Tells userspace about a new stack with Python frames.
