@@ -665,9 +665,9 @@ pub fn native_frames(syms: &Symbolizer, pid: u32, st: &StackTrace) -> Vec<String
     let leaf_is_ip = st.flags & STACK_LEAF_IS_IP != 0;
     let mut out = Vec::with_capacity(n);
     for (i, &ip) in st.native[..n].iter().enumerate() {
-        // Past the first frame, an address outside every mapping means the frame-pointer
-        // walk went astray (code without frame pointers): the rest is noise.
-        if i > 0 && !syms.is_mapped(pid, ip) {
+        // Past the first frame, an address outside every mapping of code means the
+        // frame-pointer walk went astray (code without frame pointers): the rest is noise.
+        if i > 0 && !syms.is_code(pid, ip) {
             break;
         }
         out.push(syms.frame(pid, ip, !(i == 0 && leaf_is_ip)));
