@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{elf::PF_X, Object, ObjectSegment, ObjectSymbol, SegmentFlags, SymbolKind};
 
 /// One line of `/proc/PID/maps` with a file behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,8 +21,18 @@ struct Mapping {
 struct ModuleSyms {
     /// (address, end, name), sorted by address.
     syms: Vec<(u64, u64, String)>,
-    /// (file offset, file size, virtual address) of each loaded segment.
-    segments: Vec<(u64, u64, u64)>,
+    /// Each loaded segment.
+    segments: Vec<Segment>,
+}
+
+/// A loaded segment of a file.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    file_offset: u64,
+    file_size: u64,
+    address: u64,
+    /// Mapped executable (code).
+    exec: bool,
 }
 
 /// Turns native addresses into names, caching files and memory maps.
@@ -119,19 +129,29 @@ impl Symbolizer {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let file_off = ip_lookup - m.start + m.offset;
-        let name = self.modules.get(&m.path).and_then(|syms| {
-            let (seg_off, _, seg_addr) = *syms
-                .segments
+        let syms = self.modules.get(&m.path);
+        // The address in the file's own terms (its segments' virtual addresses, what its
+        // symbols, `addr2line -e` and `objdump` use): the load bias taken off.
+        let seg = syms.and_then(|syms| {
+            syms.segments
                 .iter()
-                .find(|(o, size, _)| *o <= file_off && file_off < o + size)?;
-            let addr = file_off - seg_off + seg_addr;
+                .find(|s| s.file_offset <= file_off && file_off < s.file_offset + s.file_size)
+        });
+        let addr = seg.map(|s| file_off - s.file_offset + s.address);
+        // Only code has function names; a symbol without a size (hand-written assembly)
+        // covers up to the next symbol, within its segment.
+        let name = syms.zip(seg).and_then(|(syms, seg)| {
+            let addr = addr?;
+            if !seg.exec {
+                return None;
+            }
             let i = syms.syms.partition_point(|(s, _, _)| *s <= addr);
             let (s, e, name) = syms.syms.get(i.checked_sub(1)?)?;
-            (addr < *e || *s == *e).then(|| name.clone())
+            (addr < *e || (*s == *e && *s >= seg.address)).then(|| name.clone())
         });
         match name {
             Some(name) => format!("{name} ({module})"),
-            None => format!("{:#x} ({module})", file_off),
+            None => format!("{:#x} ({module})", addr.unwrap_or(file_off)),
         }
     }
 }
@@ -172,8 +192,13 @@ fn load_module(pid: u32, path: &str) -> ModuleSyms {
     let segments = file
         .segments()
         .map(|s| {
-            let (off, size) = s.file_range();
-            (off, size, s.address())
+            let (file_offset, file_size) = s.file_range();
+            Segment {
+                file_offset,
+                file_size,
+                address: s.address(),
+                exec: matches!(s.flags(), SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0),
+            }
         })
         .collect();
     ModuleSyms { syms, segments }
@@ -217,4 +242,28 @@ mod tests {
     }
 
     static STATIC_DATA: [u8; 64] = [7; 64];
+
+    #[test]
+    fn an_address_without_a_function_reads_as_the_files_own_address() {
+        let mut s = Symbolizer::default();
+        let pid = std::process::id();
+        s.snapshot(pid);
+        // Writable data sits at a file offset other than its address in the file (the
+        // segment's offset and address differ); no function symbol covers it.
+        let at = &raw const WRITABLE_DATA as u64;
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let file = object::File::parse(&*exe).unwrap();
+        let sym = file
+            .symbols()
+            .find(|s| s.name().is_ok_and(|n| n.contains("WRITABLE_DATA")))
+            .expect("the static's symbol");
+        let exe_name = std::fs::read_link("/proc/self/exe").unwrap();
+        let exe_name = exe_name.file_name().unwrap().to_string_lossy();
+        assert_eq!(
+            s.frame(pid, at + 8, false),
+            format!("{:#x} ({exe_name})", sym.address() + 8)
+        );
+    }
+
+    static mut WRITABLE_DATA: [u64; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
 }
