@@ -72,6 +72,9 @@ pub struct Suspect {
     pub pid: u32,
     /// Frames, root first.
     pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native (as in [`StackReport`]).
+    #[serde(default)]
+    pub native_frames: usize,
     /// Bytes live at the end.
     pub live_bytes: u64,
     /// Blocks live at the end.
@@ -189,8 +192,13 @@ pub struct StackReport {
     pub layer: String,
     /// Process id.
     pub pid: u32,
-    /// Frames, root first: Python `qualname (path:line)`, native `symbol (module)`.
+    /// Frames, root first: Python `qualname (path:line)`, native `symbol (module)`; under
+    /// Python frames (`--native`), native frames end in ` [native]`.
     pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native: all of them in a stack without
+    /// Python frames, those under the Python frames with `--native`, else 0.
+    #[serde(default)]
+    pub native_frames: usize,
     /// Bytes live at the end.
     pub live_bytes: u64,
     /// Blocks live at the end.
@@ -319,7 +327,7 @@ pub fn build(
     // (native callers under the same Python line) are one row.
     let live_regions = rec.model.live_regions();
     let live_pages = rec.model.live_pages();
-    let mut frames_cache: HashMap<(u32, u64), (Vec<String>, bool)> = HashMap::new();
+    let mut frames_cache: HashMap<(u32, u64), StackFrames> = HashMap::new();
     let mut frames = |pid: u32, stack_id: u64| {
         frames_cache
             .entry((pid, stack_id))
@@ -345,12 +353,17 @@ pub fn build(
                 agg.allocs.saturating_sub(agg.frees),
             ),
         };
-        let (fr, truncated) = frames(pid, stack_id);
+        let StackFrames {
+            names: fr,
+            truncated,
+            native,
+        } = frames(pid, stack_id);
         let i = *row_of.entry((pid, layer, fr.clone())).or_insert_with(|| {
             rows.push(StackReport {
                 layer: layer.name().to_owned(),
                 pid,
                 frames: fr,
+                native_frames: native,
                 live_bytes: 0,
                 live_count: 0,
                 alloc_bytes: 0,
@@ -417,7 +430,7 @@ pub fn build(
                 linkage.arena_count += 1;
                 linkage.arena_bytes += r.end - start;
                 *arenas_by_stack
-                    .entry((pid, frames(pid, r.stack_id).0))
+                    .entry((pid, frames(pid, r.stack_id).names))
                     .or_default() += r.end - start;
             }
         }
@@ -481,6 +494,7 @@ pub fn build(
             layer: r.layer.clone(),
             pid: r.pid,
             frames: r.frames.clone(),
+            native_frames: r.native_frames,
             // Of vm and pages, the memory that can be a suspect (see `Snapshot::ages`).
             live_bytes: if uprobe_layer { r.live_bytes } else { a.bytes },
             live_count: if uprobe_layer { r.live_count } else { a.count },
@@ -617,8 +631,23 @@ fn bucket_histogram(counts: &[u64]) -> Histogram<u64> {
     h
 }
 
+/// The frames of an interned stack, as reports show them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackFrames {
+    /// Root first.
+    pub names: Vec<String>,
+    /// Whether Python frames were cut off (the first name is then `[truncated]`).
+    pub truncated: bool,
+    /// How many names, at the leaf end, are native frames.
+    pub native: usize,
+}
+
+/// Marks a native frame under Python frames.
+pub const NATIVE_MARK: &str = " [native]";
+
 /// Frames of an interned stack, root first: the Python frames when there are any (then,
-/// with `native`, the native frames below them), else the native frames.
+/// with `native`, the native frames below the leaf Python frame, marked [`NATIVE_MARK`]),
+/// else the native frames.
 pub fn frames_of(
     rec: &Recorder,
     syms: &Symbolizer,
@@ -626,37 +655,50 @@ pub fn frames_of(
     native: bool,
     pid: u32,
     stack_id: u64,
-) -> (Vec<String>, bool) {
+) -> StackFrames {
+    let lost = || StackFrames {
+        names: vec!["[stack lost]".to_owned()],
+        truncated: false,
+        native: 0,
+    };
     if stack_id == 0 {
-        return (vec!["[stack lost]".to_owned()], false);
+        return lost();
     }
     let Some(st) = rec.stack(stack_id) else {
-        return (vec!["[stack lost]".to_owned()], false);
+        return lost();
     };
     let n = (st.py_len as usize).min(st.py.len());
     let truncated = st.flags & STACK_PY_TRUNCATED != 0;
     if n == 0 {
-        return (native_frames(syms, pid, &st), truncated);
+        let names = native_frames(syms, pid, &st);
+        let native = names.len();
+        return StackFrames {
+            names,
+            truncated,
+            native,
+        };
     }
-    let mut frames: Vec<String> = Vec::with_capacity(n + 1);
+    let mut names: Vec<String> = Vec::with_capacity(n + 1);
     if truncated {
-        frames.push("[truncated]".to_owned());
+        names.push("[truncated]".to_owned());
     }
-    frames.extend(
+    names.extend(
         st.py[..n]
             .iter()
             .enumerate()
             .rev()
             .map(|(i, f)| py.frame(pid, stack_id, i, f)),
     );
+    let mut below = Vec::new();
     if native {
-        frames.extend(
-            native_frames(syms, pid, &st)
-                .into_iter()
-                .map(|f| format!("{f} [native]")),
-        );
+        below = native_frames(syms, pid, &st);
+        names.extend(below.iter().map(|f| format!("{f}{NATIVE_MARK}")));
     }
-    (frames, truncated)
+    StackFrames {
+        names,
+        truncated,
+        native: below.len(),
+    }
 }
 
 /// Native frames of a stack, root first.
@@ -718,6 +760,7 @@ mod tests {
             layer: layer.to_owned(),
             pid: 42,
             frames: frames.iter().map(|f| (*f).to_owned()).collect(),
+            native_frames: frames.iter().filter(|f| f.ends_with(NATIVE_MARK)).count(),
             live_bytes: live,
             live_count: n,
             alloc_bytes: alloc,
@@ -798,15 +841,19 @@ mod tests {
                     12288,
                     2,
                 ),
-                stack(
-                    "vm",
-                    &["main (alloc_workload)", "__mmap (libc.so.6)"],
-                    0,
-                    40960,
-                    0,
-                ),
+                StackReport {
+                    native_frames: 2,
+                    ..stack(
+                        "vm",
+                        &["main (alloc_workload)", "__mmap (libc.so.6)"],
+                        0,
+                        40960,
+                        0,
+                    )
+                },
                 StackReport {
                     pid: 43,
+                    native_frames: 1,
                     ..stack("libc", &["weird;name (a.out)"], 7, 7, 1)
                 },
             ],
@@ -830,6 +877,7 @@ mod tests {
                         "main (/srv/app.py:56)".to_owned(),
                         "leak (/srv/app.py:26)".to_owned(),
                     ],
+                    native_frames: 0,
                     live_bytes: 4000400,
                     live_count: 400,
                     aged_live_bytes: 3000300,
@@ -850,6 +898,7 @@ mod tests {
                     layer: "pages".to_owned(),
                     pid: 42,
                     frames: vec!["recurse (/srv/app.py:48)".to_owned()],
+                    native_frames: 0,
                     live_bytes: 8192,
                     live_count: 2,
                     aged_live_bytes: 8192,
