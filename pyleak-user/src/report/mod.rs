@@ -691,13 +691,31 @@ pub fn frames_of(
     );
     let mut below = Vec::new();
     if native {
-        below = native_frames(syms, pid, &st);
+        below = under_python(native_frames(syms, pid, &st));
         names.extend(below.iter().map(|f| format!("{f}{NATIVE_MARK}")));
     }
     StackFrames {
         names,
         truncated,
         native: below.len(),
+    }
+}
+
+/// Of a thread's native frames (root first), those under its leaf Python frame: the ones
+/// below the leaf-most frame of CPython's eval loop. The eval loop and everything above it
+/// (the interpreter's own calls between Python frames, `main`) are what the Python frames
+/// stand for, so they are trimmed; the leaf, the allocator's caller, always stays (the
+/// eval loop itself when it allocated). A frame-pointer walk seldom gets that far (CPython
+/// and libffi are built without frame pointers here), and then every frame is kept.
+pub fn under_python(frames: Vec<String>) -> Vec<String> {
+    let is_eval_loop = |f: &String| {
+        let name = f.split_once(" (").map_or(f.as_str(), |(n, _)| n);
+        name.starts_with("_PyEval_EvalFrame") || name.starts_with("PyEval_EvalFrame")
+    };
+    let above_leaf = &frames[..frames.len().saturating_sub(1)];
+    match above_leaf.iter().rposition(is_eval_loop) {
+        Some(i) => frames[i + 1..].to_vec(),
+        None => frames,
     }
 }
 
@@ -965,6 +983,49 @@ mod tests {
         let mut out = Vec::new();
         folded::write(&sample(), folded::Metric::LiveBytes, true, &mut out).unwrap();
         golden("per-process.folded", &String::from_utf8(out).unwrap());
+    }
+
+    #[test]
+    fn native_frames_under_python_stop_at_the_leaf_eval_loop() {
+        let v = |f: &[&str]| f.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        // A walk through a CPython built with frame pointers: the eval loop of the leaf
+        // Python frame and all above it are the Python frames; below it stays.
+        let walked = v(&[
+            "_start (python3.12)",
+            "Py_RunMain (libpython3.12.so.1.0)",
+            "_PyEval_EvalFrameDefault (libpython3.12.so.1.0)",
+            "_PyFunction_Vectorcall (libpython3.12.so.1.0)",
+            "_PyEval_EvalFrameDefault.cold (libpython3.12.so.1.0)",
+            "PyCFuncPtr_call (_ctypes.cpython-312-x86_64-linux-gnu.so)",
+            "ffi_call_unix64 (libffi.so.8)",
+            "leak_outer (libleak.so)",
+            "leak_inner (libleak.so)",
+        ]);
+        assert_eq!(
+            under_python(walked),
+            v(&[
+                "PyCFuncPtr_call (_ctypes.cpython-312-x86_64-linux-gnu.so)",
+                "ffi_call_unix64 (libffi.so.8)",
+                "leak_outer (libleak.so)",
+                "leak_inner (libleak.so)",
+            ])
+        );
+        // 3.8-3.10 and a walk that never reaches the eval loop (no frame pointers there).
+        assert_eq!(
+            under_python(v(&["PyEval_EvalFrameEx (libpython2.7.so)", "f (x.so)"])),
+            v(&["f (x.so)"])
+        );
+        let short = v(&["0x6f79 (libffi.so.8.1.2)", "leak_inner (libleak.so)"]);
+        assert_eq!(under_python(short.clone()), short);
+        // An allocation the eval loop made itself: the leaf stays.
+        assert_eq!(
+            under_python(v(&[
+                "_PyEval_EvalFrameDefault (python3.11)",
+                "_PyEval_EvalFrameDefault (python3.11)"
+            ])),
+            v(&["_PyEval_EvalFrameDefault (python3.11)"])
+        );
+        assert!(under_python(Vec::new()).is_empty());
     }
 
     #[test]
