@@ -230,7 +230,7 @@ mod tests {
         let pid = std::process::id();
         s.snapshot(pid);
         // libc is loaded at a random base: the name comes out only with the bias removed.
-        let addr = libc::getpid as usize as u64;
+        let addr = libc::getpid as *const () as u64;
         assert!(s.is_code(pid, addr));
         let frame = s.frame(pid, addr, false);
         // (`getpid` or its alias `__getpid`: one name per address is kept.)
