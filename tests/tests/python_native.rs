@@ -150,21 +150,19 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Runs the ctypes script under `pyleak record` (`--native` or not, `layers`), returning
-/// the report, the folded stacks and the script's own account (its expected stack).
+/// Runs the ctypes script under `pyleak record --layers LAYERS EXTRA…`, returning the
+/// report, the folded stacks and the script's own account (its expected stack).
 fn record_native(
     dir: &std::path::Path,
     python: &std::path::Path,
-    native: bool,
     layers: &str,
+    extra: &[&str],
 ) -> (Value, String, Value) {
-    let folded = dir.join(format!("native-{native}-{layers}.folded"));
+    let folded = dir.join(format!("{layers}{}.folded", extra.join("")));
     let lib = native_frames_lib();
     let script = root().join("tests/workloads/py_native_frames.py");
     let mut args = vec!["-o", folded.to_str().unwrap(), "--layers", layers];
-    if native {
-        args.push("--native");
-    }
+    args.extend_from_slice(extra);
     let (size, count) = (NATIVE_SIZE.to_string(), NATIVE_COUNT.to_string());
     args.extend([
         "--",
@@ -210,8 +208,9 @@ fn check_python_frames(label: &str, frames: &[String], info: &Value) {
 }
 
 /// The report's libc row that leak_inner's blocks are in, with --native: exactly the known
-/// bytes, Python frames then native frames ending leak_outer, leak_inner.
-fn check_native(label: &str, report: &Value, folded: &str, info: &Value) {
+/// bytes, Python frames then native frames ending leak_outer, leak_inner. Returns the
+/// native frames.
+fn check_native(label: &str, report: &Value, folded: &str, info: &Value) -> Vec<String> {
     let rows: Vec<&Value> = report["stacks"]
         .as_array()
         .expect("stacks")
@@ -246,6 +245,19 @@ fn check_native(label: &str, report: &Value, folded: &str, info: &Value) {
         "{label}: native_frames counts the frames below the Python ones: {frames:#?}"
     );
     assert!(native.len() >= 2, "{label}: {frames:#?}");
+    check_native_part(label, &frames, native);
+    let line = format!("[libc];{} {}", frames.join(";"), NATIVE_SIZE * NATIVE_COUNT);
+    assert!(
+        folded.lines().any(|l| l == line),
+        "{label}: folded output lacks `{line}`:\n{folded}"
+    );
+    eprintln!("{label}: {line}");
+    native.to_vec()
+}
+
+/// Every frame under the Python ones is marked native, none is the eval loop, and the
+/// last (up to) two are leak_outer, leak_inner.
+fn check_native_part(label: &str, frames: &[String], native: &[String]) {
     for f in native {
         assert!(
             f.ends_with(" [native]"),
@@ -257,20 +269,15 @@ fn check_native(label: &str, report: &Value, folded: &str, info: &Value) {
         );
     }
     let lib = "libpyleak_native_frames.so";
+    let want = [
+        format!("leak_outer ({lib}) [native]"),
+        format!("leak_inner ({lib}) [native]"),
+    ];
     assert_eq!(
-        native[native.len() - 2..],
-        [
-            format!("leak_outer ({lib}) [native]"),
-            format!("leak_inner ({lib}) [native]"),
-        ],
+        native[native.len().saturating_sub(2)..],
+        want[2 - native.len().min(2)..],
         "{label}: the leaf is malloc's caller leak_inner, under leak_outer: {frames:#?}"
     );
-    let line = format!("[libc];{} {}", frames.join(";"), NATIVE_SIZE * NATIVE_COUNT);
-    assert!(
-        folded.lines().any(|l| l == line),
-        "{label}: folded output lacks `{line}`:\n{folded}"
-    );
-    eprintln!("{label}: {line}");
 }
 
 /// Without --native: the same Python frames hold the blocks, with nothing below them.
@@ -323,9 +330,9 @@ fn native_frames_under_python_frames_every_cpython() {
     }
     for (label, python) in required_pythons(&ALL_PYTHONS) {
         let dir = scratch(&format!("pynative-frames-{}", label.replace(' ', "-")));
-        let (report, folded, info) = record_native(&dir, &python, true, "libc");
+        let (report, folded, info) = record_native(&dir, &python, "libc", &["--native"]);
         check_native(&label, &report, &folded, &info);
-        let (report, folded, info) = record_native(&dir, &python, false, "libc");
+        let (report, folded, info) = record_native(&dir, &python, "libc", &[]);
         check_no_native(&label, &report, &folded, &info);
     }
 }
@@ -339,7 +346,46 @@ fn native_frames_with_every_layer_pyenv_312() {
     }
     for (label, python) in required_pythons(&["pyenv 3.12.1"]) {
         let dir = scratch("pynative-frames-all-layers");
-        let (report, folded, info) = record_native(&dir, &python, true, "all");
+        let (report, folded, info) = record_native(&dir, &python, "all", &["--native"]);
         check_native(&label, &report, &folded, &info);
+    }
+}
+
+/// `--native-depth N` keeps the leaf-most N native frames: 1 is malloc's caller alone
+/// (read at malloc's entry), 2 adds the first frame-pointer frame.
+#[test]
+fn native_depth_keeps_the_leaf_most_frames_pyenv_312() {
+    if !root_or_skip() {
+        return;
+    }
+    for (label, python) in required_pythons(&["pyenv 3.12.1"]) {
+        let dir = scratch("pynative-depth");
+        let (full, folded, info) = record_native(&dir, &python, "libc", &["--native"]);
+        let all = check_native(&label, &full, &folded, &info).len();
+        let py = info["expected"].as_array().unwrap().len();
+        for depth in [1usize, 2] {
+            let d = depth.to_string();
+            let (report, _, info) =
+                record_native(&dir, &python, "libc", &["--native", "--native-depth", &d]);
+            let row = report["stacks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["layer"] == "libc" && s["live_bytes"] == NATIVE_SIZE * NATIVE_COUNT)
+                .unwrap_or_else(|| panic!("{label}: depth {depth}: no libc stack of the leak"));
+            let frames = strings(&row["frames"]);
+            check_python_frames(&label, &frames, &info);
+            assert_eq!(
+                row["native_frames"], depth,
+                "{label}: depth {depth}: {frames:#?}"
+            );
+            assert_eq!(
+                frames.len(),
+                py + depth,
+                "{label}: depth {depth}: {frames:#?}"
+            );
+            check_native_part(&label, &frames, &frames[py..]);
+            assert!(depth < all, "{label}: the full walk is deeper than {depth}");
+        }
     }
 }
