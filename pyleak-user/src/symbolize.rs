@@ -175,20 +175,24 @@ fn load_module(pid: u32, path: &str) -> ModuleSyms {
     let Ok(file) = object::File::parse(&*data) else {
         return ModuleSyms::default();
     };
-    let mut syms: Vec<(u64, u64, String)> = file
-        .symbols()
-        .chain(file.dynamic_symbols())
-        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
-        .filter_map(|s| {
-            Some((
-                s.address(),
-                s.address() + s.size(),
-                s.name().ok()?.to_owned(),
-            ))
-        })
-        .collect();
-    syms.sort();
-    syms.dedup_by_key(|(a, _, _)| *a);
+    let mut syms = function_symbols(&file, 0);
+    // A stripped file's full symbol table may be in a separate debug file (Debian's
+    // `-dbg`/`-dbgsym` packages), found by build id: same addresses, local functions too.
+    if let Some(debug) = file
+        .build_id()
+        .ok()
+        .flatten()
+        .and_then(|id| read_debug_file(pid, id))
+    {
+        if let Ok(debug) = object::File::parse(&*debug) {
+            syms.extend(function_symbols(&debug, 2));
+        }
+    }
+    // One name per address: one with a size, exported if any (`malloc`, not glibc's
+    // internal alias `__GI___libc_malloc`), then the first by name.
+    syms.sort_by(|a, b| (a.0, b.1, a.2, &a.3).cmp(&(b.0, a.1, b.2, &b.3)));
+    syms.dedup_by_key(|s| s.0);
+    let syms = syms.into_iter().map(|(a, e, _, n)| (a, e, n)).collect();
     let segments = file
         .segments()
         .map(|s| {
@@ -202,6 +206,44 @@ fn load_module(pid: u32, path: &str) -> ModuleSyms {
         })
         .collect();
     ModuleSyms { syms, segments }
+}
+
+/// (address, end, rank, name) of each function a file defines; the rank is `base` for
+/// exported symbols, `base + 1` for the others (lower is preferred).
+fn function_symbols(file: &object::File, base: u8) -> Vec<(u64, u64, u8, String)> {
+    let ranked = |rank: u8| {
+        move |s: object::Symbol| {
+            let ok = s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0;
+            ok.then(|| {
+                Some((
+                    s.address(),
+                    s.address() + s.size(),
+                    rank,
+                    s.name().ok()?.to_owned(),
+                ))
+            })
+            .flatten()
+        }
+    };
+    file.dynamic_symbols()
+        .filter_map(ranked(base))
+        .chain(file.symbols().filter_map(ranked(base + 1)))
+        .collect()
+}
+
+/// Where debug files live, by build id.
+const DEBUG_BUILD_ID_DIR: &str = "/usr/lib/debug/.build-id";
+
+/// The debug file of the file with build id `id`: the target's own (through
+/// `/proc/PID/root`), else the host's (a build id names one build, wherever it is).
+fn read_debug_file(pid: u32, id: &[u8]) -> Option<Vec<u8>> {
+    let (first, rest) = id.split_first()?;
+    let hex: String = rest.iter().map(|b| format!("{b:02x}")).collect();
+    let rel = format!("{DEBUG_BUILD_ID_DIR}/{first:02x}/{hex}.debug");
+    [format!("/proc/{pid}/root{rel}"), rel]
+        .iter()
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() < MAX_MODULE_BYTES))
+        .find_map(|p| std::fs::read(p).ok())
 }
 
 #[cfg(test)]
@@ -266,4 +308,56 @@ mod tests {
     }
 
     static mut WRITABLE_DATA: [u64; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+
+    #[test]
+    fn a_stripped_librarys_local_functions_are_named_from_its_debug_file() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        // (start, file offset, path) of libc's code mapping.
+        let (start, offset, path) = maps
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let path = *f.get(5)?;
+                (f[1].contains('x') && path.contains("/libc.so")).then(|| {
+                    let start = u64::from_str_radix(f[0].split('-').next().unwrap(), 16);
+                    (start.unwrap(), u64::from_str_radix(f[2], 16).unwrap(), path)
+                })
+            })
+            .next()
+            .expect("libc's code mapping");
+        let data = std::fs::read(path).unwrap();
+        let libc = object::File::parse(&*data).unwrap();
+        let id = libc.build_id().unwrap().expect("libc has a build id");
+        let Some(debug) = read_debug_file(std::process::id(), id) else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "libc's debug file (libc6-dbg) is required under CI"
+            );
+            eprintln!("\n!!! TEST NOT RUN: no debug file for {path} (install libc6-dbg) !!!\n");
+            return;
+        };
+        let debug = object::File::parse(&*debug).unwrap();
+        // A function the stripped library does not name: only its debug file does.
+        let exported: std::collections::HashSet<u64> =
+            function_symbols(&libc, 0).iter().map(|s| s.0).collect();
+        let (addr, _, _, name) = function_symbols(&debug, 2)
+            .into_iter()
+            .find(|(a, e, _, n)| n == "_int_malloc" && e > a && !exported.contains(a))
+            .expect("_int_malloc in libc's debug file");
+        let seg = libc
+            .segments()
+            .find(|s| {
+                matches!(s.flags(), SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0)
+                    && s.address() <= addr
+                    && addr < s.address() + s.size()
+            })
+            .expect("libc's code segment");
+        let at = start + (addr - seg.address() + seg.file_range().0 - offset) + 4;
+        let mut s = Symbolizer::default();
+        s.snapshot(std::process::id());
+        assert_eq!(
+            s.frame(std::process::id(), at, false),
+            format!("{name} (libc.so.6)")
+        );
+    }
 }
