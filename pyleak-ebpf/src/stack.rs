@@ -14,7 +14,8 @@ use pyleak_common::{Drop, MAX_NATIVE_FRAMES, MAX_PY_FRAMES, STACK_LEAF_IS_IP};
 
 use crate::maps::{count_drop, set_in_probe, LAST_STACK, STACKS, STACK_SCRATCH};
 
-/// How many native frames to keep (1: the immediate caller only). Set by userspace.
+/// How many native frames to keep, 1 to `MAX_NATIVE_FRAMES` (1: the immediate caller
+/// only). Set by userspace.
 #[no_mangle]
 static NATIVE_DEPTH: u32 = MAX_NATIVE_FRAMES as u32;
 
@@ -43,12 +44,17 @@ pub fn capture(ctx: *mut c_void, caller: Option<u64>, tid: u32, walk_native: boo
     let mut len: usize = 0;
     set_in_probe(true);
     if walk_native && depth > 1 {
-        // SAFETY: the helper writes at most the buffer's size into the scratch slot.
+        let frames = if depth as usize >= MAX_NATIVE_FRAMES {
+            MAX_NATIVE_FRAMES
+        } else {
+            depth as usize
+        };
+        // SAFETY: the helper writes at most `frames` of the buffer's frames.
         let n = unsafe {
             bpf_get_stack(
                 ctx,
                 st.native.as_mut_ptr().cast(),
-                (MAX_NATIVE_FRAMES * 8) as u32,
+                (frames * 8) as u32,
                 BPF_F_USER_STACK as u64,
             )
         };

@@ -85,7 +85,8 @@ pub struct RecordArgs {
     /// [default: all with a command, libc,vm,pages otherwise].
     #[arg(long, value_name = "LIST")]
     pub layers: Option<String>,
-    /// Native frames kept per stack (1: only the immediate caller).
+    /// Native frames kept per stack, 1 to 32 (1: only the immediate caller; more follow
+    /// frame pointers).
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub native_depth: u32,
     /// Live memory younger than this at the end is not a leak suspect. The default, 1 s,

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pyleak_common::{Layer, PyProc};
+use pyleak_common::{Layer, PyProc, MAX_NATIVE_FRAMES};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
@@ -137,7 +137,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     };
     let opts = RecorderOptions {
         layers,
-        native_depth: args.native_depth.max(1),
+        native_depth: args.native_depth.clamp(1, MAX_NATIVE_FRAMES as u32),
         bare: args.bare,
         filter,
     };

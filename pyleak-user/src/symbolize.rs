@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{elf::PF_X, Object, ObjectSegment, ObjectSymbol, SegmentFlags, SymbolKind};
 
 /// One line of `/proc/PID/maps` with a file behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +11,8 @@ struct Mapping {
     start: u64,
     end: u64,
     offset: u64,
+    /// Mapped executable (code).
+    exec: bool,
     path: String,
 }
 
@@ -19,8 +21,18 @@ struct Mapping {
 struct ModuleSyms {
     /// (address, end, name), sorted by address.
     syms: Vec<(u64, u64, String)>,
-    /// (file offset, file size, virtual address) of each loaded segment.
-    segments: Vec<(u64, u64, u64)>,
+    /// Each loaded segment.
+    segments: Vec<Segment>,
+}
+
+/// A loaded segment of a file.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    file_offset: u64,
+    file_size: u64,
+    address: u64,
+    /// Mapped executable (code).
+    exec: bool,
 }
 
 /// Turns native addresses into names, caching files and memory maps.
@@ -40,7 +52,7 @@ impl Symbolizer {
         let known = self.maps.entry(pid).or_default();
         for line in text.lines() {
             let mut f = line.split_whitespace();
-            let (Some(range), Some(_perms), Some(off)) = (f.next(), f.next(), f.next()) else {
+            let (Some(range), Some(perms), Some(off)) = (f.next(), f.next(), f.next()) else {
                 continue;
             };
             let path = f.nth(2).unwrap_or("");
@@ -62,6 +74,7 @@ impl Symbolizer {
                 start,
                 end,
                 offset,
+                exec: perms.as_bytes().get(2) == Some(&b'x'),
                 path: path.to_owned(),
             };
             if !known.contains(&m) {
@@ -91,12 +104,13 @@ impl Symbolizer {
             .map(|m| m.path.as_str())
     }
 
-    /// Whether `ip` lies in a file mapping of `pid` (frame-pointer walks through code built
-    /// without frame pointers end in garbage that does not).
-    pub fn is_mapped(&self, pid: u32, ip: u64) -> bool {
+    /// Whether `ip` lies in an executable file mapping of `pid` (frame-pointer walks
+    /// through code built without frame pointers end in garbage, which seldom does: a
+    /// pointer into a library's data is mapped, but not as code).
+    pub fn is_code(&self, pid: u32, ip: u64) -> bool {
         self.maps.get(&pid).is_some_and(|maps| {
             maps.iter()
-                .any(|m| m.start <= ip && ip < m.end && m.path.starts_with('/'))
+                .any(|m| m.start <= ip && ip < m.end && m.exec && m.path.starts_with('/'))
         })
     }
 
@@ -115,19 +129,29 @@ impl Symbolizer {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let file_off = ip_lookup - m.start + m.offset;
-        let name = self.modules.get(&m.path).and_then(|syms| {
-            let (seg_off, _, seg_addr) = *syms
-                .segments
+        let syms = self.modules.get(&m.path);
+        // The address in the file's own terms (its segments' virtual addresses, what its
+        // symbols, `addr2line -e` and `objdump` use): the load bias taken off.
+        let seg = syms.and_then(|syms| {
+            syms.segments
                 .iter()
-                .find(|(o, size, _)| *o <= file_off && file_off < o + size)?;
-            let addr = file_off - seg_off + seg_addr;
+                .find(|s| s.file_offset <= file_off && file_off < s.file_offset + s.file_size)
+        });
+        let addr = seg.map(|s| file_off - s.file_offset + s.address);
+        // Only code has function names; a symbol without a size (hand-written assembly)
+        // covers up to the next symbol, within its segment.
+        let name = syms.zip(seg).and_then(|(syms, seg)| {
+            let addr = addr?;
+            if !seg.exec {
+                return None;
+            }
             let i = syms.syms.partition_point(|(s, _, _)| *s <= addr);
             let (s, e, name) = syms.syms.get(i.checked_sub(1)?)?;
-            (addr < *e || *s == *e).then(|| name.clone())
+            (addr < *e || (*s == *e && *s >= seg.address)).then(|| name.clone())
         });
         match name {
             Some(name) => format!("{name} ({module})"),
-            None => format!("{:#x} ({module})", file_off),
+            None => format!("{:#x} ({module})", addr.unwrap_or(file_off)),
         }
     }
 }
@@ -151,28 +175,75 @@ fn load_module(pid: u32, path: &str) -> ModuleSyms {
     let Ok(file) = object::File::parse(&*data) else {
         return ModuleSyms::default();
     };
-    let mut syms: Vec<(u64, u64, String)> = file
-        .symbols()
-        .chain(file.dynamic_symbols())
-        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
-        .filter_map(|s| {
-            Some((
-                s.address(),
-                s.address() + s.size(),
-                s.name().ok()?.to_owned(),
-            ))
-        })
-        .collect();
-    syms.sort();
-    syms.dedup_by_key(|(a, _, _)| *a);
+    let mut syms = function_symbols(&file, 0);
+    // A stripped file's full symbol table may be in a separate debug file (Debian's
+    // `-dbg`/`-dbgsym` packages), found by build id: same addresses, local functions too.
+    if let Some(debug) = file
+        .build_id()
+        .ok()
+        .flatten()
+        .and_then(|id| read_debug_file(pid, id))
+    {
+        if let Ok(debug) = object::File::parse(&*debug) {
+            syms.extend(function_symbols(&debug, 2));
+        }
+    }
+    // One name per address: one with a size, exported if any (`malloc`, not glibc's
+    // internal alias `__GI___libc_malloc`), then the first by name.
+    syms.sort_by(|a, b| (a.0, b.1, a.2, &a.3).cmp(&(b.0, a.1, b.2, &b.3)));
+    syms.dedup_by_key(|s| s.0);
+    let syms = syms.into_iter().map(|(a, e, _, n)| (a, e, n)).collect();
     let segments = file
         .segments()
         .map(|s| {
-            let (off, size) = s.file_range();
-            (off, size, s.address())
+            let (file_offset, file_size) = s.file_range();
+            Segment {
+                file_offset,
+                file_size,
+                address: s.address(),
+                exec: matches!(s.flags(), SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0),
+            }
         })
         .collect();
     ModuleSyms { syms, segments }
+}
+
+/// (address, end, rank, name) of each function a file defines; the rank is `base` for
+/// exported symbols, `base + 1` for the others (lower is preferred).
+fn function_symbols(file: &object::File, base: u8) -> Vec<(u64, u64, u8, String)> {
+    let ranked = |rank: u8| {
+        move |s: object::Symbol| {
+            let ok = s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0;
+            ok.then(|| {
+                Some((
+                    s.address(),
+                    s.address() + s.size(),
+                    rank,
+                    s.name().ok()?.to_owned(),
+                ))
+            })
+            .flatten()
+        }
+    };
+    file.dynamic_symbols()
+        .filter_map(ranked(base))
+        .chain(file.symbols().filter_map(ranked(base + 1)))
+        .collect()
+}
+
+/// Where debug files live, by build id.
+const DEBUG_BUILD_ID_DIR: &str = "/usr/lib/debug/.build-id";
+
+/// The debug file of the file with build id `id`: the target's own (through
+/// `/proc/PID/root`), else the host's (a build id names one build, wherever it is).
+fn read_debug_file(pid: u32, id: &[u8]) -> Option<Vec<u8>> {
+    let (first, rest) = id.split_first()?;
+    let hex: String = rest.iter().map(|b| format!("{b:02x}")).collect();
+    let rel = format!("{DEBUG_BUILD_ID_DIR}/{first:02x}/{hex}.debug");
+    [format!("/proc/{pid}/root{rel}"), rel]
+        .iter()
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() < MAX_MODULE_BYTES))
+        .find_map(|p| std::fs::read(p).ok())
 }
 
 #[cfg(test)]
@@ -193,5 +264,100 @@ mod tests {
         let frame = s.frame(pid, addr + 1, true);
         assert!(frame.contains("marker_function"), "{frame}");
         assert!(s.frame(pid, 8, false).contains("[unknown]"));
+    }
+
+    #[test]
+    fn resolves_a_function_in_a_shared_library() {
+        let mut s = Symbolizer::default();
+        let pid = std::process::id();
+        s.snapshot(pid);
+        // libc is loaded at a random base: the name comes out only with the bias removed.
+        let addr = libc::getpid as *const () as u64;
+        assert!(s.is_code(pid, addr));
+        let frame = s.frame(pid, addr, false);
+        // (`getpid` or its alias `__getpid`: one name per address is kept.)
+        assert!(frame.contains("getpid (libc.so"), "{frame}");
+        // Data is mapped but is not code: a frame-pointer walk landing there went astray.
+        let data = &raw const STATIC_DATA as u64;
+        assert!(s.mapping_name(pid, data).is_some());
+        assert!(!s.is_code(pid, data));
+    }
+
+    static STATIC_DATA: [u8; 64] = [7; 64];
+
+    #[test]
+    fn an_address_without_a_function_reads_as_the_files_own_address() {
+        let mut s = Symbolizer::default();
+        let pid = std::process::id();
+        s.snapshot(pid);
+        // Writable data sits at a file offset other than its address in the file (the
+        // segment's offset and address differ); no function symbol covers it.
+        let at = &raw const WRITABLE_DATA as u64;
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let file = object::File::parse(&*exe).unwrap();
+        let sym = file
+            .symbols()
+            .find(|s| s.name().is_ok_and(|n| n.contains("WRITABLE_DATA")))
+            .expect("the static's symbol");
+        let exe_name = std::fs::read_link("/proc/self/exe").unwrap();
+        let exe_name = exe_name.file_name().unwrap().to_string_lossy();
+        assert_eq!(
+            s.frame(pid, at + 8, false),
+            format!("{:#x} ({exe_name})", sym.address() + 8)
+        );
+    }
+
+    static mut WRITABLE_DATA: [u64; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+
+    #[test]
+    fn a_stripped_librarys_local_functions_are_named_from_its_debug_file() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        // (start, file offset, path) of libc's code mapping.
+        let (start, offset, path) = maps
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let path = *f.get(5)?;
+                (f[1].contains('x') && path.contains("/libc.so")).then(|| {
+                    let start = u64::from_str_radix(f[0].split('-').next().unwrap(), 16);
+                    (start.unwrap(), u64::from_str_radix(f[2], 16).unwrap(), path)
+                })
+            })
+            .next()
+            .expect("libc's code mapping");
+        let data = std::fs::read(path).unwrap();
+        let libc = object::File::parse(&*data).unwrap();
+        let id = libc.build_id().unwrap().expect("libc has a build id");
+        let Some(debug) = read_debug_file(std::process::id(), id) else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "libc's debug file (libc6-dbg) is required under CI"
+            );
+            eprintln!("\n!!! TEST NOT RUN: no debug file for {path} (install libc6-dbg) !!!\n");
+            return;
+        };
+        let debug = object::File::parse(&*debug).unwrap();
+        // A function the stripped library does not name: only its debug file does.
+        let exported: std::collections::HashSet<u64> =
+            function_symbols(&libc, 0).iter().map(|s| s.0).collect();
+        let (addr, _, _, name) = function_symbols(&debug, 2)
+            .into_iter()
+            .find(|(a, e, _, n)| n == "_int_malloc" && e > a && !exported.contains(a))
+            .expect("_int_malloc in libc's debug file");
+        let seg = libc
+            .segments()
+            .find(|s| {
+                matches!(s.flags(), SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0)
+                    && s.address() <= addr
+                    && addr < s.address() + s.size()
+            })
+            .expect("libc's code segment");
+        let at = start + (addr - seg.address() + seg.file_range().0 - offset) + 4;
+        let mut s = Symbolizer::default();
+        s.snapshot(std::process::id());
+        assert_eq!(
+            s.frame(std::process::id(), at, false),
+            format!("{name} (libc.so.6)")
+        );
     }
 }

@@ -78,6 +78,33 @@ pub fn c_workload() -> PathBuf {
     .clone()
 }
 
+/// Builds tests/workloads/native_frames_lib.c once into a shared library with frame
+/// pointers (`cc -O1 -fno-omit-frame-pointer`), for the `--native` tests.
+pub fn native_frames_lib() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let out = root().join("target/test-workloads");
+        std::fs::create_dir_all(&out).expect("creating target/test-workloads");
+        let lib = out.join("libpyleak_native_frames.so");
+        let status = Command::new("cc")
+            .args([
+                "-shared",
+                "-fPIC",
+                "-O1",
+                "-fno-omit-frame-pointer",
+                "-g",
+                "-o",
+            ])
+            .arg(&lib)
+            .arg(root().join("tests/workloads/native_frames_lib.c"))
+            .status()
+            .expect("running cc");
+        assert!(status.success(), "cc failed on native_frames_lib.c");
+        lib
+    })
+    .clone()
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
     let d = root()

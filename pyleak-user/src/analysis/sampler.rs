@@ -193,7 +193,7 @@ impl Sampler {
             if let Some(f) = frames.get(&(pid, id)) {
                 return Some((pid, layer, f.clone()));
             }
-            let f = frames_of(rec, syms, py, native, pid, id).0;
+            let f = frames_of(rec, syms, py, native, pid, id).names;
             // Kept once every Python frame is named (the resolver may learn it later).
             if !f.iter().any(|name| name.starts_with("[python code")) {
                 frames.insert((pid, id), f.clone());

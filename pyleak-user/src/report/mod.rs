@@ -72,6 +72,9 @@ pub struct Suspect {
     pub pid: u32,
     /// Frames, root first.
     pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native (as in [`StackReport`]).
+    #[serde(default)]
+    pub native_frames: usize,
     /// Bytes live at the end.
     pub live_bytes: u64,
     /// Blocks live at the end.
@@ -189,8 +192,13 @@ pub struct StackReport {
     pub layer: String,
     /// Process id.
     pub pid: u32,
-    /// Frames, root first: Python `qualname (path:line)`, native `symbol (module)`.
+    /// Frames, root first: Python `qualname (path:line)`, native `symbol (module)`; under
+    /// Python frames (`--native`), native frames end in ` [native]`.
     pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native: all of them in a stack without
+    /// Python frames, those under the Python frames with `--native`, else 0.
+    #[serde(default)]
+    pub native_frames: usize,
     /// Bytes live at the end.
     pub live_bytes: u64,
     /// Blocks live at the end.
@@ -319,7 +327,7 @@ pub fn build(
     // (native callers under the same Python line) are one row.
     let live_regions = rec.model.live_regions();
     let live_pages = rec.model.live_pages();
-    let mut frames_cache: HashMap<(u32, u64), (Vec<String>, bool)> = HashMap::new();
+    let mut frames_cache: HashMap<(u32, u64), StackFrames> = HashMap::new();
     let mut frames = |pid: u32, stack_id: u64| {
         frames_cache
             .entry((pid, stack_id))
@@ -345,12 +353,17 @@ pub fn build(
                 agg.allocs.saturating_sub(agg.frees),
             ),
         };
-        let (fr, truncated) = frames(pid, stack_id);
+        let StackFrames {
+            names: fr,
+            truncated,
+            native,
+        } = frames(pid, stack_id);
         let i = *row_of.entry((pid, layer, fr.clone())).or_insert_with(|| {
             rows.push(StackReport {
                 layer: layer.name().to_owned(),
                 pid,
                 frames: fr,
+                native_frames: native,
                 live_bytes: 0,
                 live_count: 0,
                 alloc_bytes: 0,
@@ -417,7 +430,7 @@ pub fn build(
                 linkage.arena_count += 1;
                 linkage.arena_bytes += r.end - start;
                 *arenas_by_stack
-                    .entry((pid, frames(pid, r.stack_id).0))
+                    .entry((pid, frames(pid, r.stack_id).names))
                     .or_default() += r.end - start;
             }
         }
@@ -481,6 +494,7 @@ pub fn build(
             layer: r.layer.clone(),
             pid: r.pid,
             frames: r.frames.clone(),
+            native_frames: r.native_frames,
             // Of vm and pages, the memory that can be a suspect (see `Snapshot::ages`).
             live_bytes: if uprobe_layer { r.live_bytes } else { a.bytes },
             live_count: if uprobe_layer { r.live_count } else { a.count },
@@ -617,8 +631,23 @@ fn bucket_histogram(counts: &[u64]) -> Histogram<u64> {
     h
 }
 
+/// The frames of an interned stack, as reports show them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackFrames {
+    /// Root first.
+    pub names: Vec<String>,
+    /// Whether Python frames were cut off (the first name is then `[truncated]`).
+    pub truncated: bool,
+    /// How many names, at the leaf end, are native frames.
+    pub native: usize,
+}
+
+/// Marks a native frame under Python frames.
+pub const NATIVE_MARK: &str = " [native]";
+
 /// Frames of an interned stack, root first: the Python frames when there are any (then,
-/// with `native`, the native frames below them), else the native frames.
+/// with `native`, the native frames below the leaf Python frame, marked [`NATIVE_MARK`]),
+/// else the native frames.
 pub fn frames_of(
     rec: &Recorder,
     syms: &Symbolizer,
@@ -626,37 +655,68 @@ pub fn frames_of(
     native: bool,
     pid: u32,
     stack_id: u64,
-) -> (Vec<String>, bool) {
+) -> StackFrames {
+    let lost = || StackFrames {
+        names: vec!["[stack lost]".to_owned()],
+        truncated: false,
+        native: 0,
+    };
     if stack_id == 0 {
-        return (vec!["[stack lost]".to_owned()], false);
+        return lost();
     }
     let Some(st) = rec.stack(stack_id) else {
-        return (vec!["[stack lost]".to_owned()], false);
+        return lost();
     };
     let n = (st.py_len as usize).min(st.py.len());
     let truncated = st.flags & STACK_PY_TRUNCATED != 0;
     if n == 0 {
-        return (native_frames(syms, pid, &st), truncated);
+        let names = native_frames(syms, pid, &st);
+        let native = names.len();
+        return StackFrames {
+            names,
+            truncated,
+            native,
+        };
     }
-    let mut frames: Vec<String> = Vec::with_capacity(n + 1);
+    let mut names: Vec<String> = Vec::with_capacity(n + 1);
     if truncated {
-        frames.push("[truncated]".to_owned());
+        names.push("[truncated]".to_owned());
     }
-    frames.extend(
+    names.extend(
         st.py[..n]
             .iter()
             .enumerate()
             .rev()
             .map(|(i, f)| py.frame(pid, stack_id, i, f)),
     );
+    let mut below = Vec::new();
     if native {
-        frames.extend(
-            native_frames(syms, pid, &st)
-                .into_iter()
-                .map(|f| format!("{f} [native]")),
-        );
+        below = under_python(native_frames(syms, pid, &st));
+        names.extend(below.iter().map(|f| format!("{f}{NATIVE_MARK}")));
     }
-    (frames, truncated)
+    StackFrames {
+        names,
+        truncated,
+        native: below.len(),
+    }
+}
+
+/// Of a thread's native frames (root first), those under its leaf Python frame: the ones
+/// below the leaf-most frame of CPython's eval loop. The eval loop and everything above it
+/// (the interpreter's own calls between Python frames, `main`) are what the Python frames
+/// stand for, so they are trimmed; the leaf, the allocator's caller, always stays (the
+/// eval loop itself when it allocated). A frame-pointer walk seldom gets that far (CPython
+/// and libffi are built without frame pointers here), and then every frame is kept.
+pub fn under_python(frames: Vec<String>) -> Vec<String> {
+    let is_eval_loop = |f: &String| {
+        let name = f.split_once(" (").map_or(f.as_str(), |(n, _)| n);
+        name.starts_with("_PyEval_EvalFrame") || name.starts_with("PyEval_EvalFrame")
+    };
+    let above_leaf = &frames[..frames.len().saturating_sub(1)];
+    match above_leaf.iter().rposition(is_eval_loop) {
+        Some(i) => frames[i + 1..].to_vec(),
+        None => frames,
+    }
 }
 
 /// Native frames of a stack, root first.
@@ -665,9 +725,9 @@ pub fn native_frames(syms: &Symbolizer, pid: u32, st: &StackTrace) -> Vec<String
     let leaf_is_ip = st.flags & STACK_LEAF_IS_IP != 0;
     let mut out = Vec::with_capacity(n);
     for (i, &ip) in st.native[..n].iter().enumerate() {
-        // Past the first frame, an address outside every mapping means the frame-pointer
-        // walk went astray (code without frame pointers): the rest is noise.
-        if i > 0 && !syms.is_mapped(pid, ip) {
+        // Past the first frame, an address outside every mapping of code means the
+        // frame-pointer walk went astray (code without frame pointers): the rest is noise.
+        if i > 0 && !syms.is_code(pid, ip) {
             break;
         }
         out.push(syms.frame(pid, ip, !(i == 0 && leaf_is_ip)));
@@ -718,6 +778,7 @@ mod tests {
             layer: layer.to_owned(),
             pid: 42,
             frames: frames.iter().map(|f| (*f).to_owned()).collect(),
+            native_frames: frames.iter().filter(|f| f.ends_with(NATIVE_MARK)).count(),
             live_bytes: live,
             live_count: n,
             alloc_bytes: alloc,
@@ -798,15 +859,19 @@ mod tests {
                     12288,
                     2,
                 ),
-                stack(
-                    "vm",
-                    &["main (alloc_workload)", "__mmap (libc.so.6)"],
-                    0,
-                    40960,
-                    0,
-                ),
+                StackReport {
+                    native_frames: 2,
+                    ..stack(
+                        "vm",
+                        &["main (alloc_workload)", "__mmap (libc.so.6)"],
+                        0,
+                        40960,
+                        0,
+                    )
+                },
                 StackReport {
                     pid: 43,
+                    native_frames: 1,
                     ..stack("libc", &["weird;name (a.out)"], 7, 7, 1)
                 },
             ],
@@ -830,6 +895,7 @@ mod tests {
                         "main (/srv/app.py:56)".to_owned(),
                         "leak (/srv/app.py:26)".to_owned(),
                     ],
+                    native_frames: 0,
                     live_bytes: 4000400,
                     live_count: 400,
                     aged_live_bytes: 3000300,
@@ -850,6 +916,7 @@ mod tests {
                     layer: "pages".to_owned(),
                     pid: 42,
                     frames: vec!["recurse (/srv/app.py:48)".to_owned()],
+                    native_frames: 0,
                     live_bytes: 8192,
                     live_count: 2,
                     aged_live_bytes: 8192,
@@ -916,6 +983,49 @@ mod tests {
         let mut out = Vec::new();
         folded::write(&sample(), folded::Metric::LiveBytes, true, &mut out).unwrap();
         golden("per-process.folded", &String::from_utf8(out).unwrap());
+    }
+
+    #[test]
+    fn native_frames_under_python_stop_at_the_leaf_eval_loop() {
+        let v = |f: &[&str]| f.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        // A walk through a CPython built with frame pointers: the eval loop of the leaf
+        // Python frame and all above it are the Python frames; below it stays.
+        let walked = v(&[
+            "_start (python3.12)",
+            "Py_RunMain (libpython3.12.so.1.0)",
+            "_PyEval_EvalFrameDefault (libpython3.12.so.1.0)",
+            "_PyFunction_Vectorcall (libpython3.12.so.1.0)",
+            "_PyEval_EvalFrameDefault.cold (libpython3.12.so.1.0)",
+            "PyCFuncPtr_call (_ctypes.cpython-312-x86_64-linux-gnu.so)",
+            "ffi_call_unix64 (libffi.so.8)",
+            "leak_outer (libleak.so)",
+            "leak_inner (libleak.so)",
+        ]);
+        assert_eq!(
+            under_python(walked),
+            v(&[
+                "PyCFuncPtr_call (_ctypes.cpython-312-x86_64-linux-gnu.so)",
+                "ffi_call_unix64 (libffi.so.8)",
+                "leak_outer (libleak.so)",
+                "leak_inner (libleak.so)",
+            ])
+        );
+        // 3.8-3.10 and a walk that never reaches the eval loop (no frame pointers there).
+        assert_eq!(
+            under_python(v(&["PyEval_EvalFrameEx (libpython2.7.so)", "f (x.so)"])),
+            v(&["f (x.so)"])
+        );
+        let short = v(&["0x6f79 (libffi.so.8.1.2)", "leak_inner (libleak.so)"]);
+        assert_eq!(under_python(short.clone()), short);
+        // An allocation the eval loop made itself: the leaf stays.
+        assert_eq!(
+            under_python(v(&[
+                "_PyEval_EvalFrameDefault (python3.11)",
+                "_PyEval_EvalFrameDefault (python3.11)"
+            ])),
+            v(&["_PyEval_EvalFrameDefault (python3.11)"])
+        );
+        assert!(under_python(Vec::new()).is_empty());
     }
 
     #[test]
