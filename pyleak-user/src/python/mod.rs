@@ -2,26 +2,32 @@
 //! the binary, the frame layout the kernel walks, and reading code objects for names.
 
 pub mod code;
-pub mod layouts;
+pub mod lines;
+pub mod versions;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
-use pyleak_common::PyFrame;
+use pyleak_common::{PyFrame, PyProc};
 
 use self::code::{CodeInfo, CodeLayout, Memory, ProcMem};
+use self::versions::CPython;
 
 /// The file holding a process's Python runtime, and what pyleak needs from it.
 #[derive(Debug, Clone)]
 pub struct PythonRuntime {
     /// The file (libpython, or the python executable).
     pub file: PathBuf,
-    /// CPython (major, minor).
-    pub version: (u8, u8),
     /// Link-time address of `_PyRuntime`.
     pub runtime_vaddr: u64,
     /// Lowest link-time address of a loaded segment (to compute the load bias).
     pub base_vaddr: u64,
+    /// What pyleak knows about this version.
+    pub cpython: &'static dyn CPython,
+    /// The frame layout for the kernel (runtime address and bias still 0).
+    pub walk: PyProc,
+    /// Where its code objects keep names and line tables.
+    pub code: CodeLayout,
 }
 
 /// What detection found in a file that holds a Python runtime.
@@ -85,17 +91,19 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
             version: "unknown".into(),
         });
     };
-    if layouts::for_version(version).is_none() {
+    let Some(cpython) = versions::for_version(version) else {
         return Some(Detected::Unsupported {
             file: f.clone(),
-            version: format!("{}.{}", version.0, version.1),
+            version: version_name(version),
         });
-    }
+    };
     Some(Detected::Supported(PythonRuntime {
         file: f.clone(),
-        version,
         runtime_vaddr: runtime.address(),
         base_vaddr,
+        cpython,
+        walk: cpython.walk_layout(),
+        code: cpython.code_layout(),
     }))
 }
 
@@ -165,7 +173,7 @@ pub fn file_load_bias(pid: u32, file: &std::path::Path, base_vaddr: u64) -> Opti
 /// cannot rename the frames of stacks seen before.
 #[derive(Default)]
 pub struct Resolver {
-    procs: HashMap<u32, (CodeLayout, Option<ProcMem>)>,
+    procs: HashMap<u32, Proc>,
     /// The code object last seen at (process, address, first line).
     cache: HashMap<(u32, u64, u32), Cached>,
     /// Batches of stacks learnt so far: a cached code object is checked once per batch.
@@ -175,12 +183,15 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Starts resolving frames of `pid`, a CPython `version`.
-    pub fn add_process(&mut self, pid: u32, version: (u8, u8)) {
-        if let Some(layout) = CodeLayout::for_version(version) {
-            // Memory is opened at first use: a launched command has not exec'd yet.
-            self.procs.insert(pid, (layout, None));
-        }
+    /// Starts resolving frames of `pid`, which runs `rt`.
+    pub fn add_process(&mut self, pid: u32, rt: &PythonRuntime) {
+        // Memory is opened at first use: a launched command has not exec'd yet.
+        let proc = Proc {
+            cpython: rt.cpython,
+            layout: rt.code,
+            mem: None,
+        };
+        self.procs.insert(pid, proc);
     }
 
     /// Whether frames of `pid` can be resolved (its CPython version is known).
@@ -193,7 +204,7 @@ impl Resolver {
     /// body's (freed once run, its address reused) only if the object at its address still
     /// has its identity, checked with one small read once per batch.
     pub fn learn(&mut self, pid: u32, stack_id: u64, frames: &[PyFrame]) {
-        let Some((layout, mem)) = self.procs.get_mut(&pid) else {
+        let Some(Proc { layout, mem, .. }) = self.procs.get_mut(&pid) else {
             return;
         };
         if mem.is_none() {
@@ -251,7 +262,7 @@ impl Resolver {
     /// `qualname (path:line)` of frame `i` (leaf first) of stack `stack_id`, or a
     /// placeholder when its code object could not be read.
     pub fn frame(&self, pid: u32, stack_id: u64, i: usize, f: &PyFrame) -> String {
-        let layout = self.procs.get(&pid).map(|p| &p.0);
+        let proc = self.procs.get(&pid);
         let info = match self.stacks.get(&(pid, stack_id)) {
             Some(v) => v.get(i).cloned().flatten(),
             None => self
@@ -259,18 +270,21 @@ impl Resolver {
                 .get(&(pid, f.code, f.sig))
                 .and_then(|c| c.info.clone()),
         };
-        match (info, layout) {
-            (Some(info), Some(layout)) => {
-                format!(
-                    "{} ({}:{})",
-                    info.qualname,
-                    info.filename,
-                    code::line_for(layout, &info, f.lasti)
-                )
+        match (info, proc) {
+            (Some(info), Some(p)) => {
+                let line = p.cpython.line(&p.layout, &info, f.lasti);
+                format!("{} ({}:{line})", info.qualname, info.filename)
             }
             _ => format!("[python code {:#x}] (?:{})", f.code, f.sig),
         }
     }
+}
+
+/// A traced process: its version, where its code objects keep things, its memory.
+struct Proc {
+    cpython: &'static dyn CPython,
+    layout: CodeLayout,
+    mem: Option<ProcMem>,
 }
 
 /// A code object as read, and the batch in which it was last checked.
@@ -289,10 +303,11 @@ fn read_checked(mem: &ProcMem, layout: &CodeLayout, f: &PyFrame) -> Option<Arc<C
 
 /// `CPython 3.12 (/path/libpython3.12.so)`, for messages.
 pub fn describe(rt: &PythonRuntime) -> String {
-    format!(
-        "CPython {}.{} ({})",
-        rt.version.0,
-        rt.version.1,
-        rt.file.display()
-    )
+    let version = version_name(rt.cpython.version());
+    format!("CPython {version} ({})", rt.file.display())
+}
+
+/// `3.12`, as reports name a version.
+pub fn version_name((major, minor): versions::PyVersion) -> String {
+    format!("{major}.{minor}")
 }
