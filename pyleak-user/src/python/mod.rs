@@ -3,11 +3,12 @@
 
 pub mod code;
 pub mod lines;
+pub mod release;
 pub mod versions;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSegment, ObjectSymbol};
 use pyleak_common::{PyFrame, PyProc};
 
 use self::code::{CodeInfo, CodeLayout, Memory, ProcMem};
@@ -49,8 +50,12 @@ pub fn detect(files: &[PathBuf]) -> Option<Detected> {
     files.iter().find_map(|f| detect_via(f, f))
 }
 
+/// What an unsupported runtime whose version could not be read is called.
+const UNKNOWN: &str = "of unknown version";
+
 /// Whether `file` holds a Python runtime, reading it through `via` (an open file's
-/// `/proc/self/fd/N`, which stays valid when the process that mapped it exits).
+/// `/proc/self/fd/N`, which stays valid when the process that mapped it exits). Its version
+/// is read from the file's contents (see `release`); the name only picks candidates.
 pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detected> {
     let f = &file.to_owned();
     let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -63,23 +68,14 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
     let Ok(obj) = object::File::parse(&*data) else {
         return None;
     };
-    let find = |want: &str| {
-        obj.dynamic_symbols()
-            .chain(obj.symbols())
-            .find(|s| s.is_definition() && s.name() == Ok(want))
-    };
-    let version = find("Py_Version")
-        .and_then(|s| read_u32_at(&obj, s.address()))
-        .map(|hex| (((hex >> 24) & 0xff) as u8, ((hex >> 16) & 0xff) as u8))
-        .or_else(|| version_from_name(name));
+    let find = |want: &str| release::defined(&obj, want);
+    let version = release::version_of(&obj);
     let Some(runtime) = find("_PyRuntime") else {
         // Python 3.6 and older have no _PyRuntime.
         if name.starts_with("libpython") || find("Py_Initialize").is_some() {
             return Some(Detected::Unsupported {
                 file: f.clone(),
-                version: version
-                    .map(|(a, b)| format!("{a}.{b}"))
-                    .unwrap_or_else(|| name.to_owned()),
+                version: version.map_or_else(|| UNKNOWN.to_owned(), version_name),
             });
         }
         return None;
@@ -88,7 +84,7 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
     let Some(version) = version else {
         return Some(Detected::Unsupported {
             file: f.clone(),
-            version: "unknown".into(),
+            version: UNKNOWN.into(),
         });
     };
     let Some(cpython) = versions::for_version(version) else {
@@ -105,28 +101,6 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
         walk: cpython.walk_layout(),
         code: cpython.code_layout(),
     }))
-}
-
-fn read_u32_at(obj: &object::File<'_>, addr: u64) -> Option<u32> {
-    for sec in obj.sections() {
-        if sec.address() <= addr && addr + 4 <= sec.address() + sec.size() {
-            let data = sec.data().ok()?;
-            let off = (addr - sec.address()) as usize;
-            return Some(u32::from_le_bytes(data.get(off..off + 4)?.try_into().ok()?));
-        }
-    }
-    None
-}
-
-/// `python3.9`, `libpython3.10.so.1.0` → (3, 9), (3, 10).
-fn version_from_name(name: &str) -> Option<(u8, u8)> {
-    let rest = name
-        .strip_prefix("libpython")
-        .or_else(|| name.strip_prefix("python"))?;
-    let mut parts = rest
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// The pid namespace of `pid` as (device, inode) when it is not pyleak's own (a
