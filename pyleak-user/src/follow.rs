@@ -405,6 +405,9 @@ impl Group {
         match python::detect_via(file, via) {
             Some(python::Detected::Supported(rt)) => {
                 log::info!("{}", python::describe(&rt));
+                if let Some(w) = &rt.warning {
+                    eprintln!("pyleak: warning: {w}");
+                }
                 FileRuntime::Supported(Box::new(rt))
             }
             Some(python::Detected::Unsupported { file, version }) => {

@@ -613,6 +613,9 @@ fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python
     match python::detect(files)? {
         python::Detected::Supported(rt) => {
             log::info!("{what}: {}", python::describe(&rt));
+            if let Some(w) = &rt.warning {
+                eprintln!("pyleak: warning: {w}");
+            }
             Some(rt)
         }
         python::Detected::Unsupported { file, version } => {

@@ -2,6 +2,7 @@
 //! the binary, the frame layout the kernel walks, and reading code objects for names.
 
 pub mod code;
+pub mod debug_offsets;
 pub mod lines;
 pub mod release;
 pub mod versions;
@@ -29,6 +30,8 @@ pub struct PythonRuntime {
     pub walk: PyProc,
     /// Where its code objects keep names and line tables.
     pub code: CodeLayout,
+    /// What the user should hear about how the layouts were found (one line), if anything.
+    pub warning: Option<String>,
 }
 
 /// What detection found in a file that holds a Python runtime.
@@ -93,13 +96,44 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
             version: version_name(version),
         });
     };
+    let (mut walk, mut code, mut warning) = (cpython.walk_layout(), cpython.code_layout(), None);
+    if let Some(layout) = cpython.debug_offsets() {
+        let name = version_name(version);
+        let read = debug_offsets::read(
+            &obj,
+            runtime.address(),
+            version,
+            layout,
+            &mut walk,
+            &mut code,
+        );
+        warning = match read {
+            Ok(diffs) if diffs.is_empty() => None,
+            Ok(diffs) => Some(format!(
+                "{}: _Py_DebugOffsets differ from pyleak's CPython {name} table ({}): using the file's",
+                f.display(),
+                diffs.join(", ")
+            )),
+            Err(debug_offsets::Problem::FreeThreaded) => {
+                return Some(Detected::Unsupported {
+                    file: f.clone(),
+                    version: format!("{name}t (free-threaded)"),
+                });
+            }
+            Err(e) => Some(format!(
+                "{}: {e}: using pyleak's CPython {name} table",
+                f.display()
+            )),
+        };
+    }
     Some(Detected::Supported(PythonRuntime {
         file: f.clone(),
         runtime_vaddr: runtime.address(),
         base_vaddr,
         cpython,
-        walk: cpython.walk_layout(),
-        code: cpython.code_layout(),
+        walk,
+        code,
+        warning,
     }))
 }
 

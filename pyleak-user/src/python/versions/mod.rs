@@ -14,6 +14,7 @@ use pyleak_common::PyProc;
 
 use super::{
     code::{CodeInfo, CodeLayout},
+    debug_offsets::DebugOffsetsLayout,
     lines::{self, LineFormat},
 };
 
@@ -35,6 +36,13 @@ pub trait CPython: Send + Sync + std::fmt::Debug {
     /// The format of `co_lnotab` / `co_linetable`, which also says what the kernel's
     /// `lasti` counts (bytes, code units, or bytes from the code object).
     fn line_format(&self) -> LineFormat;
+
+    /// Where this version's `_PyRuntime` starts with `_Py_DebugOffsets` (3.13+), the
+    /// layout of that table; its offsets then override [`CPython::walk_layout`] and
+    /// [`CPython::code_layout`].
+    fn debug_offsets(&self) -> Option<&'static DebugOffsetsLayout> {
+        None
+    }
 
     /// The line of the position `lasti` the kernel captured in a frame of `info`.
     fn line(&self, code: &CodeLayout, info: &CodeInfo, lasti: u32) -> u32 {
