@@ -408,7 +408,7 @@ impl Group {
                 if let Some(w) = &rt.warning {
                     eprintln!("pyleak: warning: {w}");
                 }
-                FileRuntime::Supported(Box::new(rt))
+                FileRuntime::Supported(rt)
             }
             Some(python::Detected::Unsupported { file, version }) => {
                 eprintln!(

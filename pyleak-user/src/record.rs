@@ -616,7 +616,7 @@ fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python
             if let Some(w) = &rt.warning {
                 eprintln!("pyleak: warning: {w}");
             }
-            Some(rt)
+            Some(*rt)
         }
         python::Detected::Unsupported { file, version } => {
             eprintln!(

@@ -276,6 +276,71 @@ mod tests {
     }
 
     #[test]
+    fn the_3_14_word_indexes_fill_every_field() {
+        // No 3.14 binary here: a table written at 3.14's indexes with the values of the
+        // 3.14 module's own table must read back as that table, every field in its place.
+        let cp = versions::for_version((3, 14)).unwrap();
+        let (l, walk, code) = (
+            cp.debug_offsets().unwrap(),
+            cp.walk_layout(),
+            cp.code_layout(),
+        );
+        let mut words = vec![0u64; 96];
+        words[1] = 0x030e_00f0;
+        let mut put = |idx: &[usize], size: u64, values: &[u64]| {
+            words[idx[0]] = size;
+            for (&i, &v) in idx[1..].iter().zip(values) {
+                words[i] = v;
+            }
+        };
+        put(&l.runtime, 1 << 20, &[walk.interp_head.into()]);
+        put(&l.interp, 1 << 20, &[walk.tstate_head.into()]);
+        let t = [
+            walk.tstate_next,
+            walk.tstate_frame,
+            walk.tstate_thread_id,
+            walk.tstate_native_tid,
+        ];
+        put(&l.tstate, 4096, &t.map(u64::from));
+        let f = [
+            walk.frame_back,
+            walk.frame_code,
+            walk.frame_lasti,
+            walk.frame_owner,
+        ];
+        put(&l.frame, 96, &f.map(u64::from));
+        let c = [
+            code.filename,
+            code.name,
+            code.qualname.unwrap(),
+            code.linetable,
+            code.firstlineno,
+        ];
+        let mut c = c.map(|v| v as u64).to_vec();
+        c.push(code.code_adaptive.into());
+        put(&l.code, 256, &c);
+        put(
+            &l.unicode,
+            64,
+            &[UNICODE_STATE, UNICODE_LENGTH, code.sizeof_ascii],
+        );
+        let mut table: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        table[..8].copy_from_slice(COOKIE);
+        let (mut w, mut c) = blank(walk, code);
+        parse(&table, (3, 14), l, &mut w, &mut c).unwrap();
+        assert_eq!(
+            (w, c),
+            (
+                PyProc {
+                    code_tag_mask: 0,
+                    ..walk
+                },
+                code
+            )
+        );
+    }
+
+    #[test]
     fn invalid_tables_are_refused() {
         let Some(data) = libpython_3_13() else {
             return;

@@ -38,7 +38,7 @@ pub struct PythonRuntime {
 #[derive(Debug, Clone)]
 pub enum Detected {
     /// A supported CPython.
-    Supported(PythonRuntime),
+    Supported(Box<PythonRuntime>),
     /// A CPython pyleak cannot walk (too old, or an unknown layout).
     Unsupported {
         /// The file.
@@ -126,7 +126,7 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
             )),
         };
     }
-    Some(Detected::Supported(PythonRuntime {
+    Some(Detected::Supported(Box::new(PythonRuntime {
         file: f.clone(),
         runtime_vaddr: runtime.address(),
         base_vaddr,
@@ -134,7 +134,7 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
         walk,
         code,
         warning,
-    }))
+    })))
 }
 
 /// The pid namespace of `pid` as (device, inode) when it is not pyleak's own (a

@@ -1,12 +1,14 @@
 //! What pyleak knows about each CPython minor version, one module per version behind the
 //! [`CPython`] trait (as py-spy keeps one module per version): the frame layout the kernel
 //! walks, where code objects keep names and line tables, and the line-table format.
-//! x86_64 release builds with the GIL. [`for_version`] is the one place that picks a module.
+//! x86_64 release builds with the GIL. [`for_version`] is the one place that picks a module;
+//! 3.14's is unverified (no 3.14 binary was at hand), the others are checked on pyenv builds.
 
 mod v3_10;
 mod v3_11;
 mod v3_12;
 mod v3_13;
+mod v3_14;
 mod v3_8;
 mod v3_9;
 
@@ -60,6 +62,7 @@ pub fn for_version(version: PyVersion) -> Option<&'static dyn CPython> {
         (3, 11) => &v3_11::Python311,
         (3, 12) => &v3_12::Python312,
         (3, 13) => &v3_13::Python313,
+        (3, 14) => &v3_14::Python314,
         _ => return None,
     })
 }
@@ -83,7 +86,7 @@ mod tests {
 
     #[test]
     fn one_module_per_known_version() {
-        for minor in 8..=13 {
+        for minor in 8..=14 {
             let cp = for_version((3, minor)).unwrap_or_else(|| panic!("3.{minor}"));
             assert_eq!(cp.version(), (3, minor));
             // Every version names a frame's code object and its first line.
@@ -98,5 +101,10 @@ mod tests {
         }
         assert_eq!(for_version((3, 10)).unwrap().walk_layout().frame_lasti, 96);
         assert_eq!(for_version((3, 9)).unwrap().walk_layout().frame_lasti, 104);
+        // Only 3.14's code pointer is tagged.
+        for minor in 8..=14 {
+            let mask = for_version((3, minor)).unwrap().walk_layout().code_tag_mask;
+            assert_eq!(mask, if minor == 14 { 3 } else { 0 }, "3.{minor}");
+        }
     }
 }
