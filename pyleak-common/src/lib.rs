@@ -572,6 +572,9 @@ pub struct PyProc {
     pub pidns_dev: u64,
     /// Inode of that pid namespace; 0: pyleak's own, thread ids compare as they are.
     pub pidns_ino: u64,
+    /// Bits cleared from the pointer at `frame_code` before it is used: 3.14's
+    /// `f_executable` is a `_PyStackRef` tagged in its low bits; 0 before 3.14.
+    pub code_tag_mask: u64,
 }
 
 /// `FILTER_MODE`: the processes in `TARGETS`, probed one by one (`--pid`, a command).

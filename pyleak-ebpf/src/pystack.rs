@@ -36,8 +36,9 @@ pub static PY_TEMPLATES: Array<PyProc> = Array::with_max_entries(PY_TEMPLATES_EN
 #[map]
 pub static TSTATES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(THREADS_ENTRIES, 0);
 
-/// Owner values from here up mark interpreter entry frames (C stack), not Python code.
-const FRAME_OWNED_BY_CSTACK: u8 = 3;
+/// Owner values from here up mark entry frames, not Python code: the C stack's (3 on
+/// 3.12/3.13) and the interpreter's (3 on 3.14, where the C stack's becomes 4).
+const FIRST_ENTRY_OWNER: u8 = 3;
 
 #[inline(always)]
 fn read_u64(addr: u64) -> Option<u64> {
@@ -289,9 +290,10 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         s.flags |= STACK_PY_UNREADABLE;
         return 1;
     };
+    let code = code & !p.code_tag_mask;
     let back = field_u64(buf, p.frame_back).unwrap_or(0);
     if p.frame_owner != NO_OFFSET
-        && field_u8(buf, p.frame_owner).unwrap_or(0) >= FRAME_OWNED_BY_CSTACK
+        && field_u8(buf, p.frame_owner).unwrap_or(0) >= FIRST_ENTRY_OWNER
     {
         s.frame = back;
         return 0;

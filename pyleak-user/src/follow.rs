@@ -44,8 +44,8 @@ struct Member {
 enum FileRuntime {
     /// Not a Python runtime.
     None,
-    /// A CPython pyleak walks: where its runtime is and the frame layout.
-    Supported(python::PythonRuntime, PyProc),
+    /// A CPython pyleak walks: where its runtime is, and its layouts.
+    Supported(Box<python::PythonRuntime>),
     /// A CPython pyleak cannot walk (its version).
     Unsupported(String),
 }
@@ -271,16 +271,16 @@ impl Group {
             }
             if !self.probed.contains(key) {
                 let mut probes = plan_file(self.layers, f, &via(open));
-                if let Some(FileRuntime::Supported(rt, layout)) = self.runtimes.get(key).cloned() {
-                    probes.extend(self.init_probe(rec, &via(open), &rt, layout));
+                if let Some(FileRuntime::Supported(rt)) = self.runtimes.get(key).cloned() {
+                    probes.extend(self.init_probe(rec, &via(open), &rt));
                 }
                 self.attach(rec, &probes, f, *key);
             }
             match self.runtimes.get(key) {
-                Some(FileRuntime::Supported(rt, layout)) => {
+                Some(FileRuntime::Supported(rt)) => {
                     let mut rt = rt.clone();
                     rt.file = f.clone();
-                    runtime = FileRuntime::Supported(rt, *layout);
+                    runtime = FileRuntime::Supported(rt);
                 }
                 Some(FileRuntime::Unsupported(v)) => runtime = FileRuntime::Unsupported(v.clone()),
                 _ => {}
@@ -355,19 +355,19 @@ impl Group {
             return;
         };
         match runtime {
-            FileRuntime::Supported(rt, layout) => {
+            FileRuntime::Supported(rt) => {
                 let Some(bias) = python::load_bias(pid, rt) else {
                     log::debug!("process {pid}: {} not mapped yet", rt.file.display());
                     return;
                 };
                 if self.python_stacks {
-                    if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, *layout)) {
+                    if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, rt.walk)) {
                         log::warn!("process {pid}: {e}");
                     }
-                    resolver.add_process(pid, rt.version);
+                    resolver.add_process(pid, rt);
                 }
                 rec.pythons
-                    .insert(pid, format!("{}.{}", rt.version.0, rt.version.1));
+                    .insert(pid, python::version_name(rt.cpython.version()));
                 m.settled = true;
             }
             FileRuntime::Unsupported(v) => {
@@ -378,14 +378,13 @@ impl Group {
         }
     }
 
-    /// The probe that applies `layout` to processes of the group that start `file`'s
-    /// interpreter later, with the kernel's template for it.
+    /// The probe that applies `rt`'s frame layout to processes of the group that start
+    /// `file`'s interpreter later, with the kernel's template for it.
     fn init_probe(
         &mut self,
         rec: &mut Recorder,
         file: &Path,
         rt: &python::PythonRuntime,
-        layout: PyProc,
     ) -> Option<ProbeSpec> {
         if !self.python_stacks || self.templates >= pyleak_common::PY_TEMPLATES_ENTRIES {
             return None;
@@ -393,7 +392,7 @@ impl Group {
         let template = PyProc {
             runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
             bias: 0,
-            ..layout
+            ..rt.walk
         };
         let mut init = attach::plan_py_init(&ElfFile::open(file).ok()?)?;
         rec.set_template(self.templates, &template).ok()?;
@@ -405,10 +404,11 @@ impl Group {
     fn detect(&mut self, file: &Path, via: &Path) -> FileRuntime {
         match python::detect_via(file, via) {
             Some(python::Detected::Supported(rt)) => {
-                let layout =
-                    python::layouts::for_version(rt.version).expect("detect checks the version");
                 log::info!("{}", python::describe(&rt));
-                FileRuntime::Supported(rt, layout)
+                if let Some(w) = &rt.warning {
+                    eprintln!("pyleak: warning: {w}");
+                }
+                FileRuntime::Supported(rt)
             }
             Some(python::Detected::Unsupported { file, version }) => {
                 eprintln!(

@@ -167,8 +167,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
             {
                 // Where the runtime lands is known once the command runs: a probe at
                 // interpreter start-up tells the kernel.
-                let layout =
-                    python::layouts::for_version(rt.version).expect("detect checks the version");
+                let layout = rt.walk;
                 rec.set_python(
                     c.pid,
                     &PyProc {
@@ -180,7 +179,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
                 if let Ok(elf) = ElfFile::open(&rt.file) {
                     probes.extend(attach::plan_py_init(&elf));
                 }
-                resolver.add_process(c.pid, rt.version);
+                resolver.add_process(c.pid, &rt);
                 // ...or pyleak reads it from the memory map first (an LTO build may have
                 // inlined the probed function away).
                 unplaced.insert(c.pid, (rt.clone(), layout));
@@ -201,11 +200,9 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
                 if let Some(rt) =
                     python_runtime(&files, &format!("process {pid}"), !args.no_python_stacks)
                 {
-                    let layout = python::layouts::for_version(rt.version)
-                        .expect("detect checks the version");
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
-                    rec.set_python(pid, &placed(pid, &rt, bias, layout))?;
-                    resolver.add_process(pid, rt.version);
+                    rec.set_python(pid, &placed(pid, &rt, bias, rt.walk))?;
+                    resolver.add_process(pid, &rt);
                 }
                 rec.add_target(pid, &probes)?;
             }
@@ -616,7 +613,10 @@ fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python
     match python::detect(files)? {
         python::Detected::Supported(rt) => {
             log::info!("{what}: {}", python::describe(&rt));
-            Some(rt)
+            if let Some(w) = &rt.warning {
+                eprintln!("pyleak: warning: {w}");
+            }
+            Some(*rt)
         }
         python::Detected::Unsupported { file, version } => {
             eprintln!(

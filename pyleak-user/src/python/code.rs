@@ -1,13 +1,10 @@
 //! Userspace resolution of the Python frames that the BPF walk captures as
 //! `(code object address, lasti, signature)`: read the `PyCodeObject` out of the target's
-//! memory, then turn `lasti` into a line number with the version's line table
-//! (design note `python-stacks.md`, sections 2 and 3). x86_64, release builds, 3.8–3.14.
+//! memory; the version's module (`versions`) then turns `lasti` into a line with its line
+//! table (design note `python-stacks.md`, sections 2 and 3). x86_64, release builds.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-
-/// CPython minor version, e.g. (3, 12).
-pub type PyVersion = (u8, u8);
 
 /// Longest string (in characters) we accept; anything longer is treated as garbage.
 const MAX_STR_CHARS: usize = 4096;
@@ -108,24 +105,11 @@ fn identity_of(hdr: &[u8], layout: &CodeLayout) -> Option<CodeIdentity> {
     ))
 }
 
-/// Format of the line table, which also fixes the meaning of the captured `lasti`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LineFormat {
-    /// 3.8/3.9 `co_lnotab`: (u8 byte delta, i8 line delta) pairs; `lasti` is in bytes.
-    Lnotab,
-    /// 3.10 `co_linetable`: (u8 byte length, i8 line delta, −128 = no line) pairs;
-    /// `lasti` is in code units.
-    Linetable310,
-    /// 3.11+ location table; `lasti` is instruction pointer − code object address.
-    Locations,
-}
-
-/// Layout knowledge for one CPython version (offsets of PyCodeObject fields, sizes of
-/// PyASCIIObject/PyCompactUnicodeObject, line table format).
+/// Where one CPython version keeps what pyleak reads in code objects (offsets of
+/// PyCodeObject fields, sizes of PyASCIIObject/PyCompactUnicodeObject); each version's
+/// module gives its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CodeLayout {
-    /// The version this layout describes.
-    pub version: PyVersion,
     /// Offset of `co_firstlineno` (a C `int`).
     pub firstlineno: usize,
     /// Offset of `co_flags` (a C `int`).
@@ -144,40 +128,6 @@ pub struct CodeLayout {
     pub sizeof_ascii: u64,
     /// `sizeof(PyCompactUnicodeObject)`: where compact non-ASCII data starts.
     pub sizeof_compact: u64,
-    /// Line table format.
-    pub line_format: LineFormat,
-}
-
-impl CodeLayout {
-    /// The layout for `v`: 3.8..=3.13 (DWARF-verified, x86_64), 3.14 (unverified), else None.
-    pub fn for_version(v: PyVersion) -> Option<CodeLayout> {
-        use LineFormat::*;
-        // (firstlineno, filename, name, qualname, linetable, adaptive, ascii, compact, format)
-        let (first, file, name, qual, table, adaptive, ascii, compact, fmt) = match v {
-            (3, 8) | (3, 9) => (40, 104, 112, None, 120, 0, 48, 72, Lnotab),
-            (3, 10) => (40, 104, 112, None, 120, 0, 48, 72, Linetable310),
-            (3, 11) => (72, 112, 120, Some(128), 136, 184, 48, 72, Locations),
-            (3, 12) => (68, 112, 120, Some(128), 136, 192, 40, 56, Locations),
-            (3, 13) => (68, 112, 120, Some(128), 136, 200, 40, 56, Locations),
-            // UNVERIFIED: from py-spy's 3.14.0 bindgen output (design note table), not DWARF.
-            (3, 14) => (68, 112, 120, Some(128), 136, 208, 40, 56, Locations),
-            _ => return None,
-        };
-        Some(CodeLayout {
-            version: v,
-            firstlineno: first,
-            // cpython-offsets-x86_64.json: 36 before 3.11, 48 from 3.11.
-            flags: if v < (3, 11) { 36 } else { 48 },
-            filename: file,
-            name,
-            qualname: qual,
-            linetable: table,
-            code_adaptive: adaptive,
-            sizeof_ascii: ascii,
-            sizeof_compact: compact,
-            line_format: fmt,
-        })
-    }
 }
 
 fn field<const N: usize>(buf: &[u8], off: usize) -> Option<[u8; N]> {
@@ -251,142 +201,12 @@ pub fn read_code(mem: &dyn Memory, layout: &CodeLayout, code_addr: u64) -> Optio
     })
 }
 
-/// The line of instruction position `lasti` as the kernel captured it:
-///  - 3.8/3.9: `lasti` is f_lasti in BYTES (co_lnotab pairs);
-///  - 3.10: `lasti` is f_lasti in CODE UNITS (co_linetable; multiply by 2);
-///  - 3.11+: `lasti` is (instruction pointer − code object address) in bytes; the bytecode
-///    starts at `co_code_adaptive`, so the address looked up is `2*((lasti − adaptive)/2)`.
-///
-/// A negative position (f_lasti −1, or an instruction pointer before the bytecode) gives
-/// `co_firstlineno`, as in CPython. An instruction without a line (or past the end of the
-/// table) gives 0.
-pub fn line_for(layout: &CodeLayout, info: &CodeInfo, lasti: u32) -> u32 {
-    let first = i64::from(info.firstlineno);
-    let table = &info.linetable;
-    let line = match layout.line_format {
-        LineFormat::Lnotab if (lasti as i32) >= 0 => lnotab_line(table, first, lasti.into()),
-        LineFormat::Linetable310 if (lasti as i32) >= 0 => {
-            linetable310_line(table, first, 2 * u64::from(lasti))
-        }
-        LineFormat::Locations => match lasti.checked_sub(layout.code_adaptive) {
-            Some(addr) => locations_line(table, first, u64::from(addr & !1)),
-            None => first,
-        },
-        _ => first,
-    };
-    u32::try_from(line).unwrap_or(0)
-}
-
-/// 3.8/3.9 `PyCode_Addr2Line`: accumulate pairs until the address passes `target`.
-fn lnotab_line(table: &[u8], first: i64, target: u64) -> i64 {
-    let (mut line, mut addr) = (first, 0u64);
-    for pair in table.chunks_exact(2) {
-        addr += u64::from(pair[0]);
-        if addr > target {
-            break;
-        }
-        line += i64::from(pair[1] as i8);
-    }
-    line
-}
-
-/// 3.10 `_PyCode_CheckLineNumber`: the first range whose end is past `target`.
-fn linetable310_line(table: &[u8], first: i64, target: u64) -> i64 {
-    let (mut computed, mut end) = (first, 0u64);
-    for pair in table.chunks_exact(2) {
-        end += u64::from(pair[0]);
-        let delta = pair[1] as i8;
-        let line = if delta == -128 {
-            -1
-        } else {
-            computed += i64::from(delta);
-            computed
-        };
-        if target < end {
-            return line;
-        }
-    }
-    -1
-}
-
-/// 6-bit varint with continuation bit 0x40 (CPython `scan_varint`), bounded.
-fn varint(table: &[u8], mut i: usize) -> u64 {
-    let (mut val, mut shift) = (0u64, 0u32);
-    while let Some(&b) = table.get(i) {
-        val |= u64::from(b & 63) << shift;
-        if b & 64 == 0 || shift >= 56 {
-            break;
-        }
-        (i, shift) = (i + 1, shift + 6);
-    }
-    val
-}
-
-/// 3.11+ location table (`Objects/locations.md`): entry byte `1cccclll` covers `lll+1`
-/// code units; code 15 = no line, 14/13 = signed varint delta, 10–12 = delta `code−10`.
-fn locations_line(table: &[u8], first: i64, target: u64) -> i64 {
-    let (mut computed, mut end, mut i) = (first, 0u64, 0usize);
-    while let Some(&b) = table.get(i) {
-        let code = (b >> 3) & 15;
-        computed += match code {
-            13 | 14 => {
-                let v = varint(table, i + 1);
-                let mag = (v >> 1) as i64;
-                if v & 1 != 0 {
-                    -mag
-                } else {
-                    mag
-                }
-            }
-            10..=12 => i64::from(code - 10),
-            _ => 0,
-        };
-        end += (u64::from(b & 7) + 1) * 2;
-        if target < end {
-            return if code == 15 { -1 } else { computed };
-        }
-        i += 1;
-        while table.get(i).is_some_and(|&b| b & 0x80 == 0) {
-            i += 1;
-        }
-    }
-    -1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::python::{lines::LineFormat, versions};
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-
-    /// Checks `line_for` on flattened (lasti, line) pairs, with `co_firstlineno` 10.
-    fn check(v: PyVersion, table: &[u8], want: &[u32]) {
-        let mut i = CodeInfo::default();
-        (i.firstlineno, i.linetable) = (10, table.to_vec());
-        let l = CodeLayout::for_version(v).unwrap();
-        for p in want.chunks(2) {
-            assert_eq!(line_for(&l, &i, p[0]), p[1], "{v:?} lasti {}", p[0]);
-        }
-    }
-
-    #[test]
-    fn decoders() {
-        // lnotab: [0,6) 10, [6,10) 11, (0,+127)(0,+3) → 143 up to 265 (255+1), 142, then 147.
-        let t = [6, 1, 4, 2, 0, 127, 0, 3, 255, 0, 1, 0xff, 8, 5];
-        check((3, 8), &t, &[0, 10, 5, 10, 6, 11, 9, 11, 10, 143]);
-        check((3, 9), &t, &[265, 143, 266, 142, 274, 147, u32::MAX, 10]);
-        // 3.10, lasti in code units: [0,6) 11, [6,10) no line, empty (12), [10,18) 14, end.
-        let t = [6, 1, 4, 0x80, 0, 1, 8, 2];
-        check((3, 10), &t, &[0, 11, 2, 11, 3, 0, 4, 0, 5, 14]);
-        check((3, 10), &t, &[8, 14, 9, 0, u32::MAX, 10]);
-        // 3.12, bytes from adaptive 192: short [0,4) 10; one-line +1 [4,6) 11; no-column −3
-        // [6,12) 8; long +100 [12,14) 108; none [14,16); one-line +0 [16,20) 108; end.
-        let mut t = vec![0x81, 5, 0xd8, 1, 2, 0xea, 7, 0xf0, 0x48, 3];
-        t.extend([0, 0, 0, 0xf8, 0xd1, 0, 0]);
-        check((3, 12), &t, &[0, 10, 190, 10, 191, 10, 192, 10, 195, 10]);
-        check((3, 12), &t, &[196, 11, 197, 11, 198, 8, 203, 8, 204, 108]);
-        check((3, 12), &t, &[206, 0, 208, 108, 211, 108, 212, 0]);
-    }
 
     struct Fake(Vec<u8>);
     impl Memory for Fake {
@@ -398,7 +218,7 @@ mod tests {
 
     #[test]
     fn bounds_and_procmem() {
-        let l = CodeLayout::for_version((3, 14)).unwrap();
+        let l = versions::for_version((3, 13)).unwrap().code_layout();
         let mut m = Fake(vec![0; 256]);
         m.0[16..24].copy_from_slice(&2i64.to_le_bytes());
         m.0[32..36].copy_from_slice(&(STATE_COMPACT | 4 << 2).to_le_bytes());
@@ -408,8 +228,6 @@ mod tests {
         assert_eq!(read_str(&m, &l, 0x1000), None, "garbage length");
         assert_eq!(read_bytes(&m, 0x1000), None, "garbage length");
         assert_eq!(read_code(&m, &l, 0x9000), None, "unreadable");
-        assert_eq!(CodeLayout::for_version((3, 7)), None);
-        assert_eq!(CodeLayout::for_version((3, 15)), None);
         let data = b"pyleak-procmem".to_vec();
         let mem = ProcMem::open(std::process::id()).unwrap();
         assert_eq!(mem.read(data.as_ptr() as u64, data.len()), Some(data));
@@ -527,17 +345,18 @@ main()
         let (mut infos, mut checked) = (std::collections::HashMap::new(), 0);
         let num = |s: &str| s.parse::<u32>().unwrap();
         let meta: Vec<u32> = lines[0].split(' ').skip(1).map(num).collect();
-        let l = CodeLayout::for_version((meta[0] as u8, meta[1] as u8)).unwrap();
+        let cp = versions::for_version((meta[0] as u8, meta[1] as u8)).unwrap();
+        let (l, format) = (cp.code_layout(), cp.line_format());
         let sizes = [l.sizeof_ascii, l.sizeof_compact].map(|s| s as u32);
         assert_eq!(sizes, meta[3..5], "str header sizes");
-        if l.line_format == LineFormat::Locations {
+        if format == LineFormat::Locations {
             assert_eq!(l.code_adaptive, meta[2], "co_code_adaptive");
         }
         for line in &lines[1..] {
             let w: Vec<&str> = line.split(' ').collect();
             let addr = w[1].parse::<u64>().unwrap();
             if w[0] == "FRAME" {
-                assert_eq!(line_for(&l, &infos[&addr], num(w[2])), num(w[3]), "{line}");
+                assert_eq!(cp.line(&l, &infos[&addr], num(w[2])), num(w[3]), "{line}");
                 continue;
             }
             let got = read_code(&mem, &l, addr).expect("read_code");
@@ -546,13 +365,13 @@ main()
             assert_eq!(info, want, "{line}");
             for (i, want) in w[5].split(',').filter(|s| !s.is_empty()).enumerate() {
                 let (i, a) = (2 * i as u32, l.code_adaptive);
-                let lasti = match l.line_format {
+                let lasti = match format {
                     LineFormat::Lnotab => vec![i, i + 1],
                     LineFormat::Linetable310 => vec![i / 2],
                     LineFormat::Locations => vec![a + i, a + i + 1],
                 };
                 for x in lasti {
-                    assert_eq!(line_for(&l, &got, x), num(want), "{line} @{x}");
+                    assert_eq!(cp.line(&l, &got, x), num(want), "{line} @{x}");
                     checked += 1;
                 }
             }
@@ -561,7 +380,7 @@ main()
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
         let names: Vec<&str> = infos.values().map(|i| i.qualname.as_str()).collect();
-        let genq = ["inner_gen", "Holder.method.<locals>.inner_gen"][l.version.1 as usize / 11];
+        let genq = ["inner_gen", "Holder.method.<locals>.inner_gen"][meta[1] as usize / 11];
         let want = "façade 函数 𠀀 sleeper _bootstrap <module> loops".split(' ');
         for n in want.chain([genq]) {
             assert!(names.iter().any(|q| q.ends_with(n)), "{n}: {names:?}");

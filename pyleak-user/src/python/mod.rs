@@ -2,33 +2,43 @@
 //! the binary, the frame layout the kernel walks, and reading code objects for names.
 
 pub mod code;
-pub mod layouts;
+pub mod debug_offsets;
+pub mod lines;
+pub mod release;
+pub mod versions;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
-use pyleak_common::PyFrame;
+use object::{Object, ObjectSegment, ObjectSymbol};
+use pyleak_common::{PyFrame, PyProc};
 
 use self::code::{CodeInfo, CodeLayout, Memory, ProcMem};
+use self::versions::CPython;
 
 /// The file holding a process's Python runtime, and what pyleak needs from it.
 #[derive(Debug, Clone)]
 pub struct PythonRuntime {
     /// The file (libpython, or the python executable).
     pub file: PathBuf,
-    /// CPython (major, minor).
-    pub version: (u8, u8),
     /// Link-time address of `_PyRuntime`.
     pub runtime_vaddr: u64,
     /// Lowest link-time address of a loaded segment (to compute the load bias).
     pub base_vaddr: u64,
+    /// What pyleak knows about this version.
+    pub cpython: &'static dyn CPython,
+    /// The frame layout for the kernel (runtime address and bias still 0).
+    pub walk: PyProc,
+    /// Where its code objects keep names and line tables.
+    pub code: CodeLayout,
+    /// What the user should hear about how the layouts were found (one line), if anything.
+    pub warning: Option<String>,
 }
 
 /// What detection found in a file that holds a Python runtime.
 #[derive(Debug, Clone)]
 pub enum Detected {
     /// A supported CPython.
-    Supported(PythonRuntime),
+    Supported(Box<PythonRuntime>),
     /// A CPython pyleak cannot walk (too old, or an unknown layout).
     Unsupported {
         /// The file.
@@ -43,8 +53,12 @@ pub fn detect(files: &[PathBuf]) -> Option<Detected> {
     files.iter().find_map(|f| detect_via(f, f))
 }
 
+/// What an unsupported runtime whose version could not be read is called.
+const UNKNOWN: &str = "of unknown version";
+
 /// Whether `file` holds a Python runtime, reading it through `via` (an open file's
-/// `/proc/self/fd/N`, which stays valid when the process that mapped it exits).
+/// `/proc/self/fd/N`, which stays valid when the process that mapped it exits). Its version
+/// is read from the file's contents (see `release`); the name only picks candidates.
 pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detected> {
     let f = &file.to_owned();
     let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -57,23 +71,14 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
     let Ok(obj) = object::File::parse(&*data) else {
         return None;
     };
-    let find = |want: &str| {
-        obj.dynamic_symbols()
-            .chain(obj.symbols())
-            .find(|s| s.is_definition() && s.name() == Ok(want))
-    };
-    let version = find("Py_Version")
-        .and_then(|s| read_u32_at(&obj, s.address()))
-        .map(|hex| (((hex >> 24) & 0xff) as u8, ((hex >> 16) & 0xff) as u8))
-        .or_else(|| version_from_name(name));
+    let find = |want: &str| release::defined(&obj, want);
+    let version = release::version_of(&obj);
     let Some(runtime) = find("_PyRuntime") else {
         // Python 3.6 and older have no _PyRuntime.
         if name.starts_with("libpython") || find("Py_Initialize").is_some() {
             return Some(Detected::Unsupported {
                 file: f.clone(),
-                version: version
-                    .map(|(a, b)| format!("{a}.{b}"))
-                    .unwrap_or_else(|| name.to_owned()),
+                version: version.map_or_else(|| UNKNOWN.to_owned(), version_name),
             });
         }
         return None;
@@ -82,43 +87,54 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
     let Some(version) = version else {
         return Some(Detected::Unsupported {
             file: f.clone(),
-            version: "unknown".into(),
+            version: UNKNOWN.into(),
         });
     };
-    if layouts::for_version(version).is_none() {
+    let Some(cpython) = versions::for_version(version) else {
         return Some(Detected::Unsupported {
             file: f.clone(),
-            version: format!("{}.{}", version.0, version.1),
+            version: version_name(version),
         });
+    };
+    let (mut walk, mut code, mut warning) = (cpython.walk_layout(), cpython.code_layout(), None);
+    if let Some(layout) = cpython.debug_offsets() {
+        let name = version_name(version);
+        let read = debug_offsets::read(
+            &obj,
+            runtime.address(),
+            version,
+            layout,
+            &mut walk,
+            &mut code,
+        );
+        warning = match read {
+            Ok(diffs) if diffs.is_empty() => None,
+            Ok(diffs) => Some(format!(
+                "{}: _Py_DebugOffsets differ from pyleak's CPython {name} table ({}): using the file's",
+                f.display(),
+                diffs.join(", ")
+            )),
+            Err(debug_offsets::Problem::FreeThreaded) => {
+                return Some(Detected::Unsupported {
+                    file: f.clone(),
+                    version: format!("{name}t (free-threaded)"),
+                });
+            }
+            Err(e) => Some(format!(
+                "{}: {e}: using pyleak's CPython {name} table",
+                f.display()
+            )),
+        };
     }
-    Some(Detected::Supported(PythonRuntime {
+    Some(Detected::Supported(Box::new(PythonRuntime {
         file: f.clone(),
-        version,
         runtime_vaddr: runtime.address(),
         base_vaddr,
-    }))
-}
-
-fn read_u32_at(obj: &object::File<'_>, addr: u64) -> Option<u32> {
-    for sec in obj.sections() {
-        if sec.address() <= addr && addr + 4 <= sec.address() + sec.size() {
-            let data = sec.data().ok()?;
-            let off = (addr - sec.address()) as usize;
-            return Some(u32::from_le_bytes(data.get(off..off + 4)?.try_into().ok()?));
-        }
-    }
-    None
-}
-
-/// `python3.9`, `libpython3.10.so.1.0` → (3, 9), (3, 10).
-fn version_from_name(name: &str) -> Option<(u8, u8)> {
-    let rest = name
-        .strip_prefix("libpython")
-        .or_else(|| name.strip_prefix("python"))?;
-    let mut parts = rest
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        cpython,
+        walk,
+        code,
+        warning,
+    })))
 }
 
 /// The pid namespace of `pid` as (device, inode) when it is not pyleak's own (a
@@ -165,7 +181,7 @@ pub fn file_load_bias(pid: u32, file: &std::path::Path, base_vaddr: u64) -> Opti
 /// cannot rename the frames of stacks seen before.
 #[derive(Default)]
 pub struct Resolver {
-    procs: HashMap<u32, (CodeLayout, Option<ProcMem>)>,
+    procs: HashMap<u32, Proc>,
     /// The code object last seen at (process, address, first line).
     cache: HashMap<(u32, u64, u32), Cached>,
     /// Batches of stacks learnt so far: a cached code object is checked once per batch.
@@ -175,12 +191,15 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Starts resolving frames of `pid`, a CPython `version`.
-    pub fn add_process(&mut self, pid: u32, version: (u8, u8)) {
-        if let Some(layout) = CodeLayout::for_version(version) {
-            // Memory is opened at first use: a launched command has not exec'd yet.
-            self.procs.insert(pid, (layout, None));
-        }
+    /// Starts resolving frames of `pid`, which runs `rt`.
+    pub fn add_process(&mut self, pid: u32, rt: &PythonRuntime) {
+        // Memory is opened at first use: a launched command has not exec'd yet.
+        let proc = Proc {
+            cpython: rt.cpython,
+            layout: rt.code,
+            mem: None,
+        };
+        self.procs.insert(pid, proc);
     }
 
     /// Whether frames of `pid` can be resolved (its CPython version is known).
@@ -193,7 +212,7 @@ impl Resolver {
     /// body's (freed once run, its address reused) only if the object at its address still
     /// has its identity, checked with one small read once per batch.
     pub fn learn(&mut self, pid: u32, stack_id: u64, frames: &[PyFrame]) {
-        let Some((layout, mem)) = self.procs.get_mut(&pid) else {
+        let Some(Proc { layout, mem, .. }) = self.procs.get_mut(&pid) else {
             return;
         };
         if mem.is_none() {
@@ -251,7 +270,7 @@ impl Resolver {
     /// `qualname (path:line)` of frame `i` (leaf first) of stack `stack_id`, or a
     /// placeholder when its code object could not be read.
     pub fn frame(&self, pid: u32, stack_id: u64, i: usize, f: &PyFrame) -> String {
-        let layout = self.procs.get(&pid).map(|p| &p.0);
+        let proc = self.procs.get(&pid);
         let info = match self.stacks.get(&(pid, stack_id)) {
             Some(v) => v.get(i).cloned().flatten(),
             None => self
@@ -259,18 +278,21 @@ impl Resolver {
                 .get(&(pid, f.code, f.sig))
                 .and_then(|c| c.info.clone()),
         };
-        match (info, layout) {
-            (Some(info), Some(layout)) => {
-                format!(
-                    "{} ({}:{})",
-                    info.qualname,
-                    info.filename,
-                    code::line_for(layout, &info, f.lasti)
-                )
+        match (info, proc) {
+            (Some(info), Some(p)) => {
+                let line = p.cpython.line(&p.layout, &info, f.lasti);
+                format!("{} ({}:{line})", info.qualname, info.filename)
             }
             _ => format!("[python code {:#x}] (?:{})", f.code, f.sig),
         }
     }
+}
+
+/// A traced process: its version, where its code objects keep things, its memory.
+struct Proc {
+    cpython: &'static dyn CPython,
+    layout: CodeLayout,
+    mem: Option<ProcMem>,
 }
 
 /// A code object as read, and the batch in which it was last checked.
@@ -289,10 +311,11 @@ fn read_checked(mem: &ProcMem, layout: &CodeLayout, f: &PyFrame) -> Option<Arc<C
 
 /// `CPython 3.12 (/path/libpython3.12.so)`, for messages.
 pub fn describe(rt: &PythonRuntime) -> String {
-    format!(
-        "CPython {}.{} ({})",
-        rt.version.0,
-        rt.version.1,
-        rt.file.display()
-    )
+    let version = version_name(rt.cpython.version());
+    format!("CPython {version} ({})", rt.file.display())
+}
+
+/// `3.12`, as reports name a version.
+pub fn version_name((major, minor): versions::PyVersion) -> String {
+    format!("{major}.{minor}")
 }

@@ -1,0 +1,55 @@
+//! CPython 3.11: `tstate->cframe->current_frame` leads to `_PyInterpreterFrame`s (Python
+//! frames only) holding `prev_instr`, a pointer into `co_code_adaptive`; lines come from the
+//! location table; code objects have `co_qualname`. Offsets from the DWARF of pyenv 3.11.7
+//! (shared/design/cpython-offsets-x86_64.json); Debian's 3.11.2 is tested to match.
+
+use pyleak_common::PyProc;
+
+use super::{common_walk, CPython, PyVersion};
+use crate::python::{code::CodeLayout, lines::LineFormat};
+
+/// CPython 3.11.
+#[derive(Debug)]
+pub struct Python311;
+
+impl CPython for Python311 {
+    fn version(&self) -> PyVersion {
+        (3, 11)
+    }
+
+    fn walk_layout(&self) -> PyProc {
+        PyProc {
+            interp_head: 40,
+            tstate_head: 16,
+            tstate_native_tid: 160,
+            tstate_thread_id: 152,
+            tstate_frame: 56,
+            cframe_frame: 8,
+            frame_back: 48,
+            frame_code: 32,
+            frame_lasti: 56,
+            lasti_is_ptr: 1,
+            frame_owner: 69,
+            code_firstlineno: 72,
+            ..common_walk()
+        }
+    }
+
+    fn code_layout(&self) -> CodeLayout {
+        CodeLayout {
+            firstlineno: 72,
+            flags: 48,
+            filename: 112,
+            name: 120,
+            qualname: Some(128),
+            linetable: 136,
+            code_adaptive: 184,
+            sizeof_ascii: 48,
+            sizeof_compact: 72,
+        }
+    }
+
+    fn line_format(&self) -> LineFormat {
+        LineFormat::Locations
+    }
+}

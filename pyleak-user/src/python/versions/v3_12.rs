@@ -1,0 +1,55 @@
+//! CPython 3.12: as 3.11 (`cframe`, `_PyInterpreterFrame`, `prev_instr`, location
+//! table) with entry frames (owner 3, the C stack) in the chain, which the walk skips, and
+//! smaller str headers. Offsets from the DWARF of pyenv 3.12.1
+//! (shared/design/cpython-offsets-x86_64.json).
+
+use pyleak_common::PyProc;
+
+use super::{common_walk, CPython, PyVersion};
+use crate::python::{code::CodeLayout, lines::LineFormat};
+
+/// CPython 3.12.
+#[derive(Debug)]
+pub struct Python312;
+
+impl CPython for Python312 {
+    fn version(&self) -> PyVersion {
+        (3, 12)
+    }
+
+    fn walk_layout(&self) -> PyProc {
+        PyProc {
+            interp_head: 40,
+            tstate_head: 72,
+            tstate_native_tid: 144,
+            tstate_thread_id: 136,
+            tstate_frame: 56,
+            cframe_frame: 0,
+            frame_back: 8,
+            frame_code: 0,
+            frame_lasti: 56,
+            lasti_is_ptr: 1,
+            frame_owner: 70,
+            code_firstlineno: 68,
+            ..common_walk()
+        }
+    }
+
+    fn code_layout(&self) -> CodeLayout {
+        CodeLayout {
+            firstlineno: 68,
+            flags: 48,
+            filename: 112,
+            name: 120,
+            qualname: Some(128),
+            linetable: 136,
+            code_adaptive: 192,
+            sizeof_ascii: 40,
+            sizeof_compact: 56,
+        }
+    }
+
+    fn line_format(&self) -> LineFormat {
+        LineFormat::Locations
+    }
+}

@@ -1,0 +1,70 @@
+//! CPython 3.13: no more cframe: `tstate->current_frame` leads to `_PyInterpreterFrame`s
+//! whose `f_executable` is the code object and `instr_ptr` points into
+//! `co_code_adaptive`; entry frames (owner 3) are skipped. Offsets from the DWARF of pyenv
+//! 3.13.0 (shared/design/cpython-offsets-x86_64.json).
+
+use pyleak_common::{PyProc, NO_OFFSET};
+
+use super::{common_walk, CPython, PyVersion};
+use crate::python::{code::CodeLayout, debug_offsets::DebugOffsetsLayout, lines::LineFormat};
+
+/// 3.13's `_Py_DebugOffsets` (in `Include/internal/pycore_runtime.h`): word indexes of
+/// the fields pyleak reads, checked on pyenv 3.13.0.
+static DEBUG_OFFSETS: DebugOffsetsLayout = DebugOffsetsLayout {
+    runtime: [3, 5],
+    interp: [6, 9],
+    tstate: [19, 21, 23, 24, 25],
+    frame: [28, 29, 30, 31, 33],
+    code: [34, 35, 36, 37, 38, 39, 43],
+    unicode: [67, 68, 69, 70],
+};
+
+/// CPython 3.13.
+#[derive(Debug)]
+pub struct Python313;
+
+impl CPython for Python313 {
+    fn version(&self) -> PyVersion {
+        (3, 13)
+    }
+
+    fn walk_layout(&self) -> PyProc {
+        PyProc {
+            interp_head: 632,
+            tstate_head: 7344,
+            tstate_native_tid: 160,
+            tstate_thread_id: 152,
+            tstate_frame: 72,
+            cframe_frame: NO_OFFSET,
+            frame_back: 8,
+            frame_code: 0,
+            frame_lasti: 56,
+            lasti_is_ptr: 1,
+            frame_owner: 70,
+            code_firstlineno: 68,
+            ..common_walk()
+        }
+    }
+
+    fn code_layout(&self) -> CodeLayout {
+        CodeLayout {
+            firstlineno: 68,
+            flags: 48,
+            filename: 112,
+            name: 120,
+            qualname: Some(128),
+            linetable: 136,
+            code_adaptive: 200,
+            sizeof_ascii: 40,
+            sizeof_compact: 56,
+        }
+    }
+
+    fn line_format(&self) -> LineFormat {
+        LineFormat::Locations
+    }
+
+    fn debug_offsets(&self) -> Option<&'static DebugOffsetsLayout> {
+        Some(&DEBUG_OFFSETS)
+    }
+}
