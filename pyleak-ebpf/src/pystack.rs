@@ -292,8 +292,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     };
     let code = code & !p.code_tag_mask;
     let back = field_u64(buf, p.frame_back).unwrap_or(0);
-    if p.frame_owner != NO_OFFSET
-        && field_u8(buf, p.frame_owner).unwrap_or(0) >= FIRST_ENTRY_OWNER
+    if p.frame_owner != NO_OFFSET && field_u8(buf, p.frame_owner).unwrap_or(0) >= FIRST_ENTRY_OWNER
     {
         s.frame = back;
         return 0;

@@ -162,9 +162,13 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
             watches.extend(watch(c.pid, &files));
             let mut probes = planner.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string());
-            if let Some(rt) =
-                python_runtime(&files, &p.display().to_string(), !args.no_python_stacks)
-            {
+            if let Some(rt) = python_runtime(
+                &mut rec,
+                c.pid,
+                &files,
+                &p.display().to_string(),
+                !args.no_python_stacks,
+            ) {
                 // Where the runtime lands is known once the command runs: a probe at
                 // interpreter start-up tells the kernel.
                 let layout = rt.walk;
@@ -197,9 +201,13 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
                 watches.extend(watch(pid, &files));
                 let probes = planner.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"));
-                if let Some(rt) =
-                    python_runtime(&files, &format!("process {pid}"), !args.no_python_stacks)
-                {
+                if let Some(rt) = python_runtime(
+                    &mut rec,
+                    pid,
+                    &files,
+                    &format!("process {pid}"),
+                    !args.no_python_stacks,
+                ) {
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
                     rec.set_python(pid, &placed(pid, &rt, bias, rt.walk))?;
                     resolver.add_process(pid, &rt);
@@ -605,13 +613,22 @@ fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
     rec.new_stacks = waiting;
 }
 
-/// The supported Python runtime among `files`, warning once about an unsupported one.
-fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python::PythonRuntime> {
-    if !enabled {
-        return None;
-    }
+/// The supported Python runtime among `files` (when Python stacks are `enabled`), warning
+/// once about an unsupported one; the version found is kept for process `pid`'s report.
+fn python_runtime(
+    rec: &mut Recorder,
+    pid: u32,
+    files: &[PathBuf],
+    what: &str,
+    enabled: bool,
+) -> Option<python::PythonRuntime> {
     match python::detect(files)? {
         python::Detected::Supported(rt) => {
+            rec.pythons
+                .insert(pid, python::version_name(rt.cpython.version()));
+            if !enabled {
+                return None;
+            }
             log::info!("{what}: {}", python::describe(&rt));
             if let Some(w) = &rt.warning {
                 eprintln!("pyleak: warning: {w}");
@@ -619,6 +636,10 @@ fn python_runtime(files: &[PathBuf], what: &str, enabled: bool) -> Option<python
             Some(*rt)
         }
         python::Detected::Unsupported { file, version } => {
+            rec.pythons.insert(pid, version.clone());
+            if !enabled {
+                return None;
+            }
             eprintln!(
                 "pyleak: warning: {what} runs CPython {version} ({}), which pyleak cannot walk (3.8 and newer): native stacks only",
                 file.display()

@@ -62,6 +62,13 @@ fn check_python(label: &str, python: &std::path::Path) {
     )
     .expect("script JSON");
     let file = info["file"].as_str().unwrap();
+    // The version pyleak read from the binary: "3.X" of the label's "3.X.Y".
+    let version = label.split(' ').nth(1).unwrap_or_default();
+    let minor = version.split('.').take(2).collect::<Vec<_>>().join(".");
+    assert_eq!(
+        report["processes"][0]["python"], minor,
+        "{label}: processes[].python"
+    );
     // Debian's LTO build inlines PyObject_Malloc into its callers: its Python-level blocks are
     // checked where they reach malloc (all of these are > 512 bytes).
     let layer = if label.starts_with("debian") {
@@ -183,6 +190,7 @@ fn unsupported_cpython_warns_and_counts() {
         err.contains("CPython 3.7") && err.contains("native stacks only"),
         "{err}"
     );
+    assert_eq!(report["processes"][0]["python"], "3.7", "processes[].python");
     let live = report["layers"]["libc"]["live_bytes"].as_u64().unwrap();
     assert!(
         live >= 4 << 20,
