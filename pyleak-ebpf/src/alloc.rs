@@ -425,6 +425,14 @@ pub fn site_join(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The return of a function whose guarded inline allocation is a tail call (`jmp
+/// realloc@plt`): the block is its return value.
+#[uretprobe]
+pub fn site_join_ret(ctx: RetProbeContext) -> u32 {
+    let _ = try_site_join(&ProbeContext::new(ctx.as_ptr()));
+    0
+}
+
 fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
     let c = cookie(ctx);
     let pid_tgid = bpf_get_current_pid_tgid();

@@ -7,6 +7,10 @@
 //!   says so in one line and its counts stay right (malloc: the same requests in
 //!   `pymem_raw`; hooks: the same `pymalloc` counts).
 //!
+//! - The raw domain the same way: Debian's copies of `_PyMem_RawMalloc`… are bare libc calls
+//!   (some tail calls), and its pymem_raw counts must match pyenv's within 1%, with the
+//!   workload's known number of raw allocations seen exactly on both.
+//!
 //! Both pythons run with `-s -S`: their `site` set-ups differ (Debian's and pyenv's
 //! site-packages), which is not what is compared here.
 
@@ -152,5 +156,110 @@ fn replaced_allocator_tables_pyenv_3117() {
             let (x, y) = (n(&base, "pymalloc", field), n(&h, "pymalloc", field));
             assert!(within(y, x, 0.01), "{tag}: pymalloc {field} {y} vs {x}");
         }
+    }
+}
+
+/// Steps of `py_raw_count.py`, and the raw-domain allocations each makes (all freed).
+const RAW_STEPS: u64 = 10_000;
+const RAW_PER_STEP: u64 = 15;
+/// The array it holds at the end: 200000 eight-byte items.
+const RAW_HELD_BYTES: f64 = 1_600_000.0;
+
+/// Records `python -s -S py_raw_count.py RAW_STEPS` with the raw and libc layers.
+fn record_raw(tag: &str, python: &str) -> Value {
+    let dir = scratch(&format!("pyraw-{tag}"));
+    let w = root().join("tests/workloads/py_raw_count.py");
+    let steps = RAW_STEPS.to_string();
+    let (report, out) = record_json(
+        &dir,
+        &[
+            "--layers",
+            "pymem_raw,libc",
+            "--",
+            python,
+            "-s",
+            "-S",
+            w.to_str().unwrap(),
+            &steps,
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.chars().all(|c| c.is_ascii_digit()) && !l.is_empty()),
+        Some(steps.as_str()),
+        "the workload did not finish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
+}
+
+#[test]
+fn debian_311_and_pyenv_3117_agree_on_pymem_raw_counts() {
+    if !root_or_skip() {
+        return;
+    }
+    let ps = required_pythons(&["pyenv 3.11.7", "debian 3.11"]);
+    let [(_, pyenv), (_, debian)] = ps.as_slice() else {
+        return;
+    };
+    let a = record_raw("pyenv", pyenv.to_str().unwrap());
+    let b = record_raw("debian", debian.to_str().unwrap());
+    // Debian's raw copies that tail-call realloc (PyMem_Realloc, PyObject_Realloc) are
+    // joined at their function's return.
+    let tail = b["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["symbol"] == "inlined allocator (tail-call return)")
+        .count();
+    assert!(tail >= 2, "{tail} tail-call return probes in {debian:?}");
+    for field in ["allocs", "frees", "alloc_bytes", "freed_bytes"] {
+        let (x, y) = (n(&a, "pymem_raw", field), n(&b, "pymem_raw", field));
+        eprintln!("pymem_raw {field}: pyenv 3.11.7 {x}, debian 3.11 {y}");
+        assert!(
+            within(y, x, 0.01),
+            "pymem_raw {field}: debian {y} vs pyenv {x} (more than 1% apart)"
+        );
+    }
+    // Everything the steps allocate is freed: what stays live is start-up's and the held
+    // array, the same on both (a block whose allocation is missed looks leaked).
+    let (x, y) = (
+        n(&a, "pymem_raw", "live_count"),
+        n(&b, "pymem_raw", "live_count"),
+    );
+    eprintln!("pymem_raw live_count: pyenv 3.11.7 {x}, debian 3.11 {y}");
+    assert!((x - y).abs() <= 0.001 * n(&a, "pymem_raw", "allocs"));
+    let (x, y) = (
+        n(&a, "pymem_raw", "live_bytes"),
+        n(&b, "pymem_raw", "live_bytes"),
+    );
+    eprintln!("pymem_raw live_bytes: pyenv 3.11.7 {x}, debian 3.11 {y}");
+    assert!((x - y).abs() <= 0.001 * n(&a, "pymem_raw", "alloc_bytes"));
+    assert!(n(&b, "pymem_raw", "unmatched_frees") < 0.01 * n(&b, "pymem_raw", "frees"));
+    for (name, r) in [("pyenv 3.11.7", &a), ("debian 3.11", &b)] {
+        // The known count, under the workload's own frame.
+        let in_step = |field| {
+            stack_sum(r, "pymem_raw", field, |frames| {
+                frames.iter().any(|f| f.starts_with("step ("))
+            })
+        };
+        assert_eq!(
+            (in_step("allocs"), in_step("frees")),
+            (RAW_PER_STEP * RAW_STEPS, RAW_PER_STEP * RAW_STEPS),
+            "{name}: raw allocations and frees in step()"
+        );
+        // The held array is in both layers, its C-heap block marked as made for Python.
+        let linkage = &r["linkage"];
+        let (raw, libc) = (
+            linkage["pymem_raw_live_bytes"].as_f64().unwrap(),
+            linkage["libc_for_python_live_bytes"].as_f64().unwrap(),
+        );
+        eprintln!("{name}: live pymem_raw {raw} B, libc made for Python {libc} B");
+        assert!(raw > RAW_HELD_BYTES, "{name}: pymem_raw live {raw} B");
+        assert!(
+            within(libc, raw, 0.01),
+            "{name}: libc for Python {libc} B, raw {raw} B"
+        );
     }
 }

@@ -30,6 +30,9 @@ pub enum ProbeRole {
     Site,
     /// `site_join`: where an inlined allocator call's block is in a register.
     Join,
+    /// `site_join_ret`: the return of a function whose inlined allocator call is a tail
+    /// call (the block is its return value).
+    JoinReturn,
 }
 
 /// One uprobe to attach.
@@ -186,9 +189,10 @@ static NEXT_SITE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::n
 /// Probes for the allocator calls a fixed-address LTO/PGO executable inlined behind guards
 /// (see [`sites`]); nothing for other files.
 ///
-/// A guarded copy whose fallback tail-calls through the table returns to the enclosing
-/// function's caller; those are the exported entry points (`PyObject_Malloc`…), which get
-/// an ordinary entry+return probe instead (their frees, needing no return, keep the guard).
+/// A guarded copy that tail-calls returns to the enclosing function's caller: its join is
+/// a return probe on that function. In the layer's own exported entry points
+/// (`PyMem_RawMalloc`…), which get an ordinary entry+return probe, such copies are left out
+/// (their frees, needing no return, keep the guard).
 fn plan_sites(
     elf: &ElfFile,
     layer: Layer,
@@ -226,45 +230,70 @@ fn plan_sites(
         scan.sites
             .retain(|s| s.join.is_none() || !ranges.iter().any(|r| r.contains(&s.guard)));
         let guards: BTreeSet<u64> = scan.sites.iter().map(|s| s.guard).collect();
-        let mut joins: std::collections::BTreeMap<(u64, u8, u64), u32> = Default::default();
+        let mut joins: std::collections::BTreeMap<sites::Join, u32> = Default::default();
         let mut used = 0;
         for site in &scan.sites {
             let join_id = match site.join {
                 None => 0,
                 // A join on another guard's jump would race with it: leave such sites out.
-                Some((j, _, _)) if guards.contains(&j) => continue,
-                Some((j, r, disp)) => match joins.get(&(j, r, disp)) {
+                Some(sites::Join::At(j, _, _)) if guards.contains(&j) => continue,
+                Some(join) => match joins.get(&join) {
                     Some(&id) => id,
                     None => {
-                        let Some(off) = file_offset(&file, j) else {
+                        let planned = match join {
+                            sites::Join::At(j, r, disp) => file_offset(&file, j).map(|off| {
+                                (
+                                    off,
+                                    site.join_emulated,
+                                    "inlined allocator (return)",
+                                    r,
+                                    disp,
+                                )
+                            }),
+                            // The enclosing function's return: a return probe where the
+                            // return address is still on top.
+                            sites::Join::Return(f) => elf.function_at(f).map(|f| {
+                                let point = choose_attach_point(&f.code, f.address, 0, true);
+                                (
+                                    f.file_offset + point.offset,
+                                    point.emulated,
+                                    "inlined allocator (tail-call return)",
+                                    0,
+                                    0,
+                                )
+                            }),
+                        };
+                        let Some((offset, emulated, symbol, result_reg, disp)) = planned else {
                             continue;
                         };
                         let id = NEXT_SITE.fetch_add(1, Ordering::Relaxed);
                         if id >= pyleak_common::SITES_ENTRIES {
                             break;
                         }
-                        joins.insert((j, r, disp), id);
+                        joins.insert(join, id);
                         log::debug!(
-                            "join at {j:#x} (guard {:#x}, emulated: {})",
+                            "join {join:x?} (guard {:#x}, emulated: {emulated})",
                             site.guard,
-                            site.join_emulated
                         );
                         out.push(ProbeSpec {
                             path: elf.path().to_owned(),
-                            symbol: "inlined allocator (return)",
-                            offset: off,
-                            role: ProbeRole::Join,
+                            symbol,
+                            offset,
+                            role: match join {
+                                sites::Join::At(..) => ProbeRole::Join,
+                                sites::Join::Return(_) => ProbeRole::JoinReturn,
+                            },
                             cookie: ProbeCookie {
                                 kind: AllocKind::SiteJoin as u32,
                                 layer: layer as u32,
                                 stack_delta: id,
                             }
                             .encode(),
-                            emulated: site.join_emulated,
+                            emulated,
                             delta_from_entry: 0,
                             site: Some(pyleak_common::SiteInfo {
                                 join: id,
-                                result_reg: r,
+                                result_reg,
                                 arg_const: [disp, 0],
                                 ..Default::default()
                             }),

@@ -14,6 +14,14 @@
 //! on the guard's jump (a `jcc`, which the kernel emulates) stands for the call's entry when
 //! the guard holds, one at `J` for its return.
 //!
+//! The raw domain's copies are a bare call of libc's function (`malloc(n ? n : 1)`), and
+//! the shared code is not always behind a `jmp`: the fallback may fall through into it and
+//! the copy jump back in, or the fallback's `jmp` may land on its own NULL check while the
+//! copy goes straight on. For such copies the join is where the two paths first meet, the
+//! block followed along both. A copy that tail-calls libc (`jmp realloc@plt`, the fallback
+//! tail-calling through the table) returns to the enclosing function's caller: its join is
+//! that function's return.
+//!
 //! Fixed-address executables only (the guard compares absolute addresses): Debian's and
 //! Ubuntu's `/usr/bin/python3.X`. A site whose fallback does anything else is left out and
 //! counted.
@@ -22,7 +30,7 @@ use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic,
     OpAccess, OpKind, Register,
 };
-use object::{Object, ObjectSection};
+use object::{Object, ObjectSection, ObjectSymbol};
 use pyleak_common::{AllocKind, SiteInfo, REG_CONST, REG_NONE, REG_STACK};
 
 use super::{elf::ElfFile, tables::AllocTable};
@@ -39,11 +47,21 @@ pub struct Site {
     pub kind: AllocKind,
     /// What the kernel needs at the guard (`join` left 0: ids are given when attaching).
     pub info: SiteInfo,
-    /// Where the call returns (`J`) and where the block is there (a register number, or
-    /// `REG_STACK` and the slot's offset from rsp); `None` for frees.
-    pub join: Option<(u64, u8, u64)>,
+    /// Where the call's block is seen; `None` for frees.
+    pub join: Option<Join>,
     /// Whether the kernel emulates the instruction at the join (cheap).
     pub join_emulated: bool,
+}
+
+/// Where a guarded inline allocation's block is seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Join {
+    /// The code both branches share (`J`), the block there in a register (its number) or
+    /// a stack slot (`REG_STACK` and the slot's offset from rsp).
+    At(u64, u8, u64),
+    /// Both branches tail-call (libc's function, or through the table): the block is the
+    /// return value of the function at this address, the one the guard is in.
+    Return(u64),
 }
 
 /// What the scan found.
@@ -94,9 +112,24 @@ enum Src {
 /// The executable code of a file, decodable at any address.
 struct Code_<'a> {
     ranges: Vec<(u64, &'a [u8])>,
+    /// The PLT sections (`[start, end)`): calls into other files, libc's among them.
+    plt: Vec<(u64, u64)>,
+    /// Functions with a symbol and a size (`[start, end)`), sorted.
+    functions: Vec<(u64, u64)>,
 }
 
 impl<'a> Code_<'a> {
+    fn in_plt(&self, addr: u64) -> bool {
+        self.plt.iter().any(|&(s, e)| addr >= s && addr < e)
+    }
+
+    /// The start of the named function `addr` lies in.
+    fn function_of(&self, addr: u64) -> Option<u64> {
+        let i = self.functions.partition_point(|&(s, _)| s <= addr);
+        let (start, end) = *self.functions.get(i.checked_sub(1)?)?;
+        (addr < end).then_some(start)
+    }
+
     fn bytes(&self, addr: u64, len: usize) -> Option<&'a [u8]> {
         let (start, bytes) = self
             .ranges
@@ -242,6 +275,93 @@ fn store_stack(i: &Instruction) -> Option<(u8, u64)> {
     .then(|| Some((reg_number(i.op1_register())?, i.memory_displacement64())))?
 }
 
+/// Where the block a call returned (in rax) is as the code after the call runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Block {
+    /// Registers holding it (bit n: register n).
+    regs: u16,
+    /// Stack slots holding it (offsets from rsp).
+    slots: Vec<u64>,
+    /// The register the last `test r,r` checked.
+    tested: Option<u8>,
+}
+
+/// Where an instruction after the call leads, following the block.
+enum Flow {
+    /// On to the next instruction, the block moved as the instruction says.
+    Next,
+    /// On to the next instruction, nothing moved (the NULL check's branch not taken).
+    FallThrough,
+    /// A jump: an unconditional one, or the non-NULL branch of the NULL check.
+    Jump(u64),
+}
+
+impl Block {
+    /// The block as the call returns it.
+    fn returned() -> Block {
+        Block {
+            regs: 1,
+            slots: Vec::new(),
+            tested: None,
+        }
+    }
+
+    /// Where `i` leads; `None` for anything not followed (another condition, a return, a
+    /// call).
+    fn flow(&self, i: &Instruction) -> Option<Flow> {
+        let cond = matches!(i.mnemonic(), Mnemonic::Jne | Mnemonic::Je);
+        match i.flow_control() {
+            FlowControl::UnconditionalBranch if i.op0_kind() == OpKind::NearBranch64 => {
+                Some(Flow::Jump(i.near_branch64()))
+            }
+            // Non-NULL result: on to the shared code; NULL goes to the error path.
+            FlowControl::ConditionalBranch
+                if cond && self.tested.is_some_and(|r| self.regs & (1 << r) != 0) =>
+            {
+                Some(if i.mnemonic() == Mnemonic::Jne {
+                    Flow::Jump(i.near_branch64())
+                } else {
+                    Flow::FallThrough
+                })
+            }
+            FlowControl::Next => Some(Flow::Next),
+            _ => None,
+        }
+    }
+
+    /// Moves the block as the straight-line instruction `i` does; `None` when `i` may
+    /// overwrite a slot holding it (rsp moved, or memory written).
+    fn step(&mut self, factory: &mut InstructionInfoFactory, i: &Instruction) -> Option<()> {
+        if i.mnemonic() == Mnemonic::Test && is_reg64(i, 0) && is_reg64(i, 1) {
+            let (a, b) = (reg_number(i.op0_register())?, reg_number(i.op1_register())?);
+            self.tested = (a == b).then_some(a);
+        } else if let Some((d, s)) = mov64(i) {
+            if self.regs & (1 << s) != 0 {
+                self.regs |= 1 << d;
+            } else {
+                self.regs &= !(1 << d);
+            }
+        } else if let Some((s, disp)) = store_stack(i) {
+            self.slots.retain(|&d| d != disp);
+            if self.regs & (1 << s) != 0 {
+                self.slots.push(disp);
+            }
+        } else {
+            let writes = written(factory, i);
+            if (writes.contains(&7) || i.op0_kind() == OpKind::Memory) && !self.slots.is_empty() {
+                return None;
+            }
+            for w in writes {
+                self.regs &= !(1 << w);
+            }
+            if i.mnemonic() == Mnemonic::Cmp {
+                self.tested = None;
+            }
+        }
+        Some(())
+    }
+}
+
 /// Follows the fallback after its call to the code both branches share: `(J, where the
 /// block is at J)`, the place being a register number or `REG_STACK` with its offset.
 fn walk_to_join(
@@ -249,70 +369,111 @@ fn walk_to_join(
     factory: &mut InstructionInfoFactory,
     start: u64,
 ) -> Option<(u64, u8, u64)> {
-    let mut holds: u16 = 1; // rax
-    let mut slots: Vec<u64> = Vec::new(); // stack slots holding it
-    let mut tested: Option<u8> = None;
+    let mut b = Block::returned();
     let mut pc = start;
     for _ in 0..MAX_WALK {
         let i = code.at(pc)?;
-        let cond = matches!(i.mnemonic(), Mnemonic::Jne | Mnemonic::Je);
-        let join = match i.flow_control() {
-            FlowControl::UnconditionalBranch if i.op0_kind() == OpKind::NearBranch64 => {
-                Some(i.near_branch64())
+        match b.flow(&i)? {
+            Flow::Jump(j) => {
+                // The shared code's place: where the result was moved to, if anywhere.
+                let others = b.regs & !1;
+                return match (others.count_ones(), b.slots.as_slice()) {
+                    (0, []) => (b.regs & 1 != 0).then_some((j, 0, 0)),
+                    (1, []) => Some((j, others.trailing_zeros() as u8, 0)),
+                    (0, [disp]) => Some((j, REG_STACK, *disp)),
+                    _ => None,
+                };
             }
-            // Non-NULL result: on to the shared code.
-            FlowControl::ConditionalBranch
-                if cond && tested.is_some_and(|r| holds & (1 << r) != 0) =>
-            {
-                if i.mnemonic() == Mnemonic::Jne {
-                    Some(i.near_branch64())
-                } else {
-                    // NULL goes to the error path; the block falls through.
-                    pc = i.next_ip();
-                    continue;
-                }
-            }
-            FlowControl::Next => None,
-            _ => return None,
-        };
-        if let Some(j) = join {
-            // The shared code's place: where the result was moved to, if anywhere.
-            let others = holds & !1;
-            return match (others.count_ones(), slots.as_slice()) {
-                (0, []) => (holds & 1 != 0).then_some((j, 0, 0)),
-                (1, []) => Some((j, others.trailing_zeros() as u8, 0)),
-                (0, [disp]) => Some((j, REG_STACK, *disp)),
-                _ => None,
-            };
+            Flow::FallThrough => {}
+            Flow::Next => b.step(factory, &i)?,
         }
-        if i.mnemonic() == Mnemonic::Test && is_reg64(&i, 0) && is_reg64(&i, 1) {
-            let (a, b) = (reg_number(i.op0_register())?, reg_number(i.op1_register())?);
-            tested = (a == b).then_some(a);
-        } else if let Some((d, s)) = mov64(&i) {
-            if holds & (1 << s) != 0 {
-                holds |= 1 << d;
-            } else {
-                holds &= !(1 << d);
-            }
-        } else if let Some((s, disp)) = store_stack(&i) {
-            slots.retain(|&d| d != disp);
-            if holds & (1 << s) != 0 {
-                slots.push(disp);
-            }
+        pc = i.next_ip();
+    }
+    None
+}
+
+/// The instructions the block passes through from `start` (just after a call), each with
+/// where the block is as it starts, until the block is lost or the path goes where
+/// [`Block::flow`] does not follow.
+fn follow(code: &Code_, factory: &mut InstructionInfoFactory, start: u64) -> Vec<(u64, Block)> {
+    let mut out = Vec::new();
+    let mut b = Block::returned();
+    let mut pc = start;
+    for _ in 0..MAX_WALK {
+        if b.regs == 0 && b.slots.is_empty() {
+            break;
+        }
+        let Some(i) = code.at(pc) else { break };
+        out.push((pc, b.clone()));
+        match b.flow(&i) {
+            Some(Flow::Jump(j)) => pc = j,
+            Some(Flow::FallThrough) => pc = i.next_ip(),
+            Some(Flow::Next) if b.step(factory, &i).is_some() => pc = i.next_ip(),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Where the inline copy's block and the fallback's first meet: the first instruction on the
+/// copy's path (from `inline_ret`, after its call) that is also on the fallback's (from
+/// `fallback_ret`), with a place holding the block on both (a register other than rax
+/// first, as one is less likely to be overwritten before an emulated instruction).
+fn meet(
+    code: &Code_,
+    factory: &mut InstructionInfoFactory,
+    fallback_ret: u64,
+    inline_ret: u64,
+) -> Option<(u64, u8, u64)> {
+    let fallback = follow(code, factory, fallback_ret);
+    for (pc, b) in follow(code, factory, inline_ret) {
+        let Some((_, f)) = fallback.iter().find(|(a, _)| *a == pc) else {
+            continue;
+        };
+        let regs = b.regs & f.regs;
+        let others = regs & !1;
+        let slot = b.slots.iter().find(|s| f.slots.contains(s));
+        return if others != 0 {
+            Some((pc, others.trailing_zeros() as u8, 0))
+        } else if regs & 1 != 0 {
+            Some((pc, 0, 0))
         } else {
-            let writes = written(factory, &i);
-            if writes.contains(&7) || i.op0_kind() == OpKind::Memory {
-                // rsp moved, or memory written that may be a slot: give up on slots.
-                if !slots.is_empty() {
-                    return None;
+            slot.map(|&disp| (pc, REG_STACK, disp))
+        };
+    }
+    None
+}
+
+/// How an inlined copy that is a bare call of another file's function ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyEnd {
+    /// `call f@plt`; the copy goes on at this address.
+    Call(u64),
+    /// `jmp f@plt`: a tail call.
+    Tail,
+}
+
+/// How the inlined copy from `start` ends, if it is straight-line code up to a call (or
+/// tail call) into the PLT, as the raw domain's copies are (`malloc(n ? n : 1)`); `None`
+/// for anything else (pymalloc's copies branch at once).
+fn copy_end(code: &Code_, start: u64) -> Option<CopyEnd> {
+    let mut pc = start;
+    for _ in 0..MAX_WALK {
+        let i = code.at(pc)?;
+        let near = i.op0_kind() == OpKind::NearBranch64;
+        match i.flow_control() {
+            FlowControl::Call if near && code.in_plt(i.near_branch64()) => {
+                return Some(CopyEnd::Call(i.next_ip()));
+            }
+            FlowControl::UnconditionalBranch if near => {
+                if code.in_plt(i.near_branch64()) {
+                    return Some(CopyEnd::Tail);
                 }
+                pc = i.near_branch64();
+                continue;
             }
-            for w in writes {
-                holds &= !(1 << w);
-            }
-            if i.mnemonic() == Mnemonic::Cmp {
-                tested = None;
-            }
+            FlowControl::Next => {}
+            _ => return None,
         }
         pc = i.next_ip();
     }
@@ -359,20 +520,45 @@ fn cheap_join(
 /// Finds the guarded inline copies of a domain's table functions in a fixed-address
 /// executable. `tables`: the domains sharing these functions (object and mem).
 pub fn find_sites(elf: &ElfFile, tables: &[AllocTable]) -> SiteScan {
-    let mut scan = SiteScan::default();
     let Ok(file) = object::File::parse(elf.data()) else {
-        return scan;
+        return SiteScan::default();
     };
-    if file.kind() != object::ObjectKind::Executable || tables.is_empty() {
-        return scan;
+    if file.kind() != object::ObjectKind::Executable {
+        return SiteScan::default();
     }
     let ranges: Vec<(u64, &[u8])> = file
         .sections()
         .filter(|s| s.kind() == object::SectionKind::Text)
         .filter_map(|s| Some((s.address(), s.data().ok()?)))
         .collect();
-    let code = Code_ { ranges };
-    let functions = tables[0].functions;
+    let plt = file
+        .sections()
+        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
+        .map(|s| (s.address(), s.address() + s.size()))
+        .collect();
+    let mut sized: Vec<(u64, u64)> = file
+        .symbols()
+        .chain(file.dynamic_symbols())
+        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0)
+        .map(|s| (s.address(), s.address() + s.size()))
+        .collect();
+    sized.sort_unstable();
+    sized.dedup();
+    let code = Code_ {
+        ranges,
+        plt,
+        functions: sized,
+    };
+    scan_code(&code, tables)
+}
+
+/// [`find_sites`] on decoded code: every guard comparing with one of the tables' functions.
+fn scan_code(code: &Code_, tables: &[AllocTable]) -> SiteScan {
+    let mut scan = SiteScan::default();
+    let Some(table) = tables.first() else {
+        return scan;
+    };
+    let functions = table.functions;
     let kinds = [
         AllocKind::SiteMalloc,
         AllocKind::SiteCalloc,
@@ -422,17 +608,17 @@ pub fn find_sites(elf: &ElfFile, tables: &[AllocTable]) -> SiteScan {
                 }
                 _ => continue,
             };
-            let fallback = if i.mnemonic() == Mnemonic::Jne {
-                i.near_branch64()
+            let (fallback, inline) = if i.mnemonic() == Mnemonic::Jne {
+                (i.near_branch64(), i.next_ip())
             } else {
-                i.next_ip()
+                (i.next_ip(), i.near_branch64())
             };
             match analyse(
-                &code,
+                code,
                 &mut factory,
                 kinds[f],
                 i.ip(),
-                fallback,
+                (fallback, inline),
                 guard_reg,
                 guard_mem,
                 imm,
@@ -459,7 +645,7 @@ fn analyse(
     factory: &mut InstructionInfoFactory,
     kind: AllocKind,
     guard: u64,
-    fallback: u64,
+    (fallback, inline): (u64, u64),
     guard_reg: Option<u8>,
     guard_mem: u64,
     expected: u64,
@@ -492,16 +678,32 @@ fn analyse(
             Src::Unknown => return None,
         }
     }
-    // A tail call returns to the enclosing function's caller: such a site is left to a
-    // probe on that function (the exported entry points are the ones that do this).
     let mut join_emulated = false;
     let join = if kind == AllocKind::SiteFree {
         None
     } else {
-        let (j, place, disp) = walk_to_join(code, factory, after?)?;
-        let (j, emulated) = cheap_join(code, factory, j, place);
-        join_emulated = emulated;
-        Some((j, place, disp))
+        match (after, copy_end(code, inline)) {
+            // A bare call: the join is where the two paths meet.
+            (Some(after), Some(CopyEnd::Call(inline_ret))) => {
+                let (j, place, disp) = meet(code, factory, after, inline_ret)?;
+                let (j, emulated) = cheap_join(code, factory, j, place);
+                join_emulated = emulated;
+                Some(Join::At(j, place, disp))
+            }
+            // Both tail-call: the block is what the enclosing function returns.
+            (None, Some(CopyEnd::Tail)) => {
+                join_emulated = true;
+                Some(Join::Return(code.function_of(guard)?))
+            }
+            // A copy of a whole allocator (pymalloc): the fallback's jump back.
+            (Some(after), None) => {
+                let (j, place, disp) = walk_to_join(code, factory, after)?;
+                let (j, emulated) = cheap_join(code, factory, j, place);
+                join_emulated = emulated;
+                Some(Join::At(j, place, disp))
+            }
+            _ => return None,
+        }
     };
     Some(Site {
         guard,
@@ -510,4 +712,98 @@ fn analyse(
         join,
         join_emulated,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 0x40_0000;
+    const RAW_MALLOC: u64 = 0x4f_7350;
+    const RAW_REALLOC: u64 = 0x4f_75e0;
+
+    /// Three raw-domain copies as Debian's python3.11 has them (GNU as; offsets from BASE):
+    ///
+    /// ```text
+    /// 00 cmp $RAW_MALLOC,%rax; je 1b; call *%rax; mov %rax,%rdi      (fallback falls through)
+    /// 0d test %rdi,%rdi; je 1a; mov %r15,%rdx; call use@plt; 1a ret   (shared code)
+    /// 1b mov %rsi,%rdi; call malloc@plt; mov %rax,%rdi; jmp 0d        (copy jumps back)
+    /// 28 cmp $RAW_REALLOC,%rax; jne 49; mov %rbx,%rdi; call realloc@plt; mov %rax,%rbp;
+    ///    test %rax,%rax; je 5d
+    /// 40 mov %rbp,%rdi; call use@plt; ret                              (shared code)
+    /// 49 mov %rsi,%rdx; mov %rbx,%rsi; call *%rax; mov %rax,%rbp; jmp 56
+    /// 56 test %rbp,%rbp; jne 40; jmp 5d; 5d xor %eax,%eax; ret         (fallback's own check)
+    /// 60 push %rbx; mov %rdi,%rbx; cmp $RAW_REALLOC,%rax; jne 72; mov %rbx,%rdi; pop %rbx;
+    ///    jmp realloc@plt                                              (tail calls)
+    /// 72 mov %rsi,%rdx; mov %rbx,%rsi; pop %rbx; jmp *%rax
+    /// 7b malloc@plt, 81 realloc@plt, 87 use@plt: jmp *0x1000(%rip) each; 8d end
+    /// ```
+    const CODE: [u8; 141] = [
+        0x48, 0x3d, 0x50, 0x73, 0x4f, 0x00, 0x74, 0x13, 0xff, 0xd0, 0x48, 0x89, 0xc7, 0x48, 0x85,
+        0xff, 0x74, 0x08, 0x4c, 0x89, 0xfa, 0xe8, 0x6d, 0x00, 0x00, 0x00, 0xc3, 0x48, 0x89, 0xf7,
+        0xe8, 0x58, 0x00, 0x00, 0x00, 0x48, 0x89, 0xc7, 0xeb, 0xe5, 0x48, 0x3d, 0xe0, 0x75, 0x4f,
+        0x00, 0x75, 0x19, 0x48, 0x89, 0xdf, 0xe8, 0x49, 0x00, 0x00, 0x00, 0x48, 0x89, 0xc5, 0x48,
+        0x85, 0xc0, 0x74, 0x1d, 0x48, 0x89, 0xef, 0xe8, 0x3f, 0x00, 0x00, 0x00, 0xc3, 0x48, 0x89,
+        0xf2, 0x48, 0x89, 0xde, 0xff, 0xd0, 0x48, 0x89, 0xc5, 0xeb, 0x00, 0x48, 0x85, 0xed, 0x75,
+        0xe5, 0xeb, 0x00, 0x31, 0xc0, 0xc3, 0x53, 0x48, 0x89, 0xfb, 0x48, 0x3d, 0xe0, 0x75, 0x4f,
+        0x00, 0x75, 0x06, 0x48, 0x89, 0xdf, 0x5b, 0xeb, 0x0f, 0x48, 0x89, 0xf2, 0x48, 0x89, 0xde,
+        0x5b, 0xff, 0xe0, 0xff, 0x25, 0x00, 0x10, 0x00, 0x00, 0xff, 0x25, 0x00, 0x10, 0x00, 0x00,
+        0xff, 0x25, 0x00, 0x10, 0x00, 0x00,
+    ];
+
+    fn scan(functions: Vec<(u64, u64)>) -> SiteScan {
+        let code = Code_ {
+            ranges: vec![(BASE, &CODE[..])],
+            plt: vec![(BASE + 0x7b, BASE + 0x8d)],
+            functions,
+        };
+        let table = AllocTable {
+            address: 0x95_a060,
+            functions: [RAW_MALLOC, 0x4f_76c0, RAW_REALLOC, 0x4f_75b0],
+        };
+        scan_code(&code, &[table])
+    }
+
+    fn site(scan: &SiteScan, guard: u64) -> &Site {
+        scan.sites
+            .iter()
+            .find(|s| s.guard == BASE + guard)
+            .unwrap_or_else(|| panic!("no site at +{guard:#x}: {scan:?}"))
+    }
+
+    #[test]
+    fn fallback_falling_through_into_the_shared_code() {
+        let scan = scan(vec![(BASE + 0x60, BASE + 0x7b)]);
+        let s = site(&scan, 0x6);
+        assert_eq!(s.kind, AllocKind::SiteMalloc);
+        assert_eq!(s.info.arg_reg[0], 4, "the size is in rsi at the guard");
+        // Where the copy's `jmp` lands, the block in rdi; probed on the `je` after `test`.
+        assert_eq!(s.join, Some(Join::At(BASE + 0x10, 5, 0)));
+        assert!(s.join_emulated);
+    }
+
+    #[test]
+    fn join_where_the_copy_meets_the_fallback_not_at_its_null_check() {
+        let scan = scan(vec![(BASE + 0x60, BASE + 0x7b)]);
+        let s = site(&scan, 0x2e);
+        assert_eq!(s.kind, AllocKind::SiteRealloc);
+        assert_eq!(s.info.arg_reg, [1, 4], "ptr in rbx, size in rsi");
+        // Not +0x59 (the fallback's `jne` on its own NULL check, which the copy never
+        // reaches) but the shared code at +0x40, probed on its `call` (rbp still holds it).
+        assert_eq!(s.join, Some(Join::At(BASE + 0x43, 6, 0)));
+    }
+
+    #[test]
+    fn tail_calls_join_at_the_enclosing_functions_return() {
+        let scan = scan(vec![(BASE + 0x60, BASE + 0x7b)]);
+        let s = site(&scan, 0x6a);
+        assert_eq!(s.kind, AllocKind::SiteRealloc);
+        assert_eq!(s.info.arg_reg, [1, 4]);
+        assert_eq!(s.join, Some(Join::Return(BASE + 0x60)));
+        assert_eq!((scan.sites.len(), scan.skipped), (3, 0));
+        // Without a function to return from, the site is left out (and counted).
+        let scan = self::scan(Vec::new());
+        assert!(scan.sites.iter().all(|s| s.guard != BASE + 0x6a));
+        assert_eq!((scan.sites.len(), scan.skipped), (2, 1));
+    }
 }

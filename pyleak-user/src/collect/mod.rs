@@ -188,7 +188,7 @@ impl Recorder {
                 .load()
                 .with_context(|| format!("loading {name}"))?;
         }
-        for name in ["alloc_exit", "bare_exit"] {
+        for name in ["alloc_exit", "bare_exit", "site_join_ret"] {
             uprobe(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("loading {name}"))?;
@@ -303,7 +303,9 @@ impl Recorder {
                 (ProbeRole::Free, true) => &["bare_enter"],
                 (ProbeRole::Site, false) => &["site_enter"],
                 (ProbeRole::Join, false) => &["site_join"],
+                (ProbeRole::JoinReturn, false) => &["site_join_ret"],
                 (ProbeRole::Site | ProbeRole::Join, true) => &["bare_enter"],
+                (ProbeRole::JoinReturn, true) => &["bare_exit"],
             };
             if let Some(info) = p.site {
                 let id = pyleak_common::ProbeCookie::decode(p.cookie).stack_delta;
