@@ -100,7 +100,20 @@ fn check_python(label: &str, python: &std::path::Path) {
             assert!(
                 deep.iter()
                     .any(|s| s["live_bytes"].as_u64().unwrap() >= 30000),
-                "{label}: no truncated stack for the deep leak"
+                "{label}: no truncated stack for the deep leak; the deepest stacks were {:#?}",
+                stacks(&report, layer)
+                    .filter(|s| s["frames"].as_array().unwrap().len() > 100)
+                    .map(|s| {
+                        let fr = s["frames"].as_array().unwrap();
+                        (
+                            s["live_bytes"].clone(),
+                            s["truncated"].clone(),
+                            fr.len(),
+                            fr[..2].to_vec(),
+                            fr[fr.len() - 2..].to_vec(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
             );
             (
                 deep.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum(),
@@ -190,7 +203,10 @@ fn unsupported_cpython_warns_and_counts() {
         err.contains("CPython 3.7") && err.contains("native stacks only"),
         "{err}"
     );
-    assert_eq!(report["processes"][0]["python"], "3.7", "processes[].python");
+    assert_eq!(
+        report["processes"][0]["python"], "3.7",
+        "processes[].python"
+    );
     let live = report["layers"]["libc"]["live_bytes"].as_u64().unwrap();
     assert!(
         live >= 4 << 20,
