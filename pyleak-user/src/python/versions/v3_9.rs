@@ -1,10 +1,10 @@
-//! CPython 3.9: laid out as 3.8 (`tstate->frame`, `PyFrameObject`, `f_lasti` in bytes,
-//! `co_lnotab`). Offsets from the DWARF of pyenv 3.9.18
-//! (shared/design/cpython-offsets-x86_64.json).
+//! CPython 3.9: laid out exactly as 3.8 (`tstate->frame`, `PyFrameObject`, `f_lasti` in
+//! bytes, `co_lnotab`); checked against the DWARF of pyenv 3.9.18
+//! (shared/design/cpython-offsets-x86_64.json), so it takes 3.8's tables.
 
-use pyleak_common::{PyProc, NO_OFFSET};
+use pyleak_common::PyProc;
 
-use super::{common_walk, CPython, PyVersion};
+use super::{v3_8::Python38, CPython, PyVersion};
 use crate::python::{code::CodeLayout, lines::LineFormat};
 
 /// CPython 3.9.
@@ -17,38 +17,14 @@ impl CPython for Python39 {
     }
 
     fn walk_layout(&self) -> PyProc {
-        PyProc {
-            interp_head: 32,
-            tstate_head: 8,
-            tstate_native_tid: NO_OFFSET,
-            tstate_thread_id: 176,
-            tstate_frame: 24,
-            cframe_frame: NO_OFFSET,
-            frame_back: 24,
-            frame_code: 32,
-            frame_lasti: 104,
-            lasti_is_ptr: 0,
-            frame_owner: NO_OFFSET,
-            code_firstlineno: 40,
-            ..common_walk()
-        }
+        Python38.walk_layout()
     }
 
     fn code_layout(&self) -> CodeLayout {
-        CodeLayout {
-            firstlineno: 40,
-            flags: 36,
-            filename: 104,
-            name: 112,
-            qualname: None,
-            linetable: 120,
-            code_adaptive: 0,
-            sizeof_ascii: 48,
-            sizeof_compact: 72,
-        }
+        Python38.code_layout()
     }
 
     fn line_format(&self) -> LineFormat {
-        LineFormat::Lnotab
+        Python38.line_format()
     }
 }
