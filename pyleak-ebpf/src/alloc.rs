@@ -272,9 +272,9 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
 /// `Pending::ret_addr_at` of a call whose stack is the upper call's, taken at its return.
 const RET_ADDR_OF_UPPER: u64 = u64::MAX;
 
-/// The stack of a call that left it for its return: the caller is the instruction pointer
-/// now, or, for a call made inside an upper one that left its stack too (a malloc inside
-/// PyObject_Malloc), the upper call's caller, and both get the stack.
+/// The stack of a call that left it for its return: taken now, with the instruction
+/// pointer (back at the return address) as the caller; or, for a call made inside an upper
+/// one (a malloc inside PyObject_Malloc), the upper call's, taken now if it has none yet.
 #[inline(always)]
 fn deferred_stack(
     ctx: &RetProbeContext,
@@ -283,38 +283,13 @@ fn deferred_stack(
     pending: &Pending,
     tid: u32,
 ) -> u64 {
-    // The outermost call in flight above this one (upper layers have lower numbers), as
-    // `upper_call` chooses.
-    let mut upper = None;
     if pending.ret_addr_at == RET_ADDR_OF_UPPER {
-        for l in (0..CALL_LAYERS).rev() {
-            if l < layer && t.active & (1 << l) != 0 {
-                upper = Some(l);
-            }
-        }
+        return upper_call(t, layer, tid, true).1.unwrap_or(0);
     }
-    let caller = match upper {
-        Some(l) => {
-            if t.calls[l].stack_id != 0 {
-                return t.calls[l].stack_id;
-            }
-            let at = t.calls[l].ret_addr_at;
-            // SAFETY: reads the upper call's return address from the target's stack,
-            // checked by the helper.
-            unsafe { bpf_probe_read_user(at as *const u64) }.ok()
-        }
-        // SAFETY: `regs` is the probe's register set. A return probe runs with the
-        // instruction pointer already back at the return address.
-        None => Some(unsafe { (*ctx.regs).rip }),
-    };
-    let id = stack::capture(ctx.as_ptr(), caller, tid, false);
-    if let Some(l) = upper {
-        if l < CALL_LAYERS && t.calls[l].stack_id == 0 {
-            t.calls[l].stack_id = id;
-            t.calls[l].ret_addr_at = 0;
-        }
-    }
-    id
+    // SAFETY: `regs` is the probe's register set. A return probe runs with the instruction
+    // pointer already back at the return address.
+    let caller = unsafe { (*ctx.regs).rip };
+    stack::capture(ctx.as_ptr(), Some(caller), tid, false)
 }
 
 /// Accounts a call that returned `ret`.
