@@ -126,11 +126,14 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
             // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
             let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
             let at = rsp + c.stack_delta as u64;
-            if stack::frame_chain_plausible(rsp, rbp) {
+            // Only the malloc family waits for its return: CPython's allocators take their
+            // stack at entry, as calls made inside them expect.
+            let chain = stack::frame_chain_plausible(rsp, rbp);
+            if layer != Layer::Libc as usize || chain {
                 // SAFETY: reads the return address from the target's stack, checked by the
                 // helper.
                 let caller = unsafe { bpf_probe_read_user(at as *const u64) }.ok();
-                (stack::capture(ctx.as_ptr(), caller, tid, true), 0)
+                (stack::capture(ctx.as_ptr(), caller, tid, chain), 0)
             } else {
                 // No frame chain to walk: the caller alone is the native stack, and the
                 // return probe has it in a register, for free. Python frames do not move
