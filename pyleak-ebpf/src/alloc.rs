@@ -119,9 +119,6 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
     let (flags, inherited) = upper_call(t, layer, tid, false);
     let (stack_id, ret_addr_at) = match inherited {
         Some(id) => (id, 0),
-        // An upper call in flight left its stack for later: this call takes that one at
-        // its return, for both.
-        None if flags != 0 => (0, RET_ADDR_OF_UPPER),
         None => {
             // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
             let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
@@ -188,10 +185,11 @@ pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
 /// If upper layers' calls are in flight on this thread (malloc inside PyObject_Malloc, mmap
 /// inside malloc inside PyObject_Malloc), the `FLAG_FOR_*` bits of every one of them and
 /// the topmost call's stack to reuse. An arena mmap is `FOR_PYMALLOC` alone; a big
-/// request's mmap is `FOR_PYMALLOC | FOR_LIBC`. If that call left its stack for its return,
-/// `take_deferred` takes it now (for the kernel layers), else there is none to reuse (an
-/// allocator probe takes its own: a second walk inlined there would exceed the verifier's
-/// budget).
+/// request's mmap is `FOR_PYMALLOC | FOR_LIBC`. If that call (a malloc) left its stack for
+/// its return, `take_deferred` takes it now (the kernel layers do); without it there is
+/// none to reuse. Allocator probes pass `false`: only the malloc family defers, and no
+/// probed allocator runs inside malloc, so they never meet one, and a second stack walk
+/// inlined in them would only cost verifier budget.
 #[inline(always)]
 pub fn upper_call(
     t: &mut ThreadState,
@@ -265,30 +263,17 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
         return Ok(());
     }
     if pending.stack_id == 0 && pending.ret_addr_at != 0 {
-        pending.stack_id = deferred_stack(ctx, t, layer, &pending, tid);
+        pending.stack_id = deferred_stack(ctx, tid);
     }
     let ret: u64 = ctx.ret();
     finish(tgid, c.layer, &pending, ret);
     Ok(())
 }
 
-/// `Pending::ret_addr_at` of a call whose stack is the upper call's, taken at its return.
-const RET_ADDR_OF_UPPER: u64 = u64::MAX;
-
-/// The stack of a call that left it for its return: taken now, with the instruction
-/// pointer (back at the return address) as the caller; or, for a call made inside an upper
-/// one (a malloc inside PyObject_Malloc), the upper call's, taken now if it has none yet.
+/// The stack of a malloc-family call that left it for its return: taken now, with the
+/// instruction pointer (back at the return address) as the caller.
 #[inline(always)]
-fn deferred_stack(
-    ctx: &RetProbeContext,
-    t: &mut ThreadState,
-    layer: usize,
-    pending: &Pending,
-    tid: u32,
-) -> u64 {
-    if pending.ret_addr_at == RET_ADDR_OF_UPPER {
-        return upper_call(t, layer, tid, true).1.unwrap_or(0);
-    }
+fn deferred_stack(ctx: &RetProbeContext, tid: u32) -> u64 {
     // SAFETY: `regs` is the probe's register set. A return probe runs with the instruction
     // pointer already back at the return address.
     let caller = unsafe { (*ctx.regs).rip };
