@@ -4,7 +4,7 @@
 
 use pyleak_common::{PyProc, NO_OFFSET};
 
-use super::{common_walk, CPython, PyVersion};
+use super::{common_walk, v3_8::Python38, CPython, PyVersion};
 use crate::python::{code::CodeLayout, lines::LineFormat};
 
 /// CPython 3.10.
@@ -35,17 +35,8 @@ impl CPython for Python310 {
     }
 
     fn code_layout(&self) -> CodeLayout {
-        CodeLayout {
-            firstlineno: 40,
-            flags: 36,
-            filename: 104,
-            name: 112,
-            qualname: None,
-            linetable: 120,
-            code_adaptive: 0,
-            sizeof_ascii: 48,
-            sizeof_compact: 72,
-        }
+        // The code object did not change from 3.8; its line table did.
+        Python38.code_layout()
     }
 
     fn line_format(&self) -> LineFormat {
