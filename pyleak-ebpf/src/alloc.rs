@@ -12,15 +12,18 @@ use aya_ebpf::{
     EbpfContext,
 };
 use pyleak_common::{
-    size_bucket, AllocKey, AllocKind, Drop, Layer, LiveAlloc, Pending, ProbeCookie, SiteInfo,
-    StackAgg, StackKey, ThreadState, CALL_LAYERS, FLAG_FOR_LIBC, FLAG_FOR_PYMALLOC,
-    FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, REG_CONST, REG_NONE, REG_STACK,
+    live_bucket, live_key, size_bucket, AllocKey, AllocKind, Drop, Layer, LiveAlloc, LiveBucket,
+    Pending, ProbeCookie, SiteInfo, StackAgg, StackKey, ThreadState, CALL_LAYERS, FLAG_FOR_LIBC,
+    FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, LIVE_BUCKET_SLOTS, REG_CONST, REG_NONE,
+    REG_STACK,
 };
+
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use crate::{
     maps::{
-        count_drop, uprobe_target_active, LAYER_STATS, LIFETIME_HIST, LIVE_ALLOCS, SITES,
-        SIZE_HIST, STACK_AGG_SLOT, STACK_STATS, THREADS,
+        count_drop, uprobe_target_active, LAYER_STATS, LIFETIME_HIST, LIVE_ALLOCS, LIVE_KEYS,
+        LIVE_OVERFLOW, LIVE_VALS, SITES, SIZE_HIST, STACK_AGG_SLOT, STACK_STATS, THREADS,
     },
     stack,
 };
@@ -540,17 +543,14 @@ fn failed(layer: u32) {
 pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
     // SAFETY: a helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    let key = AllocKey { tgid, layer, addr };
     let live = LiveAlloc {
         size: p.size,
         ts_ns,
         stack_id: p.stack_id,
         flags: p.flags,
-        _pad: 0,
+        tgid,
     };
-    if LIVE_ALLOCS.insert(key, live, 0).is_err() {
-        count_drop(Drop::LiveAllocsFull);
-    }
+    live_insert(tgid, layer, addr, &live);
     if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
         // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
@@ -581,16 +581,13 @@ pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
 /// Records a block given back; unknown blocks are counted, never subtracted.
 #[inline(always)]
 pub fn record_free(tgid: u32, layer: u32, addr: u64) {
-    let key = AllocKey { tgid, layer, addr };
-    // SAFETY: plain data copied out before the entry is removed.
-    let Some(live) = (unsafe { LIVE_ALLOCS.get(key) }).copied() else {
+    let Some(live) = live_take(tgid, layer, addr) else {
         if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
             // SAFETY: a per-CPU slot.
             unsafe { (*s).unmatched_frees += 1 };
         }
         return;
     };
-    let _ = LIVE_ALLOCS.remove(key);
     // SAFETY: a helper without arguments.
     let lifetime_us = (unsafe { bpf_ktime_get_ns() }).saturating_sub(live.ts_ns) / 1000;
     let bucket = layer as usize * HIST_BUCKETS + size_bucket(lifetime_us);
@@ -618,6 +615,134 @@ pub fn record_free(tgid: u32, layer: u32, addr: u64) {
             freed_bytes: live.size,
         },
     );
+}
+
+/// The key word of table slot `i` of a bucket.
+#[inline(always)]
+fn slot_key(keys: *mut LiveBucket, i: usize) -> *mut u64 {
+    // SAFETY: `keys` is a map value; only the address is taken.
+    unsafe { &raw mut (*keys).keys[i] }
+}
+
+/// Reads a table key.
+#[inline(always)]
+fn key_load(at: *mut u64) -> u64 {
+    // SAFETY: an aligned word of a map value: one load, never torn.
+    unsafe { core::ptr::read_volatile(at) }
+}
+
+/// Swaps a table key from `old` to `new` if it is still `old` (BPF's compare-and-swap).
+#[inline(always)]
+fn key_swap(at: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: an aligned word of a map value.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(at, old, new)
+    }
+    .1
+}
+
+/// Blocks in the overflow map now.
+#[inline(always)]
+fn overflow_count() -> u64 {
+    LIVE_OVERFLOW.get(0).copied().unwrap_or(0)
+}
+
+/// Counts a block into (`+1`) or out of (`-1`) the overflow map.
+#[inline(always)]
+fn overflow_add(n: i64) {
+    if let Some(c) = LIVE_OVERFLOW.get_ptr_mut(0) {
+        // SAFETY: an aligned map value, changed only atomically.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(c, n as u64) };
+    }
+}
+
+/// Tracks a live block: in the table if its bucket has room, else in the overflow map. A
+/// stale entry for the same block (its free went unseen) is replaced.
+#[inline(always)]
+fn live_insert(tgid: u32, layer: u32, addr: u64, live: &LiveAlloc) {
+    let hkey = AllocKey { tgid, layer, addr };
+    if overflow_count() != 0 && LIVE_ALLOCS.remove(&hkey).is_ok() {
+        overflow_add(-1);
+    }
+    if let Some(k) = live_key(tgid, layer, addr) {
+        let b = live_bucket(k);
+        if let Some(keys) = LIVE_KEYS.get_ptr_mut(b) {
+            let base = b * LIVE_BUCKET_SLOTS as u32;
+            let mut at = None;
+            for i in 0..LIVE_BUCKET_SLOTS {
+                if key_load(slot_key(keys, i)) == k
+                    && LIVE_VALS
+                        .get(base + i as u32)
+                        .is_some_and(|v| v.tgid == tgid)
+                {
+                    at = Some(i);
+                    break;
+                }
+            }
+            if at.is_none() {
+                for i in 0..LIVE_BUCKET_SLOTS {
+                    let key = slot_key(keys, i);
+                    if key_load(key) == 0 && key_swap(key, 0, k) {
+                        at = Some(i);
+                        break;
+                    }
+                }
+            }
+            // Nobody reads the slot before the block is freed, which is after this returns
+            // (the allocator has not handed it out yet).
+            if let Some(i) = at {
+                if let Some(v) = LIVE_VALS.get_ptr_mut(base + i as u32) {
+                    // SAFETY: the slot is ours: its key is this block's.
+                    unsafe { *v = *live };
+                }
+                return;
+            }
+        }
+    }
+    if LIVE_ALLOCS.insert(&hkey, live, 0).is_ok() {
+        overflow_add(1);
+    } else {
+        count_drop(Drop::LiveAllocsFull);
+    }
+}
+
+/// Stops tracking a live block and returns it; `None` if it is not tracked.
+#[inline(always)]
+fn live_take(tgid: u32, layer: u32, addr: u64) -> Option<LiveAlloc> {
+    if let Some(k) = live_key(tgid, layer, addr) {
+        let b = live_bucket(k);
+        if let Some(keys) = LIVE_KEYS.get_ptr_mut(b) {
+            let base = b * LIVE_BUCKET_SLOTS as u32;
+            for i in 0..LIVE_BUCKET_SLOTS {
+                let key = slot_key(keys, i);
+                if key_load(key) != k {
+                    continue;
+                }
+                // The block is copied out before its slot is given back.
+                let Some(v) = LIVE_VALS.get(base + i as u32).copied() else {
+                    continue;
+                };
+                if v.tgid != tgid {
+                    continue;
+                }
+                if key_swap(key, k, 0) {
+                    return Some(v);
+                }
+                // Another thread freed it first (a double free in the target).
+                return None;
+            }
+        }
+    }
+    if overflow_count() == 0 {
+        return None;
+    }
+    let key = AllocKey { tgid, layer, addr };
+    // SAFETY: plain data copied out before the entry is removed.
+    let v = (unsafe { LIVE_ALLOCS.get(&key) }).copied()?;
+    if LIVE_ALLOCS.remove(&key).is_ok() {
+        overflow_add(-1);
+    }
+    Some(v)
 }
 
 /// Adds to a stack's totals: in this CPU's slot if the stack is the slot's, else the slot

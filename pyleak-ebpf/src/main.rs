@@ -2,6 +2,9 @@
 //! maps that userspace reads (see `pyleak-common` for the shared types).
 #![no_std]
 #![no_main]
+// BPF has compare-and-swap (since v5.12) but Rust's target does not expose `AtomicU64`'s.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 // Map values are passed by reference on purpose: by value, LLVM copies them onto the
 // 512-byte BPF stack (a ThreadState or StackTrace does not fit).
 #![allow(clippy::needless_borrows_for_generic_args)]

@@ -1,16 +1,17 @@
 //! Every map the probes share, with the sizes from `pyleak-common`.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     helpers::generated::bpf_get_current_ancestor_cgroup_id,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use pyleak_common::{
-    AllocKey, LayerStats, LiveAlloc, SiteInfo, StackAgg, StackAggSlot, StackKey, StackTrace,
-    ThreadState, EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS, LIVE_ALLOCS_ENTRIES,
-    NUM_DROPS, NUM_LAYERS, SITES_ENTRIES, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES,
-    TARGET_ACTIVE, TARGET_FROZEN, THREADS_ENTRIES,
+    AllocKey, LayerStats, LiveAlloc, LiveBucket, SiteInfo, StackAgg, StackAggSlot, StackKey,
+    StackTrace, ThreadState, EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS,
+    LIVE_ALLOCS_ENTRIES, LIVE_BUCKET_SLOTS, LIVE_TABLE_BUCKETS, NUM_DROPS, NUM_LAYERS,
+    SITES_ENTRIES, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES, TARGET_ACTIVE,
+    TARGET_FROZEN, THREADS_ENTRIES,
 };
 
 /// Processes traced: tgid → `TARGET_ACTIVE` or `TARGET_FROZEN`.
@@ -21,10 +22,30 @@ pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_ENTRIE
 #[map]
 pub static SITES: Array<SiteInfo> = Array::with_max_entries(SITES_ENTRIES, 0);
 
-/// Blocks allocated and not yet freed.
+/// Blocks allocated and not yet freed: the table's keys, a cache line of them a bucket.
+/// Probes claim a free slot (key 0) with a compare-and-swap and free one by swapping its
+/// key back to 0, so no lock is taken and no element allocated (a hash map's insert and
+/// delete cost ≈0.2 µs a block here). Userspace maps it to read it.
+#[map]
+pub static LIVE_KEYS: Array<LiveBucket> =
+    Array::with_max_entries(LIVE_TABLE_BUCKETS, BPF_F_MMAPABLE);
+
+/// The table's blocks, at `bucket * LIVE_BUCKET_SLOTS + slot`.
+#[map]
+pub static LIVE_VALS: Array<LiveAlloc> = Array::with_max_entries(
+    LIVE_TABLE_BUCKETS * LIVE_BUCKET_SLOTS as u32,
+    BPF_F_MMAPABLE,
+);
+
+/// Live blocks the table had no room or no key for.
 #[map]
 pub static LIVE_ALLOCS: HashMap<AllocKey, LiveAlloc> =
     HashMap::with_max_entries(LIVE_ALLOCS_ENTRIES, 0);
+
+/// `[0]`: how many blocks `LIVE_ALLOCS` holds (changed atomically). While it is 0, a free
+/// the table does not know needs no hash lookup.
+#[map]
+pub static LIVE_OVERFLOW: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per-thread calls in flight, by thread id.
 #[map]

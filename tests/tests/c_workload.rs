@@ -116,6 +116,41 @@ fn attach_mode_counts_every_allocator_exactly() {
     check(&report);
 }
 
+/// More live blocks than the kernel's live table has slots (1 Mi): the rest go to its
+/// overflow map, and every count stays exact.
+#[test]
+fn blocks_beyond_the_live_table_are_counted_exactly() {
+    if !root_or_skip() {
+        return;
+    }
+    const N: u64 = 1_200_000;
+    let dir = scratch("c-many");
+    let bin = c_workload();
+    let (report, _) = record_json(
+        &dir,
+        &[
+            "--layers",
+            "libc",
+            "--",
+            bin.to_str().unwrap(),
+            "--many",
+            &N.to_string(),
+        ],
+    );
+    let libc = layer(&report, "libc");
+    assert_eq!(libc["allocs"], N, "{libc}");
+    assert_eq!(libc["alloc_bytes"], N * 24);
+    assert_eq!(libc["frees"], N / 2);
+    assert_eq!(libc["unmatched_frees"], 0);
+    assert_eq!(libc["live_count"], N / 2);
+    assert_eq!(libc["live_bytes"], N / 2 * 24);
+    assert_eq!(
+        stack_sum(&report, "libc", "live_count", |fr| has(fr, "many_blocks")),
+        N / 2
+    );
+    assert_eq!(report["lost_events"], 0, "lost: {}", report["lost"]);
+}
+
 #[test]
 fn folded_output_is_inferno_compatible() {
     if !root_or_skip() {

@@ -4,7 +4,8 @@
  * tests/tests/c_workload.rs. No stdio (its buffers would malloc): output goes through write.
  * Built with -O0 and frame pointers (see tests/src/lib.rs) so that no call is optimised
  * away and each stack names the function below that allocated.
- * Usage: alloc_workload [--wait FILE]  (waits for FILE to exist before starting). */
+ * Usage: alloc_workload [--wait FILE]  (waits for FILE to exist before starting)
+ *        alloc_workload --many N  (only many_blocks(N), below). */
 #define _GNU_SOURCE
 #include <malloc.h>
 #include <stdlib.h>
@@ -70,7 +71,20 @@ __attribute__((noinline)) void vm_unmapped(void) {
     munmap(p, 2 * PAGE);                                           /* nothing stays */
 }
 
+/* N blocks of 24 bytes, then every other one freed: more blocks than pyleak's live table
+ * has slots, so some go to its overflow map, and frees must find them in either. */
+__attribute__((noinline)) void many_blocks(long n) {
+    void **blocks = mmap(NULL, n * sizeof(void *), PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (long i = 0; i < n; i++) blocks[i] = malloc(24);
+    for (long i = 1; i < n; i += 2) free(blocks[i]);
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "--many") == 0) {
+        many_blocks(atol(argv[2]));
+        return 0;
+    }
     if (argc == 3 && strcmp(argv[1], "--wait") == 0) {
         while (access(argv[2], F_OK) != 0) usleep(10000);
     }

@@ -1,5 +1,6 @@
 //! Loading the probes, attaching them to targets, and reading back what they gathered.
 
+mod table;
 pub mod vm;
 
 use std::{
@@ -577,17 +578,10 @@ impl Recorder {
         let lifetime_hist = self.histograms("LIFETIME_HIST")?;
         let mut ages: HashMap<(u32, Layer, u64), Ages> = HashMap::new();
         let (mut pymalloc_small_live, mut libc_for_python_live) = (0, 0);
-        let live: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
-            self.ebpf
-                .map("LIVE_ALLOCS")
-                .context("map LIVE_ALLOCS missing")?,
-        )?;
         let mut ends: HashMap<u32, u64> = HashMap::new();
-        for entry in live.iter() {
-            // Every target is frozen by now, so nothing is removed under the walk.
-            let Ok((key, block)) = entry else { break };
+        let mut add = |key: AllocKey, block: LiveAlloc| {
             let Some(layer) = Layer::from_u32(key.layer) else {
-                continue;
+                return;
             };
             let end = *ends
                 .entry(key.tgid)
@@ -604,6 +598,25 @@ impl Recorder {
                 }
                 _ => {}
             }
+        };
+        // Every target is frozen by now, so nothing is removed under the walks.
+        table::for_each_live(
+            self.ebpf
+                .map("LIVE_KEYS")
+                .context("map LIVE_KEYS missing")?,
+            self.ebpf
+                .map("LIVE_VALS")
+                .context("map LIVE_VALS missing")?,
+            &mut add,
+        )?;
+        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
+            self.ebpf
+                .map("LIVE_ALLOCS")
+                .context("map LIVE_ALLOCS missing")?,
+        )?;
+        for entry in overflow.iter() {
+            let Ok((key, block)) = entry else { break };
+            add(key, block);
         }
         for (&pid, p) in &self.model.procs {
             let end = self.end_ns(pid, now);
