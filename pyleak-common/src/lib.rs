@@ -291,6 +291,10 @@ pub const FLAG_FOR_PYMALLOC: u32 = 1;
 pub const FLAG_FOR_PYMEM_RAW: u32 = 2;
 /// Set on a mapping made while serving a libc malloc-family request.
 pub const FLAG_FOR_LIBC: u32 = 4;
+/// Set on a live block whose allocation time is exact, so its lifetime is measured when it
+/// is freed; the others carry the time of their CPU's first allocation in the same kernel
+/// tick (see `pyleak-ebpf`'s `alloc_time`).
+pub const FLAG_TIMED: u32 = 8;
 /// Set on a stack whose Python frames did not all fit.
 pub const STACK_PY_TRUNCATED: u32 = 1;
 /// Set on a stack whose Python frames could not be read.
@@ -710,6 +714,26 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_keys_round_trip_and_refuse_what_does_not_fit() {
+        for (tgid, layer, addr) in [
+            (1, 0, 0x10),
+            (4_194_303, 2, 0x7fff_ffff_fff0),
+            (524_289, 1, 0x5555_5555_9000),
+        ] {
+            let k = live_key(tgid, layer, addr).expect("fits");
+            assert_ne!(k, 0);
+            assert_eq!(live_key_parts(k), (layer, addr));
+            assert!(live_bucket(k) < LIVE_TABLE_BUCKETS);
+        }
+        // Process ids equal in their low 19 bits share a key: the slot's tgid tells them
+        // apart.
+        assert_eq!(live_key(1, 2, 0x1000), live_key(1 + (1 << 19), 2, 0x1000));
+        assert_eq!(live_key(1, 2, 0), None);
+        assert_eq!(live_key(1, 2, 0x1008), None);
+        assert_eq!(live_key(1, 2, 1 << 47), None);
+    }
 
     #[test]
     fn buckets_are_monotonic_and_invertible() {

@@ -65,6 +65,10 @@ pub static STACK_STATS: PerCpuHashMap<StackKey, StackAgg> =
 #[map]
 pub static STACK_AGG_SLOT: PerCpuArray<StackAggSlot> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's kernel tick (`jiffies`) when it last read the clock, and that time.
+#[map]
+pub static TICK_CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-layer counters.
 #[map]
 pub static LAYER_STATS: PerCpuArray<LayerStats> =
