@@ -7,8 +7,8 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{bpf_get_attach_cookie, bpf_jiffies64},
     },
-    macros::{uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext},
+    macros::{tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
 use pyleak_common::{
@@ -61,6 +61,14 @@ pub fn bare_enter(_ctx: ProbeContext) -> u32 {
 /// Benchmark floor for return probes.
 #[uretprobe]
 pub fn bare_exit(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
+/// Benchmark floor for the vm and pages layers' tracepoints. Attached at all, syscall
+/// tracepoints send every syscall of every task down the kernel's slow path (uretprobes
+/// return through one), a cost any tracer of these layers pays.
+#[tracepoint]
+pub fn bare_tp(_ctx: TracePointContext) -> u32 {
     0
 }
 

@@ -111,7 +111,8 @@ pub struct RecordArgs {
     /// Do not read Python stacks (benchmark of their cost); native stacks only.
     #[arg(long, hide = true)]
     pub no_python_stacks: bool,
-    /// Attach empty programs at the same points (the benchmark's floor); no report.
+    /// Attach empty programs at the same points, tracepoints included (the benchmark's
+    /// floor); no report.
     #[arg(long, hide = true)]
     pub bare: bool,
     /// The command to run and trace, after `--`.

@@ -211,24 +211,26 @@ impl Recorder {
         if opts.filter.file_wide() {
             tracepoints.push(("sched_process_exec", "sched", "sched_process_exec"));
         }
-        if !opts.bare && (opts.layers.contains(Layer::Vm) || opts.layers.contains(Layer::Pages)) {
+        // The benchmark's floor attaches an empty program wherever a layer's would go.
+        let program = |real| if opts.bare { "bare_tp" } else { real };
+        if opts.layers.contains(Layer::Vm) || opts.layers.contains(Layer::Pages) {
             // Unmaps and the break matter to the pages layer too.
             for sc in ["mmap", "munmap", "mremap", "brk", "madvise"] {
                 tracepoints.push((
-                    "sys_enter_vm",
+                    program("sys_enter_vm"),
                     "syscalls",
                     leak_name(format!("sys_enter_{sc}")),
                 ));
                 tracepoints.push((
-                    "sys_exit_vm",
+                    program("sys_exit_vm"),
                     "syscalls",
                     leak_name(format!("sys_exit_{sc}")),
                 ));
             }
         }
-        if !opts.bare && opts.layers.contains(Layer::Pages) {
-            tracepoints.push(("page_fault", "exceptions", "page_fault_user"));
-            tracepoints.push(("page_fault", "exceptions", "page_fault_kernel"));
+        if opts.layers.contains(Layer::Pages) {
+            tracepoints.push((program("page_fault"), "exceptions", "page_fault_user"));
+            tracepoints.push((program("page_fault"), "exceptions", "page_fault_kernel"));
         }
         for (prog, category, name) in tracepoints {
             let tp: &mut TracePoint = ebpf
