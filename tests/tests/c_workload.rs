@@ -148,6 +148,47 @@ fn blocks_beyond_the_live_table_are_counted_exactly() {
         stack_sum(&report, "libc", "live_count", |fr| has(fr, "many_blocks")),
         N / 2
     );
+    // Every block freed lived through the rest of the allocation loop and the start of the
+    // freeing one: a second or more, traced. Lifetimes come from the exactly-timed blocks
+    // (one per CPU per tick), so there are hundreds of them.
+    let life = &libc["lifetime_percentiles_us"];
+    let p50 = life["p50"].as_u64().expect("freed blocks have lifetimes");
+    assert!((100_000..120_000_000).contains(&p50), "lifetimes: {life}");
+    assert_eq!(report["lost_events"], 0, "lost: {}", report["lost"]);
+}
+
+/// Blocks freed on another thread than the one that allocated them: the two threads' probes
+/// meet in the live table from two CPUs, and every count stays exact.
+#[test]
+fn blocks_freed_by_another_thread_are_counted_exactly() {
+    if !root_or_skip() {
+        return;
+    }
+    const N: u64 = 200_000;
+    let dir = scratch("c-handoff");
+    let bin = c_workload();
+    let (report, _) = record_json(
+        &dir,
+        &[
+            "--layers",
+            "libc",
+            "--",
+            bin.to_str().unwrap(),
+            "--handoff",
+            &N.to_string(),
+        ],
+    );
+    let libc = layer(&report, "libc");
+    let ours = |field: &str| stack_sum(&report, "libc", field, |fr| has(fr, "handoff"));
+    assert_eq!(ours("allocs"), N, "{libc}");
+    assert_eq!(ours("alloc_bytes"), N * 40);
+    assert_eq!(ours("frees"), N - N / 10);
+    assert_eq!(ours("live_count"), N / 10);
+    assert_eq!(ours("live_bytes"), N / 10 * 40);
+    // No other block is freed: the 8 unmatched frees are glibc's, at the consumer's exit
+    // (its tcache struct, allocated inside malloc, and the 7 chunks cached in it, which the
+    // workload had freed already).
+    assert_eq!(libc["frees"], N - N / 10);
     assert_eq!(report["lost_events"], 0, "lost: {}", report["lost"]);
 }
 

@@ -5,9 +5,11 @@
  * Built with -O0 and frame pointers (see tests/src/lib.rs) so that no call is optimised
  * away and each stack names the function below that allocated.
  * Usage: alloc_workload [--wait FILE]  (waits for FILE to exist before starting)
- *        alloc_workload --many N  (only many_blocks(N), below). */
+ *        alloc_workload --many N  (only many_blocks(N), below)
+ *        alloc_workload --handoff N  (only handoff(N), below). */
 #define _GNU_SOURCE
 #include <malloc.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -80,9 +82,46 @@ __attribute__((noinline)) void many_blocks(long n) {
     for (long i = 1; i < n; i += 2) free(blocks[i]);
 }
 
+/* Blocks allocated on one thread and freed on another: N blocks of 40 bytes handed from
+ * main to a second thread through a ring, which frees all but every tenth. */
+#define RING 1024
+static void *ring[RING];
+static volatile long produced, consumed;
+static long handoff_n;
+static void *kept[1 << 16];
+static long nkept;
+
+static void *consumer(void *arg) {
+    (void)arg;
+    for (long i = 0; i < handoff_n; i++) {
+        while (__atomic_load_n(&produced, __ATOMIC_ACQUIRE) == i) {}
+        void *p = ring[i % RING];
+        if (i % 10 == 0) kept[nkept++] = p;
+        else free(p);
+        __atomic_store_n(&consumed, i + 1, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+__attribute__((noinline)) void handoff(long n) {
+    pthread_t t;
+    handoff_n = n;
+    pthread_create(&t, NULL, consumer, NULL);
+    for (long i = 0; i < n; i++) {
+        while (i - __atomic_load_n(&consumed, __ATOMIC_ACQUIRE) >= RING) {}
+        ring[i % RING] = malloc(40);
+        __atomic_store_n(&produced, i + 1, __ATOMIC_RELEASE);
+    }
+    pthread_join(t, NULL);
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "--many") == 0) {
         many_blocks(atol(argv[2]));
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "--handoff") == 0) {
+        handoff(atol(argv[2]));
         return 0;
     }
     if (argc == 3 && strcmp(argv[1], "--wait") == 0) {
