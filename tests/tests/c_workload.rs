@@ -116,6 +116,20 @@ fn attach_mode_counts_every_allocator_exactly() {
     check(&report);
 }
 
+/// The libc layer's report on `alloc_workload MODE N`.
+fn record_libc(name: &str, mode: &str, n: u64) -> Value {
+    let bin = c_workload();
+    let args = [
+        "--layers",
+        "libc",
+        "--",
+        bin.to_str().unwrap(),
+        mode,
+        &n.to_string(),
+    ];
+    record_json(&scratch(name), &args).0
+}
+
 /// More live blocks than the kernel's live table has slots (1 Mi): the rest go to its
 /// overflow map, and every count stays exact.
 #[test]
@@ -124,19 +138,7 @@ fn blocks_beyond_the_live_table_are_counted_exactly() {
         return;
     }
     const N: u64 = 1_200_000;
-    let dir = scratch("c-many");
-    let bin = c_workload();
-    let (report, _) = record_json(
-        &dir,
-        &[
-            "--layers",
-            "libc",
-            "--",
-            bin.to_str().unwrap(),
-            "--many",
-            &N.to_string(),
-        ],
-    );
+    let report = record_libc("c-many", "--many", N);
     let libc = layer(&report, "libc");
     assert_eq!(libc["allocs"], N, "{libc}");
     assert_eq!(libc["alloc_bytes"], N * 24);
@@ -165,19 +167,7 @@ fn blocks_freed_by_another_thread_are_counted_exactly() {
         return;
     }
     const N: u64 = 200_000;
-    let dir = scratch("c-handoff");
-    let bin = c_workload();
-    let (report, _) = record_json(
-        &dir,
-        &[
-            "--layers",
-            "libc",
-            "--",
-            bin.to_str().unwrap(),
-            "--handoff",
-            &N.to_string(),
-        ],
-    );
+    let report = record_libc("c-handoff", "--handoff", N);
     let libc = layer(&report, "libc");
     let ours = |field: &str| stack_sum(&report, "libc", field, |fr| has(fr, "handoff"));
     assert_eq!(ours("allocs"), N, "{libc}");
