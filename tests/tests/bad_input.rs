@@ -94,6 +94,15 @@ fn tracefs_not_mounted_is_mounted_by_pyleak() {
     if !root_or_skip() {
         return;
     }
+    // With debugfs mounted, pyleak uses its copy of tracefs and mounts nothing: there is no
+    // mount to test.
+    let debugfs_copy = std::path::Path::new("/sys/kernel/debug/tracing/events").exists();
+    if !skip_unless(
+        !debugfs_copy,
+        "debugfs is mounted (its tracing/ serves pyleak): run `umount /sys/kernel/debug`",
+    ) {
+        return;
+    }
     let tracing = std::path::Path::new("/sys/kernel/tracing/events");
     if tracing.exists() {
         let st = Command::new("umount")
