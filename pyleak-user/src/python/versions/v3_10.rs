@@ -2,9 +2,9 @@
 //! units and lines come from the new `co_linetable`. Offsets from the DWARF of pyenv
 //! 3.10.13 (shared/design/cpython-offsets-x86_64.json).
 
-use pyleak_common::{PyProc, NO_OFFSET};
+use pyleak_common::PyProc;
 
-use super::{common_walk, v3_8::Python38, CPython, PyVersion};
+use super::{v3_8::Python38, CPython, PyVersion};
 use crate::python::{code::CodeLayout, lines::LineFormat};
 
 /// CPython 3.10.
@@ -17,20 +17,10 @@ impl CPython for Python310 {
     }
 
     fn walk_layout(&self) -> PyProc {
+        // 3.8's frame chain; only `f_lasti` moved (it is an int after an 8-byte field less).
         PyProc {
-            interp_head: 32,
-            tstate_head: 8,
-            tstate_native_tid: NO_OFFSET,
-            tstate_thread_id: 176,
-            tstate_frame: 24,
-            cframe_frame: NO_OFFSET,
-            frame_back: 24,
-            frame_code: 32,
             frame_lasti: 96,
-            lasti_is_ptr: 0,
-            frame_owner: NO_OFFSET,
-            code_firstlineno: 40,
-            ..common_walk()
+            ..Python38.walk_layout()
         }
     }
 

@@ -8,9 +8,9 @@
 //! at run time the offsets in the file's `_Py_DebugOffsets` replace it (with a warning
 //! when they differ), so the table only matters when that is unusable.
 
-use pyleak_common::{PyProc, NO_OFFSET};
+use pyleak_common::PyProc;
 
-use super::{common_walk, CPython, PyVersion};
+use super::{v3_13::Python313, CPython, PyVersion};
 use crate::python::{code::CodeLayout, debug_offsets::DebugOffsetsLayout, lines::LineFormat};
 
 /// `_PyStackRef` tag bits cleared from `f_executable` (CPython's remote debugger masks
@@ -43,35 +43,21 @@ impl CPython for Python314 {
     }
 
     fn walk_layout(&self) -> PyProc {
+        // 3.13's frame chain: the interpreter list moved, `owner` moved, and
+        // `f_executable` is tagged.
         PyProc {
             interp_head: 808,
-            tstate_head: 7344,
-            tstate_native_tid: 160,
-            tstate_thread_id: 152,
-            tstate_frame: 72,
-            cframe_frame: NO_OFFSET,
-            frame_back: 8,
-            frame_code: 0,
             code_tag_mask: STACKREF_TAG_BITS,
-            frame_lasti: 56,
-            lasti_is_ptr: 1,
             frame_owner: 74,
-            code_firstlineno: 68,
-            ..common_walk()
+            ..Python313.walk_layout()
         }
     }
 
     fn code_layout(&self) -> CodeLayout {
+        // 3.13's code object with one more field before `co_code_adaptive`.
         CodeLayout {
-            firstlineno: 68,
-            flags: 48,
-            filename: 112,
-            name: 120,
-            qualname: Some(128),
-            linetable: 136,
             code_adaptive: 208,
-            sizeof_ascii: 40,
-            sizeof_compact: 56,
+            ..Python313.code_layout()
         }
     }
 
