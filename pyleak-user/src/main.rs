@@ -1,19 +1,17 @@
 //! pyleak: find memory leaks in running Python programs from the outside.
 
-mod allocwatch;
 mod analysis;
 mod attach;
 mod cli;
 mod collect;
 mod errors;
-mod follow;
-mod group;
-mod launch;
 mod layers;
+mod live;
 mod python;
 mod record;
 mod report;
 mod symbolize;
+mod targets;
 mod tracefs;
 
 use clap::Parser as _;

@@ -1,7 +1,11 @@
 //! Native frames to `symbol (module)`: the process's memory map (snapshotted while it is
 //! alive) gives the file and offset, the file's ELF symbol tables give the name.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Mutex, MutexGuard},
+};
 
 use object::{elf::PF_X, Object, ObjectSegment, ObjectSymbol, SegmentFlags, SymbolKind};
 
@@ -244,6 +248,12 @@ fn read_debug_file(pid: u32, id: &[u8]) -> Option<Vec<u8>> {
         .iter()
         .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() < MAX_MODULE_BYTES))
         .find_map(|p| std::fs::read(p).ok())
+}
+
+/// Locks a shared symbolizer; a panic elsewhere cannot leave it half-updated in a way
+/// that matters, so a poisoned lock is used as is.
+pub fn lock(syms: &Mutex<Symbolizer>) -> MutexGuard<'_, Symbolizer> {
+    syms.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -1,56 +1,402 @@
-//! Turning what was traced into answers: which stacks' memory keeps growing (growth), which
-//! are most likely leaks (ranking).
+//! Turning what was traced into answers, as a pure function: [`analyze`] takes what the
+//! kernel gathered (a [`Snapshot`]), the vm model and what is known of the processes
+//! ([`Facts`]) and returns an [`Analysis`] (layer totals, stacks, the layers linked, leak
+//! suspects), which `report` and `live` only render. Growth maths in `growth`, the
+//! suspects' order in `rank`.
 
+pub mod growing;
 pub mod growth;
-pub mod sampler;
+pub mod model;
+mod rank;
+#[cfg(test)]
+mod tests;
 
-use pyleak_common::Layer;
+use std::collections::{BTreeMap, HashMap};
 
-use self::growth::Trend;
-use crate::report::Suspect;
+use hdrhistogram::Histogram;
+use pyleak_common::{bucket_low, Layer, HIST_BUCKETS};
 
-/// A change of live bytes below this (over the recent half of a recording) is noise: the
-/// objects of requests in flight come and go by a few KiB.
-pub const GROWTH_NOISE_BYTES: u64 = 64 << 10;
+use self::growth::{Growth, Timeline, Trend};
+pub use self::model::*;
+pub use self::rank::{growth_noise, layer_named, rank};
+use crate::collect::{
+    frames::StackFrames,
+    vm::{MappingKind, VmModel, PAGE},
+    Ages, Snapshot, StackSlot,
+};
 
-/// The noise floor for samples `interval_s` apart.
-pub fn growth_noise(_interval_s: f64) -> u64 {
-    GROWTH_NOISE_BYTES
+/// What is known of the traced processes besides the kernel's counts: gathered while
+/// recording (or made up by a test), read by [`analyze`].
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// Traced processes, in the order they were added.
+    pub targets: Vec<u32>,
+    /// Command name, cgroup and CPython version, by pid.
+    pub processes: HashMap<u32, ProcessInfo>,
+    /// Where the probes sit.
+    pub probes: Vec<ProbeInfo>,
+    /// The frames of each (pid, stack id) that the snapshot and the vm model name.
+    pub frames: HashMap<(u32, u64), StackFrames>,
+    /// The kind of mapping of each resident page (pid, address) outside every mapping the
+    /// vm layer saw made (the heap, a stack, a file); anonymous if absent.
+    pub page_kinds: HashMap<(u32, u64), MappingKind>,
 }
 
-/// The layer with this report name.
-pub fn layer_named(name: &str) -> Option<Layer> {
-    Layer::ALL.into_iter().find(|l| l.name() == name)
-}
-
-/// Orders suspects most likely leak first: memory still growing (fastest first), then what
-/// merely outlived `--min-age` (most bytes first). One Python stack shows at several layers
-/// (the request, the malloc block under it, its pages): those stay together, ranked by
-/// their strongest layer, the upper layer first, where the Python code's own request is.
-pub fn rank(suspects: &mut [Suspect]) {
-    use std::collections::HashMap;
-    let growing = |s: &Suspect| s.trend == Trend::Growing;
-    // Per (pid, frames): (any growing, fastest growth, most aged bytes).
-    let mut groups: HashMap<(u32, Vec<String>), (bool, f64, u64)> = HashMap::new();
-    for s in suspects.iter() {
-        let g = groups
-            .entry((s.pid, s.frames.clone()))
-            .or_insert((false, 0.0, 0));
-        if growing(s) {
-            g.0 = true;
-            g.1 = g.1.max(s.growth_bytes_per_s);
-        }
-        g.2 = g.2.max(s.aged_live_bytes);
+impl Facts {
+    /// The frames of one stack; `[stack lost]` when they are not known.
+    pub fn frames_of(&self, pid: u32, stack_id: u64) -> StackFrames {
+        self.frames
+            .get(&(pid, stack_id))
+            .cloned()
+            .unwrap_or_else(|| StackFrames {
+                names: vec!["[stack lost]".to_owned()],
+                truncated: false,
+                native: 0,
+            })
     }
-    let score = |s: &Suspect| groups[&(s.pid, s.frames.clone())];
-    let order = |s: &Suspect| layer_named(&s.layer).map_or(u32::MAX, |l| l as u32);
-    suspects.sort_by(|a, b| {
-        let (ga, gb) = (score(a), score(b));
-        gb.0.cmp(&ga.0)
-            .then_with(|| gb.1.total_cmp(&ga.1))
-            .then(gb.2.cmp(&ga.2))
-            .then(a.pid.cmp(&b.pid))
+}
+
+/// Settings of [`analyze`].
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Seconds recorded.
+    pub duration_s: f64,
+    /// Live memory younger than this at the end is not a suspect.
+    pub min_age_s: f64,
+    /// Seconds between growth samples.
+    pub interval_s: f64,
+}
+
+/// Suspects listed at most.
+pub const MAX_SUSPECTS: usize = 50;
+
+/// The analysis of a recording: a pure function of what the kernel gathered (`snap`), the
+/// vm and pages layers (`model`), what is known of the processes (`facts`) and the growth
+/// samples (`timeline`).
+pub fn analyze(
+    snap: &Snapshot,
+    model: &VmModel,
+    facts: &Facts,
+    timeline: &Timeline<StackSlot>,
+    opts: Options,
+) -> Analysis {
+    let mut layers = BTreeMap::new();
+    for layer in Layer::ALL {
+        let r = match layer {
+            Layer::Vm | Layer::Pages => {
+                let t = if layer == Layer::Vm {
+                    model.vm
+                } else {
+                    model.pages
+                };
+                let live = if layer == Layer::Vm {
+                    model.live_regions()
+                } else {
+                    model.live_pages()
+                };
+                let (live_bytes, live_count) = live
+                    .values()
+                    .fold((0, 0), |(b, c), (lb, lc)| (b + lb, c + lc));
+                let sizes = if layer == Layer::Vm {
+                    percentiles(&model.vm_sizes)
+                } else {
+                    let mut h = new_histogram();
+                    let _ = h.record_n(4096, t.allocs);
+                    percentiles(&h)
+                };
+                LayerReport {
+                    allocs: t.allocs,
+                    frees: t.frees,
+                    alloc_bytes: t.alloc_bytes,
+                    freed_bytes: t.freed_bytes,
+                    live_count,
+                    live_bytes,
+                    unmatched_frees: t.unmatched_frees,
+                    failed_allocs: 0,
+                    size_percentiles: sizes,
+                    lifetime_percentiles_us: percentiles(if layer == Layer::Vm {
+                        &model.vm_lifetimes
+                    } else {
+                        &model.page_lifetimes
+                    }),
+                }
+            }
+            _ => {
+                let s = snap.layer_stats[layer as usize];
+                LayerReport {
+                    allocs: s.allocs,
+                    frees: s.frees,
+                    alloc_bytes: s.alloc_bytes,
+                    freed_bytes: s.freed_bytes,
+                    live_count: s.allocs.saturating_sub(s.frees),
+                    live_bytes: s.alloc_bytes.saturating_sub(s.freed_bytes),
+                    unmatched_frees: s.unmatched_frees,
+                    failed_allocs: s.failed_allocs,
+                    size_percentiles: percentiles(&bucket_histogram(
+                        &snap.size_hist[layer as usize],
+                    )),
+                    lifetime_percentiles_us: percentiles(&bucket_histogram(
+                        &snap.lifetime_hist[layer as usize],
+                    )),
+                }
+            }
+        };
+        layers.insert(layer.name().to_owned(), r);
+    }
+
+    // Rows: one per (process, layer, frames); stacks that differ only in frames not shown
+    // (native callers under the same Python line) are one row.
+    let live_regions = model.live_regions();
+    let live_pages = model.live_pages();
+    let frames = |pid: u32, stack_id: u64| facts.frames_of(pid, stack_id);
+    let mut rows: Vec<StackReport> = Vec::new();
+    let mut row_of: HashMap<(u32, Layer, Vec<String>), usize> = HashMap::new();
+    let mut row_of_key: HashMap<(u32, Layer, u64), usize> = HashMap::new();
+    let mut ages: Vec<Ages> = Vec::new();
+    for (&(pid, layer, stack_id), agg) in &snap.stacks {
+        let (live_bytes, live_count) = match layer {
+            Layer::Vm => live_regions
+                .get(&(pid, stack_id))
+                .copied()
+                .unwrap_or_default(),
+            Layer::Pages => live_pages
+                .get(&(pid, stack_id))
+                .copied()
+                .unwrap_or_default(),
+            _ => (
+                agg.alloc_bytes.saturating_sub(agg.freed_bytes),
+                agg.allocs.saturating_sub(agg.frees),
+            ),
+        };
+        let StackFrames {
+            names: fr,
+            truncated,
+            native,
+        } = frames(pid, stack_id);
+        let i = *row_of.entry((pid, layer, fr.clone())).or_insert_with(|| {
+            rows.push(StackReport {
+                layer: layer.name().to_owned(),
+                pid,
+                frames: fr,
+                native_frames: native,
+                live_bytes: 0,
+                live_count: 0,
+                alloc_bytes: 0,
+                allocs: 0,
+                frees: 0,
+                freed_bytes: 0,
+                truncated,
+                aged_live_bytes: 0,
+                growth_bytes_per_s: 0.0,
+            });
+            ages.push(Ages::default());
+            rows.len() - 1
+        });
+        row_of_key.insert((pid, layer, stack_id), i);
+        let r = &mut rows[i];
+        r.live_bytes += live_bytes;
+        r.live_count += live_count;
+        r.alloc_bytes += agg.alloc_bytes;
+        r.allocs += agg.allocs;
+        r.frees += agg.frees;
+        r.freed_bytes += agg.freed_bytes;
+        if let Some(a) = snap.ages.get(&(pid, layer, stack_id)) {
+            let row = &mut ages[i];
+            row.aged_bytes += a.aged_bytes;
+            row.aged_count += a.aged_count;
+            row.oldest_ns = row.oldest_ns.max(a.oldest_ns);
+            row.bytes += a.bytes;
+            row.count += a.count;
+        }
+    }
+    let series = timeline.grouped(|k| row_of_key.get(k).copied());
+    let noise = growth_noise(opts.interval_s);
+    let growth: Vec<Growth> = (0..rows.len())
+        .map(|i| match series.get(&i) {
+            Some(v) => growth::assess(timeline.times(), v, noise),
+            None => growth::assess(timeline.times(), &vec![0; timeline.len()], noise),
+        })
+        .collect();
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.aged_live_bytes = ages[i].aged_bytes;
+        r.growth_bytes_per_s = growth[i].bytes_per_s;
+    }
+
+    // Mappings and resident pages by kind, per (pid, frames) for the suspects.
+    let mut linkage = Linkage {
+        pymalloc_live_bytes: layers["pymalloc"].live_bytes,
+        pymalloc_small_live_bytes: snap.pymalloc_small_live,
+        pymem_raw_live_bytes: layers["pymem_raw"].live_bytes,
+        libc_live_bytes: layers["libc"].live_bytes,
+        libc_for_python_live_bytes: snap.libc_for_python_live,
+        vm_live_bytes: layers["vm"].live_bytes,
+        resident_bytes: layers["pages"].live_bytes,
+        ..Linkage::default()
+    };
+    let mut arenas_by_stack: HashMap<(u32, Vec<String>), u64> = HashMap::new();
+    for (&pid, p) in &model.procs {
+        for (&start, r) in &p.regions {
+            let kind = r.kind();
+            *linkage
+                .vm_by_kind
+                .entry(kind.name().to_owned())
+                .or_default() += r.end - start;
+            if kind == MappingKind::PymallocArena {
+                linkage.arena_count += 1;
+                linkage.arena_bytes += r.end - start;
+                *arenas_by_stack
+                    .entry((pid, frames(pid, r.stack_id).names))
+                    .or_default() += r.end - start;
+            }
+        }
+        for &addr in p.pages.keys() {
+            let kind = match p.region_at(addr) {
+                Some(r) => r.kind(),
+                None => facts
+                    .page_kinds
+                    .get(&(pid, addr))
+                    .copied()
+                    .unwrap_or(MappingKind::Anonymous),
+            };
+            if kind == MappingKind::PymallocArena {
+                linkage.arena_resident_bytes += PAGE;
+            }
+            *linkage
+                .resident_by_kind
+                .entry(kind.name().to_owned())
+                .or_default() += PAGE;
+        }
+    }
+    if linkage.arena_bytes > 0 && linkage.pymalloc_small_live_bytes > 0 {
+        linkage.fragmentation_ratio =
+            Some(linkage.arena_bytes as f64 / linkage.pymalloc_small_live_bytes as f64);
+    }
+
+    let mut by_frames: HashMap<(u32, &[String]), SuspectLinkage> = HashMap::new();
+    for r in &rows {
+        let l = by_frames.entry((r.pid, &r.frames)).or_default();
+        match layer_named(&r.layer) {
+            Some(Layer::Pymalloc) => l.pymalloc_live_bytes += r.live_bytes,
+            Some(Layer::PymemRaw) => l.pymem_raw_live_bytes += r.live_bytes,
+            Some(Layer::Libc) => l.libc_live_bytes += r.live_bytes,
+            Some(Layer::Vm) => l.vm_live_bytes += r.live_bytes,
+            Some(Layer::Pages) => l.resident_bytes += r.live_bytes,
+            None => {}
+        }
+    }
+    let mut suspects: Vec<Suspect> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let (a, g) = (ages[i], growth[i]);
+        // vm and pages rows qualify by aged memory only: their growth is mostly malloc's
+        // and pymalloc's, whose own layers say whether blocks are leaking.
+        let uprobe_layer = !matches!(layer_named(&r.layer), Some(Layer::Vm | Layer::Pages));
+        if a.aged_bytes == 0 && !(g.trend == Trend::Growing && uprobe_layer) {
+            continue;
+        }
+        let mut link = by_frames
+            .get(&(r.pid, r.frames.as_slice()))
+            .cloned()
+            .unwrap_or_default();
+        link.arena_bytes = arenas_by_stack
+            .get(&(r.pid, r.frames.clone()))
+            .copied()
+            .unwrap_or(0);
+        suspects.push(Suspect {
+            layer: r.layer.clone(),
+            pid: r.pid,
+            frames: r.frames.clone(),
+            native_frames: r.native_frames,
+            // Of vm and pages, the memory that can be a suspect (see `Snapshot::ages`).
+            live_bytes: if uprobe_layer { r.live_bytes } else { a.bytes },
+            live_count: if uprobe_layer { r.live_count } else { a.count },
+            aged_live_bytes: a.aged_bytes,
+            aged_live_count: a.aged_count,
+            growth_bytes_per_s: g.bytes_per_s,
+            overall_growth_bytes_per_s: g.overall_bytes_per_s,
+            steadiness: g.steadiness,
+            trend: g.trend,
+            oldest_age_s: a.oldest_ns as f64 / 1e9,
+            linkage: link,
+        });
+    }
+    rank(&mut suspects);
+    suspects.truncate(MAX_SUSPECTS);
+
+    rows.sort_by(|a, b| {
+        b.live_bytes
+            .cmp(&a.live_bytes)
+            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
+            .then(a.layer.cmp(&b.layer))
             .then(a.frames.cmp(&b.frames))
-            .then(order(a).cmp(&order(b)))
     });
+
+    let lost: BTreeMap<String, u64> = snap
+        .drops
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), *v))
+        .collect();
+    Analysis {
+        pyleak_version: env!("CARGO_PKG_VERSION").to_owned(),
+        duration_s: opts.duration_s,
+        processes: {
+            // Targets, then any process the kernel counted that userspace never saw (a
+            // short-lived fork in a traced cgroup).
+            let mut pids = facts.targets.clone();
+            let mut extra: Vec<u32> = rows
+                .iter()
+                .map(|s| s.pid)
+                .filter(|p| !pids.contains(p))
+                .collect();
+            extra.sort_unstable();
+            extra.dedup();
+            pids.extend(extra);
+            pids.into_iter()
+                .map(|pid| {
+                    facts.processes.get(&pid).cloned().unwrap_or(ProcessInfo {
+                        pid,
+                        comm: "?".to_owned(),
+                        cgroup: None,
+                        python: None,
+                    })
+                })
+                .collect()
+        },
+        layers,
+        stacks: rows,
+        lost_events: lost.values().sum(),
+        lost,
+        probes: facts.probes.clone(),
+        min_age_s: opts.min_age_s,
+        interval_s: opts.interval_s,
+        samples: timeline.len(),
+        suspects,
+        linkage,
+    }
+}
+
+/// A histogram from the kernel's log-linear bucket counts.
+fn bucket_histogram(counts: &[u64]) -> Histogram<u64> {
+    let mut h = new_histogram();
+    for (b, &n) in counts.iter().enumerate().take(HIST_BUCKETS) {
+        if n > 0 {
+            let _ = h.record_n(bucket_low(b).max(1), n);
+        }
+    }
+    h
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant figures is a valid precision")
+}
+
+fn percentiles(h: &Histogram<u64>) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    if h.is_empty() {
+        return m;
+    }
+    m.insert("p50".to_owned(), h.value_at_quantile(0.5));
+    m.insert("p90".to_owned(), h.value_at_quantile(0.9));
+    m.insert("p99".to_owned(), h.value_at_quantile(0.99));
+    m.insert("max".to_owned(), h.max());
+    m
 }

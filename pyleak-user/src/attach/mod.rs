@@ -1,7 +1,9 @@
 //! Where to put probes: which files a target maps (its libc, its libpython), which
 //! functions in them, at which offsets, with which cookies.
 
+pub mod allocwatch;
 pub mod elf;
+pub mod plan;
 pub mod prologue;
 pub mod sites;
 pub mod tables;
@@ -473,25 +475,6 @@ pub fn may_hold_python(path: &Path) -> bool {
     (name.starts_with("libpython") && name.contains(".so")) || name.starts_with("python")
 }
 
-/// Resolves a command the way `execvp` would: a path as given, else the first executable
-/// on `PATH`.
-pub fn resolve_command(cmd: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        p.metadata()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if cmd.contains('/') {
-        let p = PathBuf::from(cmd);
-        return executable(&p).then_some(p);
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|d| d.join(cmd))
-        .find(|p| executable(p))
-}
-
 /// The ELF program a command will run: the file itself, or the interpreter of a `#!` script
 /// (`#!/usr/bin/env python3` included).
 pub fn program_of(path: &Path) -> PathBuf {
@@ -510,7 +493,7 @@ pub fn program_of(path: &Path) -> PathBuf {
     if Path::new(interp).file_name().is_some_and(|n| n == "env") {
         if let Some(p) = words
             .find(|w| !w.starts_with('-'))
-            .and_then(resolve_command)
+            .and_then(crate::targets::resolve_command)
         {
             return program_of(&p);
         }

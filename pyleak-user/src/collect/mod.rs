@@ -1,5 +1,6 @@
 //! Loading the probes, attaching them to targets, and reading back what they gathered.
 
+pub mod frames;
 mod table;
 pub mod vm;
 
@@ -285,7 +286,7 @@ impl Recorder {
         self.model.add_process(pid, current_brk(pid));
         self.refresh_comm(pid);
         self.targets.push(pid);
-        if let Some(cg) = crate::group::of_process(pid) {
+        if let Some(cg) = crate::targets::group::of_process(pid) {
             self.cgroups.insert(pid, cg);
         }
         Ok(())
@@ -363,7 +364,7 @@ impl Recorder {
             self.targets.push(pid);
         }
         self.refresh_comm(pid);
-        if let Some(cg) = crate::group::of_process(pid) {
+        if let Some(cg) = crate::targets::group::of_process(pid) {
             self.cgroups.insert(pid, cg);
         }
         Ok(())

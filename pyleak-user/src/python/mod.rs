@@ -146,6 +146,20 @@ pub fn pid_namespace(pid: u32) -> Option<(u64, u64)> {
     (theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then(|| (theirs.dev(), theirs.ino()))
 }
 
+/// The layout of a runtime loaded `bias` bytes above its link-time address, as the kernel
+/// is told it. A bias of 0 means "not known yet" to the kernel, so a python at its
+/// link-time address (not PIE) is described as one page higher with a page less of bias.
+pub fn placed(pid: u32, rt: &PythonRuntime, bias: u64, layout: PyProc) -> PyProc {
+    let (pidns_dev, pidns_ino) = pid_namespace(pid).unwrap_or((0, 0));
+    PyProc {
+        runtime_vaddr: rt.runtime_vaddr.wrapping_sub(4096),
+        bias: bias.wrapping_add(4096),
+        pidns_dev,
+        pidns_ino,
+        ..layout
+    }
+}
+
 /// Where the runtime's file is loaded in `pid` minus its link-time base.
 pub fn load_bias(pid: u32, rt: &PythonRuntime) -> Option<u64> {
     file_load_bias(pid, &rt.file, rt.base_vaddr)

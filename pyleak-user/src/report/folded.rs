@@ -5,7 +5,7 @@ use std::io::Write;
 
 use clap::ValueEnum;
 
-use super::Report;
+use crate::analysis::Analysis;
 
 /// What a folded line's value counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -36,7 +36,7 @@ impl Metric {
 /// with the same frames are summed, unless `per_process` puts each process
 /// (`comm (pid N)`) at the root, above the layer.
 pub fn write(
-    report: &Report,
+    report: &Analysis,
     metric: Metric,
     per_process: bool,
     out: &mut impl Write,
@@ -80,7 +80,7 @@ pub fn write(
 /// Draws the folded stacks as an SVG flamegraph (inferno), titled with the metric and the
 /// layers drawn.
 pub fn write_svg(
-    report: &Report,
+    report: &Analysis,
     metric: Metric,
     per_process: bool,
     out: &mut impl Write,

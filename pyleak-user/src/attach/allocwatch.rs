@@ -11,7 +11,7 @@ use std::{
 
 use object::{Object as _, ObjectSegment as _};
 
-use crate::attach::{
+use super::{
     elf::ElfFile,
     tables::{find_table, AllocTable, Domain},
 };

@@ -13,13 +13,15 @@ use std::{
 use pyleak_common::PyProc;
 
 use crate::{
-    attach::{self, elf::ElfFile, ProbeSpec},
+    attach::{self, elf::ElfFile, plan::plan_file, ProbeSpec},
     collect::Recorder,
-    group::{self, Cgroup},
     layers::LayerSet,
-    python,
-    record::{alive, lock, placed, plan_file},
-    symbolize::Symbolizer,
+    python::{self, placed},
+    symbolize::{lock, Symbolizer},
+    targets::{
+        alive,
+        group::{self, Cgroup},
+    },
 };
 
 /// How long after it starts (or execs) a process's memory map is re-read for a Python

@@ -1,0 +1,215 @@
+//! What the analysis finds: the types every output format renders. Their JSON form is
+//! pyleak's output contract (`--json`, read back by `pyleak report`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::growth::Trend;
+
+/// What a recording found; its JSON form (the `--json` report) is pyleak's output contract.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Analysis {
+    /// pyleak's version.
+    pub pyleak_version: String,
+    /// Seconds recorded.
+    pub duration_s: f64,
+    /// Traced processes.
+    pub processes: Vec<ProcessInfo>,
+    /// Totals per layer, by layer name.
+    pub layers: BTreeMap<String, LayerReport>,
+    /// Per (process, layer, stack), most live bytes first.
+    pub stacks: Vec<StackReport>,
+    /// Events lost in all (the sum of `lost`).
+    pub lost_events: u64,
+    /// Events lost, by reason.
+    pub lost: BTreeMap<String, u64>,
+    /// Where the probes sit.
+    pub probes: Vec<ProbeInfo>,
+    /// Live memory younger than this (seconds) at the end is not a suspect.
+    #[serde(default)]
+    pub min_age_s: f64,
+    /// Seconds between growth samples (0: none taken).
+    #[serde(default)]
+    pub interval_s: f64,
+    /// Growth samples taken.
+    #[serde(default)]
+    pub samples: usize,
+    /// Leak suspects, most likely leak first.
+    #[serde(default)]
+    pub suspects: Vec<Suspect>,
+    /// The layers linked: what Python asked for, what pymalloc, malloc and the kernel hold.
+    #[serde(default)]
+    pub linkage: Linkage,
+}
+
+/// A (process, layer, stack) whose live memory outlived `min_age_s` or keeps growing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Suspect {
+    /// Layer name.
+    pub layer: String,
+    /// Process id.
+    pub pid: u32,
+    /// Frames, root first.
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native (as in [`StackReport`]).
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Bytes live at the end.
+    pub live_bytes: u64,
+    /// Blocks live at the end.
+    pub live_count: u64,
+    /// Of those, bytes at least `min_age_s` old.
+    pub aged_live_bytes: u64,
+    /// Blocks at least `min_age_s` old.
+    pub aged_live_count: u64,
+    /// Growth of live bytes in the recent half of the recording, bytes per second.
+    pub growth_bytes_per_s: f64,
+    /// Growth over the whole recording, bytes per second.
+    pub overall_growth_bytes_per_s: f64,
+    /// Share of recent sampling intervals in which live bytes rose.
+    pub steadiness: f64,
+    /// `growing`, `plateau`, `flat`, `shrinking` or `unknown` (too few samples).
+    pub trend: Trend,
+    /// Age of the oldest live block, seconds.
+    pub oldest_age_s: f64,
+    /// The same Python stack at every layer.
+    pub linkage: SuspectLinkage,
+}
+
+/// One stack's memory at every layer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SuspectLinkage {
+    /// Live pymalloc requests.
+    pub pymalloc_live_bytes: u64,
+    /// Live PyMem_Raw requests.
+    pub pymem_raw_live_bytes: u64,
+    /// Live malloc blocks.
+    pub libc_live_bytes: u64,
+    /// pymalloc arenas this stack caused to be mapped, still mapped.
+    pub arena_bytes: u64,
+    /// Mappings still mapped.
+    pub vm_live_bytes: u64,
+    /// Pages this stack faulted in, still resident.
+    pub resident_bytes: u64,
+}
+
+/// The layers linked, for all traced processes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Linkage {
+    /// Live pymalloc requests (what Python code asked for).
+    pub pymalloc_live_bytes: u64,
+    /// Of those, requests of at most 512 bytes (served from arenas).
+    pub pymalloc_small_live_bytes: u64,
+    /// Live PyMem_Raw requests.
+    pub pymem_raw_live_bytes: u64,
+    /// pymalloc arenas mapped while tracing and still mapped.
+    pub arena_count: u64,
+    /// Their bytes.
+    pub arena_bytes: u64,
+    /// Their resident bytes.
+    pub arena_resident_bytes: u64,
+    /// `arena_bytes / pymalloc_small_live_bytes`: 1.0 is perfectly packed; far above 1,
+    /// arenas kept alive by a few objects each.
+    pub fragmentation_ratio: Option<f64>,
+    /// Live malloc blocks.
+    pub libc_live_bytes: u64,
+    /// Of those, allocated on behalf of pymalloc or PyMem_Raw.
+    pub libc_for_python_live_bytes: u64,
+    /// Mappings made while tracing and still mapped.
+    pub vm_live_bytes: u64,
+    /// Those mappings by kind.
+    pub vm_by_kind: BTreeMap<String, u64>,
+    /// Pages faulted in while tracing and still resident.
+    pub resident_bytes: u64,
+    /// Those pages by the kind of mapping they are in.
+    pub resident_by_kind: BTreeMap<String, u64>,
+}
+
+/// A traced process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcessInfo {
+    /// Process id.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+    /// Its cgroup v2 path (`/system.slice/app.service`), when it could be read.
+    pub cgroup: Option<String>,
+    /// The CPython version it runs (`3.12`), if any was found.
+    pub python: Option<String>,
+}
+
+/// Totals of one layer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LayerReport {
+    /// Allocations (mappings made, pages faulted in).
+    pub allocs: u64,
+    /// Frees of blocks allocated while tracing.
+    pub frees: u64,
+    /// Bytes allocated.
+    pub alloc_bytes: u64,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+    /// Blocks (mappings, pages) live at the end.
+    pub live_count: u64,
+    /// Their bytes.
+    pub live_bytes: u64,
+    /// Frees of blocks not allocated while tracing.
+    pub unmatched_frees: u64,
+    /// Allocation calls that failed.
+    pub failed_allocs: u64,
+    /// Allocation size percentiles (p50, p90, p99, max), in bytes.
+    pub size_percentiles: BTreeMap<String, u64>,
+    /// Lifetime percentiles of freed blocks (p50, p90, p99, max), in microseconds.
+    #[serde(default)]
+    pub lifetime_percentiles_us: BTreeMap<String, u64>,
+}
+
+/// One (process, layer, stack).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StackReport {
+    /// Layer name.
+    pub layer: String,
+    /// Process id.
+    pub pid: u32,
+    /// Frames, root first: Python `qualname (path:line)`, native `symbol (module)`; under
+    /// Python frames (`--native`), native frames end in ` [native]`.
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native: all of them in a stack without
+    /// Python frames, those under the Python frames with `--native`, else 0.
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Bytes live at the end.
+    pub live_bytes: u64,
+    /// Blocks live at the end.
+    pub live_count: u64,
+    /// Bytes allocated.
+    pub alloc_bytes: u64,
+    /// Allocations.
+    pub allocs: u64,
+    /// Frees.
+    pub frees: u64,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+    /// Whether frames were cut off.
+    pub truncated: bool,
+    /// Live bytes at least `min_age_s` old.
+    #[serde(default)]
+    pub aged_live_bytes: u64,
+    /// Growth of live bytes in the recent half of the recording, bytes per second.
+    #[serde(default)]
+    pub growth_bytes_per_s: f64,
+}
+
+/// Where a probe sits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeInfo {
+    /// The file probed.
+    pub file: String,
+    /// The function.
+    pub symbol: String,
+    /// Attach point minus function start.
+    pub offset: u64,
+    /// Whether the kernel emulates the instruction there (cheap) or single-steps it.
+    pub emulated: bool,
+}

@@ -1,0 +1,302 @@
+//! The analysis from a recording made in code: no root, no kernel. One Python process
+//! that leaks from one line, frees what another allocates, and maps an anonymous region
+//! by hand; a second process the kernel counted that userspace never saw.
+
+use std::collections::{BTreeMap, HashMap};
+
+use pyleak_common::{
+    Layer, LayerStats, StackAgg, VmEvent, VmKind, FLAG_FOR_PYMALLOC, HIST_BUCKETS, NUM_LAYERS,
+};
+
+use super::*;
+use crate::collect::{frames::StackFrames, vm::PAGE, Ages, Snapshot};
+
+const PID: u32 = 42;
+/// The leak: `leak (/srv/app.py:26)`, at two stack ids (two native callers under it).
+const LEAK: u64 = 1;
+const LEAK_TOO: u64 = 2;
+/// A line whose memory is freed.
+const CHURN: u64 = 3;
+/// A hand-made anonymous mapping.
+const MAPPER: u64 = 4;
+/// pymalloc's arena under the leak.
+const ARENA: u64 = 5;
+const MIB: u64 = 1 << 20;
+
+fn py(frames: &[&str]) -> StackFrames {
+    StackFrames {
+        names: frames.iter().map(|f| (*f).to_owned()).collect(),
+        truncated: false,
+        native: 0,
+    }
+}
+
+fn agg(alloc_bytes: u64, allocs: u64, freed_bytes: u64, frees: u64) -> StackAgg {
+    StackAgg {
+        allocs,
+        alloc_bytes,
+        frees,
+        freed_bytes,
+    }
+}
+
+fn aged(bytes: u64, count: u64, aged_bytes: u64, aged_count: u64, oldest_s: u64) -> Ages {
+    Ages {
+        aged_bytes,
+        aged_count,
+        oldest_ns: oldest_s * 1_000_000_000,
+        bytes,
+        count,
+    }
+}
+
+fn vm_event(kind: VmKind, addr: u64, len: u64, arg: u64, stack_id: u64, flags: u32) -> VmEvent {
+    VmEvent {
+        kind: kind as u32,
+        tgid: PID,
+        addr,
+        len,
+        arg,
+        arg2: 0,
+        stack_id,
+        ts_ns: 1_000_000_000,
+        flags,
+        tid: PID,
+    }
+}
+
+/// What `record` would have gathered.
+fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
+    let mut stacks = HashMap::new();
+    stacks.insert((PID, Layer::Pymalloc, LEAK), agg(3 * MIB, 3000, 0, 0));
+    stacks.insert((PID, Layer::Pymalloc, LEAK_TOO), agg(MIB, 1000, 0, 0));
+    stacks.insert(
+        (PID, Layer::Pymalloc, CHURN),
+        agg(8 * MIB, 8000, 8 * MIB, 8000),
+    );
+    stacks.insert((PID, Layer::Libc, LEAK), agg(2 * MIB, 2, 0, 0));
+    // A process the kernel counted (a short-lived fork) that userspace never saw.
+    stacks.insert((PID + 1, Layer::Libc, 9), agg(4096, 1, 0, 0));
+    let mut layer_stats = [LayerStats::default(); NUM_LAYERS];
+    layer_stats[Layer::Pymalloc as usize] = LayerStats {
+        allocs: 12000,
+        alloc_bytes: 12 * MIB,
+        frees: 8000,
+        freed_bytes: 8 * MIB,
+        unmatched_frees: 7,
+        failed_allocs: 0,
+    };
+    layer_stats[Layer::Libc as usize] = LayerStats {
+        allocs: 3,
+        alloc_bytes: 2 * MIB + 4096,
+        ..LayerStats::default()
+    };
+    let mut ages = HashMap::new();
+    ages.insert(
+        (PID, Layer::Pymalloc, LEAK),
+        aged(3 * MIB, 3000, 2 * MIB, 2000, 9),
+    );
+    ages.insert(
+        (PID, Layer::Pymalloc, LEAK_TOO),
+        aged(MIB, 1000, MIB, 1000, 8),
+    );
+    ages.insert((PID, Layer::Libc, LEAK), aged(2 * MIB, 2, 2 * MIB, 2, 9));
+    ages.insert((PID, Layer::Vm, MAPPER), aged(4 * PAGE, 1, 4 * PAGE, 1, 5));
+    let mut size_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
+    size_hist[Layer::Pymalloc as usize][pyleak_common::size_bucket(1024)] = 12000;
+    let mut snap = Snapshot {
+        layer_stats,
+        size_hist,
+        stacks,
+        drops: BTreeMap::from([("live_allocs_full", 0), ("ring_full", 3)]),
+        lifetime_hist: vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS],
+        ages,
+        pymalloc_small_live: 512 * 1024,
+        libc_for_python_live: 2 * MIB,
+    };
+
+    // An arena pymalloc mapped for the leak, half resident; a mapping made by hand, with
+    // one page resident; one page of the heap, outside both.
+    const ANON: u64 = 0x20;
+    let mut model = VmModel::default();
+    for ev in [
+        vm_event(VmKind::Mmap, 0x100000, MIB, ANON, ARENA, FLAG_FOR_PYMALLOC),
+        vm_event(VmKind::Mmap, 0x400000, 4 * PAGE, ANON, MAPPER, 0),
+        vm_event(VmKind::Fault, 0x400000, PAGE, 2, MAPPER, 0),
+        vm_event(VmKind::Fault, 0x900000, PAGE, 2, CHURN, 0),
+    ] {
+        model.apply(&ev);
+    }
+    for i in 0..128 {
+        model.apply(&vm_event(
+            VmKind::Fault,
+            0x100000 + i * PAGE,
+            PAGE,
+            2,
+            ARENA,
+            0,
+        ));
+    }
+    // The snapshot holds the vm model's per-stack totals too, as `Recorder::snapshot`
+    // reads them.
+    snap.stacks
+        .extend(model.stacks.iter().map(|(&k, &v)| (k, v)));
+
+    let leak = [
+        "<module> (/srv/app.py:73)",
+        "main (/srv/app.py:56)",
+        "leak (/srv/app.py:26)",
+    ];
+    let facts = Facts {
+        targets: vec![PID],
+        processes: HashMap::from([(
+            PID,
+            ProcessInfo {
+                pid: PID,
+                comm: "python3".to_owned(),
+                cgroup: Some("/system.slice/app.service".to_owned()),
+                python: Some("3.12".to_owned()),
+            },
+        )]),
+        probes: vec![ProbeInfo {
+            file: "/lib/libc.so.6".to_owned(),
+            symbol: "malloc".to_owned(),
+            offset: 0,
+            emulated: true,
+        }],
+        frames: HashMap::from([
+            ((PID, LEAK), py(&leak)),
+            ((PID, LEAK_TOO), py(&leak)),
+            ((PID, ARENA), py(&leak)),
+            (
+                (PID, CHURN),
+                py(&["<module> (/srv/app.py:73)", "churn (/srv/app.py:40)"]),
+            ),
+            (
+                (PID, MAPPER),
+                py(&["<module> (/srv/app.py:73)", "mapper (/srv/app.py:80)"]),
+            ),
+        ]),
+        page_kinds: HashMap::from([((PID, 0x900000), MappingKind::MallocHeap)]),
+    };
+
+    // The leak grows 100 KiB a second, steadily; the churn stays flat.
+    let mut timeline = Timeline::default();
+    for i in 0..10u64 {
+        timeline.record(
+            i as f64,
+            [
+                ((PID, Layer::Pymalloc, LEAK), 2 * MIB + i * 100 * 1024),
+                ((PID, Layer::Pymalloc, CHURN), 64 * 1024),
+            ],
+        );
+    }
+    (snap, model, facts, timeline)
+}
+
+fn analysis() -> Analysis {
+    let (snap, model, facts, timeline) = recording();
+    analyze(
+        &snap,
+        &model,
+        &facts,
+        &timeline,
+        Options {
+            duration_s: 10.0,
+            min_age_s: 1.0,
+            interval_s: 1.0,
+        },
+    )
+}
+
+#[test]
+fn layer_totals_come_from_the_kernel_and_the_vm_model() {
+    let a = analysis();
+    let pymalloc = &a.layers["pymalloc"];
+    assert_eq!((pymalloc.live_bytes, pymalloc.live_count), (4 * MIB, 4000));
+    assert_eq!(pymalloc.unmatched_frees, 7);
+    assert_eq!(pymalloc.size_percentiles["max"], 1024);
+    assert_eq!(a.layers["vm"].live_bytes, MIB + 4 * PAGE);
+    assert_eq!(a.layers["vm"].live_count, 2);
+    assert_eq!(a.layers["pages"].live_bytes, 130 * PAGE);
+    assert_eq!(a.lost_events, 3);
+}
+
+#[test]
+fn stacks_with_the_same_frames_are_one_row() {
+    let a = analysis();
+    let leak: Vec<&StackReport> = a
+        .stacks
+        .iter()
+        .filter(|s| s.layer == "pymalloc" && s.frames.last().unwrap() == "leak (/srv/app.py:26)")
+        .collect();
+    assert_eq!(leak.len(), 1, "stack ids 1 and 2 have the same frames");
+    assert_eq!((leak[0].live_bytes, leak[0].live_count), (4 * MIB, 4000));
+    assert_eq!(leak[0].aged_live_bytes, 3 * MIB);
+    // Most live bytes first.
+    assert_eq!(a.stacks[0].live_bytes, 4 * MIB);
+}
+
+#[test]
+fn the_leak_ranks_first_and_its_layers_are_linked() {
+    let a = analysis();
+    let first = &a.suspects[0];
+    assert_eq!(first.layer, "pymalloc");
+    assert_eq!(first.trend, growth::Trend::Growing);
+    assert!((first.growth_bytes_per_s - 100.0 * 1024.0).abs() < 1.0);
+    assert_eq!(first.linkage.pymalloc_live_bytes, 4 * MIB);
+    assert_eq!(first.linkage.libc_live_bytes, 2 * MIB);
+    assert_eq!(first.linkage.arena_bytes, MIB);
+    // Its libc row ranks with it, right below.
+    assert_eq!(a.suspects[1].layer, "libc");
+    assert_eq!(a.suspects[1].frames, first.frames);
+    // The churn freed everything: not a suspect. The hand-made mapping is, by age.
+    assert!(!a
+        .suspects
+        .iter()
+        .any(|s| s.frames.iter().any(|f| f.contains("churn"))));
+    let mapper = a
+        .suspects
+        .iter()
+        .find(|s| s.layer == "vm")
+        .expect("the anonymous mapping is a suspect");
+    assert_eq!(mapper.live_bytes, 4 * PAGE);
+    assert_eq!(mapper.oldest_age_s, 5.0);
+}
+
+#[test]
+fn linkage_sorts_mappings_and_pages_by_kind() {
+    let l = analysis().linkage;
+    assert_eq!((l.arena_count, l.arena_bytes), (1, MIB));
+    assert_eq!(l.arena_resident_bytes, 128 * PAGE);
+    assert_eq!(l.vm_by_kind["pymalloc_arena"], MIB);
+    assert_eq!(l.vm_by_kind["anonymous"], 4 * PAGE);
+    assert_eq!(l.resident_by_kind["malloc_heap"], PAGE);
+    assert_eq!(l.resident_by_kind["anonymous"], PAGE);
+    assert_eq!(l.fragmentation_ratio, Some(2.0));
+    assert_eq!(l.libc_for_python_live_bytes, 2 * MIB);
+}
+
+#[test]
+fn processes_are_the_targets_then_those_only_the_kernel_saw() {
+    let a = analysis();
+    let pids: Vec<(u32, &str)> = a
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.comm.as_str()))
+        .collect();
+    assert_eq!(pids, [(PID, "python3"), (PID + 1, "?")]);
+}
+
+#[test]
+fn analysis_matches_golden_file() {
+    let text = serde_json::to_string_pretty(&analysis()).unwrap() + "\n";
+    let text = text.replace(env!("CARGO_PKG_VERSION"), "VERSION");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/analysis/golden.json");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).expect("writing golden file");
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} missing: run with UPDATE_GOLDEN=1", path.display()));
+    assert_eq!(text, want, "analysis differs from {}", path.display());
+}

@@ -1,0 +1,87 @@
+//! Which probes a process needs: per file it maps, its libc functions, its Python
+//! allocator functions and interpreter shutdown, planned once per file.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use pyleak_common::Layer;
+
+use super::{
+    elf::ElfFile, is_libc, may_hold_python, plan_finalize, plan_layer, plan_python_domain,
+    tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS, PYMALLOC_TABLE_FUNCTIONS,
+    PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
+};
+use crate::layers::LayerSet;
+
+/// Plans probes per file, once per file.
+pub struct Planner {
+    layers: LayerSet,
+    cache: HashMap<PathBuf, Vec<ProbeSpec>>,
+}
+
+impl Planner {
+    /// A planner for `layers`.
+    pub fn new(layers: LayerSet) -> Planner {
+        Planner {
+            layers,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Probes for the files a process maps (or will map).
+    pub fn plan(&mut self, files: &[PathBuf]) -> Vec<ProbeSpec> {
+        let mut out = Vec::new();
+        for f in files {
+            let layers = self.layers;
+            let probes = self
+                .cache
+                .entry(f.clone())
+                .or_insert_with(|| plan_file(layers, f, f));
+            out.extend(probes.iter().cloned());
+        }
+        out
+    }
+}
+
+/// Probes for one file (named `file`, read through `via`): its libc functions, its
+/// Python allocator functions and interpreter shutdown.
+pub fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
+    let Ok(elf) = ElfFile::open(via) else {
+        return Vec::new();
+    };
+    let mut probes = Vec::new();
+    if is_libc(file) && layers.contains(Layer::Libc) {
+        probes.extend(plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
+    }
+    if may_hold_python(file) {
+        probes.extend(plan_finalize(&elf));
+        if layers.contains(Layer::Pymalloc) {
+            probes.extend(plan_python_domain(
+                &elf,
+                Layer::Pymalloc,
+                &[Domain::Obj, Domain::Mem],
+                &PYMALLOC_TABLE_FUNCTIONS,
+                &PYMALLOC_FUNCTIONS,
+            ));
+        }
+        if layers.contains(Layer::PymemRaw) {
+            probes.extend(plan_python_domain(
+                &elf,
+                Layer::PymemRaw,
+                &[Domain::Raw],
+                &PYMEM_RAW_TABLE_FUNCTIONS,
+                &PYMEM_RAW_FUNCTIONS,
+            ));
+        }
+    }
+    probes
+}
+
+/// Says once what will not be seen.
+pub fn warn_missing(probes: &[ProbeSpec], layers: LayerSet, what: &str) {
+    if layers.contains(Layer::Libc) && !probes.iter().any(|p| p.symbol == "malloc") {
+        eprintln!("pyleak: warning: no libc malloc found for {what} (statically linked?): the libc layer sees nothing");
+    }
+}

@@ -1,0 +1,157 @@
+//! What is shown while recording: the full-screen view of `pyleak top` and the
+//! `--snapshots` stream (one JSON line per growth sample). Renderers of plain data, like
+//! `report`; the recording loop hands them what to show.
+
+use std::{collections::BTreeMap, io::Write as _};
+
+use pyleak_common::Layer;
+use serde::Serialize;
+
+use crate::{analysis::growing::GrowingStack, report::human_bytes};
+
+/// One `--snapshots` line.
+#[derive(Debug, Serialize)]
+pub struct SnapshotLine<'a> {
+    /// Seconds since the recording started.
+    pub t_s: f64,
+    /// Live bytes per layer.
+    pub layers: BTreeMap<&'static str, u64>,
+    /// The fastest-growing stacks.
+    pub top_growing: &'a [GrowingStack],
+}
+
+/// Writes one `--snapshots` line.
+pub fn write_snapshot_line(
+    line: &SnapshotLine<'_>,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, line).map_err(std::io::Error::from)?;
+    writeln!(out)?;
+    out.flush()
+}
+
+/// What one frame of the live view shows.
+#[derive(Debug)]
+pub struct TopView<'a> {
+    /// Seconds since the recording started.
+    pub elapsed_s: f64,
+    /// Traced processes: (pid, command name).
+    pub processes: Vec<(u32, String)>,
+    /// Per layer: bytes allocated and freed so far.
+    pub layers: Vec<(Layer, u64, u64)>,
+    /// Seconds between growth samples.
+    pub interval_s: f64,
+    /// Samples taken so far.
+    pub samples: usize,
+    /// The fastest-growing stacks.
+    pub growing: &'a [GrowingStack],
+}
+
+/// Redraws the live view: layer totals and the fastest-growing stacks.
+pub fn draw(view: &TopView<'_>) {
+    let mut s = String::new();
+    s.push_str("\x1b[H\x1b[2J");
+    let procs: Vec<String> = view
+        .processes
+        .iter()
+        .map(|(p, comm)| format!("{p} ({comm})"))
+        .collect();
+    s.push_str(&format!(
+        "pyleak top  {:.0} s  process {}  (q to quit)\r\n\r\n",
+        view.elapsed_s,
+        procs.join(", ")
+    ));
+    s.push_str(&format!(
+        "{:<10} {:>12} {:>12} {:>12}\r\n",
+        "layer", "live", "allocated", "freed"
+    ));
+    for &(layer, alloc, freed) in &view.layers {
+        s.push_str(&format!(
+            "{:<10} {:>12} {:>12} {:>12}\r\n",
+            layer.name(),
+            human_bytes(alloc.saturating_sub(freed)),
+            human_bytes(alloc),
+            human_bytes(freed)
+        ));
+    }
+    s.push_str(&format!(
+        "\r\ntop growing stacks (a sample every {:.1} s, {} so far):\r\n",
+        view.interval_s, view.samples
+    ));
+    if view.growing.is_empty() {
+        s.push_str("  (none growing yet)\r\n");
+    }
+    for g in view.growing {
+        s.push_str(&format!(
+            "  {:>12}/s {:>10} live  {:<9} pid {}  {:?}\r\n",
+            format!("+{}", human_bytes(g.growth_bytes_per_s as u64)),
+            human_bytes(g.live_bytes),
+            g.layer,
+            g.pid,
+            g.trend
+        ));
+        for f in g.frames.iter().rev().take(3) {
+            s.push_str(&format!("      {f}\r\n"));
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+/// Keys pressed in the live view, with the terminal in raw mode until the returned guard
+/// is dropped; `None` when stdin is not a terminal.
+pub fn keys() -> Option<(RawTerminal, tokio::sync::mpsc::UnboundedReceiver<u8>)> {
+    let term = RawTerminal::enter()?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut stdin = std::io::stdin();
+        let mut b = [0u8; 1];
+        while let Ok(1) = stdin.read(&mut b) {
+            if tx.send(b[0]).is_err() {
+                break;
+            }
+        }
+    });
+    Some((term, rx))
+}
+
+/// The terminal in raw mode on the alternate screen, restored on drop.
+pub struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a valid termios buffer.
+        unsafe {
+            if libc::isatty(0) == 0 {
+                return None;
+            }
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            raw.c_lflag &= !(libc::ICANON | libc::ECHO);
+            raw.c_cc[libc::VMIN] = 1;
+            raw.c_cc[libc::VTIME] = 0;
+            if libc::tcsetattr(0, libc::TCSANOW, &raw) != 0 {
+                return None;
+            }
+            print!("\x1b[?1049h\x1b[?25l");
+            let _ = std::io::stdout().flush();
+            Some(RawTerminal { saved })
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        print!("\x1b[?25h\x1b[?1049l");
+        let _ = std::io::stdout().flush();
+        // SAFETY: restores the settings read in `enter`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}

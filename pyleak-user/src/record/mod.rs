@@ -1,0 +1,444 @@
+//! `pyleak record` (and `top`): validate → plan and attach → loop → finish. The steps are
+//! one function each; the loop is in `trace`, the group targets followed in `follow`, the
+//! targets' Python runtimes in `runtimes`, the growth samples in `sampler`.
+
+mod follow;
+mod runtimes;
+mod sampler;
+mod trace;
+
+use std::{
+    fs::File,
+    io::Write as _,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use pyleak_common::{PyProc, MAX_NATIVE_FRAMES};
+
+use self::{
+    follow::Group,
+    runtimes::{learn_new_stacks, python_runtime, Runtimes},
+    sampler::Sampler,
+    trace::{trace_loop, Follow},
+};
+use crate::{
+    analysis::{self, Facts, ProbeInfo, ProcessInfo},
+    attach::{
+        self,
+        elf::ElfFile,
+        plan::{warn_missing, Planner},
+    },
+    cli::RecordArgs,
+    collect::{frames::frames_of_all, Filter, Recorder, RecorderOptions, Snapshot},
+    errors::UserError,
+    layers::LayerSet,
+    python, report,
+    symbolize::{lock, Symbolizer},
+    targets::{launch, Target},
+};
+
+/// How the recording is shown while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// A status line on stderr (`pyleak record`).
+    StatusLine,
+    /// A full-screen live view (`pyleak top`).
+    Top,
+}
+
+/// What `validate` checked and opened.
+struct Plan {
+    target: Target,
+    layers: LayerSet,
+    outputs: Outputs,
+}
+
+/// Output files, opened before anything is traced so that a bad path fails first.
+struct Outputs {
+    flamegraph: Option<File>,
+    json: Option<File>,
+    snapshots: Option<File>,
+}
+
+/// Everything attached: the loaded programs and what follows the targets.
+struct Session {
+    rec: Recorder,
+    syms: Arc<Mutex<Symbolizer>>,
+    resolver: python::Resolver,
+    runtimes: Runtimes,
+    group: Option<Group>,
+    child: Option<launch::Launched>,
+}
+
+/// Runs `pyleak record` (or `top`); returns the exit code.
+pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
+    let mut plan = validate(&args)?;
+    let mut session = attach_targets(&args, &plan)?;
+    let started = Instant::now();
+    let mut sampler = Sampler::new(
+        Duration::from_secs_f64(args.interval),
+        args.native,
+        view,
+        started,
+        plan.outputs
+            .snapshots
+            .take()
+            .map(|f| (f, args.snapshots.clone().unwrap_or_default())),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let launched = session
+        .child
+        .as_mut()
+        .and_then(|c| Some((c.pid, c.exited.take()?)));
+    let end = runtime.block_on(trace_loop(
+        &mut session.rec,
+        &session.syms,
+        &mut session.resolver,
+        match session.group.as_mut() {
+            Some(g) => Follow::Group(g),
+            None => Follow::Pids(&mut session.runtimes),
+        },
+        &args,
+        launched,
+        &mut sampler,
+    ));
+    sampler.close_view();
+    let end = end?;
+    log::debug!("recording ended: {end:?}");
+    finish(
+        &args,
+        plan,
+        session,
+        sampler,
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+/// Checks the arguments and opens the outputs: nothing is loaded yet.
+fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(UserError::NotRoot.into());
+    }
+    // Launching: every layer. Attaching: not the pymalloc layers, which cost a trap per
+    // Python allocation in a service that did not ask for it.
+    let layers = match &args.layers {
+        Some(l) => LayerSet::parse(l)?,
+        None if args.command.is_empty() => LayerSet::parse("libc,vm,pages")?,
+        None => LayerSet::ALL,
+    };
+    let target = Target::from_args(args)?;
+    if !(args.interval > 0.0 && args.interval.is_finite()) {
+        return Err(UserError::BadInterval(args.interval).into());
+    }
+    if !(args.min_age >= 0.0 && args.min_age.is_finite()) {
+        return Err(UserError::BadMinAge(args.min_age).into());
+    }
+    let outputs = Outputs {
+        flamegraph: args.output.as_deref().map(create_output).transpose()?,
+        json: args.json.as_deref().map(create_output).transpose()?,
+        snapshots: args.snapshots.as_deref().map(create_output).transpose()?,
+    };
+    Ok(Plan {
+        target,
+        layers,
+        outputs,
+    })
+}
+
+/// Loads the programs, plans the probes each target needs and attaches them; a command is
+/// started once its probes are in place.
+fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
+    let layers = plan.layers;
+    let syms = Arc::new(Mutex::new(Symbolizer::default()));
+    let mut child = match &plan.target {
+        Target::Command { program, argv } => {
+            let syms = Arc::clone(&syms);
+            let on_exit = move |pid| lock(&syms).snapshot(pid);
+            Some(launch::spawn_paused(program, argv, on_exit)?)
+        }
+        _ => None,
+    };
+    let filter = match &plan.target {
+        Target::Group(Some(cg)) => Filter::Cgroup {
+            id: cg.id,
+            level: cg.level,
+        },
+        Target::Group(None) => Filter::PidSet,
+        _ => Filter::Pids,
+    };
+    let opts = RecorderOptions {
+        layers,
+        native_depth: args.native_depth.clamp(1, MAX_NATIVE_FRAMES as u32),
+        bare: args.bare,
+        filter,
+    };
+    let mut rec = Recorder::load(opts)?;
+    let mut planner = Planner::new(layers);
+    let mut resolver = python::Resolver::default();
+    let mut runtimes = Runtimes::default();
+    let mut group = match &plan.target {
+        Target::Group(cgroup) => Some(Group::new(cgroup.clone(), layers, !args.no_python_stacks)),
+        _ => None,
+    };
+    if let Some(g) = group.as_mut() {
+        g.scan(&mut rec, &mut resolver, &syms);
+        if g.probed.is_empty() {
+            // No process to learn a libc from yet: the host's (pyleak's own) is the likely
+            // one, and attaching a file-wide probe takes long enough (a breakpoint in every
+            // process mapping it) that a process starting later would run ahead of it.
+            g.probe_own_libc(&mut rec);
+        }
+    }
+    match (&plan.target, &child) {
+        (Target::Command { program: p, .. }, Some(c)) => {
+            let files = attach::libraries_of(&attach::program_of(p));
+            runtimes.watch(c.pid, &files);
+            let mut probes = planner.plan(&files);
+            warn_missing(&probes, layers, &p.display().to_string());
+            if let Some(rt) = python_runtime(
+                &mut rec,
+                c.pid,
+                &files,
+                &p.display().to_string(),
+                !args.no_python_stacks,
+            ) {
+                // Where the runtime lands is known once the command runs: a probe at
+                // interpreter start-up tells the kernel.
+                let layout = rt.walk;
+                rec.set_python(
+                    c.pid,
+                    &PyProc {
+                        runtime_vaddr: rt.runtime_vaddr,
+                        bias: 0,
+                        ..layout
+                    },
+                )?;
+                if let Ok(elf) = ElfFile::open(&rt.file) {
+                    probes.extend(attach::plan_py_init(&elf));
+                }
+                resolver.add_process(c.pid, &rt);
+                // ...or pyleak reads it from the memory map first (an LTO build may have
+                // inlined the probed function away).
+                runtimes.unplaced.insert(c.pid, (rt.clone(), layout));
+            }
+            rec.add_target(c.pid, &probes)?;
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            rec.set_comm(c.pid, &name);
+        }
+        (Target::Pids(pids), _) => {
+            for &pid in pids {
+                let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
+                runtimes.watch(pid, &files);
+                let probes = planner.plan(&files);
+                warn_missing(&probes, layers, &format!("process {pid}"));
+                if let Some(rt) = python_runtime(
+                    &mut rec,
+                    pid,
+                    &files,
+                    &format!("process {pid}"),
+                    !args.no_python_stacks,
+                ) {
+                    let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
+                    rec.set_python(pid, &python::placed(pid, &rt, bias, rt.walk))?;
+                    resolver.add_process(pid, &rt);
+                }
+                rec.add_target(pid, &probes)?;
+            }
+        }
+        _ => {}
+    }
+    for p in rec.probes.iter().filter(|p| !p.emulated) {
+        log::info!(
+            "{}: {} probed at a single-stepped instruction (slower)",
+            p.path.display(),
+            p.symbol
+        );
+    }
+    let what = match (&plan.target, &group) {
+        (_, Some(g)) => {
+            eprintln!("pyleak: note: probes sit on whole files (libc, libpython): every process on this host that maps them traps on each call, and only the traced ones are counted");
+            let n = g.tracked();
+            match &g.cgroup {
+                Some(cg) => format!(
+                    "cgroup {} ({n} process{} now, and any started in it later)",
+                    cg.path,
+                    if n == 1 { "" } else { "es" }
+                ),
+                None => format!("every Python process ({n} now, and any started later)"),
+            }
+        }
+        (Target::Command { program, .. }, _) => format!(
+            "{} (pid {})",
+            program.display(),
+            child.as_ref().map_or(0, |c| c.pid)
+        ),
+        _ => format!(
+            "pid {}",
+            args.pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    // Always said (even with -q): scripts wait for this line before starting the work.
+    eprintln!(
+        "pyleak: tracing {what}, layers {}{}; Ctrl-C to stop",
+        layers.names(),
+        if args.layers.is_none() && args.command.is_empty() && !args.bare {
+            " (add the Python allocator layers with --layers all: a trap per Python allocation)"
+        } else {
+            ""
+        }
+    );
+    if let Some(c) = child.as_mut() {
+        c.start()?;
+    }
+    Ok(Session {
+        rec,
+        syms,
+        resolver,
+        runtimes,
+        group,
+        child,
+    })
+}
+
+/// Freezes the targets, reads the snapshot, analyses it and writes the outputs.
+fn finish(
+    args: &RecordArgs,
+    plan: Plan,
+    mut s: Session,
+    sampler: Sampler,
+    duration_s: f64,
+) -> anyhow::Result<i32> {
+    if let Some(g) = s.group.as_mut() {
+        // Processes that started while the recording ended are part of it too.
+        s.rec.drain();
+        g.poll(&mut s.rec, &mut s.resolver, &s.syms);
+        g.scan(&mut s.rec, &mut s.resolver, &s.syms);
+    }
+    s.rec.freeze_all()?;
+    let snap = s.rec.snapshot((args.min_age * 1e9) as u64)?;
+    learn_new_stacks(&mut s.rec, &mut s.resolver);
+    if args.bare {
+        return Ok(0);
+    }
+    sampler.error?;
+    let facts = facts(&s.rec, &snap, &lock(&s.syms), &s.resolver, args.native);
+    let analysis = analysis::analyze(
+        &snap,
+        &s.rec.model,
+        &facts,
+        &sampler.timeline,
+        analysis::Options {
+            duration_s,
+            min_age_s: args.min_age,
+            interval_s: args.interval,
+        },
+    );
+    // The targets are frozen in the kernel: let the command go, write the report, then
+    // detach (each uprobe's detach waits for an RCU grace period, ~0.1 s here: seconds to
+    // a minute for an LTO build's hundreds of inlined-allocator probes).
+    drop(s.child);
+
+    let stdout = std::io::stdout();
+    report::text::write(&analysis, &mut stdout.lock())?;
+    if let (Some(mut f), Some(path)) = (plan.outputs.flamegraph, args.output.as_deref()) {
+        report::write_flamegraph(&analysis, args.metric, args.per_process, path, &mut f)?;
+    }
+    if let (Some(mut f), Some(path)) = (plan.outputs.json, args.json.as_deref()) {
+        serde_json::to_writer_pretty(&mut f, &analysis)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(f))
+            .and_then(|()| f.flush())
+            .map_err(|e| UserError::Output {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+    }
+    std::io::stdout().flush()?;
+    drop(s.rec);
+    Ok(0)
+}
+
+/// What the analysis needs to know of the processes besides the snapshot: names, cgroups,
+/// CPython versions, the probes placed, every stack's frames and the mapping of each
+/// resident page the vm layer did not see made.
+fn facts(
+    rec: &Recorder,
+    snap: &Snapshot,
+    syms: &Symbolizer,
+    py: &python::Resolver,
+    native: bool,
+) -> Facts {
+    let mut pids: Vec<u32> = rec.targets.clone();
+    pids.extend(snap.stacks.keys().map(|&(pid, _, _)| pid));
+    let processes = pids
+        .into_iter()
+        .map(|pid| {
+            (
+                pid,
+                ProcessInfo {
+                    pid,
+                    comm: rec.comm(pid),
+                    cgroup: rec.cgroups.get(&pid).cloned(),
+                    python: rec.pythons.get(&pid).cloned(),
+                },
+            )
+        })
+        .collect();
+    let stack_keys = snap.stacks.keys().map(|&(pid, _, id)| (pid, id)).chain(
+        rec.model
+            .procs
+            .iter()
+            .flat_map(|(&pid, p)| p.regions.values().map(move |r| (pid, r.stack_id))),
+    );
+    let mut page_kinds = std::collections::HashMap::new();
+    for (&pid, p) in &rec.model.procs {
+        for &addr in p.pages.keys() {
+            if p.region_at(addr).is_some() {
+                continue;
+            }
+            use crate::collect::vm::MappingKind;
+            let kind = match syms.mapping_name(pid, addr) {
+                Some("[heap]") => MappingKind::MallocHeap,
+                Some(n) if n.starts_with("[stack") => MappingKind::Stack,
+                Some(n) if n.starts_with('/') => MappingKind::File,
+                _ => continue,
+            };
+            page_kinds.insert((pid, addr), kind);
+        }
+    }
+    Facts {
+        targets: rec.targets.clone(),
+        processes,
+        probes: rec
+            .probes
+            .iter()
+            .map(|p| ProbeInfo {
+                file: p.path.display().to_string(),
+                symbol: p.symbol.to_owned(),
+                offset: p.delta_from_entry,
+                emulated: p.emulated,
+            })
+            .collect(),
+        frames: frames_of_all(rec, syms, py, native, stack_keys),
+        page_kinds,
+    }
+}
+
+fn create_output(path: &Path) -> Result<File, UserError> {
+    File::create(path).map_err(|e| UserError::Output {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}

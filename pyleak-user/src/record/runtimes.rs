@@ -1,0 +1,127 @@
+//! The Python runtimes of the traced processes while recording: which CPython each runs,
+//! telling the kernel where it landed, reading the code objects of new stacks, and
+//! watching the allocator tables.
+
+use std::{collections::HashMap, path::PathBuf, sync::Mutex};
+
+use pyleak_common::PyProc;
+
+use crate::{
+    attach::allocwatch::AllocWatch,
+    collect::Recorder,
+    python,
+    symbolize::{lock, Symbolizer},
+    targets::alive,
+};
+
+/// The targets' Python runtimes: those whose load address the kernel does not know yet,
+/// and the watches on their allocator tables.
+#[derive(Default)]
+pub struct Runtimes {
+    /// Launched commands whose runtime has not shown in their memory map yet.
+    pub unplaced: HashMap<u32, (python::PythonRuntime, PyProc)>,
+    /// Watches on the targets' allocator tables.
+    pub watches: Vec<AllocWatch>,
+}
+
+impl Runtimes {
+    /// Watches the allocator tables of the Python runtime among `files`, if any.
+    pub fn watch(&mut self, pid: u32, files: &[PathBuf]) {
+        let Some(detected) = python::detect(files) else {
+            return;
+        };
+        let file = match detected {
+            python::Detected::Supported(rt) => rt.file,
+            python::Detected::Unsupported { file, .. } => file,
+        };
+        self.watches.extend(AllocWatch::new(pid, &file));
+    }
+
+    /// Tells the kernel where launched commands' Python runtimes landed, once their memory
+    /// maps show it.
+    fn place(&mut self, rec: &mut Recorder) {
+        self.unplaced.retain(|&pid, (rt, layout)| {
+            let Some(bias) = python::load_bias(pid, rt) else {
+                return true;
+            };
+            if let Err(e) = rec.set_python(pid, &python::placed(pid, rt, bias, *layout)) {
+                log::warn!("process {pid}: {e}");
+            }
+            false
+        });
+    }
+
+    /// Places runtimes, checks the allocator tables, re-reads the memory maps (for
+    /// symbols) and names of the targets still alive.
+    pub fn refresh(&mut self, rec: &mut Recorder, syms: &Mutex<Symbolizer>) {
+        self.place(rec);
+        for w in self.watches.iter_mut() {
+            w.check();
+        }
+        let mut syms = lock(syms);
+        for pid in rec.targets.clone() {
+            syms.snapshot(pid);
+            rec.refresh_comm(pid);
+        }
+    }
+}
+
+/// Reads the code objects of stacks the kernel announced (while their process lives).
+/// A stack of a process whose runtime is not placed yet (a group member pyleak is still
+/// examining) waits for it while the process lives.
+pub fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
+    if rec.new_stacks.is_empty() {
+        return;
+    }
+    resolver.next_batch();
+    let mut waiting = Vec::new();
+    for (pid, id) in std::mem::take(&mut rec.new_stacks) {
+        if !resolver.knows(pid) {
+            if alive(pid) {
+                waiting.push((pid, id));
+            }
+            continue;
+        }
+        if let Some(st) = rec.stack(id) {
+            let n = (st.py_len as usize).min(st.py.len());
+            resolver.learn(pid, id, &st.py[..n]);
+        }
+    }
+    rec.new_stacks = waiting;
+}
+
+/// The supported Python runtime among `files` (when Python stacks are `enabled`), warning
+/// once about an unsupported one; the version found is kept for process `pid`'s report.
+pub fn python_runtime(
+    rec: &mut Recorder,
+    pid: u32,
+    files: &[PathBuf],
+    what: &str,
+    enabled: bool,
+) -> Option<python::PythonRuntime> {
+    match python::detect(files)? {
+        python::Detected::Supported(rt) => {
+            rec.pythons
+                .insert(pid, python::version_name(rt.cpython.version()));
+            if !enabled {
+                return None;
+            }
+            log::info!("{what}: {}", python::describe(&rt));
+            if let Some(w) = &rt.warning {
+                eprintln!("pyleak: warning: {w}");
+            }
+            Some(*rt)
+        }
+        python::Detected::Unsupported { file, version } => {
+            rec.pythons.insert(pid, version.clone());
+            if !enabled {
+                return None;
+            }
+            eprintln!(
+                "pyleak: warning: {what} runs CPython {version} ({}), which pyleak cannot walk (3.8 and newer): native stacks only",
+                file.display()
+            );
+            None
+        }
+    }
+}

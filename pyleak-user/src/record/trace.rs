@@ -1,0 +1,229 @@
+//! The recording loop: events from the kernel, the targets followed, growth samples, the
+//! status line, until the duration, a signal, or the targets' end.
+
+use std::{
+    io::IsTerminal as _,
+    os::fd::{AsRawFd, RawFd},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use pyleak_common::Layer;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+
+use super::{
+    follow::Group,
+    runtimes::{learn_new_stacks, Runtimes},
+    sampler::Sampler,
+    View,
+};
+use crate::{
+    cli::RecordArgs,
+    collect::Recorder,
+    python,
+    report::human_bytes,
+    symbolize::{lock, Symbolizer},
+    targets::alive,
+};
+
+/// How often the status line and the memory-map snapshots refresh.
+const TICK: Duration = Duration::from_secs(1);
+/// Memory maps are re-read at most this often while events flow (new libraries).
+const MAPS_REFRESH: Duration = Duration::from_millis(20);
+/// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
+const CHILD_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a recording ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Duration,
+    Signal,
+    TargetsExited,
+}
+
+/// How targets are followed while recording.
+pub enum Follow<'a> {
+    /// `--pid`, a command: the targets' Python runtimes (placement, allocator tables).
+    Pids(&'a mut Runtimes),
+    /// `--cgroup`, `--container`, `--all`: processes come and go.
+    Group(&'a mut Group),
+}
+
+/// The ring buffer's fd, for tokio to wait on.
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Reads events until the recording ends; returns why it ended.
+pub async fn trace_loop(
+    rec: &mut Recorder,
+    syms: &Mutex<Symbolizer>,
+    resolver: &mut python::Resolver,
+    mut follow: Follow<'_>,
+    args: &RecordArgs,
+    launched: Option<(u32, tokio::sync::oneshot::Receiver<i32>)>,
+    sampler: &mut Sampler,
+) -> anyhow::Result<End> {
+    let started = sampler.started;
+    let child = launched.as_ref().map(|(pid, _)| *pid);
+    let mut child_exit = launched.map(|(_, exit)| exit);
+    // SAFETY: the ring buffer's fd belongs to `rec`, which outlives this function and so
+    // this AsyncFd; it is not closed while registered.
+    let ring = unsafe { AsyncFd::register(RingFd(rec.ring_fd().as_raw_fd())) }
+        .map_err(|_| anyhow::anyhow!("cannot poll the ring buffer"))?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(TICK);
+    let mut sample_tick = tokio::time::interval(sampler.interval);
+    let mut keys = sampler.keys();
+    let deadline = args
+        .duration
+        .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    let status_tty = std::io::stderr().is_terminal();
+    let mut last_maps = Instant::now() - MAPS_REFRESH;
+    let mut last_events = (0u64, Instant::now());
+    if let Follow::Pids(runtimes) = &mut follow {
+        runtimes.refresh(rec, syms);
+    }
+    let end = loop {
+        let sleep_until = deadline.map(tokio::time::Instant::from_std);
+        tokio::select! {
+            guard = ring.readable() => {
+                // Readiness is cleared before draining: an event submitted while draining
+                // wakes the loop again instead of waiting for the next tick.
+                let mut guard = guard?;
+                guard.clear_ready();
+                let n = rec.drain();
+                if let Follow::Group(g) = &mut follow {
+                    g.poll(rec, resolver, syms);
+                }
+                learn_new_stacks(rec, resolver);
+                if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
+                    last_maps = Instant::now();
+                    match &mut follow {
+                        Follow::Group(g) => g.refresh(rec, resolver, syms),
+                        Follow::Pids(runtimes) => runtimes.refresh(rec, syms),
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                rec.drain();
+                if let Follow::Group(g) = &mut follow {
+                    g.poll(rec, resolver, syms);
+                    learn_new_stacks(rec, resolver);
+                    g.scan(rec, resolver, syms);
+                    g.refresh(rec, resolver, syms);
+                    g.reap(rec);
+                    if let Some(cg) = g.cgroup.as_ref().filter(|cg| !cg.dir.exists()) {
+                        eprintln!("pyleak: cgroup {} was removed: ending the recording", cg.path);
+                        break End::TargetsExited;
+                    }
+                } else if let Follow::Pids(runtimes) = &mut follow {
+                    learn_new_stacks(rec, resolver);
+                    runtimes.refresh(rec, syms);
+                    if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
+                        break End::TargetsExited;
+                    }
+                }
+                if sampler.view == View::Top {
+                    sampler.draw(rec);
+                } else if !args.quiet && started.elapsed() >= TICK {
+                    status_line(rec, started, &mut last_events, status_tty);
+                }
+            }
+            _ = sample_tick.tick() => {
+                rec.drain();
+                if let Follow::Group(g) = &mut follow {
+                    g.poll(rec, resolver, syms);
+                }
+                learn_new_stacks(rec, resolver);
+                sampler.sample(rec, &lock(syms), resolver);
+                if sampler.error.is_err() {
+                    break End::Signal;
+                }
+            }
+            key = async { keys.as_mut().expect("guarded").recv().await }, if keys.is_some() => {
+                match key {
+                    Some(b'q' | b'Q' | 3) => break End::Signal,
+                    Some(_) => {}
+                    None => keys = None,
+                }
+            }
+            _ = async { tokio::time::sleep_until(sleep_until.unwrap_or_else(tokio::time::Instant::now)).await }, if sleep_until.is_some() => {
+                break End::Duration;
+            }
+            _ = sigint.recv() => break End::Signal,
+            _ = sigterm.recv() => break End::Signal,
+            code = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
+                child_exit = None;
+                if let Ok(code) = code {
+                    log::info!("command exited with {code}");
+                }
+                break End::TargetsExited;
+            }
+        }
+    };
+    if status_tty && !args.quiet && sampler.view == View::StatusLine {
+        eprintln!();
+    }
+    // The last moment counts for growth too.
+    rec.drain();
+    if let Follow::Group(g) = &mut follow {
+        g.poll(rec, resolver, syms);
+    }
+    learn_new_stacks(rec, resolver);
+    sampler.sample(rec, &lock(syms), resolver);
+    if let (Some(pid), Some(wait)) = (child, child_exit) {
+        if end == End::Signal {
+            // Forward Ctrl-C/SIGTERM to the command and give it a moment to shut down,
+            // so its interpreter's teardown freezes its state as in a normal exit.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        let _ = tokio::time::timeout(CHILD_GRACE, wait).await;
+    }
+    rec.drain();
+    Ok(end)
+}
+
+/// One line on stderr: elapsed, events per second, live bytes per layer.
+fn status_line(rec: &Recorder, started: Instant, last: &mut (u64, Instant), tty: bool) {
+    let Ok(stats) = rec.layer_stats() else { return };
+    let events: u64 = stats
+        .iter()
+        .map(|s| s.allocs + s.frees + s.unmatched_frees)
+        .sum::<u64>()
+        + rec.model.events;
+    let rate = (events - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-3);
+    *last = (events, Instant::now());
+    let mut parts = Vec::new();
+    for layer in [Layer::Pymalloc, Layer::PymemRaw, Layer::Libc] {
+        let s = stats[layer as usize];
+        if s.allocs > 0 {
+            parts.push(format!(
+                "{} {}",
+                layer.name(),
+                human_bytes(s.alloc_bytes.saturating_sub(s.freed_bytes))
+            ));
+        }
+    }
+    let vm: u64 = rec.model.live_regions().values().map(|v| v.0).sum();
+    let pages: u64 = rec.model.live_pages().values().map(|v| v.0).sum();
+    parts.push(format!("vm {}", human_bytes(vm)));
+    parts.push(format!("pages {}", human_bytes(pages)));
+    let line = format!(
+        "pyleak: {:.0}s  {:.0} events/s  live: {}",
+        started.elapsed().as_secs_f64(),
+        rate,
+        parts.join(", ")
+    );
+    if tty {
+        eprint!("\r\x1b[K{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}

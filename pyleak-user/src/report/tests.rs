@@ -1,0 +1,272 @@
+//! Golden files for every output format, from one small analysis.
+
+use std::collections::BTreeMap;
+
+use pyleak_common::Layer;
+
+use super::{folded, text};
+use crate::{
+    analysis::{growth::Trend, *},
+    collect::frames::NATIVE_MARK,
+};
+
+/// A small report with Python, mixed and native stacks, as `record` builds them.
+fn sample() -> Analysis {
+    let stack = |layer: &str, frames: &[&str], live: u64, alloc: u64, n: u64| StackReport {
+        layer: layer.to_owned(),
+        pid: 42,
+        frames: frames.iter().map(|f| (*f).to_owned()).collect(),
+        native_frames: frames.iter().filter(|f| f.ends_with(NATIVE_MARK)).count(),
+        live_bytes: live,
+        live_count: n,
+        alloc_bytes: alloc,
+        allocs: n + 1,
+        frees: 1,
+        freed_bytes: alloc - live,
+        truncated: frames.first() == Some(&"[truncated]"),
+        aged_live_bytes: live / 2,
+        growth_bytes_per_s: 0.0,
+    };
+    let mut layers = BTreeMap::new();
+    for layer in Layer::ALL {
+        layers.insert(
+            layer.name().to_owned(),
+            LayerReport {
+                allocs: 3,
+                alloc_bytes: 4096,
+                live_bytes: 1024,
+                live_count: 1,
+                lifetime_percentiles_us: BTreeMap::from([
+                    ("p50".to_owned(), 850),
+                    ("p99".to_owned(), 3_400_000),
+                ]),
+                ..Default::default()
+            },
+        );
+    }
+    Analysis {
+        pyleak_version: "0.1.0".to_owned(),
+        duration_s: 1.5,
+        processes: vec![
+            ProcessInfo {
+                pid: 42,
+                comm: "python3".to_owned(),
+                cgroup: Some("/system.slice/app.service".to_owned()),
+                python: Some("3.12".to_owned()),
+            },
+            ProcessInfo {
+                pid: 43,
+                comm: "a.out".to_owned(),
+                cgroup: None,
+                python: None,
+            },
+        ],
+        layers,
+        stacks: vec![
+            stack(
+                "pymalloc",
+                &[
+                    "<module> (/srv/app.py:73)",
+                    "main (/srv/app.py:56)",
+                    "leak (/srv/app.py:26)",
+                ],
+                4000400,
+                4000500,
+                400,
+            ),
+            stack(
+                "libc",
+                &[
+                    "<module> (/srv/app.py:73)",
+                    "main (/srv/app.py:56)",
+                    "leak (/srv/app.py:26)",
+                    "PyObject_Malloc (libpython3.12.so) [native]",
+                ],
+                4000400,
+                4000400,
+                400,
+            ),
+            stack(
+                "pages",
+                &[
+                    "[truncated]",
+                    "recurse (/srv/app.py:48)",
+                    "recurse (/srv/app.py:46)",
+                ],
+                8192,
+                12288,
+                2,
+            ),
+            StackReport {
+                native_frames: 2,
+                ..stack(
+                    "vm",
+                    &["main (alloc_workload)", "__mmap (libc.so.6)"],
+                    0,
+                    40960,
+                    0,
+                )
+            },
+            StackReport {
+                pid: 43,
+                native_frames: 1,
+                ..stack("libc", &["weird;name (a.out)"], 7, 7, 1)
+            },
+        ],
+        lost_events: 0,
+        lost: BTreeMap::from([("ring_full".to_owned(), 0)]),
+        probes: vec![ProbeInfo {
+            file: "/lib/libc.so.6".to_owned(),
+            symbol: "free".to_owned(),
+            offset: 3,
+            emulated: true,
+        }],
+        min_age_s: 1.0,
+        interval_s: 2.0,
+        samples: 12,
+        suspects: vec![
+            Suspect {
+                layer: "pymalloc".to_owned(),
+                pid: 42,
+                frames: vec![
+                    "<module> (/srv/app.py:73)".to_owned(),
+                    "main (/srv/app.py:56)".to_owned(),
+                    "leak (/srv/app.py:26)".to_owned(),
+                ],
+                native_frames: 0,
+                live_bytes: 4000400,
+                live_count: 400,
+                aged_live_bytes: 3000300,
+                aged_live_count: 300,
+                growth_bytes_per_s: 100010.0,
+                overall_growth_bytes_per_s: 100000.0,
+                steadiness: 1.0,
+                trend: Trend::Growing,
+                oldest_age_s: 23.5,
+                linkage: SuspectLinkage {
+                    pymalloc_live_bytes: 4000400,
+                    libc_live_bytes: 4000400,
+                    resident_bytes: 4001792,
+                    ..Default::default()
+                },
+            },
+            Suspect {
+                layer: "pages".to_owned(),
+                pid: 42,
+                frames: vec!["recurse (/srv/app.py:48)".to_owned()],
+                native_frames: 0,
+                live_bytes: 8192,
+                live_count: 2,
+                aged_live_bytes: 8192,
+                aged_live_count: 2,
+                growth_bytes_per_s: 0.0,
+                overall_growth_bytes_per_s: 300.0,
+                steadiness: 0.0,
+                trend: Trend::Plateau,
+                oldest_age_s: 20.0,
+                linkage: SuspectLinkage {
+                    resident_bytes: 8192,
+                    ..Default::default()
+                },
+            },
+        ],
+        linkage: Linkage {
+            pymalloc_live_bytes: 4100000,
+            pymalloc_small_live_bytes: 99600,
+            pymem_raw_live_bytes: 5000,
+            arena_count: 3,
+            arena_bytes: 3 << 20,
+            arena_resident_bytes: 2 << 20,
+            fragmentation_ratio: Some((3 << 20) as f64 / 99600.0),
+            libc_live_bytes: 4100000,
+            libc_for_python_live_bytes: 4000400,
+            vm_live_bytes: 8 << 20,
+            vm_by_kind: BTreeMap::from([
+                ("pymalloc_arena".to_owned(), 3 << 20),
+                ("malloc_heap".to_owned(), 5 << 20),
+            ]),
+            resident_bytes: 7 << 20,
+            resident_by_kind: BTreeMap::from([
+                ("pymalloc_arena".to_owned(), 2 << 20),
+                ("malloc_heap".to_owned(), 5 << 20),
+            ]),
+        },
+    }
+}
+
+fn golden(name: &str, got: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/report/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).expect("writing golden file");
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} missing: run with UPDATE_GOLDEN=1", path.display()));
+    assert_eq!(got, want, "output differs from {}", path.display());
+}
+
+#[test]
+fn folded_matches_golden_files() {
+    for (metric, file) in [
+        (folded::Metric::LiveBytes, "live-bytes.folded"),
+        (folded::Metric::AllocBytes, "alloc-bytes.folded"),
+        (folded::Metric::Allocs, "allocs.folded"),
+        (folded::Metric::Resident, "resident.folded"),
+    ] {
+        let mut out = Vec::new();
+        folded::write(&sample(), metric, false, &mut out).unwrap();
+        golden(file, &String::from_utf8(out).unwrap());
+    }
+    let mut out = Vec::new();
+    folded::write(&sample(), folded::Metric::LiveBytes, true, &mut out).unwrap();
+    golden("per-process.folded", &String::from_utf8(out).unwrap());
+}
+
+#[test]
+fn text_matches_golden_file() {
+    let mut out = Vec::new();
+    text::write(&sample(), &mut out).unwrap();
+    golden("summary.txt", &String::from_utf8(out).unwrap());
+}
+
+#[test]
+fn json_matches_golden_file_and_round_trips() {
+    let text = serde_json::to_string_pretty(&sample()).unwrap() + "\n";
+    golden("report.json", &text);
+    let back: Analysis = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, sample());
+}
+
+#[test]
+fn svg_is_titled_with_metric_and_layers() {
+    let mut svg = Vec::new();
+    folded::write_svg(&sample(), folded::Metric::Resident, false, &mut svg).unwrap();
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.starts_with("<?xml"), "an SVG document");
+    assert!(
+        svg.contains("pyleak: resident by stack (pages)"),
+        "title names the metric and the one layer with resident pages"
+    );
+    assert!(svg.contains("recurse (/srv/app.py:48)"));
+    assert!(
+        !svg.contains("[libc]"),
+        "resident counts the pages layer only"
+    );
+}
+
+#[test]
+fn folded_renders_with_inferno() {
+    let mut out = Vec::new();
+    folded::write(&sample(), folded::Metric::AllocBytes, false, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let mut svg = Vec::new();
+    let mut opts = inferno::flamegraph::Options::default();
+    inferno::flamegraph::from_lines(&mut opts, text.lines(), &mut svg)
+        .expect("inferno renders the folded stacks");
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(
+        svg.contains("leak (/srv/app.py:26)") && svg.contains("[pymalloc]"),
+        "frames drawn"
+    );
+}

@@ -1,0 +1,107 @@
+//! What is traced: processes by pid, a command pyleak starts, or a group (a cgroup, a
+//! container, every Python process). One home for naming a target and checking it exists;
+//! `launch` starts a command held before its first instruction, `group` finds cgroups and
+//! their processes.
+
+pub mod group;
+pub mod launch;
+
+use std::path::{Path, PathBuf};
+
+use self::group::Cgroup;
+use crate::{cli::RecordArgs, errors::UserError};
+
+/// The target of a recording, checked.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Running processes (`--pid`, repeatable).
+    Pids(Vec<u32>),
+    /// A command to start (`-- COMMAND ARGS…`): the program resolved, and argv.
+    Command {
+        /// The executable, as `execvp` would find it.
+        program: PathBuf,
+        /// Its arguments, argv[0] included.
+        argv: Vec<String>,
+    },
+    /// Every process of a cgroup (`--cgroup`, `--container`), or with `None` every Python
+    /// process on the host (`--all`).
+    Group(Option<Cgroup>),
+}
+
+impl Target {
+    /// The one target `args` name; an error says what is wrong with it.
+    pub fn from_args(args: &RecordArgs) -> Result<Target, UserError> {
+        if !args.pids.is_empty() && !args.command.is_empty() {
+            return Err(UserError::PidAndCommand);
+        }
+        let kinds = [
+            !args.pids.is_empty(),
+            !args.command.is_empty(),
+            args.cgroup.is_some(),
+            args.container.is_some(),
+            args.all,
+        ];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            return Err(UserError::TooManyTargets);
+        }
+        if let Some(path) = &args.cgroup {
+            return Ok(Target::Group(Some(group::resolve(path)?)));
+        }
+        if let Some(id) = &args.container {
+            return Ok(Target::Group(Some(group::resolve_container(id)?)));
+        }
+        if args.all {
+            return Ok(Target::Group(None));
+        }
+        for &pid in &args.pids {
+            if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(UserError::NoSuchPid(pid));
+            }
+        }
+        match args.command.first() {
+            Some(cmd) if cmd.is_empty() => Err(UserError::EmptyCommand),
+            Some(cmd) => Ok(Target::Command {
+                program: resolve_command(cmd)
+                    .ok_or_else(|| UserError::CommandNotFound(cmd.clone()))?,
+                argv: args.command.clone(),
+            }),
+            None if args.pids.is_empty() => Err(if std::env::args().any(|a| a == "--") {
+                UserError::EmptyCommand
+            } else {
+                UserError::NoTarget
+            }),
+            None => Ok(Target::Pids(args.pids.clone())),
+        }
+    }
+}
+
+/// Whether `pid` runs (not a zombie, not gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Resolves a command the way `execvp` would: a path as given, else the first executable
+/// on `PATH`.
+pub fn resolve_command(cmd: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if cmd.contains('/') {
+        let p = PathBuf::from(cmd);
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(cmd))
+        .find(|p| executable(p))
+}
