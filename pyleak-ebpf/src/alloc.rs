@@ -2,7 +2,6 @@
 //! PyMem_Raw). Which function a probe sits on, and its layer, come from the attach cookie.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{bpf_get_attach_cookie, bpf_jiffies64},
@@ -13,9 +12,8 @@ use aya_ebpf::{
 };
 use pyleak_common::{
     live_bucket, live_key, size_bucket, AllocKey, AllocKind, Drop, Layer, LiveAlloc, LiveBucket,
-    Pending, ProbeCookie, SiteInfo, StackAgg, StackKey, ThreadState, CALL_LAYERS, FLAG_FOR_LIBC,
-    FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, FLAG_TIMED, HIST_BUCKETS, LIVE_BUCKET_SLOTS, REG_CONST,
-    REG_NONE, REG_STACK,
+    Pending, ProbeCookie, SiteInfo, StackAgg, StackKey, CALL_LAYERS, FLAG_TIMED, HIST_BUCKETS,
+    LIVE_BUCKET_SLOTS, REG_CONST, REG_NONE, REG_STACK,
 };
 
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
@@ -27,6 +25,7 @@ use crate::{
         TICK_CLOCK,
     },
     stack,
+    thread::{thread_state, upper_call},
 };
 
 const PAGE_SIZE: u64 = 4096;
@@ -177,70 +176,6 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
     };
     t.active |= 1 << layer;
     Ok(())
-}
-
-/// This thread's state, created on first use.
-#[inline(always)]
-pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
-    if let Some(t) = THREADS.get_ptr_mut(tid) {
-        return Some(t);
-    }
-    let fresh = ThreadState::default();
-    if THREADS.insert(&tid, &fresh, BPF_NOEXIST as u64).is_err() {
-        // Either full, or another probe of this thread raced us in (not possible for one
-        // thread, so full).
-        count_drop(Drop::ThreadsFull);
-    }
-    THREADS.get_ptr_mut(tid)
-}
-
-/// If upper layers' calls are in flight on this thread (malloc inside PyObject_Malloc, mmap
-/// inside malloc inside PyObject_Malloc), the `FLAG_FOR_*` bits of every one of them and
-/// the topmost call's stack to reuse. An arena mmap is `FOR_PYMALLOC` alone; a big
-/// request's mmap is `FOR_PYMALLOC | FOR_LIBC`. If that call (a malloc) left its stack for
-/// its return, `take_deferred` takes it now (the kernel layers do); without it there is
-/// none to reuse. Allocator probes pass `false`: only the malloc family defers, and no
-/// probed allocator runs inside malloc, so they never meet one, and a second stack walk
-/// inlined in them would only cost verifier budget.
-#[inline(always)]
-pub fn upper_call(
-    t: &mut ThreadState,
-    layer: usize,
-    tid: u32,
-    take_deferred: bool,
-) -> (u32, Option<u64>) {
-    let mut flags = 0;
-    let mut top = None;
-    if layer > Layer::Libc as usize && t.active & (1 << Layer::Libc as u32) != 0 {
-        flags |= FLAG_FOR_LIBC;
-        top = Some(Layer::Libc as usize);
-    }
-    if layer > Layer::PymemRaw as usize && t.active & (1 << Layer::PymemRaw as u32) != 0 {
-        flags |= FLAG_FOR_PYMEM_RAW;
-        top = Some(Layer::PymemRaw as usize);
-    }
-    if layer > Layer::Pymalloc as usize && t.active & (1 << Layer::Pymalloc as u32) != 0 {
-        flags |= FLAG_FOR_PYMALLOC;
-        top = Some(Layer::Pymalloc as usize);
-    }
-    let Some(top) = top else {
-        return (flags, None);
-    };
-    if top >= CALL_LAYERS {
-        return (flags, None);
-    }
-    let call = &mut t.calls[top];
-    if call.stack_id == 0 && call.ret_addr_at != 0 {
-        if !take_deferred {
-            return (flags, None);
-        }
-        // SAFETY: reads the upper call's return address from the target's stack, checked
-        // by the helper.
-        let caller = unsafe { bpf_probe_read_user(call.ret_addr_at as *const u64) }.ok();
-        call.stack_id = stack::capture(core::ptr::null_mut(), caller, tid, false);
-        call.ret_addr_at = 0;
-    }
-    (flags, Some(call.stack_id))
 }
 
 fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {

@@ -12,9 +12,9 @@ use pyleak_common::{
 };
 
 use crate::{
+    maps::emit,
     maps::{count_drop, filter_mode, target_state, FROZEN_COUNT, TARGETS, THREADS},
     pystack::PY_PROCS,
-    vm::emit,
 };
 
 /// Uprobe on `Py_FinalizeEx`: freeze the process.

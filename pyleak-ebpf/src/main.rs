@@ -15,6 +15,7 @@ mod maps;
 mod pages;
 mod pystack;
 mod stack;
+mod thread;
 mod vm;
 
 #[cfg(not(test))]

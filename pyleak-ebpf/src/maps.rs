@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    helpers::generated::bpf_get_current_ancestor_cgroup_id,
+    helpers::{bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use pyleak_common::{
-    AllocKey, LayerStats, LiveAlloc, LiveBucket, SiteInfo, StackAgg, StackAggSlot, StackKey,
-    StackTrace, ThreadState, EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS,
+    AllocKey, Drop, LayerStats, LiveAlloc, LiveBucket, SiteInfo, StackAgg, StackAggSlot, StackKey,
+    StackTrace, ThreadState, VmEvent, EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS,
     LIVE_ALLOCS_ENTRIES, LIVE_BUCKET_SLOTS, LIVE_TABLE_BUCKETS, NUM_DROPS, NUM_LAYERS,
     SITES_ENTRIES, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES, TARGET_ACTIVE,
     TARGET_FROZEN, THREADS_ENTRIES,
@@ -207,4 +207,18 @@ pub fn set_in_probe(on: bool) {
 #[inline(always)]
 pub fn in_probe() -> bool {
     IN_PROBE.get(0).is_some_and(|f| *f != 0)
+}
+
+/// Sends one event to userspace, stamping its time; a full ring buffer is counted.
+#[inline(always)]
+pub fn emit(mut ev: VmEvent) {
+    // SAFETY: a helper without arguments.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    match EVENTS.reserve::<VmEvent>(0) {
+        Some(mut slot) => {
+            slot.write(ev);
+            slot.submit(0);
+        }
+        None => count_drop(Drop::RingFull),
+    }
 }

@@ -9,10 +9,9 @@ use aya_ebpf::{
 use pyleak_common::{Layer, VmEvent, VmKind, TARGET_ACTIVE};
 
 use crate::{
-    alloc::upper_call,
-    maps::{in_probe, target_state, THREADS},
+    maps::{emit, in_probe, target_state, THREADS},
     stack,
-    vm::emit,
+    thread::upper_call,
 };
 
 /// Highest user-space address on x86_64 (47-bit).

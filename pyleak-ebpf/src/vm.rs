@@ -4,17 +4,14 @@
 //! userspace keeps an exact interval model (partial unmaps, moves, the break).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
-    EbpfContext,
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext, EbpfContext,
 };
-use pyleak_common::{Drop, Layer, VmEvent, VmKind, VmPending, TARGET_ACTIVE};
+use pyleak_common::{Layer, VmEvent, VmKind, VmPending, TARGET_ACTIVE};
 
 use crate::{
-    alloc::{thread_state, upper_call},
-    maps::{count_drop, target_state, EVENTS, THREADS},
+    maps::{emit, target_state, THREADS},
     stack,
+    thread::{thread_state, upper_call},
 };
 
 const NR_MMAP: i32 = 9;
@@ -169,18 +166,4 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
         tid,
     });
     Ok(())
-}
-
-/// Sends one event to userspace, stamping its time; a full ring buffer is counted.
-#[inline(always)]
-pub fn emit(mut ev: VmEvent) {
-    // SAFETY: a helper without arguments.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    match EVENTS.reserve::<VmEvent>(0) {
-        Some(mut slot) => {
-            slot.write(ev);
-            slot.submit(0);
-        }
-        None => count_drop(Drop::RingFull),
-    }
 }
