@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::report::folded::Metric;
+use crate::{report::OutputArgs, targets::TargetArgs};
 
 /// Find memory leaks in running Python programs from the outside, at every layer of
 /// CPython's allocator stack.
@@ -25,59 +25,34 @@ pub enum Command {
     /// Trace like `record`, showing layer totals and the fastest-growing stacks live,
     /// refreshed every second (q or Ctrl-C to stop).
     Top(RecordArgs),
-    /// Render a saved JSON report again (text, SVG or folded); needs no privileges.
+    /// Render a saved JSON report again, in any output format (text, JSON, folded, SVG,
+    /// pprof, speedscope); needs no privileges.
     Report(ReportArgs),
 }
 
 /// `pyleak report`.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// A report written by `pyleak record --json`.
+    /// A report written by `pyleak record --json` (or `-o FILE.json`).
     #[arg(value_name = "FILE.json")]
     pub input: PathBuf,
-    /// Write a flamegraph: SVG when FILE ends in .svg, else folded stacks.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-    /// What the flamegraph counts.
-    #[arg(long, value_enum, default_value = "live-bytes")]
-    pub metric: Metric,
-    /// Start each flamegraph stack with its process (`comm (pid N)`).
-    #[arg(long)]
-    pub per_process: bool,
+    /// Where and how to write it again.
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 /// `pyleak record`.
 #[derive(Debug, Args)]
 pub struct RecordArgs {
-    /// Process to attach to (repeat for several).
-    #[arg(short, long = "pid", value_name = "PID")]
-    pub pids: Vec<u32>,
-    /// Trace every process in a cgroup v2 group and its descendants, including processes
-    /// that start there later: a directory of the cgroup v2 mount (absolute, or relative
-    /// to the mount). Probes on shared files (libc, libpython) then trap in every process
-    /// on the host that maps them; only the group's are counted.
-    #[arg(long, value_name = "PATH")]
-    pub cgroup: Option<PathBuf>,
-    /// Trace a Docker, containerd, CRI-O or Podman container (its id or a unique prefix):
-    /// its cgroup, as with --cgroup.
-    #[arg(long, value_name = "ID")]
-    pub container: Option<String>,
-    /// Trace every Python process on the host, including ones that start later.
-    #[arg(long)]
-    pub all: bool,
-    /// Folded stacks: put the process (`comm (pid N)`) above each stack's frames.
-    #[arg(long)]
-    pub per_process: bool,
+    /// What to trace.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Where and how to write the report (besides the summary on stdout).
+    #[command(flatten)]
+    pub out: OutputArgs,
     /// Stop after this many seconds (default: until Ctrl-C or the target exits).
     #[arg(short, long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Write a flamegraph to FILE: an SVG when FILE ends in .svg, else folded stacks (for
-    /// inferno / flamegraph.pl).
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-    /// What the flamegraph counts (resident: pages faulted in and still resident).
-    #[arg(long, value_enum, default_value = "live-bytes")]
-    pub metric: Metric,
     /// Write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -115,7 +90,4 @@ pub struct RecordArgs {
     /// floor); no report.
     #[arg(long, hide = true)]
     pub bare: bool,
-    /// The command to run and trace, after `--`.
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
 }

@@ -22,7 +22,7 @@ fn main() {
     let result = match cli.command {
         cli::Command::Record(args) => record::run(args, record::View::StatusLine),
         cli::Command::Top(args) => record::run(args, record::View::Top),
-        cli::Command::Report(args) => report::rerender(&args),
+        cli::Command::Report(args) => report::rerender(&args.input, &args.out),
     };
     match result {
         Ok(code) => std::process::exit(code),

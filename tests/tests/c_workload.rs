@@ -220,3 +220,68 @@ fn folded_output_is_inferno_compatible() {
         assert_eq!(leak_malloc, want, "metric {metric}:\n{text}");
     }
 }
+
+/// Every output format from one recording; the pprof profile read back by Go's
+/// `go tool pprof` (installed by `cargo xtask test`): the leak's function with its bytes.
+#[test]
+fn pprof_and_speedscope_outputs_read_back() {
+    if !root_or_skip() {
+        return;
+    }
+    assert!(
+        Command::new("go").arg("version").output().is_ok(),
+        "go is missing: `cargo xtask test` installs golang-go (apt-get install golang-go)"
+    );
+    let dir = scratch("c-pprof");
+    let bin = c_workload();
+    let pb = dir.join("out.pb.gz");
+    let (report, _) = record_json(
+        &dir,
+        &["-o", pb.to_str().unwrap(), "--", bin.to_str().unwrap()],
+    );
+    let top = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-unit=B",
+            "-sample_index=inuse_space",
+        ])
+        .arg(&pb)
+        .env("HOME", &dir)
+        .output()
+        .expect("running go tool pprof");
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    // The libc layer (no Python here): leak_malloc holds 1000 bytes live, as in the JSON.
+    assert_eq!(
+        stack_sum(&report, "libc", "live_bytes", |fr| fr
+            .iter()
+            .any(|f| f == "leak_malloc (alloc_workload)")),
+        1000
+    );
+    let line = text
+        .lines()
+        .find(|l| l.ends_with(" leak_malloc"))
+        .unwrap_or_else(|| panic!("no leak_malloc in:\n{text}"));
+    assert!(line.trim_start().starts_with("1000B "), "{line}");
+    // One layer, each byte once: the profile's total is the libc layer's live bytes.
+    let total = format!("Total samples = {}B", layer(&report, "libc")["live_bytes"]);
+    assert!(text.contains(&total), "{total} in:\n{text}");
+
+    let ss = dir.join("out.speedscope.json");
+    record_json(
+        &dir,
+        &["-o", ss.to_str().unwrap(), "--", bin.to_str().unwrap()],
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&ss).unwrap()).unwrap();
+    assert_eq!(
+        v["$schema"],
+        "https://www.speedscope.app/file-format-schema.json"
+    );
+    assert_eq!(v["profiles"][0]["type"], "sampled");
+}

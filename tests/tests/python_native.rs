@@ -338,7 +338,8 @@ fn native_frames_under_python_frames_every_cpython() {
 }
 
 /// With every layer (the launch default): the pymalloc and pymem_raw probes change nothing
-/// in the libc stack of a block C code mallocs itself.
+/// in the libc stack of a block C code mallocs itself. `--layer all` draws every layer in
+/// the folded stacks (one layer, pymalloc, is the default).
 #[test]
 fn native_frames_with_every_layer_pyenv_312() {
     if !root_or_skip() {
@@ -346,7 +347,8 @@ fn native_frames_with_every_layer_pyenv_312() {
     }
     for (label, python) in required_pythons(&["pyenv 3.12.1"]) {
         let dir = scratch("pynative-frames-all-layers");
-        let (report, folded, info) = record_native(&dir, &python, "all", &["--native"]);
+        let (report, folded, info) =
+            record_native(&dir, &python, "all", &["--native", "--layer", "all"]);
         check_native(&label, &report, &folded, &info);
     }
 }

@@ -125,8 +125,16 @@ fn setup() -> anyhow::Result<()> {
         ]))?;
     }
     // bpftool: the tests check with it that nothing of pyleak stays in the kernel.
+    // Go's pprof (golang-go): the tests read pyleak's pprof profiles back with it.
+    let mut missing = Vec::new();
     if Command::new("bpftool").arg("version").output().is_err() {
-        apt_install(&["bpftool"])?;
+        missing.push("bpftool");
+    }
+    if Command::new("go").arg("version").output().is_err() {
+        missing.push("golang-go");
+    }
+    if !missing.is_empty() {
+        apt_install(&missing)?;
     }
     if !Path::new("/sys/kernel/tracing/events").exists() {
         run(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))?;

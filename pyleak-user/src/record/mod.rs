@@ -10,7 +10,6 @@ mod trace;
 use std::{
     fs::File,
     io::Write as _,
-    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -34,7 +33,8 @@ use crate::{
     collect::{frames::frames_of_all, Filter, Recorder, RecorderOptions, Snapshot},
     errors::UserError,
     layers::LayerSet,
-    python, report,
+    python,
+    report::{self, OutputFormat},
     symbolize::{lock, Symbolizer},
     targets::{launch, Target},
 };
@@ -52,12 +52,13 @@ pub enum View {
 struct Plan {
     target: Target,
     layers: LayerSet,
+    render: report::Render,
     outputs: Outputs,
 }
 
 /// Output files, opened before anything is traced so that a bad path fails first.
 struct Outputs {
-    flamegraph: Option<File>,
+    output: Option<File>,
     json: Option<File>,
     snapshots: Option<File>,
 }
@@ -128,10 +129,11 @@ fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
     // Python allocation in a service that did not ask for it.
     let layers = match &args.layers {
         Some(l) => LayerSet::parse(l)?,
-        None if args.command.is_empty() => LayerSet::parse("libc,vm,pages")?,
+        None if args.target.command.is_empty() => LayerSet::parse("libc,vm,pages")?,
         None => LayerSet::ALL,
     };
-    let target = Target::from_args(args)?;
+    let target = Target::from_args(&args.target)?;
+    let render = report::Render::from_args(&args.out)?;
     if !(args.interval > 0.0 && args.interval.is_finite()) {
         return Err(UserError::BadInterval(args.interval).into());
     }
@@ -139,13 +141,14 @@ fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
         return Err(UserError::BadMinAge(args.min_age).into());
     }
     let outputs = Outputs {
-        flamegraph: args.output.as_deref().map(create_output).transpose()?,
-        json: args.json.as_deref().map(create_output).transpose()?,
-        snapshots: args.snapshots.as_deref().map(create_output).transpose()?,
+        output: args.out.output.as_deref().map(report::create).transpose()?,
+        json: args.json.as_deref().map(report::create).transpose()?,
+        snapshots: args.snapshots.as_deref().map(report::create).transpose()?,
     };
     Ok(Plan {
         target,
         layers,
+        render,
         outputs,
     })
 }
@@ -282,7 +285,8 @@ fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         ),
         _ => format!(
             "pid {}",
-            args.pids
+            args.target
+                .pids
                 .iter()
                 .map(u32::to_string)
                 .collect::<Vec<_>>()
@@ -293,7 +297,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
     eprintln!(
         "pyleak: tracing {what}, layers {}{}; Ctrl-C to stop",
         layers.names(),
-        if args.layers.is_none() && args.command.is_empty() && !args.bare {
+        if args.layers.is_none() && args.target.command.is_empty() && !args.bare {
             " (add the Python allocator layers with --layers all: a trap per Python allocation)"
         } else {
             ""
@@ -352,18 +356,15 @@ fn finish(
 
     let stdout = std::io::stdout();
     report::text::write(&analysis, &mut stdout.lock())?;
-    if let (Some(mut f), Some(path)) = (plan.outputs.flamegraph, args.output.as_deref()) {
-        report::write_flamegraph(&analysis, args.metric, args.per_process, path, &mut f)?;
+    if let (Some(f), Some(path)) = (plan.outputs.output, args.out.output.as_deref()) {
+        let format = args
+            .out
+            .format
+            .unwrap_or_else(|| OutputFormat::from_path(path));
+        report::write_file(&analysis, format, &plan.render, path, f)?;
     }
-    if let (Some(mut f), Some(path)) = (plan.outputs.json, args.json.as_deref()) {
-        serde_json::to_writer_pretty(&mut f, &analysis)
-            .map_err(std::io::Error::from)
-            .and_then(|()| writeln!(f))
-            .and_then(|()| f.flush())
-            .map_err(|e| UserError::Output {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
+    if let (Some(f), Some(path)) = (plan.outputs.json, args.json.as_deref()) {
+        report::write_file(&analysis, OutputFormat::Json, &plan.render, path, f)?;
     }
     std::io::stdout().flush()?;
     drop(s.rec);
@@ -434,11 +435,4 @@ fn facts(
         frames: frames_of_all(rec, syms, py, native, stack_keys),
         page_kinds,
     }
-}
-
-fn create_output(path: &Path) -> Result<File, UserError> {
-    File::create(path).map_err(|e| UserError::Output {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
 }

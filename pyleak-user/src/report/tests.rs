@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use pyleak_common::Layer;
 
-use super::{folded, text};
+use super::{drawn::LayerChoice, folded, pprof, speedscope, svg, text, Metric, Render};
 use crate::{
     analysis::{growth::Trend, *},
     collect::frames::NATIVE_MARK,
@@ -194,6 +194,25 @@ fn sample() -> Analysis {
     }
 }
 
+/// Every layer side by side (`--layer all`), as folded output was before one layer
+/// became the default.
+fn all_layers(metric: Metric, per_process: bool) -> Render {
+    Render {
+        metric,
+        layer: LayerChoice::All,
+        per_process,
+    }
+}
+
+/// One layer, the default.
+fn default_layer(metric: Metric) -> Render {
+    Render {
+        metric,
+        layer: LayerChoice::Default,
+        per_process: false,
+    }
+}
+
 fn golden(name: &str, got: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("src/report/golden")
@@ -209,17 +228,17 @@ fn golden(name: &str, got: &str) {
 #[test]
 fn folded_matches_golden_files() {
     for (metric, file) in [
-        (folded::Metric::LiveBytes, "live-bytes.folded"),
-        (folded::Metric::AllocBytes, "alloc-bytes.folded"),
-        (folded::Metric::Allocs, "allocs.folded"),
-        (folded::Metric::Resident, "resident.folded"),
+        (Metric::LiveBytes, "live-bytes.folded"),
+        (Metric::AllocBytes, "alloc-bytes.folded"),
+        (Metric::Allocs, "allocs.folded"),
+        (Metric::Resident, "resident.folded"),
     ] {
         let mut out = Vec::new();
-        folded::write(&sample(), metric, false, &mut out).unwrap();
+        folded::write(&sample(), &all_layers(metric, false), &mut out).unwrap();
         golden(file, &String::from_utf8(out).unwrap());
     }
     let mut out = Vec::new();
-    folded::write(&sample(), folded::Metric::LiveBytes, true, &mut out).unwrap();
+    folded::write(&sample(), &all_layers(Metric::LiveBytes, true), &mut out).unwrap();
     golden("per-process.folded", &String::from_utf8(out).unwrap());
 }
 
@@ -241,7 +260,7 @@ fn json_matches_golden_file_and_round_trips() {
 #[test]
 fn svg_is_titled_with_metric_and_layers() {
     let mut svg = Vec::new();
-    folded::write_svg(&sample(), folded::Metric::Resident, false, &mut svg).unwrap();
+    svg::write(&sample(), &default_layer(Metric::Resident), &mut svg).unwrap();
     let svg = String::from_utf8(svg).unwrap();
     assert!(svg.starts_with("<?xml"), "an SVG document");
     assert!(
@@ -258,7 +277,7 @@ fn svg_is_titled_with_metric_and_layers() {
 #[test]
 fn folded_renders_with_inferno() {
     let mut out = Vec::new();
-    folded::write(&sample(), folded::Metric::AllocBytes, false, &mut out).unwrap();
+    folded::write(&sample(), &all_layers(Metric::AllocBytes, false), &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
     let mut svg = Vec::new();
     let mut opts = inferno::flamegraph::Options::default();
@@ -269,4 +288,145 @@ fn folded_renders_with_inferno() {
         svg.contains("leak (/srv/app.py:26)") && svg.contains("[pymalloc]"),
         "frames drawn"
     );
+}
+
+#[test]
+fn by_default_one_layer_is_drawn_and_the_title_says_what_counts() {
+    let mut out = Vec::new();
+    folded::write(&sample(), &default_layer(Metric::LiveBytes), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    golden("default.folded", &text);
+    assert!(
+        text.lines().all(|l| l.starts_with("[pymalloc];")),
+        "the Python-requested layer alone: {text}"
+    );
+    let mut svg = Vec::new();
+    svg::write(&sample(), &default_layer(Metric::LiveBytes), &mut svg).unwrap();
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.contains("pyleak: live-bytes by stack (pymalloc)"));
+    assert!(svg.contains("each byte once"));
+    assert!(!svg.contains("[libc]"));
+    // A program without Python: its malloc blocks.
+    let mut c = sample();
+    c.stacks.retain(|s| s.layer != "pymalloc");
+    let mut out = Vec::new();
+    folded::write(&c, &default_layer(Metric::LiveBytes), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        !text.is_empty() && text.lines().all(|l| l.starts_with("[libc];")),
+        "{text}"
+    );
+    // --layer names one.
+    let vm = Render {
+        layer: LayerChoice::parse(Some("vm")).unwrap(),
+        ..default_layer(Metric::AllocBytes)
+    };
+    let mut out = Vec::new();
+    folded::write(&sample(), &vm, &mut out).unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "[vm];main (alloc_workload);__mmap (libc.so.6) 40960\n"
+    );
+    assert!(LayerChoice::parse(Some("heap")).is_err());
+}
+
+#[test]
+fn svg_matches_golden_file() {
+    let mut svg = Vec::new();
+    svg::write(&sample(), &default_layer(Metric::LiveBytes), &mut svg).unwrap();
+    golden("default.svg", &String::from_utf8(svg).unwrap());
+}
+
+#[test]
+fn pprof_reads_back_with_every_sample_type_and_python_lines() {
+    use prost::Message as _;
+    let mut gz = Vec::new();
+    pprof::write(&sample(), &default_layer(Metric::LiveBytes), &mut gz).unwrap();
+    assert_eq!(&gz[..2], &[0x1f, 0x8b], "gzipped");
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).unwrap();
+    let p = pprof::Profile::decode(&raw[..]).expect("a profile.proto message");
+    golden("pprof.txt", &format!("{p:#?}\n"));
+    let s = |i: i64| p.string_table[i as usize].as_str();
+    assert_eq!(s(0), "");
+    let types: Vec<(&str, &str)> = p
+        .sample_type
+        .iter()
+        .map(|t| (s(t.r#type), s(t.unit)))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("inuse_space", "bytes"),
+            ("inuse_objects", "count"),
+            ("alloc_space", "bytes"),
+            ("alloc_objects", "count")
+        ]
+    );
+    assert_eq!(s(p.default_sample_type), "inuse_space");
+    // One layer: the pymalloc stack, leaf first, with file and line.
+    assert_eq!(p.sample.len(), 1);
+    assert_eq!(p.sample[0].value, [4000400, 400, 4000500, 401]);
+    let leaf = &p.location[p.sample[0].location_id[0] as usize - 1];
+    let f = &p.function[leaf.line[0].function_id as usize - 1];
+    assert_eq!(
+        (s(f.name), s(f.filename), leaf.line[0].line),
+        ("leak", "/srv/app.py", 26)
+    );
+}
+
+#[test]
+fn speedscope_has_the_schemas_required_fields() {
+    let mut out = Vec::new();
+    speedscope::write(&sample(), &all_layers(Metric::LiveBytes, false), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    golden("speedscope.json", &text);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // Required by the schema: the file's $schema, shared.frames, profiles; each frame's
+    // name; each sampled profile's type, name, unit, startValue, endValue, samples,
+    // weights.
+    assert_eq!(v["$schema"], speedscope::SCHEMA);
+    let frames = v["shared"]["frames"].as_array().expect("shared.frames");
+    assert!(frames.iter().all(|f| f["name"].is_string()));
+    let profiles = v["profiles"].as_array().expect("profiles");
+    assert_eq!(profiles.len(), 1);
+    let p = &profiles[0];
+    for field in [
+        "type",
+        "name",
+        "unit",
+        "startValue",
+        "endValue",
+        "samples",
+        "weights",
+    ] {
+        assert!(!p[field].is_null(), "profile lacks {field}");
+    }
+    assert_eq!(p["type"], "sampled");
+    assert!([
+        "none",
+        "nanoseconds",
+        "microseconds",
+        "milliseconds",
+        "seconds",
+        "bytes"
+    ]
+    .contains(&p["unit"].as_str().unwrap()));
+    let samples = p["samples"].as_array().unwrap();
+    let weights = p["weights"].as_array().unwrap();
+    assert_eq!(samples.len(), weights.len());
+    for s in samples {
+        for i in s.as_array().unwrap() {
+            assert!(
+                (i.as_u64().unwrap() as usize) < frames.len(),
+                "frame index in range"
+            );
+        }
+    }
+    let total: u64 = weights.iter().map(|w| w.as_u64().unwrap()).sum();
+    assert_eq!(p["endValue"].as_u64(), Some(total));
+    // Python frames carry file and line.
+    assert!(frames
+        .iter()
+        .any(|f| f["name"] == "leak" && f["file"] == "/srv/app.py" && f["line"] == 26));
 }

@@ -13,7 +13,7 @@ const TOP_STACKS: usize = 10;
 const FRAMES_SHOWN: usize = 8;
 
 /// Writes the summary: a table of layers, lost events, the stacks holding most live memory.
-pub fn write(report: &Analysis, out: &mut impl Write) -> std::io::Result<()> {
+pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     let procs: Vec<String> = report
         .processes
         .iter()
@@ -155,7 +155,7 @@ const TOP_SUSPECTS: usize = 5;
 
 /// The layers linked, in words: requested by Python → held by pymalloc's arenas → held by
 /// malloc → mapped → resident.
-fn linkage(report: &Analysis, out: &mut impl Write) -> std::io::Result<()> {
+fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     let l = &report.linkage;
     let kinds = |m: &std::collections::BTreeMap<String, u64>| {
         let mut v: Vec<(&String, &u64)> = m.iter().filter(|(_, b)| **b > 0).collect();
@@ -223,7 +223,7 @@ fn linkage(report: &Analysis, out: &mut impl Write) -> std::io::Result<()> {
 }
 
 /// The leak suspects, most likely first.
-fn suspects(report: &Analysis, out: &mut impl Write) -> std::io::Result<()> {
+fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     if report.suspects.is_empty() {
         writeln!(
             out,
@@ -311,7 +311,7 @@ fn human_duration_us(us: u64) -> String {
 
 /// Per process, when there are several: pid, command, cgroup, CPython version, and the
 /// live bytes of each layer.
-fn write_processes(report: &Analysis, out: &mut impl Write) -> std::io::Result<()> {
+fn write_processes(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     if report.processes.len() < 2 {
         return Ok(());
     }

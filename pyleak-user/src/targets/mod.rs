@@ -9,7 +9,31 @@ pub mod launch;
 use std::path::{Path, PathBuf};
 
 use self::group::Cgroup;
-use crate::{cli::RecordArgs, errors::UserError};
+use crate::errors::UserError;
+
+/// The flags that name what to trace (one kind of target).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// Process to attach to (repeat for several).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace every process in a cgroup v2 group and its descendants, including processes
+    /// that start there later: a directory of the cgroup v2 mount (absolute, or relative
+    /// to the mount). Probes on shared files (libc, libpython) then trap in every process
+    /// on the host that maps them; only the group's are counted.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Trace a Docker, containerd, CRI-O or Podman container (its id or a unique prefix):
+    /// its cgroup, as with --cgroup.
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
+    /// Trace every Python process on the host, including ones that start later.
+    #[arg(long)]
+    pub all: bool,
+    /// The command to run and trace, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
 
 /// The target of a recording, checked.
 #[derive(Debug, Clone)]
@@ -30,7 +54,7 @@ pub enum Target {
 
 impl Target {
     /// The one target `args` name; an error says what is wrong with it.
-    pub fn from_args(args: &RecordArgs) -> Result<Target, UserError> {
+    pub fn from_args(args: &TargetArgs) -> Result<Target, UserError> {
         if !args.pids.is_empty() && !args.command.is_empty() {
             return Err(UserError::PidAndCommand);
         }
