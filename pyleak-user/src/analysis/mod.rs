@@ -37,9 +37,21 @@ pub struct Facts {
     pub probes: Vec<ProbeInfo>,
     /// The frames of each (pid, stack id) that the snapshot and the vm model name.
     pub frames: HashMap<(u32, u64), StackFrames>,
+    /// Seconds into the recording at which each process traced from its start (a
+    /// launched command) started; processes running before are absent.
+    pub started_s: HashMap<u32, f64>,
     /// The kind of mapping of each resident page (pid, address) outside every mapping the
     /// vm layer saw made (the heap, a stack, a file); anonymous if absent.
     pub page_kinds: HashMap<(u32, u64), MappingKind>,
+}
+
+/// Memory made this soon (seconds) after its process started can be start-up memory.
+pub const STARTUP_S: f64 = 1.0;
+
+/// Whether a suspect's stack is the interpreter's own or an import's: no Python frame, or
+/// a frame of importlib's (`<frozen importlib._bootstrap>`).
+fn is_startup(s: &Suspect) -> bool {
+    s.native_frames >= s.frames.len() || s.frames.iter().any(|f| f.contains("<frozen importlib"))
 }
 
 impl Facts {
@@ -205,6 +217,13 @@ pub fn analyze(
             row.aged_bytes += a.aged_bytes;
             row.aged_count += a.aged_count;
             row.oldest_ns = row.oldest_ns.max(a.oldest_ns);
+            if a.count > 0 {
+                row.youngest_ns = if row.count == 0 {
+                    a.youngest_ns
+                } else {
+                    row.youngest_ns.min(a.youngest_ns)
+                };
+            }
             row.bytes += a.bytes;
             row.count += a.count;
         }
@@ -285,6 +304,8 @@ pub fn analyze(
         }
     }
     let mut suspects: Vec<Suspect> = Vec::new();
+    // Age of each suspect's youngest block, seconds, by (pid, layer, frames).
+    let mut youngest: HashMap<(u32, String, Vec<String>), f64> = HashMap::new();
     for (i, r) in rows.iter().enumerate() {
         let (a, g) = (ages[i], growth[i]);
         // vm and pages rows qualify by aged memory only: their growth is mostly malloc's
@@ -301,6 +322,10 @@ pub fn analyze(
             .get(&(r.pid, r.frames.clone()))
             .copied()
             .unwrap_or(0);
+        youngest.insert(
+            (r.pid, r.layer.clone(), r.frames.clone()),
+            a.youngest_ns as f64 / 1e9,
+        );
         suspects.push(Suspect {
             layer: r.layer.clone(),
             pid: r.pid,
@@ -319,8 +344,23 @@ pub fn analyze(
             linkage: link,
         });
     }
+    // Interpreter start-up and imports: memory a Python process made in its first moments
+    // and kept, flat, is what every run of it holds; listed apart, not ranked.
+    let (mut startup, mut suspects): (Vec<Suspect>, Vec<Suspect>) =
+        suspects.into_iter().partition(|s| {
+            let made_s = facts.started_s.get(&s.pid).map(|&start| {
+                opts.duration_s - start - youngest[&(s.pid, s.layer.clone(), s.frames.clone())]
+            });
+            made_s.is_some_and(|t| t <= STARTUP_S) && s.trend != Trend::Growing && is_startup(s)
+        });
     rank(&mut suspects);
     suspects.truncate(MAX_SUSPECTS);
+    startup.sort_by(|a, b| {
+        b.live_bytes
+            .cmp(&a.live_bytes)
+            .then(a.frames.cmp(&b.frames))
+    });
+    startup.truncate(MAX_SUSPECTS);
 
     rows.sort_by(|a, b| {
         b.live_bytes
@@ -370,6 +410,7 @@ pub fn analyze(
         interval_s: opts.interval_s,
         samples: timeline.len(),
         suspects,
+        startup,
         linkage,
     }
 }

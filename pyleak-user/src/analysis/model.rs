@@ -38,6 +38,10 @@ pub struct Analysis {
     /// Leak suspects, most likely leak first.
     #[serde(default)]
     pub suspects: Vec<Suspect>,
+    /// Interpreter start-up and imports: what a Python process made in its first second
+    /// (no Python frame, or an import's) and kept, flat; not ranked, most bytes first.
+    #[serde(default)]
+    pub startup: Vec<Suspect>,
     /// The layers linked: what Python asked for, what pymalloc, malloc and the kernel hold.
     #[serde(default)]
     pub linkage: Linkage,

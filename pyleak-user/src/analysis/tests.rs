@@ -21,6 +21,10 @@ const CHURN: u64 = 3;
 const MAPPER: u64 = 4;
 /// pymalloc's arena under the leak.
 const ARENA: u64 = 5;
+/// An import at start-up.
+const IMPORT: u64 = 6;
+/// The interpreter's own start-up (no Python frame).
+const INIT: u64 = 7;
 const MIB: u64 = 1 << 20;
 
 fn py(frames: &[&str]) -> StackFrames {
@@ -45,6 +49,7 @@ fn aged(bytes: u64, count: u64, aged_bytes: u64, aged_count: u64, oldest_s: u64)
         aged_bytes,
         aged_count,
         oldest_ns: oldest_s * 1_000_000_000,
+        youngest_ns: 0,
         bytes,
         count,
     }
@@ -75,6 +80,8 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
         agg(8 * MIB, 8000, 8 * MIB, 8000),
     );
     stacks.insert((PID, Layer::Libc, LEAK), agg(2 * MIB, 2, 0, 0));
+    stacks.insert((PID, Layer::Pymalloc, IMPORT), agg(300_000, 900, 0, 0));
+    stacks.insert((PID, Layer::Pymalloc, INIT), agg(200_000, 500, 0, 0));
     // A process the kernel counted (a short-lived fork) that userspace never saw.
     stacks.insert((PID + 1, Layer::Libc, 9), agg(4096, 1, 0, 0));
     let mut layer_stats = [LayerStats::default(); NUM_LAYERS];
@@ -102,6 +109,22 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
     );
     ages.insert((PID, Layer::Libc, LEAK), aged(2 * MIB, 2, 2 * MIB, 2, 9));
     ages.insert((PID, Layer::Vm, MAPPER), aged(4 * PAGE, 1, 4 * PAGE, 1, 5));
+    // Made between 0.2 and 0.6 s into a 10 s run.
+    let startup = Ages {
+        youngest_ns: 9_400_000_000,
+        ..aged(300_000, 900, 300_000, 900, 9)
+    };
+    ages.insert((PID, Layer::Pymalloc, IMPORT), startup);
+    ages.insert(
+        (PID, Layer::Pymalloc, INIT),
+        Ages {
+            bytes: 200_000,
+            count: 500,
+            aged_bytes: 200_000,
+            aged_count: 500,
+            ..startup
+        },
+    );
     let mut size_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
     size_hist[Layer::Pymalloc as usize][pyleak_common::size_bucket(1024)] = 12000;
     let mut snap = Snapshot {
@@ -176,7 +199,26 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
                 (PID, MAPPER),
                 py(&["<module> (/srv/app.py:73)", "mapper (/srv/app.py:80)"]),
             ),
+            (
+                (PID, IMPORT),
+                py(&[
+                    "<module> (/srv/app.py:1)",
+                    "_find_and_load (<frozen importlib._bootstrap>:1360)",
+                    "<module> (/usr/lib/python3.12/json/decoder.py:30)",
+                ]),
+            ),
+            (
+                (PID, INIT),
+                StackFrames {
+                    native: 2,
+                    ..py(&[
+                        "Py_InitializeFromConfig (python3.12)",
+                        "_PyObject_Malloc (python3.12)",
+                    ])
+                },
+            ),
         ]),
+        started_s: HashMap::from([(PID, 0.0)]),
         page_kinds: HashMap::from([((PID, 0x900000), MappingKind::MallocHeap)]),
     };
 
@@ -299,4 +341,52 @@ fn analysis_matches_golden_file() {
     let want = std::fs::read_to_string(&path)
         .unwrap_or_else(|_| panic!("{} missing: run with UPDATE_GOLDEN=1", path.display()));
     assert_eq!(text, want, "analysis differs from {}", path.display());
+}
+
+#[test]
+fn start_up_memory_is_listed_apart_not_ranked() {
+    let a = analysis();
+    let startup: Vec<(&str, u64)> = a
+        .startup
+        .iter()
+        .map(|s| (s.frames.last().unwrap().as_str(), s.live_bytes))
+        .collect();
+    assert_eq!(
+        startup,
+        [
+            ("<module> (/usr/lib/python3.12/json/decoder.py:30)", 300_000),
+            ("_PyObject_Malloc (python3.12)", 200_000),
+        ]
+    );
+    assert!(
+        !a.suspects.iter().any(|s| s
+            .frames
+            .iter()
+            .any(|f| f.contains("importlib") || f.contains("Py_Initialize"))),
+        "start-up memory is not a suspect"
+    );
+    // The same memory in a process pyleak attached to (not traced from its start), or
+    // made later, is a suspect.
+    let (snap, model, mut facts, timeline) = recording();
+    facts.started_s.clear();
+    let opts = Options {
+        duration_s: 10.0,
+        min_age_s: 1.0,
+        interval_s: 1.0,
+    };
+    let attached = analyze(&snap, &model, &facts, &timeline, opts);
+    assert!(attached.startup.is_empty());
+    assert!(attached.suspects.iter().any(|s| s.live_bytes == 300_000));
+    facts.started_s.insert(PID, 0.0);
+    let late = analyze(
+        &snap,
+        &model,
+        &facts,
+        &timeline,
+        Options {
+            duration_s: 20.0,
+            ..opts
+        },
+    );
+    assert!(late.startup.is_empty(), "made 10 s in: not start-up");
 }

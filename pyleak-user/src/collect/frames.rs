@@ -96,7 +96,13 @@ pub fn under_python(frames: Vec<String>) -> Vec<String> {
     }
 }
 
-/// Native frames of a stack, root first.
+/// Stands for native frames none of which is code pyleak can name (an address in no
+/// mapping): such an address is never shown as a function.
+pub const UNKNOWN_NATIVE: &str = "[unknown native code]";
+
+/// Native frames of a stack, root first. An address in no known mapping (a stack address,
+/// a walk gone astray: `0x7fffffffe000 ([unknown])`) is not a function and is left out;
+/// when nothing is left, [`UNKNOWN_NATIVE`] stands for the frames.
 pub fn native_frames(syms: &Symbolizer, pid: u32, st: &StackTrace) -> Vec<String> {
     let n = (st.native_len as usize).min(st.native.len());
     let leaf_is_ip = st.flags & STACK_LEAF_IS_IP != 0;
@@ -107,7 +113,13 @@ pub fn native_frames(syms: &Symbolizer, pid: u32, st: &StackTrace) -> Vec<String
         if i > 0 && !syms.is_code(pid, ip) {
             break;
         }
-        out.push(syms.frame(pid, ip, !(i == 0 && leaf_is_ip)));
+        let name = syms.frame(pid, ip, !(i == 0 && leaf_is_ip));
+        if !name.ends_with(" ([unknown])") {
+            out.push(name);
+        }
+    }
+    if out.is_empty() && n > 0 {
+        out.push(UNKNOWN_NATIVE.to_owned());
     }
     out.reverse();
     out
@@ -175,5 +187,18 @@ mod tests {
             v(&["_PyEval_EvalFrameDefault (python3.11)"])
         );
         assert!(under_python(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn an_address_in_no_mapping_is_never_a_function() {
+        // SAFETY: StackTrace is plain old data; all zeroes is a valid (empty) stack.
+        let mut st: StackTrace = unsafe { std::mem::zeroed() };
+        st.native[0] = 0x7fff_ffff_e000;
+        st.native_len = 1;
+        let names = native_frames(&Symbolizer::default(), 1, &st);
+        assert_eq!(names, [UNKNOWN_NATIVE]);
+        assert!(!names.iter().any(|n| n.contains("0x7fffffffe000")));
+        st.native_len = 0;
+        assert!(native_frames(&Symbolizer::default(), 1, &st).is_empty());
     }
 }

@@ -69,6 +69,8 @@ pub struct Ages {
     pub aged_count: u64,
     /// Age of the oldest live block, in nanoseconds.
     pub oldest_ns: u64,
+    /// Age of the youngest live block, in nanoseconds (0 when none is counted).
+    pub youngest_ns: u64,
     /// All live bytes counted (aged or not).
     pub bytes: u64,
     /// All live blocks counted.
@@ -83,6 +85,11 @@ impl Ages {
             self.aged_count += 1;
         }
         self.oldest_ns = self.oldest_ns.max(age_ns);
+        self.youngest_ns = if self.count == 0 {
+            age_ns
+        } else {
+            self.youngest_ns.min(age_ns)
+        };
         self.bytes += bytes;
         self.count += 1;
     }

@@ -337,7 +337,11 @@ fn finish(
         return Ok(0);
     }
     sampler.error?;
-    let facts = facts(&s.rec, &snap, &lock(&s.syms), &s.resolver, args.native);
+    let mut facts = facts(&s.rec, &snap, &lock(&s.syms), &s.resolver, args.native);
+    if let Some(c) = &s.child {
+        // The command started with the recording.
+        facts.started_s.insert(c.pid, 0.0);
+    }
     let analysis = analysis::analyze(
         &snap,
         &s.rec.model,
@@ -433,6 +437,7 @@ fn facts(
             })
             .collect(),
         frames: frames_of_all(rec, syms, py, native, stack_keys),
+        started_s: std::collections::HashMap::new(),
         page_kinds,
     }
 }

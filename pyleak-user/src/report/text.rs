@@ -121,6 +121,7 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     }
     linkage(report, out)?;
     suspects(report, out)?;
+    startup(report, out)?;
     let top: Vec<_> = report
         .stacks
         .iter()
@@ -295,6 +296,32 @@ fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
                 parts.join(" -> ")
             )?;
         }
+    }
+    Ok(())
+}
+
+/// Start-up memory, apart from the suspects: one line in all, then the biggest stacks.
+fn startup(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
+    if report.startup.is_empty() {
+        return Ok(());
+    }
+    let total: u64 = report.startup.iter().map(|s| s.live_bytes).sum();
+    writeln!(
+        out,
+        "start-up memory, not leak suspects (made in the first {} s of a process, flat, no Python frame or an import's): {} in {} stacks",
+        crate::analysis::STARTUP_S,
+        human_bytes(total),
+        report.startup.len()
+    )?;
+    for s in report.startup.iter().take(3) {
+        let leaf = s.frames.last().map_or("?", String::as_str);
+        writeln!(
+            out,
+            "      {:<9} {:>10}  {leaf}  (pid {})",
+            s.layer,
+            human_bytes(s.live_bytes),
+            s.pid
+        )?;
     }
     Ok(())
 }
