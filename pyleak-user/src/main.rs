@@ -10,6 +10,7 @@ mod follow;
 mod group;
 mod launch;
 mod layers;
+mod multi_uprobe;
 mod python;
 mod record;
 mod report;

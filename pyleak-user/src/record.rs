@@ -252,8 +252,15 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     };
     // Always said (even with -q): scripts wait for this line before starting the work.
     eprintln!(
-        "pyleak: tracing {what}, layers {}{}; Ctrl-C to stop",
+        "pyleak: tracing {what}, layers {}, {} uprobes attached in {:.2} s ({}){}; Ctrl-C to stop",
         layers.names(),
+        rec.probes.len(),
+        rec.attach_s,
+        if rec.multi_links() {
+            "multi-uprobe links"
+        } else {
+            "one perf event each"
+        },
         if args.layers.is_none() && args.command.is_empty() && !args.bare {
             " (add the Python allocator layers with --layers all: a trap per Python allocation)"
         } else {
@@ -309,7 +316,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     }
     sampler.error?;
     let syms = lock(&syms);
-    let report = report::build(
+    let mut report = report::build(
         &rec,
         &snap,
         &syms,
@@ -322,10 +329,12 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
             interval_s: args.interval,
         },
     );
-    // The targets are frozen in the kernel: let the command go, write the report, then
-    // detach (each uprobe's detach waits for an RCU grace period, ~0.1 s here: seconds to
-    // a minute for an LTO build's hundreds of inlined-allocator probes).
+    // The targets are frozen in the kernel: let the command go, take the uprobes out (one
+    // grace period per multi-uprobe link; ~0.1 s per probe with perf events), then write
+    // the report.
     drop(child);
+    report.probes_detach_s = rec.detach_probes();
+    log::info!("probes detached in {:.3} s", report.probes_detach_s);
 
     let stdout = std::io::stdout();
     report::text::write(&report, &mut stdout.lock())?;

@@ -61,6 +61,16 @@ pub struct Report {
     /// The layers linked: what Python asked for, what pymalloc, malloc and the kernel hold.
     #[serde(default)]
     pub linkage: Linkage,
+    /// How the uprobes were placed: `multi-uprobe` (one link per program and file) or
+    /// `perf-event` (one per probe, on kernels without multi-uprobe links).
+    #[serde(default)]
+    pub probe_links: String,
+    /// Seconds pyleak spent attaching its uprobes, measured by itself.
+    #[serde(default)]
+    pub probes_attach_s: f64,
+    /// Seconds pyleak spent detaching its uprobes at the end, measured by itself.
+    #[serde(default)]
+    pub probes_detach_s: f64,
 }
 
 /// A (process, layer, stack) whose live memory outlived `min_age_s` or keeps growing.
@@ -567,6 +577,15 @@ pub fn build(
         samples: timeline.len(),
         suspects,
         linkage,
+        probe_links: if rec.multi_links() {
+            "multi-uprobe"
+        } else {
+            "perf-event"
+        }
+        .to_owned(),
+        probes_attach_s: rec.attach_s,
+        // Set once the probes are detached, after the report is built.
+        probes_detach_s: 0.0,
     }
 }
 
@@ -886,6 +905,9 @@ mod tests {
             min_age_s: 1.0,
             interval_s: 2.0,
             samples: 12,
+            probe_links: "multi-uprobe".to_owned(),
+            probes_attach_s: 0.25,
+            probes_detach_s: 0.5,
             suspects: vec![
                 Suspect {
                     layer: "pymalloc".to_owned(),
