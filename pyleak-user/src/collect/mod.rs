@@ -352,8 +352,8 @@ impl Recorder {
                 sites.set(id, info, 0)?;
             }
         }
-        // (program, returns, file) → (offset, cookie, symbol) in plan order, returns first.
-        let mut groups: Vec<(LinkKey, Vec<(u64, u64, &str)>)> = Vec::new();
+        // (program, returns, file) → its probes in plan order, returns first.
+        let mut groups: Vec<(LinkKey, Vec<&ProbeSpec>)> = Vec::new();
         for ret in [true, false] {
             for p in probes {
                 for &prog in programs_of(p.role, self.opts.bare) {
@@ -361,10 +361,9 @@ impl Recorder {
                         continue;
                     }
                     let key = (prog, ret, p.path.as_path());
-                    let point = (p.offset, p.cookie, p.symbol);
                     match groups.iter_mut().find(|(k, _)| *k == key) {
-                        Some((_, points)) => points.push(point),
-                        None => groups.push((key, vec![point])),
+                        Some((_, points)) => points.push(p),
+                        None => groups.push((key, vec![p])),
                     }
                 }
             }
@@ -376,7 +375,8 @@ impl Recorder {
         match &mut self.uprobes {
             Uprobes::Multi { programs, links } => {
                 for ((prog, ret, path), points) in groups {
-                    let offsets: Vec<(u64, u64)> = points.iter().map(|&(o, c, _)| (o, c)).collect();
+                    let offsets: Vec<(u64, u64)> =
+                        points.iter().map(|p| (p.offset, p.cookie)).collect();
                     let link = programs
                         .attach(prog, path, &offsets, ret, pid)
                         .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?;
@@ -385,10 +385,11 @@ impl Recorder {
             }
             Uprobes::PerfEvents(links) => {
                 for ((prog, _, path), points) in groups {
-                    for (offset, cookie, symbol) in points {
+                    for p in points {
+                        let (offset, symbol) = (p.offset, p.symbol);
                         let point = UProbeAttachPoint {
                             location: UProbeAttachLocation::AbsoluteOffset(offset),
-                            cookie: Some(cookie),
+                            cookie: Some(p.cookie),
                         };
                         let program = uprobe(&mut self.ebpf, prog)?;
                         let id = program.attach(point, path, scope).map_err(|e| {
