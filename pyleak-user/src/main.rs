@@ -7,6 +7,7 @@ mod collect;
 mod errors;
 mod layers;
 mod live;
+mod multi_uprobe;
 mod python;
 mod record;
 mod report;

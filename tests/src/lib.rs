@@ -272,18 +272,78 @@ pub fn loaded_programs() -> Vec<String> {
 }
 
 /// pyleak's program names as the kernel shows them (15 characters at most).
-pub const PYLEAK_PROGRAMS: [&str; 8] = [
+pub const PYLEAK_PROGRAMS: [&str; 15] = [
     "alloc_enter",
     "alloc_exit",
     "free_enter",
     "py_finalize_ent",
+    "py_init_enter",
+    "site_enter",
+    "site_join",
+    "site_join_ret",
+    "bare_enter",
+    "bare_exit",
+    "bare_tp",
     "sys_enter_vm",
     "sys_exit_vm",
     "page_fault",
     "sched_process_e",
 ];
 
-/// Waits (up to 5 s) until none of pyleak's programs is loaded; panics with what is left.
+/// BPF links in the kernel (through bpftool): (link type, program id).
+pub fn bpf_links() -> Vec<(String, u64)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("running bpftool");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|l| {
+                    let ty = match &l["type"] {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (ty, l["prog_id"].as_u64().unwrap_or(0))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Ids of the loaded BPF programs that carry one of pyleak's names.
+pub fn pyleak_program_ids() -> Vec<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("running bpftool");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|p| {
+                    p["name"]
+                        .as_str()
+                        .is_some_and(|n| PYLEAK_PROGRAMS.contains(&n))
+                })
+                .filter_map(|p| p["id"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The links that run one of pyleak's programs.
+pub fn pyleak_links() -> Vec<(String, u64)> {
+    let ids = pyleak_program_ids();
+    bpf_links()
+        .into_iter()
+        .filter(|(_, prog)| ids.contains(prog))
+        .collect()
+}
+
+/// Waits (up to 5 s) until none of pyleak's programs, links or tracefs uprobes is left in
+/// the kernel; panics with what is left.
 pub fn assert_no_pyleak_programs() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -291,14 +351,15 @@ pub fn assert_no_pyleak_programs() {
             .into_iter()
             .filter(|n| PYLEAK_PROGRAMS.contains(&n.as_str()))
             .collect();
+        let links = pyleak_links();
         let events =
             std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
-        if left.is_empty() && events.trim().is_empty() {
+        if left.is_empty() && links.is_empty() && events.trim().is_empty() {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "left in the kernel: programs {left:?}, uprobe_events {events:?}"
+            "left in the kernel: programs {left:?}, links {links:?}, uprobe_events {events:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -90,12 +90,37 @@ fn launch_mode_counts_every_allocator_exactly() {
     let bin = c_workload();
     let (report, out) = record_json(&dir, &["--", bin.to_str().unwrap()]);
     check(&report);
+    assert_eq!(report["probe_links"], "multi-uprobe");
+    assert!(report["probes_attach_s"].as_f64().unwrap() > 0.0);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("libc") && text.contains("top stacks by live bytes"),
         "{text}"
     );
     assert_eq!(report["processes"][0]["comm"], "alloc_workload");
+}
+
+/// Kernels without multi-uprobe links get one perf event per probe; that path, forced,
+/// counts the same.
+#[test]
+fn perf_event_uprobes_count_every_allocator_exactly() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("c-perf-event");
+    let json = dir.join("report.json");
+    let bin = c_workload();
+    let out = Command::new(pyleak_bin())
+        .env("PYLEAK_NO_MULTI_UPROBE", "1")
+        .args(["record", "-q", "--json", json.to_str().unwrap(), "--"])
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["probe_links"], "perf-event");
+    check(&report);
+    assert_no_pyleak_programs();
 }
 
 #[test]

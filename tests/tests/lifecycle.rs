@@ -1,5 +1,6 @@
-//! Every way a recording ends leaves nothing of pyleak in the kernel: Ctrl-C, SIGTERM, the
-//! target exiting, and an error while writing the report.
+//! Every way a recording ends leaves nothing of pyleak in the kernel (programs, multi-uprobe
+//! links, tracefs uprobes): Ctrl-C, SIGTERM, the target exiting, an error while writing the
+//! report, and pyleak itself killed with SIGKILL; a target that did not end keeps running.
 
 use std::process::{Command, Stdio};
 
@@ -29,11 +30,27 @@ fn ends_clean_on(sig: libc::c_int) {
         !loaded_programs().is_empty(),
         "programs should be loaded while tracing"
     );
+    assert!(
+        pyleak_links()
+            .iter()
+            .any(|(ty, _)| ty.contains("uprobe_multi") || ty == "12"),
+        "uprobes should be multi-uprobe links: {:?}",
+        bpf_links()
+    );
     signal(pyleak.id(), sig);
     let out = pyleak.wait_with_output().unwrap();
     assert!(out.status.success(), "pyleak after signal {sig}: {out:?}");
     assert!(json.exists(), "report written after signal {sig}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["probe_links"], "multi-uprobe");
+    let detach = report["probes_detach_s"].as_f64().unwrap();
+    assert!(detach > 0.0, "detach time measured: {detach}");
     assert_no_pyleak_programs();
+    assert!(
+        target.try_wait().unwrap().is_none(),
+        "the target keeps running after pyleak's signal {sig}"
+    );
     let _ = target.kill();
     let _ = target.wait();
 }
@@ -126,4 +143,44 @@ fn duration_ends_the_recording() {
     let _ = target.kill();
     let _ = target.wait();
     assert_no_pyleak_programs();
+}
+
+/// pyleak killed outright: the kernel closes its links and programs, and a traced Python
+/// (every layer probed, breakpoints in its code) finishes its work as if never traced.
+#[test]
+fn sigkill_of_pyleak_leaves_nothing_and_the_target_runs_on() {
+    if !root_or_skip() {
+        return;
+    }
+    // Debian's LTO build: the most probes (hundreds of inlined allocator copies).
+    let Some((_, python)) = required_pythons(&["debian 3.11"]).into_iter().next() else {
+        return;
+    };
+    let script = "import time\nkeep = []\nfor i in range(400):\n    keep.append([i] * 50)\n    time.sleep(0.01)\nprint('done', sum(len(k) for k in keep))\n";
+    let mut target = Command::new(&python)
+        .args(["-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting python");
+    let pyleak = spawn_pyleak(&[
+        "record",
+        "-q",
+        "--layers",
+        "all",
+        "-p",
+        &target.id().to_string(),
+    ]);
+    assert!(!pyleak_links().is_empty(), "links placed while tracing");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    signal(pyleak.id(), libc::SIGKILL);
+    let out = pyleak.wait_with_output().unwrap();
+    assert!(!out.status.success(), "pyleak was killed: {out:?}");
+    assert_no_pyleak_programs();
+    assert!(
+        target.try_wait().unwrap().is_none(),
+        "the target still runs after pyleak's SIGKILL"
+    );
+    let done = target.wait_with_output().unwrap();
+    assert!(done.status.success(), "target: {done:?}");
+    assert_eq!(String::from_utf8_lossy(&done.stdout), "done 20000\n");
 }

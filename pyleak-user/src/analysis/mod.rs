@@ -35,6 +35,10 @@ pub struct Facts {
     pub processes: HashMap<u32, ProcessInfo>,
     /// Where the probes sit.
     pub probes: Vec<ProbeInfo>,
+    /// How the uprobes were placed: `multi-uprobe` or `perf-event`.
+    pub probe_links: String,
+    /// Seconds spent attaching the uprobes.
+    pub probes_attach_s: f64,
     /// The frames of each (pid, stack id) that the snapshot and the vm model name.
     pub frames: HashMap<(u32, u64), StackFrames>,
     /// Seconds into the recording at which each process traced from its start (a
@@ -411,6 +415,10 @@ pub fn analyze(
         samples: timeline.len(),
         suspects,
         startup,
+        probe_links: facts.probe_links.clone(),
+        probes_attach_s: facts.probes_attach_s,
+        // Set once the probes are detached, after the analysis.
+        probes_detach_s: 0.0,
         linkage,
     }
 }

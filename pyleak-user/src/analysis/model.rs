@@ -45,6 +45,16 @@ pub struct Analysis {
     /// The layers linked: what Python asked for, what pymalloc, malloc and the kernel hold.
     #[serde(default)]
     pub linkage: Linkage,
+    /// How the uprobes were placed: `multi-uprobe` (one link per program and file) or
+    /// `perf-event` (one per probe, on kernels without multi-uprobe links).
+    #[serde(default)]
+    pub probe_links: String,
+    /// Seconds pyleak spent attaching its uprobes, measured by itself.
+    #[serde(default)]
+    pub probes_attach_s: f64,
+    /// Seconds pyleak spent detaching its uprobes at the end, measured by itself.
+    #[serde(default)]
+    pub probes_detach_s: f64,
 }
 
 /// A (process, layer, stack) whose live memory outlived `min_age_s` or keeps growing.

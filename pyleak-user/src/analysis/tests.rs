@@ -218,6 +218,8 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
                 },
             ),
         ]),
+        probe_links: "multi-uprobe".to_owned(),
+        probes_attach_s: 0.25,
         started_s: HashMap::from([(PID, 0.0)]),
         page_kinds: HashMap::from([((PID, 0x900000), MappingKind::MallocHeap)]),
     };

@@ -14,7 +14,8 @@ use anyhow::Context as _;
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        trace_point::TracePointLink,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
         TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
@@ -29,6 +30,7 @@ use crate::{
     attach::{ProbeRole, ProbeSpec},
     errors::UserError,
     layers::LayerSet,
+    multi_uprobe::{MultiLink, MultiPrograms},
 };
 
 use self::vm::VmModel;
@@ -148,6 +150,12 @@ pub struct Recorder {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     opts: RecorderOptions,
+    /// How uprobes are placed: multi-uprobe links, or one perf event per probe.
+    uprobes: Uprobes,
+    /// Seconds spent attaching uprobes so far.
+    pub attach_s: f64,
+    /// The tracepoints' links (each one's detach waits for RCU grace periods).
+    tracepoint_links: Vec<TracePointLink>,
     /// The vm and pages layers.
     pub model: VmModel,
     /// Traced processes, in the order they were added.
@@ -168,6 +176,36 @@ pub struct Recorder {
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyleak"));
 
+/// pyleak's uprobe programs: name, and whether it runs at the function's return.
+const UPROBE_PROGRAMS: [(&str, bool); 10] = [
+    ("alloc_enter", false),
+    ("alloc_exit", true),
+    ("free_enter", false),
+    ("py_finalize_enter", false),
+    ("py_init_enter", false),
+    ("site_enter", false),
+    ("site_join", false),
+    ("site_join_ret", true),
+    ("bare_enter", false),
+    ("bare_exit", true),
+];
+
+/// Set (to anything) to place one perf event per uprobe even where the kernel has
+/// multi-uprobe links: the fallback path, for tests and for comparison.
+pub const NO_MULTI_ENV: &str = "PYLEAK_NO_MULTI_UPROBE";
+
+/// How uprobes are placed.
+enum Uprobes {
+    /// One multi-uprobe link per (program, file, call): detached together.
+    Multi {
+        programs: MultiPrograms,
+        links: Vec<MultiLink>,
+    },
+    /// One perf event per probe (kernels without multi-uprobe links): aya's links, taken
+    /// from their programs so they can be detached before the report is written.
+    PerfEvents(Vec<UProbeLink>),
+}
+
 impl Recorder {
     /// Loads the programs and attaches the tracepoints (they filter by process in the kernel).
     pub fn load(opts: RecorderOptions) -> anyhow::Result<Recorder> {
@@ -184,24 +222,23 @@ impl Recorder {
             .override_global("CGROUP_LEVEL", &cgroup_level, true)
             .load(EBPF_OBJECT)
             .map_err(|e| UserError::Ebpf(error_chain(&e)))?;
-        for name in [
-            "alloc_enter",
-            "free_enter",
-            "py_finalize_enter",
-            "py_init_enter",
-            "bare_enter",
-            "site_enter",
-            "site_join",
-        ] {
-            uprobe(&mut ebpf, name)?
-                .load()
-                .with_context(|| format!("loading {name}"))?;
-        }
-        for name in ["alloc_exit", "bare_exit", "site_join_ret"] {
-            uprobe(&mut ebpf, name)?
-                .load()
-                .with_context(|| format!("loading {name}"))?;
-        }
+        let uprobes = match load_multi(&ebpf) {
+            Ok(programs) => Uprobes::Multi {
+                programs,
+                links: Vec::new(),
+            },
+            Err(why) => {
+                if let Some(why) = why {
+                    eprintln!("pyleak: note: multi-uprobe links unavailable ({why}); placing one perf event per probe instead (detaching takes ~0.1 s per probe)");
+                }
+                for (name, _) in UPROBE_PROGRAMS {
+                    uprobe(&mut ebpf, name)?
+                        .load()
+                        .with_context(|| format!("loading {name}"))?;
+                }
+                Uprobes::PerfEvents(Vec::new())
+            }
+        };
         if std::env::var_os("PYLEAK_VERIFIER_STATS").is_some() {
             // For developers: how close each program is to the verifier's 1M-instruction
             // budget.
@@ -240,6 +277,7 @@ impl Recorder {
             tracepoints.push((program("page_fault"), "exceptions", "page_fault_user"));
             tracepoints.push((program("page_fault"), "exceptions", "page_fault_kernel"));
         }
+        let mut tracepoint_links = Vec::new();
         for (prog, category, name) in tracepoints {
             let tp: &mut TracePoint = ebpf
                 .program_mut(prog)
@@ -248,15 +286,19 @@ impl Recorder {
             if tp.fd().is_err() {
                 tp.load().with_context(|| format!("loading {prog}"))?;
             }
-            tp.attach(category, name).map_err(|e| {
+            let id = tp.attach(category, name).map_err(|e| {
                 UserError::Ebpf(format!("attaching tracepoint {category}:{name}: {e}"))
             })?;
+            tracepoint_links.push(tp.take_link(id)?);
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
         Ok(Recorder {
             ebpf,
             ring,
             opts,
+            uprobes,
+            attach_s: 0.0,
+            tracepoint_links,
             model: VmModel::default(),
             targets: Vec::new(),
             probes: Vec::new(),
@@ -300,24 +342,15 @@ impl Recorder {
     }
 
     /// Attaches `probes` with `scope`; remembers them for the report.
+    ///
+    /// With multi-uprobe links, one link per (program, file) holds every probe of that
+    /// program in the file. Return programs are attached first: a call entering between
+    /// the two attachments must not leave an entry behind whose return is never seen (the
+    /// thread's later calls would look nested in it); a return without its entry is
+    /// counted.
     fn attach(&mut self, probes: &[ProbeSpec], scope: UProbeScope) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         for p in probes {
-            // The return probe first: a call entering between the two attachments must
-            // not leave an entry behind whose return is never seen (the thread's later
-            // calls would look nested in it); a return without its entry is counted.
-            let programs: &[&str] = match (p.role, self.opts.bare) {
-                (ProbeRole::Alloc, false) => &["alloc_exit", "alloc_enter"],
-                (ProbeRole::Free, false) => &["free_enter"],
-                (ProbeRole::Finalize, _) => &["py_finalize_enter"],
-                (ProbeRole::PyInit, _) => &["py_init_enter"],
-                (ProbeRole::Alloc, true) => &["bare_exit", "bare_enter"],
-                (ProbeRole::Free, true) => &["bare_enter"],
-                (ProbeRole::Site, false) => &["site_enter"],
-                (ProbeRole::Join, false) => &["site_join"],
-                (ProbeRole::JoinReturn, false) => &["site_join_ret"],
-                (ProbeRole::Site | ProbeRole::Join, true) => &["bare_enter"],
-                (ProbeRole::JoinReturn, true) => &["bare_exit"],
-            };
             if let Some(info) = p.site {
                 let id = pyleak_common::ProbeCookie::decode(p.cookie).stack_delta;
                 let mut sites: aya::maps::Array<_, pyleak_common::SiteInfo> =
@@ -326,26 +359,83 @@ impl Recorder {
                     )?;
                 sites.set(id, info, 0)?;
             }
-            for prog in programs {
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(p.offset),
-                    cookie: Some(p.cookie),
-                };
-                uprobe(&mut self.ebpf, prog)?
-                    .attach(point, &p.path, scope)
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "attaching {prog} to {}+{:#x} ({}): {}",
-                            p.path.display(),
-                            p.offset,
-                            p.symbol,
-                            error_chain(&e)
-                        )
-                    })?;
+        }
+        // (program, returns, file) → its probes in plan order, returns first.
+        let mut groups: Vec<(LinkKey, Vec<&ProbeSpec>)> = Vec::new();
+        for ret in [true, false] {
+            for p in probes {
+                for &prog in programs_of(p.role, self.opts.bare) {
+                    if is_return(prog) != ret {
+                        continue;
+                    }
+                    let key = (prog, ret, p.path.as_path());
+                    match groups.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, points)) => points.push(p),
+                        None => groups.push((key, vec![p])),
+                    }
+                }
+            }
+        }
+        let pid = match scope {
+            UProbeScope::OneProcess(pid) => Some(pid.get()),
+            _ => None,
+        };
+        match &mut self.uprobes {
+            Uprobes::Multi { programs, links } => {
+                for ((prog, ret, path), points) in groups {
+                    let offsets: Vec<(u64, u64)> =
+                        points.iter().map(|p| (p.offset, p.cookie)).collect();
+                    let link = programs
+                        .attach(prog, path, &offsets, ret, pid)
+                        .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?;
+                    links.push(link);
+                }
+            }
+            Uprobes::PerfEvents(links) => {
+                for ((prog, _, path), points) in groups {
+                    for p in points {
+                        let (offset, symbol) = (p.offset, p.symbol);
+                        let point = UProbeAttachPoint {
+                            location: UProbeAttachLocation::AbsoluteOffset(offset),
+                            cookie: Some(p.cookie),
+                        };
+                        let program = uprobe(&mut self.ebpf, prog)?;
+                        let id = program.attach(point, path, scope).map_err(|e| {
+                            anyhow::anyhow!(
+                                "attaching {prog} to {}+{offset:#x} ({symbol}): {}",
+                                path.display(),
+                                error_chain(&e)
+                            )
+                        })?;
+                        links.push(program.take_link(id)?);
+                    }
+                }
             }
         }
         self.probes.extend(probes.iter().cloned());
+        self.attach_s += started.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// Detaches every probe placed so far, uprobes and tracepoints; returns how long it
+    /// took, in seconds. Each detach waits for RCU grace periods (~0.1 s here), so the
+    /// links are closed from several threads at once, which share the grace periods.
+    pub fn detach_probes(&mut self) -> f64 {
+        let started = std::time::Instant::now();
+        let tracepoints = std::mem::take(&mut self.tracepoint_links);
+        match &mut self.uprobes {
+            Uprobes::Multi { links, .. } => {
+                close_in_parallel(std::mem::take(links));
+            }
+            Uprobes::PerfEvents(links) => close_in_parallel(std::mem::take(links)),
+        }
+        close_in_parallel(tracepoints);
+        started.elapsed().as_secs_f64()
+    }
+
+    /// Whether uprobes are placed as multi-uprobe links.
+    pub fn multi_links(&self) -> bool {
+        matches!(self.uprobes, Uprobes::Multi { .. })
     }
 
     /// `--cgroup`, `--all`: attaches `probes` to their file for every process mapping it
@@ -704,6 +794,60 @@ impl Recorder {
             BpfHashMap::try_from(self.ebpf.map("STACKS")?).ok()?;
         stacks.get(&id, 0).ok()
     }
+}
+
+impl std::ops::Drop for Recorder {
+    /// Every way out (an error, a signal, the end) detaches through the parallel path.
+    fn drop(&mut self) {
+        self.detach_probes();
+    }
+}
+
+/// What one multi-uprobe link is for: a program, whether it runs at returns, a file.
+type LinkKey<'a> = (&'static str, bool, &'a Path);
+
+/// Drops `links` from up to 32 threads at once: each detach waits for grace periods that
+/// concurrent waiters share.
+fn close_in_parallel<T: Send>(mut links: Vec<T>) {
+    let per_thread = links.len().div_ceil(32).max(1);
+    std::thread::scope(|s| {
+        while !links.is_empty() {
+            let chunk: Vec<T> = links.drain(..per_thread.min(links.len())).collect();
+            s.spawn(move || drop(chunk));
+        }
+    });
+}
+
+/// The programs a probe of `role` runs (the empty ones in the benchmark's floor).
+fn programs_of(role: ProbeRole, bare: bool) -> &'static [&'static str] {
+    match (role, bare) {
+        (ProbeRole::Alloc, false) => &["alloc_exit", "alloc_enter"],
+        (ProbeRole::Free, false) => &["free_enter"],
+        (ProbeRole::Finalize, _) => &["py_finalize_enter"],
+        (ProbeRole::PyInit, _) => &["py_init_enter"],
+        (ProbeRole::Alloc, true) => &["bare_exit", "bare_enter"],
+        (ProbeRole::Free, true) => &["bare_enter"],
+        (ProbeRole::Site, false) => &["site_enter"],
+        (ProbeRole::Join, false) => &["site_join"],
+        (ProbeRole::JoinReturn, false) => &["site_join_ret"],
+        (ProbeRole::Site | ProbeRole::Join, true) => &["bare_enter"],
+        (ProbeRole::JoinReturn, true) => &["bare_exit"],
+    }
+}
+
+/// Whether uprobe program `name` runs at the function's return.
+fn is_return(name: &str) -> bool {
+    UPROBE_PROGRAMS.iter().any(|&(n, ret)| n == name && ret)
+}
+
+/// Loads the uprobe programs for multi-uprobe links; `Err(None)` when the user asked for
+/// perf events, `Err(Some(why))` when the kernel refused.
+fn load_multi(ebpf: &Ebpf) -> Result<MultiPrograms, Option<String>> {
+    if std::env::var_os(NO_MULTI_ENV).is_some() {
+        return Err(None);
+    }
+    let names: Vec<&str> = UPROBE_PROGRAMS.iter().map(|&(n, _)| n).collect();
+    MultiPrograms::load(EBPF_OBJECT, ebpf, &names).map_err(|e| Some(error_chain(&e)))
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {

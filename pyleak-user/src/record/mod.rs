@@ -295,8 +295,15 @@ fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
     };
     // Always said (even with -q): scripts wait for this line before starting the work.
     eprintln!(
-        "pyleak: tracing {what}, layers {}{}; Ctrl-C to stop",
+        "pyleak: tracing {what}, layers {}, {} uprobes attached in {:.2} s ({}){}; Ctrl-C to stop",
         layers.names(),
+        rec.probes.len(),
+        rec.attach_s,
+        if rec.multi_links() {
+            "multi-uprobe links"
+        } else {
+            "one perf event each"
+        },
         if args.layers.is_none() && args.target.command.is_empty() && !args.bare {
             " (add the Python allocator layers with --layers all: a trap per Python allocation)"
         } else {
@@ -342,7 +349,7 @@ fn finish(
         // The command started with the recording.
         facts.started_s.insert(c.pid, 0.0);
     }
-    let analysis = analysis::analyze(
+    let mut analysis = analysis::analyze(
         &snap,
         &s.rec.model,
         &facts,
@@ -353,10 +360,12 @@ fn finish(
             interval_s: args.interval,
         },
     );
-    // The targets are frozen in the kernel: let the command go, write the report, then
-    // detach (each uprobe's detach waits for an RCU grace period, ~0.1 s here: seconds to
-    // a minute for an LTO build's hundreds of inlined-allocator probes).
+    // The targets are frozen in the kernel: let the command go, take the uprobes out (one
+    // grace period per multi-uprobe link; ~0.1 s per probe with perf events), then write
+    // the report.
     drop(s.child);
+    analysis.probes_detach_s = s.rec.detach_probes();
+    log::info!("probes detached in {:.3} s", analysis.probes_detach_s);
 
     let stdout = std::io::stdout();
     report::text::write(&analysis, &mut stdout.lock())?;
@@ -436,6 +445,13 @@ fn facts(
                 emulated: p.emulated,
             })
             .collect(),
+        probe_links: if rec.multi_links() {
+            "multi-uprobe"
+        } else {
+            "perf-event"
+        }
+        .to_owned(),
+        probes_attach_s: rec.attach_s,
         frames: frames_of_all(rec, syms, py, native, stack_keys),
         started_s: std::collections::HashMap::new(),
         page_kinds,

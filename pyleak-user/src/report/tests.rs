@@ -124,6 +124,9 @@ fn sample() -> Analysis {
         min_age_s: 1.0,
         interval_s: 2.0,
         samples: 12,
+        probe_links: "multi-uprobe".to_owned(),
+        probes_attach_s: 0.25,
+        probes_detach_s: 0.5,
         suspects: vec![
             Suspect {
                 layer: "pymalloc".to_owned(),
