@@ -1,6 +1,11 @@
-//! What a user can get wrong, each with a one-line message that says what to do.
+//! What a user can get wrong, each with a one-line message that says what to do. An
+//! error that has a cause keeps it as its `source`: `main` prints the chain on one line
+//! (`cannot write out.json: Permission denied`).
 
 use std::path::PathBuf;
+
+/// Any error kept as a cause.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Errors a user can hit; `main` prints them as one line and exits non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -74,20 +79,22 @@ pub enum UserError {
     #[error("unknown layer `{0}`: choose from pymalloc, pymem_raw, libc, vm, pages, all")]
     BadLayer(String),
     /// A file pyleak must read is not an ELF file it understands.
-    #[error("cannot read {path}: {reason}")]
+    #[error("cannot read {path}")]
     BadElf {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: Cause,
     },
-    /// An output file cannot be created.
-    #[error("cannot write {path}: {reason}")]
+    /// An output file cannot be created or written.
+    #[error("cannot write {path}")]
     Output {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: std::io::Error,
     },
     /// `--interval` not a positive number.
     #[error("--interval must be a positive number of seconds, not {0}: e.g. `--interval 2`")]
@@ -96,14 +103,13 @@ pub enum UserError {
     #[error("--min-age must be zero or more seconds, not {0}: e.g. `--min-age 1`")]
     BadMinAge(f64),
     /// `pyleak report` input unreadable or not a pyleak report.
-    #[error(
-        "cannot read report {path}: {reason}; give a file written by `pyleak record --json FILE`"
-    )]
+    #[error("cannot read report {path} (give a file written by `pyleak record --json FILE`)")]
     BadReport {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: Cause,
     },
     /// The kernel refused to load or attach a program.
     #[error("the kernel refused pyleak's eBPF programs ({0}): pyleak needs a kernel with BTF, uprobes and tracepoints (5.15+)")]

@@ -29,11 +29,11 @@ impl ElfFile {
     pub fn open(path: &Path) -> Result<ElfFile, UserError> {
         let data = std::fs::read(path).map_err(|e| UserError::BadElf {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         object::File::parse(&*data).map_err(|e| UserError::BadElf {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         Ok(ElfFile {
             path: path.to_owned(),

@@ -1,18 +1,16 @@
 //! Loading the probes, attaching them to targets, and reading back what they gathered.
 
 pub mod frames;
+mod read;
+mod snapshot;
 mod table;
 pub mod vm;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    num::NonZeroU32,
-    path::Path,
-};
+use std::{collections::HashMap, num::NonZeroU32, path::Path};
 
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, RingBuf},
     programs::{
         trace_point::TracePointLink,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
@@ -21,9 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use pyleak_common::{
-    AllocKey, Drop, Layer, LayerStats, LiveAlloc, PyProc, StackAgg, StackAggSlot, StackKey,
-    StackTrace, VmEvent, VmKind, FILTER_CGROUP, FILTER_PIDS, FILTER_PID_SET, FLAG_FOR_PYMALLOC,
-    FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS, NUM_LAYERS, TARGET_ACTIVE, TARGET_FROZEN,
+    names, Layer, PyProc, VmEvent, VmKind, FILTER_CGROUP, FILTER_PIDS, FILTER_PID_SET,
+    TARGET_ACTIVE, TARGET_FROZEN,
 };
 
 use crate::{
@@ -33,80 +30,8 @@ use crate::{
     multi_uprobe::{MultiLink, MultiPrograms},
 };
 
+pub use self::snapshot::*;
 use self::vm::VmModel;
-
-/// What the kernel side gathered, read at the end of a recording.
-pub struct Snapshot {
-    /// Per-layer counters of the uprobe layers, summed over CPUs.
-    pub layer_stats: [LayerStats; NUM_LAYERS],
-    /// Size histograms of the uprobe layers: `[layer][bucket]` counts.
-    pub size_hist: Vec<Vec<u64>>,
-    /// Per (pid, layer, stack) totals of the uprobe layers.
-    pub stacks: HashMap<(u32, Layer, u64), StackAgg>,
-    /// Lost events by reason (kernel and userspace).
-    pub drops: BTreeMap<&'static str, u64>,
-    /// Lifetimes of freed blocks of the uprobe layers: `[layer][bucket]` counts, in µs.
-    pub lifetime_hist: Vec<Vec<u64>>,
-    /// Ages of what is live, per (pid, layer, stack): every block of the uprobe layers;
-    /// of the vm and pages layers, anonymous memory no probed allocator made.
-    pub ages: HashMap<(u32, Layer, u64), Ages>,
-    /// Live bytes of pymalloc requests small enough to be served from its arenas.
-    pub pymalloc_small_live: u64,
-    /// Live libc bytes allocated on behalf of pymalloc or PyMem_Raw.
-    pub libc_for_python_live: u64,
-}
-
-/// One (pid, layer, stack).
-pub type StackSlot = (u32, Layer, u64);
-
-/// Requests pymalloc serves from its arenas (larger ones go to `PyMem_RawMalloc`).
-pub const PYMALLOC_SMALL_REQUEST: u64 = 512;
-
-/// How old the live blocks of one (pid, layer, stack) are, at the end of the recording.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Ages {
-    /// Live bytes at least `min_age` old.
-    pub aged_bytes: u64,
-    /// Live blocks at least `min_age` old.
-    pub aged_count: u64,
-    /// Age of the oldest live block, in nanoseconds.
-    pub oldest_ns: u64,
-    /// Age of the youngest live block, in nanoseconds (0 when none is counted).
-    pub youngest_ns: u64,
-    /// All live bytes counted (aged or not).
-    pub bytes: u64,
-    /// All live blocks counted.
-    pub count: u64,
-}
-
-impl Ages {
-    /// Counts one live block of `bytes` that is `age_ns` old.
-    pub fn add(&mut self, bytes: u64, age_ns: u64, min_age_ns: u64) {
-        if age_ns >= min_age_ns {
-            self.aged_bytes += bytes;
-            self.aged_count += 1;
-        }
-        self.oldest_ns = self.oldest_ns.max(age_ns);
-        self.youngest_ns = if self.count == 0 {
-            age_ns
-        } else {
-            self.youngest_ns.min(age_ns)
-        };
-        self.bytes += bytes;
-        self.count += 1;
-    }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// Settings for [`Recorder::load`].
 #[derive(Debug, Clone)]
@@ -178,16 +103,16 @@ const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// pyleak's uprobe programs: name, and whether it runs at the function's return.
 const UPROBE_PROGRAMS: [(&str, bool); 10] = [
-    ("alloc_enter", false),
-    ("alloc_exit", true),
-    ("free_enter", false),
-    ("py_finalize_enter", false),
-    ("py_init_enter", false),
-    ("site_enter", false),
-    ("site_join", false),
-    ("site_join_ret", true),
-    ("bare_enter", false),
-    ("bare_exit", true),
+    (names::ALLOC_ENTER, false),
+    (names::ALLOC_EXIT, true),
+    (names::FREE_ENTER, false),
+    (names::PY_FINALIZE_ENTER, false),
+    (names::PY_INIT_ENTER, false),
+    (names::SITE_ENTER, false),
+    (names::SITE_JOIN, false),
+    (names::SITE_JOIN_RET, true),
+    (names::BARE_ENTER, false),
+    (names::BARE_EXIT, true),
 ];
 
 /// Set (to anything) to place one perf event per uprobe even where the kernel has
@@ -471,13 +396,13 @@ impl Recorder {
     /// kernel entries (the frozen mark, the Python layout) so the maps stay bounded. What
     /// it left live stays in the maps for the report.
     pub fn forget(&mut self, pid: u32) {
-        if let Ok(mut targets) =
-            BpfHashMap::<_, u32, u32>::try_from(self.ebpf.map_mut("TARGETS").expect("map TARGETS"))
-        {
+        if let Ok(mut targets) = BpfHashMap::<_, u32, u32>::try_from(
+            self.ebpf.map_mut(names::TARGETS).expect("map TARGETS"),
+        ) {
             let _ = targets.remove(&pid);
         }
         if let Ok(mut procs) = BpfHashMap::<_, u32, PyProc>::try_from(
-            self.ebpf.map_mut("PY_PROCS").expect("map PY_PROCS"),
+            self.ebpf.map_mut(names::PY_PROCS).expect("map PY_PROCS"),
         ) {
             let _ = procs.remove(&pid);
         }
@@ -486,9 +411,11 @@ impl Recorder {
     /// Stores the layout template `index` the kernel applies to processes starting later.
     pub fn set_template(&mut self, index: u32, layout: &PyProc) -> anyhow::Result<()> {
         let mut t: aya::maps::Array<_, PyProc> = aya::maps::Array::try_from(
-            self.ebpf
-                .map_mut("PY_TEMPLATES")
-                .context("map PY_TEMPLATES missing")?,
+            self.ebpf.map_mut(names::PY_TEMPLATES).context(concat!(
+                "map ",
+                "PY_TEMPLATES",
+                " missing"
+            ))?,
         )?;
         t.set(index, *layout, 0)?;
         Ok(())
@@ -526,17 +453,19 @@ impl Recorder {
     pub fn freeze_all(&mut self) -> anyhow::Result<()> {
         let mut targets: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
             self.ebpf
-                .map_mut("TARGETS")
-                .context("map TARGETS missing")?,
+                .map_mut(names::TARGETS)
+                .context(concat!("map ", "TARGETS", " missing"))?,
         )?;
         for &pid in &self.targets {
             targets.insert(pid, TARGET_FROZEN, 0)?;
         }
         // Uprobes look at TARGETS only once some target is frozen.
         let mut frozen: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
-            self.ebpf
-                .map_mut("FROZEN_COUNT")
-                .context("map FROZEN_COUNT missing")?,
+            self.ebpf.map_mut(names::FROZEN_COUNT).context(concat!(
+                "map ",
+                "FROZEN_COUNT",
+                " missing"
+            ))?,
         )?;
         frozen.set(0, self.targets.len().max(1) as u32, 0)?;
         Ok(())
@@ -547,225 +476,15 @@ impl Recorder {
         self.model.procs.get(&pid).is_some_and(|p| p.frozen)
     }
 
-    /// Per-layer counters right now (for the status line).
-    pub fn layer_stats(&self) -> anyhow::Result<[LayerStats; NUM_LAYERS]> {
-        let stats: PerCpuArray<_, LayerStats> = PerCpuArray::try_from(
-            self.ebpf
-                .map("LAYER_STATS")
-                .context("map LAYER_STATS missing")?,
-        )?;
-        let mut out = [LayerStats::default(); NUM_LAYERS];
-        for (i, slot) in out.iter_mut().enumerate() {
-            for cpu in stats.get(&(i as u32), 0)?.iter() {
-                slot.allocs += cpu.allocs;
-                slot.alloc_bytes += cpu.alloc_bytes;
-                slot.frees += cpu.frees;
-                slot.freed_bytes += cpu.freed_bytes;
-                slot.unmatched_frees += cpu.unmatched_frees;
-                slot.failed_allocs += cpu.failed_allocs;
-            }
-        }
-        Ok(out)
-    }
-
     /// Tells the kernel how to walk the Python frames of `pid`.
     pub fn set_python(&mut self, pid: u32, layout: &PyProc) -> anyhow::Result<()> {
         let mut procs: BpfHashMap<_, u32, PyProc> = BpfHashMap::try_from(
             self.ebpf
-                .map_mut("PY_PROCS")
-                .context("map PY_PROCS missing")?,
+                .map_mut(names::PY_PROCS)
+                .context(concat!("map ", "PY_PROCS", " missing"))?,
         )?;
         procs.insert(pid, *layout, 0)?;
         Ok(())
-    }
-
-    /// Live bytes per (pid, layer, stack) right now, every layer: one sample for growth.
-    /// `None` once every target is frozen: its memory no longer moves, and flat samples
-    /// after the end would read as a leak that stopped.
-    /// Call right after [`Recorder::drain`], so the vm model is current.
-    pub fn sample(&mut self) -> anyhow::Result<Option<HashMap<StackSlot, u64>>> {
-        if !self.targets.is_empty() && self.targets.iter().all(|&p| self.is_frozen(p)) {
-            return Ok(None);
-        }
-        let mut out = HashMap::new();
-        for (key, agg) in self.stack_stats()? {
-            let live = agg.alloc_bytes.saturating_sub(agg.freed_bytes);
-            if live > 0 {
-                out.insert(key, live);
-            }
-        }
-        for (&key, agg) in &self.model.stacks {
-            let live = agg.alloc_bytes.saturating_sub(agg.freed_bytes);
-            if live > 0 {
-                out.insert(key, live);
-            }
-        }
-        Ok(Some(out))
-    }
-
-    /// Per (pid, layer, stack) totals of the uprobe layers, summed over CPUs.
-    fn stack_stats(&self) -> anyhow::Result<HashMap<(u32, Layer, u64), StackAgg>> {
-        let stats: PerCpuHashMap<_, StackKey, StackAgg> = PerCpuHashMap::try_from(
-            self.ebpf
-                .map("STACK_STATS")
-                .context("map STACK_STATS missing")?,
-        )?;
-        let mut stacks: HashMap<(u32, Layer, u64), StackAgg> = HashMap::new();
-        for entry in stats.iter() {
-            let (key, values) = entry?;
-            let Some(layer) = Layer::from_u32(key.layer) else {
-                continue;
-            };
-            let agg = stacks.entry((key.tgid, layer, key.stack_id)).or_default();
-            for v in values.iter() {
-                agg.add(v);
-            }
-        }
-        // What each CPU's write-back slot holds has not reached the map yet.
-        let slots: PerCpuArray<_, StackAggSlot> = PerCpuArray::try_from(
-            self.ebpf
-                .map("STACK_AGG_SLOT")
-                .context("map STACK_AGG_SLOT missing")?,
-        )?;
-        for slot in slots.get(&0, 0)?.iter() {
-            let Some(layer) = Layer::from_u32(slot.key.layer) else {
-                continue;
-            };
-            if slot.key.stack_id == 0 {
-                continue;
-            }
-            stacks
-                .entry((slot.key.tgid, layer, slot.key.stack_id))
-                .or_default()
-                .add(&slot.agg);
-        }
-        Ok(stacks)
-    }
-
-    /// A per-layer histogram map of the uprobe layers: `[layer][bucket]` counts over CPUs.
-    fn histograms(&self, name: &str) -> anyhow::Result<Vec<Vec<u64>>> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map(name)
-                .with_context(|| format!("map {name} missing"))?,
-        )?;
-        let mut out = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
-        for (layer, buckets) in out.iter_mut().enumerate().take(Layer::Libc as usize + 1) {
-            for (b, slot) in buckets.iter_mut().enumerate() {
-                let idx = (layer * HIST_BUCKETS + b) as u32;
-                *slot = map.get(&idx, 0)?.iter().sum();
-            }
-        }
-        Ok(out)
-    }
-
-    /// The moment a process's state was last counted: when it froze, else now.
-    fn end_ns(&self, pid: u32, now: u64) -> u64 {
-        self.model
-            .procs
-            .get(&pid)
-            .and_then(|p| p.frozen_ns)
-            .unwrap_or(now)
-    }
-
-    /// Reads everything the kernel gathered; blocks younger than `min_age_ns` at the end
-    /// are live but not aged.
-    pub fn snapshot(&mut self, min_age_ns: u64) -> anyhow::Result<Snapshot> {
-        self.drain();
-        let now = monotonic_ns();
-        let layer_stats = self.layer_stats()?;
-        let size_hist = self.histograms("SIZE_HIST")?;
-        let lifetime_hist = self.histograms("LIFETIME_HIST")?;
-        let mut ages: HashMap<(u32, Layer, u64), Ages> = HashMap::new();
-        let (mut pymalloc_small_live, mut libc_for_python_live) = (0, 0);
-        let mut ends: HashMap<u32, u64> = HashMap::new();
-        let mut add = |key: AllocKey, block: LiveAlloc| {
-            let Some(layer) = Layer::from_u32(key.layer) else {
-                return;
-            };
-            let end = *ends
-                .entry(key.tgid)
-                .or_insert_with(|| self.end_ns(key.tgid, now));
-            ages.entry((key.tgid, layer, block.stack_id))
-                .or_default()
-                .add(block.size, end.saturating_sub(block.ts_ns), min_age_ns);
-            match layer {
-                Layer::Pymalloc if block.size <= PYMALLOC_SMALL_REQUEST => {
-                    pymalloc_small_live += block.size
-                }
-                Layer::Libc if block.flags & (FLAG_FOR_PYMALLOC | FLAG_FOR_PYMEM_RAW) != 0 => {
-                    libc_for_python_live += block.size
-                }
-                _ => {}
-            }
-        };
-        // Every target is frozen by now, so nothing is removed under the walks.
-        table::for_each_live(
-            self.ebpf
-                .map("LIVE_KEYS")
-                .context("map LIVE_KEYS missing")?,
-            self.ebpf
-                .map("LIVE_VALS")
-                .context("map LIVE_VALS missing")?,
-            &mut add,
-        )?;
-        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
-            self.ebpf
-                .map("LIVE_ALLOCS")
-                .context("map LIVE_ALLOCS missing")?,
-        )?;
-        for entry in overflow.iter() {
-            let Ok((key, block)) = entry else { break };
-            add(key, block);
-        }
-        for (&pid, p) in &self.model.procs {
-            let end = self.end_ns(pid, now);
-            for (&start, r) in &p.regions {
-                // Only memory no probed allocator accounts for can be a vm or pages
-                // suspect: a library's mapping holds no leak, and what malloc or pymalloc
-                // mapped (and keep after the blocks in it are freed) is their layers'
-                // business, where a leak shows as live blocks.
-                if r.kind() != vm::MappingKind::Anonymous {
-                    continue;
-                }
-                ages.entry((pid, Layer::Vm, r.stack_id)).or_default().add(
-                    r.end - start,
-                    end.saturating_sub(r.ts_ns),
-                    min_age_ns,
-                );
-            }
-            for (&addr, page) in &p.pages {
-                if p.region_at(addr)
-                    .is_none_or(|r| r.kind() != vm::MappingKind::Anonymous)
-                {
-                    continue;
-                }
-                ages.entry((pid, Layer::Pages, page.stack_id))
-                    .or_default()
-                    .add(vm::PAGE, end.saturating_sub(page.ts_ns), min_age_ns);
-            }
-        }
-        let mut stacks = self.stack_stats()?;
-        for (&key, agg) in &self.model.stacks {
-            stacks.insert(key, *agg);
-        }
-        let drops_map: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("DROPS").context("map DROPS missing")?)?;
-        let mut drops = BTreeMap::new();
-        for (i, reason) in Drop::ALL.iter().enumerate().take(NUM_DROPS) {
-            let n: u64 = drops_map.get(&(i as u32), 0)?.iter().sum();
-            drops.insert(reason.name(), n);
-        }
-        Ok(Snapshot {
-            layer_stats,
-            size_hist,
-            stacks,
-            drops,
-            lifetime_hist,
-            ages,
-            pymalloc_small_live,
-            libc_for_python_live,
-        })
     }
 
     /// Re-reads the command name of `pid` (it changes at exec).
@@ -786,13 +505,6 @@ impl Recorder {
             .get(&pid)
             .cloned()
             .unwrap_or_else(|| "?".to_owned())
-    }
-
-    /// Reads an interned stack.
-    pub fn stack(&self, id: u64) -> Option<StackTrace> {
-        let stacks: BpfHashMap<_, u64, StackTrace> =
-            BpfHashMap::try_from(self.ebpf.map("STACKS")?).ok()?;
-        stacks.get(&id, 0).ok()
     }
 }
 
@@ -821,17 +533,17 @@ fn close_in_parallel<T: Send>(mut links: Vec<T>) {
 /// The programs a probe of `role` runs (the empty ones in the benchmark's floor).
 fn programs_of(role: ProbeRole, bare: bool) -> &'static [&'static str] {
     match (role, bare) {
-        (ProbeRole::Alloc, false) => &["alloc_exit", "alloc_enter"],
-        (ProbeRole::Free, false) => &["free_enter"],
-        (ProbeRole::Finalize, _) => &["py_finalize_enter"],
-        (ProbeRole::PyInit, _) => &["py_init_enter"],
-        (ProbeRole::Alloc, true) => &["bare_exit", "bare_enter"],
-        (ProbeRole::Free, true) => &["bare_enter"],
-        (ProbeRole::Site, false) => &["site_enter"],
-        (ProbeRole::Join, false) => &["site_join"],
-        (ProbeRole::JoinReturn, false) => &["site_join_ret"],
-        (ProbeRole::Site | ProbeRole::Join, true) => &["bare_enter"],
-        (ProbeRole::JoinReturn, true) => &["bare_exit"],
+        (ProbeRole::Alloc, false) => &[names::ALLOC_EXIT, names::ALLOC_ENTER],
+        (ProbeRole::Free, false) => &[names::FREE_ENTER],
+        (ProbeRole::Finalize, _) => &[names::PY_FINALIZE_ENTER],
+        (ProbeRole::PyInit, _) => &[names::PY_INIT_ENTER],
+        (ProbeRole::Alloc, true) => &[names::BARE_EXIT, names::BARE_ENTER],
+        (ProbeRole::Free, true) => &[names::BARE_ENTER],
+        (ProbeRole::Site, false) => &[names::SITE_ENTER],
+        (ProbeRole::Join, false) => &[names::SITE_JOIN],
+        (ProbeRole::JoinReturn, false) => &[names::SITE_JOIN_RET],
+        (ProbeRole::Site | ProbeRole::Join, true) => &[names::BARE_ENTER],
+        (ProbeRole::JoinReturn, true) => &[names::BARE_EXIT],
     }
 }
 
@@ -889,4 +601,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSymbol as _};
+    use pyleak_common::names;
+
+    /// The names userspace uses are the kernel side's: every map, program and setting of
+    /// `pyleak_common::names` is a symbol of the built eBPF object.
+    #[test]
+    fn every_shared_name_is_in_the_ebpf_object() {
+        let obj = object::File::parse(super::EBPF_OBJECT).expect("the eBPF object parses");
+        let symbols: std::collections::HashSet<&str> =
+            obj.symbols().filter_map(|s| s.name().ok()).collect();
+        for name in names::MAPS
+            .iter()
+            .chain(&names::PROGRAMS)
+            .chain(&names::SETTINGS)
+        {
+            assert!(symbols.contains(name), "{name} is not in the eBPF object");
+        }
+    }
 }

@@ -20,7 +20,10 @@ use std::{
 use clap::ValueEnum;
 
 use self::drawn::LayerChoice;
-use crate::{analysis::Analysis, errors::UserError};
+use crate::{
+    analysis::Analysis,
+    errors::{Cause, UserError},
+};
 
 /// An output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -159,9 +162,9 @@ pub fn write(
 
 /// Creates an output file (before anything is traced, so that a bad path fails first).
 pub fn create(path: &Path) -> Result<std::fs::File, UserError> {
-    std::fs::File::create(path).map_err(|e| UserError::Output {
+    std::fs::File::create(path).map_err(|source| UserError::Output {
         path: path.to_owned(),
-        reason: e.to_string(),
+        source,
     })
 }
 
@@ -176,21 +179,21 @@ pub fn write_file(
     let mut out = std::io::BufWriter::new(f);
     write(analysis, format, render, &mut out)
         .and_then(|()| out.flush())
-        .map_err(|e| UserError::Output {
+        .map_err(|source| UserError::Output {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source,
         })
 }
 
 /// `pyleak report FILE.json`: the text summary again, and `-o` in any format.
 pub fn rerender(input: &Path, args: &OutputArgs) -> anyhow::Result<i32> {
-    let bad = |reason: String| UserError::BadReport {
+    let bad = |source: Cause| UserError::BadReport {
         path: input.to_owned(),
-        reason,
+        source,
     };
     let render = Render::from_args(args)?;
-    let text = std::fs::read_to_string(input).map_err(|e| bad(e.to_string()))?;
-    let analysis: Analysis = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let text = std::fs::read_to_string(input).map_err(|e| bad(e.into()))?;
+    let analysis: Analysis = serde_json::from_str(&text).map_err(|e| bad(e.into()))?;
     let out = args.output.as_deref().map(create).transpose()?;
     text::write(&analysis, &mut std::io::stdout().lock())?;
     if let (Some(f), Some(path)) = (out, args.output.as_deref()) {

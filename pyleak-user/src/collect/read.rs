@@ -1,0 +1,237 @@
+//! Reading the kernel's maps: counters now (status line, growth samples) and everything at
+//! the end (the [`Snapshot`]).
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap};
+use pyleak_common::{
+    names, AllocKey, Drop, Layer, LayerStats, LiveAlloc, StackAgg, StackAggSlot, StackKey,
+    StackTrace, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS, NUM_LAYERS,
+};
+
+use super::{monotonic_ns, table, vm, Ages, Recorder, Snapshot, StackSlot, PYMALLOC_SMALL_REQUEST};
+
+/// The error of a map missing from the object.
+fn missing(name: &str) -> String {
+    format!("map {name} missing")
+}
+
+impl Recorder {
+    /// Per-layer counters right now (for the status line).
+    pub fn layer_stats(&self) -> anyhow::Result<[LayerStats; NUM_LAYERS]> {
+        let stats: PerCpuArray<_, LayerStats> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::LAYER_STATS)
+                .context(missing(names::LAYER_STATS))?,
+        )?;
+        let mut out = [LayerStats::default(); NUM_LAYERS];
+        for (i, slot) in out.iter_mut().enumerate() {
+            for cpu in stats.get(&(i as u32), 0)?.iter() {
+                slot.allocs += cpu.allocs;
+                slot.alloc_bytes += cpu.alloc_bytes;
+                slot.frees += cpu.frees;
+                slot.freed_bytes += cpu.freed_bytes;
+                slot.unmatched_frees += cpu.unmatched_frees;
+                slot.failed_allocs += cpu.failed_allocs;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Live bytes per (pid, layer, stack) right now, every layer: one sample for growth.
+    /// `None` once every target is frozen: its memory no longer moves, and flat samples
+    /// after the end would read as a leak that stopped.
+    /// Call right after [`Recorder::drain`], so the vm model is current.
+    pub fn sample(&mut self) -> anyhow::Result<Option<HashMap<StackSlot, u64>>> {
+        if !self.targets.is_empty() && self.targets.iter().all(|&p| self.is_frozen(p)) {
+            return Ok(None);
+        }
+        let mut out = HashMap::new();
+        for (key, agg) in self.stack_stats()? {
+            let live = agg.alloc_bytes.saturating_sub(agg.freed_bytes);
+            if live > 0 {
+                out.insert(key, live);
+            }
+        }
+        for (&key, agg) in &self.model.stacks {
+            let live = agg.alloc_bytes.saturating_sub(agg.freed_bytes);
+            if live > 0 {
+                out.insert(key, live);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Per (pid, layer, stack) totals of the uprobe layers, summed over CPUs.
+    fn stack_stats(&self) -> anyhow::Result<HashMap<(u32, Layer, u64), StackAgg>> {
+        let stats: PerCpuHashMap<_, StackKey, StackAgg> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map(names::STACK_STATS)
+                .context(missing(names::STACK_STATS))?,
+        )?;
+        let mut stacks: HashMap<(u32, Layer, u64), StackAgg> = HashMap::new();
+        for entry in stats.iter() {
+            let (key, values) = entry?;
+            let Some(layer) = Layer::from_u32(key.layer) else {
+                continue;
+            };
+            let agg = stacks.entry((key.tgid, layer, key.stack_id)).or_default();
+            for v in values.iter() {
+                agg.add(v);
+            }
+        }
+        // What each CPU's write-back slot holds has not reached the map yet.
+        let slots: PerCpuArray<_, StackAggSlot> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::STACK_AGG_SLOT)
+                .context(missing(names::STACK_AGG_SLOT))?,
+        )?;
+        for slot in slots.get(&0, 0)?.iter() {
+            let Some(layer) = Layer::from_u32(slot.key.layer) else {
+                continue;
+            };
+            if slot.key.stack_id == 0 {
+                continue;
+            }
+            stacks
+                .entry((slot.key.tgid, layer, slot.key.stack_id))
+                .or_default()
+                .add(&slot.agg);
+        }
+        Ok(stacks)
+    }
+
+    /// A per-layer histogram map of the uprobe layers: `[layer][bucket]` counts over CPUs.
+    fn histograms(&self, name: &str) -> anyhow::Result<Vec<Vec<u64>>> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing"))?,
+        )?;
+        let mut out = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
+        for (layer, buckets) in out.iter_mut().enumerate().take(Layer::Libc as usize + 1) {
+            for (b, slot) in buckets.iter_mut().enumerate() {
+                let idx = (layer * HIST_BUCKETS + b) as u32;
+                *slot = map.get(&idx, 0)?.iter().sum();
+            }
+        }
+        Ok(out)
+    }
+
+    /// The moment a process's state was last counted: when it froze, else now.
+    fn end_ns(&self, pid: u32, now: u64) -> u64 {
+        self.model
+            .procs
+            .get(&pid)
+            .and_then(|p| p.frozen_ns)
+            .unwrap_or(now)
+    }
+
+    /// Reads everything the kernel gathered; blocks younger than `min_age_ns` at the end
+    /// are live but not aged.
+    pub fn snapshot(&mut self, min_age_ns: u64) -> anyhow::Result<Snapshot> {
+        self.drain();
+        let now = monotonic_ns();
+        let layer_stats = self.layer_stats()?;
+        let size_hist = self.histograms(names::SIZE_HIST)?;
+        let lifetime_hist = self.histograms(names::LIFETIME_HIST)?;
+        let mut ages: HashMap<(u32, Layer, u64), Ages> = HashMap::new();
+        let (mut pymalloc_small_live, mut libc_for_python_live) = (0, 0);
+        let mut ends: HashMap<u32, u64> = HashMap::new();
+        let mut add = |key: AllocKey, block: LiveAlloc| {
+            let Some(layer) = Layer::from_u32(key.layer) else {
+                return;
+            };
+            let end = *ends
+                .entry(key.tgid)
+                .or_insert_with(|| self.end_ns(key.tgid, now));
+            ages.entry((key.tgid, layer, block.stack_id))
+                .or_default()
+                .add(block.size, end.saturating_sub(block.ts_ns), min_age_ns);
+            match layer {
+                Layer::Pymalloc if block.size <= PYMALLOC_SMALL_REQUEST => {
+                    pymalloc_small_live += block.size
+                }
+                Layer::Libc if block.flags & (FLAG_FOR_PYMALLOC | FLAG_FOR_PYMEM_RAW) != 0 => {
+                    libc_for_python_live += block.size
+                }
+                _ => {}
+            }
+        };
+        // Every target is frozen by now, so nothing is removed under the walks.
+        table::for_each_live(
+            self.ebpf
+                .map(names::LIVE_KEYS)
+                .context(missing(names::LIVE_KEYS))?,
+            self.ebpf
+                .map(names::LIVE_VALS)
+                .context(missing(names::LIVE_VALS))?,
+            &mut add,
+        )?;
+        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
+            self.ebpf
+                .map(names::LIVE_ALLOCS)
+                .context(missing(names::LIVE_ALLOCS))?,
+        )?;
+        for entry in overflow.iter() {
+            let Ok((key, block)) = entry else { break };
+            add(key, block);
+        }
+        for (&pid, p) in &self.model.procs {
+            let end = self.end_ns(pid, now);
+            for (&start, r) in &p.regions {
+                // Only memory no probed allocator accounts for can be a vm or pages
+                // suspect: a library's mapping holds no leak, and what malloc or pymalloc
+                // mapped (and keep after the blocks in it are freed) is their layers'
+                // business, where a leak shows as live blocks.
+                if r.kind() != vm::MappingKind::Anonymous {
+                    continue;
+                }
+                ages.entry((pid, Layer::Vm, r.stack_id)).or_default().add(
+                    r.end - start,
+                    end.saturating_sub(r.ts_ns),
+                    min_age_ns,
+                );
+            }
+            for (&addr, page) in &p.pages {
+                if p.region_at(addr)
+                    .is_none_or(|r| r.kind() != vm::MappingKind::Anonymous)
+                {
+                    continue;
+                }
+                ages.entry((pid, Layer::Pages, page.stack_id))
+                    .or_default()
+                    .add(vm::PAGE, end.saturating_sub(page.ts_ns), min_age_ns);
+            }
+        }
+        let mut stacks = self.stack_stats()?;
+        for (&key, agg) in &self.model.stacks {
+            stacks.insert(key, *agg);
+        }
+        let drops_map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(names::DROPS).context(missing(names::DROPS))?)?;
+        let mut drops = BTreeMap::new();
+        for (i, reason) in Drop::ALL.iter().enumerate().take(NUM_DROPS) {
+            let n: u64 = drops_map.get(&(i as u32), 0)?.iter().sum();
+            drops.insert(reason.name(), n);
+        }
+        Ok(Snapshot {
+            layer_stats,
+            size_hist,
+            stacks,
+            drops,
+            lifetime_hist,
+            ages,
+            pymalloc_small_live,
+            libc_for_python_live,
+        })
+    }
+
+    /// Reads an interned stack.
+    pub fn stack(&self, id: u64) -> Option<StackTrace> {
+        let stacks: BpfHashMap<_, u64, StackTrace> =
+            BpfHashMap::try_from(self.ebpf.map(names::STACKS)?).ok()?;
+        stacks.get(&id, 0).ok()
+    }
+}
