@@ -4,6 +4,11 @@
 //! mean the same thing on both sides. Map sizes live here too, next to the types they hold.
 #![no_std]
 
+pub mod names;
+mod python;
+
+pub use python::*;
+
 /// Buckets of the live-block table (`LIVE_KEYS`), [`LIVE_BUCKET_SLOTS`] blocks each: the
 /// table holds 1 Mi live blocks over all layers and processes.
 pub const LIVE_TABLE_BUCKETS: u32 = 1 << LIVE_TABLE_BITS;
@@ -575,61 +580,6 @@ pub struct VmPending {
     pub arg: u64,
 }
 
-/// An offset field that does not apply to this CPython version.
-pub const NO_OFFSET: u32 = u32::MAX;
-/// Python threads looked at when searching a thread's state.
-pub const MAX_PY_THREADS: u32 = 64;
-/// Frames looked at per walk (entry frames are skipped, so a little more than kept).
-pub const MAX_PY_WALK: usize = MAX_PY_FRAMES + 16;
-
-/// How to find and walk the Python frames of one process: where its runtime is, and the
-/// layout of its CPython version. Filled by userspace; `bias` may be filled by the kernel
-/// (the `py_init_enter` probe) for a command started by pyleak.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PyProc {
-    /// Load bias of the file holding `_PyRuntime` (0: not known yet, no walk).
-    pub bias: u64,
-    /// Link-time address of `_PyRuntime` in that file.
-    pub runtime_vaddr: u64,
-    /// `_PyRuntime.interpreters.head`.
-    pub interp_head: u32,
-    /// `PyInterpreterState` → first thread state.
-    pub tstate_head: u32,
-    /// `PyThreadState.next`.
-    pub tstate_next: u32,
-    /// `PyThreadState.native_thread_id` (3.11+), or [`NO_OFFSET`].
-    pub tstate_native_tid: u32,
-    /// `PyThreadState.thread_id` (the `pthread_t`).
-    pub tstate_thread_id: u32,
-    /// `PyThreadState` → frame (3.8–3.10: `frame`; 3.11/3.12: `cframe`; 3.13: `current_frame`).
-    pub tstate_frame: u32,
-    /// `_PyCFrame.current_frame` when `tstate_frame` leads to a cframe, else [`NO_OFFSET`].
-    pub cframe_frame: u32,
-    /// Frame → previous frame.
-    pub frame_back: u32,
-    /// Frame → code object.
-    pub frame_code: u32,
-    /// Frame → instruction position (`f_lasti`, or the instruction pointer).
-    pub frame_lasti: u32,
-    /// 1 when `frame_lasti` holds a pointer (3.11+), 0 for an int.
-    pub lasti_is_ptr: u32,
-    /// Frame → owner byte (entry frames ≥ 3 are skipped), or [`NO_OFFSET`].
-    pub frame_owner: u32,
-    /// Code object → `co_firstlineno` (the signature kept with each frame).
-    pub code_firstlineno: u32,
-    /// glibc `struct pthread` → `tid`, for versions without `native_thread_id`.
-    pub pthread_tid: u32,
-    /// Device of the process's pid namespace (`stat /proc/PID/ns/pid`) when it is not
-    /// pyleak's: the interpreter records thread ids as that namespace numbers them.
-    pub pidns_dev: u64,
-    /// Inode of that pid namespace; 0: pyleak's own, thread ids compare as they are.
-    pub pidns_ino: u64,
-    /// Bits cleared from the pointer at `frame_code` before it is used: 3.14's
-    /// `f_executable` is a `_PyStackRef` tagged in its low bits; 0 before 3.14.
-    pub code_tag_mask: u64,
-}
-
 /// `FILTER_MODE`: the processes in `TARGETS`, probed one by one (`--pid`, a command).
 pub const FILTER_PIDS: u32 = 0;
 /// `FILTER_MODE`: every process in the cgroup `CGROUP_ID` (at `CGROUP_LEVEL`) and its
@@ -766,119 +716,4 @@ mod tests {
         };
         assert_eq!(ProbeCookie::decode(c.encode()), c);
     }
-}
-
-/// The names userspace finds the kernel side's maps, programs and settings by. The kernel
-/// side's statics carry the same names (a `#[map]` takes its name from its identifier);
-/// a unit test of `pyleak-user` checks every one against the built eBPF object.
-pub mod names {
-    /// Processes traced: tgid → state.
-    pub const TARGETS: &str = "TARGETS";
-    /// Guarded inline allocator sites.
-    pub const SITES: &str = "SITES";
-    /// The live table's keys.
-    pub const LIVE_KEYS: &str = "LIVE_KEYS";
-    /// The live table's values.
-    pub const LIVE_VALS: &str = "LIVE_VALS";
-    /// Live blocks that did not fit the live table.
-    pub const LIVE_ALLOCS: &str = "LIVE_ALLOCS";
-    /// Interned stacks.
-    pub const STACKS: &str = "STACKS";
-    /// Per (pid, layer, stack) totals.
-    pub const STACK_STATS: &str = "STACK_STATS";
-    /// Each CPU's write-back slot in front of `STACK_STATS`.
-    pub const STACK_AGG_SLOT: &str = "STACK_AGG_SLOT";
-    /// Per-layer counters.
-    pub const LAYER_STATS: &str = "LAYER_STATS";
-    /// Allocation size histograms.
-    pub const SIZE_HIST: &str = "SIZE_HIST";
-    /// Lifetime histograms of freed blocks.
-    pub const LIFETIME_HIST: &str = "LIFETIME_HIST";
-    /// Lost events by reason.
-    pub const DROPS: &str = "DROPS";
-    /// The ring buffer of vm and page events.
-    pub const EVENTS: &str = "EVENTS";
-    /// How many targets are frozen.
-    pub const FROZEN_COUNT: &str = "FROZEN_COUNT";
-    /// How to walk each process's Python frames.
-    pub const PY_PROCS: &str = "PY_PROCS";
-    /// Layout templates of group targets' runtimes.
-    pub const PY_TEMPLATES: &str = "PY_TEMPLATES";
-
-    /// Setting: native frames kept per stack.
-    pub const NATIVE_DEPTH: &str = "NATIVE_DEPTH";
-    /// Setting: which processes are counted (`FILTER_*`).
-    pub const FILTER_MODE: &str = "FILTER_MODE";
-    /// Setting: the traced cgroup's id.
-    pub const CGROUP_ID: &str = "CGROUP_ID";
-    /// Setting: the traced cgroup's level.
-    pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
-
-    /// Entry of every allocating function.
-    pub const ALLOC_ENTER: &str = "alloc_enter";
-    /// Return of every allocating function.
-    pub const ALLOC_EXIT: &str = "alloc_exit";
-    /// Entry of every freeing function.
-    pub const FREE_ENTER: &str = "free_enter";
-    /// An inlined allocator site.
-    pub const SITE_ENTER: &str = "site_enter";
-    /// Where an inlined site's result is known.
-    pub const SITE_JOIN: &str = "site_join";
-    /// The return that ends an inlined site.
-    pub const SITE_JOIN_RET: &str = "site_join_ret";
-    /// Interpreter start-up.
-    pub const PY_INIT_ENTER: &str = "py_init_enter";
-    /// Interpreter shutdown.
-    pub const PY_FINALIZE_ENTER: &str = "py_finalize_enter";
-    /// Empty probes at the same points (`--bare`).
-    pub const BARE_ENTER: &str = "bare_enter";
-    /// Empty return probes (`--bare`).
-    pub const BARE_EXIT: &str = "bare_exit";
-    /// `sched:sched_process_exit`.
-    pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
-    /// `syscalls:sys_enter_*` of the vm calls.
-    pub const SYS_ENTER_VM: &str = "sys_enter_vm";
-    /// `syscalls:sys_exit_*` of the vm calls.
-    pub const SYS_EXIT_VM: &str = "sys_exit_vm";
-    /// `exceptions:page_fault_user`.
-    pub const PAGE_FAULT: &str = "page_fault";
-
-    /// Every map name.
-    pub const MAPS: [&str; 16] = [
-        TARGETS,
-        SITES,
-        LIVE_KEYS,
-        LIVE_VALS,
-        LIVE_ALLOCS,
-        STACKS,
-        STACK_STATS,
-        STACK_AGG_SLOT,
-        LAYER_STATS,
-        SIZE_HIST,
-        LIFETIME_HIST,
-        DROPS,
-        EVENTS,
-        FROZEN_COUNT,
-        PY_PROCS,
-        PY_TEMPLATES,
-    ];
-    /// Every program name.
-    pub const PROGRAMS: [&str; 14] = [
-        ALLOC_ENTER,
-        ALLOC_EXIT,
-        FREE_ENTER,
-        SITE_ENTER,
-        SITE_JOIN,
-        SITE_JOIN_RET,
-        PY_INIT_ENTER,
-        PY_FINALIZE_ENTER,
-        BARE_ENTER,
-        BARE_EXIT,
-        SCHED_PROCESS_EXIT,
-        SYS_ENTER_VM,
-        SYS_EXIT_VM,
-        PAGE_FAULT,
-    ];
-    /// Every setting (a read-only global).
-    pub const SETTINGS: [&str; 4] = [NATIVE_DEPTH, FILTER_MODE, CGROUP_ID, CGROUP_LEVEL];
 }

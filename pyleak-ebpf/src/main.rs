@@ -14,6 +14,7 @@ mod lifecycle;
 mod maps;
 mod pages;
 mod pystack;
+mod sites;
 mod stack;
 mod thread;
 mod vm;

@@ -3,6 +3,7 @@
 
 pub mod allocwatch;
 pub mod elf;
+mod fallback;
 pub mod plan;
 pub mod prologue;
 pub mod sites;

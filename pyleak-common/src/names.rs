@@ -1,0 +1,113 @@
+//! The names userspace finds the kernel side's maps, programs and settings by. The kernel
+//! side's statics carry the same names (a `#[map]` takes its name from its identifier);
+//! a unit test of `pyleak-user` checks every one against the built eBPF object.
+
+/// Processes traced: tgid → state.
+pub const TARGETS: &str = "TARGETS";
+/// Guarded inline allocator sites.
+pub const SITES: &str = "SITES";
+/// The live table's keys.
+pub const LIVE_KEYS: &str = "LIVE_KEYS";
+/// The live table's values.
+pub const LIVE_VALS: &str = "LIVE_VALS";
+/// Live blocks that did not fit the live table.
+pub const LIVE_ALLOCS: &str = "LIVE_ALLOCS";
+/// Interned stacks.
+pub const STACKS: &str = "STACKS";
+/// Per (pid, layer, stack) totals.
+pub const STACK_STATS: &str = "STACK_STATS";
+/// Each CPU's write-back slot in front of `STACK_STATS`.
+pub const STACK_AGG_SLOT: &str = "STACK_AGG_SLOT";
+/// Per-layer counters.
+pub const LAYER_STATS: &str = "LAYER_STATS";
+/// Allocation size histograms.
+pub const SIZE_HIST: &str = "SIZE_HIST";
+/// Lifetime histograms of freed blocks.
+pub const LIFETIME_HIST: &str = "LIFETIME_HIST";
+/// Lost events by reason.
+pub const DROPS: &str = "DROPS";
+/// The ring buffer of vm and page events.
+pub const EVENTS: &str = "EVENTS";
+/// How many targets are frozen.
+pub const FROZEN_COUNT: &str = "FROZEN_COUNT";
+/// How to walk each process's Python frames.
+pub const PY_PROCS: &str = "PY_PROCS";
+/// Layout templates of group targets' runtimes.
+pub const PY_TEMPLATES: &str = "PY_TEMPLATES";
+
+/// Setting: native frames kept per stack.
+pub const NATIVE_DEPTH: &str = "NATIVE_DEPTH";
+/// Setting: which processes are counted (`FILTER_*`).
+pub const FILTER_MODE: &str = "FILTER_MODE";
+/// Setting: the traced cgroup's id.
+pub const CGROUP_ID: &str = "CGROUP_ID";
+/// Setting: the traced cgroup's level.
+pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
+
+/// Entry of every allocating function.
+pub const ALLOC_ENTER: &str = "alloc_enter";
+/// Return of every allocating function.
+pub const ALLOC_EXIT: &str = "alloc_exit";
+/// Entry of every freeing function.
+pub const FREE_ENTER: &str = "free_enter";
+/// An inlined allocator site.
+pub const SITE_ENTER: &str = "site_enter";
+/// Where an inlined site's result is known.
+pub const SITE_JOIN: &str = "site_join";
+/// The return that ends an inlined site.
+pub const SITE_JOIN_RET: &str = "site_join_ret";
+/// Interpreter start-up.
+pub const PY_INIT_ENTER: &str = "py_init_enter";
+/// Interpreter shutdown.
+pub const PY_FINALIZE_ENTER: &str = "py_finalize_enter";
+/// Empty probes at the same points (`--bare`).
+pub const BARE_ENTER: &str = "bare_enter";
+/// Empty return probes (`--bare`).
+pub const BARE_EXIT: &str = "bare_exit";
+/// `sched:sched_process_exit`.
+pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+/// `syscalls:sys_enter_*` of the vm calls.
+pub const SYS_ENTER_VM: &str = "sys_enter_vm";
+/// `syscalls:sys_exit_*` of the vm calls.
+pub const SYS_EXIT_VM: &str = "sys_exit_vm";
+/// `exceptions:page_fault_user`.
+pub const PAGE_FAULT: &str = "page_fault";
+
+/// Every map name.
+pub const MAPS: [&str; 16] = [
+    TARGETS,
+    SITES,
+    LIVE_KEYS,
+    LIVE_VALS,
+    LIVE_ALLOCS,
+    STACKS,
+    STACK_STATS,
+    STACK_AGG_SLOT,
+    LAYER_STATS,
+    SIZE_HIST,
+    LIFETIME_HIST,
+    DROPS,
+    EVENTS,
+    FROZEN_COUNT,
+    PY_PROCS,
+    PY_TEMPLATES,
+];
+/// Every program name.
+pub const PROGRAMS: [&str; 14] = [
+    ALLOC_ENTER,
+    ALLOC_EXIT,
+    FREE_ENTER,
+    SITE_ENTER,
+    SITE_JOIN,
+    SITE_JOIN_RET,
+    PY_INIT_ENTER,
+    PY_FINALIZE_ENTER,
+    BARE_ENTER,
+    BARE_EXIT,
+    SCHED_PROCESS_EXIT,
+    SYS_ENTER_VM,
+    SYS_EXIT_VM,
+    PAGE_FAULT,
+];
+/// Every setting (a read-only global).
+pub const SETTINGS: [&str; 4] = [NATIVE_DEPTH, FILTER_MODE, CGROUP_ID, CGROUP_LEVEL];
