@@ -66,6 +66,10 @@ impl Layer {
         Layer::Pages,
     ];
 
+    /// The layers probed with uprobes on allocator functions (whose calls can be in flight
+    /// on a thread, see [`ThreadState`]), top to bottom; the others are tracepoints.
+    pub const UPROBED: [Layer; CALL_LAYERS] = [Layer::Pymalloc, Layer::PymemRaw, Layer::Libc];
+
     /// The layer with this number, if any.
     pub fn from_u32(n: u32) -> Option<Layer> {
         match n {
@@ -76,6 +80,16 @@ impl Layer {
             4 => Some(Layer::Pages),
             _ => None,
         }
+    }
+
+    /// Whether the layer is probed with uprobes on allocator functions.
+    pub const fn is_uprobed(self) -> bool {
+        (self as usize) < CALL_LAYERS
+    }
+
+    /// The layer with this name (as [`Layer::name`] gives it), if any.
+    pub fn named(name: &str) -> Option<Layer> {
+        Layer::ALL.into_iter().find(|l| l.name() == name)
     }
 
     /// The name used on the command line and in reports.
@@ -664,6 +678,17 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_layer_is_listed_numbered_and_named_once() {
+        for (i, layer) in Layer::ALL.into_iter().enumerate() {
+            assert_eq!(layer as usize, i, "Layer::ALL in call order");
+            assert_eq!(Layer::from_u32(i as u32), Some(layer));
+            assert_eq!(Layer::named(layer.name()), Some(layer));
+            assert_eq!(layer.is_uprobed(), Layer::UPROBED.contains(&layer));
+        }
+        assert_eq!(Layer::from_u32(NUM_LAYERS as u32), None);
+    }
 
     #[test]
     fn live_keys_round_trip_and_refuse_what_does_not_fit() {

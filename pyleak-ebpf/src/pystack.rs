@@ -1,5 +1,5 @@
 //! Python frames of the current thread, read from the interpreter's own structures with the
-//! layout userspace put in `PY_PROCS` (python-stacks.md in shared/design has the offsets).
+//! layout userspace put in `PY_PROCS` (docs/python-stacks.md has the offsets).
 //!
 //! The thread's `PyThreadState` is found by walking the interpreter's thread list for the
 //! one whose thread id is ours (cached per thread and re-checked on each use), which works

@@ -1,6 +1,6 @@
 //! `--layers`: which layers to probe.
 
-use pyleak_common::Layer;
+use pyleak_common::{Layer, NUM_LAYERS};
 
 use crate::errors::UserError;
 
@@ -10,7 +10,7 @@ pub struct LayerSet(u32);
 
 impl LayerSet {
     /// Every layer.
-    pub const ALL: LayerSet = LayerSet(0b11111);
+    pub const ALL: LayerSet = LayerSet((1 << NUM_LAYERS) - 1);
 
     /// Whether `layer` is in the set.
     pub fn contains(self, layer: Layer) -> bool {
@@ -25,10 +25,7 @@ impl LayerSet {
                 bits |= LayerSet::ALL.0;
                 continue;
             }
-            let layer = Layer::ALL
-                .into_iter()
-                .find(|l| l.name() == name)
-                .ok_or_else(|| UserError::BadLayer(name.to_owned()))?;
+            let layer = Layer::named(name).ok_or_else(|| UserError::BadLayer(name.to_owned()))?;
             bits |= 1 << layer as u32;
         }
         if bits == 0 {

@@ -37,7 +37,7 @@ enum Task {
 
 /// The toolchain pinned in rust-toolchain.toml.
 pub const TOOLCHAIN: &str = "1.95.0";
-/// bpf-linker that loads rustc's own LLVM at run time (see shared TOOLCHAIN.md).
+/// bpf-linker that loads rustc's own LLVM at run time (see docs/TOOLCHAIN.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
 fn main() -> anyhow::Result<()> {

@@ -314,7 +314,7 @@ pub fn analyze(
         let (a, g) = (ages[i], growth[i]);
         // vm and pages rows qualify by aged memory only: their growth is mostly malloc's
         // and pymalloc's, whose own layers say whether blocks are leaking.
-        let uprobe_layer = !matches!(layer_named(&r.layer), Some(Layer::Vm | Layer::Pages));
+        let uprobe_layer = layer_named(&r.layer).is_none_or(Layer::is_uprobed);
         if a.aged_bytes == 0 && !(g.trend == Trend::Growing && uprobe_layer) {
             continue;
         }

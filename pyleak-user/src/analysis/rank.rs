@@ -15,7 +15,7 @@ pub fn growth_noise(_interval_s: f64) -> u64 {
 
 /// The layer with this report name.
 pub fn layer_named(name: &str) -> Option<Layer> {
-    Layer::ALL.into_iter().find(|l| l.name() == name)
+    Layer::named(name)
 }
 
 /// Orders suspects most likely leak first: memory still growing (fastest first), then what

@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap};
 use pyleak_common::{
     names, AllocKey, Drop, Layer, LayerStats, LiveAlloc, StackAgg, StackAggSlot, StackKey,
-    StackTrace, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS, NUM_LAYERS,
+    StackTrace, CALL_LAYERS, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS,
+    NUM_LAYERS,
 };
 
 use super::{monotonic_ns, table, vm, Ages, Recorder, Snapshot, StackSlot, PYMALLOC_SMALL_REQUEST};
@@ -110,7 +111,7 @@ impl Recorder {
                 .with_context(|| format!("map {name} missing"))?,
         )?;
         let mut out = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
-        for (layer, buckets) in out.iter_mut().enumerate().take(Layer::Libc as usize + 1) {
+        for (layer, buckets) in out.iter_mut().enumerate().take(CALL_LAYERS) {
             for (b, slot) in buckets.iter_mut().enumerate() {
                 let idx = (layer * HIST_BUCKETS + b) as u32;
                 *slot = map.get(&idx, 0)?.iter().sum();

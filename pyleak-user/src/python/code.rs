@@ -1,7 +1,7 @@
 //! Userspace resolution of the Python frames that the BPF walk captures as
 //! `(code object address, lasti, signature)`: read the `PyCodeObject` out of the target's
 //! memory; the version's module (`versions`) then turns `lasti` into a line with its line
-//! table (design note `python-stacks.md`, sections 2 and 3). x86_64, release builds.
+//! table (docs/python-stacks.md, sections 2 and 3). x86_64, release builds.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -1,6 +1,6 @@
 //! Line-table decoders shared by the CPython versions: each version module says which
 //! format its code objects carry ([`LineFormat`]), and [`line_for`] turns the position the
-//! kernel captured into a line (design note `python-stacks.md`, section 3).
+//! kernel captured into a line (docs/python-stacks.md, section 3).
 
 /// Format of the line table, which also fixes the meaning of the captured `lasti`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

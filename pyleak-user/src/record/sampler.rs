@@ -133,7 +133,7 @@ impl Sampler {
         // the model.
         let mut layers: Vec<(Layer, u64, u64)> = Vec::new();
         if let Ok(stats) = rec.layer_stats() {
-            for layer in [Layer::Pymalloc, Layer::PymemRaw, Layer::Libc] {
+            for layer in Layer::UPROBED {
                 let l = stats[layer as usize];
                 layers.push((layer, l.alloc_bytes, l.freed_bytes));
             }

@@ -201,7 +201,7 @@ fn status_line(rec: &Recorder, started: Instant, last: &mut (u64, Instant), tty:
     let rate = (events - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-3);
     *last = (events, Instant::now());
     let mut parts = Vec::new();
-    for layer in [Layer::Pymalloc, Layer::PymemRaw, Layer::Libc] {
+    for layer in Layer::UPROBED {
         let s = stats[layer as usize];
         if s.allocs > 0 {
             parts.push(format!(

@@ -26,9 +26,7 @@ impl LayerChoice {
         match s.map(str::trim) {
             None => Ok(LayerChoice::Default),
             Some("all") => Ok(LayerChoice::All),
-            Some(name) => Layer::ALL
-                .into_iter()
-                .find(|l| l.name() == name)
+            Some(name) => Layer::named(name)
                 .map(LayerChoice::One)
                 .ok_or_else(|| UserError::BadLayer(name.to_owned())),
         }

@@ -1,6 +1,6 @@
 //! CPython 3.10: `PyFrameObject`s as in 3.9, but `f_lasti` (8 bytes earlier) counts code
 //! units and lines come from the new `co_linetable`. Offsets from the DWARF of pyenv
-//! 3.10.13 (shared/design/cpython-offsets-x86_64.json).
+//! 3.10.13 (docs/cpython-offsets-x86_64.json).
 
 use pyleak_common::PyProc;
 

@@ -1,7 +1,7 @@
 //! CPython 3.11: `tstate->cframe->current_frame` leads to `_PyInterpreterFrame`s (Python
 //! frames only) holding `prev_instr`, a pointer into `co_code_adaptive`; lines come from the
 //! location table; code objects have `co_qualname`. Offsets from the DWARF of pyenv 3.11.7
-//! (shared/design/cpython-offsets-x86_64.json); Debian's 3.11.2 is tested to match.
+//! (docs/cpython-offsets-x86_64.json); Debian's 3.11.2 is tested to match.
 
 use pyleak_common::PyProc;
 

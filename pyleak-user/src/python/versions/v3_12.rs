@@ -1,7 +1,7 @@
 //! CPython 3.12: as 3.11 (`cframe`, `_PyInterpreterFrame`, `prev_instr`, location
 //! table) with entry frames (owner 3, the C stack) in the chain, which the walk skips, and
 //! smaller str headers. Offsets from the DWARF of pyenv 3.12.1
-//! (shared/design/cpython-offsets-x86_64.json).
+//! (docs/cpython-offsets-x86_64.json).
 
 use pyleak_common::PyProc;
 

@@ -1,7 +1,7 @@
 //! CPython 3.13: no more cframe: `tstate->current_frame` leads to `_PyInterpreterFrame`s
 //! whose `f_executable` is the code object and `instr_ptr` points into
 //! `co_code_adaptive`; entry frames (owner 3) are skipped. Offsets from the DWARF of pyenv
-//! 3.13.0 (shared/design/cpython-offsets-x86_64.json).
+//! 3.13.0 (docs/cpython-offsets-x86_64.json).
 
 use pyleak_common::{PyProc, NO_OFFSET};
 

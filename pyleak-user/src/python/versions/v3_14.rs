@@ -4,7 +4,7 @@
 //! reserved for the C stack): the walk skips every owner from 3 up.
 //!
 //! UNVERIFIED: no 3.14 was on the machines pyleak was tested on. The table below is from
-//! py-spy's bindgen output for 3.14.0 (shared/design/python-stacks.md), not from a binary;
+//! py-spy's bindgen output for 3.14.0 (docs/python-stacks.md), not from a binary;
 //! at run time the offsets in the file's `_Py_DebugOffsets` replace it (with a warning
 //! when they differ), so the table only matters when that is unusable.
 

@@ -1,6 +1,6 @@
 //! CPython 3.8: `tstate->frame` leads to a chain of `PyFrameObject`s; `f_lasti` is an
 //! int counting bytes, and lines come from `co_lnotab`. Offsets from the DWARF of pyenv
-//! 3.8.18 (shared/design/cpython-offsets-x86_64.json).
+//! 3.8.18 (docs/cpython-offsets-x86_64.json).
 
 use pyleak_common::{PyProc, NO_OFFSET};
 

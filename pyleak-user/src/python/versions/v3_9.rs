@@ -1,6 +1,6 @@
 //! CPython 3.9: laid out exactly as 3.8 (`tstate->frame`, `PyFrameObject`, `f_lasti` in
 //! bytes, `co_lnotab`); checked against the DWARF of pyenv 3.9.18
-//! (shared/design/cpython-offsets-x86_64.json), so it takes 3.8's tables.
+//! (docs/cpython-offsets-x86_64.json), so it takes 3.8's tables.
 
 use pyleak_common::PyProc;
 
