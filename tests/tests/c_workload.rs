@@ -100,6 +100,46 @@ fn launch_mode_counts_every_allocator_exactly() {
     assert_eq!(report["processes"][0]["comm"], "alloc_workload");
 }
 
+/// A replacement malloc loaded with `LD_PRELOAD` (Debian's jemalloc, installed by
+/// `cargo xtask test`) is the libc layer: its malloc family is probed like libc's, and
+/// what it lacks (`reallocarray`, `pvalloc`) still reaches glibc's, so every number holds.
+#[test]
+fn jemalloc_through_ld_preload_is_the_libc_layer() {
+    if !root_or_skip() {
+        return;
+    }
+    let jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    assert!(
+        std::path::Path::new(jemalloc).exists(),
+        "{jemalloc} is missing: `cargo xtask test` installs libjemalloc2"
+    );
+    let dir = scratch("c-jemalloc");
+    let json = dir.join("report.json");
+    let bin = c_workload();
+    // The command inherits pyleak's environment, so pyleak runs preloaded too.
+    let out = Command::new(pyleak_bin())
+        .args(["record", "-q", "--json", json.to_str().unwrap(), "--"])
+        .arg(&bin)
+        .env("LD_PRELOAD", jemalloc)
+        .output()
+        .expect("running pyleak");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let probed = |file: &str, symbol: &str| {
+        report["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["file"].as_str().unwrap().contains(file) && p["symbol"] == symbol)
+    };
+    assert!(probed("libjemalloc", "malloc") && probed("libjemalloc", "free"));
+    check(&report);
+}
+
 /// Kernels without multi-uprobe links get one perf event per probe; that path, forced,
 /// counts the same.
 #[test]

@@ -37,6 +37,8 @@ enum Task {
 
 /// The toolchain pinned in rust-toolchain.toml.
 pub const TOOLCHAIN: &str = "1.95.0";
+/// Debian's jemalloc (libjemalloc2), preloaded by a test.
+const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
 /// bpf-linker that loads rustc's own LLVM at run time (see docs/TOOLCHAIN.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
@@ -132,6 +134,10 @@ fn setup() -> anyhow::Result<()> {
     }
     if Command::new("go").arg("version").output().is_err() {
         missing.push("golang-go");
+    }
+    // jemalloc: a replacement malloc the libc layer must count (through LD_PRELOAD).
+    if !Path::new(JEMALLOC).exists() {
+        missing.push("libjemalloc2");
     }
     if !missing.is_empty() {
         apt_install(&missing)?;

@@ -469,6 +469,17 @@ pub fn is_libc(path: &Path) -> bool {
     name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
 }
 
+/// Whether a file is a malloc that replaces libc's in the processes that load it
+/// (usually through `LD_PRELOAD`): jemalloc, tcmalloc, mimalloc. Its malloc family is
+/// the `libc` layer's, probed like libc's.
+pub fn is_malloc_replacement(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    ["libjemalloc.so", "libtcmalloc", "libmimalloc"]
+        .iter()
+        .any(|p| name.starts_with(p))
+        && name.contains(".so")
+}
+
 /// Whether a file may hold the Python runtime: a shared libpython, or a python executable
 /// (statically linked builds such as Debian's keep it there).
 pub fn may_hold_python(path: &Path) -> bool {
@@ -556,6 +567,17 @@ pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
     }
     dirs.extend(LIBRARY_DIRS.map(PathBuf::from));
     let mut out = vec![program.to_owned()];
+    // Libraries the command will preload (a replacement malloc, most often): the dynamic
+    // loader reads the same environment the command inherits from pyleak.
+    let preload = std::env::var("LD_PRELOAD").unwrap_or_default();
+    for lib in preload.split([' ', ':']).filter(|l| !l.is_empty()) {
+        let p = Path::new(lib);
+        if p.is_absolute() {
+            out.push(p.to_owned());
+        } else if let Some(p) = dirs.iter().map(|d| d.join(lib)).find(|p| p.exists()) {
+            out.push(p);
+        }
+    }
     for lib in needed {
         if let Some(p) = dirs.iter().map(|d| d.join(&lib)).find(|p| p.exists()) {
             out.push(p);
@@ -570,6 +592,24 @@ pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replacement_mallocs_are_recognised_by_name() {
+        for f in [
+            "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+            "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+            "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2.0",
+        ] {
+            assert!(is_malloc_replacement(Path::new(f)), "{f}");
+        }
+        for f in [
+            "/lib/libc.so.6",
+            "/usr/lib/libjemalloc_pic.a",
+            "/usr/bin/python3",
+        ] {
+            assert!(!is_malloc_replacement(Path::new(f)), "{f}");
+        }
+    }
 
     #[test]
     fn map_files_names_drop_the_padding() {

@@ -9,9 +9,9 @@ use std::{
 use pyleak_common::Layer;
 
 use super::{
-    elf::ElfFile, is_libc, may_hold_python, plan_finalize, plan_layer, plan_python_domain,
-    tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS, PYMALLOC_TABLE_FUNCTIONS,
-    PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
+    elf::ElfFile, is_libc, is_malloc_replacement, may_hold_python, plan_finalize, plan_layer,
+    plan_python_domain, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
+    PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
 };
 use crate::layers::LayerSet;
 
@@ -52,7 +52,7 @@ pub fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
         return Vec::new();
     };
     let mut probes = Vec::new();
-    if is_libc(file) && layers.contains(Layer::Libc) {
+    if (is_libc(file) || is_malloc_replacement(file)) && layers.contains(Layer::Libc) {
         probes.extend(plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
     }
     if may_hold_python(file) {

@@ -234,7 +234,8 @@ impl Group {
         // may exit meanwhile, taking its /proc/PID/root and map_files with it.
         let mut cands: Vec<(PathBuf, std::fs::File, (u64, u64))> = Vec::new();
         for (f, mapped) in &files {
-            if !(attach::is_libc(f) || attach::may_hold_python(f)) {
+            let malloc = attach::is_libc(f) || attach::is_malloc_replacement(f);
+            if !(malloc || attach::may_hold_python(f)) {
                 continue;
             }
             let Ok(open) = std::fs::File::open(mapped).or_else(|_| std::fs::File::open(f)) else {
@@ -250,9 +251,11 @@ impl Group {
         }
         let via =
             |open: &std::fs::File| PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
-        // libc first: a process that just exec'd is about to allocate, and its loader may
-        // not have mapped libc yet (the probe then lands when it does).
-        for (f, open, key) in cands.iter().filter(|c| attach::is_libc(&c.0)) {
+        // libc (and a replacement malloc) first: a process that just exec'd is about to
+        // allocate, and its loader may not have mapped libc yet (the probe then lands when
+        // it does).
+        let is_malloc = |f: &Path| attach::is_libc(f) || attach::is_malloc_replacement(f);
+        for (f, open, key) in cands.iter().filter(|c| is_malloc(&c.0)) {
             if !self.probed.contains(key) {
                 let probes = plan_file(self.layers, f, &via(open));
                 self.attach(rec, &probes, f, *key);
