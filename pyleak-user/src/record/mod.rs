@@ -1,5 +1,5 @@
-//! `pyleak record` (and `top`): validate → plan and attach → loop → finish. The steps are
-//! one function each; the loop is in `trace`, the group targets followed in `follow`, the
+//! `pyleak record` (and `top`): validate → load → plan and attach → start → loop → finish.
+//! The steps are one function each; the loop is in `trace`, the group targets followed in `follow`, the
 //! targets' Python runtimes in `runtimes`, the growth samples in `sampler`.
 
 mod follow;
@@ -76,7 +76,21 @@ struct Session {
 /// Runs `pyleak record` (or `top`); returns the exit code.
 pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     let mut plan = validate(&args)?;
-    let mut session = attach_targets(&args, &plan)?;
+    let mut session = load(&args, &plan)?;
+    attach_targets(&args, &plan, &mut session)?;
+    start(&args, &plan, &mut session)?;
+    let (sampler, duration_s) = trace(&args, view, &mut plan, &mut session)?;
+    finish(&args, plan, session, sampler, duration_s)
+}
+
+/// Traces until the recording ends (duration, signal, the targets' end), taking growth
+/// samples; returns them and the seconds recorded.
+fn trace(
+    args: &RecordArgs,
+    view: View,
+    plan: &mut Plan,
+    session: &mut Session,
+) -> anyhow::Result<(Sampler, f64)> {
     let started = Instant::now();
     let mut sampler = Sampler::new(
         Duration::from_secs_f64(args.interval),
@@ -103,20 +117,14 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
             Some(g) => Follow::Group(g),
             None => Follow::Pids(&mut session.runtimes),
         },
-        &args,
+        args,
         launched,
         &mut sampler,
     ));
     sampler.close_view();
     let end = end?;
     log::debug!("recording ended: {end:?}");
-    finish(
-        &args,
-        plan,
-        session,
-        sampler,
-        started.elapsed().as_secs_f64(),
-    )
+    Ok((sampler, started.elapsed().as_secs_f64()))
 }
 
 /// Checks the arguments and opens the outputs: nothing is loaded yet.
@@ -153,12 +161,12 @@ fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
     })
 }
 
-/// Loads the programs, plans the probes each target needs and attaches them; a command is
-/// started once its probes are in place.
-fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
+/// Starts a command held before its first instruction, and loads the programs (the
+/// tracepoints attach here; they filter by process in the kernel).
+fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
     let layers = plan.layers;
     let syms = Arc::new(Mutex::new(Symbolizer::default()));
-    let mut child = match &plan.target {
+    let child = match &plan.target {
         Target::Command { program, argv } => {
             let syms = Arc::clone(&syms);
             let on_exit = move |pid| lock(&syms).snapshot(pid);
@@ -180,21 +188,41 @@ fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         bare: args.bare,
         filter,
     };
-    let mut rec = Recorder::load(opts)?;
-    let mut planner = Planner::new(layers);
-    let mut resolver = python::Resolver::default();
-    let mut runtimes = Runtimes::default();
-    let mut group = match &plan.target {
+    let rec = Recorder::load(opts)?;
+    let group = match &plan.target {
         Target::Group(cgroup) => Some(Group::new(cgroup.clone(), layers, !args.no_python_stacks)),
         _ => None,
     };
+    Ok(Session {
+        rec,
+        syms,
+        resolver: python::Resolver::default(),
+        runtimes: Runtimes::default(),
+        group,
+        child,
+    })
+}
+
+/// Plans the probes each target needs and attaches them; tells the kernel how to walk
+/// each target's Python frames.
+fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Result<()> {
+    let layers = plan.layers;
+    let mut planner = Planner::new(layers);
+    let Session {
+        rec,
+        syms,
+        resolver,
+        runtimes,
+        group,
+        child,
+    } = s;
     if let Some(g) = group.as_mut() {
-        g.scan(&mut rec, &mut resolver, &syms);
+        g.scan(rec, resolver, syms);
         if g.probed.is_empty() {
             // No process to learn a libc from yet: the host's (pyleak's own) is the likely
             // one, and attaching a file-wide probe takes long enough (a breakpoint in every
             // process mapping it) that a process starting later would run ahead of it.
-            g.probe_own_libc(&mut rec);
+            g.probe_own_libc(rec);
         }
     }
     match (&plan.target, &child) {
@@ -204,7 +232,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
             let mut probes = planner.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string());
             if let Some(rt) = python_runtime(
-                &mut rec,
+                rec,
                 c.pid,
                 &files,
                 &p.display().to_string(),
@@ -243,7 +271,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
                 let probes = planner.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"));
                 if let Some(rt) = python_runtime(
-                    &mut rec,
+                    rec,
                     pid,
                     &files,
                     &format!("process {pid}"),
@@ -258,6 +286,15 @@ fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// Says what is traced (scripts wait for this line), then lets a launched command run.
+fn start(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Result<()> {
+    let layers = plan.layers;
+    let Session {
+        rec, group, child, ..
+    } = s;
     for p in rec.probes.iter().filter(|p| !p.emulated) {
         log::info!(
             "{}: {} probed at a single-stepped instruction (slower)",
@@ -313,14 +350,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
     if let Some(c) = child.as_mut() {
         c.start()?;
     }
-    Ok(Session {
-        rec,
-        syms,
-        resolver,
-        runtimes,
-        group,
-        child,
-    })
+    Ok(())
 }
 
 /// Freezes the targets, reads the snapshot, analyses it and writes the outputs.
