@@ -1,9 +1,14 @@
 """A million small objects, 100k of them printed as samples (`BLOCK SIZE`), for measuring
-what judging sampled pymalloc blocks from outside costs. After `ready1` and a line on
-stdin it drops every other object, prints `ready2` and waits."""
+what judging sampled pymalloc blocks from outside costs. After `ready1` and SIGUSR1 it
+drops every other object, prints `ready2` and waits."""
 
 import random
+import signal
 import sys
+
+
+SIGNALS = {signal.SIGUSR1}
+signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
 class Obj:
@@ -28,8 +33,8 @@ for i in random.sample(range(len(objs)), 100_000):
 sys.stdout.write("\n".join(out) + "\nready1\n")
 sys.stdout.flush()
 del out
-sys.stdin.readline()
+signal.sigwait(SIGNALS)
 del objs[::2]
 sys.stdout.write("ready2\n")
 sys.stdout.flush()
-sys.stdin.readline()
+signal.sigwait(SIGNALS)

@@ -3,16 +3,21 @@
 Phase 1 makes objects of several types and size classes and prints, for each, its block
 (`id()` minus what precedes the object: `sys.getsizeof(o) - o.__sizeof__()`), the size
 requested from pymalloc and its type:   sample LABEL BLOCK SIZE TYPE KEPT
-then `ready1`, and waits for a line on stdin (the reader fingerprints the blocks then).
+then `ready1`, and waits for SIGUSR1 (the reader fingerprints the blocks then).
 Phase 2 drops the samples not kept (every other one, and a whole group spanning arenas),
 churns: makes and keeps objects of other types in the same size classes, which take the
 freed blocks, and prints them:          new BLOCK SIZE TYPE
-then `ready2`, and waits until killed. Nothing runs while it waits.
+then `ready2`, and waits until killed. Nothing runs while it waits, and waiting
+(`sigwait`) allocates nothing.
 """
 
+import gc
+import signal
 import sys
 
 N = 400
+SIGNALS = {signal.SIGUSR1}
+signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
 class Obj:
@@ -28,14 +33,26 @@ class Other:
         self.i = i
 
 
+INLINE_VALUES = 1 << 2  # Py_TPFLAGS_INLINE_VALUES (3.13+)
+
+
 def block_and_size(o):
-    pre = sys.getsizeof(o) - o.__sizeof__()
+    pre = sys.getsizeof(o) - type(o).__sizeof__(o)
+    block = id(o) - pre
     if type(o) is list:
         # list.__sizeof__ counts its item array, a block of its own.
         size = list.__basicsize__ + pre
+    elif sys.version_info >= (3, 13) and type(o).__flags__ & INLINE_VALUES:
+        # 3.13 keeps an instance's attribute values in its block, as many as its class's
+        # shared keys had room for when it was made; sys.getsizeof does not count them.
+        # The size class is in the pool's header (`szidx`, a uint at 36).
+        import ctypes
+
+        pool = block & ~(16384 - 1)
+        size = (ctypes.c_uint.from_address(pool + 36).value + 1) * 16
     else:
         size = sys.getsizeof(o)
-    return id(o) - pre, size
+    return block, size
 
 
 MAKERS = {
@@ -51,7 +68,7 @@ MAKERS = {
 
 # Churn: for each group, what takes its freed blocks (same size class). Everything it
 # keeps is printed, so it holds nothing else: items are small ints (cached), list item
-# arrays are 72 bytes (no group is in that class).
+# arrays are 88 bytes (no group is in that class).
 CHURN = {
     "bytes300": lambda i: tuple([i % 250] * 36),
     "tuple2": lambda i: (i, "b"),
@@ -60,7 +77,7 @@ CHURN = {
     "bigint": lambda i: 2**100 + 10**6 + i,
     "float": lambda i: i + 0.25,
     "str60": lambda i: b"%06d" % i + b"z" * 64,
-    "list": lambda i: [i] * 9,
+    "list": lambda i: [i] * 11,
 }
 
 
@@ -76,23 +93,36 @@ def main():
     for o in arena_group[::97]:
         b, s = block_and_size(o)
         lines.append("sample arena %d %d %s 0" % (b, s, type(o).__name__))
-    sys.stdout.write("\n".join(lines) + "\nready1\n")
-    sys.stdout.flush()
+    text = "\n".join(lines) + "\nready1\n"
     del lines, b, s, o
-    sys.stdin.readline()
+    # Only now: the reader judges as soon as it reads the marker.
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    del text
+    signal.sigwait(SIGNALS)
 
     kept = {label: objs[::2] for label, objs in groups.items()}
     del groups, objs
     del arena_group
-    churned = [CHURN[label](i) for label in MAKERS for i in range(N // 2)]
-    lines = ["new %d %d list" % block_and_size(churned)]
-    for o in churned:
-        b, s = block_and_size(o)
-        lines.append("new %d %d %s" % (b, s, type(o).__name__))
-    sys.stdout.write("\n".join(lines) + "\nready2\n")
-    sys.stdout.flush()
+    # Half as many 2-tuples as were dropped: the rest stay dead in the tuple free list.
+    counts = {label: N // 4 if label == "tuple2" else N // 2 for label in MAKERS}
+    churned = [CHURN[label](i) for label in MAKERS for i in range(counts[label])]
+    # And every object the collector tracks: lists the interpreter made on its own too.
+    lines = []
+    tracked = gc.get_objects()
+    for seen in (churned, tracked):
+        for o in seen:
+            if o is not tracked and o is not lines:
+                b, s = block_and_size(o)
+                lines.append("new %d %d %s" % (b, s, type(o).__name__))
+    del tracked, seen
+    text = "\n".join(lines) + "\nready2\n"
     del lines, b, s, o
-    sys.stdin.readline()
+    # Only now: the reader judges as soon as it reads the marker.
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    del text
+    signal.sigwait(SIGNALS)
     return kept, churned
 
 

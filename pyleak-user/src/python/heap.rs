@@ -6,7 +6,8 @@
 //! For each sample (block address, requested size, fingerprint) [`Heap::judge`] reads its
 //! pool (`block & !(POOL_SIZE - 1)`: pools are aligned in every arena) and decides:
 //! - **Freed** when its arena is unmapped, its pool is empty or serves another size class,
-//!   the block lies in the pool's never-used tail (at or after `nextoffset`), the block is on
+//!   its pool's header is no pool's (the arena's memory reused), the block lies in the
+//!   pool's never-used tail (at or after `nextoffset`), the block is on
 //!   the pool's free list (`freeblock` chain, walked in a copy of the pool, bounded), or it
 //!   holds a dead object a type keeps for reuse (refcount 0: tuple, float, list… free
 //!   lists);
@@ -139,6 +140,11 @@ pub enum Freed {
     PoolUnused,
     /// Its pool holds no block.
     PoolEmpty,
+    /// Its pool's header is not a used pool's (the arena was freed and its addresses
+    /// reused). A used pool's `szidx` and `maxnextoffset` never change, and its `count`
+    /// and `nextoffset` change by single aligned stores that keep them consistent, so a
+    /// racing read cannot make a live pool look like this.
+    NotAPool,
     /// Its pool now serves another size class.
     PoolReassigned,
     /// It lies in the pool's never-used tail (the pool was emptied and re-carved).
@@ -156,8 +162,6 @@ pub enum Unknown {
     ReadFailed,
     /// Not a pymalloc request (0 or more than 512 bytes): the C heap layer judges those.
     NotPymalloc,
-    /// The pool header is inconsistent (a racing write, or not a pool any more).
-    BadHeader,
     /// The address is not a block boundary of its pool's size class.
     NotABlock,
     /// The free list leaves the pool, loops, or disagrees with the pool's count, twice.
@@ -219,7 +223,7 @@ impl PoolHeader {
         u64::from(self.maxnextoffset) == pool_size - block
             && next >= POOL_OVERHEAD + block
             && next <= pool_size
-            && (next - POOL_OVERHEAD) % block == 0
+            && (next - POOL_OVERHEAD).is_multiple_of(block)
             && u64::from(self.count) <= self.carved()
     }
 }
@@ -231,14 +235,14 @@ fn pool_says(hdr: &[u8], pool_size: u64, szidx: u32) -> Option<Verdict> {
         return Some(Verdict::Freed(Freed::PoolUnused));
     }
     let Some(h) = PoolHeader::parse(hdr) else {
-        return Some(Verdict::Unknown(Unknown::BadHeader));
+        return Some(Verdict::Freed(Freed::NotAPool));
     };
     if h.count == 0 {
         // An empty pool keeps its last class's fields: no need for them to be consistent.
         return Some(Verdict::Freed(Freed::PoolEmpty));
     }
     if !h.consistent(pool_size) {
-        return Some(Verdict::Unknown(Unknown::BadHeader));
+        return Some(Verdict::Freed(Freed::NotAPool));
     }
     (h.szidx != szidx).then_some(Verdict::Freed(Freed::PoolReassigned))
 }
@@ -322,29 +326,41 @@ impl<M: ReadMemory> Heap<M> {
         heads
             .into_iter()
             .zip(blocks)
-            .map(|(head, &(_, size))| head.ok().map(|h| self.fingerprint_of(&h, size)))
+            .map(|(head, &(addr, size))| head.ok().map(|h| self.fingerprint_of(addr, &h, size)))
             .collect()
     }
 
-    fn fingerprint_of(&mut self, head: &[u8], size: u64) -> Fingerprint {
-        for at in [0, GC_HEAD, GC_HEAD + 16] {
-            let Some(ty) = word(head, at as usize + 8) else {
-                break;
-            };
-            let Some(info) = self.type_info(ty) else {
-                continue;
-            };
-            // The object's fixed part must fit in the block.
-            if self.preheader(info.flags) != at || at + info.basicsize > size_class_bytes(size) {
-                continue;
-            }
-            return Fingerprint {
+    fn fingerprint_of(&mut self, addr: u64, head: &[u8], size: u64) -> Fingerprint {
+        match self.find_object(addr, head, size) {
+            Some((at, ty, info)) => Fingerprint {
                 object_at: Some(at as u8),
                 words: self.immutable_words(head, at, ty, &info),
                 type_name: Some(info.name),
-            };
+            },
+            None => Fingerprint::default(),
         }
-        Fingerprint::default()
+    }
+
+    /// The object in a block (its offset, type and what the type says), if there is one:
+    /// an `ob_type` that is a type, at the offset its pre-header puts it, fitting the block.
+    /// Type objects are static or bigger than pymalloc serves: a word pointing into the
+    /// block's own pool (a GC link to a neighbour) is none, and costs no read.
+    fn find_object(&mut self, addr: u64, head: &[u8], size: u64) -> Option<(u64, u64, TypeInfo)> {
+        let mask = !(self.layout.pool_size - 1);
+        let pool = |a: u64| a & mask;
+        for at in [0, GC_HEAD, GC_HEAD + 16] {
+            let ty = word(head, at as usize + 8)?;
+            if pool(ty) == pool(addr) {
+                continue;
+            }
+            let Some(info) = self.type_info(ty) else {
+                continue;
+            };
+            if self.preheader(info.flags) == at && at + info.basicsize <= size_class_bytes(size) {
+                return Some((at, ty, info));
+            }
+        }
+        None
     }
 
     /// What precedes an object of a type with `flags` in its block.
@@ -404,7 +420,7 @@ impl<M: ReadMemory> Heap<M> {
 
     /// The type object at `ty`, if it is one: ready, and its type's type is a type.
     fn type_info(&mut self, ty: u64) -> Option<TypeInfo> {
-        if ty == 0 || ty % 8 != 0 {
+        if ty == 0 || !ty.is_multiple_of(8) {
             return None;
         }
         if let Some(known) = self.types.get(&ty) {
@@ -505,7 +521,7 @@ impl<M: ReadMemory> Heap<M> {
     /// Judges the samples `members` of the pool at `pool` from a copy of it; false when the
     /// copy makes no sense (torn while the target allocates) and is worth reading again.
     fn judge_pool(
-        &self,
+        &mut self,
         pool: u64,
         copy: &[u8],
         members: &[usize],
@@ -529,22 +545,40 @@ impl<M: ReadMemory> Heap<M> {
             };
             let block = h.block();
             let off = s.addr - pool;
-            verdicts[i] = if off < POOL_OVERHEAD || (off - POOL_OVERHEAD) % block != 0 {
+            verdicts[i] = if off < POOL_OVERHEAD || !(off - POOL_OVERHEAD).is_multiple_of(block) {
                 Verdict::Unknown(Unknown::NotABlock)
             } else if off >= u64::from(h.nextoffset) {
                 Verdict::Freed(Freed::UnusedTail)
             } else if free[((off - POOL_OVERHEAD) / block) as usize] {
                 Verdict::Freed(Freed::FreeList)
             } else {
-                object_verdict(&copy[off as usize..(off + block) as usize], &s.fingerprint)
+                let bytes = &copy[off as usize..(off + block) as usize];
+                let found = |h: &mut Self| h.find_object(s.addr, bytes, block);
+                match object_verdict(bytes, &s.fingerprint) {
+                    // Something else is there: dead too (another type's free list)?
+                    Verdict::Reused => match found(self) {
+                        Some((at, ..)) if word(bytes, at as usize) == Some(0) => {
+                            Verdict::Freed(Freed::DeadObject)
+                        }
+                        _ => Verdict::Reused,
+                    },
+                    // An object found before the sampled one's offset is a smaller one
+                    // in its block, over the sampled one's (untouched) tail.
+                    Verdict::Live if s.fingerprint.object_at.is_some_and(|at| at > 0) => {
+                        match found(self) {
+                            Some((at, ..)) if Some(at as u8) != s.fingerprint.object_at => {
+                                Verdict::Reused
+                            }
+                            _ => Verdict::Live,
+                        }
+                    }
+                    v => v,
+                }
             };
         }
-        !members.iter().any(|&i| {
-            matches!(
-                verdicts[i],
-                Verdict::Unknown(Unknown::BadFreeList | Unknown::BadHeader)
-            )
-        })
+        !members
+            .iter()
+            .any(|&i| matches!(verdicts[i], Verdict::Unknown(Unknown::BadFreeList)))
     }
 }
 

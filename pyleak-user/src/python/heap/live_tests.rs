@@ -3,7 +3,7 @@
 //! every verdict must agree. A child of the same user can be read without root.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Lines, Write};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
@@ -80,9 +80,8 @@ impl Target {
     }
 
     fn go(&mut self) {
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        stdin.write_all(b"go\n").expect("writing to the workload");
-        stdin.flush().expect("flushing");
+        // SAFETY: signalling a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGUSR1) };
     }
 }
 
@@ -97,23 +96,30 @@ fn num(s: &str) -> u64 {
     s.parse().expect("a number")
 }
 
-/// What the verdict of a sample must be, from what the workload did with it.
-fn expected(
+/// The verdicts a sample may get, from what the workload did with it, and whether the
+/// block was taken by something the workload cannot see (the interpreter's own objects):
+/// then what is in the block now decides.
+fn allowed(
     kept: bool,
     ty: &str,
     size: u64,
     new: Option<&(u64, String)>,
-    got: &'static str,
-) -> &'static str {
+    now: Option<&str>,
+) -> (&'static [&'static str], bool) {
     match (kept, new) {
-        (true, _) => "live",
-        // Freed, or its pool emptied and re-carved for another class.
-        (false, None) if ["freed", "reassigned"].contains(&got) => got,
-        (false, None) => "freed",
-        (false, Some((nsize, _))) if size_class(*nsize) != size_class(size) => "reassigned",
+        (true, _) => (&["live"], false),
+        (false, Some((nsize, _))) if size_class(*nsize) != size_class(size) => {
+            (&["reassigned"], false)
+        }
         // A list's block taken by another list: nothing immutable tells them apart.
-        (false, Some((_, nty))) if nty == ty && ty == "list" => "live",
-        (false, Some(_)) => "reused",
+        (false, Some((_, nty))) if nty == ty && ty == "list" => (&["live"], false),
+        (false, Some(_)) => (&["reused"], false),
+        // Freed, or its pool emptied and re-carved for another class; or taken unseen by
+        // another object (dead or alive; another list looks like the same one) or buffer.
+        (false, None) => match now {
+            Some("list") if ty == "list" => (&["freed", "reassigned", "live"], true),
+            _ => (&["freed", "reassigned", "reused"], true),
+        },
     }
 }
 
@@ -165,16 +171,20 @@ fn real_processes_blocks_are_judged_exactly() {
         let t0 = Instant::now();
         let verdicts = heap.judge(&samples_in);
         let took = t0.elapsed();
-        let mut wrong = Vec::new();
+        let (mut wrong, mut unseen_reuse) = (Vec::new(), Vec::new());
         let mut tally: HashMap<(String, Verdict), u32> = HashMap::new();
-        for ((f, s), v) in samples.iter().zip(&samples_in).zip(&verdicts) {
-            let want = expected(f[5] == "1", &f[4], s.size, new.get(&s.addr), coarse(*v));
+        let now = heap.fingerprint(&blocks);
+        for (((f, s), v), now) in samples.iter().zip(&samples_in).zip(&verdicts).zip(&now) {
+            let now = now.as_ref().and_then(|n| n.type_name.clone());
+            let new = new.get(&s.addr);
+            let (want, unseen) = allowed(f[5] == "1", &f[4], s.size, new, now.as_deref());
             *tally.entry((f[1].clone(), *v)).or_default() += 1;
-            if coarse(*v) != want {
+            if !want.contains(&coarse(*v)) {
                 wrong.push(format!(
-                    "{f:?}: want {want}, got {v:?}, new {:?}",
-                    new.get(&s.addr)
+                    "{f:?}: want {want:?}, got {v:?}, new {new:?}, now {now:?}"
                 ));
+            } else if unseen && !["freed", "reassigned"].contains(&coarse(*v)) {
+                unseen_reuse.push(format!("{f:?}: {v:?}, now {now:?}"));
             }
         }
         let mut tally: Vec<_> = tally.into_iter().collect();
@@ -190,6 +200,9 @@ fn real_processes_blocks_are_judged_exactly() {
             wrong.len(),
             wrong.join("\n")
         );
+        // Blocks the interpreter took unseen: a few at most.
+        eprintln!("  taken by the interpreter's own objects: {unseen_reuse:?}");
+        assert!(unseen_reuse.len() <= samples.len() / 100, "{label}");
         // Every way of being freed and reused shows up.
         let seen = |p: fn(&Verdict) -> bool| verdicts.iter().any(p);
         assert!(seen(|v| *v == Verdict::Reused), "{label}");
