@@ -7,17 +7,21 @@
 //! pool (`block & !(POOL_SIZE - 1)`: pools are aligned in every arena) and decides:
 //! - **Freed** when its arena is unmapped, its pool is empty or serves another size class,
 //!   its pool's header is no pool's (the arena's memory reused), the block lies in the
-//!   pool's never-used tail (at or after `nextoffset`), the block is on
-//!   the pool's free list (`freeblock` chain, walked in a copy of the pool, bounded), or it
-//!   holds a dead object a type keeps for reuse (refcount 0: tuple, float, list… free
-//!   lists);
+//!   pool's never-used tail (at or after `nextoffset`), the block is on the pool's free
+//!   list (`freeblock` chain, walked in a copy of the pool, bounded), or it holds a dead
+//!   object (refcount 0) that a type keeps for reuse (tuple, float, list… free lists);
 //! - **Reused** when it is allocated but its fingerprint (`ob_type` and immutable words
-//!   taken when the window closed, see [`Heap::fingerprint`]) no longer matches;
+//!   taken when the window closed, see [`Heap::fingerprint`]) no longer matches, or a
+//!   smaller object now starts before the sampled one;
 //! - **Live** otherwise; **Unknown** when the memory read makes no sense (a racing write,
 //!   a garbage pointer) or fails, never a guess.
 //!
 //! One read per pool (header first, then the pool up to `nextoffset`) serves all its
-//! samples; reads are batched with `process_vm_readv`, never writes.
+//! samples; reads are batched with `process_vm_readv`, never writes. Measured on pyenv
+//! 3.12.1 holding a million objects (test `cost_of_judging_100k_samples`): fingerprinting
+//! 100k blocks takes ~130 ms (~220 system calls, 5.8 MB: the kernel's cost per range
+//! dominates); judging them ~170 ms (~70 calls, 10k pools, 84 MB copied). A sample found
+//! freed stays freed: only the live ones need judging again.
 //!
 //! What stays indistinguishable: a block freed and reallocated to an object of the same type
 //! whose fingerprinted words are equal (same-type mutable objects: a list, a dict or an
@@ -87,6 +91,8 @@ const STATE_COMPACT_ASCII: u32 = (1 << 5) | (1 << 6);
 const FINGERPRINT_READ: u64 = 96;
 /// Tuple items kept in a fingerprint.
 const TUPLE_ITEMS: u64 = 3;
+/// Addresses remembered as being or not being type objects.
+const MAX_TYPES_CACHED: usize = 1 << 16;
 
 /// The size class of a pymalloc request (`szidx`), or None when pymalloc does not serve it.
 pub fn size_class(size: u64) -> Option<u32> {
@@ -427,6 +433,10 @@ impl<M: ReadMemory> Heap<M> {
             return known.clone();
         }
         let info = self.read_type(ty);
+        if self.types.len() >= MAX_TYPES_CACHED {
+            // Most entries are words that were no type: forget those.
+            self.types.retain(|_, t| t.is_some());
+        }
         self.types.insert(ty, info.clone());
         info
     }

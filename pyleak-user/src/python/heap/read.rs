@@ -210,3 +210,38 @@ impl ReadMemory for FakeMemory {
         self.stats
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_memory_range_by_range() {
+        let (a, b) = (vec![7u8; 64], vec![9u8; 4096]);
+        let mut r = VmReader::new(std::process::id());
+        let ranges = [
+            (a.as_ptr() as u64, a.len()),
+            (0x10, 8), // never mapped
+            (b.as_ptr() as u64, b.len()),
+            (b.as_ptr() as u64 + 8, 16),
+        ];
+        let out = r.read_batch(&ranges);
+        assert_eq!(out[0].as_deref(), Ok(&a[..]));
+        assert_eq!(out[1], Err(ReadFail::Unmapped));
+        assert_eq!(out[2].as_deref(), Ok(&b[..]));
+        assert_eq!(out[3].as_deref(), Ok(&b[8..24]));
+        // One call, stopped at the unmapped range, then one for the rest.
+        let stats = r.stats();
+        assert_eq!((stats.syscalls, stats.ranges, stats.failed), (2, 4, 1));
+        assert_eq!(stats.bytes, 64 + 4096 + 16);
+    }
+
+    #[test]
+    fn a_process_gone_fails_every_range() {
+        // The kernel does not hand out pid 0x3fff_fff0 (above pid_max's ceiling).
+        let mut r = VmReader::new(0x3fff_fff0);
+        let out = r.read_batch(&[(0x1000, 8), (0x2000, 8)]);
+        assert_eq!(out, [Err(ReadFail::Failed), Err(ReadFail::Failed)]);
+        assert_eq!(r.stats().syscalls, 1);
+    }
+}
