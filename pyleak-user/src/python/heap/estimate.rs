@@ -283,6 +283,7 @@ mod tests {
         let (spread, mean_se) = ((sq_err / runs as f64).sqrt(), se / runs as f64);
         assert!(within >= runs * 85 / 100, "{within}/{runs} within 2 SE");
         let ratio = spread / mean_se;
+        eprintln!("{within}/{runs} within 2 SE; actual spread / stated error = {ratio:.2}");
         assert!(
             (0.6..1.6).contains(&ratio),
             "actual spread / stated error = {ratio}"

@@ -224,6 +224,12 @@ fn cost_of_judging_100k_samples() {
     let samples = t.until("ready1");
     let blocks: Vec<(u64, u64)> = samples.iter().map(|f| (num(&f[0]), num(&f[1]))).collect();
     let mut heap = Heap::for_process(t.child.id(), for_version((3, minor)).expect("3.12"));
+    // The reads alone, for comparison (merging neighbours into fewer, longer ranges did
+    // not make them faster: the kernel's cost goes with the pages touched).
+    let reqs: Vec<(u64, usize)> = blocks.iter().map(|&(a, _)| (a, 64)).collect();
+    let t0 = Instant::now();
+    let _ = VmReader::new(t.child.id()).read_batch(&reqs);
+    eprintln!("{label}: reading the 100k blocks alone: {:?}", t0.elapsed());
     let t0 = Instant::now();
     let fps = heap.fingerprint(&blocks);
     let (fp_took, fp_stats) = (t0.elapsed(), heap.stats());

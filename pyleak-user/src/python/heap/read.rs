@@ -22,7 +22,8 @@ pub struct ReadStats {
     pub ranges: u64,
     /// Bytes read.
     pub bytes: u64,
-    /// Ranges that could not be read, for any reason.
+    /// Ranges that could not be read, for any reason: unmapped ones included (for a pool,
+    /// that is a verdict: its arena was freed), and those whose samples are left unjudged.
     pub failed: u64,
 }
 
