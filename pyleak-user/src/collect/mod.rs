@@ -343,8 +343,11 @@ impl Recorder {
     }
 
     /// Detaches every probe placed so far, uprobes and tracepoints; returns how long it
-    /// took, in seconds. Each detach waits for RCU grace periods (~0.1 s here), so the
-    /// links are closed from several threads at once, which share the grace periods.
+    /// took, in seconds. Each detach waits for RCU grace periods (~0.1 s here): multi-uprobe
+    /// links and tracepoints are closed from several threads at once, which share them
+    /// (1.1 s → 0.57 s for `--layers libc,vm,pages`). Perf-event uprobes are closed one
+    /// after another: their detach holds a kernel-wide mutex, and 32 threads contending
+    /// for it took 98 s for Debian 3.11's 903 probes.
     pub fn detach_probes(&mut self) -> f64 {
         let started = std::time::Instant::now();
         let tracepoints = std::mem::take(&mut self.tracepoint_links);
@@ -352,7 +355,7 @@ impl Recorder {
             Uprobes::Multi { links, .. } => {
                 close_in_parallel(std::mem::take(links));
             }
-            Uprobes::PerfEvents(links) => close_in_parallel(std::mem::take(links)),
+            Uprobes::PerfEvents(links) => links.clear(),
         }
         close_in_parallel(tracepoints);
         started.elapsed().as_secs_f64()

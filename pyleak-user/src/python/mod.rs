@@ -3,6 +3,7 @@
 
 pub mod code;
 pub mod debug_offsets;
+pub mod heap;
 pub mod lines;
 pub mod release;
 pub mod versions;

@@ -119,6 +119,20 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
             reasons.join(", ")
         )?;
     }
+    if !report.probe_links.is_empty() {
+        writeln!(
+            out,
+            "probes: {} uprobes ({}), attached in {:.2} s, detached in {:.2} s",
+            report.probes.len(),
+            if report.probe_links == "multi-uprobe" {
+                "multi-uprobe links"
+            } else {
+                "one perf event each"
+            },
+            report.probes_attach_s,
+            report.probes_detach_s
+        )?;
+    }
     linkage(report, out)?;
     suspects(report, out)?;
     startup(report, out)?;

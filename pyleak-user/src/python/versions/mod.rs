@@ -17,6 +17,7 @@ use pyleak_common::PyProc;
 use super::{
     code::{CodeInfo, CodeLayout},
     debug_offsets::DebugOffsetsLayout,
+    heap::PymallocLayout,
     lines::{self, LineFormat},
 };
 
@@ -38,6 +39,10 @@ pub trait CPython: Send + Sync + std::fmt::Debug {
     /// The format of `co_lnotab` / `co_linetable`, which also says what the kernel's
     /// `lasti` counts (bytes, code units, or bytes from the code object).
     fn line_format(&self) -> LineFormat;
+
+    /// pymalloc's pool and arena sizes and what precedes an object in its block (the
+    /// judgement of sampled blocks, `heap`, reads them).
+    fn pymalloc(&self) -> PymallocLayout;
 
     /// Where this version's `_PyRuntime` starts with `_Py_DebugOffsets` (3.13+), the
     /// layout of that table; its offsets then override [`CPython::walk_layout`] and
@@ -95,6 +100,18 @@ mod tests {
                 walk.code_firstlineno as usize, code.firstlineno,
                 "3.{minor}"
             );
+        }
+        // 4 KiB pools until 3.9, 16 KiB from 3.10 (measured with sys._debugmallocstats);
+        // pre-headers for managed dicts from 3.11, and weakrefs from 3.12.
+        for minor in 8..=14 {
+            let pm = for_version((3, minor)).unwrap().pymalloc();
+            assert_eq!(
+                pm.pool_size,
+                if minor < 10 { 4096 } else { 16384 },
+                "3.{minor}"
+            );
+            let flags = [0, 0, 0, 0x10, 0x18, 0x18, 0x18][usize::from(minor - 8)];
+            assert_eq!(pm.preheader_flags, flags, "3.{minor}");
         }
         for unknown in [(2, 7), (3, 6), (3, 7), (3, 15), (4, 0)] {
             assert!(for_version(unknown).is_none(), "{unknown:?}");

@@ -5,7 +5,7 @@
 use pyleak_common::PyProc;
 
 use super::{v3_8::Python38, CPython, PyVersion};
-use crate::python::{code::CodeLayout, lines::LineFormat};
+use crate::python::{code::CodeLayout, heap::PymallocLayout, lines::LineFormat};
 
 /// CPython 3.10.
 #[derive(Debug)]
@@ -31,5 +31,14 @@ impl CPython for Python310 {
 
     fn line_format(&self) -> LineFormat {
         LineFormat::Linetable310
+    }
+
+    fn pymalloc(&self) -> PymallocLayout {
+        // 64-bit builds with the radix tree: 16 KiB pools in 1 MiB arenas.
+        PymallocLayout {
+            pool_size: 16 << 10,
+            arena_size: 1 << 20,
+            ..Python38.pymalloc()
+        }
     }
 }

@@ -5,8 +5,8 @@
 
 use pyleak_common::PyProc;
 
-use super::{common_walk, CPython, PyVersion};
-use crate::python::{code::CodeLayout, lines::LineFormat};
+use super::{common_walk, v3_10::Python310, CPython, PyVersion};
+use crate::python::{code::CodeLayout, heap::PymallocLayout, lines::LineFormat};
 
 /// CPython 3.11.
 #[derive(Debug)]
@@ -51,5 +51,14 @@ impl CPython for Python311 {
 
     fn line_format(&self) -> LineFormat {
         LineFormat::Locations
+    }
+
+    fn pymalloc(&self) -> PymallocLayout {
+        // 3.10's pools; `Py_TPFLAGS_MANAGED_DICT` (1 << 4) puts the dict and values pointers
+        // before the GC header.
+        PymallocLayout {
+            preheader_flags: 1 << 4,
+            ..Python310.pymalloc()
+        }
     }
 }

@@ -5,8 +5,8 @@
 
 use pyleak_common::PyProc;
 
-use super::{common_walk, CPython, PyVersion};
-use crate::python::{code::CodeLayout, lines::LineFormat};
+use super::{common_walk, v3_11::Python311, CPython, PyVersion};
+use crate::python::{code::CodeLayout, heap::PymallocLayout, lines::LineFormat};
 
 /// CPython 3.12.
 #[derive(Debug)]
@@ -51,5 +51,13 @@ impl CPython for Python312 {
 
     fn line_format(&self) -> LineFormat {
         LineFormat::Locations
+    }
+
+    fn pymalloc(&self) -> PymallocLayout {
+        // `Py_TPFLAGS_PREHEADER`: `MANAGED_WEAKREF` (1 << 3) or `MANAGED_DICT` (1 << 4).
+        PymallocLayout {
+            preheader_flags: (1 << 3) | (1 << 4),
+            ..Python311.pymalloc()
+        }
     }
 }

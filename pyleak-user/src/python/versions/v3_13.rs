@@ -5,8 +5,10 @@
 
 use pyleak_common::{PyProc, NO_OFFSET};
 
-use super::{common_walk, CPython, PyVersion};
-use crate::python::{code::CodeLayout, debug_offsets::DebugOffsetsLayout, lines::LineFormat};
+use super::{common_walk, v3_12::Python312, CPython, PyVersion};
+use crate::python::{
+    code::CodeLayout, debug_offsets::DebugOffsetsLayout, heap::PymallocLayout, lines::LineFormat,
+};
 
 /// 3.13's `_Py_DebugOffsets` (in `Include/internal/pycore_runtime.h`): word indexes of
 /// the fields pyleak reads, checked on pyenv 3.13.0.
@@ -66,5 +68,9 @@ impl CPython for Python313 {
 
     fn debug_offsets(&self) -> Option<&'static DebugOffsetsLayout> {
         Some(&DEBUG_OFFSETS)
+    }
+
+    fn pymalloc(&self) -> PymallocLayout {
+        Python312.pymalloc()
     }
 }

@@ -11,7 +11,9 @@
 use pyleak_common::PyProc;
 
 use super::{v3_13::Python313, CPython, PyVersion};
-use crate::python::{code::CodeLayout, debug_offsets::DebugOffsetsLayout, lines::LineFormat};
+use crate::python::{
+    code::CodeLayout, debug_offsets::DebugOffsetsLayout, heap::PymallocLayout, lines::LineFormat,
+};
 
 /// `_PyStackRef` tag bits cleared from `f_executable` (CPython's remote debugger masks
 /// them off the same way).
@@ -67,5 +69,10 @@ impl CPython for Python314 {
 
     fn debug_offsets(&self) -> Option<&'static DebugOffsetsLayout> {
         Some(&DEBUG_OFFSETS)
+    }
+
+    fn pymalloc(&self) -> PymallocLayout {
+        // Unverified (no 3.14 binary here): 3.13's pool header and pre-header.
+        Python313.pymalloc()
     }
 }

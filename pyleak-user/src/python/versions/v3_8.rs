@@ -5,7 +5,7 @@
 use pyleak_common::{PyProc, NO_OFFSET};
 
 use super::{common_walk, CPython, PyVersion};
-use crate::python::{code::CodeLayout, lines::LineFormat};
+use crate::python::{code::CodeLayout, heap::PymallocLayout, lines::LineFormat};
 
 /// CPython 3.8.
 #[derive(Debug)]
@@ -50,5 +50,14 @@ impl CPython for Python38 {
 
     fn line_format(&self) -> LineFormat {
         LineFormat::Lnotab
+    }
+
+    fn pymalloc(&self) -> PymallocLayout {
+        // 4 KiB pools (the system page) in 256 KiB arenas; no pre-header but the GC's.
+        PymallocLayout {
+            pool_size: 4 << 10,
+            arena_size: 256 << 10,
+            preheader_flags: 0,
+        }
     }
 }

@@ -5,7 +5,7 @@
 use pyleak_common::PyProc;
 
 use super::{v3_8::Python38, CPython, PyVersion};
-use crate::python::{code::CodeLayout, lines::LineFormat};
+use crate::python::{code::CodeLayout, heap::PymallocLayout, lines::LineFormat};
 
 /// CPython 3.9.
 #[derive(Debug)]
@@ -26,5 +26,9 @@ impl CPython for Python39 {
 
     fn line_format(&self) -> LineFormat {
         Python38.line_format()
+    }
+
+    fn pymalloc(&self) -> PymallocLayout {
+        Python38.pymalloc()
     }
 }
