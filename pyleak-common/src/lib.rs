@@ -56,6 +56,72 @@ pub enum Layer {
 /// Number of [`Layer`]s.
 pub const NUM_LAYERS: usize = 5;
 
+/// How a layer is probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probed {
+    /// Uprobes on allocator functions, one alloc/free path for all (`alloc_enter`…):
+    /// the layer's calls can be in flight on a thread, and calls inside them inherit
+    /// their stack and on-behalf flag.
+    Uprobes,
+    /// Tracepoints, with a model in userspace (mappings, pages).
+    Tracepoints,
+}
+
+/// One layer, as the registry [`LAYERS`] describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerInfo {
+    /// The layer (its number is its place in the call order, top first).
+    pub layer: Layer,
+    /// Its name on the command line and in reports.
+    pub name: &'static str,
+    /// How it is probed.
+    pub probed: Probed,
+    /// The `FLAG_FOR_*` bit a block of a lower layer carries when made inside this
+    /// layer's call; 0 when no lower layer is made inside it.
+    pub on_behalf: u32,
+    /// What its stacks count, for titles and help.
+    pub counts: &'static str,
+}
+
+/// The registry of layers, in call order: everything that lists layers reads it.
+pub const LAYERS: [LayerInfo; NUM_LAYERS] = [
+    LayerInfo {
+        layer: Layer::Pymalloc,
+        name: "pymalloc",
+        probed: Probed::Uprobes,
+        on_behalf: FLAG_FOR_PYMALLOC,
+        counts: "what Python code requested (PyObject_Malloc, PyMem_Malloc)",
+    },
+    LayerInfo {
+        layer: Layer::PymemRaw,
+        name: "pymem_raw",
+        probed: Probed::Uprobes,
+        on_behalf: FLAG_FOR_PYMEM_RAW,
+        counts: "PyMem_RawMalloc requests",
+    },
+    LayerInfo {
+        layer: Layer::Libc,
+        name: "libc",
+        probed: Probed::Uprobes,
+        on_behalf: FLAG_FOR_LIBC,
+        counts: "malloc blocks",
+    },
+    LayerInfo {
+        layer: Layer::Vm,
+        name: "vm",
+        probed: Probed::Tracepoints,
+        on_behalf: 0,
+        counts: "mappings (mmap, brk)",
+    },
+    LayerInfo {
+        layer: Layer::Pages,
+        name: "pages",
+        probed: Probed::Tracepoints,
+        on_behalf: 0,
+        counts: "pages faulted in",
+    },
+];
+
 impl Layer {
     /// Every layer, top to bottom.
     pub const ALL: [Layer; NUM_LAYERS] = [
@@ -70,37 +136,29 @@ impl Layer {
     /// on a thread, see [`ThreadState`]), top to bottom; the others are tracepoints.
     pub const UPROBED: [Layer; CALL_LAYERS] = [Layer::Pymalloc, Layer::PymemRaw, Layer::Libc];
 
+    /// This layer's entry in [`LAYERS`].
+    pub const fn info(self) -> &'static LayerInfo {
+        &LAYERS[self as usize]
+    }
+
     /// The layer with this number, if any.
     pub fn from_u32(n: u32) -> Option<Layer> {
-        match n {
-            0 => Some(Layer::Pymalloc),
-            1 => Some(Layer::PymemRaw),
-            2 => Some(Layer::Libc),
-            3 => Some(Layer::Vm),
-            4 => Some(Layer::Pages),
-            _ => None,
-        }
+        LAYERS.get(n as usize).map(|i| i.layer)
     }
 
     /// Whether the layer is probed with uprobes on allocator functions.
     pub const fn is_uprobed(self) -> bool {
-        (self as usize) < CALL_LAYERS
+        matches!(self.info().probed, Probed::Uprobes)
     }
 
     /// The layer with this name (as [`Layer::name`] gives it), if any.
     pub fn named(name: &str) -> Option<Layer> {
-        Layer::ALL.into_iter().find(|l| l.name() == name)
+        LAYERS.iter().find(|i| i.name == name).map(|i| i.layer)
     }
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
-        match self {
-            Layer::Pymalloc => "pymalloc",
-            Layer::PymemRaw => "pymem_raw",
-            Layer::Libc => "libc",
-            Layer::Vm => "vm",
-            Layer::Pages => "pages",
-        }
+        self.info().name
     }
 }
 
@@ -686,6 +744,10 @@ mod tests {
             assert_eq!(Layer::from_u32(i as u32), Some(layer));
             assert_eq!(Layer::named(layer.name()), Some(layer));
             assert_eq!(layer.is_uprobed(), Layer::UPROBED.contains(&layer));
+            assert_eq!(LAYERS[i].layer, layer, "LAYERS in call order");
+            // Uprobe layers are the first CALL_LAYERS, each with its own on-behalf bit.
+            assert_eq!(layer.is_uprobed(), i < CALL_LAYERS);
+            assert_eq!(layer.info().on_behalf != 0, layer.is_uprobed());
         }
         assert_eq!(Layer::from_u32(NUM_LAYERS as u32), None);
     }

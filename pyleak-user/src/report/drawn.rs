@@ -57,18 +57,6 @@ pub fn value(s: &StackReport, metric: Metric) -> u64 {
     }
 }
 
-/// What a layer's stacks count, for titles.
-fn counts(layer: &str) -> &'static str {
-    match layer {
-        "pymalloc" => "what Python code requested (PyObject_Malloc, PyMem_Malloc)",
-        "pymem_raw" => "PyMem_RawMalloc requests",
-        "libc" => "malloc blocks",
-        "vm" => "mappings (mmap, brk)",
-        "pages" => "pages faulted in",
-        _ => "?",
-    }
-}
-
 /// Picks the stacks `render` asks for.
 pub fn drawn<'a>(analysis: &'a Analysis, render: &Render) -> Drawn<'a> {
     let metric = render.metric;
@@ -107,8 +95,8 @@ pub fn drawn<'a>(analysis: &'a Analysis, render: &Render) -> Drawn<'a> {
         None => layers.join(", "),
     };
     let what = match chosen {
-        Some(l) if metric == Metric::Allocs => format!("{}, each once", counts(l.name())),
-        Some(l) => format!("{}, each byte once", counts(l.name())),
+        Some(l) if metric == Metric::Allocs => format!("{}, each once", l.info().counts),
+        Some(l) => format!("{}, each byte once", l.info().counts),
         None => {
             "every layer side by side: a byte shows once per layer it passes through".to_owned()
         }
