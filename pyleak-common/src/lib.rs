@@ -340,8 +340,9 @@ pub struct ThreadState {
     pub calls: [Pending; CALL_LAYERS],
     /// Bit `1 << layer` set while `calls[layer]` is in flight.
     pub active: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// The pymalloc sampling window `calls[Layer::Pymalloc]` began in: a call from an
+    /// earlier window lost its return when the window's links were taken out, and is stale.
+    pub pymalloc_window: u32,
     /// The mmap-family syscall in flight, if `syscall.kind != 0`.
     pub syscall: VmPending,
 }

@@ -22,7 +22,7 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use crate::{
     maps::{
-        count_drop, uprobe_target_active, LAYER_STATS, LIFETIME_HIST, LIVE_ALLOCS, LIVE_KEYS,
+        count_drop, pymalloc_generation, pymalloc_window, uprobe_target_active, LAYER_STATS, LIFETIME_HIST, LIVE_ALLOCS, LIVE_KEYS,
         LIVE_OVERFLOW, LIVE_VALS, SITES, SIZE_HIST, STACK_AGG_SLOT, STACK_STATS, THREADS,
         TICK_CLOCK,
     },
@@ -113,11 +113,15 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
     if layer >= CALL_LAYERS || !uprobe_target_active(tgid) {
         return Ok(());
     }
+    let Some(window) = window_of(layer) else {
+        return Ok(());
+    };
     let Some(t) = thread_state(tid) else {
         return Ok(());
     };
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let t = unsafe { &mut *t };
+    forget_stale_pymalloc(t, layer, window);
     if t.active & (1 << layer) != 0 {
         // A call nested in one of the same layer (reallocarray → realloc): the outer call
         // accounts for it.
@@ -176,7 +180,33 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
         ret_addr_at,
     };
     t.active |= 1 << layer;
+    if layer == Layer::Pymalloc as usize {
+        t.pymalloc_window = window;
+    }
     Ok(())
+}
+
+/// The sampling window a probe of `layer` counts in: `Some(0)` for every layer but a
+/// sampled pymalloc, `None` while its window is closed (the probe does nothing then).
+#[inline(always)]
+fn window_of(layer: usize) -> Option<u32> {
+    if layer == Layer::Pymalloc as usize {
+        pymalloc_window()
+    } else {
+        Some(0)
+    }
+}
+
+/// Clears a pymalloc call in flight that began in an earlier sampling window: its return
+/// probe was taken out with that window's links before it returned.
+#[inline(always)]
+fn forget_stale_pymalloc(t: &mut ThreadState, layer: usize, window: u32) {
+    if layer == Layer::Pymalloc as usize
+        && t.active & (1 << layer) != 0
+        && t.pymalloc_window != window
+    {
+        t.active &= !(1 << layer);
+    }
 }
 
 /// This thread's state, created on first use.
@@ -219,7 +249,10 @@ pub fn upper_call(
         flags |= FLAG_FOR_PYMEM_RAW;
         top = Some(Layer::PymemRaw as usize);
     }
-    if layer > Layer::Pymalloc as usize && t.active & (1 << Layer::Pymalloc as u32) != 0 {
+    if layer > Layer::Pymalloc as usize
+        && t.active & (1 << Layer::Pymalloc as u32) != 0
+        && t.pymalloc_window == pymalloc_generation()
+    {
         flags |= FLAG_FOR_PYMALLOC;
         top = Some(Layer::Pymalloc as usize);
     }
@@ -416,6 +449,9 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
     if layer >= CALL_LAYERS || !uprobe_target_active(tgid) {
         return Ok(());
     }
+    let Some(window) = window_of(layer) else {
+        return Ok(());
+    };
     let Some(s) = SITES.get(c.stack_delta) else {
         return Ok(());
     };
@@ -434,6 +470,7 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
     };
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let t = unsafe { &mut *t };
+    forget_stale_pymalloc(t, layer, window);
     if t.active & (1 << layer) != 0 && t.calls[layer].join == 0 {
         // Inside a probed call of the same layer (a tracemalloc hook called from the
         // exported PyObject_Malloc): that call accounts for this one, as for nested calls.
@@ -472,6 +509,9 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
         ret_addr_at: 0,
     };
     t.active |= 1 << layer;
+    if layer == Layer::Pymalloc as usize {
+        t.pymalloc_window = window;
+    }
     Ok(())
 }
 
@@ -524,13 +564,17 @@ fn try_free_enter(ctx: &ProbeContext) -> Result<(), i32> {
     if addr == 0 || layer >= CALL_LAYERS || !uprobe_target_active(tgid) {
         return Ok(());
     }
+    let Some(window) = window_of(layer) else {
+        return Ok(());
+    };
     // A free made by an allocator of the same layer on its own behalf (inside realloc) is
     // the allocator's to account. glibc's realloc never calls the public free: the libc
     // layer skips the lookup.
     if layer != Layer::Libc as usize {
         // SAFETY: plain data read at once.
         if let Some(t) = unsafe { THREADS.get(tid) } {
-            if t.active & (1 << layer) != 0 {
+            let stale = layer == Layer::Pymalloc as usize && t.pymalloc_window != window;
+            if t.active & (1 << layer) != 0 && !stale {
                 return Ok(());
             }
         }
@@ -559,6 +603,9 @@ pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
         tgid,
     };
     live_insert(tgid, layer, addr, &live);
+    if crate::sampling::counts_progress(layer) {
+        crate::sampling::progress_event(tgid);
+    }
     if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
         // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
         unsafe {

@@ -37,6 +37,7 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
     if address >= USER_MAX {
         return Ok(());
     }
+    crate::sampling::progress_event(tgid);
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let upper = THREADS
         .get_ptr_mut(tid)

@@ -20,7 +20,7 @@ use crate::{
         self, elf::ElfFile, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
         PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
     },
-    cli::RecordArgs,
+    cli::{PymallocMode, RecordArgs},
     collect::{Filter, Recorder, RecorderOptions},
     errors::UserError,
     follow::Group,
@@ -61,13 +61,26 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(UserError::NotRoot.into());
     }
-    // Launching: every layer. Attaching: not the pymalloc layers, which cost a trap per
-    // Python allocation in a service that did not ask for it.
+    // Launching: every layer. Attaching: pymalloc when it is sampled (a few percent of
+    // CPU), not pymem_raw; not pymalloc at all when every call would trap.
+    let sampled = args.pymalloc == PymallocMode::Sampled && !args.bare;
     let layers = match &args.layers {
         Some(l) => LayerSet::parse(l)?,
+        None if args.command.is_empty() && sampled => LayerSet::parse("pymalloc,libc,vm,pages")?,
         None if args.command.is_empty() => LayerSet::parse("libc,vm,pages")?,
         None => LayerSet::ALL,
     };
+    if sampled
+        && !(args.pymalloc_window > 0.0
+            && args.pymalloc_period > args.pymalloc_window
+            && args.pymalloc_period.is_finite())
+    {
+        return Err(UserError::BadWindow {
+            window: args.pymalloc_window,
+            period: args.pymalloc_period,
+        }
+        .into());
+    }
     if !args.pids.is_empty() && !args.command.is_empty() {
         return Err(UserError::PidAndCommand.into());
     }
@@ -140,6 +153,7 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
         native_depth: args.native_depth.clamp(1, MAX_NATIVE_FRAMES as u32),
         bare: args.bare,
         filter,
+        pymalloc_sampled: sampled && layers.contains(Layer::Pymalloc),
     };
     let mut rec = Recorder::load(opts)?;
     let mut planner = Planner::new(layers);
@@ -261,7 +275,9 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
         } else {
             "one perf event each"
         },
-        if args.layers.is_none() && args.command.is_empty() && !args.bare {
+        if rec.samples_pymalloc() {
+            " (pymalloc sampled in windows: live bytes are estimates; --pymalloc exact traps every call, 10-25x CPU on allocation-heavy code)"
+        } else if args.layers.is_none() && args.command.is_empty() && !args.bare {
             " (add the Python allocator layers with --layers all: a trap per Python allocation)"
         } else {
             ""
@@ -497,6 +513,11 @@ async fn trace_loop(
     if let Follow::Pids(runtimes) = &mut follow {
         snapshot_all(rec, syms, runtimes);
     }
+    let window = Duration::from_secs_f64(args.pymalloc_window);
+    let period = Duration::from_secs_f64(args.pymalloc_period);
+    // The first window, like every other, opens after a random wait: a window pinned to the
+    // start would always see the interpreter's start-up, whose mix of events is its own.
+    let mut window_at = tokio::time::Instant::now() + next_gap(period, window);
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -564,6 +585,20 @@ async fn trace_loop(
             _ = async { tokio::time::sleep_until(sleep_until.unwrap_or_else(tokio::time::Instant::now)).await }, if sleep_until.is_some() => {
                 break End::Duration;
             }
+            _ = tokio::time::sleep_until(window_at), if rec.samples_pymalloc() => {
+                if rec.windows().is_some_and(|w| w.is_open()) {
+                    rec.close_window()?;
+                    if let Err(e) = rec.sweep() {
+                        log::warn!("judging pymalloc samples: {e}");
+                    }
+                    window_at = tokio::time::Instant::now() + next_gap(period, window);
+                } else if rec.book().full {
+                    window_at = tokio::time::Instant::now() + period;
+                } else {
+                    rec.open_window()?;
+                    window_at = tokio::time::Instant::now() + window;
+                }
+            }
             _ = sigint.recv() => break End::Signal,
             _ = sigterm.recv() => break End::Signal,
             code = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
@@ -577,6 +612,11 @@ async fn trace_loop(
     };
     if status_tty && !args.quiet && sampler.view == View::StatusLine {
         eprintln!();
+    }
+    // The last window closes, and every sample is judged once more while the targets live.
+    rec.close_window()?;
+    if let Err(e) = rec.sweep() {
+        log::warn!("judging pymalloc samples: {e}");
     }
     // The last moment counts for growth too.
     rec.drain();
@@ -596,6 +636,21 @@ async fn trace_loop(
     }
     rec.drain();
     Ok(end)
+}
+
+/// The wait from one window's close to the next window's opening: exponential, so window
+/// starts form a Poisson process of mean interval `period` (no beat with the program's own
+/// period), less the window itself.
+fn next_gap(period: Duration, window: Duration) -> Duration {
+    let u = loop {
+        // SAFETY: libc's generator, seeded by nothing: no secret is drawn here.
+        let r = unsafe { libc::rand() } as f64 / (libc::RAND_MAX as f64 + 1.0);
+        if r > 0.0 {
+            break r;
+        }
+    };
+    let mean = period.saturating_sub(window).as_secs_f64();
+    Duration::from_secs_f64((-u.ln() * mean).min(mean * 20.0))
 }
 
 /// Reads the code objects of stacks the kernel announced (while their process lives).

@@ -1,0 +1,629 @@
+//! Sampled pymalloc tracing (`--pymalloc sampled`): the pymalloc layer's uprobes are put in
+//! for a short window now and then, as multi-uprobe links, and taken out again; between
+//! windows nothing traps. What a window allocates and does not free stays in the live-block
+//! table as a sample, and whether it is freed later is judged by reading the target's
+//! memory ([`crate::python::heap`]), never trapped.
+//!
+//! Each window bumps a generation (`PYMALLOC_WINDOW[0]`) before its links go in and opens
+//! (`[1] = 1`) once they are in; it closes (`[1] = 0`) before they are taken out, so only
+//! the open interval counts. A call whose return probe left with its window's links is
+//! recognised as stale by its generation. How much of the target's work a window saw is
+//! measured by the events of the layers traced all the time (libc allocations, page
+//! faults) that fall inside windows (`PROGRESS`, see the kernel's `sampling.rs`): the
+//! program does the same things inside a window, only slower, so wall or CPU time would
+//! overstate the share (by 4x in `bytes.py`, pyenv 3.12) where event counts do not.
+
+use std::{collections::HashMap, time::Instant};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, PerCpuHashMap},
+    programs::uprobe::UProbeScope,
+};
+use pyleak_common::{AllocKey, Layer, LiveAlloc, ProbeCookie};
+
+use super::{table, Recorder};
+use crate::{
+    attach::ProbeSpec,
+    multi_uprobe::MultiLink,
+    python::heap::{
+        estimate::{estimate, Design, LiveSample, StackEstimate},
+        size_class, Fingerprint, Heap, Sample, Verdict, VmReader,
+    },
+};
+
+/// Sampled blocks kept at most: past this, no window opens (the report says so).
+pub const MAX_SAMPLES: usize = 200_000;
+
+/// The windows' state, kept by the [`Recorder`] when pymalloc is sampled.
+#[derive(Default)]
+pub struct Windows {
+    /// The pymalloc probes, with the process each is for (`None`: file-wide).
+    probes: Vec<(ProbeSpec, Option<u32>)>,
+    /// The links of the open window.
+    pub(super) links: Vec<MultiLink>,
+    /// The current generation (0 before the first window).
+    generation: u32,
+    /// When the open window opened.
+    pub(super) opened: Option<Instant>,
+    /// Seconds windows were open, in all.
+    pub open_s: f64,
+    /// Windows opened.
+    pub count: u64,
+    /// Seconds spent putting links in and taking them out (pyleak's time, not the
+    /// target's).
+    pub switch_s: f64,
+    /// Per pid: its progress events when its first window opened. Nothing before that
+    /// can be sampled, so the estimates cover from there on.
+    baseline: HashMap<u32, u64>,
+}
+
+/// One block of the pymalloc layer in the live-block table.
+#[derive(Debug, Clone, Copy)]
+pub struct TableBlock {
+    /// Process id.
+    pub pid: u32,
+    /// Block address.
+    pub addr: u64,
+    /// What the kernel recorded.
+    pub block: LiveAlloc,
+    /// Where it is: `Some((slot, key))` in the table, `None` in the overflow map.
+    at: Option<(usize, u64)>,
+}
+
+impl Windows {
+    /// Keeps the pymalloc-layer probes of `probes` for windows (with the process they are
+    /// for) and returns the others.
+    pub fn keep<'a>(&mut self, probes: &'a [ProbeSpec], scope: UProbeScope) -> Vec<&'a ProbeSpec> {
+        let pid = match scope {
+            UProbeScope::OneProcess(pid) => Some(pid.get()),
+            _ => None,
+        };
+        let mut rest = Vec::new();
+        for p in probes {
+            if ProbeCookie::decode(p.cookie).layer == Layer::Pymalloc as u32 {
+                self.probes.push((p.clone(), pid));
+            } else {
+                rest.push(p);
+            }
+        }
+        rest
+    }
+
+    /// Whether a window is open.
+    pub fn is_open(&self) -> bool {
+        self.opened.is_some()
+    }
+}
+
+impl Recorder {
+    /// Whether the pymalloc layer is sampled in windows.
+    pub fn samples_pymalloc(&self) -> bool {
+        self.windows.is_some()
+    }
+
+    /// The windows' state, when pymalloc is sampled.
+    pub fn windows(&self) -> Option<&Windows> {
+        self.windows.as_ref()
+    }
+
+    /// Sets `PYMALLOC_WINDOW[index]`.
+    fn set_window_word(&mut self, index: u32, value: u32) -> anyhow::Result<()> {
+        let mut w: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("PYMALLOC_WINDOW")
+                .context("map PYMALLOC_WINDOW missing")?,
+        )?;
+        w.set(index, value, 0)?;
+        Ok(())
+    }
+
+    /// Opens a window: a new generation, the pymalloc probes in, then counting on.
+    pub fn open_window(&mut self) -> anyhow::Result<()> {
+        let Some(w) = self.windows.as_mut() else {
+            return Ok(());
+        };
+        if w.opened.is_some() || w.probes.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let progress = self.progress();
+        let w = self.windows.as_mut().expect("checked above");
+        // Targets with no event yet start from zero.
+        for pid in w.probes.iter().filter_map(|(_, pid)| *pid) {
+            w.baseline.entry(pid).or_insert(0);
+        }
+        for (&pid, &(all, _)) in &progress {
+            w.baseline.entry(pid).or_insert(all);
+        }
+        w.generation = w.generation.wrapping_add(1).max(1);
+        let generation = w.generation;
+        self.set_window_word(0, generation)?;
+        let w = self.windows.as_mut().expect("checked above");
+        let probes = std::mem::take(&mut w.probes);
+        let mut links = Vec::new();
+        // One scope at a time (a link filters one process, or none).
+        let mut scopes: Vec<Option<u32>> = probes.iter().map(|(_, pid)| *pid).collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        let mut result = Ok(());
+        for pid in scopes {
+            let specs: Vec<ProbeSpec> = probes
+                .iter()
+                .filter(|(_, p)| *p == pid)
+                .map(|(s, _)| s.clone())
+                .collect();
+            // A process that exited since: its probes go, the others stay.
+            match self.link_probes(&specs, pid) {
+                Ok(l) => links.extend(l),
+                Err(e) if pid.is_some_and(|p| !alive(p)) => {
+                    log::debug!("window: process {pid:?} gone: {e}")
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        let w = self.windows.as_mut().expect("checked above");
+        w.probes = probes
+            .into_iter()
+            .filter(|(_, pid)| pid.is_none_or(alive))
+            .collect();
+        w.links = links;
+        w.switch_s += started.elapsed().as_secs_f64();
+        result?;
+        self.set_window_word(1, 1)?;
+        let w = self.windows.as_mut().expect("checked above");
+        w.opened = Some(Instant::now());
+        w.count += 1;
+        Ok(())
+    }
+
+    /// Closes the open window: counting off, then its links taken out on another thread
+    /// (each waits for a grace period; the probes do nothing meanwhile).
+    pub fn close_window(&mut self) -> anyhow::Result<()> {
+        if !self.windows.as_ref().is_some_and(Windows::is_open) {
+            return Ok(());
+        }
+        self.set_window_word(1, 0)?;
+        let w = self.windows.as_mut().expect("checked above");
+        if let Some(t) = w.opened.take() {
+            w.open_s += t.elapsed().as_secs_f64();
+        }
+        let links = std::mem::take(&mut w.links);
+        std::thread::spawn(move || drop(links));
+        Ok(())
+    }
+
+    /// Per traced process: (events of the always-traced layers, those inside windows),
+    /// summed over CPUs.
+    pub fn progress(&self) -> HashMap<u32, (u64, u64)> {
+        let mut out = HashMap::new();
+        let Some(map) = self.ebpf.map("PROGRESS") else {
+            return out;
+        };
+        let Ok(ticks) = PerCpuHashMap::<_, u32, [u64; 2]>::try_from(map) else {
+            return out;
+        };
+        for entry in ticks.iter() {
+            let Ok((pid, per_cpu)) = entry else { break };
+            let (all, inside) = per_cpu
+                .iter()
+                .fold((0, 0), |(a, i), t| (a + t[0], i + t[1]));
+            out.insert(pid, (all, inside));
+        }
+        out
+    }
+
+    /// Every pymalloc-layer block in the live-block table and its overflow map, and the
+    /// allocation time of every libc-layer block by (pid, address).
+    pub fn pymalloc_blocks(&self) -> anyhow::Result<(Vec<TableBlock>, HashMap<(u32, u64), u64>)> {
+        let mut out = Vec::new();
+        let mut libc = HashMap::new();
+        table::for_each_live_slot(
+            self.ebpf
+                .map("LIVE_KEYS")
+                .context("map LIVE_KEYS missing")?,
+            self.ebpf
+                .map("LIVE_VALS")
+                .context("map LIVE_VALS missing")?,
+            |key, block, slot, raw| {
+                if key.layer == Layer::Pymalloc as u32 {
+                    out.push(TableBlock {
+                        pid: key.tgid,
+                        addr: key.addr,
+                        block,
+                        at: Some((slot, raw)),
+                    });
+                } else if key.layer == Layer::Libc as u32 {
+                    libc.insert((key.tgid, key.addr), block.ts_ns);
+                }
+            },
+        )?;
+        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
+            self.ebpf
+                .map("LIVE_ALLOCS")
+                .context("map LIVE_ALLOCS missing")?,
+        )?;
+        for entry in overflow.iter() {
+            let Ok((key, block)) = entry else { break };
+            if key.layer == Layer::Pymalloc as u32 {
+                out.push(TableBlock {
+                    pid: key.tgid,
+                    addr: key.addr,
+                    block,
+                    at: None,
+                });
+            } else if key.layer == Layer::Libc as u32 {
+                libc.insert((key.tgid, key.addr), block.ts_ns);
+            }
+        }
+        Ok((out, libc))
+    }
+
+    /// Removes blocks found freed from the live-block table (a compare-and-swap on the
+    /// slot's key, so a slot a probe has claimed since stays). Returns how many went.
+    pub fn forget_blocks(&mut self, blocks: &[TableBlock]) -> anyhow::Result<usize> {
+        let slots: Vec<(usize, u64)> = blocks.iter().filter_map(|b| b.at).collect();
+        let mut n = table::clear_slots(
+            self.ebpf
+                .map("LIVE_KEYS")
+                .context("map LIVE_KEYS missing")?,
+            &slots,
+        )?;
+        let mut overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("LIVE_ALLOCS")
+                .context("map LIVE_ALLOCS missing")?,
+        )?;
+        for b in blocks.iter().filter(|b| b.at.is_none()) {
+            let key = AllocKey {
+                tgid: b.pid,
+                layer: Layer::Pymalloc as u32,
+                addr: b.addr,
+            };
+            if overflow.remove(&key).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Whether process `pid` still exists.
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// What pyleak knows of the blocks sampled so far, and their estimates.
+#[derive(Default)]
+pub struct SampleBook {
+    /// (pid, address) → (allocation time the kernel recorded, the window it was sampled
+    /// in, its fingerprint): a block at the same address with another time is a new one.
+    known: HashMap<(u32, u64), Known>,
+    /// A reader of each process's heap.
+    heaps: HashMap<u32, Heap<VmReader>>,
+    /// Samples found freed, reused by another object, or unreadable since they were taken.
+    pub freed: u64,
+    /// Samples found reused by another object.
+    pub reused: u64,
+    /// Samples that could not be read when their window closed (dropped).
+    pub unreadable: u64,
+    /// Live-sample estimates per (pid, stack id), as of the last sweep.
+    pub estimates: HashMap<(u32, u64), StackEstimate>,
+    /// Per pid: the share of its progress events inside windows, as of the last sweep.
+    pub duty: HashMap<u32, f64>,
+    /// Whether windows stopped because [`MAX_SAMPLES`] samples were kept.
+    pub full: bool,
+}
+
+struct Known {
+    ts_ns: u64,
+    window: u64,
+    stack_id: u64,
+    size: u64,
+    fingerprint: Fingerprint,
+}
+
+impl Recorder {
+    /// Judges every sampled pymalloc block by reading its process's memory: blocks new
+    /// since the last sweep are fingerprinted (call right after a window closes), known
+    /// ones are judged, and those freed or reused leave the table. Then re-estimates live
+    /// bytes per stack. Processes that are frozen (finalizing) or gone are left as they
+    /// are.
+    pub fn sweep(&mut self) -> anyhow::Result<()> {
+        let Some(w) = self.windows.as_ref() else {
+            return Ok(());
+        };
+        let generation = u64::from(w.generation);
+        let libc_probed = self.opts.layers.contains(Layer::Libc);
+        let (blocks, libc) = self.pymalloc_blocks()?;
+        let pids: Vec<u32> = {
+            let mut p: Vec<u32> = blocks.iter().map(|b| b.pid).collect();
+            p.sort_unstable();
+            p.dedup();
+            p
+        };
+        let mut book = std::mem::take(&mut self.book);
+        let mut dead: Vec<TableBlock> = Vec::new();
+        for pid in pids {
+            if self.is_frozen(pid) || !alive(pid) {
+                continue;
+            }
+            let Some(cpython) = self
+                .pythons
+                .get(&pid)
+                .and_then(|v| parse_version(v))
+                .and_then(crate::python::versions::for_version)
+            else {
+                continue;
+            };
+            let heap = book
+                .heaps
+                .entry(pid)
+                .or_insert_with(|| Heap::for_process(pid, cpython));
+            // Requests above pymalloc's threshold are malloc's blocks: with the libc layer
+            // probed (exactly), such a sample lives while libc's block at its address is
+            // the one made for it (allocated no later than it).
+            let (large, mine): (Vec<&TableBlock>, Vec<&TableBlock>) = blocks
+                .iter()
+                .filter(|b| b.pid == pid)
+                .partition(|b| size_class(b.block.size).is_none());
+            for b in large {
+                if !libc_probed {
+                    continue;
+                }
+                let holds = libc
+                    .get(&(pid, b.addr))
+                    .is_some_and(|&ts| ts <= b.block.ts_ns);
+                if holds {
+                    book.known.entry((pid, b.addr)).or_insert(Known {
+                        ts_ns: b.block.ts_ns,
+                        window: generation,
+                        stack_id: b.block.stack_id,
+                        size: b.block.size,
+                        fingerprint: Fingerprint::default(),
+                    });
+                } else {
+                    book.freed += 1;
+                    book.known.remove(&(pid, b.addr));
+                    dead.push(*b);
+                }
+            }
+            let (old, new): (Vec<&TableBlock>, Vec<&TableBlock>) = mine.into_iter().partition(|b| {
+                book.known
+                    .get(&(pid, b.addr))
+                    .is_some_and(|k| k.ts_ns == b.block.ts_ns)
+            });
+            // New samples: what each holds now.
+            let req: Vec<(u64, u64)> = new.iter().map(|b| (b.addr, b.block.size)).collect();
+            for (b, fp) in new.iter().zip(heap.fingerprint(&req)) {
+                match fp {
+                    Some(fingerprint) => {
+                        book.known.insert(
+                            (pid, b.addr),
+                            Known {
+                                ts_ns: b.block.ts_ns,
+                                window: generation,
+                                stack_id: b.block.stack_id,
+                                size: b.block.size,
+                                fingerprint,
+                            },
+                        );
+                    }
+                    None => {
+                        book.unreadable += 1;
+                        dead.push(**b);
+                    }
+                }
+            }
+            // Known samples: still the block that was sampled?
+            let samples: Vec<Sample> = old
+                .iter()
+                .map(|b| Sample {
+                    addr: b.addr,
+                    size: b.block.size,
+                    fingerprint: book.known[&(pid, b.addr)].fingerprint.clone(),
+                })
+                .collect();
+            for (b, verdict) in old.iter().zip(heap.judge(&samples)) {
+                match verdict {
+                    Verdict::Live | Verdict::Unknown(_) => {}
+                    Verdict::Freed(_) | Verdict::Reused => {
+                        if verdict == Verdict::Reused {
+                            book.reused += 1;
+                        }
+                        book.freed += 1;
+                        book.known.remove(&(pid, b.addr));
+                        dead.push(**b);
+                    }
+                }
+            }
+        }
+        if !dead.is_empty() {
+            self.forget_blocks(&dead)?;
+        }
+        // What is left in the book for blocks the table no longer holds (freed inside a
+        // window, or forgotten) goes too.
+        let present: std::collections::HashSet<(u32, u64)> =
+            blocks.iter().map(|b| (b.pid, b.addr)).collect();
+        let frozen: Vec<u32> = book.known.keys().map(|&(p, _)| p).filter(|&p| self.is_frozen(p)).collect();
+        book.known
+            .retain(|k, _| present.contains(k) || frozen.contains(&k.0));
+        for d in &dead {
+            book.known.remove(&(d.pid, d.addr));
+        }
+        book.full = book.known.len() >= MAX_SAMPLES;
+        self.estimate(&mut book);
+        log::debug!(
+            "sweep after window {generation}: {} blocks in the table, {} samples kept, {} gone ({} freed so far, {} reused, {} unreadable), duty {:?}",
+            blocks.len(),
+            book.known.len(),
+            dead.len(),
+            book.freed,
+            book.reused,
+            book.unreadable,
+            book.duty
+        );
+        self.book = book;
+        Ok(())
+    }
+
+    /// Live bytes per (pid, stack) from the book's samples: each weighted by one over the
+    /// share of its process's progress events that windows covered.
+    fn estimate(&self, book: &mut SampleBook) {
+        let windows = self.windows.as_ref().map_or(0, |w| w.count);
+        book.duty.clear();
+        let baseline = self.windows.as_ref().map(|w| &w.baseline);
+        for (pid, (all, inside)) in self.progress() {
+            let before = baseline.and_then(|b| b.get(&pid)).copied().unwrap_or(0);
+            let all = all.saturating_sub(before);
+            if all > 0 && inside > 0 {
+                book.duty.insert(pid, inside as f64 / all as f64);
+            }
+        }
+        book.estimates.clear();
+        let mut by_pid: HashMap<u32, Vec<LiveSample<u64>>> = HashMap::new();
+        for (&(pid, _), k) in &book.known {
+            by_pid.entry(pid).or_default().push(LiveSample {
+                stack: k.stack_id,
+                size: k.size,
+                window: k.window,
+            });
+        }
+        for (pid, live) in by_pid {
+            let Some(&duty) = book.duty.get(&pid) else {
+                continue;
+            };
+            let design = Design::Windows {
+                opened: windows,
+                duty,
+            };
+            for (stack, e) in estimate(live, design) {
+                book.estimates.insert((pid, stack), e);
+            }
+        }
+    }
+
+    /// The estimates of the last sweep, per (pid, stack id).
+    pub fn book(&self) -> &SampleBook {
+        &self.book
+    }
+}
+
+/// `"3.12"` (or `"3.12.1"`) as a version tuple.
+fn parse_version(v: &str) -> Option<crate::python::versions::PyVersion> {
+    let mut parts = v.split('.');
+    let major = parts.next()?.trim().parse().ok()?;
+    let minor = parts.next()?.trim().parse().ok()?;
+    Some((major, minor))
+}
+
+/// What sampled pymalloc tracing tells the report.
+#[derive(Debug, Clone, Default)]
+pub struct SampledPymalloc {
+    /// Windows opened.
+    pub windows: u64,
+    /// Seconds they were open in all.
+    pub open_s: f64,
+    /// Per pid: the share of its progress events inside windows (an allocation's chance of
+    /// being sampled).
+    pub duty: HashMap<u32, f64>,
+    /// Live samples.
+    pub samples: u64,
+    /// Samples found freed or reused after their window (reused is a part of freed).
+    pub freed: u64,
+    /// Samples found reused by another object.
+    pub reused: u64,
+    /// Samples unreadable when their window closed (dropped).
+    pub unreadable: u64,
+    /// Whether windows stopped at the cap of samples kept.
+    pub full: bool,
+    /// Per (pid, stack id): the estimate.
+    pub estimates: HashMap<(u32, u64), StackEstimate>,
+}
+
+impl Recorder {
+    /// Turns the pymalloc layer's kernel counts (made inside windows only) into estimates
+    /// for the whole recording: every count weighted by one over its process's duty, live
+    /// bytes per stack from the judged samples. No-op unless pymalloc is sampled.
+    pub(super) fn apply_estimates(&self, snap: &mut super::Snapshot) {
+        let Some(w) = self.windows.as_ref() else {
+            return;
+        };
+        let book = &self.book;
+        let weight = |pid: u32| book.duty.get(&pid).map_or(0.0, |d| 1.0 / d);
+        let scale = |n: u64, w: f64| (n as f64 * w).round() as u64;
+        let mut layer = pyleak_common::LayerStats::default();
+        for (&(pid, l, stack), agg) in snap.stacks.iter_mut() {
+            if l != Layer::Pymalloc {
+                continue;
+            }
+            let wt = weight(pid);
+            let est = book.estimates.get(&(pid, stack)).copied().unwrap_or_default();
+            let live_count = (est.samples as f64 * wt).round() as u64;
+            agg.allocs = scale(agg.allocs, wt).max(live_count);
+            agg.alloc_bytes = scale(agg.alloc_bytes, wt).max(est.live_bytes_estimate.round() as u64);
+            agg.frees = agg.allocs - live_count;
+            agg.freed_bytes = agg.alloc_bytes - est.live_bytes_estimate.round() as u64;
+            layer.allocs += agg.allocs;
+            layer.alloc_bytes += agg.alloc_bytes;
+            layer.frees += agg.frees;
+            layer.freed_bytes += agg.freed_bytes;
+        }
+        let s = &mut snap.layer_stats[Layer::Pymalloc as usize];
+        log::debug!(
+            "pymalloc in windows: {} allocs, {} frees; progress {:?}, baseline {:?}",
+            s.allocs,
+            s.frees,
+            self.progress(),
+            w.baseline
+        );
+        s.allocs = layer.allocs;
+        s.alloc_bytes = layer.alloc_bytes;
+        s.frees = layer.frees;
+        s.freed_bytes = layer.freed_bytes;
+        // Frees of blocks from outside windows are most frees here: not a sign of loss.
+        s.unmatched_frees = 0;
+        for (&(pid, l, _), a) in snap.ages.iter_mut() {
+            if l != Layer::Pymalloc {
+                continue;
+            }
+            let wt = weight(pid);
+            a.aged_bytes = scale(a.aged_bytes, wt);
+            a.aged_count = scale(a.aged_count, wt);
+            a.bytes = scale(a.bytes, wt);
+            a.count = scale(a.count, wt);
+        }
+        let mean_weight = if book.duty.is_empty() {
+            0.0
+        } else {
+            book.duty.values().map(|d| 1.0 / d).sum::<f64>() / book.duty.len() as f64
+        };
+        snap.pymalloc_small_live = scale(snap.pymalloc_small_live, mean_weight);
+        snap.sampled = Some(SampledPymalloc {
+            windows: w.count,
+            open_s: w.open_s,
+            duty: book.duty.clone(),
+            samples: book.known.len() as u64,
+            freed: book.freed,
+            reused: book.reused,
+            unreadable: book.unreadable,
+            full: book.full,
+            estimates: book.estimates.clone(),
+        });
+    }
+
+    /// For a growth sample: the pymalloc layer's live bytes per stack are the estimates of
+    /// the last sweep, not the kernel's window-only counts.
+    pub(super) fn sampled_live(&self, live: &mut HashMap<super::StackSlot, u64>) {
+        if self.windows.is_none() {
+            return;
+        }
+        live.retain(|&(_, l, _), _| l != Layer::Pymalloc);
+        for (&(pid, stack), e) in &self.book.estimates {
+            let bytes = e.live_bytes_estimate.round() as u64;
+            if bytes > 0 {
+                live.insert((pid, Layer::Pymalloc, stack), bytes);
+            }
+        }
+    }
+}
