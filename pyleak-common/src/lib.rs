@@ -295,6 +295,8 @@ pub const FLAG_FOR_LIBC: u32 = 4;
 /// is freed; the others carry the time of their CPU's first allocation in the same kernel
 /// tick (see `pyleak-ebpf`'s `alloc_time`).
 pub const FLAG_TIMED: u32 = 8;
+/// Set on a page fault taken while a pymalloc sampling window was open.
+pub const FLAG_IN_WINDOW: u32 = 16;
 /// Set on a stack whose Python frames did not all fit.
 pub const STACK_PY_TRUNCATED: u32 = 1;
 /// Set on a stack whose Python frames could not be read.

@@ -22,9 +22,9 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use crate::{
     maps::{
-        count_drop, pymalloc_generation, pymalloc_window, uprobe_target_active, LAYER_STATS, LIFETIME_HIST, LIVE_ALLOCS, LIVE_KEYS,
-        LIVE_OVERFLOW, LIVE_VALS, SITES, SIZE_HIST, STACK_AGG_SLOT, STACK_STATS, THREADS,
-        TICK_CLOCK,
+        count_drop, pymalloc_generation, pymalloc_window, uprobe_target_active, LAYER_STATS,
+        LIFETIME_HIST, LIVE_ALLOCS, LIVE_KEYS, LIVE_OVERFLOW, LIVE_VALS, SITES, SIZE_HIST,
+        STACK_AGG_SLOT, STACK_STATS, THREADS, TICK_CLOCK,
     },
     stack,
 };
@@ -603,9 +603,6 @@ pub fn record_alloc(tgid: u32, layer: u32, addr: u64, p: &Pending) {
         tgid,
     };
     live_insert(tgid, layer, addr, &live);
-    if crate::sampling::counts_progress(layer) {
-        crate::sampling::progress_event(tgid);
-    }
     if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
         // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
         unsafe {

@@ -131,12 +131,6 @@ static PYMALLOC_SAMPLED: u32 = 0;
 #[map]
 pub static PYMALLOC_WINDOW: Array<u32> = Array::with_max_entries(2, 0);
 
-/// Per traced process: `[events of the always-traced layers, those inside a pymalloc
-/// window]`, per CPU (see `sampling.rs`).
-#[map]
-pub static PROGRESS: PerCpuHashMap<u32, [u64; 2]> =
-    PerCpuHashMap::with_max_entries(TARGETS_ENTRIES, 0);
-
 /// Whether pymalloc is sampled in windows (a constant to the verifier).
 #[inline(always)]
 pub fn pymalloc_sampled() -> bool {

@@ -37,7 +37,6 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
     if address >= USER_MAX {
         return Ok(());
     }
-    crate::sampling::progress_event(tgid);
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let upper = THREADS
         .get_ptr_mut(tid)
@@ -55,7 +54,7 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
         arg2: 0,
         stack_id,
         ts_ns: 0,
-        flags,
+        flags: flags | crate::sampling::window_flag(),
         tid,
     });
     Ok(())

@@ -99,7 +99,7 @@ pub struct RecordArgs {
     /// followed by reading the target's memory; live bytes are estimates (marked ~), at a
     /// few percent of CPU. exact: every call trapped (tests, short runs; 10-25x CPU on
     /// allocation-heavy code).
-    #[arg(long, value_enum, default_value = "sampled")]
+    #[arg(long, value_enum, default_value = "sampled", env = "PYLEAK_PYMALLOC")]
     pub pymalloc: PymallocMode,
     /// How long each pymalloc sampling window stays open.
     #[arg(long, default_value_t = 0.05, value_name = "SECS")]

@@ -414,7 +414,11 @@ impl Recorder {
 
     /// Multi-uprobe links for `probes`, one per (program, file), return programs first; in
     /// process `pid` only, when given. Errors: links are not in use, or the kernel refused.
-    fn link_probes(&self, probes: &[ProbeSpec], pid: Option<u32>) -> anyhow::Result<Vec<MultiLink>> {
+    fn link_probes(
+        &self,
+        probes: &[ProbeSpec],
+        pid: Option<u32>,
+    ) -> anyhow::Result<Vec<MultiLink>> {
         let Uprobes::Multi { programs, .. } = &self.uprobes else {
             anyhow::bail!("multi-uprobe links are not in use");
         };

@@ -131,6 +131,10 @@ pub struct ProcVm {
     pub frozen: bool,
     /// When it froze (`bpf_ktime_get_ns`).
     pub frozen_ns: Option<u64>,
+    /// Pages that became resident in mappings shaped like pymalloc arenas (anonymous,
+    /// exactly an arena long): `[all, those faulted in while a sampling window was open]`.
+    /// The heap growth sampled pymalloc tracing measures its windows against.
+    pub arena_pages: [u64; 2],
 }
 
 impl ProcVm {
@@ -290,7 +294,16 @@ impl VmModel {
                 {
                     return;
                 }
+                let arena = proc.region_at(ev.addr).is_some_and(|r| {
+                    r.origin == Origin::Anonymous && ARENA_SIZES.contains(&r.made_len)
+                });
                 if let std::collections::btree_map::Entry::Vacant(v) = proc.pages.entry(ev.addr) {
+                    if arena {
+                        proc.arena_pages[0] += 1;
+                        if ev.flags & pyleak_common::FLAG_IN_WINDOW != 0 {
+                            proc.arena_pages[1] += 1;
+                        }
+                    }
                     v.insert(Page {
                         stack_id: ev.stack_id,
                         ts_ns: ev.ts_ns,

@@ -7,17 +7,15 @@
 //! Each window bumps a generation (`PYMALLOC_WINDOW[0]`) before its links go in and opens
 //! (`[1] = 1`) once they are in; it closes (`[1] = 0`) before they are taken out, so only
 //! the open interval counts. A call whose return probe left with its window's links is
-//! recognised as stale by its generation. How much of the target's work a window saw is
-//! measured by the events of the layers traced all the time (libc allocations, page
-//! faults) that fall inside windows (`PROGRESS`, see the kernel's `sampling.rs`): the
-//! program does the same things inside a window, only slower, so wall or CPU time would
-//! overstate the share (by 4x in `bytes.py`, pyenv 3.12) where event counts do not.
+//! recognised as stale by its generation. How much of the target's heap growth a window
+//! saw is measured by the pages of arena-shaped mappings faulted in while it was open
+//! ([`Recorder::progress`]): an allocation's chance of being sampled.
 
 use std::{collections::HashMap, time::Instant};
 
 use anyhow::Context as _;
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, PerCpuHashMap},
+    maps::{Array, HashMap as BpfHashMap},
     programs::uprobe::UProbeScope,
 };
 use pyleak_common::{AllocKey, Layer, LiveAlloc, ProbeCookie};
@@ -193,31 +191,25 @@ impl Recorder {
         Ok(())
     }
 
-    /// Per traced process: (events of the always-traced layers, those inside windows),
-    /// summed over CPUs.
+    /// Per traced process: (new resident pages in arena-shaped mappings, those faulted in
+    /// while a window was open). A page of an arena is first written right after the
+    /// allocation that carves it, on the allocating thread, so these pages are slowed with
+    /// the allocations while a window is open and their share inside windows is the share
+    /// of the heap's growth the windows saw; wall or CPU time would overstate it (CPU time
+    /// by 4x in `bytes.py`, pyenv 3.12: a tick that falls in a trap is delivered as the
+    /// trap returns to user mode), and libc events or page faults at large by 1.5x (a dict
+    /// resize's faults come in bursts the traps do not slow).
     pub fn progress(&self) -> HashMap<u32, (u64, u64)> {
-        let mut out = HashMap::new();
-        let Some(map) = self.ebpf.map("PROGRESS") else {
-            return out;
-        };
-        let Ok(ticks) = PerCpuHashMap::<_, u32, [u64; 2]>::try_from(map) else {
-            return out;
-        };
-        for entry in ticks.iter() {
-            let Ok((pid, per_cpu)) = entry else { break };
-            let (all, inside) = per_cpu
-                .iter()
-                .fold((0, 0), |(a, i), t| (a + t[0], i + t[1]));
-            out.insert(pid, (all, inside));
-        }
-        out
+        self.model
+            .procs
+            .iter()
+            .map(|(&pid, p)| (pid, (p.arena_pages[0], p.arena_pages[1])))
+            .collect()
     }
 
-    /// Every pymalloc-layer block in the live-block table and its overflow map, and the
-    /// allocation time of every libc-layer block by (pid, address).
-    pub fn pymalloc_blocks(&self) -> anyhow::Result<(Vec<TableBlock>, HashMap<(u32, u64), u64>)> {
+    /// Every pymalloc-layer block in the live-block table and its overflow map.
+    pub fn pymalloc_blocks(&self) -> anyhow::Result<Vec<TableBlock>> {
         let mut out = Vec::new();
-        let mut libc = HashMap::new();
         table::for_each_live_slot(
             self.ebpf
                 .map("LIVE_KEYS")
@@ -233,8 +225,6 @@ impl Recorder {
                         block,
                         at: Some((slot, raw)),
                     });
-                } else if key.layer == Layer::Libc as u32 {
-                    libc.insert((key.tgid, key.addr), block.ts_ns);
                 }
             },
         )?;
@@ -252,11 +242,9 @@ impl Recorder {
                     block,
                     at: None,
                 });
-            } else if key.layer == Layer::Libc as u32 {
-                libc.insert((key.tgid, key.addr), block.ts_ns);
             }
         }
-        Ok((out, libc))
+        Ok(out)
     }
 
     /// Removes blocks found freed from the live-block table (a compare-and-swap on the
@@ -309,7 +297,7 @@ pub struct SampleBook {
     pub unreadable: u64,
     /// Live-sample estimates per (pid, stack id), as of the last sweep.
     pub estimates: HashMap<(u32, u64), StackEstimate>,
-    /// Per pid: the share of its progress events inside windows, as of the last sweep.
+    /// Per pid: the share of its arena page faults inside windows, as of the last sweep.
     pub duty: HashMap<u32, f64>,
     /// Whether windows stopped because [`MAX_SAMPLES`] samples were kept.
     pub full: bool,
@@ -334,8 +322,7 @@ impl Recorder {
             return Ok(());
         };
         let generation = u64::from(w.generation);
-        let libc_probed = self.opts.layers.contains(Layer::Libc);
-        let (blocks, libc) = self.pymalloc_blocks()?;
+        let blocks = self.pymalloc_blocks()?;
         let pids: Vec<u32> = {
             let mut p: Vec<u32> = blocks.iter().map(|b| b.pid).collect();
             p.sort_unstable();
@@ -360,39 +347,23 @@ impl Recorder {
                 .heaps
                 .entry(pid)
                 .or_insert_with(|| Heap::for_process(pid, cpython));
-            // Requests above pymalloc's threshold are malloc's blocks: with the libc layer
-            // probed (exactly), such a sample lives while libc's block at its address is
-            // the one made for it (allocated no later than it).
+            // Requests above pymalloc's threshold are malloc's blocks, which the libc
+            // layer counts exactly (with their Python stacks): a rare big block weighted by
+            // a window's odds would only add noise, so they leave the sample.
             let (large, mine): (Vec<&TableBlock>, Vec<&TableBlock>) = blocks
                 .iter()
                 .filter(|b| b.pid == pid)
                 .partition(|b| size_class(b.block.size).is_none());
             for b in large {
-                if !libc_probed {
-                    continue;
-                }
-                let holds = libc
-                    .get(&(pid, b.addr))
-                    .is_some_and(|&ts| ts <= b.block.ts_ns);
-                if holds {
-                    book.known.entry((pid, b.addr)).or_insert(Known {
-                        ts_ns: b.block.ts_ns,
-                        window: generation,
-                        stack_id: b.block.stack_id,
-                        size: b.block.size,
-                        fingerprint: Fingerprint::default(),
-                    });
-                } else {
-                    book.freed += 1;
-                    book.known.remove(&(pid, b.addr));
-                    dead.push(*b);
-                }
+                book.known.remove(&(pid, b.addr));
+                dead.push(*b);
             }
-            let (old, new): (Vec<&TableBlock>, Vec<&TableBlock>) = mine.into_iter().partition(|b| {
-                book.known
-                    .get(&(pid, b.addr))
-                    .is_some_and(|k| k.ts_ns == b.block.ts_ns)
-            });
+            let (old, new): (Vec<&TableBlock>, Vec<&TableBlock>) =
+                mine.into_iter().partition(|b| {
+                    book.known
+                        .get(&(pid, b.addr))
+                        .is_some_and(|k| k.ts_ns == b.block.ts_ns)
+                });
             // New samples: what each holds now.
             let req: Vec<(u64, u64)> = new.iter().map(|b| (b.addr, b.block.size)).collect();
             for (b, fp) in new.iter().zip(heap.fingerprint(&req)) {
@@ -445,7 +416,12 @@ impl Recorder {
         // window, or forgotten) goes too.
         let present: std::collections::HashSet<(u32, u64)> =
             blocks.iter().map(|b| (b.pid, b.addr)).collect();
-        let frozen: Vec<u32> = book.known.keys().map(|&(p, _)| p).filter(|&p| self.is_frozen(p)).collect();
+        let frozen: Vec<u32> = book
+            .known
+            .keys()
+            .map(|&(p, _)| p)
+            .filter(|&p| self.is_frozen(p))
+            .collect();
         book.known
             .retain(|k, _| present.contains(k) || frozen.contains(&k.0));
         for d in &dead {
@@ -468,7 +444,7 @@ impl Recorder {
     }
 
     /// Live bytes per (pid, stack) from the book's samples: each weighted by one over the
-    /// share of its process's progress events that windows covered.
+    /// share of its process's arena page faults that windows saw.
     fn estimate(&self, book: &mut SampleBook) {
         let windows = self.windows.as_ref().map_or(0, |w| w.count);
         book.duty.clear();
@@ -524,8 +500,8 @@ pub struct SampledPymalloc {
     pub windows: u64,
     /// Seconds they were open in all.
     pub open_s: f64,
-    /// Per pid: the share of its progress events inside windows (an allocation's chance of
-    /// being sampled).
+    /// Per pid: the share of its arena page faults inside windows (an allocation's chance
+    /// of being sampled).
     pub duty: HashMap<u32, f64>,
     /// Live samples.
     pub samples: u64,
@@ -558,10 +534,15 @@ impl Recorder {
                 continue;
             }
             let wt = weight(pid);
-            let est = book.estimates.get(&(pid, stack)).copied().unwrap_or_default();
+            let est = book
+                .estimates
+                .get(&(pid, stack))
+                .copied()
+                .unwrap_or_default();
             let live_count = (est.samples as f64 * wt).round() as u64;
             agg.allocs = scale(agg.allocs, wt).max(live_count);
-            agg.alloc_bytes = scale(agg.alloc_bytes, wt).max(est.live_bytes_estimate.round() as u64);
+            agg.alloc_bytes =
+                scale(agg.alloc_bytes, wt).max(est.live_bytes_estimate.round() as u64);
             agg.frees = agg.allocs - live_count;
             agg.freed_bytes = agg.alloc_bytes - est.live_bytes_estimate.round() as u64;
             layer.allocs += agg.allocs;
