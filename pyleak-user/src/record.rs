@@ -588,6 +588,8 @@ async fn trace_loop(
             _ = tokio::time::sleep_until(window_at), if rec.samples_pymalloc() => {
                 if rec.windows().is_some_and(|w| w.is_open()) {
                     rec.close_window()?;
+                    // The window's page faults count before its samples are weighed.
+                    rec.drain();
                     if let Err(e) = rec.sweep() {
                         log::warn!("judging pymalloc samples: {e}");
                     }
@@ -615,6 +617,7 @@ async fn trace_loop(
     }
     // The last window closes, and every sample is judged once more while the targets live.
     rec.close_window()?;
+    rec.drain();
     if let Err(e) = rec.sweep() {
         log::warn!("judging pymalloc samples: {e}");
     }

@@ -21,7 +21,7 @@ PER_STEP = 4000
 
 
 def register(i):
-    REGISTRY[i] = (i, "key-%d" % i)  # MARK:registry
+    REGISTRY[i] = (i, "key-" + str(i))  # MARK:registry
 
 
 def registry():

@@ -71,6 +71,9 @@ pub struct Report {
     /// Seconds pyleak spent detaching its uprobes at the end, measured by itself.
     #[serde(default)]
     pub probes_detach_s: f64,
+    /// Sampled pymalloc tracing, when on: the pymalloc figures are then estimates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled_pymalloc: Option<SampledReport>,
 }
 
 /// A (process, layer, stack) whose live memory outlived `min_age_s` or keeps growing.
@@ -105,6 +108,9 @@ pub struct Suspect {
     pub oldest_age_s: f64,
     /// The same Python stack at every layer.
     pub linkage: SuspectLinkage,
+    /// Sampled pymalloc tracing: the estimate behind `live_bytes` (absent when exact).
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
 }
 
 /// One stack's memory at every layer.
@@ -229,6 +235,57 @@ pub struct StackReport {
     /// Growth of live bytes in the recent half of the recording, bytes per second.
     #[serde(default)]
     pub growth_bytes_per_s: f64,
+    /// Sampled pymalloc tracing: the estimate behind `live_bytes`, its standard error and
+    /// the live samples it rests on (absent for exact figures).
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+}
+
+/// A live-bytes estimate of sampled pymalloc tracing (JSON fields of a stack or suspect).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+pub struct Estimate {
+    /// Estimated live bytes (Horvitz–Thompson: each live sample's size over its chance of
+    /// being sampled).
+    pub live_bytes_estimate: f64,
+    /// Its standard error, in bytes.
+    pub live_bytes_stderr: f64,
+    /// Live samples it rests on.
+    pub samples: u64,
+}
+
+impl Estimate {
+    /// Two rows' estimates together (errors add in quadrature).
+    fn add(self, o: Estimate) -> Estimate {
+        Estimate {
+            live_bytes_estimate: self.live_bytes_estimate + o.live_bytes_estimate,
+            live_bytes_stderr: self.live_bytes_stderr.hypot(o.live_bytes_stderr),
+            samples: self.samples + o.samples,
+        }
+    }
+}
+
+/// What sampled pymalloc tracing did (JSON `sampled_pymalloc`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct SampledReport {
+    /// `sampled`.
+    pub mode: String,
+    /// Windows opened.
+    pub windows: u64,
+    /// Seconds they were open, in all.
+    pub window_open_s: f64,
+    /// Per pid: the share of its heap growth (arena pages faulted in) the windows saw, the
+    /// chance of an allocation being sampled.
+    pub inclusion: BTreeMap<u32, f64>,
+    /// Live samples at the end.
+    pub samples: u64,
+    /// Samples found freed later by reading the target (reused ones included).
+    pub freed: u64,
+    /// Of those, found reused by another object.
+    pub reused: u64,
+    /// Samples unreadable when their window closed (dropped).
+    pub unreadable: u64,
+    /// Whether windows stopped because the cap of kept samples was reached.
+    pub capped: bool,
 }
 
 /// Where a probe sits.
@@ -383,12 +440,27 @@ pub fn build(
                 truncated,
                 aged_live_bytes: 0,
                 growth_bytes_per_s: 0.0,
+                estimate: None,
             });
             ages.push(Ages::default());
             rows.len() - 1
         });
         row_of_key.insert((pid, layer, stack_id), i);
         let r = &mut rows[i];
+        if layer == Layer::Pymalloc {
+            if let Some(e) = snap
+                .sampled
+                .as_ref()
+                .and_then(|sp| sp.estimates.get(&(pid, stack_id)))
+            {
+                let e = Estimate {
+                    live_bytes_estimate: e.live_bytes_estimate,
+                    live_bytes_stderr: e.live_bytes_stderr,
+                    samples: e.samples,
+                };
+                r.estimate = Some(r.estimate.unwrap_or_default().add(e));
+            }
+        }
         r.live_bytes += live_bytes;
         r.live_count += live_count;
         r.alloc_bytes += agg.alloc_bytes;
@@ -516,6 +588,7 @@ pub fn build(
             trend: g.trend,
             oldest_age_s: a.oldest_ns as f64 / 1e9,
             linkage: link,
+            estimate: r.estimate,
         });
     }
     analysis::rank(&mut suspects);
@@ -586,6 +659,17 @@ pub fn build(
         probes_attach_s: rec.attach_s,
         // Set once the probes are detached, after the report is built.
         probes_detach_s: 0.0,
+        sampled_pymalloc: snap.sampled.as_ref().map(|sp| SampledReport {
+            mode: "sampled".to_owned(),
+            windows: sp.windows,
+            window_open_s: sp.open_s,
+            inclusion: sp.duty.iter().map(|(&p, &d)| (p, d)).collect(),
+            samples: sp.samples,
+            freed: sp.freed,
+            reused: sp.reused,
+            unreadable: sp.unreadable,
+            capped: sp.full,
+        }),
     }
 }
 
@@ -794,6 +878,7 @@ mod tests {
     /// A small report with Python, mixed and native stacks, as `record` builds them.
     fn sample() -> Report {
         let stack = |layer: &str, frames: &[&str], live: u64, alloc: u64, n: u64| StackReport {
+            estimate: None,
             layer: layer.to_owned(),
             pid: 42,
             frames: frames.iter().map(|f| (*f).to_owned()).collect(),
@@ -908,8 +993,10 @@ mod tests {
             probe_links: "multi-uprobe".to_owned(),
             probes_attach_s: 0.25,
             probes_detach_s: 0.5,
+            sampled_pymalloc: None,
             suspects: vec![
                 Suspect {
+                    estimate: None,
                     layer: "pymalloc".to_owned(),
                     pid: 42,
                     frames: vec![
@@ -935,6 +1022,7 @@ mod tests {
                     },
                 },
                 Suspect {
+                    estimate: None,
                     layer: "pages".to_owned(),
                     pid: 42,
                     frames: vec!["recurse (/srv/app.py:48)".to_owned()],
