@@ -297,6 +297,9 @@ pub const FLAG_FOR_LIBC: u32 = 4;
 pub const FLAG_TIMED: u32 = 8;
 /// Set on a page fault taken while a pymalloc sampling window was open.
 pub const FLAG_IN_WINDOW: u32 = 16;
+/// Set on a page fault taken once the first pymalloc sampling window has opened (from then
+/// on, faults measure what the windows saw).
+pub const FLAG_SAMPLING: u32 = 32;
 /// Set on a stack whose Python frames did not all fit.
 pub const STACK_PY_TRUNCATED: u32 = 1;
 /// Set on a stack whose Python frames could not be read.

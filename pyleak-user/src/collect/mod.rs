@@ -342,6 +342,9 @@ impl Recorder {
             }
         })?;
         self.model.add_process(pid, current_brk(pid));
+        if self.windows.is_some() {
+            self.model.note_earlier_arenas(pid);
+        }
         self.refresh_comm(pid);
         self.targets.push(pid);
         if let Some(cg) = crate::group::of_process(pid) {
@@ -498,6 +501,9 @@ impl Recorder {
         }
         if !self.targets.contains(&pid) {
             self.model.add_process(pid, current_brk(pid));
+            if self.windows.is_some() {
+                self.model.note_earlier_arenas(pid);
+            }
             self.targets.push(pid);
         }
         self.refresh_comm(pid);

@@ -51,9 +51,6 @@ pub struct Windows {
     /// Seconds spent putting links in and taking them out (pyleak's time, not the
     /// target's).
     pub switch_s: f64,
-    /// Per pid: its progress events when its first window opened. Nothing before that
-    /// can be sampled, so the estimates cover from there on.
-    baseline: HashMap<u32, u64>,
 }
 
 /// One block of the pymalloc layer in the live-block table.
@@ -125,15 +122,7 @@ impl Recorder {
             return Ok(());
         }
         let started = Instant::now();
-        let progress = self.progress();
         let w = self.windows.as_mut().expect("checked above");
-        // Targets with no event yet start from zero.
-        for pid in w.probes.iter().filter_map(|(_, pid)| *pid) {
-            w.baseline.entry(pid).or_insert(0);
-        }
-        for (&pid, &(all, _)) in &progress {
-            w.baseline.entry(pid).or_insert(all);
-        }
         w.generation = w.generation.wrapping_add(1).max(1);
         let generation = w.generation;
         self.set_window_word(0, generation)?;
@@ -301,7 +290,13 @@ pub struct SampleBook {
     pub duty: HashMap<u32, f64>,
     /// Whether windows stopped because [`MAX_SAMPLES`] samples were kept.
     pub full: bool,
+    /// The leaf Python frame of each interned stack seen (see [`Recorder::line_of`]).
+    lines: HashMap<u64, Option<(u64, u32)>>,
 }
+
+/// Pages a Python line must have faulted in inside windows for its own share to weigh its
+/// samples (fewer: its process's share).
+pub const MIN_LINE_PAGES: u64 = 20;
 
 struct Known {
     ts_ns: u64,
@@ -443,31 +438,62 @@ impl Recorder {
         Ok(())
     }
 
-    /// Live bytes per (pid, stack) from the book's samples: each weighted by one over the
-    /// share of its process's arena page faults that windows saw.
-    fn estimate(&self, book: &mut SampleBook) {
+    /// Live bytes per (pid, stack) from the book's samples, each weighted by one over its
+    /// chance of being sampled: the share of the heap growth made at its Python line (the
+    /// arena pages faulted in by threads running that line: an object's first write
+    /// follows its allocation on the same line) that windows saw. Threads and lines slowed
+    /// unequally by the traps get their own share; a line with fewer than
+    /// [`MIN_LINE_PAGES`] pages faulted inside windows takes its process's share.
+    fn estimate(&mut self, book: &mut SampleBook) {
         let windows = self.windows.as_ref().map_or(0, |w| w.count);
         book.duty.clear();
-        let baseline = self.windows.as_ref().map(|w| &w.baseline);
         for (pid, (all, inside)) in self.progress() {
-            let before = baseline.and_then(|b| b.get(&pid)).copied().unwrap_or(0);
-            let all = all.saturating_sub(before);
             if all > 0 && inside > 0 {
                 book.duty.insert(pid, inside as f64 / all as f64);
             }
         }
+        // Pages faulted in per (pid, Python line), since each process's first window.
+        let mut pages: HashMap<(u32, Option<(u64, u32)>), [u64; 2]> = HashMap::new();
+        let per_stack: Vec<(u32, u64, [u64; 2])> = self
+            .model
+            .procs
+            .iter()
+            .flat_map(|(&pid, p)| {
+                p.arena_pages_by_stack
+                    .iter()
+                    .map(move |(&s, &n)| (pid, s, n))
+            })
+            .collect();
+        for (pid, stack, n) in per_stack {
+            let line = self.line_of(book, stack);
+            let e = pages.entry((pid, line)).or_default();
+            e[0] += n[0];
+            e[1] += n[1];
+        }
         book.estimates.clear();
-        let mut by_pid: HashMap<u32, Vec<LiveSample<u64>>> = HashMap::new();
-        for (&(pid, _), k) in &book.known {
-            by_pid.entry(pid).or_default().push(LiveSample {
-                stack: k.stack_id,
-                size: k.size,
-                window: k.window,
+        let mut groups: HashMap<(u32, Option<(u64, u32)>), Vec<LiveSample<u64>>> = HashMap::new();
+        let known: Vec<(u32, u64, u64, u64)> = book
+            .known
+            .iter()
+            .map(|(&(pid, _), k)| (pid, k.stack_id, k.size, k.window))
+            .collect();
+        for (pid, stack, size, window) in known {
+            let line = self.line_of(book, stack);
+            groups.entry((pid, line)).or_default().push(LiveSample {
+                stack,
+                size,
+                window,
             });
         }
-        for (pid, live) in by_pid {
-            let Some(&duty) = book.duty.get(&pid) else {
+        for ((pid, line), live) in groups {
+            let Some(&process_duty) = book.duty.get(&pid) else {
                 continue;
+            };
+            let duty = match pages.get(&(pid, line)) {
+                Some(&[all, inside]) if line.is_some() && inside >= MIN_LINE_PAGES => {
+                    inside as f64 / all as f64
+                }
+                _ => process_duty,
             };
             let design = Design::Windows {
                 opened: windows,
@@ -477,6 +503,14 @@ impl Recorder {
                 book.estimates.insert((pid, stack), e);
             }
         }
+    }
+
+    /// The leaf Python frame (code object, instruction) of interned stack `id`, cached.
+    fn line_of(&self, book: &mut SampleBook, id: u64) -> Option<(u64, u32)> {
+        *book.lines.entry(id).or_insert_with(|| {
+            let s = self.stack(id)?;
+            (s.py_len > 0).then(|| (s.py[0].code, s.py[0].lasti))
+        })
     }
 
     /// The estimates of the last sweep, per (pid, stack id).
@@ -552,11 +586,10 @@ impl Recorder {
         }
         let s = &mut snap.layer_stats[Layer::Pymalloc as usize];
         log::debug!(
-            "pymalloc in windows: {} allocs, {} frees; progress {:?}, baseline {:?}",
+            "pymalloc in windows: {} allocs, {} frees; arena pages {:?}",
             s.allocs,
             s.frees,
             self.progress(),
-            w.baseline
         );
         s.allocs = layer.allocs;
         s.alloc_bytes = layer.alloc_bytes;
