@@ -294,6 +294,9 @@ pub struct SampleBook {
     lines: HashMap<u64, Option<(u64, u32)>>,
 }
 
+/// A process and the leaf Python frame (code object, instruction) of a stack, if any.
+type LineKey = (u32, Option<(u64, u32)>);
+
 /// Pages a Python line must have faulted in inside windows for its own share to weigh its
 /// samples (fewer: its process's share).
 pub const MIN_LINE_PAGES: u64 = 20;
@@ -453,7 +456,7 @@ impl Recorder {
             }
         }
         // Pages faulted in per (pid, Python line), since each process's first window.
-        let mut pages: HashMap<(u32, Option<(u64, u32)>), [u64; 2]> = HashMap::new();
+        let mut pages: HashMap<LineKey, [u64; 2]> = HashMap::new();
         let per_stack: Vec<(u32, u64, [u64; 2])> = self
             .model
             .procs
@@ -471,7 +474,7 @@ impl Recorder {
             e[1] += n[1];
         }
         book.estimates.clear();
-        let mut groups: HashMap<(u32, Option<(u64, u32)>), Vec<LiveSample<u64>>> = HashMap::new();
+        let mut groups: HashMap<LineKey, Vec<LiveSample<u64>>> = HashMap::new();
         let known: Vec<(u32, u64, u64, u64)> = book
             .known
             .iter()
