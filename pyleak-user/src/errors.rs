@@ -93,7 +93,7 @@ pub enum UserError {
     #[error("--interval must be a positive number of seconds, not {0}: e.g. `--interval 2`")]
     BadInterval(f64),
     /// `--pymalloc-window`/`--pymalloc-period` out of range.
-    #[error("--pymalloc-window {window} with --pymalloc-period {period}: the window must be above 0 s and shorter than the period (defaults 0.05 and 1)")]
+    #[error("--pymalloc-window {window} with --pymalloc-period {period}: the window must be above 0 s and shorter than the period (defaults 0.05 and 2)")]
     BadWindow {
         /// The window asked for, in seconds.
         window: f64,
