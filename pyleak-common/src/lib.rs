@@ -249,6 +249,11 @@ pub const FLAG_FOR_LIBC: u32 = 4;
 /// is freed; the others carry the time of their CPU's first allocation in the same kernel
 /// tick (see `pyleak-ebpf`'s `alloc_time`).
 pub const FLAG_TIMED: u32 = 8;
+/// Set on a page fault taken while a pymalloc sampling window was open.
+pub const FLAG_IN_WINDOW: u32 = 16;
+/// Set on a page fault taken once the first pymalloc sampling window has opened (from then
+/// on, faults measure what the windows saw).
+pub const FLAG_SAMPLING: u32 = 32;
 /// Set on a stack whose Python frames did not all fit.
 pub const STACK_PY_TRUNCATED: u32 = 1;
 /// Set on a stack whose Python frames could not be read.
@@ -294,8 +299,9 @@ pub struct ThreadState {
     pub calls: [Pending; CALL_LAYERS],
     /// Bit `1 << layer` set while `calls[layer]` is in flight.
     pub active: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// The pymalloc sampling window `calls[Layer::Pymalloc]` began in: a call from an
+    /// earlier window lost its return when the window's links were taken out, and is stale.
+    pub pymalloc_window: u32,
     /// The mmap-family syscall in flight, if `syscall.kind != 0`.
     pub syscall: VmPending,
 }

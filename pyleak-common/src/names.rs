@@ -34,6 +34,8 @@ pub const FROZEN_COUNT: &str = "FROZEN_COUNT";
 pub const PY_PROCS: &str = "PY_PROCS";
 /// Layout templates of group targets' runtimes.
 pub const PY_TEMPLATES: &str = "PY_TEMPLATES";
+/// The pymalloc sampling window: `[generation, open]`.
+pub const PYMALLOC_WINDOW: &str = "PYMALLOC_WINDOW";
 
 /// Setting: native frames kept per stack.
 pub const NATIVE_DEPTH: &str = "NATIVE_DEPTH";
@@ -43,6 +45,8 @@ pub const FILTER_MODE: &str = "FILTER_MODE";
 pub const CGROUP_ID: &str = "CGROUP_ID";
 /// Setting: the traced cgroup's level.
 pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
+/// Setting: 1 when pymalloc is sampled in windows.
+pub const PYMALLOC_SAMPLED: &str = "PYMALLOC_SAMPLED";
 
 /// Entry of every allocating function.
 pub const ALLOC_ENTER: &str = "alloc_enter";
@@ -74,7 +78,8 @@ pub const SYS_EXIT_VM: &str = "sys_exit_vm";
 pub const PAGE_FAULT: &str = "page_fault";
 
 /// Every map name.
-pub const MAPS: [&str; 16] = [
+pub const MAPS: [&str; 17] = [
+    PYMALLOC_WINDOW,
     TARGETS,
     SITES,
     LIVE_KEYS,
@@ -110,4 +115,10 @@ pub const PROGRAMS: [&str; 14] = [
     PAGE_FAULT,
 ];
 /// Every setting (a read-only global).
-pub const SETTINGS: [&str; 4] = [NATIVE_DEPTH, FILTER_MODE, CGROUP_ID, CGROUP_LEVEL];
+pub const SETTINGS: [&str; 5] = [
+    NATIVE_DEPTH,
+    FILTER_MODE,
+    CGROUP_ID,
+    CGROUP_LEVEL,
+    PYMALLOC_SAMPLED,
+];

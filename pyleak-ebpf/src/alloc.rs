@@ -24,7 +24,7 @@ use crate::{
         LIVE_OVERFLOW, LIVE_VALS, SIZE_HIST, STACK_AGG_SLOT, STACK_STATS, THREADS, TICK_CLOCK,
     },
     stack,
-    thread::{thread_state, upper_call},
+    thread::{begun_in, forget_stale_pymalloc, thread_state, upper_call, window_of},
 };
 
 const PAGE_SIZE: u64 = 4096;
@@ -111,11 +111,15 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
     if layer >= CALL_LAYERS || !uprobe_target_active(tgid) {
         return Ok(());
     }
+    let Some(window) = window_of(layer) else {
+        return Ok(());
+    };
     let Some(t) = thread_state(tid) else {
         return Ok(());
     };
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let t = unsafe { &mut *t };
+    forget_stale_pymalloc(t, layer, window);
     if t.active & (1 << layer) != 0 {
         // A call nested in one of the same layer (reallocarray → realloc): the outer call
         // accounts for it.
@@ -174,6 +178,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
         ret_addr_at,
     };
     t.active |= 1 << layer;
+    begun_in(t, layer, window);
     Ok(())
 }
 
@@ -283,13 +288,17 @@ fn try_free_enter(ctx: &ProbeContext) -> Result<(), i32> {
     if addr == 0 || layer >= CALL_LAYERS || !uprobe_target_active(tgid) {
         return Ok(());
     }
+    let Some(window) = window_of(layer) else {
+        return Ok(());
+    };
     // A free made by an allocator of the same layer on its own behalf (inside realloc) is
     // the allocator's to account. glibc's realloc never calls the public free: the libc
     // layer skips the lookup.
     if layer != Layer::Libc as usize {
         // SAFETY: plain data read at once.
         if let Some(t) = unsafe { THREADS.get(tid) } {
-            if t.active & (1 << layer) != 0 {
+            let stale = layer == Layer::Pymalloc as usize && t.pymalloc_window != window;
+            if t.active & (1 << layer) != 0 && !stale {
                 return Ok(());
             }
         }

@@ -14,6 +14,7 @@ mod lifecycle;
 mod maps;
 mod pages;
 mod pystack;
+mod sampling;
 mod sites;
 mod stack;
 mod thread;

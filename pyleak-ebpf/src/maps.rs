@@ -121,6 +121,50 @@ static CGROUP_ID: u64 = 0;
 #[no_mangle]
 static CGROUP_LEVEL: u32 = 0;
 
+/// 1 when the pymalloc layer is sampled in windows (`--pymalloc sampled`): its probes are
+/// attached only while a window is open, and count only while `PYMALLOC_WINDOW` says so.
+#[no_mangle]
+static PYMALLOC_SAMPLED: u32 = 0;
+
+/// `[0]`: the current sampling window's generation (userspace bumps it before each window
+/// opens); `[1]`: 1 while the window is open. Only read when `PYMALLOC_SAMPLED`.
+#[map]
+pub static PYMALLOC_WINDOW: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Whether pymalloc is sampled in windows (a constant to the verifier).
+#[inline(always)]
+pub fn pymalloc_sampled() -> bool {
+    // SAFETY: a read-only global, patched by userspace before load.
+    unsafe { core::ptr::read_volatile(&PYMALLOC_SAMPLED) != 0 }
+}
+
+/// With sampled pymalloc tracing: `Some(generation)` of the open window, `None` when
+/// closed (a probe firing while its link is put in or taken out). Without: `Some(0)`.
+#[inline(always)]
+pub fn pymalloc_window() -> Option<u32> {
+    // SAFETY: a read-only global, patched by userspace before load.
+    if unsafe { core::ptr::read_volatile(&PYMALLOC_SAMPLED) } == 0 {
+        return Some(0);
+    }
+    if PYMALLOC_WINDOW.get(1).is_some_and(|o| *o != 0) {
+        PYMALLOC_WINDOW.get(0).copied()
+    } else {
+        None
+    }
+}
+
+/// The generation a pymalloc call in flight must carry to be current (see
+/// [`pymalloc_window`]); a call from an earlier window lost its return when its link was
+/// taken out.
+#[inline(always)]
+pub fn pymalloc_generation() -> u32 {
+    // SAFETY: a read-only global, patched by userspace before load.
+    if unsafe { core::ptr::read_volatile(&PYMALLOC_SAMPLED) } == 0 {
+        return 0;
+    }
+    PYMALLOC_WINDOW.get(0).copied().unwrap_or(0)
+}
+
 /// The filter mode userspace chose.
 #[inline(always)]
 pub fn filter_mode() -> u32 {

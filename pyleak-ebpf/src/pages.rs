@@ -53,7 +53,7 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
         arg2: 0,
         stack_id,
         ts_ns: 0,
-        flags,
+        flags: flags | crate::sampling::window_flag(),
         tid,
     });
     Ok(())

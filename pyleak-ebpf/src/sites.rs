@@ -14,7 +14,7 @@ use crate::{
     alloc::{cookie, finish, mul, record_free},
     maps::{uprobe_target_active, SITES, THREADS},
     stack,
-    thread::{thread_state, upper_call},
+    thread::{begun_in, forget_stale_pymalloc, thread_state, upper_call, window_of},
 };
 
 /// Register `i` of the probe's register set (numbered as in [`SiteInfo`]), 0 for none.
@@ -98,6 +98,9 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
     if layer >= CALL_LAYERS || !uprobe_target_active(tgid) {
         return Ok(());
     }
+    let Some(window) = window_of(layer) else {
+        return Ok(());
+    };
     let Some(s) = SITES.get(c.stack_delta) else {
         return Ok(());
     };
@@ -116,6 +119,7 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
     };
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let t = unsafe { &mut *t };
+    forget_stale_pymalloc(t, layer, window);
     if t.active & (1 << layer) != 0 && t.calls[layer].join == 0 {
         // Inside a probed call of the same layer (a tracemalloc hook called from the
         // exported PyObject_Malloc): that call accounts for this one, as for nested calls.
@@ -154,6 +158,7 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
         ret_addr_at: 0,
     };
     t.active |= 1 << layer;
+    begun_in(t, layer, window);
     Ok(())
 }
 

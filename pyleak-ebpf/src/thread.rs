@@ -8,7 +8,7 @@ use pyleak_common::{
 };
 
 use crate::{
-    maps::{count_drop, THREADS},
+    maps::{count_drop, pymalloc_generation, pymalloc_window, THREADS},
     stack,
 };
 
@@ -25,6 +25,37 @@ pub fn thread_state(tid: u32) -> Option<*mut ThreadState> {
         count_drop(Drop::ThreadsFull);
     }
     THREADS.get_ptr_mut(tid)
+}
+
+/// The sampling window a probe of `layer` counts in: `Some(0)` for every layer but a
+/// sampled pymalloc, `None` while its window is closed (the probe does nothing then).
+#[inline(always)]
+pub fn window_of(layer: usize) -> Option<u32> {
+    if layer == Layer::Pymalloc as usize {
+        pymalloc_window()
+    } else {
+        Some(0)
+    }
+}
+
+/// Clears a pymalloc call in flight that began in an earlier sampling window: its return
+/// probe was taken out with that window's links before it returned.
+#[inline(always)]
+pub fn forget_stale_pymalloc(t: &mut ThreadState, layer: usize, window: u32) {
+    if layer == Layer::Pymalloc as usize
+        && t.active & (1 << layer) != 0
+        && t.pymalloc_window != window
+    {
+        t.active &= !(1 << layer);
+    }
+}
+
+/// Marks `calls[layer]` as begun in sampling window `window` (pymalloc only).
+#[inline(always)]
+pub fn begun_in(t: &mut ThreadState, layer: usize, window: u32) {
+    if layer == Layer::Pymalloc as usize {
+        t.pymalloc_window = window;
+    }
 }
 
 /// If upper layers' calls are in flight on this thread (malloc inside PyObject_Malloc, mmap
@@ -52,7 +83,10 @@ pub fn upper_call(
         flags |= FLAG_FOR_PYMEM_RAW;
         top = Some(Layer::PymemRaw as usize);
     }
-    if layer > Layer::Pymalloc as usize && t.active & (1 << Layer::Pymalloc as u32) != 0 {
+    if layer > Layer::Pymalloc as usize
+        && t.active & (1 << Layer::Pymalloc as u32) != 0
+        && t.pymalloc_window == pymalloc_generation()
+    {
         flags |= FLAG_FOR_PYMALLOC;
         top = Some(Layer::Pymalloc as usize);
     }

@@ -41,6 +41,15 @@ pub struct ReportArgs {
     pub out: OutputArgs,
 }
 
+/// How the pymalloc layer is traced (see `--pymalloc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PymallocMode {
+    /// Short windows; estimates.
+    Sampled,
+    /// Every call.
+    Exact,
+}
+
 /// `pyleak record`.
 #[derive(Debug, Args)]
 pub struct RecordArgs {
@@ -60,6 +69,21 @@ pub struct RecordArgs {
     /// [default: all with a command, libc,vm,pages otherwise].
     #[arg(long, value_name = "LIST")]
     pub layers: Option<String>,
+    /// How the pymalloc layer is traced. sampled: its probes go in for short windows
+    /// (--pymalloc-window every --pymalloc-period on average) and what survives a window is
+    /// followed by reading the target's memory; live bytes are estimates (marked ~), at a
+    /// few percent of CPU. exact: every call trapped (tests, short runs; 10-25x CPU on
+    /// allocation-heavy code).
+    #[arg(long, value_enum, default_value = "sampled", env = "PYLEAK_PYMALLOC")]
+    pub pymalloc: PymallocMode,
+    /// How long each pymalloc sampling window stays open.
+    #[arg(long, default_value_t = 0.05, value_name = "SECS")]
+    pub pymalloc_window: f64,
+    /// Mean seconds from one pymalloc sampling window to the next (drawn at random, so
+    /// windows do not beat with the program's own period). Each window costs the target
+    /// about 0.1 s of its time however short it is (taking uprobes out is slow).
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    pub pymalloc_period: f64,
     /// Native frames kept per stack, 1 to 32 (1: only the immediate caller; more follow
     /// frame pointers).
     #[arg(long, default_value_t = 32, value_name = "N")]

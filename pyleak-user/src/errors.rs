@@ -99,6 +99,14 @@ pub enum UserError {
     /// `--interval` not a positive number.
     #[error("--interval must be a positive number of seconds, not {0}: e.g. `--interval 2`")]
     BadInterval(f64),
+    /// `--pymalloc-window`/`--pymalloc-period` out of range.
+    #[error("--pymalloc-window {window} with --pymalloc-period {period}: the window must be above 0 s and shorter than the period (defaults 0.05 and 2)")]
+    BadWindow {
+        /// The window asked for, in seconds.
+        window: f64,
+        /// The period asked for, in seconds.
+        period: f64,
+    },
     /// `--min-age` negative.
     #[error("--min-age must be zero or more seconds, not {0}: e.g. `--min-age 1`")]
     BadMinAge(f64),

@@ -144,7 +144,13 @@ pub fn record_json(dir: &Path, args: &[&str]) -> (Value, Output) {
 
 /// Starts `pyleak ARGS` in the background and waits until it says it is tracing.
 pub fn spawn_pyleak(args: &[&str]) -> Child {
+    spawn_pyleak_without_env(args, "PYLEAK_NO_SUCH_VARIABLE")
+}
+
+/// [`spawn_pyleak`] with environment variable `var` taken away.
+pub fn spawn_pyleak_without_env(args: &[&str], var: &str) -> Child {
     let mut child = Command::new(pyleak_bin())
+        .env_remove(var)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -368,21 +374,34 @@ pub fn assert_no_pyleak_programs() {
 /// Attach mode, end to end: starts `target` (which waits for the file `go` before doing
 /// its work, then prints `ready_line`), attaches `pyleak record -p` to it, lets it work,
 /// stops pyleak with Ctrl-C once the line is printed, and returns the JSON report.
-pub fn attach_and_record(mut target: Command, go: &Path, ready_line: &str, json: &Path) -> Value {
+pub fn attach_and_record(target: Command, go: &Path, ready_line: &str, json: &Path) -> Value {
+    attach_and_record_with(target, go, ready_line, json, &[])
+}
+
+/// [`attach_and_record`] with more arguments for `pyleak record`.
+pub fn attach_and_record_with(
+    mut target: Command,
+    go: &Path,
+    ready_line: &str,
+    json: &Path,
+    more: &[&str],
+) -> Value {
     let _ = std::fs::remove_file(go);
     let mut target = target
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting the target");
     let pid = target.id().to_string();
-    let pyleak = spawn_pyleak(&[
+    let mut args = vec![
         "record",
         "-q",
         "-p",
         &pid,
         "--json",
         json.to_str().expect("utf-8 path"),
-    ]);
+    ];
+    args.extend_from_slice(more);
+    let pyleak = spawn_pyleak(&args);
     std::fs::write(go, b"").expect("writing the go file");
     let mut line = String::new();
     let stdout = target.stdout.take().expect("piped stdout");

@@ -5,6 +5,10 @@
 
 GET /leak keeps a 10000-byte body per request forever (the leak, at LEAK_LINE); GET /page/K
 renders page K once into a cache of 40 pages (fills within 40 rounds, then stays flat).
+GET /small keeps SMALL_PER_REQUEST small objects per request (2-tuples of an int and a str,
+at SMALL_LINE): a leak served from pymalloc's arenas.
+
+    py_http_leak.py small-client PORT N    N rounds of GET /small, 25 a second
 """
 import http.server
 import sys
@@ -15,6 +19,8 @@ LEAK_SIZE = 10000
 PAGE_SIZE = 20000
 LEAKED = []
 CACHE = {}
+SMALL_PER_REQUEST = 2000
+SESSIONS = []
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -22,6 +28,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/leak":
             body = bytes(LEAK_SIZE)  # LEAK_LINE
             LEAKED.append(body)
+        elif self.path == "/small":
+            base = len(SESSIONS)
+            for i in range(SMALL_PER_REQUEST):
+                SESSIONS.append((base + i, "session-%d" % (base + i)))  # SMALL_LINE
         else:
             key = self.path
             if key not in CACHE:
@@ -52,8 +62,18 @@ def client(port, rounds):
     print("leak requests: %d" % rounds, flush=True)
 
 
+def small_client(port, rounds):
+    for _ in range(rounds):
+        with urllib.request.urlopen("http://127.0.0.1:%d/small" % port) as r:
+            r.read()
+        time.sleep(0.04)
+    print("small requests: %d" % rounds, flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve()
+    elif sys.argv[1] == "small-client":
+        small_client(int(sys.argv[2]), int(sys.argv[3]))
     else:
         client(int(sys.argv[2]), int(sys.argv[3]))

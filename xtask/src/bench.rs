@@ -265,12 +265,12 @@ fn python_bench(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         args.runs
     );
     println!(
-        "| workload | untraced s | pyleak default (libc,vm,pages) | pyleak + pymalloc | \
-         pyleak + pymalloc, no Python stacks | memray | memray --trace-python-allocators | \
-         stack capture µs/alloc |"
+        "| workload | untraced s | pyleak libc,vm,pages | pyleak sampled pymalloc + libc,vm,pages | \
+         pyleak exact pymalloc (every layer) | pyleak exact, no Python stacks | memray | \
+         memray --trace-python-allocators | stack capture µs/alloc |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    let mut logs = [0f64; 5];
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut logs = [0f64; 6];
     for (name, script) in &workloads {
         let target: Vec<String> = std::iter::once(py.clone())
             .chain(script.iter().cloned())
@@ -293,8 +293,20 @@ fn python_bench(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         let modes = [
             target.clone(),
             pyleak_with(&["--layers", "libc,vm,pages"]),
-            pyleak_with(&["--layers", "all", "--json", &j]),
-            pyleak_with(&["--layers", "all", "--no-python-stacks"]),
+            pyleak_with(&[
+                "--layers",
+                "pymalloc,libc,vm,pages",
+                "--pymalloc",
+                "sampled",
+            ]),
+            pyleak_with(&["--layers", "all", "--pymalloc", "exact", "--json", &j]),
+            pyleak_with(&[
+                "--layers",
+                "all",
+                "--pymalloc",
+                "exact",
+                "--no-python-stacks",
+            ]),
             memray_with(&[]),
             memray_with(&["--trace-python-allocators"]),
         ];
@@ -309,25 +321,26 @@ fn python_bench(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .iter()
             .filter_map(|l| report["layers"][*l]["allocs"].as_f64())
             .sum();
-        let per_alloc_us = (t[2] - t[3]) / allocs.max(1.0) * 1e6;
+        let per_alloc_us = (t[3] - t[4]) / allocs.max(1.0) * 1e6;
         for (k, l) in logs.iter_mut().enumerate() {
             *l += (t[k + 1] / t[0]).ln();
         }
         println!(
-            "| {name} | {:.3} | {:.2}× | {:.1}× | {:.1}× | {:.2}× | {:.2}× | {per_alloc_us:.2} |",
+            "| {name} | {:.3} | {:.2}× | {:.2}× | {:.1}× | {:.1}× | {:.2}× | {:.2}× | {per_alloc_us:.2} |",
             t[0],
             t[1] / t[0],
             t[2] / t[0],
             t[3] / t[0],
             t[4] / t[0],
             t[5] / t[0],
+            t[6] / t[0],
         );
     }
     let n = workloads.len() as f64;
     let g: Vec<f64> = logs.iter().map(|l| (l / n).exp()).collect();
     println!(
-        "| geometric mean | | {:.2}× | {:.1}× | {:.1}× | {:.2}× | {:.2}× | |",
-        g[0], g[1], g[2], g[3], g[4]
+        "| geometric mean | | {:.2}× | {:.2}× | {:.1}× | {:.1}× | {:.2}× | {:.2}× | |",
+        g[0], g[1], g[2], g[3], g[4], g[5]
     );
     Ok(())
 }

@@ -231,6 +231,9 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root())
         .env("PYLEAK_BIN", &bin)
+        // The exactness tests count every pymalloc call; the sampled mode's tests ask for
+        // it with --pymalloc sampled.
+        .env("PYLEAK_PYMALLOC", "exact")
         .args(["test", "--release", "-p", "pyleak-tests", "--"])
         .arg("--test-threads=1");
     if let Some(f) = filter {

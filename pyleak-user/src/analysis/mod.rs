@@ -204,12 +204,27 @@ pub fn analyze(
                 truncated,
                 aged_live_bytes: 0,
                 growth_bytes_per_s: 0.0,
+                estimate: None,
             });
             ages.push(Ages::default());
             rows.len() - 1
         });
         row_of_key.insert((pid, layer, stack_id), i);
         let r = &mut rows[i];
+        if layer == Layer::Pymalloc {
+            if let Some(e) = snap
+                .sampled
+                .as_ref()
+                .and_then(|sp| sp.estimates.get(&(pid, stack_id)))
+            {
+                let e = Estimate {
+                    live_bytes_estimate: e.live_bytes_estimate,
+                    live_bytes_stderr: e.live_bytes_stderr,
+                    samples: e.samples,
+                };
+                r.estimate = Some(r.estimate.unwrap_or_default().add(e));
+            }
+        }
         r.live_bytes += live_bytes;
         r.live_count += live_count;
         r.alloc_bytes += agg.alloc_bytes;
@@ -346,6 +361,7 @@ pub fn analyze(
             trend: g.trend,
             oldest_age_s: a.oldest_ns as f64 / 1e9,
             linkage: link,
+            estimate: r.estimate,
         });
     }
     // Interpreter start-up and imports: memory a Python process made in its first moments
@@ -420,6 +436,17 @@ pub fn analyze(
         // Set once the probes are detached, after the analysis.
         probes_detach_s: 0.0,
         linkage,
+        sampled_pymalloc: snap.sampled.as_ref().map(|sp| SampledReport {
+            mode: "sampled".to_owned(),
+            windows: sp.windows,
+            window_open_s: sp.open_s,
+            inclusion: sp.duty.iter().map(|(&p, &d)| (p, d)).collect(),
+            samples: sp.samples,
+            freed: sp.freed,
+            reused: sp.reused,
+            unreadable: sp.unreadable,
+            capped: sp.full,
+        }),
     }
 }
 

@@ -55,6 +55,56 @@ pub struct Analysis {
     /// Seconds pyleak spent detaching its uprobes at the end, measured by itself.
     #[serde(default)]
     pub probes_detach_s: f64,
+    /// Sampled pymalloc tracing, when on: the pymalloc figures are then estimates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled_pymalloc: Option<SampledReport>,
+}
+
+/// A live-bytes estimate of sampled pymalloc tracing (JSON fields of a stack or suspect).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+pub struct Estimate {
+    /// Estimated live bytes (Horvitz–Thompson: each live sample's size over its chance of
+    /// being sampled).
+    pub live_bytes_estimate: f64,
+    /// Its standard error, in bytes.
+    pub live_bytes_stderr: f64,
+    /// Live samples it rests on.
+    pub samples: u64,
+}
+
+impl Estimate {
+    /// Two rows' estimates together (errors add in quadrature).
+    pub fn add(self, o: Estimate) -> Estimate {
+        Estimate {
+            live_bytes_estimate: self.live_bytes_estimate + o.live_bytes_estimate,
+            live_bytes_stderr: self.live_bytes_stderr.hypot(o.live_bytes_stderr),
+            samples: self.samples + o.samples,
+        }
+    }
+}
+
+/// What sampled pymalloc tracing did (JSON `sampled_pymalloc`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct SampledReport {
+    /// `sampled`.
+    pub mode: String,
+    /// Windows opened.
+    pub windows: u64,
+    /// Seconds they were open, in all.
+    pub window_open_s: f64,
+    /// Per pid: the share of its heap growth (arena pages faulted in) the windows saw, the
+    /// chance of an allocation being sampled (lines with enough pages use their own).
+    pub inclusion: BTreeMap<u32, f64>,
+    /// Live samples at the end.
+    pub samples: u64,
+    /// Samples found freed later by reading the target (reused ones included).
+    pub freed: u64,
+    /// Of those, found reused by another object.
+    pub reused: u64,
+    /// Samples unreadable when their window closed (dropped).
+    pub unreadable: u64,
+    /// Whether windows stopped because the cap of kept samples was reached.
+    pub capped: bool,
 }
 
 /// A (process, layer, stack) whose live memory outlived `min_age_s` or keeps growing.
@@ -89,6 +139,9 @@ pub struct Suspect {
     pub oldest_age_s: f64,
     /// The same Python stack at every layer.
     pub linkage: SuspectLinkage,
+    /// Sampled pymalloc tracing: the estimate behind `live_bytes` (absent when exact).
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
 }
 
 /// One stack's memory at every layer.
@@ -213,6 +266,10 @@ pub struct StackReport {
     /// Growth of live bytes in the recent half of the recording, bytes per second.
     #[serde(default)]
     pub growth_bytes_per_s: f64,
+    /// Sampled pymalloc tracing: the estimate behind `live_bytes`, its standard error and
+    /// the live samples it rests on (absent for exact figures).
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
 }
 
 /// Where a probe sits.

@@ -5,6 +5,7 @@ mod read;
 mod snapshot;
 mod table;
 pub mod vm;
+pub mod window;
 
 use std::{collections::HashMap, num::NonZeroU32, path::Path};
 
@@ -31,7 +32,7 @@ use crate::{
 };
 
 pub use self::snapshot::*;
-use self::vm::VmModel;
+use self::{vm::VmModel, window::Windows};
 
 /// Settings for [`Recorder::load`].
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct RecorderOptions {
     pub bare: bool,
     /// Which processes the kernel counts.
     pub filter: Filter,
+    /// Sample the pymalloc layer in windows rather than trap every call.
+    pub pymalloc_sampled: bool,
 }
 
 /// Which processes the kernel counts, and how uprobes are attached.
@@ -81,6 +84,10 @@ pub struct Recorder {
     pub attach_s: f64,
     /// The tracepoints' links (each one's detach waits for RCU grace periods).
     tracepoint_links: Vec<TracePointLink>,
+    /// Sampled pymalloc tracing's windows, when on.
+    windows: Option<Windows>,
+    /// Sampled pymalloc tracing's samples and estimates.
+    book: window::SampleBook,
     /// The vm and pages layers.
     pub model: VmModel,
     /// Traced processes, in the order they were added.
@@ -145,6 +152,11 @@ impl Recorder {
             .override_global("FILTER_MODE", &mode, true)
             .override_global("CGROUP_ID", &cgroup_id, true)
             .override_global("CGROUP_LEVEL", &cgroup_level, true)
+            .override_global(
+                names::PYMALLOC_SAMPLED,
+                &(opts.pymalloc_sampled as u32),
+                true,
+            )
             .load(EBPF_OBJECT)
             .map_err(|e| UserError::Ebpf(error_chain(&e)))?;
         let uprobes = match load_multi(&ebpf) {
@@ -216,6 +228,10 @@ impl Recorder {
             })?;
             tracepoint_links.push(tp.take_link(id)?);
         }
+        let sampled = opts.pymalloc_sampled && matches!(uprobes, Uprobes::Multi { .. });
+        if opts.pymalloc_sampled && !sampled {
+            eprintln!("pyleak: note: sampled pymalloc tracing needs multi-uprobe links; tracing every pymalloc call instead (--pymalloc exact)");
+        }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
         Ok(Recorder {
             ebpf,
@@ -224,6 +240,8 @@ impl Recorder {
             uprobes,
             attach_s: 0.0,
             tracepoint_links,
+            windows: sampled.then(Windows::default),
+            book: window::SampleBook::default(),
             model: VmModel::default(),
             targets: Vec::new(),
             probes: Vec::new(),
@@ -258,6 +276,9 @@ impl Recorder {
             }
         })?;
         self.model.add_process(pid, current_brk(pid));
+        if self.windows.is_some() {
+            self.model.note_earlier_arenas(pid);
+        }
         self.refresh_comm(pid);
         self.targets.push(pid);
         if let Some(cg) = crate::targets::group::of_process(pid) {
@@ -285,6 +306,59 @@ impl Recorder {
                 sites.set(id, info, 0)?;
             }
         }
+        let now: Vec<&ProbeSpec> = match self.windows.as_mut() {
+            Some(w) => w.keep(probes, scope),
+            None => probes.iter().collect(),
+        };
+        let pid = match scope {
+            UProbeScope::OneProcess(pid) => Some(pid.get()),
+            _ => None,
+        };
+        if let Uprobes::Multi { .. } = self.uprobes {
+            let specs: Vec<ProbeSpec> = now.into_iter().cloned().collect();
+            let new_links = self.link_probes(&specs, pid)?;
+            if let Uprobes::Multi { links, .. } = &mut self.uprobes {
+                links.extend(new_links);
+            }
+        } else {
+            for p in now {
+                for &prog in programs_of(p.role, self.opts.bare) {
+                    let point = UProbeAttachPoint {
+                        location: UProbeAttachLocation::AbsoluteOffset(p.offset),
+                        cookie: Some(p.cookie),
+                    };
+                    let program = uprobe(&mut self.ebpf, prog)?;
+                    let id = program.attach(point, &p.path, scope).map_err(|e| {
+                        anyhow::anyhow!(
+                            "attaching {prog} to {}+{:#x} ({}): {}",
+                            p.path.display(),
+                            p.offset,
+                            p.symbol,
+                            error_chain(&e)
+                        )
+                    })?;
+                    let link = program.take_link(id)?;
+                    if let Uprobes::PerfEvents(links) = &mut self.uprobes {
+                        links.push(link);
+                    }
+                }
+            }
+        }
+        self.probes.extend(probes.iter().cloned());
+        self.attach_s += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Multi-uprobe links for `probes`, one per (program, file), return programs first; in
+    /// process `pid` only, when given. Errors: links are not in use, or the kernel refused.
+    fn link_probes(
+        &self,
+        probes: &[ProbeSpec],
+        pid: Option<u32>,
+    ) -> anyhow::Result<Vec<MultiLink>> {
+        let Uprobes::Multi { programs, .. } = &self.uprobes else {
+            anyhow::bail!("multi-uprobe links are not in use");
+        };
         // (program, returns, file) → its probes in plan order, returns first.
         let mut groups: Vec<(LinkKey, Vec<&ProbeSpec>)> = Vec::new();
         for ret in [true, false] {
@@ -301,45 +375,16 @@ impl Recorder {
                 }
             }
         }
-        let pid = match scope {
-            UProbeScope::OneProcess(pid) => Some(pid.get()),
-            _ => None,
-        };
-        match &mut self.uprobes {
-            Uprobes::Multi { programs, links } => {
-                for ((prog, ret, path), points) in groups {
-                    let offsets: Vec<(u64, u64)> =
-                        points.iter().map(|p| (p.offset, p.cookie)).collect();
-                    let link = programs
-                        .attach(prog, path, &offsets, ret, pid)
-                        .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?;
-                    links.push(link);
-                }
-            }
-            Uprobes::PerfEvents(links) => {
-                for ((prog, _, path), points) in groups {
-                    for p in points {
-                        let (offset, symbol) = (p.offset, p.symbol);
-                        let point = UProbeAttachPoint {
-                            location: UProbeAttachLocation::AbsoluteOffset(offset),
-                            cookie: Some(p.cookie),
-                        };
-                        let program = uprobe(&mut self.ebpf, prog)?;
-                        let id = program.attach(point, path, scope).map_err(|e| {
-                            anyhow::anyhow!(
-                                "attaching {prog} to {}+{offset:#x} ({symbol}): {}",
-                                path.display(),
-                                error_chain(&e)
-                            )
-                        })?;
-                        links.push(program.take_link(id)?);
-                    }
-                }
-            }
+        let mut links = Vec::new();
+        for ((prog, ret, path), points) in groups {
+            let offsets: Vec<(u64, u64)> = points.iter().map(|p| (p.offset, p.cookie)).collect();
+            links.push(
+                programs
+                    .attach(prog, path, &offsets, ret, pid)
+                    .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?,
+            );
         }
-        self.probes.extend(probes.iter().cloned());
-        self.attach_s += started.elapsed().as_secs_f64();
-        Ok(())
+        Ok(links)
     }
 
     /// Detaches every probe placed so far, uprobes and tracepoints; returns how long it
@@ -356,6 +401,10 @@ impl Recorder {
                 close_in_parallel(std::mem::take(links));
             }
             Uprobes::PerfEvents(links) => links.clear(),
+        }
+        if let Some(w) = self.windows.as_mut() {
+            w.opened = None;
+            close_in_parallel(std::mem::take(&mut w.links));
         }
         close_in_parallel(tracepoints);
         started.elapsed().as_secs_f64()
@@ -386,6 +435,9 @@ impl Recorder {
         }
         if !self.targets.contains(&pid) {
             self.model.add_process(pid, current_brk(pid));
+            if self.windows.is_some() {
+                self.model.note_earlier_arenas(pid);
+            }
             self.targets.push(pid);
         }
         self.refresh_comm(pid);

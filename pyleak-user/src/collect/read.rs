@@ -61,6 +61,7 @@ impl Recorder {
                 out.insert(key, live);
             }
         }
+        self.sampled_live(&mut out);
         Ok(Some(out))
     }
 
@@ -217,7 +218,7 @@ impl Recorder {
             let n: u64 = drops_map.get(&(i as u32), 0)?.iter().sum();
             drops.insert(reason.name(), n);
         }
-        Ok(Snapshot {
+        let mut snap = Snapshot {
             layer_stats,
             size_hist,
             stacks,
@@ -226,7 +227,10 @@ impl Recorder {
             ages,
             pymalloc_small_live,
             libc_for_python_live,
-        })
+            sampled: None,
+        };
+        self.apply_estimates(&mut snap);
+        Ok(snap)
     }
 
     /// Reads an interned stack.

@@ -24,6 +24,9 @@ pub struct Snapshot {
     pub pymalloc_small_live: u64,
     /// Live libc bytes allocated on behalf of pymalloc or PyMem_Raw.
     pub libc_for_python_live: u64,
+    /// With sampled pymalloc tracing: its windows, samples and estimates (the pymalloc
+    /// figures above are then estimates for the whole recording).
+    pub sampled: Option<super::window::SampledPymalloc>,
 }
 
 /// One (pid, layer, stack).

@@ -19,6 +19,15 @@ struct Mapped<T> {
 
 impl<T> Mapped<T> {
     fn new(map: &Map, name: &str, len: usize) -> anyhow::Result<Self> {
+        Self::map(map, name, len, libc::PROT_READ)
+    }
+
+    /// A shared read-write mapping (for [`clear_slots`]).
+    fn new_writable(map: &Map, name: &str, len: usize) -> anyhow::Result<Self> {
+        Self::map(map, name, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    fn map(map: &Map, name: &str, len: usize, prot: libc::c_int) -> anyhow::Result<Self> {
         let Map::Array(data) = map else {
             bail!("map {name} is not an array");
         };
@@ -32,7 +41,7 @@ impl<T> Mapped<T> {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                libc::PROT_READ,
+                prot,
                 libc::MAP_SHARED,
                 data.fd().as_fd().as_raw_fd(),
                 0,
@@ -63,11 +72,12 @@ impl<T> Drop for Mapped<T> {
     }
 }
 
-/// Calls `f` with every block the table holds.
-pub fn for_each_live(
+/// Calls `f` with every block the table holds, its slot (`bucket * LIVE_BUCKET_SLOTS +
+/// i`) and its raw key (for [`clear_slots`]).
+pub fn for_each_live_slot(
     keys: &Map,
     vals: &Map,
-    mut f: impl FnMut(AllocKey, LiveAlloc),
+    mut f: impl FnMut(AllocKey, LiveAlloc, usize, u64),
 ) -> anyhow::Result<()> {
     let buckets = LIVE_TABLE_BUCKETS as usize;
     let keys: Mapped<LiveBucket> = Mapped::new(keys, "LIVE_KEYS", buckets)?;
@@ -78,7 +88,8 @@ pub fn for_each_live(
             if k == 0 {
                 continue;
             }
-            let v = vals.get(b * LIVE_BUCKET_SLOTS + i);
+            let slot = b * LIVE_BUCKET_SLOTS + i;
+            let v = vals.get(slot);
             let (layer, addr) = live_key_parts(k);
             f(
                 AllocKey {
@@ -87,8 +98,48 @@ pub fn for_each_live(
                     addr,
                 },
                 v,
+                slot,
+                k,
             );
         }
     }
     Ok(())
+}
+
+/// Frees table slots `(slot, key)` whose key is still `key`, with a compare-and-swap as
+/// the probes do (a slot claimed again since keeps its new block). Returns how many were
+/// freed.
+pub fn clear_slots(keys: &Map, slots: &[(usize, u64)]) -> anyhow::Result<usize> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    if slots.is_empty() {
+        return Ok(0);
+    }
+    let buckets = LIVE_TABLE_BUCKETS as usize;
+    let map: Mapped<LiveBucket> = Mapped::new_writable(keys, "LIVE_KEYS", buckets)?;
+    let mut n = 0;
+    for &(slot, key) in slots {
+        let (b, i) = (slot / LIVE_BUCKET_SLOTS, slot % LIVE_BUCKET_SLOTS);
+        assert!(b < buckets);
+        // SAFETY: in bounds of the shared writable mapping; the key words are 8-aligned
+        // and the probes change them only atomically too.
+        let word = unsafe {
+            AtomicU64::from_ptr((map.ptr as *mut LiveBucket).add(b).cast::<u64>().add(i))
+        };
+        if word
+            .compare_exchange(key, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Calls `f` with every block the table holds.
+pub fn for_each_live(
+    keys: &Map,
+    vals: &Map,
+    mut f: impl FnMut(AllocKey, LiveAlloc),
+) -> anyhow::Result<()> {
+    for_each_live_slot(keys, vals, |key, block, _, _| f(key, block))
 }

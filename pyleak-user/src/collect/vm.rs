@@ -131,6 +131,38 @@ pub struct ProcVm {
     pub frozen: bool,
     /// When it froze (`bpf_ktime_get_ns`).
     pub frozen_ns: Option<u64>,
+    /// Pages that became resident in mappings shaped like pymalloc arenas (anonymous,
+    /// exactly an arena long) since the first sampling window opened: `[all, those
+    /// faulted in while a window was open]`.
+    /// The heap growth sampled pymalloc tracing measures its windows against.
+    pub arena_pages: [u64; 2],
+    /// Arena-shaped mappings the process had before tracing began (`[start, end)`): their
+    /// pages not yet touched are heap growth too.
+    pub earlier_arenas: Vec<(u64, u64)>,
+    /// `arena_pages` by the stack of the faulting thread.
+    pub arena_pages_by_stack: HashMap<u64, [u64; 2]>,
+}
+
+/// The arena-shaped mappings of a `/proc/PID/maps` text: anonymous (no path), private,
+/// writable, exactly an `ARENA_SIZES` long.
+fn earlier_arenas(maps: &str) -> Vec<(u64, u64)> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (start, end) = f.next()?.split_once('-')?;
+            let perms = f.next()?;
+            let path = f.nth(3).unwrap_or("");
+            let (start, end) = (
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            );
+            (path.is_empty()
+                && perms.starts_with("rw")
+                && perms.ends_with('p')
+                && ARENA_SIZES.contains(&(end - start)))
+            .then_some((start, end))
+        })
+        .collect()
 }
 
 impl ProcVm {
@@ -204,6 +236,16 @@ impl VmModel {
         if p.brk.is_none() {
             p.brk = brk;
         }
+    }
+
+    /// Notes the arena-shaped mappings `pid` has now (anonymous, private, writable,
+    /// exactly an arena long, from `/proc/PID/maps`), made before tracing began.
+    pub fn note_earlier_arenas(&mut self, pid: u32) {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            return;
+        };
+        let p = self.procs.entry(pid).or_default();
+        p.earlier_arenas = earlier_arenas(&maps);
     }
 
     /// Applies one event from the kernel.
@@ -290,7 +332,22 @@ impl VmModel {
                 {
                     return;
                 }
+                let arena = match proc.region_at(ev.addr) {
+                    Some(r) => r.origin == Origin::Anonymous && ARENA_SIZES.contains(&r.made_len),
+                    None => proc
+                        .earlier_arenas
+                        .iter()
+                        .any(|&(s, e)| (s..e).contains(&ev.addr)),
+                };
                 if let std::collections::btree_map::Entry::Vacant(v) = proc.pages.entry(ev.addr) {
+                    if arena && ev.flags & pyleak_common::FLAG_SAMPLING != 0 {
+                        let inside = u64::from(ev.flags & pyleak_common::FLAG_IN_WINDOW != 0);
+                        proc.arena_pages[0] += 1;
+                        proc.arena_pages[1] += inside;
+                        let by = proc.arena_pages_by_stack.entry(ev.stack_id).or_default();
+                        by[0] += 1;
+                        by[1] += inside;
+                    }
                     v.insert(Page {
                         stack_id: ev.stack_id,
                         ts_ns: ev.ts_ns,
@@ -359,6 +416,7 @@ impl VmModel {
     fn unmap(&mut self, pid: u32, start: u64, len: u64, count_call: bool) -> u64 {
         let end = start.saturating_add(len);
         let proc = self.procs.entry(pid).or_default();
+        proc.earlier_arenas.retain(|&(s, e)| e <= start || s >= end);
         let cut = cut_range(&mut proc.regions, start, end);
         let mut released = 0;
         for (piece_start, r) in &cut {
@@ -530,6 +588,24 @@ fn cut_range(regions: &mut BTreeMap<u64, Region>, start: u64, end: u64) -> Vec<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arena_shaped_mappings_from_proc_maps() {
+        let maps = "\
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n\
+7f0000100000-7f0000140000 rw-p 00000000 00:00 0 \n\
+7f0000140000-7f0000240000 r--p 00000000 00:00 0 \n\
+7f0000240000-7f0000340000 rw-s 00000000 00:01 5 /dev/zero (deleted)\n\
+7f0000340000-7f0000440000 rw-p 00000000 08:01 7 /usr/lib/x.so\n\
+7f0000440000-7f0000480001 rw-p 00000000 00:00 0 \n";
+        assert_eq!(
+            earlier_arenas(maps),
+            vec![
+                (0x7f0000000000, 0x7f0000100000),
+                (0x7f0000100000, 0x7f0000140000)
+            ]
+        );
+    }
 
     fn ev(kind: VmKind, addr: u64, len: u64, arg: u64, arg2: u64, stack: u64) -> VmEvent {
         VmEvent {

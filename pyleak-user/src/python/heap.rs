@@ -234,9 +234,12 @@ impl PoolHeader {
     }
 }
 
-/// What a pool's header alone says about its blocks of class `szidx`, or None when the
-/// block must be looked up in the pool.
-fn pool_says(hdr: &[u8], pool_size: u64, szidx: u32) -> Option<Verdict> {
+/// What a pool's header alone says about a block requested with `size` bytes, or None when
+/// the block must be looked up in the pool. A block may sit in a pool of a larger class
+/// than its request's: `pymalloc_realloc` shrinks in place while the new size is above
+/// three quarters of the block (`Objects/obmalloc.c`), as `str` formatting does.
+fn pool_says(hdr: &[u8], pool_size: u64, size: u64) -> Option<Verdict> {
+    let szidx = size_class(size).unwrap_or(u32::MAX);
     if hdr.iter().all(|&b| b == 0) {
         return Some(Verdict::Freed(Freed::PoolUnused));
     }
@@ -250,7 +253,8 @@ fn pool_says(hdr: &[u8], pool_size: u64, szidx: u32) -> Option<Verdict> {
     if !h.consistent(pool_size) {
         return Some(Verdict::Freed(Freed::NotAPool));
     }
-    (h.szidx != szidx).then_some(Verdict::Freed(Freed::PoolReassigned))
+    let shrunk_in_place = h.szidx > szidx && 4 * size > 3 * h.block();
+    (h.szidx != szidx && !shrunk_in_place).then_some(Verdict::Freed(Freed::PoolReassigned))
 }
 
 /// The blocks on the free list of a copy of a used pool (`pool` read from its start up to
@@ -491,8 +495,7 @@ impl<M: ReadMemory> Heap<M> {
                 Ok(hdr) => {
                     let mut needs_pool = false;
                     for &i in members {
-                        let szidx = size_class(samples[i].size).unwrap_or(u32::MAX);
-                        match pool_says(&hdr, pool_size, szidx) {
+                        match pool_says(&hdr, pool_size, samples[i].size) {
                             Some(v) => verdicts[i] = v,
                             None => needs_pool = true,
                         }
@@ -544,8 +547,7 @@ impl<M: ReadMemory> Heap<M> {
         let free = header.and_then(|_| free_blocks(copy, pool, pool_size));
         for &i in members {
             let s = &samples[i];
-            let szidx = size_class(s.size).unwrap_or(u32::MAX);
-            if let Some(v) = pool_says(copy, pool_size, szidx) {
+            if let Some(v) = pool_says(copy, pool_size, s.size) {
                 verdicts[i] = v;
                 continue;
             }

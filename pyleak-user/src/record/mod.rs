@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pyleak_common::{PyProc, MAX_NATIVE_FRAMES};
+use pyleak_common::{Layer, PyProc, MAX_NATIVE_FRAMES};
 
 use self::{
     follow::Group,
@@ -29,7 +29,7 @@ use crate::{
         elf::ElfFile,
         plan::{warn_missing, Planner},
     },
-    cli::RecordArgs,
+    cli::{PymallocMode, RecordArgs},
     collect::{frames::frames_of_all, Filter, Recorder, RecorderOptions, Snapshot},
     errors::UserError,
     layers::LayerSet,
@@ -133,13 +133,27 @@ fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(UserError::NotRoot.into());
     }
-    // Launching: every layer. Attaching: not the pymalloc layers, which cost a trap per
-    // Python allocation in a service that did not ask for it.
+    // Launching: every layer. Attaching: pymalloc when it is sampled (a few percent of
+    // CPU), not pymem_raw; not pymalloc at all when every call would trap.
+    let sampled = args.pymalloc == PymallocMode::Sampled && !args.bare;
+    let attaching = args.target.command.is_empty();
     let layers = match &args.layers {
         Some(l) => LayerSet::parse(l)?,
-        None if args.target.command.is_empty() => LayerSet::parse("libc,vm,pages")?,
+        None if attaching && sampled => LayerSet::parse("pymalloc,libc,vm,pages")?,
+        None if attaching => LayerSet::parse("libc,vm,pages")?,
         None => LayerSet::ALL,
     };
+    if sampled
+        && !(args.pymalloc_window > 0.0
+            && args.pymalloc_period > args.pymalloc_window
+            && args.pymalloc_period.is_finite())
+    {
+        return Err(UserError::BadWindow {
+            window: args.pymalloc_window,
+            period: args.pymalloc_period,
+        }
+        .into());
+    }
     let target = Target::from_args(&args.target)?;
     let render = report::Render::from_args(&args.out)?;
     if !(args.interval > 0.0 && args.interval.is_finite()) {
@@ -187,6 +201,9 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         native_depth: args.native_depth.clamp(1, MAX_NATIVE_FRAMES as u32),
         bare: args.bare,
         filter,
+        pymalloc_sampled: args.pymalloc == PymallocMode::Sampled
+            && !args.bare
+            && layers.contains(Layer::Pymalloc),
     };
     let rec = Recorder::load(opts)?;
     let group = match &plan.target {
@@ -341,7 +358,9 @@ fn start(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Result<()> 
         } else {
             "one perf event each"
         },
-        if args.layers.is_none() && args.target.command.is_empty() && !args.bare {
+        if rec.samples_pymalloc() {
+            " (pymalloc sampled in windows: its live bytes are estimates; --pymalloc exact traps every call, 10-60x CPU on allocation-heavy code)"
+        } else if args.layers.is_none() && args.target.command.is_empty() && !args.bare {
             " (add the Python allocator layers with --layers all: a trap per Python allocation)"
         } else {
             ""

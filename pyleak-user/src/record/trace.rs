@@ -89,6 +89,11 @@ pub async fn trace_loop(
     if let Follow::Pids(runtimes) = &mut follow {
         runtimes.refresh(rec, syms);
     }
+    let window = Duration::from_secs_f64(args.pymalloc_window);
+    let period = Duration::from_secs_f64(args.pymalloc_period);
+    // The first window, like every other, opens after a random wait: a window pinned to the
+    // start would always see the interpreter's start-up, whose mix of events is its own.
+    let mut window_at = tokio::time::Instant::now() + next_gap(period, window);
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -156,6 +161,22 @@ pub async fn trace_loop(
             _ = async { tokio::time::sleep_until(sleep_until.unwrap_or_else(tokio::time::Instant::now)).await }, if sleep_until.is_some() => {
                 break End::Duration;
             }
+            _ = tokio::time::sleep_until(window_at), if rec.samples_pymalloc() => {
+                if rec.windows().is_some_and(|w| w.is_open()) {
+                    rec.close_window()?;
+                    // The window's page faults count before its samples are weighed.
+                    rec.drain();
+                    if let Err(e) = rec.sweep() {
+                        log::warn!("judging pymalloc samples: {e}");
+                    }
+                    window_at = tokio::time::Instant::now() + next_gap(period, window);
+                } else if rec.book().full {
+                    window_at = tokio::time::Instant::now() + period;
+                } else {
+                    rec.open_window()?;
+                    window_at = tokio::time::Instant::now() + window;
+                }
+            }
             _ = sigint.recv() => break End::Signal,
             _ = sigterm.recv() => break End::Signal,
             code = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
@@ -169,6 +190,12 @@ pub async fn trace_loop(
     };
     if status_tty && !args.quiet && sampler.view == View::StatusLine {
         eprintln!();
+    }
+    // The last window closes, and every sample is judged once more while the targets live.
+    rec.close_window()?;
+    rec.drain();
+    if let Err(e) = rec.sweep() {
+        log::warn!("judging pymalloc samples: {e}");
     }
     // The last moment counts for growth too.
     rec.drain();
@@ -188,6 +215,21 @@ pub async fn trace_loop(
     }
     rec.drain();
     Ok(end)
+}
+
+/// The wait from one window's close to the next window's opening: exponential, so window
+/// starts form a Poisson process of mean interval `period` (no beat with the program's own
+/// period), less the window itself.
+fn next_gap(period: Duration, window: Duration) -> Duration {
+    let u = loop {
+        // SAFETY: libc's generator, seeded by nothing: no secret is drawn here.
+        let r = unsafe { libc::rand() } as f64 / (libc::RAND_MAX as f64 + 1.0);
+        if r > 0.0 {
+            break r;
+        }
+    };
+    let mean = period.saturating_sub(window).as_secs_f64();
+    Duration::from_secs_f64((-u.ln() * mean).min(mean * 20.0))
 }
 
 /// One line on stderr: elapsed, events per second, live bytes per layer.

@@ -13,6 +13,7 @@ use crate::{
 /// A small report with Python, mixed and native stacks, as `record` builds them.
 fn sample() -> Analysis {
     let stack = |layer: &str, frames: &[&str], live: u64, alloc: u64, n: u64| StackReport {
+        estimate: None,
         layer: layer.to_owned(),
         pid: 42,
         frames: frames.iter().map(|f| (*f).to_owned()).collect(),
@@ -127,8 +128,10 @@ fn sample() -> Analysis {
         probe_links: "multi-uprobe".to_owned(),
         probes_attach_s: 0.25,
         probes_detach_s: 0.5,
+        sampled_pymalloc: None,
         suspects: vec![
             Suspect {
+                estimate: None,
                 layer: "pymalloc".to_owned(),
                 pid: 42,
                 frames: vec![
@@ -154,6 +157,7 @@ fn sample() -> Analysis {
                 },
             },
             Suspect {
+                estimate: None,
                 layer: "pages".to_owned(),
                 pid: 42,
                 frames: vec!["recurse (/srv/app.py:48)".to_owned()],
@@ -174,6 +178,7 @@ fn sample() -> Analysis {
             },
         ],
         startup: vec![Suspect {
+            estimate: None,
             layer: "pymalloc".to_owned(),
             pid: 42,
             frames: vec![

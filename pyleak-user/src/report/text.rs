@@ -12,6 +12,36 @@ const TOP_STACKS: usize = 10;
 /// How many frames (leaf end) each listed stack shows.
 const FRAMES_SHOWN: usize = 8;
 
+/// `bytes`, marked `~` when it is a sampled estimate.
+fn approx(estimated: bool, bytes: u64) -> String {
+    if estimated {
+        format!("~{}", human_bytes(bytes))
+    } else {
+        human_bytes(bytes)
+    }
+}
+
+/// A block count, marked `~` when it is a sampled estimate.
+fn approx_count(estimated: bool, n: u64) -> String {
+    if estimated {
+        format!("~{n}")
+    } else {
+        n.to_string()
+    }
+}
+
+/// `, ±stderr from N samples` for an estimate.
+fn margin(e: Option<crate::analysis::Estimate>) -> String {
+    match e {
+        Some(e) => format!(
+            " (±{} from {} samples)",
+            human_bytes(e.live_bytes_stderr.round() as u64),
+            e.samples
+        ),
+        None => String::new(),
+    }
+}
+
 /// Writes the summary: a table of layers, lost events, the stacks holding most live memory.
 pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     let procs: Vec<String> = report
@@ -133,6 +163,28 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
             report.probes_detach_s
         )?;
     }
+    if let Some(sp) = &report.sampled_pymalloc {
+        let inclusion: Vec<String> = sp
+            .inclusion
+            .iter()
+            .map(|(pid, p)| format!("{:.2}% for pid {pid}", p * 100.0))
+            .collect();
+        writeln!(
+            out,
+            "pymalloc sampled: {} windows ({:.2} s open) saw {} of the heap's growth; {} samples live, {} found freed ({} reused by other objects){}; pymalloc figures marked ~ are estimates, requests above 512 B are counted exactly in libc (--pymalloc exact traps every call)",
+            sp.windows,
+            sp.window_open_s,
+            if inclusion.is_empty() {
+                "none".to_owned()
+            } else {
+                inclusion.join(", ")
+            },
+            sp.samples,
+            sp.freed,
+            sp.reused,
+            if sp.capped { "; sample cap reached, no more windows" } else { "" }
+        )?;
+    }
     linkage(report, out)?;
     suspects(report, out)?;
     startup(report, out)?;
@@ -150,10 +202,11 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     for s in top {
         writeln!(
             out,
-            "  {:<9} {:>10} live in {} (pid {}, {} allocated){}",
+            "  {:<9} {:>10} live in {}{} (pid {}, {} allocated){}",
             s.layer,
-            human_bytes(s.live_bytes),
-            s.live_count,
+            approx(s.estimate.is_some(), s.live_bytes),
+            approx_count(s.estimate.is_some(), s.live_count),
+            margin(s.estimate),
             s.pid,
             human_bytes(s.alloc_bytes),
             if s.truncated { " [truncated]" } else { "" }
@@ -275,11 +328,12 @@ fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         };
         writeln!(
             out,
-            "  #{} {:<9} {:>10} live in {} ({} older than {} s, oldest {:.1} s), {}, pid {}",
+            "  #{} {:<9} {:>10} live in {}{} ({} older than {} s, oldest {:.1} s), {}, pid {}",
             i + 1,
             s.layer,
-            human_bytes(s.live_bytes),
-            s.live_count,
+            approx(s.estimate.is_some(), s.live_bytes),
+            approx_count(s.estimate.is_some(), s.live_count),
+            margin(s.estimate),
             human_bytes(s.aged_live_bytes),
             report.min_age_s,
             s.oldest_age_s,

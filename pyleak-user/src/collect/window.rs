@@ -1,0 +1,662 @@
+//! Sampled pymalloc tracing (`--pymalloc sampled`): the pymalloc layer's uprobes are put in
+//! for a short window now and then, as multi-uprobe links, and taken out again; between
+//! windows nothing traps. What a window allocates and does not free stays in the live-block
+//! table as a sample, and whether it is freed later is judged by reading the target's
+//! memory ([`crate::python::heap`]), never trapped.
+//!
+//! Each window bumps a generation (`PYMALLOC_WINDOW[0]`) before its links go in and opens
+//! (`[1] = 1`) once they are in; it closes (`[1] = 0`) before they are taken out, so only
+//! the open interval counts. A call whose return probe left with its window's links is
+//! recognised as stale by its generation. How much of the target's heap growth a window
+//! saw is measured by the pages of arena-shaped mappings faulted in while it was open
+//! ([`Recorder::progress`]): an allocation's chance of being sampled.
+
+use std::{collections::HashMap, time::Instant};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{Array, HashMap as BpfHashMap},
+    programs::uprobe::UProbeScope,
+};
+use pyleak_common::{names, AllocKey, Layer, LiveAlloc, ProbeCookie};
+
+use super::{table, Recorder};
+use crate::{
+    attach::ProbeSpec,
+    multi_uprobe::MultiLink,
+    python::heap::{
+        estimate::{estimate, Design, LiveSample, StackEstimate},
+        size_class, Fingerprint, Heap, Sample, Verdict, VmReader,
+    },
+};
+
+/// Sampled blocks kept at most: past this, no window opens (the report says so).
+pub const MAX_SAMPLES: usize = 200_000;
+
+/// The windows' state, kept by the [`Recorder`] when pymalloc is sampled.
+#[derive(Default)]
+pub struct Windows {
+    /// The pymalloc probes, with the process each is for (`None`: file-wide).
+    probes: Vec<(ProbeSpec, Option<u32>)>,
+    /// The links of the open window.
+    pub(super) links: Vec<MultiLink>,
+    /// The current generation (0 before the first window).
+    generation: u32,
+    /// When the open window opened.
+    pub(super) opened: Option<Instant>,
+    /// Seconds windows were open, in all.
+    pub open_s: f64,
+    /// Windows opened.
+    pub count: u64,
+    /// Seconds spent putting links in and taking them out (pyleak's time, not the
+    /// target's).
+    pub switch_s: f64,
+}
+
+/// One block of the pymalloc layer in the live-block table.
+#[derive(Debug, Clone, Copy)]
+pub struct TableBlock {
+    /// Process id.
+    pub pid: u32,
+    /// Block address.
+    pub addr: u64,
+    /// What the kernel recorded.
+    pub block: LiveAlloc,
+    /// Where it is: `Some((slot, key))` in the table, `None` in the overflow map.
+    at: Option<(usize, u64)>,
+}
+
+impl Windows {
+    /// Keeps the pymalloc-layer probes of `probes` for windows (with the process they are
+    /// for) and returns the others.
+    pub fn keep<'a>(&mut self, probes: &'a [ProbeSpec], scope: UProbeScope) -> Vec<&'a ProbeSpec> {
+        let pid = match scope {
+            UProbeScope::OneProcess(pid) => Some(pid.get()),
+            _ => None,
+        };
+        let mut rest = Vec::new();
+        for p in probes {
+            if ProbeCookie::decode(p.cookie).layer == Layer::Pymalloc as u32 {
+                self.probes.push((p.clone(), pid));
+            } else {
+                rest.push(p);
+            }
+        }
+        rest
+    }
+
+    /// Whether a window is open.
+    pub fn is_open(&self) -> bool {
+        self.opened.is_some()
+    }
+}
+
+impl Recorder {
+    /// Whether the pymalloc layer is sampled in windows.
+    pub fn samples_pymalloc(&self) -> bool {
+        self.windows.is_some()
+    }
+
+    /// The windows' state, when pymalloc is sampled.
+    pub fn windows(&self) -> Option<&Windows> {
+        self.windows.as_ref()
+    }
+
+    /// Sets `PYMALLOC_WINDOW[index]`.
+    fn set_window_word(&mut self, index: u32, value: u32) -> anyhow::Result<()> {
+        let mut w: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(names::PYMALLOC_WINDOW).context(concat!(
+                "map ",
+                "PYMALLOC_WINDOW",
+                " missing"
+            ))?)?;
+        w.set(index, value, 0)?;
+        Ok(())
+    }
+
+    /// Opens a window: a new generation, the pymalloc probes in, then counting on.
+    pub fn open_window(&mut self) -> anyhow::Result<()> {
+        let Some(w) = self.windows.as_mut() else {
+            return Ok(());
+        };
+        if w.opened.is_some() || w.probes.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let w = self.windows.as_mut().expect("checked above");
+        w.generation = w.generation.wrapping_add(1).max(1);
+        let generation = w.generation;
+        self.set_window_word(0, generation)?;
+        let w = self.windows.as_mut().expect("checked above");
+        let probes = std::mem::take(&mut w.probes);
+        let mut links = Vec::new();
+        // One scope at a time (a link filters one process, or none).
+        let mut scopes: Vec<Option<u32>> = probes.iter().map(|(_, pid)| *pid).collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        let mut result = Ok(());
+        for pid in scopes {
+            let specs: Vec<ProbeSpec> = probes
+                .iter()
+                .filter(|(_, p)| *p == pid)
+                .map(|(s, _)| s.clone())
+                .collect();
+            // A process that exited since: its probes go, the others stay.
+            match self.link_probes(&specs, pid) {
+                Ok(l) => links.extend(l),
+                Err(e) if pid.is_some_and(|p| !alive(p)) => {
+                    log::debug!("window: process {pid:?} gone: {e}")
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        let w = self.windows.as_mut().expect("checked above");
+        w.probes = probes
+            .into_iter()
+            .filter(|(_, pid)| pid.is_none_or(alive))
+            .collect();
+        w.links = links;
+        w.switch_s += started.elapsed().as_secs_f64();
+        result?;
+        self.set_window_word(1, 1)?;
+        let w = self.windows.as_mut().expect("checked above");
+        w.opened = Some(Instant::now());
+        w.count += 1;
+        Ok(())
+    }
+
+    /// Closes the open window: counting off, then its links taken out on another thread
+    /// (each waits for a grace period; the probes do nothing meanwhile).
+    pub fn close_window(&mut self) -> anyhow::Result<()> {
+        if !self.windows.as_ref().is_some_and(Windows::is_open) {
+            return Ok(());
+        }
+        self.set_window_word(1, 0)?;
+        let w = self.windows.as_mut().expect("checked above");
+        if let Some(t) = w.opened.take() {
+            w.open_s += t.elapsed().as_secs_f64();
+        }
+        // Taking a window's links out takes ~200 ms here, during which the target runs
+        // ~10x slower (measured with `--pymalloc-window 0.001`: ~0.12 s of the target's
+        // time per window); dropping entry links first made no difference.
+        let links = std::mem::take(&mut w.links);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            drop(links);
+            log::debug!(
+                "window links taken out in {:.1} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        });
+        Ok(())
+    }
+
+    /// Per traced process: (new resident pages in arena-shaped mappings, those faulted in
+    /// while a window was open). A page of an arena is first written right after the
+    /// allocation that carves it, on the allocating thread, so these pages are slowed with
+    /// the allocations while a window is open and their share inside windows is the share
+    /// of the heap's growth the windows saw; wall or CPU time would overstate it (CPU time
+    /// by 4x in `bytes.py`, pyenv 3.12: a tick that falls in a trap is delivered as the
+    /// trap returns to user mode), and libc events or page faults at large by 1.5x (a dict
+    /// resize's faults come in bursts the traps do not slow).
+    pub fn progress(&self) -> HashMap<u32, (u64, u64)> {
+        self.model
+            .procs
+            .iter()
+            .map(|(&pid, p)| (pid, (p.arena_pages[0], p.arena_pages[1])))
+            .collect()
+    }
+
+    /// Every pymalloc-layer block in the live-block table and its overflow map.
+    pub fn pymalloc_blocks(&self) -> anyhow::Result<Vec<TableBlock>> {
+        let mut out = Vec::new();
+        table::for_each_live_slot(
+            self.ebpf
+                .map(names::LIVE_KEYS)
+                .context(concat!("map ", "LIVE_KEYS", " missing"))?,
+            self.ebpf
+                .map(names::LIVE_VALS)
+                .context(concat!("map ", "LIVE_VALS", " missing"))?,
+            |key, block, slot, raw| {
+                if key.layer == Layer::Pymalloc as u32 {
+                    out.push(TableBlock {
+                        pid: key.tgid,
+                        addr: key.addr,
+                        block,
+                        at: Some((slot, raw)),
+                    });
+                }
+            },
+        )?;
+        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> =
+            BpfHashMap::try_from(self.ebpf.map(names::LIVE_ALLOCS).context(concat!(
+                "map ",
+                "LIVE_ALLOCS",
+                " missing"
+            ))?)?;
+        for entry in overflow.iter() {
+            let Ok((key, block)) = entry else { break };
+            if key.layer == Layer::Pymalloc as u32 {
+                out.push(TableBlock {
+                    pid: key.tgid,
+                    addr: key.addr,
+                    block,
+                    at: None,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes blocks found freed from the live-block table (a compare-and-swap on the
+    /// slot's key, so a slot a probe has claimed since stays). Returns how many went.
+    pub fn forget_blocks(&mut self, blocks: &[TableBlock]) -> anyhow::Result<usize> {
+        let slots: Vec<(usize, u64)> = blocks.iter().filter_map(|b| b.at).collect();
+        let mut n = table::clear_slots(
+            self.ebpf
+                .map(names::LIVE_KEYS)
+                .context(concat!("map ", "LIVE_KEYS", " missing"))?,
+            &slots,
+        )?;
+        let mut overflow: BpfHashMap<_, AllocKey, LiveAlloc> =
+            BpfHashMap::try_from(self.ebpf.map_mut(names::LIVE_ALLOCS).context(concat!(
+                "map ",
+                "LIVE_ALLOCS",
+                " missing"
+            ))?)?;
+        for b in blocks.iter().filter(|b| b.at.is_none()) {
+            let key = AllocKey {
+                tgid: b.pid,
+                layer: Layer::Pymalloc as u32,
+                addr: b.addr,
+            };
+            if overflow.remove(&key).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Whether process `pid` still exists.
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// What pyleak knows of the blocks sampled so far, and their estimates.
+#[derive(Default)]
+pub struct SampleBook {
+    /// (pid, address) → (allocation time the kernel recorded, the window it was sampled
+    /// in, its fingerprint): a block at the same address with another time is a new one.
+    known: HashMap<(u32, u64), Known>,
+    /// A reader of each process's heap.
+    heaps: HashMap<u32, Heap<VmReader>>,
+    /// Samples found freed, reused by another object, or unreadable since they were taken.
+    pub freed: u64,
+    /// Samples found reused by another object.
+    pub reused: u64,
+    /// Samples that could not be read when their window closed (dropped).
+    pub unreadable: u64,
+    /// Live-sample estimates per (pid, stack id), as of the last sweep.
+    pub estimates: HashMap<(u32, u64), StackEstimate>,
+    /// Per pid: the share of its arena page faults inside windows, as of the last sweep.
+    pub duty: HashMap<u32, f64>,
+    /// Whether windows stopped because [`MAX_SAMPLES`] samples were kept.
+    pub full: bool,
+    /// The leaf Python frame of each interned stack seen (see [`Recorder::line_of`]).
+    lines: HashMap<u64, Option<(u64, u32)>>,
+}
+
+/// A process and the leaf Python frame (code object, instruction) of a stack, if any.
+type LineKey = (u32, Option<(u64, u32)>);
+
+/// Pages a Python line must have faulted in inside windows for its own share to weigh its
+/// samples (fewer: its process's share).
+pub const MIN_LINE_PAGES: u64 = 20;
+
+struct Known {
+    ts_ns: u64,
+    window: u64,
+    stack_id: u64,
+    size: u64,
+    fingerprint: Fingerprint,
+}
+
+impl Recorder {
+    /// Judges every sampled pymalloc block by reading its process's memory: blocks new
+    /// since the last sweep are fingerprinted (call right after a window closes), known
+    /// ones are judged, and those freed or reused leave the table. Then re-estimates live
+    /// bytes per stack. Processes that are frozen (finalizing) or gone are left as they
+    /// are.
+    pub fn sweep(&mut self) -> anyhow::Result<()> {
+        let Some(w) = self.windows.as_ref() else {
+            return Ok(());
+        };
+        let sweep_started = Instant::now();
+        let generation = u64::from(w.generation);
+        let blocks = self.pymalloc_blocks()?;
+        let pids: Vec<u32> = {
+            let mut p: Vec<u32> = blocks.iter().map(|b| b.pid).collect();
+            p.sort_unstable();
+            p.dedup();
+            p
+        };
+        let mut book = std::mem::take(&mut self.book);
+        let mut dead: Vec<TableBlock> = Vec::new();
+        for pid in pids {
+            if self.is_frozen(pid) || !alive(pid) {
+                continue;
+            }
+            let Some(cpython) = self
+                .pythons
+                .get(&pid)
+                .and_then(|v| parse_version(v))
+                .and_then(crate::python::versions::for_version)
+            else {
+                continue;
+            };
+            let heap = book
+                .heaps
+                .entry(pid)
+                .or_insert_with(|| Heap::for_process(pid, cpython));
+            // Requests above pymalloc's threshold are malloc's blocks, which the libc
+            // layer counts exactly (with their Python stacks): a rare big block weighted by
+            // a window's odds would only add noise, so they leave the sample.
+            let (large, mine): (Vec<&TableBlock>, Vec<&TableBlock>) = blocks
+                .iter()
+                .filter(|b| b.pid == pid)
+                .partition(|b| size_class(b.block.size).is_none());
+            for b in large {
+                book.known.remove(&(pid, b.addr));
+                dead.push(*b);
+            }
+            let (old, new): (Vec<&TableBlock>, Vec<&TableBlock>) =
+                mine.into_iter().partition(|b| {
+                    book.known
+                        .get(&(pid, b.addr))
+                        .is_some_and(|k| k.ts_ns == b.block.ts_ns)
+                });
+            // New samples: what each holds now.
+            let req: Vec<(u64, u64)> = new.iter().map(|b| (b.addr, b.block.size)).collect();
+            for (b, fp) in new.iter().zip(heap.fingerprint(&req)) {
+                match fp {
+                    Some(fingerprint) => {
+                        book.known.insert(
+                            (pid, b.addr),
+                            Known {
+                                ts_ns: b.block.ts_ns,
+                                window: generation,
+                                stack_id: b.block.stack_id,
+                                size: b.block.size,
+                                fingerprint,
+                            },
+                        );
+                    }
+                    None => {
+                        book.unreadable += 1;
+                        dead.push(**b);
+                    }
+                }
+            }
+            // Known samples: still the block that was sampled?
+            let samples: Vec<Sample> = old
+                .iter()
+                .map(|b| Sample {
+                    addr: b.addr,
+                    size: b.block.size,
+                    fingerprint: book.known[&(pid, b.addr)].fingerprint.clone(),
+                })
+                .collect();
+            for (b, verdict) in old.iter().zip(heap.judge(&samples)) {
+                match verdict {
+                    Verdict::Live | Verdict::Unknown(_) => {}
+                    Verdict::Freed(_) | Verdict::Reused => {
+                        if verdict == Verdict::Reused {
+                            book.reused += 1;
+                        }
+                        book.freed += 1;
+                        book.known.remove(&(pid, b.addr));
+                        dead.push(**b);
+                    }
+                }
+            }
+        }
+        if !dead.is_empty() {
+            self.forget_blocks(&dead)?;
+        }
+        // What is left in the book for blocks the table no longer holds (freed inside a
+        // window, or forgotten) goes too.
+        let present: std::collections::HashSet<(u32, u64)> =
+            blocks.iter().map(|b| (b.pid, b.addr)).collect();
+        let frozen: Vec<u32> = book
+            .known
+            .keys()
+            .map(|&(p, _)| p)
+            .filter(|&p| self.is_frozen(p))
+            .collect();
+        book.known
+            .retain(|k, _| present.contains(k) || frozen.contains(&k.0));
+        for d in &dead {
+            book.known.remove(&(d.pid, d.addr));
+        }
+        book.full = book.known.len() >= MAX_SAMPLES;
+        self.estimate(&mut book);
+        log::debug!(
+            "sweep after window {generation} ({:.1} ms; switching so far {:.1} ms): {} blocks in the table, {} samples kept, {} gone ({} freed so far, {} reused, {} unreadable), duty {:?}",
+            sweep_started.elapsed().as_secs_f64() * 1e3,
+            self.windows.as_ref().map_or(0.0, |w| w.switch_s * 1e3),
+            blocks.len(),
+            book.known.len(),
+            dead.len(),
+            book.freed,
+            book.reused,
+            book.unreadable,
+            book.duty
+        );
+        self.book = book;
+        Ok(())
+    }
+
+    /// Live bytes per (pid, stack) from the book's samples, each weighted by one over its
+    /// chance of being sampled: the share of the heap growth made at its Python line (the
+    /// arena pages faulted in by threads running that line: an object's first write
+    /// follows its allocation on the same line) that windows saw. Threads and lines slowed
+    /// unequally by the traps get their own share; a line with fewer than
+    /// [`MIN_LINE_PAGES`] pages faulted inside windows takes its process's share.
+    fn estimate(&mut self, book: &mut SampleBook) {
+        let windows = self.windows.as_ref().map_or(0, |w| w.count);
+        book.duty.clear();
+        for (pid, (all, inside)) in self.progress() {
+            if all > 0 && inside > 0 {
+                book.duty.insert(pid, inside as f64 / all as f64);
+            }
+        }
+        // Pages faulted in per (pid, Python line), since each process's first window.
+        let mut pages: HashMap<LineKey, [u64; 2]> = HashMap::new();
+        let per_stack: Vec<(u32, u64, [u64; 2])> = self
+            .model
+            .procs
+            .iter()
+            .flat_map(|(&pid, p)| {
+                p.arena_pages_by_stack
+                    .iter()
+                    .map(move |(&s, &n)| (pid, s, n))
+            })
+            .collect();
+        for (pid, stack, n) in per_stack {
+            let line = self.line_of(book, stack);
+            let e = pages.entry((pid, line)).or_default();
+            e[0] += n[0];
+            e[1] += n[1];
+        }
+        book.estimates.clear();
+        let mut groups: HashMap<LineKey, Vec<LiveSample<u64>>> = HashMap::new();
+        let known: Vec<(u32, u64, u64, u64)> = book
+            .known
+            .iter()
+            .map(|(&(pid, _), k)| (pid, k.stack_id, k.size, k.window))
+            .collect();
+        for (pid, stack, size, window) in known {
+            let line = self.line_of(book, stack);
+            groups.entry((pid, line)).or_default().push(LiveSample {
+                stack,
+                size,
+                window,
+            });
+        }
+        for ((pid, line), live) in groups {
+            let Some(&process_duty) = book.duty.get(&pid) else {
+                continue;
+            };
+            let duty = match pages.get(&(pid, line)) {
+                Some(&[all, inside]) if line.is_some() && inside >= MIN_LINE_PAGES => {
+                    inside as f64 / all as f64
+                }
+                _ => process_duty,
+            };
+            let design = Design::Windows {
+                opened: windows,
+                duty,
+            };
+            for (stack, e) in estimate(live, design) {
+                book.estimates.insert((pid, stack), e);
+            }
+        }
+    }
+
+    /// The leaf Python frame (code object, instruction) of interned stack `id`, cached.
+    fn line_of(&self, book: &mut SampleBook, id: u64) -> Option<(u64, u32)> {
+        *book.lines.entry(id).or_insert_with(|| {
+            let s = self.stack(id)?;
+            (s.py_len > 0).then(|| (s.py[0].code, s.py[0].lasti))
+        })
+    }
+
+    /// The estimates of the last sweep, per (pid, stack id).
+    pub fn book(&self) -> &SampleBook {
+        &self.book
+    }
+}
+
+/// `"3.12"` (or `"3.12.1"`) as a version tuple.
+fn parse_version(v: &str) -> Option<crate::python::versions::PyVersion> {
+    let mut parts = v.split('.');
+    let major = parts.next()?.trim().parse().ok()?;
+    let minor = parts.next()?.trim().parse().ok()?;
+    Some((major, minor))
+}
+
+/// What sampled pymalloc tracing tells the report.
+#[derive(Debug, Clone, Default)]
+pub struct SampledPymalloc {
+    /// Windows opened.
+    pub windows: u64,
+    /// Seconds they were open in all.
+    pub open_s: f64,
+    /// Per pid: the share of its arena page faults inside windows (an allocation's chance
+    /// of being sampled).
+    pub duty: HashMap<u32, f64>,
+    /// Live samples.
+    pub samples: u64,
+    /// Samples found freed or reused after their window (reused is a part of freed).
+    pub freed: u64,
+    /// Samples found reused by another object.
+    pub reused: u64,
+    /// Samples unreadable when their window closed (dropped).
+    pub unreadable: u64,
+    /// Whether windows stopped at the cap of samples kept.
+    pub full: bool,
+    /// Per (pid, stack id): the estimate.
+    pub estimates: HashMap<(u32, u64), StackEstimate>,
+}
+
+impl Recorder {
+    /// Turns the pymalloc layer's kernel counts (made inside windows only) into estimates
+    /// for the whole recording: every count weighted by one over its process's duty, live
+    /// bytes per stack from the judged samples. No-op unless pymalloc is sampled.
+    pub(super) fn apply_estimates(&self, snap: &mut super::Snapshot) {
+        let Some(w) = self.windows.as_ref() else {
+            return;
+        };
+        let book = &self.book;
+        let weight = |pid: u32| book.duty.get(&pid).map_or(0.0, |d| 1.0 / d);
+        let scale = |n: u64, w: f64| (n as f64 * w).round() as u64;
+        let mut layer = pyleak_common::LayerStats::default();
+        for (&(pid, l, stack), agg) in snap.stacks.iter_mut() {
+            if l != Layer::Pymalloc {
+                continue;
+            }
+            let wt = weight(pid);
+            let est = book
+                .estimates
+                .get(&(pid, stack))
+                .copied()
+                .unwrap_or_default();
+            let live_count = (est.samples as f64 * wt).round() as u64;
+            agg.allocs = scale(agg.allocs, wt).max(live_count);
+            agg.alloc_bytes =
+                scale(agg.alloc_bytes, wt).max(est.live_bytes_estimate.round() as u64);
+            agg.frees = agg.allocs - live_count;
+            agg.freed_bytes = agg.alloc_bytes - est.live_bytes_estimate.round() as u64;
+            layer.allocs += agg.allocs;
+            layer.alloc_bytes += agg.alloc_bytes;
+            layer.frees += agg.frees;
+            layer.freed_bytes += agg.freed_bytes;
+        }
+        let s = &mut snap.layer_stats[Layer::Pymalloc as usize];
+        log::debug!(
+            "pymalloc in windows: {} allocs, {} frees; arena pages {:?}",
+            s.allocs,
+            s.frees,
+            self.progress(),
+        );
+        s.allocs = layer.allocs;
+        s.alloc_bytes = layer.alloc_bytes;
+        s.frees = layer.frees;
+        s.freed_bytes = layer.freed_bytes;
+        // Frees of blocks from outside windows are most frees here: not a sign of loss.
+        s.unmatched_frees = 0;
+        for (&(pid, l, _), a) in snap.ages.iter_mut() {
+            if l != Layer::Pymalloc {
+                continue;
+            }
+            let wt = weight(pid);
+            a.aged_bytes = scale(a.aged_bytes, wt);
+            a.aged_count = scale(a.aged_count, wt);
+            a.bytes = scale(a.bytes, wt);
+            a.count = scale(a.count, wt);
+        }
+        let mean_weight = if book.duty.is_empty() {
+            0.0
+        } else {
+            book.duty.values().map(|d| 1.0 / d).sum::<f64>() / book.duty.len() as f64
+        };
+        snap.pymalloc_small_live = scale(snap.pymalloc_small_live, mean_weight);
+        snap.sampled = Some(SampledPymalloc {
+            windows: w.count,
+            open_s: w.open_s,
+            duty: book.duty.clone(),
+            samples: book.known.len() as u64,
+            freed: book.freed,
+            reused: book.reused,
+            unreadable: book.unreadable,
+            full: book.full,
+            estimates: book.estimates.clone(),
+        });
+    }
+
+    /// For a growth sample: the pymalloc layer's live bytes per stack are the estimates of
+    /// the last sweep, not the kernel's window-only counts.
+    pub(super) fn sampled_live(&self, live: &mut HashMap<super::StackSlot, u64>) {
+        if self.windows.is_none() {
+            return;
+        }
+        live.retain(|&(_, l, _), _| l != Layer::Pymalloc);
+        for (&(pid, stack), e) in &self.book.estimates {
+            let bytes = e.live_bytes_estimate.round() as u64;
+            if bytes > 0 {
+                live.insert((pid, Layer::Pymalloc, stack), bytes);
+            }
+        }
+    }
+}

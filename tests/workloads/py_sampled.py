@@ -1,0 +1,94 @@
+"""Workloads for sampled pymalloc tracing, each with a known truth. Waits for the file given
+as the second argument before working (so pyleak can attach first), works for a fixed
+number of steps paced over a few seconds, prints `done` and then waits to be killed.
+
+Usage: py_sampled.py MODE GO_FILE
+  registry: keeps N small objects (a 2-tuple and a str per entry) in a module-level dict.
+  churn:    makes and drops ~50 MiB of small objects; keeps nothing.
+  reuse:    one function makes and drops 2-tuples, another keeps 2-tuples, interleaved
+            (the tuple free list hands the dropped ones to the keeper).
+  threads:  two threads keep small objects from two functions (240 000 each).
+"""
+import os
+import sys
+import threading
+import time
+
+REGISTRY = {}
+KEPT = []
+STEPS = 60
+PER_STEP = 4000
+
+
+def register(i):
+    REGISTRY[i] = (i, "key-" + str(i))  # MARK:registry
+
+
+def registry():
+    n = 0
+    for _ in range(STEPS):
+        for _ in range(PER_STEP):
+            register(n)
+            n += 1
+        time.sleep(0.08)
+
+
+def churn():
+    for _ in range(STEPS):
+        tmp = [("t%d" % j, j * 1.5) for j in range(PER_STEP * 3)]  # MARK:churn
+        del tmp
+        time.sleep(0.08)
+
+
+def drop_pairs(n):
+    for j in range(n):
+        pair = (j, j + 1)  # MARK:drop
+        del pair
+
+
+def keep_pairs(base, n):
+    for j in range(n):
+        KEPT.append((base + j, -j))  # MARK:keep
+
+
+def reuse():
+    for step in range(STEPS):
+        for _ in range(PER_STEP // 100):
+            drop_pairs(100)
+            keep_pairs(step * PER_STEP, 100)
+        time.sleep(0.08)
+
+
+def leak_a(out):
+    for i in range(STEPS * PER_STEP):
+        out.append(("a", i))  # MARK:thread_a
+        if i % 2000 == 0:
+            time.sleep(0.08)
+
+
+def leak_b(out):
+    for i in range(STEPS * PER_STEP):
+        out.append(["b", i])  # MARK:thread_b
+        if i % 2000 == 0:
+            time.sleep(0.08)
+
+
+def threads():
+    a, b = [], []
+    ta = threading.Thread(target=leak_a, args=(a,))
+    tb = threading.Thread(target=leak_b, args=(b,))
+    ta.start(); tb.start()
+    ta.join(); tb.join()
+    KEPT.extend([a, b])
+
+
+def main():
+    mode, go = sys.argv[1], sys.argv[2]
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    {"registry": registry, "churn": churn, "reuse": reuse, "threads": threads}[mode]()
+    print("done", flush=True)
+    time.sleep(600)
+
+
+main()
