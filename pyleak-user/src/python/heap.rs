@@ -414,7 +414,10 @@ impl<M: ReadMemory> Heap<M> {
             offsets.push(16);
             let state = head.get(at as usize + 32..).and_then(|s| word32(s, 0));
             if state.is_some_and(|s| s & STATE_COMPACT_ASCII == STATE_COMPACT_ASCII) {
-                offsets.push(self.sizeof_ascii);
+                // Up to 32 characters: strs made from a common prefix ("key-1234…") differ
+                // late.
+                let len = word(head, at as usize + 16).unwrap_or(0).min(32);
+                offsets.extend((0..len.div_ceil(8).max(1)).map(|i| self.sizeof_ascii + 8 * i));
             }
         } else if &*info.name == "float" {
             offsets.push(16);
