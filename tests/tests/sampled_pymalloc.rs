@@ -293,3 +293,44 @@ fn an_http_service_attached_with_no_flags_names_its_small_object_leak() {
         "{count} blocks, truth 1499743"
     );
 }
+
+/// A launched command with the defaults (pymalloc sampled): the interpreter's shutdown
+/// still freezes what it holds (the finalize probe stays in between windows), so the
+/// demo's 400 payloads of 65 537 bytes are exactly live in the raw layer and its line is the
+/// top suspect.
+#[test]
+fn a_launched_command_with_the_defaults_freezes_at_shutdown_and_names_its_leak() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some((_, py)) = required_pythons(&["pyenv 3.12.1"]).into_iter().next() else {
+        return;
+    };
+    let demo = root().join("demo/leaky_service.py");
+    let json = scratch("sampled-launch").join("r.json");
+    let out = Command::new(pyleak_bin())
+        .env_remove("PYLEAK_PYMALLOC")
+        .args(["record", "-q", "--json", json.to_str().unwrap(), "--"])
+        .arg(&py)
+        .arg(&demo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["sampled_pymalloc"]["mode"], "sampled");
+    let leaf = format!("handle_request ({}:28)", demo.display());
+    let raw: Vec<&Value> = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["layer"] == "pymem_raw" && s["frames"].as_array().unwrap().last().unwrap() == &leaf
+        })
+        .collect();
+    let bytes: u64 = raw.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum();
+    let count: u64 = raw.iter().map(|s| s["live_count"].as_u64().unwrap()).sum();
+    assert_eq!((bytes, count), (400 * 65_537, 400));
+    let top = &report["suspects"][0];
+    assert_eq!(top["layer"], "pymem_raw", "{top}");
+    assert_eq!(top["frames"].as_array().unwrap().last().unwrap(), &leaf);
+}

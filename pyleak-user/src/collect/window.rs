@@ -22,7 +22,7 @@ use pyleak_common::{names, AllocKey, Layer, LiveAlloc, ProbeCookie};
 
 use super::{table, Recorder};
 use crate::{
-    attach::ProbeSpec,
+    attach::{ProbeRole, ProbeSpec},
     multi_uprobe::MultiLink,
     python::heap::{
         estimate::{estimate, Design, LiveSample, StackEstimate},
@@ -76,7 +76,10 @@ impl Windows {
         };
         let mut rest = Vec::new();
         for p in probes {
-            if ProbeCookie::decode(p.cookie).layer == Layer::Pymalloc as u32 {
+            // Only allocator probes carry a layer in their cookie (a finalize or init probe's
+            // cookie is something else: it must stay in all the time).
+            let allocator = !matches!(p.role, ProbeRole::Finalize | ProbeRole::PyInit);
+            if allocator && ProbeCookie::decode(p.cookie).layer == Layer::Pymalloc as u32 {
                 self.probes.push((p.clone(), pid));
             } else {
                 rest.push(p);
