@@ -21,7 +21,9 @@ pub fn layer_named(name: &str) -> Option<Layer> {
 /// Orders suspects most likely leak first: memory still growing (fastest first), then what
 /// merely outlived `--min-age` (most bytes first). One Python stack shows at several layers
 /// (the request, the malloc block under it, its pages): those stay together, ranked by
-/// their strongest layer, the upper layer first, where the Python code's own request is.
+/// their strongest layer, the upper layer first, where the Python code's own request is —
+/// unless that layer's figure is a sampled estimate (pymalloc's small objects only: its
+/// requests above 512 bytes are the layers below's), then the most live bytes first.
 pub fn rank(suspects: &mut [Suspect]) {
     use std::collections::HashMap;
     let growing = |s: &Suspect| s.trend == Trend::Growing;
@@ -46,6 +48,13 @@ pub fn rank(suspects: &mut [Suspect]) {
             .then(gb.2.cmp(&ga.2))
             .then(a.pid.cmp(&b.pid))
             .then(a.frames.cmp(&b.frames))
+            .then_with(|| {
+                if a.estimate.is_some() || b.estimate.is_some() {
+                    b.live_bytes.cmp(&a.live_bytes)
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
             .then(order(a).cmp(&order(b)))
     });
 }
