@@ -261,20 +261,25 @@ pub fn required_pythons(labels: &[&str]) -> Vec<(String, PathBuf)> {
     out
 }
 
-/// Names of BPF programs loaded in the kernel (through bpftool).
-pub fn loaded_programs() -> Vec<String> {
+/// `bpftool -j OBJECT show` (`prog`, `link`) as a JSON list (it prints `[]` for none);
+/// panics on anything else, so no check passes on output it could not read.
+fn bpftool_list(object: &str) -> Vec<Value> {
     let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
+        .args(["-j", object, "show"])
         .output()
         .expect("running bpftool");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    match serde_json::from_slice(&out.stdout) {
+        Ok(Value::Array(a)) => a,
+        other => panic!("bpftool -j {object} show: not a JSON list: {other:?}"),
+    }
+}
+
+/// Names of BPF programs loaded in the kernel (through bpftool).
+pub fn loaded_programs() -> Vec<String> {
+    bpftool_list("prog")
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// pyleak's program names as the kernel shows them (15 characters at most).
@@ -298,45 +303,29 @@ pub const PYLEAK_PROGRAMS: [&str; 15] = [
 
 /// BPF links in the kernel (through bpftool): (link type, program id).
 pub fn bpf_links() -> Vec<(String, u64)> {
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()
-        .expect("running bpftool");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|l| {
-                    let ty = match &l["type"] {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    (ty, l["prog_id"].as_u64().unwrap_or(0))
-                })
-                .collect()
+    bpftool_list("link")
+        .iter()
+        .map(|l| {
+            let ty = match &l["type"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (ty, l["prog_id"].as_u64().unwrap_or(0))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// Ids of the loaded BPF programs that carry one of pyleak's names.
 pub fn pyleak_program_ids() -> Vec<u64> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .expect("running bpftool");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|p| {
-                    p["name"]
-                        .as_str()
-                        .is_some_and(|n| PYLEAK_PROGRAMS.contains(&n))
-                })
-                .filter_map(|p| p["id"].as_u64())
-                .collect()
+    bpftool_list("prog")
+        .iter()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| PYLEAK_PROGRAMS.contains(&n))
         })
-        .unwrap_or_default()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
 }
 
 /// The links that run one of pyleak's programs.
