@@ -81,7 +81,7 @@ pub struct RecordArgs {
     pub pymalloc_window: f64,
     /// Mean seconds from one pymalloc sampling window to the next (drawn at random, so
     /// windows do not beat with the program's own period). Each window costs the target
-    /// about 0.1 s of its time however short it is (taking uprobes out is slow).
+    /// a few hundredths of a second however short it is (taking uprobes out is slow).
     #[arg(long, default_value_t = 2.0, value_name = "SECS")]
     pub pymalloc_period: f64,
     /// Native frames kept per stack, 1 to 32 (1: only the immediate caller; more follow

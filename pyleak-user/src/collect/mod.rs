@@ -575,7 +575,7 @@ type LinkKey<'a> = (&'static str, bool, &'a Path);
 
 /// Drops `links` from up to 32 threads at once: each detach waits for grace periods that
 /// concurrent waiters share.
-fn close_in_parallel<T: Send>(mut links: Vec<T>) {
+pub(super) fn close_in_parallel<T: Send>(mut links: Vec<T>) {
     let per_thread = links.len().div_ceil(32).max(1);
     std::thread::scope(|s| {
         while !links.is_empty() {
