@@ -47,38 +47,26 @@ fn record(py: &Path, mode: &str, pymalloc_args: &[&str], name: &str) -> Value {
     attach_and_record_with(target, &go, "done", &dir.join("r.json"), args)
 }
 
-/// Per row of `layer`: (live bytes, live count) summed over rows whose leaf Python frame is
-/// `func (…py_sampled.py:line)`.
+/// (live bytes, live count) of `layer`'s rows whose leaf frame `leaf` accepts (the shared
+/// `stack_sum`).
+fn live_where(report: &Value, layer: &str, leaf: impl Fn(&str) -> bool) -> (u64, u64) {
+    let keep = |fr: &[String]| fr.last().is_some_and(|f| leaf(f));
+    (
+        stack_sum(report, layer, "live_bytes", keep),
+        stack_sum(report, layer, "live_count", keep),
+    )
+}
+
+/// Live (bytes, count) of `layer` at `func (…py_sampled.py:line)`.
 fn at_line(report: &Value, layer: &str, func: &str, line: usize) -> (u64, u64) {
-    let leaf = format!("{func} ({}:{line})", script());
-    let mut out = (0, 0);
-    for s in report["stacks"].as_array().unwrap() {
-        if s["layer"] == layer && s["frames"].as_array().unwrap().last().unwrap() == &leaf {
-            out.0 += s["live_bytes"].as_u64().unwrap();
-            out.1 += s["live_count"].as_u64().unwrap();
-        }
-    }
-    out
+    let want = format!("{func} ({}:{line})", script());
+    live_where(report, layer, |f| f == want)
 }
 
 /// The same, over every line of `func`.
 fn in_function(report: &Value, layer: &str, func: &str) -> (u64, u64) {
     let prefix = format!("{func} (");
-    let mut out = (0, 0);
-    for s in report["stacks"].as_array().unwrap() {
-        let leaf = s["frames"]
-            .as_array()
-            .unwrap()
-            .last()
-            .unwrap()
-            .as_str()
-            .unwrap();
-        if s["layer"] == layer && leaf.starts_with(&prefix) {
-            out.0 += s["live_bytes"].as_u64().unwrap();
-            out.1 += s["live_count"].as_u64().unwrap();
-        }
-    }
-    out
+    live_where(report, layer, |f| f.starts_with(&prefix))
 }
 
 fn within(got: u64, want: u64, tolerance: f64) -> bool {
@@ -278,15 +266,7 @@ fn an_http_service_attached_with_no_flags_names_its_small_object_leak() {
         .find(|s| s["layer"] == "pymalloc")
         .expect("a pymalloc suspect");
     assert_eq!(top["frames"].as_array().unwrap().last().unwrap(), &leaf);
-    let count: u64 = report["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            s["layer"] == "pymalloc" && s["frames"].as_array().unwrap().last().unwrap() == &leaf
-        })
-        .map(|s| s["live_count"].as_u64().unwrap())
-        .sum();
+    let (_, count) = live_where(&report, "pymalloc", |f| f == leaf);
     eprintln!("http: {count} blocks estimated, truth 1499743");
     assert!(
         within(count, 1_499_743, 0.25),
@@ -319,17 +299,10 @@ fn a_launched_command_with_the_defaults_freezes_at_shutdown_and_names_its_leak()
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["sampled_pymalloc"]["mode"], "sampled");
     let leaf = format!("handle_request ({}:28)", demo.display());
-    let raw: Vec<&Value> = report["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            s["layer"] == "pymem_raw" && s["frames"].as_array().unwrap().last().unwrap() == &leaf
-        })
-        .collect();
-    let bytes: u64 = raw.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum();
-    let count: u64 = raw.iter().map(|s| s["live_count"].as_u64().unwrap()).sum();
-    assert_eq!((bytes, count), (400 * 65_537, 400));
+    assert_eq!(
+        live_where(&report, "pymem_raw", |f| f == leaf),
+        (400 * 65_537, 400)
+    );
     let top = &report["suspects"][0];
     assert_eq!(top["layer"], "pymem_raw", "{top}");
     assert_eq!(top["frames"].as_array().unwrap().last().unwrap(), &leaf);
