@@ -87,14 +87,14 @@ pub enum UserError {
         #[source]
         source: Cause,
     },
-    /// An output file cannot be created or written.
-    #[error("cannot write {path}")]
+    /// An output file cannot be created or written (a missing or read-only directory,
+    /// a full disk).
+    #[error("cannot write {path} ({cause}): give a path in a writable directory with free space")]
     Output {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// `--interval` not a positive number.
     #[error("--interval must be a positive number of seconds, not {0}: e.g. `--interval 2`")]

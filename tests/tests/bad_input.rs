@@ -15,6 +15,41 @@ fn one_line_error(out: &std::process::Output, want: &str) {
     );
 }
 
+/// The one line on stderr besides the start of tracing (for errors met after it began).
+fn one_line_after_tracing(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "should fail: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("pyleak: tracing"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line expected: {err}");
+    lines[0].to_owned()
+}
+
+/// A tmpfs of `size` mounted at a fresh scratch directory (`ro` for read-only), unmounted
+/// when dropped.
+struct TmpMount(std::path::PathBuf);
+
+impl TmpMount {
+    fn new(name: &str, options: &str) -> TmpMount {
+        let dir = scratch(name);
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("running mount");
+        assert!(st.success(), "mounting a tmpfs at {}", dir.display());
+        TmpMount(dir)
+    }
+}
+
+impl Drop for TmpMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn not_root() {
     if !root_or_skip() {
@@ -167,4 +202,106 @@ fn two_kinds_of_target() {
         &pyleak(&["record", "--all", "-p", "1"]),
         "give one kind of target",
     );
+}
+
+#[test]
+fn read_only_output_directory() {
+    if !root_or_skip() {
+        return;
+    }
+    let ro = TmpMount::new("ro-out", "ro,size=1m");
+    let json = ro.0.join("r.json");
+    let out = pyleak(&[
+        "record",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        "/bin/true",
+    ]);
+    one_line_error(&out, "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "pyleak: cannot write {} (Read-only file system (os error 30)): give a path in a \
+             writable directory with free space",
+            json.display()
+        )
+    );
+}
+
+#[test]
+fn full_disk_while_writing_keeps_the_old_report_whole() {
+    if !root_or_skip() {
+        return;
+    }
+    // One 4 KiB page of tmpfs, filled: the report cannot be written once tracing is done.
+    let full = TmpMount::new("full-out", "size=4k");
+    let json = full.0.join("r.json");
+    std::fs::write(&json, "old report").unwrap();
+    let filler = full.0.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 8192]);
+    let out = pyleak(&[
+        "record",
+        "-q",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        "/bin/true",
+    ]);
+    assert_eq!(
+        one_line_after_tracing(&out),
+        format!(
+            "pyleak: cannot write {} (No space left on device (os error 28)): give a path in a \
+             writable directory with free space",
+            json.display()
+        )
+    );
+    assert_eq!(std::fs::read_to_string(&json).unwrap(), "old report");
+    let left: Vec<_> = std::fs::read_dir(&full.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "no temp file left: {left:?}");
+    assert_no_pyleak_programs();
+}
+
+#[test]
+fn a_symlink_planted_at_the_output_is_replaced_and_the_file_is_0600() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("planted");
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let json = dir.join("r.json");
+    std::os::unix::fs::symlink(&victim, &json).unwrap();
+    let out = pyleak(&[
+        "record",
+        "-q",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        "/bin/true",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let meta = std::fs::symlink_metadata(&json).unwrap();
+    assert!(meta.is_file(), "the link was replaced by the report");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Asked for: 0644.
+    let out = pyleak(&[
+        "record",
+        "-q",
+        "--file-mode",
+        "644",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        "/bin/true",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let meta = std::fs::metadata(&json).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644);
 }

@@ -34,7 +34,7 @@ use crate::{
     errors::UserError,
     layers::LayerSet,
     python,
-    report::{self, OutputFormat},
+    report::{self, file::OutputFile, OutputFormat},
     symbolize::{lock, Symbolizer},
     targets::{launch, Target},
 };
@@ -58,8 +58,8 @@ struct Plan {
 
 /// Output files, opened before anything is traced so that a bad path fails first.
 struct Outputs {
-    output: Option<File>,
-    json: Option<File>,
+    output: Option<OutputFile>,
+    json: Option<OutputFile>,
     snapshots: Option<File>,
 }
 
@@ -162,10 +162,24 @@ fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
     if !(args.min_age >= 0.0 && args.min_age.is_finite()) {
         return Err(UserError::BadMinAge(args.min_age).into());
     }
+    let mode = args.out.file_mode;
     let outputs = Outputs {
-        output: args.out.output.as_deref().map(report::create).transpose()?,
-        json: args.json.as_deref().map(report::create).transpose()?,
-        snapshots: args.snapshots.as_deref().map(report::create).transpose()?,
+        output: args
+            .out
+            .output
+            .as_deref()
+            .map(|p| report::create(p, mode))
+            .transpose()?,
+        json: args
+            .json
+            .as_deref()
+            .map(|p| report::create(p, mode))
+            .transpose()?,
+        snapshots: args
+            .snapshots
+            .as_deref()
+            .map(|p| OutputFile::stream(p, mode))
+            .transpose()?,
     };
     Ok(Plan {
         target,
@@ -418,15 +432,15 @@ fn finish(
 
     let stdout = std::io::stdout();
     report::text::write(&analysis, &mut stdout.lock())?;
-    if let (Some(f), Some(path)) = (plan.outputs.output, args.out.output.as_deref()) {
+    if let Some(out) = plan.outputs.output {
         let format = args
             .out
             .format
-            .unwrap_or_else(|| OutputFormat::from_path(path));
-        report::write_file(&analysis, format, &plan.render, path, f)?;
+            .unwrap_or_else(|| OutputFormat::from_path(out.path()));
+        report::write_file(&analysis, format, &plan.render, out)?;
     }
-    if let (Some(f), Some(path)) = (plan.outputs.json, args.json.as_deref()) {
-        report::write_file(&analysis, OutputFormat::Json, &plan.render, path, f)?;
+    if let Some(out) = plan.outputs.json {
+        report::write_file(&analysis, OutputFormat::Json, &plan.render, out)?;
     }
     std::io::stdout().flush()?;
     drop(s.rec);

@@ -120,7 +120,7 @@ impl Sampler {
             if let Err(e) = live::write_snapshot_line(&line, f) {
                 self.error = Err(UserError::Output {
                     path: path.clone(),
-                    source: e,
+                    cause: e,
                 });
                 self.out = None;
             }

@@ -4,6 +4,7 @@
 //! draw the stacks [`drawn`] picks: one layer by default, so each byte counts once.
 
 pub mod drawn;
+pub mod file;
 pub mod folded;
 pub mod pprof;
 pub mod speedscope;
@@ -19,7 +20,7 @@ use std::{
 
 use clap::ValueEnum;
 
-use self::drawn::LayerChoice;
+use self::{drawn::LayerChoice, file::OutputFile};
 use crate::{
     analysis::Analysis,
     errors::{Cause, UserError},
@@ -116,6 +117,10 @@ pub struct OutputArgs {
     /// Start each flamegraph stack with its process (`comm (pid N)`).
     #[arg(long)]
     pub per_process: bool,
+    /// Permission bits of the files written, in octal (reports name processes, paths and
+    /// code: owner only by default).
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = file::parse_mode)]
+    pub file_mode: u32,
 }
 
 /// How the flamegraph-like formats draw.
@@ -160,29 +165,20 @@ pub fn write(
     }
 }
 
-/// Creates an output file (before anything is traced, so that a bad path fails first).
-pub fn create(path: &Path) -> Result<std::fs::File, UserError> {
-    std::fs::File::create(path).map_err(|source| UserError::Output {
-        path: path.to_owned(),
-        source,
-    })
+/// Opens an output file before anything is traced, so that a bad path fails first; it
+/// gets its name only once written whole (see [`file`]).
+pub fn create(path: &Path, mode: u32) -> Result<OutputFile, UserError> {
+    OutputFile::create(path, mode)
 }
 
-/// Writes `analysis` to the file at `path` (opened as `f`), in `format`.
+/// Writes `analysis` in `format` to `out` and gives the file its name.
 pub fn write_file(
     analysis: &Analysis,
     format: OutputFormat,
     render: &Render,
-    path: &Path,
-    f: std::fs::File,
+    out: OutputFile,
 ) -> Result<(), UserError> {
-    let mut out = std::io::BufWriter::new(f);
-    write(analysis, format, render, &mut out)
-        .and_then(|()| out.flush())
-        .map_err(|source| UserError::Output {
-            path: path.to_owned(),
-            source,
-        })
+    out.commit(|w| write(analysis, format, render, w))
 }
 
 /// `pyleak report FILE.json`: the text summary again, and `-o` in any format.
@@ -194,11 +190,17 @@ pub fn rerender(input: &Path, args: &OutputArgs) -> anyhow::Result<i32> {
     let render = Render::from_args(args)?;
     let text = std::fs::read_to_string(input).map_err(|e| bad(e.into()))?;
     let analysis: Analysis = serde_json::from_str(&text).map_err(|e| bad(e.into()))?;
-    let out = args.output.as_deref().map(create).transpose()?;
+    let out = args
+        .output
+        .as_deref()
+        .map(|p| create(p, args.file_mode))
+        .transpose()?;
     text::write(&analysis, &mut std::io::stdout().lock())?;
-    if let (Some(f), Some(path)) = (out, args.output.as_deref()) {
-        let format = args.format.unwrap_or_else(|| OutputFormat::from_path(path));
-        write_file(&analysis, format, &render, path, f)?;
+    if let Some(out) = out {
+        let format = args
+            .format
+            .unwrap_or_else(|| OutputFormat::from_path(out.path()));
+        write_file(&analysis, format, &render, out)?;
     }
     Ok(0)
 }
