@@ -60,7 +60,7 @@ pub struct RecordArgs {
     #[command(flatten)]
     pub out: OutputArgs,
     /// Stop after this many seconds (default: until Ctrl-C or the target exits).
-    #[arg(short, long, value_name = "SECS")]
+    #[arg(short, long, value_name = "SECS", allow_negative_numbers = true)]
     pub duration: Option<f64>,
     /// Write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
@@ -91,12 +91,18 @@ pub struct RecordArgs {
     /// Live memory younger than this at the end is not a leak suspect. The default, 1 s,
     /// outlives what a request or a job holds while in flight, and is short enough that a
     /// one-minute recording sees most of what it leaks aged.
-    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        value_name = "SECS",
+        allow_negative_numbers = true
+    )]
     pub min_age: f64,
     /// Seconds between growth samples (live bytes per stack), from which growing stacks
-    /// are told from caches that fill and level off.
-    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
-    pub interval: f64,
+    /// are told from caches that fill and level off [default: 2, or a tenth of a shorter
+    /// --duration].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    pub interval: Option<f64>,
     /// Stream one JSON line per growth sample to FILE (layer totals, top growing stacks),
     /// for runs of days.
     #[arg(long, value_name = "FILE")]
@@ -114,4 +120,52 @@ pub struct RecordArgs {
     /// floor); no report.
     #[arg(long, hide = true)]
     pub bare: bool,
+}
+
+impl RecordArgs {
+    /// Seconds between growth samples: `--interval`, else 2, or a tenth of a `--duration`
+    /// shorter than 2 s.
+    pub fn interval(&self) -> f64 {
+        self.interval.unwrap_or(match self.duration {
+            Some(d) if d < 2.0 && d > 0.0 => d / 10.0,
+            _ => 2.0,
+        })
+    }
+}
+
+/// A clap error (several lines: the error, a tip, the usage) as one line that ends with
+/// where to look.
+pub fn one_line(rendered: &str) -> String {
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect();
+    format!("{}; see `pyleak --help`", parts.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn argument_errors_are_one_line() {
+        let e = Cli::try_parse_from(["pyleak", "record", "--no-such-flag"]).unwrap_err();
+        let line = one_line(&e.render().to_string());
+        assert!(!line.contains('\n'));
+        assert!(
+            line.starts_with("unexpected argument '--no-such-flag' found"),
+            "{line}"
+        );
+        assert!(line.ends_with("see `pyleak --help`"), "{line}");
+        // Negative numbers reach pyleak's own checks.
+        let cli = Cli::try_parse_from(["pyleak", "record", "-d", "-1", "--", "true"]).unwrap();
+        let Command::Record(args) = cli.command else {
+            panic!("record")
+        };
+        assert_eq!(args.duration, Some(-1.0));
+    }
 }

@@ -13,6 +13,48 @@ pub enum UserError {
     /// eBPF needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN for uprobes).
     #[error("pyleak needs root to load eBPF programs: run it with sudo")]
     NotRoot,
+    /// Not root, and some of the capabilities pyleak needs are missing (a list, each with
+    /// what it is for).
+    #[error("pyleak is missing capabilities: {0}: run it as root, or grant them (e.g. `setpriv --ambient-caps` or a container's `--cap-add`)")]
+    MissingCapabilities(String),
+    /// The kernel is locked down in confidentiality mode.
+    #[error("the kernel is in lockdown confidentiality mode (/sys/kernel/security/lockdown), which closes tracefs and eBPF's kernel reads to pyleak: boot with `lockdown=integrity` (or none) to trace")]
+    Lockdown,
+    /// `--pid` names a zombie.
+    #[error("process {pid} is a zombie: it has exited and waits for its parent {ppid} to reap it; nothing is left to trace")]
+    Zombie {
+        /// The pid given.
+        pid: u32,
+        /// Its parent, which has not reaped it.
+        ppid: u32,
+    },
+    /// `--pid` names a kernel thread.
+    #[error("PID {pid} is a kernel thread ({comm}), which has no user memory to trace: give a user process, e.g. from `pgrep -a python`")]
+    KernelThread {
+        /// The pid given.
+        pid: u32,
+        /// Its name.
+        comm: String,
+    },
+    /// `--pid` names pyleak itself.
+    #[error("PID {0} is pyleak itself: give the process to trace")]
+    SelfTarget(u32),
+    /// `--duration` not positive, or too long to count.
+    #[error("--duration must be above 0 and at most 1e9 seconds, not {0:?}: e.g. `-d 60`, or leave it out to record until Ctrl-C")]
+    BadDuration(f64),
+    /// `--interval` longer than `--duration`: not one growth sample.
+    #[error("--interval {interval} is longer than --duration {duration}: no growth sample would be taken; give an interval below the duration, e.g. `--interval {suggest}`")]
+    IntervalOverDuration {
+        /// The interval asked for, in seconds.
+        interval: f64,
+        /// The duration asked for, in seconds.
+        duration: f64,
+        /// A tenth of the duration.
+        suggest: f64,
+    },
+    /// `--native-depth` outside 1..=32.
+    #[error("--native-depth must be 1 to 32, not {0}: e.g. `--native-depth 8`")]
+    BadNativeDepth(u32),
     /// `--pid` names no process.
     #[error("no process with PID {0}: check it with `ps -p {0}`")]
     NoSuchPid(u32),
@@ -96,8 +138,8 @@ pub enum UserError {
         /// What went wrong.
         cause: std::io::Error,
     },
-    /// `--interval` not a positive number.
-    #[error("--interval must be a positive number of seconds, not {0}: e.g. `--interval 2`")]
+    /// `--interval` not a positive number (at most 1e9 s).
+    #[error("--interval must be above 0 and at most 1e9 seconds, not {0:?}: e.g. `--interval 2`")]
     BadInterval(f64),
     /// `--pymalloc-window`/`--pymalloc-period` out of range.
     #[error("--pymalloc-window {window} with --pymalloc-period {period}: the window must be above 0 s and shorter than the period (defaults 0.05 and 2)")]

@@ -5,9 +5,11 @@ mod attach;
 mod cli;
 mod collect;
 mod errors;
+mod host;
 mod layers;
 mod live;
 mod multi_uprobe;
+mod proctext;
 mod python;
 mod record;
 mod report;
@@ -19,7 +21,14 @@ use clap::Parser as _;
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("pyleak: {}", cli::one_line(&e.render().to_string()));
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         cli::Command::Record(args) => record::run(args, record::View::StatusLine),
         cli::Command::Top(args) => record::run(args, record::View::Top),

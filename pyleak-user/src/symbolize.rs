@@ -54,32 +54,17 @@ impl Symbolizer {
             return;
         };
         let known = self.maps.entry(pid).or_default();
-        for line in text.lines() {
-            let mut f = line.split_whitespace();
-            let (Some(range), Some(perms), Some(off)) = (f.next(), f.next(), f.next()) else {
-                continue;
-            };
-            let path = f.nth(2).unwrap_or("");
+        for line in crate::proctext::maps(&text) {
             // Files, and the kernel's named areas ([heap], [stack]) for mapping kinds.
-            if !path.starts_with('/') && !path.starts_with('[') {
+            if !line.is_file() && !line.path.starts_with('[') {
                 continue;
             }
-            let Some((s, e)) = range.split_once('-') else {
-                continue;
-            };
-            let (Ok(start), Ok(end), Ok(offset)) = (
-                u64::from_str_radix(s, 16),
-                u64::from_str_radix(e, 16),
-                u64::from_str_radix(off, 16),
-            ) else {
-                continue;
-            };
             let m = Mapping {
-                start,
-                end,
-                offset,
-                exec: perms.as_bytes().get(2) == Some(&b'x'),
-                path: path.to_owned(),
+                start: line.start,
+                end: line.end,
+                offset: line.offset,
+                exec: line.exec(),
+                path: line.path.to_owned(),
             };
             if !known.contains(&m) {
                 // Newer mappings first: they win where addresses were reused.

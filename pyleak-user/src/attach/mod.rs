@@ -17,6 +17,7 @@ use std::{
 use pyleak_common::{AllocKind, Layer, ProbeCookie};
 
 use self::{elf::ElfFile, prologue::choose_attach_point};
+use crate::proctext;
 
 /// Which program a probe runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,16 +417,26 @@ pub fn plan_py_init(elf: &ElfFile) -> Option<ProbeSpec> {
     })
 }
 
+/// `path` as the process it was found through names it: `/proc/PID/root/usr/lib/x.so`
+/// is `/usr/lib/x.so` (what a user recognises in messages).
+pub fn as_process_names(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    match s
+        .strip_prefix("/proc/")
+        .and_then(|r| r.split_once("/root/"))
+    {
+        Some((pid, rest)) if pid.bytes().all(|b| b.is_ascii_digit()) => format!("/{rest}"),
+        _ => s.into_owned(),
+    }
+}
+
 /// Files a running process maps, as paths reachable from pyleak (through `/proc/PID/root`).
 pub fn mapped_files(pid: u32) -> std::io::Result<Vec<PathBuf>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let mut files = BTreeSet::new();
-    for line in maps.lines() {
-        let path = line.split_whitespace().nth(5).unwrap_or("");
-        if path.starts_with('/') && !path.ends_with("(deleted)") {
-            files.insert(path.to_owned());
-        }
-    }
+    let files: BTreeSet<&str> = proctext::maps(&maps)
+        .filter(|m| m.is_file() && !m.deleted())
+        .map(|m| m.path)
+        .collect();
     Ok(files
         .into_iter()
         .map(|p| PathBuf::from(format!("/proc/{pid}/root{p}")))
@@ -441,26 +452,16 @@ pub fn mapped_file_handles(pid: u32) -> std::io::Result<Vec<(PathBuf, PathBuf)>>
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let range = f.next().unwrap_or("");
-        let path = f.nth(4).unwrap_or("");
-        if path.starts_with('/') && !path.ends_with("(deleted)") && seen.insert(path) {
+    for m in proctext::maps(&maps) {
+        if m.is_file() && !m.deleted() && seen.insert(m.path) {
             out.push((
-                PathBuf::from(format!("/proc/{pid}/root{path}")),
-                PathBuf::from(format!("/proc/{pid}/map_files/{}", map_files_name(range))),
+                PathBuf::from(format!("/proc/{pid}/root{}", m.path)),
+                // The same numbers without the zero padding (`400000-41f000`).
+                PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
             ));
         }
     }
     Ok(out)
-}
-
-/// The `map_files` entry of a memory-map range: the same numbers without the zero
-/// padding (`00400000-0041f000` → `400000-41f000`).
-fn map_files_name(range: &str) -> String {
-    let (start, end) = range.split_once('-').unwrap_or(("0", "0"));
-    let hex = |h: &str| u64::from_str_radix(h, 16).unwrap_or(0);
-    format!("{:x}-{:x}", hex(start), hex(end))
 }
 
 /// Whether a file name looks like the C library.
@@ -609,14 +610,5 @@ mod tests {
         ] {
             assert!(!is_malloc_replacement(Path::new(f)), "{f}");
         }
-    }
-
-    #[test]
-    fn map_files_names_drop_the_padding() {
-        assert_eq!(map_files_name("00400000-0041f000"), "400000-41f000");
-        assert_eq!(
-            map_files_name("7f1c2a3b4000-7f1c2a3b6000"),
-            "7f1c2a3b4000-7f1c2a3b6000"
-        );
     }
 }

@@ -9,8 +9,8 @@ use std::{
 use pyleak_common::Layer;
 
 use super::{
-    elf::ElfFile, is_libc, is_malloc_replacement, may_hold_python, plan_finalize, plan_layer,
-    plan_python_domain, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
+    as_process_names, elf::ElfFile, is_libc, is_malloc_replacement, may_hold_python, plan_finalize,
+    plan_layer, plan_python_domain, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
     PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
 };
 use crate::layers::LayerSet;
@@ -80,8 +80,53 @@ pub fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
 }
 
 /// Says once what will not be seen.
-pub fn warn_missing(probes: &[ProbeSpec], layers: LayerSet, what: &str) {
-    if layers.contains(Layer::Libc) && !probes.iter().any(|p| p.symbol == "malloc") {
-        eprintln!("pyleak: warning: no libc malloc found for {what} (statically linked?): the libc layer sees nothing");
+pub fn warn_missing(probes: &[ProbeSpec], layers: LayerSet, what: &str, files: &[PathBuf]) {
+    if let Some(w) = missing_libc(probes, layers, what, files) {
+        eprintln!("pyleak: warning: {w}");
+    }
+}
+
+/// Why the libc layer will see nothing of `what` (mapping `files`, given `probes`), if it
+/// will not: a C library without the malloc family in its symbols, or none at all (a
+/// statically linked program).
+pub fn missing_libc(
+    probes: &[ProbeSpec],
+    layers: LayerSet,
+    what: &str,
+    files: &[PathBuf],
+) -> Option<String> {
+    if !layers.contains(Layer::Libc) || probes.iter().any(|p| p.symbol == "malloc") {
+        return None;
+    }
+    Some(match files.iter().find(|f| is_libc(f) || is_malloc_replacement(f)) {
+        Some(libc) => format!(
+            "{what}: its C library {} has no malloc in its symbols (.dynsym, .symtab): the libc layer sees nothing; its vm and pages layers still count its memory",
+            as_process_names(libc)
+        ),
+        None => format!(
+            "{what} maps no shared C library (statically linked): the libc layer sees nothing; its vm and pages layers still count its memory"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn why_the_libc_layer_sees_nothing() {
+        let layers = LayerSet::ALL;
+        let fake = [PathBuf::from("/proc/7/root/opt/fake/libc.so.6")];
+        assert_eq!(
+            missing_libc(&[], layers, "process 7", &fake).unwrap(),
+            "process 7: its C library /opt/fake/libc.so.6 has no malloc in its symbols (.dynsym, .symtab): the libc layer sees nothing; its vm and pages layers still count its memory"
+        );
+        assert!(missing_libc(&[], layers, "./static", &[])
+            .unwrap()
+            .contains("statically linked"));
+        assert_eq!(
+            missing_libc(&[], LayerSet::parse("vm").unwrap(), "x", &[]),
+            None
+        );
     }
 }

@@ -633,17 +633,10 @@ fn leak_name(s: String) -> &'static str {
 /// has no heap yet.
 fn current_brk(pid: u32) -> Option<u64> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    if let Some(line) = maps.lines().find(|l| l.ends_with("[heap]")) {
-        let end = line.split_whitespace().next()?.split_once('-')?.1;
-        return u64::from_str_radix(end, 16).ok();
+    if let Some(heap) = crate::proctext::maps(&maps).find(|m| m.path == "[heap]") {
+        return Some(heap.end);
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces): start_brk is field 47.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace()
-        .nth(47 - 3)
-        .and_then(|f| f.parse().ok())
-        .filter(|&b: &u64| b != 0)
+    Some(crate::proctext::Stat::of(pid)?.start_brk).filter(|&b| b != 0)
 }
 
 /// An error and its causes on one line.

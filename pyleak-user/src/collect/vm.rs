@@ -146,22 +146,14 @@ pub struct ProcVm {
 /// The arena-shaped mappings of a `/proc/PID/maps` text: anonymous (no path), private,
 /// writable, exactly an `ARENA_SIZES` long.
 fn earlier_arenas(maps: &str) -> Vec<(u64, u64)> {
-    maps.lines()
-        .filter_map(|line| {
-            let mut f = line.split_whitespace();
-            let (start, end) = f.next()?.split_once('-')?;
-            let perms = f.next()?;
-            let path = f.nth(3).unwrap_or("");
-            let (start, end) = (
-                u64::from_str_radix(start, 16).ok()?,
-                u64::from_str_radix(end, 16).ok()?,
-            );
-            (path.is_empty()
-                && perms.starts_with("rw")
-                && perms.ends_with('p')
-                && ARENA_SIZES.contains(&(end - start)))
-            .then_some((start, end))
+    crate::proctext::maps(maps)
+        .filter(|m| {
+            m.path.is_empty()
+                && m.perms.starts_with("rw")
+                && m.perms.ends_with('p')
+                && ARENA_SIZES.contains(&(m.end - m.start))
         })
+        .map(|m| (m.start, m.end))
         .collect()
 }
 

@@ -176,18 +176,10 @@ pub fn file_load_bias(pid: u32, file: &std::path::Path, base_vaddr: u64) -> Opti
         .filter(|(p, _)| p.starts_with("/proc/"))
         .map(|(_, r)| r)
         .unwrap_or(&want);
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), _, Some(off)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        if f.nth(2) != Some(want) || u64::from_str_radix(off, 16) != Ok(0) {
-            continue;
-        }
-        let start = u64::from_str_radix(range.split_once('-')?.0, 16).ok()?;
-        return Some(start - base_vaddr);
-    }
-    None
+    let start = crate::proctext::maps(&maps)
+        .find(|m| m.path == want && m.offset == 0)?
+        .start;
+    start.checked_sub(base_vaddr)
 }
 
 /// Reads code objects of traced processes and turns Python frames into

@@ -417,8 +417,8 @@ impl Group {
             }
             Some(python::Detected::Unsupported { file, version }) => {
                 eprintln!(
-                    "pyleak: warning: {} is CPython {version}, which pyleak cannot walk (3.8 and newer): native stacks only",
-                    file.display()
+                    "pyleak: warning: {} is CPython {version}, whose frames pyleak cannot walk (it walks 3.8 to 3.14 with the GIL): native stacks only",
+                    crate::attach::as_process_names(&file)
                 );
                 FileRuntime::Unsupported(version)
             }

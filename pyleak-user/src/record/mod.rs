@@ -10,6 +10,7 @@ mod trace;
 use std::{
     fs::File,
     io::Write as _,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -32,6 +33,7 @@ use crate::{
     cli::{PymallocMode, RecordArgs},
     collect::{frames::frames_of_all, Filter, Recorder, RecorderOptions, Snapshot},
     errors::UserError,
+    host,
     layers::LayerSet,
     python,
     report::{self, file::OutputFile, OutputFormat},
@@ -93,7 +95,7 @@ fn trace(
 ) -> anyhow::Result<(Sampler, f64)> {
     let started = Instant::now();
     let mut sampler = Sampler::new(
-        Duration::from_secs_f64(args.interval),
+        Duration::from_secs_f64(args.interval()),
         args.native,
         view,
         started,
@@ -129,10 +131,8 @@ fn trace(
 
 /// Checks the arguments and opens the outputs: nothing is loaded yet.
 fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(UserError::NotRoot.into());
-    }
+    host::check_privileges()?;
+    host::check_lockdown(Path::new(host::LOCKDOWN))?;
     // Launching: every layer. Attaching: pymalloc when it is sampled (a few percent of
     // CPU), not pymem_raw; not pymalloc at all when every call would trap.
     let sampled = args.pymalloc == PymallocMode::Sampled && !args.bare;
@@ -156,8 +156,27 @@ fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
     }
     let target = Target::from_args(&args.target)?;
     let render = report::Render::from_args(&args.out)?;
-    if !(args.interval > 0.0 && args.interval.is_finite()) {
-        return Err(UserError::BadInterval(args.interval).into());
+    // At most 1e9 s (31 years): what a `Duration` holds with room to add to an `Instant`.
+    let seconds = |s: f64| s > 0.0 && s <= 1e9;
+    let interval = args.interval();
+    if !seconds(interval) {
+        return Err(UserError::BadInterval(interval).into());
+    }
+    if let Some(d) = args.duration {
+        if !seconds(d) {
+            return Err(UserError::BadDuration(d).into());
+        }
+        if interval > d {
+            return Err(UserError::IntervalOverDuration {
+                interval,
+                duration: d,
+                suggest: d / 10.0,
+            }
+            .into());
+        }
+    }
+    if !(1..=MAX_NATIVE_FRAMES as u32).contains(&args.native_depth) {
+        return Err(UserError::BadNativeDepth(args.native_depth).into());
     }
     if !(args.min_age >= 0.0 && args.min_age.is_finite()) {
         return Err(UserError::BadMinAge(args.min_age).into());
@@ -212,7 +231,7 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
     };
     let opts = RecorderOptions {
         layers,
-        native_depth: args.native_depth.clamp(1, MAX_NATIVE_FRAMES as u32),
+        native_depth: args.native_depth,
         bare: args.bare,
         filter,
         pymalloc_sampled: args.pymalloc == PymallocMode::Sampled
@@ -261,7 +280,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
             let files = attach::libraries_of(&attach::program_of(p));
             runtimes.watch(c.pid, &files);
             let mut probes = planner.plan(&files);
-            warn_missing(&probes, layers, &p.display().to_string());
+            warn_missing(&probes, layers, &p.display().to_string(), &files);
             if let Some(rt) = python_runtime(
                 rec,
                 c.pid,
@@ -300,7 +319,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                 let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
                 runtimes.watch(pid, &files);
                 let probes = planner.plan(&files);
-                warn_missing(&probes, layers, &format!("process {pid}"));
+                warn_missing(&probes, layers, &format!("process {pid}"), &files);
                 if let Some(rt) = python_runtime(
                     rec,
                     pid,
@@ -420,7 +439,7 @@ fn finish(
         analysis::Options {
             duration_s,
             min_age_s: args.min_age,
-            interval_s: args.interval,
+            interval_s: args.interval(),
         },
     );
     // The targets are frozen in the kernel: let the command go, take the uprobes out (one

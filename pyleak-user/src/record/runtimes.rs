@@ -118,8 +118,8 @@ pub fn python_runtime(
                 return None;
             }
             eprintln!(
-                "pyleak: warning: {what} runs CPython {version} ({}), which pyleak cannot walk (3.8 and newer): native stacks only",
-                file.display()
+                "pyleak: warning: {what} runs CPython {version} ({}), whose frames pyleak cannot walk (it walks 3.8 to 3.14 with the GIL): native stacks only",
+                crate::attach::as_process_names(&file)
             );
             None
         }

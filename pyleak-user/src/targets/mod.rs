@@ -9,7 +9,7 @@ pub mod launch;
 use std::path::{Path, PathBuf};
 
 use self::group::Cgroup;
-use crate::errors::UserError;
+use crate::{errors::UserError, proctext::Stat};
 
 /// The flags that name what to trace (one kind of target).
 #[derive(Debug, Clone, clap::Args)]
@@ -78,9 +78,7 @@ impl Target {
             return Ok(Target::Group(None));
         }
         for &pid in &args.pids {
-            if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
-                return Err(UserError::NoSuchPid(pid));
-            }
+            check_pid(pid)?;
         }
         match args.command.first() {
             Some(cmd) if cmd.is_empty() => Err(UserError::EmptyCommand),
@@ -101,14 +99,34 @@ impl Target {
 
 /// Whether `pid` runs (not a zombie, not gone).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(
-            stat.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next()),
-            Some("Z" | "X")
-        ),
-        Err(_) => false,
+    Stat::of(pid).is_some_and(|s| !s.is_zombie())
+}
+
+/// Checks that `pid` names a process pyleak can trace: one that exists, is not a zombie
+/// or a kernel thread, and is not pyleak itself.
+pub fn check_pid(pid: u32) -> Result<(), UserError> {
+    if pid == 0 {
+        return Err(UserError::NoSuchPid(pid));
     }
+    let Some(stat) = Stat::of(pid) else {
+        return Err(UserError::NoSuchPid(pid));
+    };
+    if pid == std::process::id() {
+        return Err(UserError::SelfTarget(pid));
+    }
+    if stat.is_zombie() {
+        return Err(UserError::Zombie {
+            pid,
+            ppid: stat.ppid,
+        });
+    }
+    if stat.is_kernel_thread() {
+        return Err(UserError::KernelThread {
+            pid,
+            comm: stat.comm,
+        });
+    }
+    Ok(())
 }
 
 /// Resolves a command the way `execvp` would: a path as given, else the first executable
