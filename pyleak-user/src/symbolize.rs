@@ -117,16 +117,17 @@ impl Symbolizer {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let file_off = ip_lookup - m.start + m.offset;
+        // Checked: a hostile file's segments can hold any numbers.
+        let file_off = (ip_lookup - m.start).wrapping_add(m.offset);
         let syms = self.modules.get(&m.path);
         // The address in the file's own terms (its segments' virtual addresses, what its
         // symbols, `addr2line -e` and `objdump` use): the load bias taken off.
         let seg = syms.and_then(|syms| {
             syms.segments
                 .iter()
-                .find(|s| s.file_offset <= file_off && file_off < s.file_offset + s.file_size)
+                .find(|s| s.file_offset <= file_off && file_off - s.file_offset < s.file_size)
         });
-        let addr = seg.map(|s| file_off - s.file_offset + s.address);
+        let addr = seg.and_then(|s| (file_off - s.file_offset).checked_add(s.address));
         // Only code has function names; a symbol without a size (hand-written assembly)
         // covers up to the next symbol, within its segment.
         let name = syms.zip(seg).and_then(|(syms, seg)| {
@@ -157,22 +158,22 @@ fn load_module(pid: u32, path: &str) -> ModuleSyms {
     let Some(file) = file else {
         return ModuleSyms::default();
     };
-    let data = std::fs::read(file);
-    let Ok(data) = data else {
+    let Ok(data) = std::fs::read(file) else {
         return ModuleSyms::default();
     };
-    let Ok(file) = object::File::parse(&*data) else {
+    module_syms(&data, |id| read_debug_file(pid, id))
+}
+
+/// The symbols and segments of the ELF file `data`, with those of the debug file
+/// `debug_for` finds for its build id.
+fn module_syms(data: &[u8], debug_for: impl Fn(&[u8]) -> Option<Vec<u8>>) -> ModuleSyms {
+    let Ok(file) = object::File::parse(data) else {
         return ModuleSyms::default();
     };
     let mut syms = function_symbols(&file, 0);
     // A stripped file's full symbol table may be in a separate debug file (Debian's
     // `-dbg`/`-dbgsym` packages), found by build id: same addresses, local functions too.
-    if let Some(debug) = file
-        .build_id()
-        .ok()
-        .flatten()
-        .and_then(|id| read_debug_file(pid, id))
-    {
+    if let Some(debug) = file.build_id().ok().flatten().and_then(debug_for) {
         if let Ok(debug) = object::File::parse(&*debug) {
             syms.extend(function_symbols(&debug, 2));
         }
@@ -197,6 +198,37 @@ fn load_module(pid: u32, path: &str) -> ModuleSyms {
     ModuleSyms { syms, segments }
 }
 
+/// The fuzz target's way in: the symbols of `data` (an ELF file, no debug file), then a
+/// lookup of each as a frame of a process mapping it at 0x40_0000 (pyleak's own case).
+pub fn fuzz_module(data: &[u8]) {
+    let module = module_syms(data, |_| None);
+    let starts: Vec<u64> = module.syms.iter().take(64).map(|s| s.0).collect();
+    let mut syms = Symbolizer::default();
+    let path = "/fuzz/module.so".to_owned();
+    syms.maps.insert(
+        1,
+        module
+            .segments
+            .iter()
+            .filter_map(|s| {
+                let start = 0x40_0000u64.checked_add(s.file_offset)?;
+                Some(Mapping {
+                    start,
+                    end: start.checked_add(s.file_size)?,
+                    offset: s.file_offset,
+                    exec: s.exec,
+                    path: path.clone(),
+                })
+            })
+            .collect(),
+    );
+    syms.modules.insert(path, module);
+    for a in starts {
+        let _ = syms.frame(1, a, false);
+        let _ = syms.frame(1, a.wrapping_add(0x40_0000), true);
+    }
+}
+
 /// (address, end, rank, name) of each function a file defines; the rank is `base` for
 /// exported symbols, `base + 1` for the others (lower is preferred).
 fn function_symbols(file: &object::File, base: u8) -> Vec<(u64, u64, u8, String)> {
@@ -206,7 +238,7 @@ fn function_symbols(file: &object::File, base: u8) -> Vec<(u64, u64, u8, String)
             ok.then(|| {
                 Some((
                     s.address(),
-                    s.address() + s.size(),
+                    s.address().saturating_add(s.size()),
                     rank,
                     s.name().ok()?.to_owned(),
                 ))

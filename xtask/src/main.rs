@@ -2,6 +2,7 @@
 //! fresh machine (rust-src, bpf-linker, tracefs).
 
 mod bench;
+mod fuzz;
 
 use std::{
     path::{Path, PathBuf},
@@ -26,10 +27,18 @@ enum Task {
     Build,
     /// Record the bundled leaky Python demo end to end and print its report.
     Demo,
-    /// Unit tests, then the privileged integration tests that load real eBPF programs.
+    /// Unit tests, then the privileged integration tests that load real eBPF programs, then
+    /// a short fuzzing run of every parser (without a filter).
     Test {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Fuzz every parser of data pyleak does not control for a bounded time (nightly and
+    /// cargo-fuzz, installed when missing).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Benchmarks: pyleak against the untraced run, bare probes and peers, as ratios.
     Bench(bench::BenchArgs),
@@ -52,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo => demo(),
         Task::Test { filter } => test(filter),
+        Task::Fuzz { seconds } => fuzz::fuzz(seconds).map(|o| fuzz::summary(&o)),
         Task::Bench(args) => {
             setup()?;
             let bin = build()?;
@@ -236,8 +246,17 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         .env("PYLEAK_PYMALLOC", "exact")
         .args(["test", "--release", "-p", "pyleak-tests", "--"])
         .arg("--test-threads=1");
+    let whole = filter.is_none();
     if let Some(f) = filter {
         cmd.arg(f);
     }
-    run(&mut cmd)
+    run(&mut cmd)?;
+    // The short form of `cargo xtask fuzz`: 25 s a target, ~2 min in all after the build.
+    if whole {
+        fuzz::summary(&fuzz::fuzz(CI_FUZZ_SECONDS)?);
+    }
+    Ok(())
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const CI_FUZZ_SECONDS: u64 = 25;

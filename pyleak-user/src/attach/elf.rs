@@ -31,6 +31,11 @@ impl ElfFile {
             path: path.to_owned(),
             source: e.into(),
         })?;
+        ElfFile::from_bytes(path, data)
+    }
+
+    /// An ELF file's bytes `data`, named `path`; an error when `object` cannot parse them.
+    pub fn from_bytes(path: &Path, data: Vec<u8>) -> Result<ElfFile, UserError> {
         object::File::parse(&*data).map_err(|e| UserError::BadElf {
             path: path.to_owned(),
             source: e.into(),
@@ -63,14 +68,17 @@ impl ElfFile {
         let section = file.sections().find(|s| {
             s.kind() == object::SectionKind::Text
                 && addr >= s.address()
-                && addr < s.address() + s.size()
+                && addr - s.address() < s.size()
         })?;
         let (sec_off, sec_len) = section.file_range()?;
         let rel = addr - section.address();
-        let file_offset = sec_off + rel;
-        let len = size.min(sec_len - rel);
+        let file_offset = sec_off.checked_add(rel)?;
+        let len = size.min(sec_len.checked_sub(rel)?);
         let start = usize::try_from(file_offset).ok()?;
-        let code = self.data.get(start..start + len as usize)?.to_vec();
+        let code = self
+            .data
+            .get(start..start.checked_add(usize::try_from(len).ok()?)?)?
+            .to_vec();
         Some(Function {
             file_offset,
             address: addr,
@@ -91,10 +99,13 @@ impl ElfFile {
         if rel >= sec_len {
             return None;
         }
-        let file_offset = sec_off + rel;
+        let file_offset = sec_off.checked_add(rel)?;
         let len = if sym.size() > 0 { sym.size() } else { 64 }.min(sec_len - rel);
         let start = usize::try_from(file_offset).ok()?;
-        let code = self.data.get(start..start + len as usize)?.to_vec();
+        let code = self
+            .data
+            .get(start..start.checked_add(usize::try_from(len).ok()?)?)?
+            .to_vec();
         Some(Function {
             file_offset,
             address: sym.address(),

@@ -71,16 +71,16 @@ impl<'a> Code_<'a> {
         let (start, bytes) = self
             .ranges
             .iter()
-            .find(|(s, b)| addr >= *s && addr < s + b.len() as u64)?;
+            .find(|(s, b)| addr >= *s && addr - s < b.len() as u64)?;
         let rel = usize::try_from(addr - start).ok()?;
-        bytes.get(rel..rel + len)
+        bytes.get(rel..rel.checked_add(len)?)
     }
 
     pub(super) fn at(&self, addr: u64) -> Option<Instruction> {
         let (start, bytes) = self
             .ranges
             .iter()
-            .find(|(s, b)| addr >= *s && addr < s + b.len() as u64)?;
+            .find(|(s, b)| addr >= *s && addr - s < b.len() as u64)?;
         let rel = usize::try_from(addr - start).ok()?;
         let end = (rel + 16).min(bytes.len());
         let i = Decoder::with_ip(64, &bytes[rel..end], addr, DecoderOptions::NONE).decode();

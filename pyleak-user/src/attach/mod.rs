@@ -227,7 +227,7 @@ fn plan_sites(
                 continue;
             }
             if let Some(f) = elf.function(name) {
-                ranges.push(f.address..f.address + f.code.len() as u64);
+                ranges.push(f.address..f.address.saturating_add(f.code.len() as u64));
                 out.push(plan_function(elf, layer, name, kind, args, &f));
             }
         }
@@ -349,9 +349,9 @@ fn file_offset(file: &object::File, addr: u64) -> Option<u64> {
     let s = file.sections().find(|s| {
         s.kind() == object::SectionKind::Text
             && addr >= s.address()
-            && addr < s.address() + s.size()
+            && addr - s.address() < s.size()
     })?;
-    Some(s.file_range()?.0 + (addr - s.address()))
+    s.file_range()?.0.checked_add(addr - s.address())
 }
 
 /// The probe on one allocator function, at a cheap attach point of its prologue.

@@ -89,13 +89,13 @@ pub fn find_sites(elf: &ElfFile, tables: &[AllocTable]) -> SiteScan {
     let plt = file
         .sections()
         .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
-        .map(|s| (s.address(), s.address() + s.size()))
+        .map(|s| (s.address(), s.address().saturating_add(s.size())))
         .collect();
     let mut sized: Vec<(u64, u64)> = file
         .symbols()
         .chain(file.dynamic_symbols())
         .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0)
-        .map(|s| (s.address(), s.address() + s.size()))
+        .map(|s| (s.address(), s.address().saturating_add(s.size())))
         .collect();
     sized.sort_unstable();
     sized.dedup();
@@ -142,7 +142,7 @@ fn scan_code(code: &Code_, tables: &[AllocTable]) -> SiteScan {
             };
             let fields: Vec<u64> = tables
                 .iter()
-                .map(|t| t.address + 8 * (f as u64 + 1))
+                .map(|t| t.address.wrapping_add(8 * (f as u64 + 1)))
                 .collect();
             let (guard_reg, guard_mem) = match cmp.op0_kind() {
                 OpKind::Register if cmp.op0_register().is_gpr64() => {

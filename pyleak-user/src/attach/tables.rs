@@ -99,7 +99,7 @@ pub fn find_table(elf: &ElfFile, domain: Domain) -> Option<AllocTable> {
         let found = reads
             .iter()
             .copied()
-            .find(|&t| reads.contains(&(t + 8 * field)))?;
+            .find(|&t| reads.contains(&t.wrapping_add(8 * field)))?;
         match address {
             None => address = Some(found),
             Some(a) if a == found => {}
@@ -109,7 +109,7 @@ pub fn find_table(elf: &ElfFile, domain: Domain) -> Option<AllocTable> {
     let address = address?;
     let mut functions = [0u64; 4];
     for (i, f) in functions.iter_mut().enumerate() {
-        *f = elf.initial_pointer(address + 8 * (i as u64 + 1))?;
+        *f = elf.initial_pointer(address.checked_add(8 * (i as u64 + 1))?)?;
         if !elf.is_code(*f) {
             return None;
         }
@@ -145,12 +145,12 @@ impl ElfFile {
         // No relocation: the bytes in the file (or zero in .bss).
         for seg in file.segments() {
             let (start, size) = (seg.address(), seg.size());
-            if addr < start || addr + 8 > start + size {
+            if addr < start || size < 8 || addr - start > size - 8 {
                 continue;
             }
             let data = seg.data().ok()?;
             let rel = usize::try_from(addr - start).ok()?;
-            return Some(match data.get(rel..rel + 8) {
+            return Some(match data.get(rel..rel.checked_add(8)?) {
                 Some(b) => u64::from_le_bytes(b.try_into().ok()?),
                 None => 0,
             });
@@ -166,7 +166,7 @@ impl ElfFile {
         file.sections().any(|s| {
             s.kind() == object::SectionKind::Text
                 && addr >= s.address()
-                && addr < s.address() + s.size()
+                && addr - s.address() < s.size()
         })
     }
 }

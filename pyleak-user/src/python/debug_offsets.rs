@@ -74,7 +74,7 @@ pub fn read(
         .section_by_name(".PyRuntime")
         .or_else(|| {
             obj.sections()
-                .find(|s| s.address() <= runtime_vaddr && runtime_vaddr < s.address() + s.size())
+                .find(|s| s.address() <= runtime_vaddr && runtime_vaddr - s.address() < s.size())
         })
         .ok_or(Problem::Missing)?;
     let off = runtime_vaddr

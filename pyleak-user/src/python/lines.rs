@@ -98,7 +98,8 @@ fn locations_line(table: &[u8], first: i64, target: u64) -> i64 {
     let (mut computed, mut end, mut i) = (first, 0u64, 0usize);
     while let Some(&b) = table.get(i) {
         let code = (b >> 3) & 15;
-        computed += match code {
+        // Saturating: a garbage table's varints reach 2^62.
+        computed = computed.saturating_add(match code {
             13 | 14 => {
                 let v = varint(table, i + 1);
                 let mag = (v >> 1) as i64;
@@ -110,7 +111,7 @@ fn locations_line(table: &[u8], first: i64, target: u64) -> i64 {
             }
             10..=12 => i64::from(code - 10),
             _ => 0,
-        };
+        });
         end += (u64::from(b & 7) + 1) * 2;
         if target < end {
             return if code == 15 { -1 } else { computed };

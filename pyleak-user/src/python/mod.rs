@@ -61,15 +61,18 @@ const UNKNOWN: &str = "of unknown version";
 /// `/proc/self/fd/N`, which stays valid when the process that mapped it exits). Its version
 /// is read from the file's contents (see `release`); the name only picks candidates.
 pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detected> {
-    let f = &file.to_owned();
-    let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if !(name.starts_with("libpython") || name.starts_with("python")) {
         return None;
     }
-    let Ok(data) = std::fs::read(via) else {
-        return None;
-    };
-    let Ok(obj) = object::File::parse(&*data) else {
+    detect_in(file, &std::fs::read(via).ok()?)
+}
+
+/// Whether the ELF file `data` (named `file`) holds a Python runtime; see [`detect_via`].
+pub fn detect_in(file: &std::path::Path, data: &[u8]) -> Option<Detected> {
+    let f = &file.to_owned();
+    let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let Ok(obj) = object::File::parse(data) else {
         return None;
     };
     let find = |want: &str| release::defined(&obj, want);

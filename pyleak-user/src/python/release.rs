@@ -94,7 +94,7 @@ pub fn parse_release(s: &str) -> Option<PyVersion> {
 pub fn bytes_at<'d>(obj: &object::File<'d>, addr: u64, len: usize) -> Option<&'d [u8]> {
     let sec = obj
         .sections()
-        .find(|s| s.address() <= addr && addr < s.address() + s.size())?;
+        .find(|s| s.address() <= addr && addr - s.address() < s.size())?;
     let data = sec.data().ok()?;
     let off = usize::try_from(addr - sec.address()).ok()?;
     data.get(off..off.checked_add(len)?)
@@ -104,7 +104,7 @@ pub fn bytes_at<'d>(obj: &object::File<'d>, addr: u64, len: usize) -> Option<&'d
 fn c_string_at(obj: &object::File<'_>, addr: u64) -> Option<String> {
     let sec = obj
         .sections()
-        .find(|s| s.address() <= addr && addr < s.address() + s.size())?;
+        .find(|s| s.address() <= addr && addr - s.address() < s.size())?;
     let data = sec.data().ok()?;
     let tail = data.get(usize::try_from(addr - sec.address()).ok()?..)?;
     let end = tail
