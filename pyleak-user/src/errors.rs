@@ -161,6 +161,14 @@ pub enum UserError {
         #[source]
         source: Cause,
     },
+    /// The kernel had no memory for pyleak's maps.
+    #[error("the kernel could not allocate pyleak's maps: they need about {need_mib} MiB of kernel memory at start (more as stacks are found){advice}")]
+    MapMemory {
+        /// The maps' size, in MiB.
+        need_mib: u64,
+        /// What to do: raise the memory cgroup's limit (to how much), or free memory.
+        advice: String,
+    },
     /// The kernel refused to load or attach a program.
     #[error("the kernel refused pyleak's eBPF programs ({0}): pyleak needs a kernel with BTF, uprobes and tracepoints (5.15+)")]
     Ebpf(String),

@@ -398,6 +398,7 @@ pub fn analyze(
     Analysis {
         pyleak_version: env!("CARGO_PKG_VERSION").to_owned(),
         duration_s: opts.duration_s,
+        command_exit: None,
         processes: {
             // Targets, then any process the kernel counted that userspace never saw (a
             // short-lived fork in a traced cgroup).

@@ -14,6 +14,11 @@ pub struct Analysis {
     pub pyleak_version: String,
     /// Seconds recorded.
     pub duration_s: f64,
+    /// How a command pyleak started ended (`exited with status 0`, `killed by signal 11
+    /// (Segmentation fault), core dumped`); absent for attached processes, whose end
+    /// pyleak does not see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_exit: Option<String>,
     /// Traced processes.
     pub processes: Vec<ProcessInfo>,
     /// Totals per layer, by layer name.

@@ -1,5 +1,6 @@
 //! Loading the probes, attaching them to targets, and reading back what they gathered.
 
+mod budget;
 pub mod frames;
 mod read;
 mod snapshot;
@@ -158,7 +159,27 @@ impl Recorder {
                 true,
             )
             .load(EBPF_OBJECT)
-            .map_err(|e| UserError::Ebpf(error_chain(&e)))?;
+            .map_err(|e| {
+                let chain = error_chain(&e);
+                // ENOMEM: the maps did not fit (a memory cgroup's limit, most often).
+                if chain.contains("(os error 12)") {
+                    let need_mib = budget::maps_bytes(EBPF_OBJECT).div_ceil(1 << 20);
+                    // pyleak's own memory besides (measured ~25 MiB), with room.
+                    let advice = budget::own_memory_limit().map_or_else(
+                        || ": free that much memory on the host".to_owned(),
+                        |(cg, l)| {
+                            format!(
+                                ", charged to pyleak's memory cgroup {cg}, limited to {} MiB: raise its limit to at least {} MiB, or run pyleak outside it",
+                                l >> 20,
+                                need_mib + 40
+                            )
+                        },
+                    );
+                    UserError::MapMemory { need_mib, advice }
+                } else {
+                    UserError::Ebpf(chain)
+                }
+            })?;
         let uprobes = match load_multi(&ebpf) {
             Ok(programs) => Uprobes::Multi {
                 programs,

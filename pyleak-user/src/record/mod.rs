@@ -81,18 +81,18 @@ pub fn run(args: RecordArgs, view: View) -> anyhow::Result<i32> {
     let mut session = load(&args, &plan)?;
     attach_targets(&args, &plan, &mut session)?;
     start(&args, &plan, &mut session)?;
-    let (sampler, duration_s) = trace(&args, view, &mut plan, &mut session)?;
-    finish(&args, plan, session, sampler, duration_s)
+    let (sampler, duration_s, exit) = trace(&args, view, &mut plan, &mut session)?;
+    finish(&args, plan, session, sampler, (duration_s, exit))
 }
 
 /// Traces until the recording ends (duration, signal, the targets' end), taking growth
-/// samples; returns them and the seconds recorded.
+/// samples; returns them, the seconds recorded and how a launched command ended.
 fn trace(
     args: &RecordArgs,
     view: View,
     plan: &mut Plan,
     session: &mut Session,
-) -> anyhow::Result<(Sampler, f64)> {
+) -> anyhow::Result<(Sampler, f64, Option<std::process::ExitStatus>)> {
     let started = Instant::now();
     let mut sampler = Sampler::new(
         Duration::from_secs_f64(args.interval()),
@@ -124,9 +124,9 @@ fn trace(
         &mut sampler,
     ));
     sampler.close_view();
-    let end = end?;
-    log::debug!("recording ended: {end:?}");
-    Ok((sampler, started.elapsed().as_secs_f64()))
+    let (end, exit) = end?;
+    log::debug!("recording ended: {end:?}, command {exit:?}");
+    Ok((sampler, started.elapsed().as_secs_f64(), exit))
 }
 
 /// Checks the arguments and opens the outputs: nothing is loaded yet.
@@ -411,7 +411,7 @@ fn finish(
     plan: Plan,
     mut s: Session,
     sampler: Sampler,
-    duration_s: f64,
+    (duration_s, exit): (f64, Option<std::process::ExitStatus>),
 ) -> anyhow::Result<i32> {
     if let Some(g) = s.group.as_mut() {
         // Processes that started while the recording ended are part of it too.
@@ -442,6 +442,7 @@ fn finish(
             interval_s: args.interval(),
         },
     );
+    analysis.command_exit = exit.map(launch::describe_exit);
     // The targets are frozen in the kernel: let the command go, take the uprobes out (one
     // grace period per multi-uprobe link; ~0.1 s per probe with perf events), then write
     // the report.

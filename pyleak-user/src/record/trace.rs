@@ -4,6 +4,7 @@
 use std::{
     io::IsTerminal as _,
     os::fd::{AsRawFd, RawFd},
+    process::ExitStatus,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -65,12 +66,13 @@ pub async fn trace_loop(
     resolver: &mut python::Resolver,
     mut follow: Follow<'_>,
     args: &RecordArgs,
-    launched: Option<(u32, tokio::sync::oneshot::Receiver<i32>)>,
+    launched: Option<(u32, tokio::sync::oneshot::Receiver<Option<ExitStatus>>)>,
     sampler: &mut Sampler,
-) -> anyhow::Result<End> {
+) -> anyhow::Result<(End, Option<ExitStatus>)> {
     let started = sampler.started;
     let child = launched.as_ref().map(|(pid, _)| *pid);
     let mut child_exit = launched.map(|(_, exit)| exit);
+    let mut exit = None;
     // SAFETY: the ring buffer's fd belongs to `rec`, which outlives this function and so
     // this AsyncFd; it is not closed while registered.
     let ring = unsafe { AsyncFd::register(RingFd(rec.ring_fd().as_raw_fd())) }
@@ -179,11 +181,9 @@ pub async fn trace_loop(
             }
             _ = sigint.recv() => break End::Signal,
             _ = sigterm.recv() => break End::Signal,
-            code = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
+            status = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
                 child_exit = None;
-                if let Ok(code) = code {
-                    log::info!("command exited with {code}");
-                }
+                exit = status.ok().flatten();
                 break End::TargetsExited;
             }
         }
@@ -211,10 +211,12 @@ pub async fn trace_loop(
             // SAFETY: signalling our own child.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
-        let _ = tokio::time::timeout(CHILD_GRACE, wait).await;
+        if let Ok(Ok(status)) = tokio::time::timeout(CHILD_GRACE, wait).await {
+            exit = status;
+        }
     }
     rec.drain();
-    Ok(end)
+    Ok((end, exit))
 }
 
 /// The wait from one window's close to the next window's opening: exponential, so window

@@ -48,6 +48,7 @@ fn sample() -> Analysis {
     Analysis {
         pyleak_version: "0.1.0".to_owned(),
         duration_s: 1.5,
+        command_exit: None,
         processes: vec![
             ProcessInfo {
                 pid: 42,

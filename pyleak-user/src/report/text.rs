@@ -64,6 +64,9 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
             procs.join(", ")
         )?;
     }
+    if let Some(how) = &report.command_exit {
+        writeln!(out, "pyleak: the command ended: {how}")?;
+    }
     writeln!(
         out,
         "{:<10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",

@@ -5,7 +5,12 @@
 //! execs. (`std::process::Command` with a blocking `pre_exec` deadlocks: spawn waits for
 //! the exec.)
 
-use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
+use std::{
+    ffi::CString,
+    os::unix::{ffi::OsStrExt, process::ExitStatusExt},
+    path::Path,
+    process::ExitStatus,
+};
 
 use anyhow::Context as _;
 
@@ -19,8 +24,8 @@ pub struct Launched {
     /// Its pid.
     pub pid: u32,
     go: Option<std::sync::mpsc::Sender<()>>,
-    /// Resolves to the exit code (128+signal when killed).
-    pub exited: Option<tokio::sync::oneshot::Receiver<i32>>,
+    /// Resolves to how the command ended (`None` if it could not be waited for).
+    pub exited: Option<tokio::sync::oneshot::Receiver<Option<ExitStatus>>>,
 }
 
 /// Forks a child that will exec `program` with `args` (args[0] included) once started;
@@ -107,8 +112,8 @@ fn fork_paused(
     Ok((pid as u32, fds[1]))
 }
 
-/// Runs the child to its end as its tracer; returns its exit code.
-fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> i32 {
+/// Runs the child to its end as its tracer; returns how it ended.
+fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> Option<ExitStatus> {
     let pid_t = pid as libc::pid_t;
     let mut exec_seen = false;
     loop {
@@ -119,13 +124,10 @@ fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> i32 {
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
-            return -1;
+            return None;
         }
-        if libc::WIFEXITED(status) {
-            return libc::WEXITSTATUS(status);
-        }
-        if libc::WIFSIGNALED(status) {
-            return 128 + libc::WTERMSIG(status);
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            return Some(ExitStatus::from_raw(status));
         }
         if !libc::WIFSTOPPED(status) {
             continue;
@@ -135,11 +137,17 @@ fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> i32 {
         let inject = if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXIT {
             on_exit(pid);
             0
+        } else if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXEC {
+            // The command exec'd another program: a stop of our own, nothing to deliver
+            // (without PTRACE_O_TRACEEXEC the kernel would send the new program a SIGTRAP,
+            // which kills it).
+            0
         } else if sig == libc::SIGTRAP && !exec_seen {
-            // The stop after exec: from here on, only the exit stop matters.
+            // The stop after the first exec: from here on, only the exit stop matters.
             exec_seen = true;
+            let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
             // SAFETY: setting options on our stopped tracee.
-            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid_t, 0, libc::PTRACE_O_TRACEEXIT) };
+            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid_t, 0, options) };
             0
         } else {
             // A signal for the command: deliver it as if nobody were watching.
@@ -147,6 +155,28 @@ fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> i32 {
         };
         // SAFETY: resuming our stopped tracee.
         unsafe { libc::ptrace(libc::PTRACE_CONT, pid_t, 0, inject as libc::c_long) };
+    }
+}
+
+/// How a command ended, in words: `exited with status 3`, `killed by signal 11
+/// (Segmentation fault), core dumped`.
+pub fn describe_exit(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => {
+            // SAFETY: strsignal returns a pointer to a NUL-terminated string (static or
+            // thread-local) valid until the next call on this thread; copied at once.
+            let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) }
+                .to_string_lossy()
+                .into_owned();
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
+            format!("killed by signal {sig} ({name}){core}")
+        }
+        _ => format!("ended ({status})"),
     }
 }
 
@@ -159,5 +189,26 @@ impl Launched {
             .send(())
             .context("launcher thread gone")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_in_words() {
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(3 << 8)),
+            "exited with status 3"
+        );
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(libc::SIGKILL)),
+            "killed by signal 9 (Killed)"
+        );
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(libc::SIGSEGV | 0x80)),
+            "killed by signal 11 (Segmentation fault), core dumped"
+        );
     }
 }
