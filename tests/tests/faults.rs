@@ -319,3 +319,90 @@ fn pyleak_under_a_memory_limit_too_low_for_its_maps() {
     assert!(out.status.success(), "with {need} MiB: {out:?}");
     assert_no_pyleak_programs();
 }
+
+/// `pyleak record` with one of its maps shrunk (`PYLEAK_TEST_MAP_ENTRIES`) so that it
+/// fills: the drops are counted under `reason` in `lost`, in `lost_events` and on the
+/// summary's `lost events` line, and the report is still written whole.
+fn fill_map(name: &str, map: &str, entries: u32, reason: &str, args: &[&str]) {
+    let dir = scratch(name);
+    let json = dir.join("r.json");
+    let mut all = vec!["record", "-q", "--json", json.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = Command::new(pyleak_bin())
+        .env("PYLEAK_TEST_MAP_ENTRIES", format!("{map}={entries}"))
+        .args(&all)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let lost = &report["lost"];
+    let dropped = lost[reason].as_u64().unwrap();
+    assert!(dropped > 0, "{map} of {entries} filled: {lost}");
+    let sum: u64 = lost
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(report["lost_events"], sum);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("lost events: {sum} ({reason} {dropped}")),
+        "{stdout}"
+    );
+    assert_eq!(report["command_exit"], "exited with status 0");
+    assert_no_pyleak_programs();
+}
+
+#[test]
+fn ring_buffer_full() {
+    if !root_or_skip() {
+        return;
+    }
+    // One page of ring buffer against 64 MiB touched a page at a time (16k page faults).
+    let bin = faults_bin();
+    fill_map(
+        "full-ring",
+        "EVENTS",
+        4096,
+        "ring_full",
+        &[
+            "--layers",
+            "vm,pages",
+            "--",
+            bin.to_str().unwrap(),
+            "grow",
+            "64",
+        ],
+    );
+}
+
+#[test]
+fn stack_map_full() {
+    if !root_or_skip() {
+        return;
+    }
+    let bin = c_workload();
+    fill_map(
+        "full-stacks",
+        "STACKS",
+        2,
+        "stacks_full",
+        &["--layers", "libc", "--", bin.to_str().unwrap()],
+    );
+}
+
+#[test]
+fn per_stack_totals_full() {
+    if !root_or_skip() {
+        return;
+    }
+    let bin = c_workload();
+    fill_map(
+        "full-stack-stats",
+        "STACK_STATS",
+        2,
+        "stack_stats_full",
+        &["--layers", "libc", "--", bin.to_str().unwrap()],
+    );
+}

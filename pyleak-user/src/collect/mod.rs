@@ -148,7 +148,13 @@ impl Recorder {
             Filter::Cgroup { id, level } => (FILTER_CGROUP, id, level),
             Filter::PidSet => (FILTER_PID_SET, 0, 0),
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        // Tests shrink maps to fill them on purpose: `PYLEAK_TEST_MAP_ENTRIES=EVENTS=4096,…`.
+        let shrunk = std::env::var("PYLEAK_TEST_MAP_ENTRIES").unwrap_or_default();
+        for (name, n) in shrunk.split(',').filter_map(|kv| kv.split_once('=')) {
+            loader.map_max_entries(name, n.parse().context("PYLEAK_TEST_MAP_ENTRIES")?);
+        }
+        let mut ebpf = loader
             .override_global("NATIVE_DEPTH", &opts.native_depth, true)
             .override_global("FILTER_MODE", &mode, true)
             .override_global("CGROUP_ID", &cgroup_id, true)
