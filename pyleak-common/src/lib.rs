@@ -12,10 +12,11 @@ pub use layer::*;
 pub use python::*;
 
 /// Buckets of the live-block table (`LIVE_KEYS`), [`LIVE_BUCKET_SLOTS`] blocks each: the
-/// table holds 1 Mi live blocks over all layers and processes.
+/// table holds 2 Mi live blocks over all layers and processes (80 MiB of kernel memory with
+/// [`LiveAlloc`]s: a million-object Python heap traced exactly fits, with its ints).
 pub const LIVE_TABLE_BUCKETS: u32 = 1 << LIVE_TABLE_BITS;
 /// log2 of [`LIVE_TABLE_BUCKETS`].
-pub const LIVE_TABLE_BITS: u32 = 17;
+pub const LIVE_TABLE_BITS: u32 = 18;
 /// Blocks per bucket of the live-block table: one cache line of keys.
 pub const LIVE_BUCKET_SLOTS: usize = 8;
 /// Live blocks tracked in the overflow hash map (`LIVE_ALLOCS`): those whose table bucket
@@ -631,6 +632,16 @@ mod tests {
             // Uprobe layers are the first CALL_LAYERS, each with its own on-behalf bit.
             assert_eq!(layer.is_uprobed(), i < CALL_LAYERS);
             assert_eq!(layer.info().on_behalf != 0, layer.is_uprobed());
+            if i < CALL_LAYERS {
+                assert_eq!(ON_BEHALF[i], layer.info().on_behalf);
+                assert_eq!(
+                    ON_BEHALF[..i]
+                        .iter()
+                        .filter(|&&f| f == ON_BEHALF[i])
+                        .count(),
+                    0
+                );
+            }
         }
         assert_eq!(Layer::from_u32(NUM_LAYERS as u32), None);
     }

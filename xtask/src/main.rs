@@ -3,6 +3,7 @@
 
 mod bench;
 mod fuzz;
+mod pybench;
 
 use std::{
     path::{Path, PathBuf},
