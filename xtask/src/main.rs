@@ -4,6 +4,7 @@
 mod bench;
 mod fuzz;
 mod pybench;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -41,6 +42,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// pyleak on a leaking service with worker churn, by cgroup, for minutes: its RSS and
+    /// CPU over time, lost events, what is left.
+    Soak(soak::SoakArgs),
     /// Benchmarks: pyleak against the untraced run, bare probes and peers, as ratios.
     Bench(bench::BenchArgs),
 }
@@ -62,6 +66,11 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo => demo(),
         Task::Test { filter } => test(filter),
+        Task::Soak(args) => {
+            setup()?;
+            let bin = build()?;
+            soak::run(&bin, &args)
+        }
         Task::Fuzz { seconds } => fuzz::fuzz(seconds).map(|o| fuzz::summary(&o)),
         Task::Bench(args) => {
             setup()?;

@@ -61,6 +61,11 @@ pub struct Group {
     python_stacks: bool,
     /// Files probed, by (device, inode).
     pub probed: HashSet<(u64, u64)>,
+    /// The probed files held open for the whole recording: their probes name them as
+    /// `/proc/self/fd/N`, and sampled pymalloc's windows attach them again later (the
+    /// process that mapped a file may be gone by then, and an fd closed with it could be
+    /// reused for another file).
+    held: HashMap<(u64, u64), std::fs::File>,
     /// Runtime detection per file, by (device, inode).
     runtimes: HashMap<(u64, u64), FileRuntime>,
     /// Layout templates handed to the kernel so far.
@@ -76,6 +81,7 @@ impl Group {
             layers,
             python_stacks,
             probed: HashSet::new(),
+            held: HashMap::new(),
             runtimes: HashMap::new(),
             templates: 0,
             members: HashMap::new(),
@@ -289,6 +295,11 @@ impl Group {
                 }
                 Some(FileRuntime::Unsupported(v)) => runtime = FileRuntime::Unsupported(v.clone()),
                 _ => {}
+            }
+        }
+        for (_, open, key) in cands {
+            if self.probed.contains(&key) {
+                self.held.entry(key).or_insert(open);
             }
         }
         let in_cgroup = self.cgroup.is_some();

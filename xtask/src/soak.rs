@@ -1,0 +1,117 @@
+//! `cargo xtask soak [--minutes N]`: pyleak on a leaking service with process churn
+//! (tests/workloads/soak_service.py: a worker pool replacing its workers), traced by
+//! cgroup for N minutes. Samples pyleak's resident memory and CPU every 10 s and prints
+//! them; at the end checks that no event was lost and nothing of pyleak is left in the
+//! kernel. Not in CI (it runs minutes); its figures go in docs/soak.md.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::root;
+
+/// `cargo xtask soak`'s arguments.
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    /// How long pyleak records.
+    #[arg(long, default_value_t = 5)]
+    minutes: u64,
+}
+
+/// pyleak's resident bytes and CPU seconds (user + system) so far, from /proc.
+fn usage(pid: u32) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15: 11 and 12 after the command.
+    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((rss_kib * 1024, ticks as f64 / hz))
+}
+
+/// Runs the soak and prints its table.
+pub fn run(bin: &std::path::Path, args: &SoakArgs) -> anyhow::Result<()> {
+    let group = PathBuf::from(format!(
+        "/sys/fs/cgroup/unified/pyleak-soak-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&group).context("making the soak's cgroup")?;
+    let script = root().join("tests/workloads/soak_service.py");
+    let mut service = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec python3 {}",
+            group.display(),
+            script.display()
+        ))
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let json = root().join("target/soak.json");
+    let seconds = args.minutes * 60;
+    let mut pyleak = Command::new(bin)
+        .args(["record", "-q", "--cgroup"])
+        .arg(&group)
+        .args(["-d", &seconds.to_string(), "--json"])
+        .arg(&json)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let started = Instant::now();
+    eprintln!(
+        "xtask: soak: {} min; t_s, pyleak RSS MiB, CPU s, CPU % since last",
+        args.minutes
+    );
+    let mut last = (0.0, 0.0);
+    while pyleak.try_wait()?.is_none() {
+        std::thread::sleep(Duration::from_secs(10));
+        if let Some((rss, cpu)) = usage(pyleak.id()) {
+            let t = started.elapsed().as_secs_f64();
+            let pct = 100.0 * (cpu - last.1) / (t - last.0);
+            eprintln!(
+                "soak {t:6.0} {:8.1} {cpu:8.2} {pct:6.1}",
+                rss as f64 / 1048576.0
+            );
+            last = (t, cpu);
+        }
+    }
+    let status = pyleak.wait()?;
+    let _ = service.kill();
+    let _ = service.wait();
+    // The pool's workers: end them with the group.
+    let _ = std::fs::write(group.join("cgroup.kill"), "1");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = std::fs::remove_dir(&group);
+    if !status.success() {
+        bail!("pyleak failed: {status}");
+    }
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    let processes = report["processes"].as_array().map_or(0, Vec::len);
+    eprintln!(
+        "xtask: soak: {processes} processes seen, lost events {}, {}",
+        report["lost_events"], report["lost"]
+    );
+    let left = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()?;
+    let links: serde_json::Value = serde_json::from_slice(&left.stdout)?;
+    eprintln!(
+        "xtask: soak: BPF links on the host after pyleak's exit: {}",
+        links.as_array().map_or(0, Vec::len)
+    );
+    if report["lost_events"] != 0 {
+        bail!("events were lost: {}", report["lost"]);
+    }
+    Ok(())
+}
