@@ -658,3 +658,46 @@ fn all_python_processes_on_the_host_including_later_ones() {
     assert!(process(&report, other.id()).is_none(), "sleep was traced");
     assert!(!stack_pids(&report).contains(&(other.id() as u64)));
 }
+
+/// A worker pool replacing its workers every 50 tasks (tests/workloads/soak_service.py),
+/// with sampled pymalloc's windows opening every half second: each window attaches the
+/// pymalloc probes again, by the file pyleak holds open (it used to be an fd closed with
+/// the first worker's scan: pyleak died with "Bad file descriptor" within seconds).
+#[test]
+fn worker_churn_with_sampled_pymalloc_windows() {
+    if !root_or_skip() || !cgroup_or_skip() {
+        return;
+    }
+    let Some((_, python)) = required_pythons(&["debian 3.11"]).into_iter().next() else {
+        return;
+    };
+    let cg = TestCgroup::new("churn");
+    let service = root().join("tests/workloads/soak_service.py");
+    let mut svc = cg.spawn(&python, &[service.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(500));
+    let dir = scratch("cgroup-churn");
+    let json = dir.join("r.json");
+    let out = pyleak(&[
+        "record",
+        "-q",
+        "--cgroup",
+        cg.dir.to_str().unwrap(),
+        "--pymalloc",
+        "sampled",
+        "--pymalloc-period",
+        "0.5",
+        "-d",
+        "8",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    cg.remove();
+    let _ = svc.wait();
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let seen = report["processes"].as_array().unwrap().len();
+    assert!(seen >= 10, "workers came and went: {seen} processes seen");
+    assert!(report["sampled_pymalloc"]["windows"].as_u64().unwrap() >= 4);
+    nothing_lost(&report);
+    assert_no_pyleak_programs();
+}
