@@ -28,6 +28,10 @@ pub enum Command {
     /// Render a saved JSON report again, in any output format (text, JSON, folded, SVG,
     /// pprof, speedscope); needs no privileges.
     Report(ReportArgs),
+    /// Count a Python process's live objects by type, from outside (reading its memory,
+    /// no probes), and name the globals, class attributes and closure variables that hold
+    /// the fastest-growing ones.
+    Census(crate::census::CensusArgs),
 }
 
 /// `pyleak report`.
