@@ -8,7 +8,7 @@
 //! arenas, the C heap, libpython's `.data`/`.bss` with the static types and
 //! `_PyRuntime`) is read with `process_vm_readv`, one call per mapping. Never writes.
 
-use std::time::Instant;
+use std::{collections::HashMap, time::Instant};
 
 /// Largest piece of a mapping asked for in one iovec.
 const CHUNK: usize = 16 << 20;
@@ -97,11 +97,20 @@ fn writable_mappings(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// Reads `[start, end)` of `pid` into one buffer; on a failure part way, keeps what was
-/// read before it (`process_vm_readv` stops at the first unreadable page).
-fn read_mapping(pid: u32, start: u64, end: u64) -> Result<Vec<u8>, i32> {
+/// A buffer of `len` bytes whose pages are already faulted in, so that copying into it
+/// while the target is stopped costs no page faults on pyleak's side.
+fn prefaulted(len: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(len);
+    buf.resize(len, 1u8);
+    buf
+}
+
+/// Reads `[start, end)` of `pid` into `buf` (made `end - start` long); on a failure part
+/// way, keeps what was read before it (`process_vm_readv` stops at the first unreadable
+/// page).
+fn read_mapping(pid: u32, start: u64, end: u64, mut buf: Vec<u8>) -> Result<Vec<u8>, i32> {
     let len = usize::try_from(end - start).map_err(|_| libc::EFAULT)?;
-    let mut buf = vec![0u8; len];
+    buf.resize(len, 0);
     let mut done = 0usize;
     while done < len {
         let n = (len - done).min(CHUNK * 64);
@@ -218,6 +227,11 @@ impl Drop for Stopped {
 /// Errors: the process is gone or its maps cannot be read.
 pub fn copy(pid: u32, pause: bool) -> std::io::Result<(Image, CopyStats)> {
     let mut stats = CopyStats::default();
+    // Buffers for the mappings as they are now, made before the target stops.
+    let mut ready: HashMap<(u64, u64), Vec<u8>> = writable_mappings(pid)?
+        .into_iter()
+        .filter_map(|(a, b)| Some(((a, b), prefaulted(usize::try_from(b - a).ok()?))))
+        .collect();
     let started = Instant::now();
     let stopped = if pause { Stopped::stop(pid) } else { None };
     stats.paused = stopped.is_some();
@@ -225,7 +239,8 @@ pub fn copy(pid: u32, pause: bool) -> std::io::Result<(Image, CopyStats)> {
     let mut regions = Vec::new();
     if let Ok(maps) = &maps {
         for &(start, end) in maps {
-            match read_mapping(pid, start, end) {
+            let buf = ready.remove(&(start, end)).unwrap_or_default();
+            match read_mapping(pid, start, end, buf) {
                 Ok(bytes) => {
                     stats.unreadable_bytes += (end - start) - bytes.len() as u64;
                     stats.bytes += bytes.len() as u64;
