@@ -275,6 +275,10 @@ fn bounded_churn_shows_no_growth() {
                 count_per_s * dt
             );
         }
+        // The cache is a local variable of the main thread's churn().
+        let cache = holder(&report, "thread MainThread: churn() local cache")
+            .unwrap_or_else(|| panic!("{label}: no holder for the cache"));
+        assert_eq!(cache["len"], 1000, "{label}");
         // No holder grows by 1% of the bytes made (a tuple of two str is over 100 bytes).
         for h in report["holders"].as_array().expect("holders") {
             let grew = h["growth_bytes_per_s"].as_f64().expect("growth") * dt;
@@ -285,6 +289,29 @@ fn bounded_churn_shows_no_growth() {
             );
         }
         drop(w);
+    }
+}
+
+#[test]
+fn a_thread_local_is_named_by_thread_function_and_variable() {
+    if !root_or_skip() {
+        return;
+    }
+    for (label, python) in required_pythons(&ALL_PYTHONS) {
+        let dir = scratch(&format!("census-thread-{}", label.replace(' ', "-")));
+        let w = Workload::start(&python, &["thread", "1000"]);
+        let (report, text) = census(&dir, w.pid(), &["--count", "2", "--interval", "1"]);
+        eprintln!(
+            "--- {label}: census of a thread's local\n{}",
+            excerpt(&text)
+        );
+        let paths = holder_paths(&report);
+        assert_eq!(
+            paths[0], "thread worker-3: poll() local batch",
+            "{label}: holders {paths:?}"
+        );
+        let bytes = growth(&report).get("bytes").map_or(0.0, |g| g.0);
+        assert!(within(bytes, 1000.0, 0.05), "{label}: bytes {bytes}/s");
     }
 }
 

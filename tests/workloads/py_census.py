@@ -9,6 +9,8 @@
                    values). Then prints "done N" (N items in REGISTRY) and idles.
   churn RATE       a bounded cache: 1000 entries, each step adds one (a tuple of two new
                    str) and evicts the oldest, at RATE steps a second, forever.
+  thread RATE      a thread named worker-3 whose poll() appends RATE bytes objects a second
+                   to its local list `batch` (held by no global), forever.
   output SECS      deterministic work for SECS seconds (allocating, sleeping), prints a
                    digest and exits with status 3.
   exit SECS        prints "ready", lives SECS seconds, exits 0.
@@ -98,6 +100,25 @@ def churn(rate):
         time.sleep(0.002)
 
 
+def poll(rate):
+    batch = []
+    t0 = time.monotonic()
+    while True:
+        want = int((time.monotonic() - t0) * rate)
+        while len(batch) < want:
+            batch.append(bytes(64))
+        time.sleep(0.002)
+
+
+def thread(rate):
+    import threading
+
+    worker = threading.Thread(target=poll, args=(rate,), name="worker-3", daemon=True)
+    worker.start()
+    print("ready", flush=True)
+    worker.join()
+
+
 def output(secs):
     print("ready", flush=True)
     digest = hashlib.sha256()
@@ -123,6 +144,8 @@ def main():
         grow(int(sys.argv[2]), float(sys.argv[3]))
     elif mode == "churn":
         churn(int(sys.argv[2]))
+    elif mode == "thread":
+        thread(int(sys.argv[2]))
     elif mode == "output":
         output(float(sys.argv[2]))
     elif mode == "exit":

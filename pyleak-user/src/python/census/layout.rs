@@ -24,6 +24,8 @@ pub struct HeapLayout {
     pub func: FuncLayout,
     /// Where a code object names its free variables (the closure's cells, in order).
     pub freevars: FreeVars,
+    /// Where a frame keeps its locals and how they are named.
+    pub frame_locals: FrameLocals,
     /// `int` keeps its digit count in `long_value.lv_tag >> 3` (3.12+), not in `ob_size`.
     pub long_tag: bool,
     /// Fields shared by every supported version (lists, tuples, sets, cells, modules,
@@ -133,6 +135,32 @@ pub enum FreeVars {
         names: u64,
         /// `co_nfreevars`.
         nfreevars: u64,
+    },
+}
+
+/// Where a frame keeps its local variables (the frame chain itself is the stack walk's:
+/// `walk_layout`), and where its code object names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameLocals {
+    /// 3.8–3.10: `PyFrameObject.f_localsplus`, the first `co_nlocals` (an int) named by
+    /// `co_varnames` (a tuple).
+    Object {
+        /// `f_localsplus`.
+        localsplus: u64,
+        /// `co_nlocals`.
+        nlocals: u64,
+        /// `co_varnames`.
+        varnames: u64,
+    },
+    /// 3.11+: `_PyInterpreterFrame.localsplus`, named by `co_localsplusnames` (locals,
+    /// cells and free variables; `co_nlocalsplus` of them).
+    Interpreter {
+        /// `localsplus`.
+        localsplus: u64,
+        /// `co_nlocalsplus`.
+        nlocalsplus: u64,
+        /// `co_localsplusnames`.
+        names: u64,
     },
 }
 

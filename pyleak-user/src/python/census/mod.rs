@@ -5,12 +5,14 @@
 //! One census: copy the target's writable memory (the target stopped meanwhile), then,
 //! in the copy, walk from the roots (every module of `sys.modules`) breadth first through
 //! dicts, lists, tuples, sets, instance attributes, slots, closure cells and defaults, so
-//! that each object gets the shortest path from a root; then take every object on the
-//! interpreter's GC lists not reached that way, and what they reference. Each object is
+//! that each object gets the shortest path from a root; then from the local variables of
+//! every thread's frames (`frames`) for what no global reaches; then take every object on
+//! the interpreter's GC lists not reached that way, and what they reference. Each object is
 //! attributed to its **holder**: the last object on its path reached through names only
 //! (`__main__.REGISTRY`, `__main__.Registry._all`, `__main__.make.<closure seen>`), so
 //! the items of a global dict, and everything below them, are held by that global.
 
+mod frames;
 pub mod image;
 pub mod layout;
 mod objects;
@@ -148,6 +150,14 @@ fn parse(
         };
         let node = w.node(NO_HOLDER, name, v);
         w.reach(&mut heap, v, node, true);
+    }
+    w.bfs(&mut heap);
+    // Then the threads' frames: what only a local variable holds.
+    for (label, v) in frames::locals(pid, &mut heap, rt, interp, modules) {
+        if !w.seen.contains_key(&v) {
+            let node = w.node(NO_HOLDER, label, v);
+            w.reach(&mut heap, v, node, true);
+        }
     }
     w.bfs(&mut heap);
     // Then everything on the GC lists not reached from a root, and what it references.

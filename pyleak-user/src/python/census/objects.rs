@@ -678,6 +678,43 @@ impl<'a> Heap<'a> {
     }
 }
 
+impl Heap<'_> {
+    /// The value of attribute (or module global) `name` of `obj`, as a census sees it.
+    pub fn attr(&mut self, obj: u64, name: &str) -> Option<u64> {
+        let ty = self.type_of(obj)?;
+        let mut edges = Vec::new();
+        self.edges(obj, ty, &mut edges);
+        edges.into_iter().find_map(|e| match e {
+            Edge::Named(n, v) if n == name => Some(v),
+            _ => None,
+        })
+    }
+
+    /// The value of a non-negative `int` below 2^64 (30-bit digits after the header).
+    pub fn int_value(&mut self, addr: u64) -> Option<u64> {
+        let ty = self.type_of(addr)?;
+        if self.types[ty as usize].kind != Kind::Long {
+            return None;
+        }
+        let word = self.word(addr + self.layout.fixed.ob_size)?;
+        let digits = if self.layout.long_tag {
+            // `lv_tag`: digit count above 3 bits, sign in the low 2 (2: negative).
+            (word & 3 != 2).then_some(word >> 3)?
+        } else {
+            u64::try_from(word as i64).ok()?
+        };
+        if digits > 3 {
+            return None;
+        }
+        let mut v: u128 = 0;
+        for i in 0..digits {
+            let d = self.img.bytes(addr + 24 + i * 4, 4)?;
+            v |= u128::from(u32::from_le_bytes([d[0], d[1], d[2], d[3]])) << (30 * i);
+        }
+        u64::try_from(v).ok()
+    }
+}
+
 /// Bytes per index of a pre-3.11 keys table of `size` slots.
 fn ix_size(size: u64) -> u64 {
     match size {

@@ -7,7 +7,7 @@ use pyleak_common::PyProc;
 
 use super::{common_walk, v3_10::Python310, CPython, PyVersion};
 use crate::python::{
-    census::layout::{DictKeys, DictLayout, FreeVars, HeapLayout, ManagedDict},
+    census::layout::{DictKeys, DictLayout, FrameLocals, FreeVars, HeapLayout, ManagedDict},
     code::CodeLayout,
     heap::PymallocLayout,
     lines::LineFormat,
@@ -87,6 +87,11 @@ impl CPython for Python311 {
                 ..old.dict
             },
             managed_dict: ManagedDict::DictOrValuesApart,
+            frame_locals: FrameLocals::Interpreter {
+                localsplus: 72,
+                nlocalsplus: 76,
+                names: 96,
+            },
             freevars: FreeVars::LocalsPlus {
                 names: 96,
                 nfreevars: 92,

@@ -7,7 +7,7 @@ use pyleak_common::PyProc;
 
 use super::{common_walk, v3_11::Python311, CPython, PyVersion};
 use crate::python::{
-    census::layout::{FreeVars, HeapLayout, ManagedDict, TypeLayout},
+    census::layout::{FrameLocals, FreeVars, HeapLayout, ManagedDict, TypeLayout},
     code::CodeLayout,
     heap::PymallocLayout,
     lines::LineFormat,
@@ -78,6 +78,11 @@ impl CPython for Python312 {
                 ..old.ty
             },
             managed_dict: ManagedDict::Tagged,
+            frame_locals: FrameLocals::Interpreter {
+                localsplus: 72,
+                nlocalsplus: 72,
+                names: 96,
+            },
             freevars: FreeVars::LocalsPlus {
                 names: 96,
                 nfreevars: 88,

@@ -7,7 +7,8 @@ use pyleak_common::{PyProc, NO_OFFSET};
 use super::{common_walk, CPython, PyVersion};
 use crate::python::{
     census::layout::{
-        DictKeys, DictLayout, FreeVars, FuncLayout, HeapLayout, ManagedDict, TypeLayout, FIXED,
+        DictKeys, DictLayout, FrameLocals, FreeVars, FuncLayout, HeapLayout, ManagedDict,
+        TypeLayout, FIXED,
     },
     code::CodeLayout,
     heap::PymallocLayout,
@@ -104,6 +105,11 @@ impl CPython for Python38 {
                 closure: 48,
             },
             freevars: FreeVars::Tuple(80),
+            frame_locals: FrameLocals::Object {
+                localsplus: 360,
+                nlocals: 28,
+                varnames: 72,
+            },
             long_tag: false,
             fixed: FIXED,
         })
