@@ -17,8 +17,8 @@ use serde_json::Value;
 
 /// Items a second the `grow` program adds to REGISTRY (a quarter of that to the others).
 const RATE: f64 = 2000.0;
-/// Seconds it grows for: longer than the three censuses a second apart take.
-const GROW_S: f64 = 3.5;
+/// Seconds it grows for: longer than the three censuses 1.5 s apart take.
+const GROW_S: f64 = 5.0;
 
 fn script() -> String {
     root()
@@ -171,7 +171,7 @@ fn check_growth(label: &str, python: &Path) {
     let (report, text) = census(
         &dir,
         w.pid(),
-        &["--count", "3", "--interval", "1", "--top", "8"],
+        &["--count", "3", "--interval", "1.5", "--top", "8"],
     );
     eprintln!("--- {label}: census while growing\n{}", excerpt(&text));
     assert_eq!(report["censuses"].as_array().map(Vec::len), Some(3));

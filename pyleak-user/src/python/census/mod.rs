@@ -18,6 +18,7 @@ pub mod layout;
 mod objects;
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use self::image::{CopyStats, Image};
 use self::objects::{Edge, Heap};
@@ -185,6 +186,31 @@ fn parse(
     Ok(w.finish(&heap))
 }
 
+/// Hashes object addresses (distinct, 16-aligned) with one folded multiply: SipHash
+/// was a third of the parse time on a million objects.
+#[derive(Default, Clone, Copy)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        let m = u128::from(n ^ self.0) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = (m >> 64) as u64 ^ m as u64;
+    }
+}
+
+/// A map keyed by object address.
+type AddrMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
+
 /// (count, bytes) per type index.
 type PerType = HashMap<u32, (u64, u64)>;
 
@@ -198,7 +224,7 @@ struct Rec {
 /// The breadth-first walk and what it has found.
 #[derive(Default)]
 struct Walk {
-    seen: HashMap<u64, Rec>,
+    seen: AddrMap<Rec>,
     /// (object, holder node, reached through names only from a root).
     queue: VecDeque<(u64, u32, bool)>,
     nodes: Vec<Node>,

@@ -9,6 +9,7 @@
 //! caller. Lengths are bounded before anything is read.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use super::image::Image;
 use super::layout::{flags, DictKeys, FreeVars, HeapLayout, ManagedDict};
@@ -91,7 +92,7 @@ pub struct Heap<'a> {
     /// Type address → index in `types`, or None when not a type.
     type_index: HashMap<u64, Option<u32>>,
     /// Types seen, by index.
-    pub types: Vec<TypeInfo>,
+    pub types: Vec<Rc<TypeInfo>>,
     /// C strings read outside the image.
     cstrings: HashMap<u64, Option<String>>,
 }
@@ -147,7 +148,7 @@ impl<'a> Heap<'a> {
             return known;
         }
         let idx = self.read_type(tp).map(|info| {
-            self.types.push(info);
+            self.types.push(Rc::new(info));
             (self.types.len() - 1) as u32
         });
         self.type_index.insert(tp, idx);
@@ -474,7 +475,7 @@ impl<'a> Heap<'a> {
 
     /// The references out of the object at `addr` (of type `ty`) that a census follows.
     pub fn edges(&mut self, addr: u64, ty: u32, out: &mut Vec<Edge>) {
-        let info = self.types[ty as usize].clone();
+        let info = Rc::clone(&self.types[ty as usize]);
         let f = self.layout.fixed;
         match info.kind {
             Kind::Dict => {
