@@ -105,6 +105,12 @@ pub struct RecordArgs {
     /// for runs of days.
     #[arg(long, value_name = "FILE")]
     pub snapshots: Option<PathBuf>,
+    /// Take a heap census (as `pyleak census`) of each Python target at every --interval
+    /// sample and at the end: the report gains a `census` section (live objects by type,
+    /// their growth, and the globals, class attributes, closures and thread locals that
+    /// hold them). --pid and command targets.
+    #[arg(long)]
+    pub census: bool,
     /// Show the native frames under the Python ones (mixed stacks).
     #[arg(long)]
     pub native: bool,

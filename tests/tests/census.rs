@@ -402,3 +402,34 @@ fn bad_inputs_get_one_line() {
         );
     }
 }
+
+#[test]
+fn record_with_census_reports_holders_next_to_suspects() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some((label, python)) = required_pythons(&["pyenv 3.12.1"]).into_iter().next() else {
+        return;
+    };
+    let dir = scratch("census-record");
+    let w = Workload::start(&python, &["grow", &RATE.to_string(), "30"]);
+    let pid = w.pid().to_string();
+    let (report, out) = record_json(
+        &dir,
+        &["-p", &pid, "--census", "--interval", "1", "-d", "3.5"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("--- {label}: record --census\n{}", excerpt(&text));
+    let census = &report["census"][0];
+    assert_eq!(census["pid"], w.pid(), "{census}");
+    // A census at each of the three or four samples, and one at the end.
+    let n = census["censuses"].as_array().map_or(0, Vec::len);
+    assert!(n >= 4, "{n} censuses");
+    assert!(census["paused_ms"].as_f64().expect("paused_ms") > 0.0);
+    assert_eq!(holder_paths(census)[0], "__main__.REGISTRY");
+    let tuple = growth(census).get("tuple").map_or(0.0, |g| g.0);
+    assert!(within(tuple, RATE, 0.05), "tuple {tuple}/s");
+    assert!(text.contains("__main__.REGISTRY (dict, "), "{text}");
+    // The recording itself is unchanged: suspects are still there.
+    assert!(!report["suspects"].as_array().expect("suspects").is_empty());
+}

@@ -435,6 +435,7 @@ pub fn analyze(
         probes_attach_s: facts.probes_attach_s,
         // Set once the probes are detached, after the analysis.
         probes_detach_s: 0.0,
+        census: None,
         linkage,
         sampled_pymalloc: snap.sampled.as_ref().map(|sp| SampledReport {
             mode: "sampled".to_owned(),

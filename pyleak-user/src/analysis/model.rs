@@ -55,6 +55,10 @@ pub struct Analysis {
     /// Seconds pyleak spent detaching its uprobes at the end, measured by itself.
     #[serde(default)]
     pub probes_detach_s: f64,
+    /// `record --census`: per Python target, its heap censuses, type growth and holders
+    /// (the shape of `pyleak census --json`); absent without `--census`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census: Option<serde_json::Value>,
     /// Sampled pymalloc tracing, when on: the pymalloc figures are then estimates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_pymalloc: Option<SampledReport>,

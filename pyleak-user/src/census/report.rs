@@ -65,6 +65,11 @@ impl Report {
         }
     }
 
+    /// Whether no census was added.
+    pub fn is_empty(&self) -> bool {
+        self.censuses.is_empty()
+    }
+
     /// Adds a census taken `time_s` seconds after the first began.
     pub fn add(&mut self, time_s: f64, census: Census) {
         self.censuses.push((time_s, census));

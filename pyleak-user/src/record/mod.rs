@@ -2,6 +2,7 @@
 //! The steps are one function each; the loop is in `trace`, the group targets followed in `follow`, the
 //! targets' Python runtimes in `runtimes`, the growth samples in `sampler`.
 
+mod census;
 mod follow;
 mod runtimes;
 mod sampler;
@@ -17,6 +18,7 @@ use std::{
 use pyleak_common::{Layer, PyProc, MAX_NATIVE_FRAMES};
 
 use self::{
+    census::Censuses,
     follow::Group,
     runtimes::{learn_new_stacks, python_runtime, Runtimes},
     sampler::Sampler,
@@ -71,6 +73,8 @@ struct Session {
     runtimes: Runtimes,
     group: Option<Group>,
     child: Option<launch::Launched>,
+    /// The Python runtime of each `--pid` or command target (for `--census`).
+    pythons: Vec<(u32, python::PythonRuntime)>,
 }
 
 /// Runs `pyleak record` (or `top`); returns the exit code.
@@ -102,6 +106,13 @@ fn trace(
             .take()
             .map(|f| (f, args.snapshots.clone().unwrap_or_default())),
     );
+    if args.census {
+        let mut censuses = Censuses::default();
+        for (pid, rt) in &session.pythons {
+            censuses.add(*pid, rt);
+        }
+        sampler.censuses = Some(censuses);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -217,6 +228,7 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         runtimes: Runtimes::default(),
         group,
         child,
+        pythons: Vec::new(),
     })
 }
 
@@ -232,6 +244,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
         runtimes,
         group,
         child,
+        pythons,
     } = s;
     if let Some(g) = group.as_mut() {
         g.scan(rec, resolver, syms);
@@ -270,6 +283,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                     probes.extend(attach::plan_py_init(&elf));
                 }
                 resolver.add_process(c.pid, &rt);
+                pythons.push((c.pid, rt.clone()));
                 // ...or pyleak reads it from the memory map first (an LTO build may have
                 // inlined the probed function away).
                 runtimes.unplaced.insert(c.pid, (rt.clone(), layout));
@@ -297,6 +311,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
                     rec.set_python(pid, &python::placed(pid, &rt, bias, rt.walk))?;
                     resolver.add_process(pid, &rt);
+                    pythons.push((pid, rt));
                 }
                 rec.add_target(pid, &probes)?;
             }
@@ -377,7 +392,7 @@ fn finish(
     args: &RecordArgs,
     plan: Plan,
     mut s: Session,
-    sampler: Sampler,
+    mut sampler: Sampler,
     duration_s: f64,
 ) -> anyhow::Result<i32> {
     if let Some(g) = s.group.as_mut() {
@@ -412,12 +427,19 @@ fn finish(
     // The targets are frozen in the kernel: let the command go, take the uprobes out (one
     // grace period per multi-uprobe link; ~0.1 s per probe with perf events), then write
     // the report.
+    let census = sampler.censuses.take().and_then(Censuses::finish);
+    if let Some((json, _)) = &census {
+        analysis.census = Some(json.clone());
+    }
     drop(s.child);
     analysis.probes_detach_s = s.rec.detach_probes();
     log::info!("probes detached in {:.3} s", analysis.probes_detach_s);
 
     let stdout = std::io::stdout();
     report::text::write(&analysis, &mut stdout.lock())?;
+    if let Some((_, text)) = &census {
+        print!("{text}");
+    }
     if let (Some(f), Some(path)) = (plan.outputs.output, args.out.output.as_deref()) {
         let format = args
             .out

@@ -10,6 +10,7 @@ use std::{
 
 use pyleak_common::Layer;
 
+use super::census::Censuses;
 use super::View;
 use crate::{
     analysis::{
@@ -44,6 +45,8 @@ pub struct Sampler {
     frames: HashMap<(u32, u64), Vec<String>>,
     growing: Vec<GrowingStack>,
     term: Option<RawTerminal>,
+    /// Heap censuses taken with each sample (`--census`).
+    pub censuses: Option<Censuses>,
 }
 
 impl Sampler {
@@ -66,6 +69,7 @@ impl Sampler {
             frames: HashMap::new(),
             growing: Vec::new(),
             term: None,
+            censuses: None,
         }
     }
 
@@ -82,6 +86,9 @@ impl Sampler {
 
     /// Takes one sample, and writes it as a line when streaming.
     pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &Resolver) {
+        if let Some(c) = self.censuses.as_mut() {
+            c.take(self.started.elapsed().as_secs_f64());
+        }
         let live = match rec.sample() {
             Ok(Some(l)) => l,
             Ok(None) => return,

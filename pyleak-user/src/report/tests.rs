@@ -128,6 +128,7 @@ fn sample() -> Analysis {
         probe_links: "multi-uprobe".to_owned(),
         probes_attach_s: 0.25,
         probes_detach_s: 0.5,
+        census: None,
         sampled_pymalloc: None,
         suspects: vec![
             Suspect {
