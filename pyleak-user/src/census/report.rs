@@ -9,7 +9,12 @@ use serde_json::{json, Value};
 use crate::python::census::Census;
 use crate::report::human_bytes;
 
-/// Censuses of one process, as taken.
+/// Censuses kept at most: past that, every other one is dropped (the first and the last
+/// stay), so a recording of days costs what one of minutes does.
+const MAX_KEPT: usize = 128;
+
+/// Censuses of one process, as taken (bounded: see [`MAX_KEPT`]); only the first and the
+/// last keep their holders, which growth compares.
 pub struct Report {
     pid: u32,
     python: String,
@@ -72,7 +77,20 @@ impl Report {
 
     /// Adds a census taken `time_s` seconds after the first began.
     pub fn add(&mut self, time_s: f64, census: Census) {
+        if self.censuses.len() >= 2 {
+            if let Some((_, previous)) = self.censuses.last_mut() {
+                previous.holders = Vec::new();
+            }
+        }
         self.censuses.push((time_s, census));
+        if self.censuses.len() > MAX_KEPT {
+            let last = self.censuses.len() - 1;
+            let mut i = 0;
+            self.censuses.retain(|_| {
+                i += 1;
+                (i - 1) % 2 == 0 || i - 1 == last
+            });
+        }
     }
 
     /// Growth and the `top` holders.
@@ -392,6 +410,22 @@ mod tests {
         assert_eq!(h[1].path, ["m", "C"]);
         assert_eq!(h[1].holds, Some(("tuple".to_owned(), 3)));
         assert_eq!(holder_rows(&a, &b, 2.0, 1).len(), 1);
+        // Only the first and the last census keep holders; at most MAX_KEPT are kept.
+        let mut r = Report::new(1, "3.12".into());
+        for i in 0..1000 {
+            r.add(f64::from(i), census(&[("tuple", 1, 1)], &[("m.A", 1)]));
+        }
+        assert!(r.censuses.len() <= MAX_KEPT && r.censuses.len() > MAX_KEPT / 2);
+        assert_eq!(
+            (r.censuses[0].0, r.censuses.last().unwrap().0),
+            (0.0, 999.0)
+        );
+        let with_holders = r
+            .censuses
+            .iter()
+            .filter(|c| !c.1.holders.is_empty())
+            .count();
+        assert_eq!(with_holders, 2);
         // One census: no growth, most bytes first.
         let one = holder_rows(&b, &b, 0.0, 10);
         assert_eq!(
