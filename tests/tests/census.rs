@@ -416,7 +416,19 @@ fn record_with_census_reports_holders_next_to_suspects() {
     let pid = w.pid().to_string();
     let (report, out) = record_json(
         &dir,
-        &["-p", &pid, "--census", "--interval", "1", "-d", "3.5"],
+        &[
+            "-p",
+            &pid,
+            "--census",
+            "--layers",
+            "pymalloc",
+            "--pymalloc",
+            "exact",
+            "--interval",
+            "1",
+            "-d",
+            "3.5",
+        ],
     );
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("--- {label}: record --census\n{}", excerpt(&text));
@@ -430,6 +442,32 @@ fn record_with_census_reports_holders_next_to_suspects() {
     let tuple = growth(census).get("tuple").map_or(0.0, |g| g.0);
     assert!(within(tuple, RATE, 0.05), "tuple {tuple}/s");
     assert!(text.contains("__main__.REGISTRY (dict, "), "{text}");
-    // The recording itself is unchanged: suspects are still there.
-    assert!(!report["suspects"].as_array().expect("suspects").is_empty());
+    // The suspect allocated on the line that fills REGISTRY is held by REGISTRY: the
+    // blocks the last census saw (all but those made after it), and nothing else.
+    let line = |s: &Value| s["frames"].as_array().and_then(|f| f.last()).cloned();
+    let registry_line = report["suspects"]
+        .as_array()
+        .expect("suspects")
+        .iter()
+        .find(|s| {
+            line(s).is_some_and(|f| f.as_str().is_some_and(|f| f.contains("py_census.py:72")))
+        })
+        .unwrap_or_else(|| panic!("no suspect at py_census.py:72: {text}"));
+    let held = &registry_line["held_by"];
+    assert_eq!(
+        held[0]["path"],
+        serde_json::json!(["__main__", "REGISTRY"]),
+        "{held}"
+    );
+    let (held_n, live_n) = (
+        held[0]["count"].as_u64().expect("count"),
+        registry_line["live_count"].as_u64().expect("live_count"),
+    );
+    // Per item the line makes a key, a tuple and two str (4 blocks); the census at the
+    // end runs a few ms before the freeze.
+    assert!(
+        held_n <= live_n && held_n as f64 >= 0.9 * live_n as f64,
+        "{held_n} of {live_n}"
+    );
+    assert!(text.contains("held by: __main__.REGISTRY ("), "{text}");
 }

@@ -362,6 +362,7 @@ pub fn analyze(
             oldest_age_s: a.oldest_ns as f64 / 1e9,
             linkage: link,
             estimate: r.estimate,
+            held_by: Vec::new(),
         });
     }
     // Interpreter start-up and imports: memory a Python process made in its first moments

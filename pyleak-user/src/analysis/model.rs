@@ -146,6 +146,21 @@ pub struct Suspect {
     /// Sampled pymalloc tracing: the estimate behind `live_bytes` (absent when exact).
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     pub estimate: Option<Estimate>,
+    /// `record --census`, pymalloc suspects: the holders through which its live blocks are
+    /// reached in the last census, most bytes first (absent otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_by: Vec<HeldBy>,
+}
+
+/// Some of a suspect's live blocks, and the holder (a census's) that keeps them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldBy {
+    /// The holder's names from the root (`["__main__", "REGISTRY"]`).
+    pub path: Vec<String>,
+    /// Blocks.
+    pub count: u64,
+    /// Their requested bytes.
+    pub bytes: u64,
 }
 
 /// One stack's memory at every layer.

@@ -70,6 +70,14 @@ impl Report {
         }
     }
 
+    /// The holder of the allocator block at `addr` in the last census (see
+    /// `Census::blocks`), as its path.
+    pub fn holder_of_block(&self, addr: u64) -> Option<&[String]> {
+        let (_, last) = self.censuses.last()?;
+        let &i = last.blocks.get(&addr)?;
+        Some(&last.holders.get(i as usize)?.path)
+    }
+
     /// Whether no census was added.
     pub fn is_empty(&self) -> bool {
         self.censuses.is_empty()
@@ -80,6 +88,7 @@ impl Report {
         if self.censuses.len() >= 2 {
             if let Some((_, previous)) = self.censuses.last_mut() {
                 previous.holders = Vec::new();
+                previous.blocks = Default::default();
             }
         }
         self.censuses.push((time_s, census));

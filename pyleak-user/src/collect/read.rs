@@ -13,6 +13,9 @@ use pyleak_common::{
 
 use super::{monotonic_ns, table, vm, Ages, Recorder, Snapshot, StackSlot, PYMALLOC_SMALL_REQUEST};
 
+/// (blocks, requested bytes) per (process, stack, key): see `Recorder::live_blocks_by`.
+pub type BlocksBy<K> = HashMap<(u32, u64, K), (u64, u64)>;
+
 /// The error of a map missing from the object.
 fn missing(name: &str) -> String {
     format!("map {name} missing")
@@ -128,6 +131,45 @@ impl Recorder {
             .get(&pid)
             .and_then(|p| p.frozen_ns)
             .unwrap_or(now)
+    }
+
+    /// Live blocks of `layer` that `key` knows by (process, address), counted and summed
+    /// (requested bytes) per (process, stack, key). Read when the targets are frozen.
+    pub fn live_blocks_by<K: std::hash::Hash + Eq>(
+        &self,
+        layer: Layer,
+        mut key: impl FnMut(u32, u64) -> Option<K>,
+    ) -> anyhow::Result<BlocksBy<K>> {
+        let mut out: BlocksBy<K> = HashMap::new();
+        let mut add = |k: AllocKey, block: LiveAlloc| {
+            if Layer::from_u32(k.layer) != Some(layer) {
+                return;
+            }
+            if let Some(h) = key(k.tgid, k.addr) {
+                let e = out.entry((k.tgid, block.stack_id, h)).or_default();
+                e.0 += 1;
+                e.1 += block.size;
+            }
+        };
+        table::for_each_live(
+            self.ebpf
+                .map(names::LIVE_KEYS)
+                .context(missing(names::LIVE_KEYS))?,
+            self.ebpf
+                .map(names::LIVE_VALS)
+                .context(missing(names::LIVE_VALS))?,
+            &mut add,
+        )?;
+        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
+            self.ebpf
+                .map(names::LIVE_ALLOCS)
+                .context(missing(names::LIVE_ALLOCS))?,
+        )?;
+        for entry in overflow.iter() {
+            let Ok((k, block)) = entry else { break };
+            add(k, block);
+        }
+        Ok(out)
     }
 
     /// Reads everything the kernel gathered; blocks younger than `min_age_ns` at the end

@@ -81,6 +81,11 @@ impl Censuses {
         }
     }
 
+    /// The holder of `pid`'s allocator block at `addr` in its last census.
+    pub fn holder_of(&self, pid: u32, addr: u64) -> Option<&[String]> {
+        self.procs.get(&pid)?.report.holder_of_block(addr)
+    }
+
     /// The `census` section of the report (one entry per process with a census, shaped
     /// as `pyleak census --json`), and the text summary; None when no census was taken.
     pub fn finish(self) -> Option<(Value, String)> {

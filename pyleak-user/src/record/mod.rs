@@ -9,6 +9,7 @@ mod sampler;
 mod trace;
 
 use std::{
+    collections::HashMap,
     fs::File,
     io::Write as _,
     sync::{Arc, Mutex},
@@ -25,7 +26,7 @@ use self::{
     trace::{trace_loop, Follow},
 };
 use crate::{
-    analysis::{self, Facts, ProbeInfo, ProcessInfo},
+    analysis::{self, Analysis, Facts, HeldBy, ProbeInfo, ProcessInfo},
     attach::{
         self,
         elf::ElfFile,
@@ -427,6 +428,9 @@ fn finish(
     // The targets are frozen in the kernel: let the command go, take the uprobes out (one
     // grace period per multi-uprobe link; ~0.1 s per probe with perf events), then write
     // the report.
+    if let Some(c) = &sampler.censuses {
+        held_by(&s.rec, c, &facts, &mut analysis);
+    }
     let census = sampler.censuses.take().and_then(Censuses::finish);
     if let Some((json, _)) = &census {
         analysis.census = Some(json.clone());
@@ -453,6 +457,55 @@ fn finish(
     std::io::stdout().flush()?;
     drop(s.rec);
     Ok(0)
+}
+
+/// Holders shown per suspect at most.
+const HELD_BY_SHOWN: usize = 5;
+
+/// Fills each pymalloc suspect's `held_by`: its live blocks (the frozen targets' live
+/// table) that the last census attributed to a holder, summed per holder.
+fn held_by(rec: &Recorder, censuses: &Censuses, facts: &Facts, analysis: &mut Analysis) {
+    let blocks = match rec.live_blocks_by(Layer::Pymalloc, |pid, addr| {
+        censuses.holder_of(pid, addr).map(<[String]>::to_vec)
+    }) {
+        Ok(b) => b,
+        Err(e) => {
+            log::warn!("reading live blocks for held_by: {e}");
+            return;
+        }
+    };
+    // (blocks, bytes) per holder path, per (process, frames).
+    type PerHolder = HashMap<Vec<String>, (u64, u64)>;
+    let mut by_frames: HashMap<(u32, Vec<String>), PerHolder> = HashMap::new();
+    for ((pid, stack_id, path), (count, bytes)) in blocks {
+        let frames = facts.frames_of(pid, stack_id).names;
+        let e = by_frames
+            .entry((pid, frames))
+            .or_default()
+            .entry(path)
+            .or_default();
+        e.0 += count;
+        e.1 += bytes;
+    }
+    for s in analysis.suspects.iter_mut().chain(&mut analysis.startup) {
+        if s.layer != Layer::Pymalloc.name() {
+            continue;
+        }
+        let Some(holders) = by_frames.get(&(s.pid, s.frames.clone())) else {
+            continue;
+        };
+        let mut held: Vec<HeldBy> = holders
+            .iter()
+            .map(|(path, &(count, bytes))| HeldBy {
+                path: path.clone(),
+                count,
+                bytes,
+            })
+            .collect();
+        held.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.path.cmp(&b.path)));
+        held.truncate(HELD_BY_SHOWN);
+        s.held_by = held;
+    }
 }
 
 /// What the analysis needs to know of the processes besides the snapshot: names, cgroups,

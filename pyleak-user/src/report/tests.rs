@@ -133,6 +133,7 @@ fn sample() -> Analysis {
         suspects: vec![
             Suspect {
                 estimate: None,
+                held_by: Vec::new(),
                 layer: "pymalloc".to_owned(),
                 pid: 42,
                 frames: vec![
@@ -159,6 +160,7 @@ fn sample() -> Analysis {
             },
             Suspect {
                 estimate: None,
+                held_by: Vec::new(),
                 layer: "pages".to_owned(),
                 pid: 42,
                 frames: vec!["recurse (/srv/app.py:48)".to_owned()],
@@ -180,6 +182,7 @@ fn sample() -> Analysis {
         ],
         startup: vec![Suspect {
             estimate: None,
+            held_by: Vec::new(),
             layer: "pymalloc".to_owned(),
             pid: 42,
             frames: vec![

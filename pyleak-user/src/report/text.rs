@@ -343,6 +343,17 @@ fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         for f in s.frames.iter().rev().take(FRAMES_SHOWN) {
             writeln!(out, "      {f}")?;
         }
+        if !s.held_by.is_empty() {
+            let held: Vec<String> = s
+                .held_by
+                .iter()
+                .map(|h| {
+                    let (n, b) = (h.count, human_bytes(h.bytes));
+                    format!("{} ({n} blocks, {b})", h.path.join("."))
+                })
+                .collect();
+            writeln!(out, "      held by: {}", held.join(", "))?;
+        }
         let k = &s.linkage;
         let mut parts = Vec::new();
         for (name, v) in [

@@ -462,6 +462,27 @@ impl<'a> Heap<'a> {
         n
     }
 
+    /// Bytes before the object in its allocator block: the GC header and the pre-header.
+    pub fn header_bytes(&self, ty: &TypeInfo) -> u64 {
+        let gc = if ty.flags & flags::HAVE_GC != 0 {
+            GC_HEAD
+        } else {
+            0
+        };
+        gc + if ty.flags & self.preheader_flags != 0 {
+            PREHEADER
+        } else {
+            0
+        }
+    }
+
+    /// A list's item array (a block of its own), if `addr` is a list with items.
+    pub fn list_items(&self, addr: u64, ty: &TypeInfo) -> Option<u64> {
+        (ty.kind == Kind::List)
+            .then(|| self.ptr(addr + self.layout.fixed.list_items))
+            .flatten()
+    }
+
     /// How many items a container holds (dict, list, tuple, set), for holder reports.
     pub fn container_len(&self, addr: u64, ty: &TypeInfo) -> Option<u64> {
         let f = self.layout.fixed;
