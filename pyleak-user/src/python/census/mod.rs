@@ -12,6 +12,7 @@
 //! (`__main__.REGISTRY`, `__main__.Registry._all`, `__main__.make.<closure seen>`), so
 //! the items of a global dict, and everything below them, are held by that global.
 
+mod dicts;
 mod frames;
 pub mod image;
 pub mod layout;
