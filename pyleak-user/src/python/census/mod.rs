@@ -17,6 +17,8 @@ mod frames;
 pub mod image;
 pub mod layout;
 mod objects;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
