@@ -8,6 +8,7 @@ pub mod growing;
 pub mod growth;
 pub mod model;
 mod rank;
+pub mod retention;
 #[cfg(test)]
 mod tests;
 
@@ -435,6 +436,7 @@ pub fn analyze(
         probes_attach_s: facts.probes_attach_s,
         // Set once the probes are detached, after the analysis.
         probes_detach_s: 0.0,
+        retention: retention::retention(snap, model, facts),
         linkage,
         sampled_pymalloc: snap.sampled.as_ref().map(|sp| SampledReport {
             mode: "sampled".to_owned(),

@@ -45,6 +45,10 @@ pub struct Analysis {
     /// The layers linked: what Python asked for, what pymalloc, malloc and the kernel hold.
     #[serde(default)]
     pub linkage: Linkage,
+    /// Allocator retention: resident pages malloc and pymalloc keep that no live block
+    /// accounts for, per (process, mapping kind), most retained first. Not leaks.
+    #[serde(default)]
+    pub retention: Vec<Retention>,
     /// How the uprobes were placed: `multi-uprobe` (one link per program and file) or
     /// `perf-event` (one per probe, on kernels without multi-uprobe links).
     #[serde(default)]
@@ -191,6 +195,42 @@ pub struct Linkage {
     pub resident_bytes: u64,
     /// Those pages by the kind of mapping they are in.
     pub resident_by_kind: BTreeMap<String, u64>,
+}
+
+/// Pages one allocator keeps resident in one process (JSON `retention`): faulted in while
+/// tracing and still resident, and what of them live blocks account for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Retention {
+    /// Process id.
+    pub pid: u32,
+    /// Mapping kind: `malloc_heap` (the break), `malloc_arena` (threads' arenas),
+    /// `malloc_mmap` (big blocks) or `pymalloc_arena`.
+    pub kind: String,
+    /// Resident bytes (whole pages).
+    pub resident_bytes: u64,
+    /// Of those, bytes live blocks lie on (malloc's blocks; pymalloc's small ones).
+    pub used_bytes: u64,
+    /// Whether `used_bytes` is an estimate (pymalloc arenas under sampled tracing).
+    #[serde(default)]
+    pub used_estimated: bool,
+    /// `resident_bytes - used_bytes`: what the allocator keeps for reuse.
+    pub retained_bytes: u64,
+    /// The stacks that faulted the pages in, most bytes first (at most 3).
+    pub stacks: Vec<RetentionStack>,
+    /// What would give the pages back.
+    pub gives_back: String,
+}
+
+/// A stack that faulted in pages an allocator keeps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RetentionStack {
+    /// Frames, root first (as in [`StackReport`]).
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native.
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Resident bytes it faulted in, of this kind.
+    pub resident_bytes: u64,
 }
 
 /// A traced process.

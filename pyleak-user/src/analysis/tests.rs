@@ -137,6 +137,11 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
         ages,
         pymalloc_small_live: 512 * 1024,
         libc_for_python_live: 2 * MIB,
+        // Live blocks cover half the arena's resident pages and 100 bytes of the heap's.
+        used_on_pages: (0..64)
+            .map(|i| ((PID, 0x100000 + i * PAGE), PAGE))
+            .chain([((PID, 0x900000), 100)])
+            .collect(),
     };
 
     // An arena pymalloc mapped for the leak, half resident; a mapping made by hand, with
@@ -392,4 +397,35 @@ fn start_up_memory_is_listed_apart_not_ranked() {
         },
     );
     assert!(late.startup.is_empty(), "made 10 s in: not start-up");
+}
+
+#[test]
+fn allocator_retention_is_resident_minus_used_per_kind_with_its_stacks() {
+    let r = analysis().retention;
+    let kinds: Vec<(&str, u64, u64, u64)> = r
+        .iter()
+        .map(|r| {
+            (
+                r.kind.as_str(),
+                r.resident_bytes,
+                r.used_bytes,
+                r.retained_bytes,
+            )
+        })
+        .collect();
+    // The hand-made anonymous mapping is no allocator's: not retention.
+    assert_eq!(
+        kinds,
+        [
+            ("pymalloc_arena", 128 * PAGE, 64 * PAGE, 64 * PAGE),
+            ("malloc_heap", PAGE, 100, PAGE - 100),
+        ]
+    );
+    assert_eq!(
+        r[0].stacks[0].frames.last().unwrap(),
+        "leak (/srv/app.py:26)"
+    );
+    assert_eq!(r[0].stacks[0].resident_bytes, 128 * PAGE);
+    assert!(r[1].gives_back.contains("malloc_trim"));
+    assert!(!r[0].used_estimated);
 }

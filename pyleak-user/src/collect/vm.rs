@@ -36,6 +36,8 @@ pub struct Region {
     pub origin: Origin,
     /// Its length when it was made (an arena is mapped whole).
     pub made_len: u64,
+    /// What `mmap` was asked for: `prot << 32 | flags` (0 for the break).
+    pub map_arg: u64,
 }
 
 /// How a mapping came to be.
@@ -56,7 +58,11 @@ pub enum MappingKind {
     PymallocArena,
     /// malloc's main heap (the break).
     MallocHeap,
-    /// Mappings malloc made (big blocks, the heaps of its other arenas).
+    /// The heaps of malloc's other arenas (threads' arenas): reserved by glibc's
+    /// `new_heap` as `HEAP_MAX_SIZE`-aligned, `PROT_NONE`, `MAP_NORESERVE` mappings and
+    /// made accessible as they grow.
+    MallocArena,
+    /// Mappings malloc made for big blocks (its `mmap` threshold and above).
     MallocMmap,
     /// A file mapping.
     File,
@@ -72,6 +78,7 @@ impl MappingKind {
         match self {
             MappingKind::PymallocArena => "pymalloc_arena",
             MappingKind::MallocHeap => "malloc_heap",
+            MappingKind::MallocArena => "malloc_arena",
             MappingKind::MallocMmap => "malloc_mmap",
             MappingKind::File => "file",
             MappingKind::Stack => "stack",
@@ -83,13 +90,42 @@ impl MappingKind {
 /// pymalloc's arena sizes: 256 KiB before CPython 3.10, 1 MiB from 3.10 (64-bit).
 pub const ARENA_SIZES: [u64; 2] = [256 << 10, 1 << 20];
 
+/// glibc's `HEAP_MAX_SIZE` on 64-bit: `2 * DEFAULT_MMAP_THRESHOLD_MAX` = 64 MiB
+/// (`malloc/arena.c`, `malloc/malloc.c`). `new_heap` maps twice that and unmaps the
+/// unaligned ends, or maps one heap at the last heap's end.
+pub const MALLOC_HEAP_MAX: u64 = 64 << 20;
+/// `PROT_NONE` is 0; prot sits in the high half of [`Region::map_arg`].
+const PROT_MASK: u64 = 0xffff_ffff << 32;
+/// `MAP_FIXED`.
+const MAP_FIXED: u64 = 0x10;
+/// `MAP_NORESERVE`.
+const MAP_NORESERVE: u64 = 0x4000;
+/// `MAP_STACK`: glibc's `allocate_stack` maps each thread's stack with it (and keeps
+/// exited threads' stacks in a cache for the next thread).
+const MAP_STACK: u64 = 0x20000;
+
 impl Region {
+    /// Whether this is a heap of one of malloc's thread arenas: an anonymous
+    /// `PROT_NONE | MAP_NORESERVE` reservation of one or two `HEAP_MAX_SIZE` (glibc's
+    /// `alloc_new_heap`), or a `MAP_FIXED` `PROT_NONE` piece laid over one when it shrinks
+    /// (`shrink_heap`). glibc makes the first heap of a thread's arena inside the thread's
+    /// first `free` or `malloc` call, so the mapping's shape is what tells, not the call.
+    fn is_malloc_heap_reservation(&self) -> bool {
+        let noreserve_none = self.map_arg & PROT_MASK == 0 && self.map_arg & MAP_NORESERVE != 0;
+        noreserve_none
+            && (self.made_len == MALLOC_HEAP_MAX
+                || self.made_len == 2 * MALLOC_HEAP_MAX
+                || self.map_arg & MAP_FIXED != 0)
+    }
+
     /// What the mapping holds, when pyleak saw it made.
     pub fn kind(&self) -> MappingKind {
         let for_python = self.flags & (FLAG_FOR_PYMALLOC | FLAG_FOR_PYMEM_RAW) != 0;
         match self.origin {
             Origin::Brk => MappingKind::MallocHeap,
             Origin::File => MappingKind::File,
+            Origin::Anonymous if self.is_malloc_heap_reservation() => MappingKind::MallocArena,
+            Origin::Anonymous if self.map_arg & MAP_STACK != 0 => MappingKind::Stack,
             Origin::Anonymous
                 if self.flags == FLAG_FOR_PYMALLOC && ARENA_SIZES.contains(&self.made_len) =>
             {
@@ -287,6 +323,7 @@ impl VmModel {
                     ev.flags,
                     ev.ts_ns,
                     origin,
+                    ev.arg,
                 );
             }
             VmKind::Munmap => {
@@ -314,6 +351,7 @@ impl VmModel {
                         ev.flags,
                         ev.ts_ns,
                         Origin::Brk,
+                        0,
                     ),
                     Some(old) if new < old => {
                         self.unmap(ev.tgid, round_up(new), round_up(old) - round_up(new), true);
@@ -387,6 +425,7 @@ impl VmModel {
         flags: u32,
         ts_ns: u64,
         origin: Origin,
+        map_arg: u64,
     ) {
         if len == 0 {
             return;
@@ -401,6 +440,7 @@ impl VmModel {
                 ts_ns,
                 origin,
                 made_len: len,
+                map_arg,
             },
         );
         self.vm.allocs += 1;
@@ -464,11 +504,11 @@ impl VmModel {
     fn mremap(&mut self, ev: &VmEvent) {
         let (old, old_len, new_len, new) = (ev.addr, round_up(ev.len), round_up(ev.arg), ev.arg2);
         // Growth is of the same kind as the mapping grown.
-        let origin = self
+        let (origin, map_arg) = self
             .procs
             .get(&ev.tgid)
             .and_then(|p| p.region_at(old))
-            .map_or(Origin::Anonymous, |r| r.origin);
+            .map_or((Origin::Anonymous, 0), |r| (r.origin, r.map_arg));
         if new == old {
             if new_len < old_len {
                 self.unmap(ev.tgid, old + new_len, old_len - new_len, true);
@@ -481,6 +521,7 @@ impl VmModel {
                     ev.flags,
                     ev.ts_ns,
                     origin,
+                    map_arg,
                 );
             }
             return;
@@ -520,6 +561,7 @@ impl VmModel {
                 ev.flags,
                 ev.ts_ns,
                 origin,
+                map_arg,
             );
         }
     }
@@ -755,6 +797,7 @@ mod tests {
             ts_ns: 0,
             origin,
             made_len,
+            map_arg: 0x3 << 32 | 0x22,
         };
         let arena = 1 << 20;
         assert_eq!(
@@ -784,6 +827,30 @@ mod tests {
             MappingKind::MallocHeap
         );
         assert_eq!(region(0, Origin::File, arena).kind(), MappingKind::File);
+        // glibc's new_heap: PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, made
+        // inside a thread's first free (no malloc in flight) or inside malloc.
+        for (flags, len) in [(0, 128 << 20), (FLAG_FOR_LIBC, 64 << 20)] {
+            let heap = Region {
+                map_arg: 0x4022,
+                ..region(flags, Origin::Anonymous, len)
+            };
+            assert_eq!(heap.kind(), MappingKind::MallocArena);
+        }
+        let shrunk = Region {
+            map_arg: 0x4032,
+            ..region(0, Origin::Anonymous, 3 * PAGE)
+        };
+        assert_eq!(shrunk.kind(), MappingKind::MallocArena);
+        let reserved = Region {
+            map_arg: 0x4022,
+            ..region(0, Origin::Anonymous, 3 << 20)
+        };
+        assert_eq!(reserved.kind(), MappingKind::Anonymous, "not a heap's size");
+        let thread_stack = Region {
+            map_arg: 0x20022,
+            ..region(0, Origin::Anonymous, 8 << 20)
+        };
+        assert_eq!(thread_stack.kind(), MappingKind::Stack);
     }
 
     #[test]

@@ -198,6 +198,23 @@ fn sample() -> Analysis {
             oldest_age_s: 1.4,
             linkage: SuspectLinkage::default(),
         }],
+        retention: vec![Retention {
+            pid: 4242,
+            kind: "malloc_arena".to_owned(),
+            resident_bytes: 160 << 20,
+            used_bytes: 393224,
+            used_estimated: false,
+            retained_bytes: (160 << 20) - 393224,
+            stacks: vec![RetentionStack {
+                frames: vec![
+                    "Thread.run (/usr/lib/python3.12/threading.py:1010)".to_owned(),
+                    "churn (/srv/worker.py:24)".to_owned(),
+                ],
+                native_frames: 0,
+                resident_bytes: 160 << 20,
+            }],
+            gives_back: "malloc_trim(0) (every arena), MALLOC_ARENA_MAX=2".to_owned(),
+        }],
         linkage: Linkage {
             pymalloc_live_bytes: 4100000,
             pymalloc_small_live_bytes: 99600,

@@ -188,6 +188,7 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     linkage(report, out)?;
     suspects(report, out)?;
     startup(report, out)?;
+    super::held::retention(report, out)?;
     let top: Vec<_> = report
         .stacks
         .iter()
