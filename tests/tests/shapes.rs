@@ -138,3 +138,54 @@ fn memory_thread_arenas_keep_after_free_is_retention_not_a_suspect() {
         );
     }
 }
+
+#[test]
+fn a_pool_that_held_100_mib_and_let_go_has_a_peak_at_its_line_and_no_suspect() {
+    if !root_or_skip() {
+        return;
+    }
+    let script = workload("py_pool_peak.py");
+    let work = at_line(&script, "# RESULT_LINE");
+    for (label, py) in shape_pythons() {
+        let (report, out) = record_json(
+            &scratch("shape-peak"),
+            &[
+                "--interval",
+                "0.25",
+                "--",
+                py.to_str().unwrap(),
+                &script,
+                "100",
+            ],
+        );
+        let held = num(&printed(&out)["bytes"]);
+        assert_eq!(held, 100 * ((1 << 20) + 33), "{label}");
+        for s in array(&report, "suspects") {
+            assert!(
+                num(&s["live_bytes"]) < 1 << 20,
+                "{label}: the released pool made a suspect: {s:#}"
+            );
+        }
+        let libc = array(&report, "peak")
+            .iter()
+            .find(|p| p["layer"] == "libc")
+            .unwrap_or_else(|| panic!("{label}: no libc peak: {:#}", report["peak"]));
+        assert!(num(&libc["live_bytes"]) >= held, "{label}: {libc:#}");
+        assert!(
+            num(&libc["live_bytes"]) < held + (16 << 20),
+            "{label}: {libc:#}"
+        );
+        let top = &array(libc, "stacks")[0];
+        assert!(leaf(top).ends_with(&work), "{label}: {libc:#}");
+        assert!(leaf(top).starts_with("work "), "{label}: {libc:#}");
+        assert_eq!(num(&top["live_bytes"]), held, "{label}: {libc:#}");
+        assert_eq!(libc["layers_then"]["libc"], libc["live_bytes"]);
+        // At the end it is all gone.
+        assert!(num(&report["layers"]["libc"]["live_bytes"]) < 16 << 20);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("peak live memory") && text.contains(&format!("at work {work}")),
+            "{label}: {text}"
+        );
+    }
+}

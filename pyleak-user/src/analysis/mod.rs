@@ -7,6 +7,7 @@
 pub mod growing;
 pub mod growth;
 pub mod model;
+pub mod peak;
 mod rank;
 pub mod retention;
 #[cfg(test)]
@@ -48,6 +49,8 @@ pub struct Facts {
     /// The kind of mapping of each resident page (pid, address) outside every mapping the
     /// vm layer saw made (the heap, a stack, a file); anonymous if absent.
     pub page_kinds: HashMap<(u32, u64), MappingKind>,
+    /// The highest growth sample of each layer.
+    pub peaks: peak::Peaks,
 }
 
 /// Memory made this soon (seconds) after its process started can be start-up memory.
@@ -437,6 +440,7 @@ pub fn analyze(
         // Set once the probes are detached, after the analysis.
         probes_detach_s: 0.0,
         retention: retention::retention(snap, model, facts),
+        peak: peak::peaks(facts),
         linkage,
         sampled_pymalloc: snap.sampled.as_ref().map(|sp| SampledReport {
             mode: "sampled".to_owned(),

@@ -49,6 +49,9 @@ pub struct Analysis {
     /// accounts for, per (process, mapping kind), most retained first. Not leaks.
     #[serde(default)]
     pub retention: Vec<Retention>,
+    /// Per layer, the growth sample at which the most was live, and who held it.
+    #[serde(default)]
+    pub peak: Vec<Peak>,
     /// How the uprobes were placed: `multi-uprobe` (one link per program and file) or
     /// `perf-event` (one per probe, on kernels without multi-uprobe links).
     #[serde(default)]
@@ -231,6 +234,36 @@ pub struct RetentionStack {
     pub native_frames: usize,
     /// Resident bytes it faulted in, of this kind.
     pub resident_bytes: u64,
+}
+
+/// The growth sample at which one layer held the most (JSON `peak`): taken every
+/// `interval_s`, so a spike shorter than that can fall between two samples.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Peak {
+    /// Layer name.
+    pub layer: String,
+    /// Seconds into the recording.
+    pub t_s: f64,
+    /// The layer's live bytes then (pymalloc under sampled tracing: an estimate).
+    pub live_bytes: u64,
+    /// Every layer's live bytes then, by layer name.
+    pub layers_then: BTreeMap<String, u64>,
+    /// The stacks that held the most of the layer then, most first (at most 5).
+    pub stacks: Vec<PeakStack>,
+}
+
+/// A stack's live bytes at a peak.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeakStack {
+    /// Process id.
+    pub pid: u32,
+    /// Frames, root first (as in [`StackReport`]).
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native.
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Its live bytes then.
+    pub live_bytes: u64,
 }
 
 /// A traced process.

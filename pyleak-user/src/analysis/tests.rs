@@ -176,7 +176,7 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
         "main (/srv/app.py:56)",
         "leak (/srv/app.py:26)",
     ];
-    let facts = Facts {
+    let mut facts = Facts {
         targets: vec![PID],
         processes: HashMap::from([(
             PID,
@@ -228,18 +228,22 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
         probes_attach_s: 0.25,
         started_s: HashMap::from([(PID, 0.0)]),
         page_kinds: HashMap::from([((PID, 0x900000), MappingKind::MallocHeap)]),
+        peaks: Default::default(),
     };
 
     // The leak grows 100 KiB a second, steadily; the churn stays flat.
     let mut timeline = Timeline::default();
     for i in 0..10u64 {
-        timeline.record(
-            i as f64,
-            [
-                ((PID, Layer::Pymalloc, LEAK), 2 * MIB + i * 100 * 1024),
-                ((PID, Layer::Pymalloc, CHURN), 64 * 1024),
-            ],
-        );
+        let sample = HashMap::from([
+            ((PID, Layer::Pymalloc, LEAK), 2 * MIB + i * 100 * 1024),
+            // The churn held 4 MiB at 3 s: the peak.
+            (
+                (PID, Layer::Pymalloc, CHURN),
+                if i == 3 { 4 * MIB } else { 64 * 1024 },
+            ),
+        ]);
+        facts.peaks.record(i as f64, &sample);
+        timeline.record(i as f64, sample);
     }
     (snap, model, facts, timeline)
 }
@@ -428,4 +432,18 @@ fn allocator_retention_is_resident_minus_used_per_kind_with_its_stacks() {
     assert_eq!(r[0].stacks[0].resident_bytes, 128 * PAGE);
     assert!(r[1].gives_back.contains("malloc_trim"));
     assert!(!r[0].used_estimated);
+}
+
+#[test]
+fn the_peak_is_the_highest_sample_with_the_stacks_that_held_it() {
+    let a = analysis();
+    assert_eq!(a.peak.len(), 1);
+    let p = &a.peak[0];
+    // The churn's 4 MiB at 3 s beat the leak's last sample (2 MiB + 900 KiB).
+    assert_eq!((p.layer.as_str(), p.t_s), ("pymalloc", 3.0));
+    assert_eq!(p.live_bytes, 4 * MIB + 2 * MIB + 300 * 1024);
+    assert_eq!(p.stacks[0].frames.last().unwrap(), "churn (/srv/app.py:40)");
+    assert_eq!(p.stacks[0].live_bytes, 4 * MIB);
+    assert_eq!(p.stacks[1].frames.last().unwrap(), "leak (/srv/app.py:26)");
+    assert_eq!(p.layers_then["pymalloc"], p.live_bytes);
 }

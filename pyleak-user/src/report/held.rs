@@ -62,3 +62,52 @@ pub fn retention(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> 
     }
     Ok(())
 }
+
+/// Layers whose peak the text shows: what Python and C asked for (the vm and pages
+/// layers' peaks stay in the JSON).
+const PEAK_LAYERS: [&str; 3] = ["pymalloc", "pymem_raw", "libc"];
+
+/// The peaks: per allocator layer, when the most was live and who held it.
+pub fn peaks(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
+    let shown: Vec<_> = report
+        .peak
+        .iter()
+        .filter(|p| PEAK_LAYERS.contains(&p.layer.as_str()) && p.live_bytes > 0)
+        .collect();
+    if shown.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "peak live memory (highest growth sample, every {} s):",
+        report.interval_s
+    )?;
+    for p in shown {
+        let now = report.layers.get(&p.layer).map_or(0, |l| l.live_bytes);
+        writeln!(
+            out,
+            "  {:<9} {:>10} at {:.1} s ({} live at the end)",
+            p.layer,
+            human_bytes(p.live_bytes),
+            p.t_s,
+            human_bytes(now)
+        )?;
+        for s in p.stacks.iter().take(3) {
+            let leaf: Vec<&str> = s
+                .frames
+                .iter()
+                .rev()
+                .take(FRAMES_SHOWN)
+                .map(String::as_str)
+                .collect();
+            writeln!(
+                out,
+                "      {:>10} at {} (pid {})",
+                human_bytes(s.live_bytes),
+                leaf.join(" <- "),
+                s.pid
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -198,6 +198,24 @@ fn sample() -> Analysis {
             oldest_age_s: 1.4,
             linkage: SuspectLinkage::default(),
         }],
+        peak: vec![Peak {
+            layer: "libc".to_owned(),
+            t_s: 3.5,
+            live_bytes: 104 << 20,
+            layers_then: BTreeMap::from([
+                ("libc".to_owned(), 104 << 20),
+                ("pages".to_owned(), 105 << 20),
+            ]),
+            stacks: vec![PeakStack {
+                pid: 42,
+                frames: vec![
+                    "<module> (/srv/pool.py:40)".to_owned(),
+                    "work (/srv/pool.py:18)".to_owned(),
+                ],
+                native_frames: 0,
+                live_bytes: 100 << 20,
+            }],
+        }],
         retention: vec![Retention {
             pid: 4242,
             kind: "malloc_arena".to_owned(),

@@ -189,6 +189,7 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     suspects(report, out)?;
     startup(report, out)?;
     super::held::retention(report, out)?;
+    super::held::peaks(report, out)?;
     let top: Vec<_> = report
         .stacks
         .iter()
