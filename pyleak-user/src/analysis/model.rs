@@ -149,6 +149,22 @@ pub struct Suspect {
     /// Sampled pymalloc tracing: the estimate behind `live_bytes` (absent when exact).
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     pub estimate: Option<Estimate>,
+    /// When library code made the memory (`frames` then end at the innermost frame of the
+    /// user's own code): the full stacks blamed on it, most live bytes first (at most 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub full_stacks: Vec<FullStack>,
+}
+
+/// A full stack (library frames included) that a suspect groups.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FullStack {
+    /// Frames, root first (as in [`StackReport`]).
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native.
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Its live bytes.
+    pub live_bytes: u64,
 }
 
 /// One stack's memory at every layer.

@@ -259,6 +259,7 @@ fn analysis() -> Analysis {
             duration_s: 10.0,
             min_age_s: 1.0,
             interval_s: 1.0,
+            group_libs: true,
         },
     )
 }
@@ -385,6 +386,7 @@ fn start_up_memory_is_listed_apart_not_ranked() {
         duration_s: 10.0,
         min_age_s: 1.0,
         interval_s: 1.0,
+        group_libs: true,
     };
     let attached = analyze(&snap, &model, &facts, &timeline, opts);
     assert!(attached.startup.is_empty());
@@ -446,4 +448,69 @@ fn the_peak_is_the_highest_sample_with_the_stacks_that_held_it() {
     assert_eq!(p.stacks[0].live_bytes, 4 * MIB);
     assert_eq!(p.stacks[1].frames.last().unwrap(), "leak (/srv/app.py:26)");
     assert_eq!(p.layers_then["pymalloc"], p.live_bytes);
+}
+
+#[test]
+fn memory_a_library_allocated_is_blamed_on_the_users_line_unless_asked_not_to() {
+    let (mut snap, model, mut facts, timeline) = recording();
+    // 3 MiB in tasks made inside asyncio.gather, called from the user's serve().
+    const TASKS: u64 = 50;
+    snap.stacks.insert(
+        (PID, Layer::Pymalloc, TASKS),
+        StackAgg {
+            allocs: 3000,
+            alloc_bytes: 3 * MIB,
+            ..StackAgg::default()
+        },
+    );
+    snap.ages.insert(
+        (PID, Layer::Pymalloc, TASKS),
+        aged(3 * MIB, 3000, 3 * MIB, 3000, 9),
+    );
+    let user = ["<module> (/srv/app.py:73)", "serve (/srv/app.py:26)"];
+    let full = [
+        user[0],
+        user[1],
+        "gather (/usr/lib/python3.12/asyncio/tasks.py:831)",
+        "BaseEventLoop.create_task (/usr/lib/python3.12/asyncio/base_events.py:456)",
+    ];
+    facts.frames.insert((PID, TASKS), py(&full));
+    let opts = Options {
+        duration_s: 10.0,
+        min_age_s: 1.0,
+        interval_s: 1.0,
+        group_libs: true,
+    };
+    let a = analyze(&snap, &model, &facts, &timeline, opts);
+    let s = a
+        .suspects
+        .iter()
+        .find(|s| s.frames.last().unwrap() == "serve (/srv/app.py:26)")
+        .expect("blamed on serve");
+    assert_eq!((s.live_bytes, s.live_count), (3 * MIB, 3000));
+    assert_eq!(s.full_stacks.len(), 1);
+    assert_eq!(s.full_stacks[0].frames, full);
+    assert!(!a
+        .suspects
+        .iter()
+        .any(|s| s.frames.last().unwrap().contains("asyncio")));
+    // The stacks themselves stay whole.
+    assert!(a.stacks.iter().any(|r| r.frames == full));
+    let asis = analyze(
+        &snap,
+        &model,
+        &facts,
+        &timeline,
+        Options {
+            group_libs: false,
+            ..opts
+        },
+    );
+    let s = asis
+        .suspects
+        .iter()
+        .find(|s| s.live_bytes == 3 * MIB && s.layer == "pymalloc")
+        .expect("the tasks' suspect");
+    assert_eq!(s.frames, full);
+    assert!(s.full_stacks.is_empty());
 }

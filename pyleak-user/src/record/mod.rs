@@ -414,6 +414,7 @@ fn finish(
             duration_s,
             min_age_s: args.min_age,
             interval_s: args.interval,
+            group_libs: !args.no_group_libs,
         },
     );
     // The targets are frozen in the kernel: let the command go, take the uprobes out (one

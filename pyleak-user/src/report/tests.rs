@@ -132,6 +132,16 @@ fn sample() -> Analysis {
         suspects: vec![
             Suspect {
                 estimate: None,
+                full_stacks: vec![FullStack {
+                    frames: vec![
+                        "<module> (/srv/app.py:73)".to_owned(),
+                        "main (/srv/app.py:56)".to_owned(),
+                        "leak (/srv/app.py:26)".to_owned(),
+                        "copy (/usr/lib/python3.12/copy.py:71)".to_owned(),
+                    ],
+                    native_frames: 0,
+                    live_bytes: 4000400,
+                }],
                 layer: "pymalloc".to_owned(),
                 pid: 42,
                 frames: vec![
@@ -158,6 +168,7 @@ fn sample() -> Analysis {
             },
             Suspect {
                 estimate: None,
+                full_stacks: Vec::new(),
                 layer: "pages".to_owned(),
                 pid: 42,
                 frames: vec!["recurse (/srv/app.py:48)".to_owned()],
@@ -179,6 +190,7 @@ fn sample() -> Analysis {
         ],
         startup: vec![Suspect {
             estimate: None,
+            full_stacks: Vec::new(),
             layer: "pymalloc".to_owned(),
             pid: 42,
             frames: vec![

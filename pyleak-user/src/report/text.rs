@@ -345,6 +345,23 @@ fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         for f in s.frames.iter().rev().take(FRAMES_SHOWN) {
             writeln!(out, "      {f}")?;
         }
+        if let Some(full) = s.full_stacks.first() {
+            let inside: Vec<&str> = full.frames[s.frames.len().min(full.frames.len())..]
+                .iter()
+                .rev()
+                .take(FRAMES_SHOWN)
+                .map(String::as_str)
+                .collect();
+            let more = match s.full_stacks.len() {
+                1 => String::new(),
+                n => format!(" (and {} more library stacks)", n - 1),
+            };
+            writeln!(
+                out,
+                "      allocated inside library code: {}{more}",
+                inside.join(" <- ")
+            )?;
+        }
         let k = &s.linkage;
         let mut parts = Vec::new();
         for (name, v) in [
