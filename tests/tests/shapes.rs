@@ -302,3 +302,94 @@ fn what_library_code_allocated_for_the_users_code_is_blamed_on_the_users_line() 
         report["suspects"]
     );
 }
+
+/// Live bytes of the `pages` stacks whose leaf is `function` at `line`.
+fn pages_at(report: &Value, function: &str, line: &str) -> u64 {
+    array(report, "stacks")
+        .iter()
+        .filter(|s| {
+            s["layer"] == "pages"
+                && leaf(s).starts_with(&format!("{function} "))
+                && leaf(s).ends_with(line)
+        })
+        .map(|s| num(&s["live_bytes"]))
+        .sum()
+}
+
+#[test]
+fn pages_the_kernel_maps_in_bulk_are_counted_and_file_pages_are_never_suspects() {
+    if !root_or_skip() {
+        return;
+    }
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let thp_ok = skip_unless(
+        thp.contains("[madvise]") || thp.contains("[always]"),
+        "transparent huge pages are off here (/sys/kernel/mm/transparent_hugepage/enabled): the THP half is not checked",
+    );
+    let script = workload("py_bulk_pages.py");
+    let file_line = at_line(&script, "# FILE_LINE");
+    let thp_line = at_line(&script, "# THP_LINE");
+    for (label, py) in shape_pythons() {
+        let dir = scratch("shape-bulk");
+        let (report, out) = record_json(
+            &dir,
+            &[
+                "--interval",
+                "0.5",
+                "--",
+                py.to_str().unwrap(),
+                &script,
+                dir.to_str().unwrap(),
+                "64",
+                "32",
+            ],
+        );
+        let _ = std::fs::remove_file(dir.join("bulk.bin"));
+        let truth = printed(&out);
+        // The kernel's own count (smaps) of what is resident in each mapping.
+        let (file_rss, anon_rss) = (num(&truth["file_rss"]), num(&truth["anon_rss"]));
+        assert_eq!(file_rss, 64 << 20, "{label}: the file is all resident");
+        // One read per page, but a fault maps 16 pages (fault-around) or a whole 2 MiB
+        // folio: every resident page counts, at the reading line.
+        assert_eq!(
+            pages_at(&report, "read_file", &file_line),
+            file_rss,
+            "{label}"
+        );
+        let link = &report["linkage"];
+        assert!(
+            num(&link["resident_by_kind"]["file"]) >= file_rss,
+            "{label}: {link:#}"
+        );
+        assert!(
+            num(&link["resident_bulk_bytes"]) >= file_rss * 7 / 8,
+            "{label}: {link:#}"
+        );
+        // File pages are never suspects.
+        for s in array(&report, "suspects") {
+            assert!(
+                !leaf(s).ends_with(&file_line),
+                "{label}: file pages made a suspect: {s:#}"
+            );
+        }
+        if thp_ok {
+            assert_eq!(
+                num(&truth["anon_huge"]),
+                32 << 20,
+                "{label}: the kernel backed it with huge pages: {truth}"
+            );
+            // One write every 2 MiB, each fault a huge page of 512 pages.
+            assert_eq!(
+                pages_at(&report, "touch_huge", &thp_line),
+                anon_rss,
+                "{label}"
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("mapped in bulk by single faults"),
+            "{label}: {text}"
+        );
+    }
+}

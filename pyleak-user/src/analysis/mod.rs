@@ -278,7 +278,10 @@ pub fn analyze(
                     .or_default() += r.end - start;
             }
         }
-        for &addr in p.pages.keys() {
+        for (&addr, page) in &p.pages {
+            if page.bulk {
+                linkage.resident_bulk_bytes += PAGE;
+            }
             let kind = match p.region_at(addr) {
                 Some(r) => r.kind(),
                 None => facts

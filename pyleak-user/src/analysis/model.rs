@@ -214,6 +214,10 @@ pub struct Linkage {
     pub resident_bytes: u64,
     /// Those pages by the kind of mapping they are in.
     pub resident_by_kind: BTreeMap<String, u64>,
+    /// Of the resident bytes, those the kernel mapped along with another page's fault
+    /// (fault-around on a file, a transparent huge page), found by reading page tables.
+    #[serde(default)]
+    pub resident_bulk_bytes: u64,
 }
 
 /// Pages one allocator keeps resident in one process (JSON `retention`): faulted in while

@@ -134,6 +134,7 @@ impl Recorder {
     /// are live but not aged.
     pub fn snapshot(&mut self, min_age_ns: u64) -> anyhow::Result<Snapshot> {
         self.drain();
+        self.settle_bulk_pages();
         let now = monotonic_ns();
         let layer_stats = self.layer_stats()?;
         let size_hist = self.histograms(names::SIZE_HIST)?;

@@ -152,6 +152,9 @@ pub struct Page {
     pub stack_id: u64,
     /// When it was faulted in.
     pub ts_ns: u64,
+    /// Mapped by the kernel along with another page's fault (fault-around on a file
+    /// mapping, a transparent huge page), found by a later pass (`collect::bulk`).
+    pub bulk: bool,
 }
 
 /// One process's mappings and pages.
@@ -245,8 +248,23 @@ pub struct VmModel {
     pub vm_lifetimes: Histogram<u64>,
     /// Lifetimes of released pages, µs.
     pub page_lifetimes: Histogram<u64>,
+    /// Faults whose neighbourhood the next bulk pass (`collect::bulk`) looks at.
+    pub bulk_pending: Vec<BulkFault>,
     /// Time of the event being applied.
     now_ns: u64,
+}
+
+/// A page fault that made a new page resident, in a mapping made while tracing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkFault {
+    /// Process.
+    pub pid: u32,
+    /// The page's address.
+    pub addr: u64,
+    /// Stack of the faulting thread.
+    pub stack_id: u64,
+    /// When.
+    pub ts_ns: u64,
 }
 
 impl Default for VmModel {
@@ -260,6 +278,7 @@ impl Default for VmModel {
             events: 0,
             vm_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
             page_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
+            bulk_pending: Vec::new(),
             now_ns: 0,
         }
     }
@@ -389,7 +408,19 @@ impl VmModel {
                     v.insert(Page {
                         stack_id: ev.stack_id,
                         ts_ns: ev.ts_ns,
+                        bulk: false,
                     });
+                    // The kernel may have mapped its neighbours with it: a later pass
+                    // looks (only in mappings made while tracing, whose every resident
+                    // page is the recording's).
+                    if proc.region_at(ev.addr).is_some() {
+                        self.bulk_pending.push(BulkFault {
+                            pid: ev.tgid,
+                            addr: ev.addr,
+                            stack_id: ev.stack_id,
+                            ts_ns: ev.ts_ns,
+                        });
+                    }
                     self.pages.allocs += 1;
                     self.pages.alloc_bytes += PAGE;
                     let a = self

@@ -265,6 +265,7 @@ fn sample() -> Analysis {
                 ("pymalloc_arena".to_owned(), 2 << 20),
                 ("malloc_heap".to_owned(), 5 << 20),
             ]),
+            resident_bulk_bytes: 1 << 20,
         },
     }
 }

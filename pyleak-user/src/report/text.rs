@@ -282,9 +282,17 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
     }
     if report.layers.get("pages").is_some_and(|r| r.allocs > 0) {
+        let bulk = if l.resident_bulk_bytes > 0 {
+            format!(
+                "; {} of it mapped in bulk by single faults (fault-around, huge pages)",
+                human_bytes(l.resident_bulk_bytes)
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "  resident                   {:>10} ({})",
+            "  resident                   {:>10} ({}){bulk}",
             human_bytes(l.resident_bytes),
             kinds(&l.resident_by_kind)
         )?;
