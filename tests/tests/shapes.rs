@@ -393,3 +393,74 @@ fn pages_the_kernel_maps_in_bulk_are_counted_and_file_pages_are_never_suspects()
         );
     }
 }
+
+/// pymalloc live bytes of the stacks whose leaf is `function` at `line`.
+fn pymalloc_at(report: &Value, function: &str, line: &str) -> u64 {
+    array(report, "stacks")
+        .iter()
+        .filter(|s| {
+            s["layer"] == "pymalloc"
+                && leaf(s).starts_with(&format!("{function} "))
+                && leaf(s).ends_with(line)
+        })
+        .map(|s| num(&s["live_bytes"]))
+        .sum()
+}
+
+/// Dicts copied by a C helper and dropped next to a function keeping dicts: the free lists
+/// hand the dropped copies' blocks to the keeper. Sampled mode (the default) names the
+/// keeper, growing, and (pyenv 3.12) the two lines together hold what the kept dicts hold
+/// within 25%. NOT checked,
+/// because it does not hold yet: that the copying line holds nothing. Both modes blame it
+/// for the ~80% of kept dicts whose object and keys table came off the free lists (exact
+/// mode by construction, as memray; sampled mode because the heap judge cannot tell a dict
+/// reusing another dict's block from the same dict: see `python/heap.rs`).
+#[test]
+fn dicts_reused_through_free_lists_name_the_keeper_in_sampled_mode() {
+    if !root_or_skip() {
+        return;
+    }
+    let script = workload("py_dict_reuse.py");
+    let keep = at_line(&script, "# KEEP_LINE");
+    let copy_line = at_line(&script, "# COPY_LINE");
+    for (label, py) in shape_pythons() {
+        let (report, out) = record_json(
+            &scratch("shape-dict-reuse"),
+            &[
+                "--pymalloc",
+                "sampled",
+                "--pymalloc-period",
+                "0.5",
+                "--interval",
+                "0.5",
+                "--",
+                py.to_str().unwrap(),
+                &script,
+            ],
+        );
+        let truth = printed(&out);
+        let (kept, dict_bytes) = (num(&truth["kept"]), num(&truth["dict_bytes"]));
+        let keeper = array(&report, "suspects")
+            .iter()
+            .find(|s| {
+                s["layer"] == "pymalloc"
+                    && leaf(s).starts_with("keep_dicts ")
+                    && leaf(s).ends_with(&keep)
+            })
+            .unwrap_or_else(|| panic!("{label}: the keeping line is no suspect"));
+        assert_eq!(keeper["trend"], "growing", "{label}: {keeper:#}");
+        // Sampled estimates on Debian's LTO 3.11 run low (docs/sampled-pymalloc.md: 0.36
+        // of the truth measured here): only the keeper is checked there.
+        if label.starts_with("debian") {
+            continue;
+        }
+        // Each kept dict: its object and keys table (getsizeof) and two ints of 28 bytes.
+        let want = kept * (dict_bytes + 56);
+        let both = pymalloc_at(&report, "keep_dicts", &keep)
+            + pymalloc_at(&report, "copy_and_drop", &copy_line);
+        assert!(
+            (both as f64 - want as f64).abs() <= 0.25 * want as f64,
+            "{label}: {both} B estimated at the two lines, {want} B kept"
+        );
+    }
+}
