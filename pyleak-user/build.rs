@@ -21,6 +21,9 @@ fn main() -> anyhow::Result<()> {
         root_dir: root.as_str(),
         ..Default::default()
     };
+    // The kernel side shares pyleak-common's types and map sizes: a change there must
+    // rebuild it too (aya-build watches only the eBPF crate's own files).
+    println!("cargo:rerun-if-changed=../pyleak-common/src");
     // The toolchain pinned in rust-toolchain.toml (RUSTC_BOOTSTRAP lets it build `core`).
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom("1.95.0"))
 }

@@ -12,10 +12,11 @@ pub use layer::*;
 pub use python::*;
 
 /// Buckets of the live-block table (`LIVE_KEYS`), [`LIVE_BUCKET_SLOTS`] blocks each: the
-/// table holds 1 Mi live blocks over all layers and processes.
+/// table holds 2 Mi live blocks over all layers and processes (80 MiB of kernel memory with
+/// [`LiveAlloc`]s: a million-object Python heap traced exactly fits, with its ints).
 pub const LIVE_TABLE_BUCKETS: u32 = 1 << LIVE_TABLE_BITS;
 /// log2 of [`LIVE_TABLE_BUCKETS`].
-pub const LIVE_TABLE_BITS: u32 = 17;
+pub const LIVE_TABLE_BITS: u32 = 18;
 /// Blocks per bucket of the live-block table: one cache line of keys.
 pub const LIVE_BUCKET_SLOTS: usize = 8;
 /// Live blocks tracked in the overflow hash map (`LIVE_ALLOCS`): those whose table bucket

@@ -8,6 +8,8 @@ Usage: py_sampled.py MODE GO_FILE
   reuse:    one function makes and drops 2-tuples, another keeps 2-tuples, interleaved
             (the tuple free list hands the dropped ones to the keeper).
   threads:  two threads keep small objects from two functions (240 000 each).
+  cache:    keeps 24 000 bytes objects of 600 bytes each (a request above pymalloc's
+            512-byte threshold: malloc's block) in a module-level dict.
 """
 import os
 import sys
@@ -84,11 +86,23 @@ def threads():
     KEPT.extend([a, b])
 
 
+CACHE = {}
+
+
+def cache():
+    for step in range(STEPS):
+        for j in range(PER_STEP // 10):
+            key = step * PER_STEP + j
+            CACHE[key] = bytes(567)  # MARK:cache
+        time.sleep(0.08)
+
+
 def main():
     mode, go = sys.argv[1], sys.argv[2]
     while not os.path.exists(go):
         time.sleep(0.01)
-    {"registry": registry, "churn": churn, "reuse": reuse, "threads": threads}[mode]()
+    {"registry": registry, "churn": churn, "reuse": reuse, "threads": threads,
+     "cache": cache}[mode]()
     print("done", flush=True)
     time.sleep(600)
 

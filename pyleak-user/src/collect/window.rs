@@ -591,13 +591,19 @@ impl Recorder {
             if l != Layer::Pymalloc {
                 continue;
             }
-            let wt = weight(pid);
             let est = book
                 .estimates
                 .get(&(pid, stack))
                 .copied()
                 .unwrap_or_default();
-            let live_count = (est.samples as f64 * wt).round() as u64;
+            // A stack with live samples is weighted as its line's samples are (threads
+            // slowed unequally by the traps see different odds); others as their process.
+            let wt = if est.samples > 0 {
+                est.live_count_estimate / est.samples as f64
+            } else {
+                weight(pid)
+            };
+            let live_count = est.live_count_estimate.round() as u64;
             agg.allocs = scale(agg.allocs, wt).max(live_count);
             agg.alloc_bytes =
                 scale(agg.alloc_bytes, wt).max(est.live_bytes_estimate.round() as u64);

@@ -53,6 +53,10 @@ pub struct StackEstimate {
     pub live_bytes_estimate: f64,
     /// Standard error of that estimate.
     pub live_bytes_stderr: f64,
+    /// Estimated live blocks: each live sample counted with the same weight as its bytes
+    /// (one over its inclusion probability), so count and bytes agree on the stack's
+    /// sampling odds.
+    pub live_count_estimate: f64,
     /// Live samples it rests on.
     pub samples: u64,
 }
@@ -94,6 +98,7 @@ pub fn estimate<K: Hash + Eq + Clone>(
             for s in live {
                 let e = out.entry(s.stack.clone()).or_default();
                 e.live_bytes_estimate += s.size as f64 / duty;
+                e.live_count_estimate += 1.0 / duty;
                 e.samples += 1;
                 *windows
                     .entry(s.stack)
@@ -124,6 +129,7 @@ pub fn estimate<K: Hash + Eq + Clone>(
                 }
                 let e = out.entry(s.stack.clone()).or_default();
                 e.live_bytes_estimate += s.size as f64 / p;
+                e.live_count_estimate += 1.0 / p;
                 e.samples += 1;
                 *var.entry(s.stack).or_default() += (1.0 - p) / (p * p) * (s.size as f64).powi(2);
             }
@@ -174,6 +180,7 @@ mod tests {
         let est = estimate(live.clone(), design);
         let a = est["a"];
         assert!((a.live_bytes_estimate - 15_000.0).abs() < 1e-6);
+        assert!((a.live_count_estimate - 200.0).abs() < 1e-6);
         assert_eq!(a.samples, 2);
         // Totals 100, 50, 0, 0: mean 37.5, variance (100² + 50² - 4 · 37.5²) / 3.
         let s2: f64 = (10_000.0 + 2_500.0 - 4.0 * 37.5 * 37.5) / 3.0;
@@ -209,6 +216,7 @@ mod tests {
         );
         let (p1, p2) = (byte_inclusion(1024, mean), byte_inclusion(64, mean));
         assert!((est["a"].live_bytes_estimate - (1024.0 / p1 + 64.0 / p2)).abs() < 1e-6);
+        assert!((est["a"].live_count_estimate - (1.0 / p1 + 1.0 / p2)).abs() < 1e-6);
         let var = (1.0 - p1) / (p1 * p1) * 1024f64.powi(2) + (1.0 - p2) / (p2 * p2) * 64f64.powi(2);
         assert!((est["a"].live_bytes_stderr - var.sqrt()).abs() < 1e-6);
     }
