@@ -1,7 +1,10 @@
 """An allocation-heavy Python workload for `cargo xtask bench`: builds and drops small
 objects (tuples, dicts, lists, strings, floats) like the pyperformance benchmarks
-(float, json_dumps, deltablue) do, and prints its own run time."""
+(float, json_dumps, deltablue) do, and prints its own run time.
+
+Usage: py_alloc.py [LOOPS] (LOOPS rounds of 20 000 records; 1 by default)."""
 import json
+import sys
 import time
 
 
@@ -16,5 +19,6 @@ def work(n):
 
 
 start = time.perf_counter()
-work(20_000)
+for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 1):
+    work(20_000)
 print("seconds %.4f" % (time.perf_counter() - start))

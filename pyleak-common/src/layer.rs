@@ -87,6 +87,19 @@ pub const LAYERS: [LayerInfo; NUM_LAYERS] = [
     },
 ];
 
+/// The `FLAG_FOR_*` bit of each uprobed layer (the first [`CALL_LAYERS`] of [`LAYERS`]),
+/// indexed by layer number: what the kernel side sets on a block made inside that layer's
+/// call.
+pub const ON_BEHALF: [u32; CALL_LAYERS] = {
+    let mut flags = [0; CALL_LAYERS];
+    let mut i = 0;
+    while i < CALL_LAYERS {
+        flags[i] = LAYERS[i].on_behalf;
+        i += 1;
+    }
+    flags
+};
+
 impl Layer {
     /// Every layer, top to bottom.
     pub const ALL: [Layer; NUM_LAYERS] = [

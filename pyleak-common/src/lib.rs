@@ -632,6 +632,16 @@ mod tests {
             // Uprobe layers are the first CALL_LAYERS, each with its own on-behalf bit.
             assert_eq!(layer.is_uprobed(), i < CALL_LAYERS);
             assert_eq!(layer.info().on_behalf != 0, layer.is_uprobed());
+            if i < CALL_LAYERS {
+                assert_eq!(ON_BEHALF[i], layer.info().on_behalf);
+                assert_eq!(
+                    ON_BEHALF[..i]
+                        .iter()
+                        .filter(|&&f| f == ON_BEHALF[i])
+                        .count(),
+                    0
+                );
+            }
         }
         assert_eq!(Layer::from_u32(NUM_LAYERS as u32), None);
     }

@@ -20,8 +20,9 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use crate::{
     maps::{
-        count_drop, uprobe_target_active, LAYER_STATS, LIFETIME_HIST, LIVE_ALLOCS, LIVE_KEYS,
-        LIVE_OVERFLOW, LIVE_VALS, SIZE_HIST, STACK_AGG_SLOT, STACK_STATS, THREADS, TICK_CLOCK,
+        count_drop, pymalloc_sampled, uprobe_target_active, LAYER_STATS, LIFETIME_HIST,
+        LIVE_ALLOCS, LIVE_KEYS, LIVE_OVERFLOW, LIVE_VALS, SIZE_HIST, STACK_AGG_SLOT, STACK_STATS,
+        THREADS, TICK_CLOCK,
     },
     stack,
     thread::{begun_in, forget_stale_pymalloc, thread_state, upper_call, window_of},
@@ -190,16 +191,20 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
     if layer >= CALL_LAYERS {
         return Ok(());
     }
+    // Sampled pymalloc: a window's return link goes in before its entry link, so a call
+    // begun just before returns with no entry seen. It lies outside the sample: nothing
+    // was lost.
+    let window_edge = layer == Layer::Pymalloc as usize && pymalloc_sampled();
     let t = THREADS.get_ptr_mut(tid);
     // SAFETY: a valid map value pointer; only this thread touches its own entry.
     let Some(t) = t.map(|t| unsafe { &mut *t }) else {
-        if uprobe_target_active(tgid) {
+        if uprobe_target_active(tgid) && !window_edge {
             count_drop(Drop::UnmatchedReturn);
         }
         return Ok(());
     };
     if t.active & (1 << layer) == 0 {
-        if uprobe_target_active(tgid) {
+        if uprobe_target_active(tgid) && !window_edge {
             count_drop(Drop::OrphanReturn);
         }
         return Ok(());

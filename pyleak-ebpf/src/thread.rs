@@ -3,9 +3,7 @@
 //! PyObject_Malloc, the mmap under malloc, the page fault under all of them).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_user};
-use pyleak_common::{
-    Drop, Layer, ThreadState, CALL_LAYERS, FLAG_FOR_LIBC, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW,
-};
+use pyleak_common::{Drop, Layer, ThreadState, CALL_LAYERS, ON_BEHALF};
 
 use crate::{
     maps::{count_drop, pymalloc_generation, pymalloc_window, THREADS},
@@ -75,20 +73,18 @@ pub fn upper_call(
 ) -> (u32, Option<u64>) {
     let mut flags = 0;
     let mut top = None;
-    if layer > Layer::Libc as usize && t.active & (1 << Layer::Libc as u32) != 0 {
-        flags |= FLAG_FOR_LIBC;
-        top = Some(Layer::Libc as usize);
-    }
-    if layer > Layer::PymemRaw as usize && t.active & (1 << Layer::PymemRaw as u32) != 0 {
-        flags |= FLAG_FOR_PYMEM_RAW;
-        top = Some(Layer::PymemRaw as usize);
-    }
-    if layer > Layer::Pymalloc as usize
-        && t.active & (1 << Layer::Pymalloc as u32) != 0
-        && t.pymalloc_window == pymalloc_generation()
-    {
-        flags |= FLAG_FOR_PYMALLOC;
-        top = Some(Layer::Pymalloc as usize);
+    // Every uprobed layer above `layer` with a call in flight, bottom to top (the registry's
+    // call order): each adds its on-behalf bit, and the topmost lends its stack. A
+    // pymalloc call counts only if it began in the current window (sampled mode).
+    for upper in (0..CALL_LAYERS).rev() {
+        if upper >= layer || t.active & (1 << upper) == 0 {
+            continue;
+        }
+        if upper == Layer::Pymalloc as usize && t.pymalloc_window != pymalloc_generation() {
+            continue;
+        }
+        flags |= ON_BEHALF[upper];
+        top = Some(upper);
     }
     let Some(top) = top else {
         return (flags, None);

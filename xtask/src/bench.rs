@@ -22,16 +22,21 @@ pub struct BenchArgs {
     /// One run per mode and a tenth of the C loop's pairs (a few minutes in all).
     #[arg(long)]
     pub quick: bool,
+    /// One short round of every mode (CI's smoke test: the tables are printed, the figures
+    /// say little).
+    #[arg(long)]
+    pub smoke: bool,
 }
 
 /// Runs every benchmark and prints the tables.
 pub fn run(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let quick;
-    let args = if args.quick {
+    let args = if args.quick || args.smoke {
         quick = BenchArgs {
-            pairs: args.pairs / 10,
+            pairs: args.pairs / if args.smoke { 100 } else { 10 },
             runs: 1,
             quick: true,
+            smoke: args.smoke,
         };
         &quick
     } else {
@@ -174,11 +179,11 @@ pub fn run(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .unwrap_or(f64::NAN);
         println!("\npyleak / memleak-style peer: {:.2}", ours / peer);
     }
-    python_bench(pyleak, args)
+    crate::pybench::run(pyleak, args)
 }
 
 /// Runs `argv` `runs` times; the median of what `measure` reads from each output.
-fn median(
+pub(crate) fn median(
     argv: &[String],
     runs: usize,
     measure: fn(&[String]) -> anyhow::Result<f64>,
@@ -190,159 +195,6 @@ fn median(
     samples.sort_by(f64::total_cmp);
     eprintln!("bench: {argv:?}: {samples:?}");
     Ok(samples[samples.len() / 2])
-}
-
-/// pyperformance benchmarks run in-process by `bench/pyperf_subset.py`, with the loops that
-/// make each take roughly 0.1–0.3 s untraced here.
-const PYPERF_SUBSET: [(&str, u32); 6] = [
-    ("float", 1),
-    ("json_dumps", 10),
-    ("deltablue", 30),
-    ("raytrace", 1),
-    ("go", 1),
-    ("richards", 3),
-];
-
-/// Python workloads (a pyperformance subset and `bench/py_alloc.py`): run time untraced,
-/// under pyleak's default layers, with the pymalloc layer (with and without Python stacks),
-/// and under memray (default and `--trace-python-allocators`), as ratios; plus the cost of
-/// the Python stack capture per allocation.
-fn python_bench(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
-    let python = "/root/.pyenv/versions/3.12.1/bin/python3";
-    let venv = root().join("target/bench/venv");
-    let venv_python = venv.join("bin/python3");
-    let ready = || {
-        Command::new(&venv_python)
-            .args(["-c", "import memray, pyperformance"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !ready() {
-        // A venv copied from another checkout points at that checkout: make our own.
-        let _ = std::fs::remove_dir_all(&venv);
-        run_cmd(Command::new(python).arg("-m").arg("venv").arg(&venv))
-            .context("making the benchmark venv (pyenv 3.12.1)")?;
-        run_cmd(Command::new(&venv_python).args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "memray",
-            "pyperformance",
-        ]))
-        .context("installing memray and pyperformance into the benchmark venv")?;
-    }
-    let py = venv_python.to_string_lossy().into_owned();
-    let subset = root()
-        .join("bench/pyperf_subset.py")
-        .to_string_lossy()
-        .into_owned();
-    let py_alloc = root()
-        .join("bench/py_alloc.py")
-        .to_string_lossy()
-        .into_owned();
-    let json = root().join("target/bench/py.json");
-    let memray_out = root()
-        .join("target/bench/memray.bin")
-        .to_string_lossy()
-        .into_owned();
-    let pl = pyleak.to_string_lossy().into_owned();
-    let mut workloads: Vec<(String, Vec<String>)> = PYPERF_SUBSET
-        .iter()
-        .map(|(name, loops)| {
-            (
-                (*name).to_owned(),
-                vec![subset.clone(), (*name).to_owned(), loops.to_string()],
-            )
-        })
-        .collect();
-    workloads.push(("py_alloc.py".into(), vec![py_alloc]));
-    let strs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-    println!(
-        "\nPython workloads (pyperformance {} benchmark functions run in-process, and \
-         bench/py_alloc.py), CPython 3.12.1, in-script seconds, median of {} runs",
-        PYPERF_SUBSET.len(),
-        args.runs
-    );
-    println!(
-        "| workload | untraced s | pyleak libc,vm,pages | pyleak sampled pymalloc + libc,vm,pages | \
-         pyleak exact pymalloc (every layer) | pyleak exact, no Python stacks | memray | \
-         memray --trace-python-allocators | stack capture µs/alloc |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut logs = [0f64; 6];
-    for (name, script) in &workloads {
-        let target: Vec<String> = std::iter::once(py.clone())
-            .chain(script.iter().cloned())
-            .collect();
-        let pyleak_with = |extra: &[&str]| -> Vec<String> {
-            let mut v = strs(&[&pl, "record", "-q"]);
-            v.extend(strs(extra));
-            v.push("--".into());
-            v.extend(target.iter().cloned());
-            v
-        };
-        let memray_with = |extra: &[&str]| -> Vec<String> {
-            let mut v = strs(&[&py, "-m", "memray", "run", "-f", "-q"]);
-            v.extend(strs(extra));
-            v.extend(strs(&["-o", &memray_out]));
-            v.extend(script.iter().cloned());
-            v
-        };
-        let j = json.to_string_lossy().into_owned();
-        let modes = [
-            target.clone(),
-            pyleak_with(&["--layers", "libc,vm,pages"]),
-            pyleak_with(&[
-                "--layers",
-                "pymalloc,libc,vm,pages",
-                "--pymalloc",
-                "sampled",
-            ]),
-            pyleak_with(&["--layers", "all", "--pymalloc", "exact", "--json", &j]),
-            pyleak_with(&[
-                "--layers",
-                "all",
-                "--pymalloc",
-                "exact",
-                "--no-python-stacks",
-            ]),
-            memray_with(&[]),
-            memray_with(&["--trace-python-allocators"]),
-        ];
-        let mut t = Vec::new();
-        for argv in &modes {
-            t.push(median(argv, args.runs, seconds).with_context(|| format!("{name}: {argv:?}"))?);
-        }
-        // Allocations the pymalloc run recorded (each one captured a stack).
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json)?).context("pyleak JSON")?;
-        let allocs: f64 = ["pymalloc", "pymem_raw", "libc"]
-            .iter()
-            .filter_map(|l| report["layers"][*l]["allocs"].as_f64())
-            .sum();
-        let per_alloc_us = (t[3] - t[4]) / allocs.max(1.0) * 1e6;
-        for (k, l) in logs.iter_mut().enumerate() {
-            *l += (t[k + 1] / t[0]).ln();
-        }
-        println!(
-            "| {name} | {:.3} | {:.2}× | {:.2}× | {:.1}× | {:.1}× | {:.2}× | {:.2}× | {per_alloc_us:.2} |",
-            t[0],
-            t[1] / t[0],
-            t[2] / t[0],
-            t[3] / t[0],
-            t[4] / t[0],
-            t[5] / t[0],
-            t[6] / t[0],
-        );
-    }
-    let n = workloads.len() as f64;
-    let g: Vec<f64> = logs.iter().map(|l| (l / n).exp()).collect();
-    println!(
-        "| geometric mean | | {:.2}× | {:.2}× | {:.1}× | {:.1}× | {:.2}× | {:.2}× | |",
-        g[0], g[1], g[2], g[3], g[4], g[5]
-    );
-    Ok(())
 }
 
 /// Installs bpftrace from Debian's packages if needed; whether it is there.
@@ -381,6 +233,6 @@ fn ns_per_pair(argv: &[String]) -> anyhow::Result<f64> {
 }
 
 /// The Python workload's own run time.
-fn seconds(argv: &[String]) -> anyhow::Result<f64> {
+pub(crate) fn seconds(argv: &[String]) -> anyhow::Result<f64> {
     reported(argv, "seconds")
 }

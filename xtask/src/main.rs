@@ -2,6 +2,7 @@
 //! fresh machine (rust-src, bpf-linker, tracefs).
 
 mod bench;
+mod pybench;
 
 use std::{
     path::{Path, PathBuf},
