@@ -114,6 +114,11 @@ pub struct RecordArgs {
     /// Show the native frames under the Python ones (mixed stacks).
     #[arg(long)]
     pub native: bool,
+    /// Blame each suspect on the stack that allocated it as it is. By default, memory the
+    /// standard library or an installed package allocated (a Task inside asyncio.gather)
+    /// is blamed on the innermost frame of your own code, the full stacks kept in the JSON.
+    #[arg(long)]
+    pub no_group_libs: bool,
     /// No status line on stderr.
     #[arg(short, long)]
     pub quiet: bool,

@@ -409,7 +409,14 @@ fn finish(
         return Ok(0);
     }
     sampler.error?;
-    let mut facts = facts(&s.rec, &snap, &lock(&s.syms), &s.resolver, args.native);
+    let mut facts = facts(
+        &s.rec,
+        &snap,
+        &lock(&s.syms),
+        &s.resolver,
+        args.native,
+        sampler.peaks.clone(),
+    );
     if let Some(c) = &s.child {
         // The command started with the recording.
         facts.started_s.insert(c.pid, 0.0);
@@ -423,6 +430,7 @@ fn finish(
             duration_s,
             min_age_s: args.min_age,
             interval_s: args.interval,
+            group_libs: !args.no_group_libs,
         },
     );
     // The targets are frozen in the kernel: let the command go, take the uprobes out (one
@@ -517,6 +525,7 @@ fn facts(
     syms: &Symbolizer,
     py: &python::Resolver,
     native: bool,
+    peaks: crate::analysis::peak::Peaks,
 ) -> Facts {
     let mut pids: Vec<u32> = rec.targets.clone();
     pids.extend(snap.stacks.keys().map(|&(pid, _, _)| pid));
@@ -534,12 +543,17 @@ fn facts(
             )
         })
         .collect();
-    let stack_keys = snap.stacks.keys().map(|&(pid, _, id)| (pid, id)).chain(
-        rec.model
-            .procs
-            .iter()
-            .flat_map(|(&pid, p)| p.regions.values().map(move |r| (pid, r.stack_id))),
-    );
+    let stack_keys = snap
+        .stacks
+        .keys()
+        .map(|&(pid, _, id)| (pid, id))
+        .chain(
+            rec.model
+                .procs
+                .iter()
+                .flat_map(|(&pid, p)| p.regions.values().map(move |r| (pid, r.stack_id))),
+        )
+        .chain(peaks.stack_keys());
     let mut page_kinds = std::collections::HashMap::new();
     for (&pid, p) in &rec.model.procs {
         for &addr in p.pages.keys() {
@@ -579,5 +593,6 @@ fn facts(
         frames: frames_of_all(rec, syms, py, native, stack_keys),
         started_s: std::collections::HashMap::new(),
         page_kinds,
+        peaks,
     }
 }

@@ -17,6 +17,7 @@ use crate::{
         growing::{top_growing, GrowingStack},
         growth::Timeline,
         growth_noise,
+        peak::Peaks,
     },
     collect::{frames::frames_of, Recorder, StackSlot},
     errors::UserError,
@@ -32,6 +33,8 @@ const TOP_GROWING: usize = 10;
 pub struct Sampler {
     /// Every sample so far (bounded).
     pub timeline: Timeline<StackSlot>,
+    /// Each layer's highest sample so far.
+    pub peaks: Peaks,
     /// Time between samples.
     pub interval: Duration,
     /// How the recording is shown.
@@ -61,6 +64,7 @@ impl Sampler {
         Sampler {
             started,
             timeline: Timeline::default(),
+            peaks: Peaks::default(),
             interval,
             view,
             error: Ok(()),
@@ -102,6 +106,7 @@ impl Sampler {
         for (&(_, layer, _), &bytes) in &live {
             *layers.entry(layer.name()).or_default() += bytes;
         }
+        self.peaks.record(t, &live);
         self.timeline.record(t, live);
         if self.view == View::Top || self.out.is_some() {
             let (native, cache) = (self.native, &mut self.frames);

@@ -5,6 +5,7 @@
 
 pub mod drawn;
 pub mod folded;
+mod held;
 pub mod pprof;
 pub mod speedscope;
 pub mod svg;
