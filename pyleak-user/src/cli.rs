@@ -28,6 +28,10 @@ pub enum Command {
     /// Render a saved JSON report again, in any output format (text, JSON, folded, SVG,
     /// pprof, speedscope); needs no privileges.
     Report(ReportArgs),
+    /// Count a Python process's live objects by type, from outside (reading its memory,
+    /// no probes), and name the globals, class attributes and closure variables that hold
+    /// the fastest-growing ones.
+    Census(crate::census::CensusArgs),
 }
 
 /// `pyleak report`.
@@ -107,9 +111,20 @@ pub struct RecordArgs {
     /// for runs of days.
     #[arg(long, value_name = "FILE")]
     pub snapshots: Option<PathBuf>,
+    /// Take a heap census (as `pyleak census`) of each Python target at every --interval
+    /// sample and at the end: the report gains a `census` section (live objects by type,
+    /// their growth, and the globals, class attributes, closures and thread locals that
+    /// hold them). --pid and command targets.
+    #[arg(long)]
+    pub census: bool,
     /// Show the native frames under the Python ones (mixed stacks).
     #[arg(long)]
     pub native: bool,
+    /// Blame each suspect on the stack that allocated it as it is. By default, memory the
+    /// standard library or an installed package allocated (a Task inside asyncio.gather)
+    /// is blamed on the innermost frame of your own code, the full stacks kept in the JSON.
+    #[arg(long)]
+    pub no_group_libs: bool,
     /// No status line on stderr.
     #[arg(short, long)]
     pub quiet: bool,

@@ -72,6 +72,41 @@ pub enum UserError {
     /// Neither `--pid` nor a command.
     #[error("nothing to trace: give `--pid PID`, `--cgroup PATH`, `--container ID`, `--all` or `-- COMMAND ARGS...`")]
     NoTarget,
+    /// `census --pid` names a process that runs no CPython.
+    #[error("process {0} runs no CPython (no _PyRuntime in the files it maps): give the PID of a Python 3.8-3.13 process")]
+    NotPython(u32),
+    /// `census --pid` names a CPython whose heap pyleak cannot read.
+    #[error("process {pid} runs CPython {version}, whose heap pyleak cannot read: census supports CPython 3.8-3.13 (GIL builds)")]
+    CensusUnsupported {
+        /// The process.
+        pid: u32,
+        /// The version found (`3.14`, `3.7`, `3.13t (free-threaded)`).
+        version: String,
+    },
+    /// Its memory cannot be read (not root, or another user's process under Yama).
+    #[error("cannot read the memory of process {0}: run pyleak as root (census reads it with process_vm_readv)")]
+    MemoryUnreadable(u32),
+    /// The process exited between censuses or during one.
+    #[error("process {pid} exited during census {at} of {count}: nothing to report; run the census while it runs")]
+    ExitedDuringCensus {
+        /// The process.
+        pid: u32,
+        /// Which census (1-based).
+        at: u32,
+        /// How many were asked for.
+        count: u32,
+    },
+    /// The interpreter's state is not readable (starting up, shutting down).
+    #[error("process {pid}: {what}: try again once it runs Python code")]
+    NoInterpreter {
+        /// The process.
+        pid: u32,
+        /// What was missing.
+        what: String,
+    },
+    /// `--count 0`.
+    #[error("--count must be 1 or more censuses, not {0}: e.g. `--count 3`")]
+    BadCount(u32),
     /// `--pid` and a command together.
     #[error("give either `--pid` or `-- COMMAND`, not both")]
     PidAndCommand,

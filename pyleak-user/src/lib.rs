@@ -4,6 +4,7 @@
 
 mod analysis;
 mod attach;
+mod census;
 mod cli;
 mod collect;
 mod errors;
@@ -38,6 +39,7 @@ pub fn main() -> ! {
         cli::Command::Record(args) => record::run(args, record::View::StatusLine),
         cli::Command::Top(args) => record::run(args, record::View::Top),
         cli::Command::Report(args) => report::rerender(&args.input, &args.out),
+        cli::Command::Census(args) => census::run(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

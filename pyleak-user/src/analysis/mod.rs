@@ -4,10 +4,14 @@
 //! suspects), which `report` and `live` only render. Growth maths in `growth`, the
 //! suspects' order in `rank`.
 
+mod blame;
 pub mod growing;
 pub mod growth;
 pub mod model;
+pub mod peak;
 mod rank;
+pub mod retention;
+mod suspects;
 #[cfg(test)]
 mod tests;
 
@@ -16,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use hdrhistogram::Histogram;
 use pyleak_common::{bucket_low, Layer, HIST_BUCKETS};
 
-use self::growth::{Growth, Timeline, Trend};
+use self::growth::{Growth, Timeline};
 pub use self::model::*;
 pub use self::rank::{growth_noise, layer_named, rank};
 use crate::collect::{
@@ -47,16 +51,12 @@ pub struct Facts {
     /// The kind of mapping of each resident page (pid, address) outside every mapping the
     /// vm layer saw made (the heap, a stack, a file); anonymous if absent.
     pub page_kinds: HashMap<(u32, u64), MappingKind>,
+    /// The highest growth sample of each layer.
+    pub peaks: peak::Peaks,
 }
 
 /// Memory made this soon (seconds) after its process started can be start-up memory.
 pub const STARTUP_S: f64 = 1.0;
-
-/// Whether a suspect's stack is the interpreter's own or an import's: no Python frame, or
-/// a frame of importlib's (`<frozen importlib._bootstrap>`).
-fn is_startup(s: &Suspect) -> bool {
-    s.native_frames >= s.frames.len() || s.frames.iter().any(|f| f.contains("<frozen importlib"))
-}
 
 impl Facts {
     /// The frames of one stack; `[stack lost]` when they are not known.
@@ -81,6 +81,9 @@ pub struct Options {
     pub min_age_s: f64,
     /// Seconds between growth samples.
     pub interval_s: f64,
+    /// Blame memory library code allocated on the innermost frame of the user's own code
+    /// (off with `--no-group-libs`).
+    pub group_libs: bool,
 }
 
 /// Suspects listed at most.
@@ -232,19 +235,7 @@ pub fn analyze(
         r.frees += agg.frees;
         r.freed_bytes += agg.freed_bytes;
         if let Some(a) = snap.ages.get(&(pid, layer, stack_id)) {
-            let row = &mut ages[i];
-            row.aged_bytes += a.aged_bytes;
-            row.aged_count += a.aged_count;
-            row.oldest_ns = row.oldest_ns.max(a.oldest_ns);
-            if a.count > 0 {
-                row.youngest_ns = if row.count == 0 {
-                    a.youngest_ns
-                } else {
-                    row.youngest_ns.min(a.youngest_ns)
-                };
-            }
-            row.bytes += a.bytes;
-            row.count += a.count;
+            suspects::merge_ages(&mut ages[i], a);
         }
     }
     let series = timeline.grouped(|k| row_of_key.get(k).copied());
@@ -287,7 +278,10 @@ pub fn analyze(
                     .or_default() += r.end - start;
             }
         }
-        for &addr in p.pages.keys() {
+        for (&addr, page) in &p.pages {
+            if page.bulk {
+                linkage.resident_bulk_bytes += PAGE;
+            }
             let kind = match p.region_at(addr) {
                 Some(r) => r.kind(),
                 None => facts
@@ -310,69 +304,18 @@ pub fn analyze(
             Some(linkage.arena_bytes as f64 / linkage.pymalloc_small_live_bytes as f64);
     }
 
-    let mut by_frames: HashMap<(u32, &[String]), SuspectLinkage> = HashMap::new();
-    for r in &rows {
-        let l = by_frames.entry((r.pid, &r.frames)).or_default();
-        match layer_named(&r.layer) {
-            Some(Layer::Pymalloc) => l.pymalloc_live_bytes += r.live_bytes,
-            Some(Layer::PymemRaw) => l.pymem_raw_live_bytes += r.live_bytes,
-            Some(Layer::Libc) => l.libc_live_bytes += r.live_bytes,
-            Some(Layer::Vm) => l.vm_live_bytes += r.live_bytes,
-            Some(Layer::Pages) => l.resident_bytes += r.live_bytes,
-            None => {}
-        }
-    }
-    let mut suspects: Vec<Suspect> = Vec::new();
-    // Age of each suspect's youngest block, seconds, by (pid, layer, frames).
-    let mut youngest: HashMap<(u32, String, Vec<String>), f64> = HashMap::new();
-    for (i, r) in rows.iter().enumerate() {
-        let (a, g) = (ages[i], growth[i]);
-        // vm and pages rows qualify by aged memory only: their growth is mostly malloc's
-        // and pymalloc's, whose own layers say whether blocks are leaking.
-        let uprobe_layer = layer_named(&r.layer).is_none_or(Layer::is_uprobed);
-        if a.aged_bytes == 0 && !(g.trend == Trend::Growing && uprobe_layer) {
-            continue;
-        }
-        let mut link = by_frames
-            .get(&(r.pid, r.frames.as_slice()))
-            .cloned()
-            .unwrap_or_default();
-        link.arena_bytes = arenas_by_stack
-            .get(&(r.pid, r.frames.clone()))
-            .copied()
-            .unwrap_or(0);
-        youngest.insert(
-            (r.pid, r.layer.clone(), r.frames.clone()),
-            a.youngest_ns as f64 / 1e9,
-        );
-        suspects.push(Suspect {
-            layer: r.layer.clone(),
-            pid: r.pid,
-            frames: r.frames.clone(),
-            native_frames: r.native_frames,
-            // Of vm and pages, the memory that can be a suspect (see `Snapshot::ages`).
-            live_bytes: if uprobe_layer { r.live_bytes } else { a.bytes },
-            live_count: if uprobe_layer { r.live_count } else { a.count },
-            aged_live_bytes: a.aged_bytes,
-            aged_live_count: a.aged_count,
-            growth_bytes_per_s: g.bytes_per_s,
-            overall_growth_bytes_per_s: g.overall_bytes_per_s,
-            steadiness: g.steadiness,
-            trend: g.trend,
-            oldest_age_s: a.oldest_ns as f64 / 1e9,
-            linkage: link,
-            estimate: r.estimate,
-        });
-    }
-    // Interpreter start-up and imports: memory a Python process made in its first moments
-    // and kept, flat, is what every run of it holds; listed apart, not ranked.
-    let (mut startup, mut suspects): (Vec<Suspect>, Vec<Suspect>) =
-        suspects.into_iter().partition(|s| {
-            let made_s = facts.started_s.get(&s.pid).map(|&start| {
-                opts.duration_s - start - youngest[&(s.pid, s.layer.clone(), s.frames.clone())]
-            });
-            made_s.is_some_and(|t| t <= STARTUP_S) && s.trend != Trend::Growing && is_startup(s)
-        });
+    let (mut suspects, mut startup) = suspects::suspects(
+        &rows,
+        &suspects::Inputs {
+            ages: &ages,
+            row_of_key: &row_of_key,
+            timeline,
+            noise,
+            arenas_by_stack: &arenas_by_stack,
+            started_s: &facts.started_s,
+        },
+        opts,
+    );
     rank(&mut suspects);
     suspects.truncate(MAX_SUSPECTS);
     startup.sort_by(|a, b| {
@@ -436,6 +379,9 @@ pub fn analyze(
         probes_attach_s: facts.probes_attach_s,
         // Set once the probes are detached, after the analysis.
         probes_detach_s: 0.0,
+        census: None,
+        retention: retention::retention(snap, model, facts),
+        peak: peak::peaks(facts),
         linkage,
         sampled_pymalloc: snap.sampled.as_ref().map(|sp| SampledReport {
             mode: "sampled".to_owned(),

@@ -50,6 +50,13 @@ pub struct Analysis {
     /// The layers linked: what Python asked for, what pymalloc, malloc and the kernel hold.
     #[serde(default)]
     pub linkage: Linkage,
+    /// Allocator retention: resident pages malloc and pymalloc keep that no live block
+    /// accounts for, per (process, mapping kind), most retained first. Not leaks.
+    #[serde(default)]
+    pub retention: Vec<Retention>,
+    /// Per layer, the growth sample at which the most was live, and who held it.
+    #[serde(default)]
+    pub peak: Vec<Peak>,
     /// How the uprobes were placed: `multi-uprobe` (one link per program and file) or
     /// `perf-event` (one per probe, on kernels without multi-uprobe links).
     #[serde(default)]
@@ -60,6 +67,10 @@ pub struct Analysis {
     /// Seconds pyleak spent detaching its uprobes at the end, measured by itself.
     #[serde(default)]
     pub probes_detach_s: f64,
+    /// `record --census`: per Python target, its heap censuses, type growth and holders
+    /// (the shape of `pyleak census --json`); absent without `--census`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census: Option<serde_json::Value>,
     /// Sampled pymalloc tracing, when on: the pymalloc figures are then estimates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_pymalloc: Option<SampledReport>,
@@ -147,6 +158,37 @@ pub struct Suspect {
     /// Sampled pymalloc tracing: the estimate behind `live_bytes` (absent when exact).
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     pub estimate: Option<Estimate>,
+    /// `record --census`, pymalloc suspects: the holders through which its live blocks are
+    /// reached in the last census, most bytes first (absent otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_by: Vec<HeldBy>,
+    /// When library code made the memory (`frames` then end at the innermost frame of the
+    /// user's own code): the full stacks blamed on it, most live bytes first (at most 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub full_stacks: Vec<FullStack>,
+}
+
+/// Some of a suspect's live blocks, and the holder (a census's) that keeps them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldBy {
+    /// The holder's names from the root (`["__main__", "REGISTRY"]`).
+    pub path: Vec<String>,
+    /// Blocks.
+    pub count: u64,
+    /// Their requested bytes.
+    pub bytes: u64,
+}
+
+/// A full stack (library frames included) that a suspect groups.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FullStack {
+    /// Frames, root first (as in [`StackReport`]).
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native.
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Its live bytes.
+    pub live_bytes: u64,
 }
 
 /// One stack's memory at every layer.
@@ -196,6 +238,76 @@ pub struct Linkage {
     pub resident_bytes: u64,
     /// Those pages by the kind of mapping they are in.
     pub resident_by_kind: BTreeMap<String, u64>,
+    /// Of the resident bytes, those the kernel mapped along with another page's fault
+    /// (fault-around on a file, a transparent huge page), found by reading page tables.
+    #[serde(default)]
+    pub resident_bulk_bytes: u64,
+}
+
+/// Pages one allocator keeps resident in one process (JSON `retention`): faulted in while
+/// tracing and still resident, and what of them live blocks account for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Retention {
+    /// Process id.
+    pub pid: u32,
+    /// Mapping kind: `malloc_heap` (the break), `malloc_arena` (threads' arenas),
+    /// `malloc_mmap` (big blocks) or `pymalloc_arena`.
+    pub kind: String,
+    /// Resident bytes (whole pages).
+    pub resident_bytes: u64,
+    /// Of those, bytes live blocks lie on (malloc's blocks; pymalloc's small ones).
+    pub used_bytes: u64,
+    /// Whether `used_bytes` is an estimate (pymalloc arenas under sampled tracing).
+    #[serde(default)]
+    pub used_estimated: bool,
+    /// `resident_bytes - used_bytes`: what the allocator keeps for reuse.
+    pub retained_bytes: u64,
+    /// The stacks that faulted the pages in, most bytes first (at most 3).
+    pub stacks: Vec<RetentionStack>,
+    /// What would give the pages back.
+    pub gives_back: String,
+}
+
+/// A stack that faulted in pages an allocator keeps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RetentionStack {
+    /// Frames, root first (as in [`StackReport`]).
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native.
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Resident bytes it faulted in, of this kind.
+    pub resident_bytes: u64,
+}
+
+/// The growth sample at which one layer held the most (JSON `peak`): taken every
+/// `interval_s`, so a spike shorter than that can fall between two samples.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Peak {
+    /// Layer name.
+    pub layer: String,
+    /// Seconds into the recording.
+    pub t_s: f64,
+    /// The layer's live bytes then (pymalloc under sampled tracing: an estimate).
+    pub live_bytes: u64,
+    /// Every layer's live bytes then, by layer name.
+    pub layers_then: BTreeMap<String, u64>,
+    /// The stacks that held the most of the layer then, most first (at most 5).
+    pub stacks: Vec<PeakStack>,
+}
+
+/// A stack's live bytes at a peak.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeakStack {
+    /// Process id.
+    pub pid: u32,
+    /// Frames, root first (as in [`StackReport`]).
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native.
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Its live bytes then.
+    pub live_bytes: u64,
 }
 
 /// A traced process.

@@ -137,6 +137,11 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
         ages,
         pymalloc_small_live: 512 * 1024,
         libc_for_python_live: 2 * MIB,
+        // Live blocks cover half the arena's resident pages and 100 bytes of the heap's.
+        used_on_pages: (0..64)
+            .map(|i| ((PID, 0x100000 + i * PAGE), PAGE))
+            .chain([((PID, 0x900000), 100)])
+            .collect(),
     };
 
     // An arena pymalloc mapped for the leak, half resident; a mapping made by hand, with
@@ -171,7 +176,7 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
         "main (/srv/app.py:56)",
         "leak (/srv/app.py:26)",
     ];
-    let facts = Facts {
+    let mut facts = Facts {
         targets: vec![PID],
         processes: HashMap::from([(
             PID,
@@ -223,18 +228,22 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
         probes_attach_s: 0.25,
         started_s: HashMap::from([(PID, 0.0)]),
         page_kinds: HashMap::from([((PID, 0x900000), MappingKind::MallocHeap)]),
+        peaks: Default::default(),
     };
 
     // The leak grows 100 KiB a second, steadily; the churn stays flat.
     let mut timeline = Timeline::default();
     for i in 0..10u64 {
-        timeline.record(
-            i as f64,
-            [
-                ((PID, Layer::Pymalloc, LEAK), 2 * MIB + i * 100 * 1024),
-                ((PID, Layer::Pymalloc, CHURN), 64 * 1024),
-            ],
-        );
+        let sample = HashMap::from([
+            ((PID, Layer::Pymalloc, LEAK), 2 * MIB + i * 100 * 1024),
+            // The churn held 4 MiB at 3 s: the peak.
+            (
+                (PID, Layer::Pymalloc, CHURN),
+                if i == 3 { 4 * MIB } else { 64 * 1024 },
+            ),
+        ]);
+        facts.peaks.record(i as f64, &sample);
+        timeline.record(i as f64, sample);
     }
     (snap, model, facts, timeline)
 }
@@ -250,6 +259,7 @@ fn analysis() -> Analysis {
             duration_s: 10.0,
             min_age_s: 1.0,
             interval_s: 1.0,
+            group_libs: true,
         },
     )
 }
@@ -376,6 +386,7 @@ fn start_up_memory_is_listed_apart_not_ranked() {
         duration_s: 10.0,
         min_age_s: 1.0,
         interval_s: 1.0,
+        group_libs: true,
     };
     let attached = analyze(&snap, &model, &facts, &timeline, opts);
     assert!(attached.startup.is_empty());
@@ -392,4 +403,114 @@ fn start_up_memory_is_listed_apart_not_ranked() {
         },
     );
     assert!(late.startup.is_empty(), "made 10 s in: not start-up");
+}
+
+#[test]
+fn allocator_retention_is_resident_minus_used_per_kind_with_its_stacks() {
+    let r = analysis().retention;
+    let kinds: Vec<(&str, u64, u64, u64)> = r
+        .iter()
+        .map(|r| {
+            (
+                r.kind.as_str(),
+                r.resident_bytes,
+                r.used_bytes,
+                r.retained_bytes,
+            )
+        })
+        .collect();
+    // The hand-made anonymous mapping is no allocator's: not retention.
+    assert_eq!(
+        kinds,
+        [
+            ("pymalloc_arena", 128 * PAGE, 64 * PAGE, 64 * PAGE),
+            ("malloc_heap", PAGE, 100, PAGE - 100),
+        ]
+    );
+    assert_eq!(
+        r[0].stacks[0].frames.last().unwrap(),
+        "leak (/srv/app.py:26)"
+    );
+    assert_eq!(r[0].stacks[0].resident_bytes, 128 * PAGE);
+    assert!(r[1].gives_back.contains("malloc_trim"));
+    assert!(!r[0].used_estimated);
+}
+
+#[test]
+fn the_peak_is_the_highest_sample_with_the_stacks_that_held_it() {
+    let a = analysis();
+    assert_eq!(a.peak.len(), 1);
+    let p = &a.peak[0];
+    // The churn's 4 MiB at 3 s beat the leak's last sample (2 MiB + 900 KiB).
+    assert_eq!((p.layer.as_str(), p.t_s), ("pymalloc", 3.0));
+    assert_eq!(p.live_bytes, 4 * MIB + 2 * MIB + 300 * 1024);
+    assert_eq!(p.stacks[0].frames.last().unwrap(), "churn (/srv/app.py:40)");
+    assert_eq!(p.stacks[0].live_bytes, 4 * MIB);
+    assert_eq!(p.stacks[1].frames.last().unwrap(), "leak (/srv/app.py:26)");
+    assert_eq!(p.layers_then["pymalloc"], p.live_bytes);
+}
+
+#[test]
+fn memory_a_library_allocated_is_blamed_on_the_users_line_unless_asked_not_to() {
+    let (mut snap, model, mut facts, timeline) = recording();
+    // 3 MiB in tasks made inside asyncio.gather, called from the user's serve().
+    const TASKS: u64 = 50;
+    snap.stacks.insert(
+        (PID, Layer::Pymalloc, TASKS),
+        StackAgg {
+            allocs: 3000,
+            alloc_bytes: 3 * MIB,
+            ..StackAgg::default()
+        },
+    );
+    snap.ages.insert(
+        (PID, Layer::Pymalloc, TASKS),
+        aged(3 * MIB, 3000, 3 * MIB, 3000, 9),
+    );
+    let user = ["<module> (/srv/app.py:73)", "serve (/srv/app.py:26)"];
+    let full = [
+        user[0],
+        user[1],
+        "gather (/usr/lib/python3.12/asyncio/tasks.py:831)",
+        "BaseEventLoop.create_task (/usr/lib/python3.12/asyncio/base_events.py:456)",
+    ];
+    facts.frames.insert((PID, TASKS), py(&full));
+    let opts = Options {
+        duration_s: 10.0,
+        min_age_s: 1.0,
+        interval_s: 1.0,
+        group_libs: true,
+    };
+    let a = analyze(&snap, &model, &facts, &timeline, opts);
+    let s = a
+        .suspects
+        .iter()
+        .find(|s| s.frames.last().unwrap() == "serve (/srv/app.py:26)")
+        .expect("blamed on serve");
+    assert_eq!((s.live_bytes, s.live_count), (3 * MIB, 3000));
+    assert_eq!(s.full_stacks.len(), 1);
+    assert_eq!(s.full_stacks[0].frames, full);
+    assert!(!a
+        .suspects
+        .iter()
+        .any(|s| s.frames.last().unwrap().contains("asyncio")));
+    // The stacks themselves stay whole.
+    assert!(a.stacks.iter().any(|r| r.frames == full));
+    let asis = analyze(
+        &snap,
+        &model,
+        &facts,
+        &timeline,
+        Options {
+            group_libs: false,
+            ..opts
+        },
+    );
+    let s = asis
+        .suspects
+        .iter()
+        .find(|s| s.live_bytes == 3 * MIB && s.layer == "pymalloc")
+        .expect("the tasks' suspect");
+    assert_eq!(s.frames, full);
+    assert!(s.full_stacks.is_empty());
 }

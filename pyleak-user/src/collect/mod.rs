@@ -1,6 +1,7 @@
 //! Loading the probes, attaching them to targets, and reading back what they gathered.
 
 mod budget;
+pub mod bulk;
 pub mod frames;
 mod read;
 mod snapshot;
@@ -91,6 +92,8 @@ pub struct Recorder {
     book: window::SampleBook,
     /// The vm and pages layers.
     pub model: VmModel,
+    /// Where the bulk pass reads page tables (`bulk`).
+    page_table: bulk::ProcPageTable,
     /// Traced processes, in the order they were added.
     pub targets: Vec<u32>,
     /// Probes attached, for the report.
@@ -270,6 +273,7 @@ impl Recorder {
             windows: sampled.then(Windows::default),
             book: window::SampleBook::default(),
             model: VmModel::default(),
+            page_table: bulk::ProcPageTable::default(),
             targets: Vec::new(),
             probes: Vec::new(),
             comms: HashMap::new(),
@@ -516,13 +520,23 @@ impl Recorder {
                 } else {
                     if ev.kind == VmKind::Exec as u32 {
                         self.execs.push(ev.tgid);
+                        self.page_table.forget(ev.tgid);
                     }
                     self.model.apply(&ev);
                 }
             }
             n += 1;
         }
+        if !self.model.bulk_pending.is_empty() {
+            bulk::pass(&mut self.model, &mut self.page_table, Some(monotonic_ns()));
+        }
         n
+    }
+
+    /// Looks around every fault not looked at yet (`bulk`), young ones included: for the
+    /// end of a recording, once the targets are frozen.
+    pub fn settle_bulk_pages(&mut self) {
+        bulk::pass(&mut self.model, &mut self.page_table, None);
     }
 
     /// The ring buffer, to wait on.

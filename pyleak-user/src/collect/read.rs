@@ -13,6 +13,9 @@ use pyleak_common::{
 
 use super::{monotonic_ns, table, vm, Ages, Recorder, Snapshot, StackSlot, PYMALLOC_SMALL_REQUEST};
 
+/// (blocks, requested bytes) per (process, stack, key): see `Recorder::live_blocks_by`.
+pub type BlocksBy<K> = HashMap<(u32, u64, K), (u64, u64)>;
+
 /// The error of a map missing from the object.
 fn missing(name: &str) -> String {
     format!("map {name} missing")
@@ -130,10 +133,50 @@ impl Recorder {
             .unwrap_or(now)
     }
 
+    /// Live blocks of `layer` that `key` knows by (process, address), counted and summed
+    /// (requested bytes) per (process, stack, key). Read when the targets are frozen.
+    pub fn live_blocks_by<K: std::hash::Hash + Eq>(
+        &self,
+        layer: Layer,
+        mut key: impl FnMut(u32, u64) -> Option<K>,
+    ) -> anyhow::Result<BlocksBy<K>> {
+        let mut out: BlocksBy<K> = HashMap::new();
+        let mut add = |k: AllocKey, block: LiveAlloc| {
+            if Layer::from_u32(k.layer) != Some(layer) {
+                return;
+            }
+            if let Some(h) = key(k.tgid, k.addr) {
+                let e = out.entry((k.tgid, block.stack_id, h)).or_default();
+                e.0 += 1;
+                e.1 += block.size;
+            }
+        };
+        table::for_each_live(
+            self.ebpf
+                .map(names::LIVE_KEYS)
+                .context(missing(names::LIVE_KEYS))?,
+            self.ebpf
+                .map(names::LIVE_VALS)
+                .context(missing(names::LIVE_VALS))?,
+            &mut add,
+        )?;
+        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
+            self.ebpf
+                .map(names::LIVE_ALLOCS)
+                .context(missing(names::LIVE_ALLOCS))?,
+        )?;
+        for entry in overflow.iter() {
+            let Ok((k, block)) = entry else { break };
+            add(k, block);
+        }
+        Ok(out)
+    }
+
     /// Reads everything the kernel gathered; blocks younger than `min_age_ns` at the end
     /// are live but not aged.
     pub fn snapshot(&mut self, min_age_ns: u64) -> anyhow::Result<Snapshot> {
         self.drain();
+        self.settle_bulk_pages();
         let now = monotonic_ns();
         let layer_stats = self.layer_stats()?;
         let size_hist = self.histograms(names::SIZE_HIST)?;
@@ -141,10 +184,19 @@ impl Recorder {
         let mut ages: HashMap<(u32, Layer, u64), Ages> = HashMap::new();
         let (mut pymalloc_small_live, mut libc_for_python_live) = (0, 0);
         let mut ends: HashMap<u32, u64> = HashMap::new();
+        // Blocks that sit in memory their allocator mapped itself: malloc's, and pymalloc's
+        // small ones (in its arenas). A PyMem_Raw block or a big pymalloc request is the
+        // malloc block under it, counted once as malloc's.
+        let mut held: Vec<(u32, u64, u64)> = Vec::new();
         let mut add = |key: AllocKey, block: LiveAlloc| {
             let Some(layer) = Layer::from_u32(key.layer) else {
                 return;
             };
+            if layer == Layer::Libc
+                || (layer == Layer::Pymalloc && block.size <= PYMALLOC_SMALL_REQUEST)
+            {
+                held.push((key.tgid, key.addr, block.size));
+            }
             let end = *ends
                 .entry(key.tgid)
                 .or_insert_with(|| self.end_ns(key.tgid, now));
@@ -207,6 +259,7 @@ impl Recorder {
                     .add(vm::PAGE, end.saturating_sub(page.ts_ns), min_age_ns);
             }
         }
+        let used_on_pages = used_on_pages(&self.model, &held);
         let mut stacks = self.stack_stats()?;
         for (&key, agg) in &self.model.stacks {
             stacks.insert(key, *agg);
@@ -227,6 +280,7 @@ impl Recorder {
             ages,
             pymalloc_small_live,
             libc_for_python_live,
+            used_on_pages,
             sampled: None,
         };
         self.apply_estimates(&mut snap);
@@ -239,4 +293,23 @@ impl Recorder {
             BpfHashMap::try_from(self.ebpf.map(names::STACKS)?).ok()?;
         stacks.get(&id, 0).ok()
     }
+}
+
+/// Bytes of the live blocks `held` (pid, address, size) that lie on each page the vm model
+/// counts resident, by (pid, page address): what of a resident page an allocator's live
+/// blocks account for.
+pub fn used_on_pages(model: &vm::VmModel, held: &[(u32, u64, u64)]) -> HashMap<(u32, u64), u64> {
+    let mut out: HashMap<(u32, u64), u64> = HashMap::new();
+    for &(pid, addr, size) in held {
+        let Some(p) = model.procs.get(&pid) else {
+            continue;
+        };
+        let end = addr.saturating_add(size);
+        let first = addr & !(vm::PAGE - 1);
+        for (&page, _) in p.pages.range(first..end) {
+            let used = end.min(page + vm::PAGE) - addr.max(page);
+            *out.entry((pid, page)).or_default() += used;
+        }
+    }
+    out
 }

@@ -24,6 +24,9 @@ pub struct Snapshot {
     pub pymalloc_small_live: u64,
     /// Live libc bytes allocated on behalf of pymalloc or PyMem_Raw.
     pub libc_for_python_live: u64,
+    /// Per (pid, page address) of the pages the vm model counts resident: bytes of live
+    /// malloc blocks and small pymalloc blocks on it (sampled pymalloc: its samples only).
+    pub used_on_pages: HashMap<(u32, u64), u64>,
     /// With sampled pymalloc tracing: its windows, samples and estimates (the pymalloc
     /// figures above are then estimates for the whole recording).
     pub sampled: Option<super::window::SampledPymalloc>,

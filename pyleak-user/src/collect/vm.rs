@@ -36,6 +36,8 @@ pub struct Region {
     pub origin: Origin,
     /// Its length when it was made (an arena is mapped whole).
     pub made_len: u64,
+    /// What `mmap` was asked for: `prot << 32 | flags` (0 for the break).
+    pub map_arg: u64,
 }
 
 /// How a mapping came to be.
@@ -56,7 +58,11 @@ pub enum MappingKind {
     PymallocArena,
     /// malloc's main heap (the break).
     MallocHeap,
-    /// Mappings malloc made (big blocks, the heaps of its other arenas).
+    /// The heaps of malloc's other arenas (threads' arenas): reserved by glibc's
+    /// `new_heap` as `HEAP_MAX_SIZE`-aligned, `PROT_NONE`, `MAP_NORESERVE` mappings and
+    /// made accessible as they grow.
+    MallocArena,
+    /// Mappings malloc made for big blocks (its `mmap` threshold and above).
     MallocMmap,
     /// A file mapping.
     File,
@@ -72,6 +78,7 @@ impl MappingKind {
         match self {
             MappingKind::PymallocArena => "pymalloc_arena",
             MappingKind::MallocHeap => "malloc_heap",
+            MappingKind::MallocArena => "malloc_arena",
             MappingKind::MallocMmap => "malloc_mmap",
             MappingKind::File => "file",
             MappingKind::Stack => "stack",
@@ -83,13 +90,42 @@ impl MappingKind {
 /// pymalloc's arena sizes: 256 KiB before CPython 3.10, 1 MiB from 3.10 (64-bit).
 pub const ARENA_SIZES: [u64; 2] = [256 << 10, 1 << 20];
 
+/// glibc's `HEAP_MAX_SIZE` on 64-bit: `2 * DEFAULT_MMAP_THRESHOLD_MAX` = 64 MiB
+/// (`malloc/arena.c`, `malloc/malloc.c`). `new_heap` maps twice that and unmaps the
+/// unaligned ends, or maps one heap at the last heap's end.
+pub const MALLOC_HEAP_MAX: u64 = 64 << 20;
+/// `PROT_NONE` is 0; prot sits in the high half of [`Region::map_arg`].
+const PROT_MASK: u64 = 0xffff_ffff << 32;
+/// `MAP_FIXED`.
+const MAP_FIXED: u64 = 0x10;
+/// `MAP_NORESERVE`.
+const MAP_NORESERVE: u64 = 0x4000;
+/// `MAP_STACK`: glibc's `allocate_stack` maps each thread's stack with it (and keeps
+/// exited threads' stacks in a cache for the next thread).
+const MAP_STACK: u64 = 0x20000;
+
 impl Region {
+    /// Whether this is a heap of one of malloc's thread arenas: an anonymous
+    /// `PROT_NONE | MAP_NORESERVE` reservation of one or two `HEAP_MAX_SIZE` (glibc's
+    /// `alloc_new_heap`), or a `MAP_FIXED` `PROT_NONE` piece laid over one when it shrinks
+    /// (`shrink_heap`). glibc makes the first heap of a thread's arena inside the thread's
+    /// first `free` or `malloc` call, so the mapping's shape is what tells, not the call.
+    fn is_malloc_heap_reservation(&self) -> bool {
+        let noreserve_none = self.map_arg & PROT_MASK == 0 && self.map_arg & MAP_NORESERVE != 0;
+        noreserve_none
+            && (self.made_len == MALLOC_HEAP_MAX
+                || self.made_len == 2 * MALLOC_HEAP_MAX
+                || self.map_arg & MAP_FIXED != 0)
+    }
+
     /// What the mapping holds, when pyleak saw it made.
     pub fn kind(&self) -> MappingKind {
         let for_python = self.flags & (FLAG_FOR_PYMALLOC | FLAG_FOR_PYMEM_RAW) != 0;
         match self.origin {
             Origin::Brk => MappingKind::MallocHeap,
             Origin::File => MappingKind::File,
+            Origin::Anonymous if self.is_malloc_heap_reservation() => MappingKind::MallocArena,
+            Origin::Anonymous if self.map_arg & MAP_STACK != 0 => MappingKind::Stack,
             Origin::Anonymous
                 if self.flags == FLAG_FOR_PYMALLOC && ARENA_SIZES.contains(&self.made_len) =>
             {
@@ -116,6 +152,9 @@ pub struct Page {
     pub stack_id: u64,
     /// When it was faulted in.
     pub ts_ns: u64,
+    /// Mapped by the kernel along with another page's fault (fault-around on a file
+    /// mapping, a transparent huge page), found by a later pass (`collect::bulk`).
+    pub bulk: bool,
 }
 
 /// One process's mappings and pages.
@@ -201,8 +240,23 @@ pub struct VmModel {
     pub vm_lifetimes: Histogram<u64>,
     /// Lifetimes of released pages, µs.
     pub page_lifetimes: Histogram<u64>,
+    /// Faults whose neighbourhood the next bulk pass (`collect::bulk`) looks at.
+    pub bulk_pending: Vec<BulkFault>,
     /// Time of the event being applied.
     now_ns: u64,
+}
+
+/// A page fault that made a new page resident, in a mapping made while tracing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkFault {
+    /// Process.
+    pub pid: u32,
+    /// The page's address.
+    pub addr: u64,
+    /// Stack of the faulting thread.
+    pub stack_id: u64,
+    /// When.
+    pub ts_ns: u64,
 }
 
 impl Default for VmModel {
@@ -216,6 +270,7 @@ impl Default for VmModel {
             events: 0,
             vm_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
             page_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
+            bulk_pending: Vec::new(),
             now_ns: 0,
         }
     }
@@ -279,6 +334,7 @@ impl VmModel {
                     ev.flags,
                     ev.ts_ns,
                     origin,
+                    ev.arg,
                 );
             }
             VmKind::Munmap => {
@@ -306,6 +362,7 @@ impl VmModel {
                         ev.flags,
                         ev.ts_ns,
                         Origin::Brk,
+                        0,
                     ),
                     Some(old) if new < old => {
                         self.unmap(ev.tgid, round_up(new), round_up(old) - round_up(new), true);
@@ -343,7 +400,19 @@ impl VmModel {
                     v.insert(Page {
                         stack_id: ev.stack_id,
                         ts_ns: ev.ts_ns,
+                        bulk: false,
                     });
+                    // The kernel may have mapped its neighbours with it: a later pass
+                    // looks (only in mappings made while tracing, whose every resident
+                    // page is the recording's).
+                    if proc.region_at(ev.addr).is_some() {
+                        self.bulk_pending.push(BulkFault {
+                            pid: ev.tgid,
+                            addr: ev.addr,
+                            stack_id: ev.stack_id,
+                            ts_ns: ev.ts_ns,
+                        });
+                    }
                     self.pages.allocs += 1;
                     self.pages.alloc_bytes += PAGE;
                     let a = self
@@ -379,6 +448,7 @@ impl VmModel {
         flags: u32,
         ts_ns: u64,
         origin: Origin,
+        map_arg: u64,
     ) {
         if len == 0 {
             return;
@@ -393,6 +463,7 @@ impl VmModel {
                 ts_ns,
                 origin,
                 made_len: len,
+                map_arg,
             },
         );
         self.vm.allocs += 1;
@@ -456,11 +527,11 @@ impl VmModel {
     fn mremap(&mut self, ev: &VmEvent) {
         let (old, old_len, new_len, new) = (ev.addr, round_up(ev.len), round_up(ev.arg), ev.arg2);
         // Growth is of the same kind as the mapping grown.
-        let origin = self
+        let (origin, map_arg) = self
             .procs
             .get(&ev.tgid)
             .and_then(|p| p.region_at(old))
-            .map_or(Origin::Anonymous, |r| r.origin);
+            .map_or((Origin::Anonymous, 0), |r| (r.origin, r.map_arg));
         if new == old {
             if new_len < old_len {
                 self.unmap(ev.tgid, old + new_len, old_len - new_len, true);
@@ -473,6 +544,7 @@ impl VmModel {
                     ev.flags,
                     ev.ts_ns,
                     origin,
+                    map_arg,
                 );
             }
             return;
@@ -512,6 +584,7 @@ impl VmModel {
                 ev.flags,
                 ev.ts_ns,
                 origin,
+                map_arg,
             );
         }
     }
@@ -578,212 +651,5 @@ fn cut_range(regions: &mut BTreeMap<u64, Region>, start: u64, end: u64) -> Vec<(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn arena_shaped_mappings_from_proc_maps() {
-        let maps = "\
-7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n\
-7f0000100000-7f0000140000 rw-p 00000000 00:00 0 \n\
-7f0000140000-7f0000240000 r--p 00000000 00:00 0 \n\
-7f0000240000-7f0000340000 rw-s 00000000 00:01 5 /dev/zero (deleted)\n\
-7f0000340000-7f0000440000 rw-p 00000000 08:01 7 /usr/lib/x.so\n\
-7f0000440000-7f0000480001 rw-p 00000000 00:00 0 \n";
-        assert_eq!(
-            earlier_arenas(maps),
-            vec![
-                (0x7f0000000000, 0x7f0000100000),
-                (0x7f0000100000, 0x7f0000140000)
-            ]
-        );
-    }
-
-    fn ev(kind: VmKind, addr: u64, len: u64, arg: u64, arg2: u64, stack: u64) -> VmEvent {
-        VmEvent {
-            kind: kind as u32,
-            tgid: 1,
-            addr,
-            len,
-            arg,
-            arg2,
-            stack_id: stack,
-            ts_ns: 0,
-            flags: 0,
-            tid: 1,
-        }
-    }
-
-    fn live(m: &VmModel) -> u64 {
-        m.procs[&1].regions.iter().map(|(s, r)| r.end - s).sum()
-    }
-
-    #[test]
-    fn partial_munmap_splits_and_counts_exactly() {
-        let mut m = VmModel::default();
-        m.apply(&ev(VmKind::Mmap, 0x10000, 10 * PAGE, 0, 0, 7));
-        m.apply(&ev(VmKind::Munmap, 0x10000 + 2 * PAGE, 3 * PAGE, 0, 0, 9));
-        assert_eq!(live(&m), 7 * PAGE);
-        assert_eq!(m.procs[&1].regions.len(), 2);
-        assert_eq!(m.vm.freed_bytes, 3 * PAGE);
-        m.apply(&ev(VmKind::Munmap, 0x10000, 10 * PAGE, 0, 0, 9));
-        assert_eq!(live(&m), 0);
-        assert_eq!(
-            m.vm,
-            Totals {
-                allocs: 1,
-                alloc_bytes: 10 * PAGE,
-                frees: 2,
-                freed_bytes: 10 * PAGE,
-                unmatched_frees: 0
-            }
-        );
-        let a = m.stacks[&(1, Layer::Vm, 7)];
-        assert_eq!((a.alloc_bytes, a.freed_bytes), (10 * PAGE, 10 * PAGE));
-    }
-
-    #[test]
-    fn exec_releases_the_old_programs_address_space() {
-        let mut m = VmModel::default();
-        m.apply(&ev(VmKind::Brk, 0, 0, 0x50000, 0, 0));
-        m.apply(&ev(VmKind::Brk, 0x52000, 0, 0x52000, 0, 3));
-        m.apply(&ev(VmKind::Mmap, 0x10000, 4 * PAGE, 0, 0, 7));
-        m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 7));
-        assert_eq!(live(&m), 6 * PAGE);
-        m.apply(&ev(VmKind::Exec, 0, 0, 0, 0, 0));
-        assert_eq!(live(&m), 0);
-        assert!(m.procs[&1].pages.is_empty());
-        assert_eq!(m.procs[&1].brk, None);
-        // Not frees the old program made: no call counted.
-        assert_eq!(m.vm.frees, 0);
-        // The new program's heap starts afresh.
-        m.apply(&ev(VmKind::Brk, 0, 0, 0x90000, 0, 0));
-        m.apply(&ev(VmKind::Brk, 0x91000, 0, 0x91000, 0, 4));
-        assert_eq!(live(&m), PAGE);
-    }
-
-    #[test]
-    fn pages_count_once_until_unmapped() {
-        let mut m = VmModel::default();
-        m.apply(&ev(VmKind::Mmap, 0x10000, 4 * PAGE, 0, 0, 7));
-        for _ in 0..3 {
-            m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 5));
-        }
-        m.apply(&ev(VmKind::Fault, 0x11000, PAGE, 0, 0, 5));
-        assert_eq!(m.pages.allocs, 2);
-        m.apply(&ev(VmKind::Munmap, 0x10000, PAGE, 0, 0, 5));
-        assert_eq!(m.procs[&1].pages.len(), 1);
-        m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 5));
-        assert_eq!(m.pages.allocs, 3);
-        m.apply(&ev(VmKind::Madvise, 0x10000, 2 * PAGE, 4, 0, 5));
-        assert_eq!(m.procs[&1].pages.len(), 0);
-        assert_eq!(m.pages.frees, 3);
-    }
-
-    #[test]
-    fn mremap_moves_regions_and_pages() {
-        let mut m = VmModel::default();
-        m.apply(&ev(VmKind::Mmap, 0x10000, 2 * PAGE, 0, 0, 7));
-        m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 7));
-        m.apply(&ev(VmKind::Mremap, 0x10000, 2 * PAGE, 4 * PAGE, 0x80000, 8));
-        let p = &m.procs[&1];
-        assert_eq!(
-            p.regions.keys().copied().collect::<Vec<_>>(),
-            vec![0x80000, 0x82000]
-        );
-        assert!(p.pages.contains_key(&0x80000));
-        assert_eq!(live(&m), 4 * PAGE);
-        // Growing in place.
-        m.apply(&ev(VmKind::Mremap, 0x80000, 4 * PAGE, 6 * PAGE, 0x80000, 8));
-        assert_eq!(live(&m), 6 * PAGE);
-        // Shrinking in place.
-        m.apply(&ev(VmKind::Mremap, 0x80000, 6 * PAGE, PAGE, 0x80000, 8));
-        assert_eq!(live(&m), PAGE);
-    }
-
-    #[test]
-    fn brk_grows_and_shrinks_the_heap() {
-        let mut m = VmModel::default();
-        m.add_process(1, Some(0x50000));
-        // After exec, brk(0) reports the new break: nothing is mapped.
-        m.apply(&ev(VmKind::Brk, 0, 0, 0x100000, 0, 3));
-        assert_eq!(live(&m), 0);
-        m.apply(&ev(VmKind::Brk, 0x121000, 0, 0x121000, 0, 3));
-        assert_eq!(live(&m), 0x21000);
-        m.apply(&ev(VmKind::Brk, 0x110000, 0, 0x110000, 0, 3));
-        assert_eq!(live(&m), 0x10000);
-    }
-
-    #[test]
-    fn reads_of_fresh_anonymous_memory_are_not_resident() {
-        let mut m = VmModel::default();
-        let anon = 0x22; // MAP_PRIVATE | MAP_ANONYMOUS
-        m.apply(&ev(VmKind::Mmap, 0x10000, 2 * PAGE, anon, u64::MAX, 7));
-        m.apply(&ev(VmKind::Fault, 0x10000, PAGE, 0, 0, 5)); // read: the zero page
-        assert_eq!(m.pages.allocs, 0);
-        m.apply(&ev(
-            VmKind::Fault,
-            0x10000,
-            PAGE,
-            PF_PRESENT | PF_WRITE,
-            0,
-            6,
-        )); // COW
-        m.apply(&ev(VmKind::Fault, 0x11000, PAGE, PF_WRITE, 0, 6));
-        assert_eq!(m.pages.allocs, 2);
-        assert_eq!(m.stacks[&(1, Layer::Pages, 6)].alloc_bytes, 2 * PAGE);
-        // A file mapping's pages are resident when read.
-        m.apply(&ev(VmKind::Mmap, 0x40000, PAGE, 0x2, 3, 8));
-        m.apply(&ev(VmKind::Fault, 0x40000, PAGE, 0, 0, 5));
-        assert_eq!(m.pages.allocs, 3);
-    }
-
-    #[test]
-    fn mapping_kinds() {
-        let region = |flags, origin, made_len| Region {
-            end: 0,
-            stack_id: 0,
-            flags,
-            ts_ns: 0,
-            origin,
-            made_len,
-        };
-        let arena = 1 << 20;
-        assert_eq!(
-            region(FLAG_FOR_PYMALLOC, Origin::Anonymous, arena).kind(),
-            MappingKind::PymallocArena
-        );
-        assert_eq!(
-            region(FLAG_FOR_PYMALLOC | FLAG_FOR_LIBC, Origin::Anonymous, arena).kind(),
-            MappingKind::MallocMmap,
-            "a big pymalloc request's block, mapped by malloc"
-        );
-        assert_eq!(
-            region(FLAG_FOR_LIBC, Origin::Anonymous, 3 << 20).kind(),
-            MappingKind::MallocMmap
-        );
-        assert_eq!(
-            region(0, Origin::Anonymous, 256 << 10).kind(),
-            MappingKind::PymallocArena,
-            "an arena made where pymalloc is not probed"
-        );
-        assert_eq!(
-            region(0, Origin::Anonymous, 3 << 20).kind(),
-            MappingKind::Anonymous
-        );
-        assert_eq!(
-            region(FLAG_FOR_LIBC, Origin::Brk, PAGE).kind(),
-            MappingKind::MallocHeap
-        );
-        assert_eq!(region(0, Origin::File, arena).kind(), MappingKind::File);
-    }
-
-    #[test]
-    fn frozen_processes_ignore_later_events() {
-        let mut m = VmModel::default();
-        m.apply(&ev(VmKind::Mmap, 0x10000, PAGE, 0, 0, 7));
-        m.apply(&ev(VmKind::Freeze, 0, 0, 0, 0, 0));
-        m.apply(&ev(VmKind::Munmap, 0x10000, PAGE, 0, 0, 7));
-        assert_eq!(live(&m), PAGE);
-    }
-}
+#[path = "vm_tests.rs"]
+mod tests;

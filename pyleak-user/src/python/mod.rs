@@ -1,6 +1,7 @@
 //! CPython knowledge: finding the runtime in a process's files, telling its version from
 //! the binary, the frame layout the kernel walks, and reading code objects for names.
 
+pub mod census;
 pub mod code;
 pub mod debug_offsets;
 pub mod heap;

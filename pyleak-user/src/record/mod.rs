@@ -2,12 +2,14 @@
 //! The steps are one function each; the loop is in `trace`, the group targets followed in `follow`, the
 //! targets' Python runtimes in `runtimes`, the growth samples in `sampler`.
 
+mod census;
 mod follow;
 mod runtimes;
 mod sampler;
 mod trace;
 
 use std::{
+    collections::HashMap,
     fs::File,
     io::Write as _,
     path::Path,
@@ -18,13 +20,14 @@ use std::{
 use pyleak_common::{Layer, PyProc, MAX_NATIVE_FRAMES};
 
 use self::{
+    census::Censuses,
     follow::Group,
     runtimes::{learn_new_stacks, python_runtime, Runtimes},
     sampler::Sampler,
     trace::{trace_loop, Follow},
 };
 use crate::{
-    analysis::{self, Facts, ProbeInfo, ProcessInfo},
+    analysis::{self, Analysis, Facts, HeldBy, ProbeInfo, ProcessInfo},
     attach::{
         self,
         elf::ElfFile,
@@ -73,6 +76,8 @@ struct Session {
     runtimes: Runtimes,
     group: Option<Group>,
     child: Option<launch::Launched>,
+    /// The Python runtime of each `--pid` or command target (for `--census`).
+    pythons: Vec<(u32, python::PythonRuntime)>,
 }
 
 /// Runs `pyleak record` (or `top`); returns the exit code.
@@ -104,6 +109,13 @@ fn trace(
             .take()
             .map(|f| (f, args.snapshots.clone().unwrap_or_default())),
     );
+    if args.census {
+        let mut censuses = Censuses::default();
+        for (pid, rt) in &session.pythons {
+            censuses.add(*pid, rt);
+        }
+        sampler.censuses = Some(censuses);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -250,6 +262,7 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         runtimes: Runtimes::default(),
         group,
         child,
+        pythons: Vec::new(),
     })
 }
 
@@ -265,6 +278,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
         runtimes,
         group,
         child,
+        pythons,
     } = s;
     if let Some(g) = group.as_mut() {
         g.scan(rec, resolver, syms);
@@ -303,6 +317,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                     probes.extend(attach::plan_py_init(&elf));
                 }
                 resolver.add_process(c.pid, &rt);
+                pythons.push((c.pid, rt.clone()));
                 // ...or pyleak reads it from the memory map first (an LTO build may have
                 // inlined the probed function away).
                 runtimes.unplaced.insert(c.pid, (rt.clone(), layout));
@@ -330,6 +345,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
                     rec.set_python(pid, &python::placed(pid, &rt, bias, rt.walk))?;
                     resolver.add_process(pid, &rt);
+                    pythons.push((pid, rt));
                 }
                 rec.add_target(pid, &probes)?;
             }
@@ -410,7 +426,7 @@ fn finish(
     args: &RecordArgs,
     plan: Plan,
     mut s: Session,
-    sampler: Sampler,
+    mut sampler: Sampler,
     (duration_s, exit): (f64, Option<std::process::ExitStatus>),
 ) -> anyhow::Result<i32> {
     if let Some(g) = s.group.as_mut() {
@@ -426,7 +442,14 @@ fn finish(
         return Ok(0);
     }
     sampler.error?;
-    let mut facts = facts(&s.rec, &snap, &lock(&s.syms), &s.resolver, args.native);
+    let mut facts = facts(
+        &s.rec,
+        &snap,
+        &lock(&s.syms),
+        &s.resolver,
+        args.native,
+        sampler.peaks.clone(),
+    );
     if let Some(c) = &s.child {
         // The command started with the recording.
         facts.started_s.insert(c.pid, 0.0);
@@ -440,18 +463,29 @@ fn finish(
             duration_s,
             min_age_s: args.min_age,
             interval_s: args.interval(),
+            group_libs: !args.no_group_libs,
         },
     );
     analysis.command_exit = exit.map(launch::describe_exit);
     // The targets are frozen in the kernel: let the command go, take the uprobes out (one
     // grace period per multi-uprobe link; ~0.1 s per probe with perf events), then write
     // the report.
+    if let Some(c) = &sampler.censuses {
+        held_by(&s.rec, c, &facts, &mut analysis);
+    }
+    let census = sampler.censuses.take().and_then(Censuses::finish);
+    if let Some((json, _)) = &census {
+        analysis.census = Some(json.clone());
+    }
     drop(s.child);
     analysis.probes_detach_s = s.rec.detach_probes();
     log::info!("probes detached in {:.3} s", analysis.probes_detach_s);
 
     let stdout = std::io::stdout();
     report::text::write(&analysis, &mut stdout.lock())?;
+    if let Some((_, text)) = &census {
+        print!("{text}");
+    }
     if let Some(out) = plan.outputs.output {
         let format = args
             .out
@@ -467,6 +501,55 @@ fn finish(
     Ok(0)
 }
 
+/// Holders shown per suspect at most.
+const HELD_BY_SHOWN: usize = 5;
+
+/// Fills each pymalloc suspect's `held_by`: its live blocks (the frozen targets' live
+/// table) that the last census attributed to a holder, summed per holder.
+fn held_by(rec: &Recorder, censuses: &Censuses, facts: &Facts, analysis: &mut Analysis) {
+    let blocks = match rec.live_blocks_by(Layer::Pymalloc, |pid, addr| {
+        censuses.holder_of(pid, addr).map(<[String]>::to_vec)
+    }) {
+        Ok(b) => b,
+        Err(e) => {
+            log::warn!("reading live blocks for held_by: {e}");
+            return;
+        }
+    };
+    // (blocks, bytes) per holder path, per (process, frames).
+    type PerHolder = HashMap<Vec<String>, (u64, u64)>;
+    let mut by_frames: HashMap<(u32, Vec<String>), PerHolder> = HashMap::new();
+    for ((pid, stack_id, path), (count, bytes)) in blocks {
+        let frames = facts.frames_of(pid, stack_id).names;
+        let e = by_frames
+            .entry((pid, frames))
+            .or_default()
+            .entry(path)
+            .or_default();
+        e.0 += count;
+        e.1 += bytes;
+    }
+    for s in analysis.suspects.iter_mut().chain(&mut analysis.startup) {
+        if s.layer != Layer::Pymalloc.name() {
+            continue;
+        }
+        let Some(holders) = by_frames.get(&(s.pid, s.frames.clone())) else {
+            continue;
+        };
+        let mut held: Vec<HeldBy> = holders
+            .iter()
+            .map(|(path, &(count, bytes))| HeldBy {
+                path: path.clone(),
+                count,
+                bytes,
+            })
+            .collect();
+        held.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.path.cmp(&b.path)));
+        held.truncate(HELD_BY_SHOWN);
+        s.held_by = held;
+    }
+}
+
 /// What the analysis needs to know of the processes besides the snapshot: names, cgroups,
 /// CPython versions, the probes placed, every stack's frames and the mapping of each
 /// resident page the vm layer did not see made.
@@ -476,6 +559,7 @@ fn facts(
     syms: &Symbolizer,
     py: &python::Resolver,
     native: bool,
+    peaks: crate::analysis::peak::Peaks,
 ) -> Facts {
     let mut pids: Vec<u32> = rec.targets.clone();
     pids.extend(snap.stacks.keys().map(|&(pid, _, _)| pid));
@@ -493,12 +577,17 @@ fn facts(
             )
         })
         .collect();
-    let stack_keys = snap.stacks.keys().map(|&(pid, _, id)| (pid, id)).chain(
-        rec.model
-            .procs
-            .iter()
-            .flat_map(|(&pid, p)| p.regions.values().map(move |r| (pid, r.stack_id))),
-    );
+    let stack_keys = snap
+        .stacks
+        .keys()
+        .map(|&(pid, _, id)| (pid, id))
+        .chain(
+            rec.model
+                .procs
+                .iter()
+                .flat_map(|(&pid, p)| p.regions.values().map(move |r| (pid, r.stack_id))),
+        )
+        .chain(peaks.stack_keys());
     let mut page_kinds = std::collections::HashMap::new();
     for (&pid, p) in &rec.model.procs {
         for &addr in p.pages.keys() {
@@ -538,5 +627,6 @@ fn facts(
         frames: frames_of_all(rec, syms, py, native, stack_keys),
         started_s: std::collections::HashMap::new(),
         page_kinds,
+        peaks,
     }
 }

@@ -10,12 +10,14 @@ use std::{
 
 use pyleak_common::Layer;
 
+use super::census::Censuses;
 use super::View;
 use crate::{
     analysis::{
         growing::{top_growing, GrowingStack},
         growth::Timeline,
         growth_noise,
+        peak::Peaks,
     },
     collect::{frames::frames_of, Recorder, StackSlot},
     errors::UserError,
@@ -31,6 +33,8 @@ const TOP_GROWING: usize = 10;
 pub struct Sampler {
     /// Every sample so far (bounded).
     pub timeline: Timeline<StackSlot>,
+    /// Each layer's highest sample so far.
+    pub peaks: Peaks,
     /// Time between samples.
     pub interval: Duration,
     /// How the recording is shown.
@@ -44,6 +48,8 @@ pub struct Sampler {
     frames: HashMap<(u32, u64), Vec<String>>,
     growing: Vec<GrowingStack>,
     term: Option<RawTerminal>,
+    /// Heap censuses taken with each sample (`--census`).
+    pub censuses: Option<Censuses>,
 }
 
 impl Sampler {
@@ -58,6 +64,7 @@ impl Sampler {
         Sampler {
             started,
             timeline: Timeline::default(),
+            peaks: Peaks::default(),
             interval,
             view,
             error: Ok(()),
@@ -66,6 +73,7 @@ impl Sampler {
             frames: HashMap::new(),
             growing: Vec::new(),
             term: None,
+            censuses: None,
         }
     }
 
@@ -82,6 +90,9 @@ impl Sampler {
 
     /// Takes one sample, and writes it as a line when streaming.
     pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &Resolver) {
+        if let Some(c) = self.censuses.as_mut() {
+            c.take(self.started.elapsed().as_secs_f64());
+        }
         let live = match rec.sample() {
             Ok(Some(l)) => l,
             Ok(None) => return,
@@ -95,6 +106,7 @@ impl Sampler {
         for (&(_, layer, _), &bytes) in &live {
             *layers.entry(layer.name()).or_default() += bytes;
         }
+        self.peaks.record(t, &live);
         self.timeline.record(t, live);
         if self.view == View::Top || self.out.is_some() {
             let (native, cache) = (self.native, &mut self.frames);

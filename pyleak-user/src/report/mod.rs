@@ -6,6 +6,7 @@
 pub mod drawn;
 pub mod file;
 pub mod folded;
+mod held;
 pub mod pprof;
 pub mod speedscope;
 pub mod svg;

@@ -129,10 +129,22 @@ fn sample() -> Analysis {
         probe_links: "multi-uprobe".to_owned(),
         probes_attach_s: 0.25,
         probes_detach_s: 0.5,
+        census: None,
         sampled_pymalloc: None,
         suspects: vec![
             Suspect {
                 estimate: None,
+                held_by: Vec::new(),
+                full_stacks: vec![FullStack {
+                    frames: vec![
+                        "<module> (/srv/app.py:73)".to_owned(),
+                        "main (/srv/app.py:56)".to_owned(),
+                        "leak (/srv/app.py:26)".to_owned(),
+                        "copy (/usr/lib/python3.12/copy.py:71)".to_owned(),
+                    ],
+                    native_frames: 0,
+                    live_bytes: 4000400,
+                }],
                 layer: "pymalloc".to_owned(),
                 pid: 42,
                 frames: vec![
@@ -159,6 +171,8 @@ fn sample() -> Analysis {
             },
             Suspect {
                 estimate: None,
+                held_by: Vec::new(),
+                full_stacks: Vec::new(),
                 layer: "pages".to_owned(),
                 pid: 42,
                 frames: vec!["recurse (/srv/app.py:48)".to_owned()],
@@ -180,6 +194,8 @@ fn sample() -> Analysis {
         ],
         startup: vec![Suspect {
             estimate: None,
+            held_by: Vec::new(),
+            full_stacks: Vec::new(),
             layer: "pymalloc".to_owned(),
             pid: 42,
             frames: vec![
@@ -198,6 +214,41 @@ fn sample() -> Analysis {
             trend: Trend::Flat,
             oldest_age_s: 1.4,
             linkage: SuspectLinkage::default(),
+        }],
+        peak: vec![Peak {
+            layer: "libc".to_owned(),
+            t_s: 3.5,
+            live_bytes: 104 << 20,
+            layers_then: BTreeMap::from([
+                ("libc".to_owned(), 104 << 20),
+                ("pages".to_owned(), 105 << 20),
+            ]),
+            stacks: vec![PeakStack {
+                pid: 42,
+                frames: vec![
+                    "<module> (/srv/pool.py:40)".to_owned(),
+                    "work (/srv/pool.py:18)".to_owned(),
+                ],
+                native_frames: 0,
+                live_bytes: 100 << 20,
+            }],
+        }],
+        retention: vec![Retention {
+            pid: 4242,
+            kind: "malloc_arena".to_owned(),
+            resident_bytes: 160 << 20,
+            used_bytes: 393224,
+            used_estimated: false,
+            retained_bytes: (160 << 20) - 393224,
+            stacks: vec![RetentionStack {
+                frames: vec![
+                    "Thread.run (/usr/lib/python3.12/threading.py:1010)".to_owned(),
+                    "churn (/srv/worker.py:24)".to_owned(),
+                ],
+                native_frames: 0,
+                resident_bytes: 160 << 20,
+            }],
+            gives_back: "malloc_trim(0) (every arena), MALLOC_ARENA_MAX=2".to_owned(),
         }],
         linkage: Linkage {
             pymalloc_live_bytes: 4100000,
@@ -219,6 +270,7 @@ fn sample() -> Analysis {
                 ("pymalloc_arena".to_owned(), 2 << 20),
                 ("malloc_heap".to_owned(), 5 << 20),
             ]),
+            resident_bulk_bytes: 1 << 20,
         },
     }
 }

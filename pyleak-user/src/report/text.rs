@@ -191,6 +191,8 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     linkage(report, out)?;
     suspects(report, out)?;
     startup(report, out)?;
+    super::held::retention(report, out)?;
+    super::held::peaks(report, out)?;
     let top: Vec<_> = report
         .stacks
         .iter()
@@ -283,9 +285,17 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
     }
     if report.layers.get("pages").is_some_and(|r| r.allocs > 0) {
+        let bulk = if l.resident_bulk_bytes > 0 {
+            format!(
+                "; {} of it mapped in bulk by single faults (fault-around, huge pages)",
+                human_bytes(l.resident_bulk_bytes)
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "  resident                   {:>10} ({})",
+            "  resident                   {:>10} ({}){bulk}",
             human_bytes(l.resident_bytes),
             kinds(&l.resident_by_kind)
         )?;
@@ -345,6 +355,34 @@ fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
         for f in s.frames.iter().rev().take(FRAMES_SHOWN) {
             writeln!(out, "      {f}")?;
+        }
+        if !s.held_by.is_empty() {
+            let held: Vec<String> = s
+                .held_by
+                .iter()
+                .map(|h| {
+                    let (n, b) = (h.count, human_bytes(h.bytes));
+                    format!("{} ({n} blocks, {b})", h.path.join("."))
+                })
+                .collect();
+            writeln!(out, "      held by: {}", held.join(", "))?;
+        }
+        if let Some(full) = s.full_stacks.first() {
+            let inside: Vec<&str> = full.frames[s.frames.len().min(full.frames.len())..]
+                .iter()
+                .rev()
+                .take(FRAMES_SHOWN)
+                .map(String::as_str)
+                .collect();
+            let more = match s.full_stacks.len() {
+                1 => String::new(),
+                n => format!(" (and {} more library stacks)", n - 1),
+            };
+            writeln!(
+                out,
+                "      allocated inside library code: {}{more}",
+                inside.join(" <- ")
+            )?;
         }
         let k = &s.linkage;
         let mut parts = Vec::new();

@@ -15,6 +15,7 @@ mod v3_9;
 use pyleak_common::PyProc;
 
 use super::{
+    census::layout::HeapLayout,
     code::{CodeInfo, CodeLayout},
     debug_offsets::DebugOffsetsLayout,
     heap::PymallocLayout,
@@ -48,6 +49,13 @@ pub trait CPython: Send + Sync + std::fmt::Debug {
     /// layout of that table; its offsets then override [`CPython::walk_layout`] and
     /// [`CPython::code_layout`].
     fn debug_offsets(&self) -> Option<&'static DebugOffsetsLayout> {
+        None
+    }
+
+    /// Where the interpreter keeps its GC lists and modules, and how the containers a
+    /// census follows are laid out; None where pyleak has not checked them (3.14: no binary
+    /// here, and its incremental GC keeps other lists).
+    fn heap_layout(&self) -> Option<HeapLayout> {
         None
     }
 
@@ -112,6 +120,17 @@ mod tests {
             );
             let flags = [0, 0, 0, 0x10, 0x18, 0x18, 0x18][usize::from(minor - 8)];
             assert_eq!(pm.preheader_flags, flags, "3.{minor}");
+        }
+        // The census reads 3.8–3.13 (gdb on each pyenv build); 3.14 is not checked.
+        for minor in 8..=14 {
+            let heap = for_version((3, minor)).unwrap().heap_layout();
+            assert_eq!(heap.is_some(), minor <= 13, "3.{minor}");
+            if let Some(h) = heap {
+                assert_eq!(h.gc_in_runtime, minor == 8, "3.{minor}");
+                assert_eq!(h.long_tag, minor >= 12, "3.{minor}");
+                // Three generations of 24 bytes, then the permanent one after a pointer.
+                assert_eq!(h.gc_heads[3] - h.gc_heads[0], 80, "3.{minor}");
+            }
         }
         for unknown in [(2, 7), (3, 6), (3, 7), (3, 15), (4, 0)] {
             assert!(for_version(unknown).is_none(), "{unknown:?}");

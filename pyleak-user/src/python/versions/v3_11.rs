@@ -6,7 +6,12 @@
 use pyleak_common::PyProc;
 
 use super::{common_walk, v3_10::Python310, CPython, PyVersion};
-use crate::python::{code::CodeLayout, heap::PymallocLayout, lines::LineFormat};
+use crate::python::{
+    census::layout::{DictKeys, DictLayout, FrameLocals, FreeVars, HeapLayout, ManagedDict},
+    code::CodeLayout,
+    heap::PymallocLayout,
+    lines::LineFormat,
+};
 
 /// CPython 3.11.
 #[derive(Debug)]
@@ -60,5 +65,38 @@ impl CPython for Python311 {
             preheader_flags: 1 << 4,
             ..Python310.pymalloc()
         }
+    }
+
+    fn heap_layout(&self) -> Option<HeapLayout> {
+        // Keys sized by log2 with a kind (unicode entries of 16 bytes); managed dicts
+        // before the GC header; free variables at the end of `co_localsplusnames`. From
+        // the DWARF of pyenv 3.11.7.
+        let old = Python310.heap_layout()?;
+        Some(HeapLayout {
+            gc_heads: [672, 696, 720, 752],
+            interp_modules: 888,
+            dict: DictLayout {
+                keys_shape: DictKeys::Log2 {
+                    log2_size: 8,
+                    log2_index_bytes: 9,
+                    kind: 10,
+                },
+                nentries: 24,
+                indices: 32,
+                sizeof_keys: 32,
+                ..old.dict
+            },
+            managed_dict: ManagedDict::DictOrValuesApart,
+            frame_locals: FrameLocals::Interpreter {
+                localsplus: 72,
+                nlocalsplus: 76,
+                names: 96,
+            },
+            freevars: FreeVars::LocalsPlus {
+                names: 96,
+                nfreevars: 92,
+            },
+            ..old
+        })
     }
 }

@@ -6,7 +6,12 @@
 use pyleak_common::PyProc;
 
 use super::{common_walk, v3_11::Python311, CPython, PyVersion};
-use crate::python::{code::CodeLayout, heap::PymallocLayout, lines::LineFormat};
+use crate::python::{
+    census::layout::{FrameLocals, FreeVars, HeapLayout, ManagedDict, TypeLayout},
+    code::CodeLayout,
+    heap::PymallocLayout,
+    lines::LineFormat,
+};
 
 /// CPython 3.12.
 #[derive(Debug)]
@@ -59,5 +64,31 @@ impl CPython for Python312 {
             preheader_flags: (1 << 3) | (1 << 4),
             ..Python311.pymalloc()
         }
+    }
+
+    fn heap_layout(&self) -> Option<HeapLayout> {
+        // The GC state near the interpreter's start, `imports.modules`, one tagged
+        // dict-or-values word, `int` sized by `lv_tag`. From the DWARF of pyenv 3.12.1.
+        let old = Python311.heap_layout()?;
+        Some(HeapLayout {
+            gc_heads: [136, 160, 184, 216],
+            interp_modules: 944,
+            ty: TypeLayout {
+                cached_keys: 880,
+                ..old.ty
+            },
+            managed_dict: ManagedDict::Tagged,
+            frame_locals: FrameLocals::Interpreter {
+                localsplus: 72,
+                nlocalsplus: 72,
+                names: 96,
+            },
+            freevars: FreeVars::LocalsPlus {
+                names: 96,
+                nfreevars: 88,
+            },
+            long_tag: true,
+            ..old
+        })
     }
 }

@@ -7,7 +7,11 @@ use pyleak_common::{PyProc, NO_OFFSET};
 
 use super::{common_walk, v3_12::Python312, CPython, PyVersion};
 use crate::python::{
-    code::CodeLayout, debug_offsets::DebugOffsetsLayout, heap::PymallocLayout, lines::LineFormat,
+    census::layout::{DictLayout, HeapLayout, ManagedDict},
+    code::CodeLayout,
+    debug_offsets::DebugOffsetsLayout,
+    heap::PymallocLayout,
+    lines::LineFormat,
 };
 
 /// 3.13's `_Py_DebugOffsets` (in `Include/internal/pycore_runtime.h`): word indexes of
@@ -72,5 +76,22 @@ impl CPython for Python313 {
 
     fn pymalloc(&self) -> PymallocLayout {
         Python312.pymalloc()
+    }
+
+    fn heap_layout(&self) -> Option<HeapLayout> {
+        // 3.13.0 still has three generations (the incremental GC came in 3.14), deep in
+        // the interpreter; values inline after the object, behind an 8-byte header. From
+        // the DWARF of pyenv 3.13.0.
+        let old = Python312.heap_layout()?;
+        Some(HeapLayout {
+            gc_heads: [7424, 7448, 7472, 7504],
+            interp_modules: 7656,
+            dict: DictLayout {
+                values_array: 8,
+                ..old.dict
+            },
+            managed_dict: ManagedDict::Inline,
+            ..old
+        })
     }
 }

@@ -5,7 +5,15 @@
 use pyleak_common::{PyProc, NO_OFFSET};
 
 use super::{common_walk, CPython, PyVersion};
-use crate::python::{code::CodeLayout, heap::PymallocLayout, lines::LineFormat};
+use crate::python::{
+    census::layout::{
+        DictKeys, DictLayout, FrameLocals, FreeVars, FuncLayout, HeapLayout, ManagedDict,
+        TypeLayout, FIXED,
+    },
+    code::CodeLayout,
+    heap::PymallocLayout,
+    lines::LineFormat,
+};
 
 /// CPython 3.8.
 #[derive(Debug)]
@@ -59,5 +67,51 @@ impl CPython for Python38 {
             arena_size: 256 << 10,
             preheader_flags: 0,
         }
+    }
+
+    fn heap_layout(&self) -> Option<HeapLayout> {
+        // GC state in `_PyRuntime.gc` (3 generations of 24 bytes, `generation0`, then
+        // the permanent one); `interp->modules`; pre-3.11 dicts; closures named by
+        // `co_freevars`. From the DWARF of pyenv 3.8.18.
+        Some(HeapLayout {
+            gc_heads: [368, 392, 416, 448],
+            gc_in_runtime: true,
+            interp_modules: 56,
+            ty: TypeLayout {
+                name: 24,
+                basicsize: 32,
+                itemsize: 40,
+                flags: 168,
+                base: 256,
+                dict: 264,
+                dictoffset: 288,
+                cached_keys: 872,
+            },
+            dict: DictLayout {
+                used: 16,
+                keys: 32,
+                values: 40,
+                values_array: 0,
+                keys_shape: DictKeys::Sized { size: 8 },
+                nentries: 32,
+                indices: 40,
+                sizeof_keys: 40,
+            },
+            managed_dict: ManagedDict::None,
+            func: FuncLayout {
+                code: 16,
+                defaults: 32,
+                kwdefaults: 40,
+                closure: 48,
+            },
+            freevars: FreeVars::Tuple(80),
+            frame_locals: FrameLocals::Object {
+                localsplus: 360,
+                nlocals: 28,
+                varnames: 72,
+            },
+            long_tag: false,
+            fixed: FIXED,
+        })
     }
 }
