@@ -36,6 +36,14 @@ pub enum UserError {
         /// Its name.
         comm: String,
     },
+    /// `--pid` names a process a uretprobe would kill (seccomp filter, kernel 6.11–6.13).
+    #[error("process {pid} runs under a seccomp filter, and this kernel ({kernel}) kills such a process when a uretprobe returns through the uretprobe syscall (6.11 to 6.13; fixed in 6.14): pyleak will not risk it; trace it on another kernel")]
+    SeccompUretprobe {
+        /// The pid given.
+        pid: u32,
+        /// The kernel's release.
+        kernel: String,
+    },
     /// `--pid` names pyleak itself.
     #[error("PID {0} is pyleak itself: give the process to trace")]
     SelfTarget(u32),

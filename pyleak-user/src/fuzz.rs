@@ -30,6 +30,9 @@ pub fn proc_text(data: &[u8]) {
         let _ = host::missing_caps(caps);
     }
     let _ = host::lockdown_mode(&text);
+    if let (Some(v), Some(mode)) = (host::kernel_version(&text), host::seccomp_mode(&text)) {
+        let _ = host::uretprobe_kills(v, mode);
+    }
 }
 
 /// An ELF file: symbols and their code, `DT_NEEDED`, the allocator tables and the inlined

@@ -126,7 +126,7 @@ pub fn check_pid(pid: u32) -> Result<(), UserError> {
             comm: stat.comm,
         });
     }
-    Ok(())
+    crate::host::check_seccomp(pid)
 }
 
 /// Resolves a command the way `execvp` would: a path as given, else the first executable
