@@ -153,18 +153,6 @@ pub fn pymalloc_window() -> Option<u32> {
     }
 }
 
-/// The generation a pymalloc call in flight must carry to be current (see
-/// [`pymalloc_window`]); a call from an earlier window lost its return when its link was
-/// taken out.
-#[inline(always)]
-pub fn pymalloc_generation() -> u32 {
-    // SAFETY: a read-only global, patched by userspace before load.
-    if unsafe { core::ptr::read_volatile(&PYMALLOC_SAMPLED) } == 0 {
-        return 0;
-    }
-    PYMALLOC_WINDOW.get(0).copied().unwrap_or(0)
-}
-
 /// The filter mode userspace chose.
 #[inline(always)]
 pub fn filter_mode() -> u32 {

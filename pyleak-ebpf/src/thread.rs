@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_user};
 use pyleak_common::{Drop, Layer, ThreadState, CALL_LAYERS, ON_BEHALF};
 
 use crate::{
-    maps::{count_drop, pymalloc_generation, pymalloc_window, THREADS},
+    maps::{count_drop, pymalloc_window, THREADS},
     stack,
 };
 
@@ -75,12 +75,14 @@ pub fn upper_call(
     let mut top = None;
     // Every uprobed layer above `layer` with a call in flight, bottom to top (the registry's
     // call order): each adds its on-behalf bit, and the topmost lends its stack. A
-    // pymalloc call counts only if it began in the current window (sampled mode).
+    // pymalloc call counts only while the window it began in is open (sampled mode): one
+    // whose return was missed as the window closed would otherwise lend its stale stack
+    // to the thread's next mallocs until the next window opens.
     for upper in (0..CALL_LAYERS).rev() {
         if upper >= layer || t.active & (1 << upper) == 0 {
             continue;
         }
-        if upper == Layer::Pymalloc as usize && t.pymalloc_window != pymalloc_generation() {
+        if upper == Layer::Pymalloc as usize && pymalloc_window() != Some(t.pymalloc_window) {
             continue;
         }
         flags |= ON_BEHALF[upper];

@@ -312,6 +312,7 @@ pub fn analyze(
             timeline,
             noise,
             arenas_by_stack: &arenas_by_stack,
+            traced: snap.traced,
             started_s: &facts.started_s,
         },
         opts,

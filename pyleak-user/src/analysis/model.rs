@@ -166,6 +166,9 @@ pub struct Suspect {
     /// user's own code): the full stacks blamed on it, most live bytes first (at most 5).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub full_stacks: Vec<FullStack>,
+    /// What else to know or do about this suspect, one line (absent when nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Some of a suspect's live blocks, and the holder (a census's) that keeps them.

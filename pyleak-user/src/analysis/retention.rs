@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use pyleak_common::Layer;
+
 use super::{Facts, Retention, RetentionStack};
 use crate::collect::{
     vm::{MappingKind, VmModel, PAGE},
@@ -35,7 +37,8 @@ fn gives_back(kind: MappingKind) -> Option<&'static str> {
 /// Every (pid, kind) of allocator memory with pages faulted in while tracing and still
 /// resident: resident bytes, the bytes live blocks lie on (`snap.used_on_pages`; for
 /// pymalloc arenas under sampled tracing, the samples over their inclusion chance), what
-/// no live block accounts for, and who faulted the pages in. Most retained first.
+/// no live block accounts for, and who faulted the pages in. Most retained first. Kinds
+/// whose allocator is not probed (`snap.traced`) are left out: their use is unknown.
 pub fn retention(snap: &Snapshot, model: &VmModel, facts: &Facts) -> Vec<Retention> {
     // (pid, kind) -> (resident, used, pages by stack).
     type Acc = (u64, u64, HashMap<u64, u64>);
@@ -50,6 +53,16 @@ pub fn retention(snap: &Snapshot, model: &VmModel, facts: &Facts) -> Vec<Retenti
                 },
             };
             if gives_back(kind).is_none() {
+                continue;
+            }
+            // Which blocks use a page is known only when their allocator is probed:
+            // without it every page would read as retained.
+            let owner = if kind == MappingKind::PymallocArena {
+                Layer::Pymalloc
+            } else {
+                Layer::Libc
+            };
+            if !snap.traced.contains(owner) {
                 continue;
             }
             let a = acc.entry((pid, kind)).or_default();

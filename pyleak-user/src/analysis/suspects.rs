@@ -59,6 +59,8 @@ pub struct Inputs<'a> {
     pub noise: u64,
     /// pymalloc arenas mapped, by (pid, frames of the stack that made them).
     pub arenas_by_stack: &'a HashMap<(u32, Vec<String>), u64>,
+    /// The layers probed.
+    pub traced: crate::layers::LayerSet,
     /// Seconds into the recording each process traced from its start started.
     pub started_s: &'a HashMap<u32, f64>,
 }
@@ -139,6 +141,9 @@ pub fn suspects(rows: &[StackReport], inp: &Inputs, opts: Options) -> (Vec<Suspe
             .cloned()
             .unwrap_or_default();
         link.arena_bytes = arenas.get(&(g.pid, g.frames.clone())).copied().unwrap_or(0);
+        // Arenas made at this stack while pymalloc is not probed: say which layer names
+        // the objects in them.
+        let arena_note = link.arena_bytes > 0 && !inp.traced.contains(Layer::Pymalloc);
         let members: Vec<&StackReport> = g.rows.iter().map(|&i| &rows[i]).collect();
         let sum = |f: fn(&StackReport) -> u64| members.iter().map(|r| f(r)).sum::<u64>();
         let estimate = members
@@ -192,6 +197,10 @@ pub fn suspects(rows: &[StackReport], inp: &Inputs, opts: Options) -> (Vec<Suspe
                 estimate,
                 held_by: Vec::new(),
                 full_stacks,
+                note: arena_note.then(|| {
+                    "pymalloc arenas this stack mapped: `--layers pymalloc` names the objects in them"
+                        .to_owned()
+                }),
             },
             a.youngest_ns as f64 / 1e9,
             startup_like,

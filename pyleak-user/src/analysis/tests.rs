@@ -128,6 +128,7 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
     let mut size_hist = vec![vec![0u64; HIST_BUCKETS]; NUM_LAYERS];
     size_hist[Layer::Pymalloc as usize][pyleak_common::size_bucket(1024)] = 12000;
     let mut snap = Snapshot {
+        traced: crate::layers::LayerSet::parse("all").unwrap(),
         sampled: None,
         layer_stats,
         size_hist,

@@ -232,6 +232,9 @@ impl Recorder {
             let Ok((key, block)) = entry else { break };
             add(key, block);
         }
+        // Without the pymalloc layer, its arenas are the only trace of Python objects:
+        // they can be vm suspects, at the Python stacks that made them.
+        let arenas_judged = !self.opts.layers.contains(Layer::Pymalloc);
         for (&pid, p) in &self.model.procs {
             let end = self.end_ns(pid, now);
             for (&start, r) in &p.regions {
@@ -239,7 +242,8 @@ impl Recorder {
                 // suspect: a library's mapping holds no leak, and what malloc or pymalloc
                 // mapped (and keep after the blocks in it are freed) is their layers'
                 // business, where a leak shows as live blocks.
-                if r.kind() != vm::MappingKind::Anonymous {
+                let arena = r.kind() == vm::MappingKind::PymallocArena && arenas_judged;
+                if r.kind() != vm::MappingKind::Anonymous && !arena {
                     continue;
                 }
                 ages.entry((pid, Layer::Vm, r.stack_id)).or_default().add(
@@ -272,6 +276,7 @@ impl Recorder {
             drops.insert(reason.name(), n);
         }
         let mut snap = Snapshot {
+            traced: self.opts.layers,
             layer_stats,
             size_hist,
             stacks,

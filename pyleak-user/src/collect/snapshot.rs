@@ -7,6 +7,8 @@ use pyleak_common::{Layer, LayerStats, StackAgg, NUM_LAYERS};
 
 /// What the kernel side gathered, read at the end of a recording.
 pub struct Snapshot {
+    /// The layers probed (`--layers`).
+    pub traced: crate::layers::LayerSet,
     /// Per-layer counters of the uprobe layers, summed over CPUs.
     pub layer_stats: [LayerStats; NUM_LAYERS],
     /// Size histograms of the uprobe layers: `[layer][bucket]` counts.

@@ -135,6 +135,7 @@ fn sample() -> Analysis {
             Suspect {
                 estimate: None,
                 held_by: Vec::new(),
+                note: None,
                 full_stacks: vec![FullStack {
                     frames: vec![
                         "<module> (/srv/app.py:73)".to_owned(),
@@ -172,6 +173,7 @@ fn sample() -> Analysis {
             Suspect {
                 estimate: None,
                 held_by: Vec::new(),
+                note: None,
                 full_stacks: Vec::new(),
                 layer: "pages".to_owned(),
                 pid: 42,
@@ -195,6 +197,7 @@ fn sample() -> Analysis {
         startup: vec![Suspect {
             estimate: None,
             held_by: Vec::new(),
+            note: None,
             full_stacks: Vec::new(),
             layer: "pymalloc".to_owned(),
             pid: 42,

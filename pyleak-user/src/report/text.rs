@@ -384,6 +384,9 @@ fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
                 inside.join(" <- ")
             )?;
         }
+        if let Some(note) = &s.note {
+            writeln!(out, "      {note}")?;
+        }
         let k = &s.linkage;
         let mut parts = Vec::new();
         for (name, v) in [
