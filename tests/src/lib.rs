@@ -22,6 +22,24 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
+/// The path of workload `name` in `tests/workloads`.
+pub fn workload(name: &str) -> String {
+    root()
+        .join("tests/workloads")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The 1-based line of `script` holding `marker` (panics if none does).
+pub fn marker_line(script: &str, marker: &str) -> u64 {
+    let text = std::fs::read_to_string(script).expect("reading the workload");
+    text.lines()
+        .position(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("{marker} not in {script}")) as u64
+        + 1
+}
+
 /// The pyleak binary under test (`PYLEAK_BIN`, else the release build).
 pub fn pyleak_bin() -> PathBuf {
     let p = std::env::var_os("PYLEAK_BIN")

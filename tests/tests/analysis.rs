@@ -21,23 +21,6 @@ fn python312() -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-fn workload(name: &str) -> String {
-    root()
-        .join("tests/workloads")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// The 1-based line of `script` holding `marker`.
-fn line_of(script: &str, marker: &str) -> u64 {
-    let text = std::fs::read_to_string(script).expect("reading the workload");
-    text.lines()
-        .position(|l| l.contains(marker))
-        .unwrap_or_else(|| panic!("{marker} not in {script}")) as u64
-        + 1
-}
-
 /// The leaf frame of a stack or suspect.
 fn leaf(s: &Value) -> &str {
     s["frames"]
@@ -84,7 +67,7 @@ fn a_registry_of_small_objects_is_the_top_suspect_with_its_exact_bytes() {
     }
     let Some(py) = python312() else { return };
     let script = workload("py_analysis.py");
-    let line = line_of(&script, "# REGISTRY_LINE");
+    let line = marker_line(&script, "# REGISTRY_LINE");
     let (report, out) = record_workload(&scratch("suspect-registry"), &py, "registry");
     let want = printed(&out)["bytes"].as_u64().unwrap();
     let top = &suspects(&report)[0];
@@ -171,7 +154,7 @@ fn fragmented_arenas_hold_far_more_than_the_objects_in_them() {
         "3.12 arenas are 1 MiB"
     );
     // The stack that made the objects is linked to the arenas it filled.
-    let line = line_of(&script, "# FRAGMENT_LINE");
+    let line = marker_line(&script, "# FRAGMENT_LINE");
     let frag = suspects(&report)
         .iter()
         .find(|s| leaf(s) == format!("fragment ({script}:{line})") && s["layer"] == "pymalloc")
@@ -194,8 +177,8 @@ fn touched_pages_are_resident_at_the_stack_that_touched_them() {
     let script = workload("py_analysis.py");
     let (report, out) = record_workload(&scratch("suspect-mmap"), &py, "mmap");
     let size = printed(&out)["bytes"].as_u64().unwrap();
-    let touch = format!("touch ({script}:{})", line_of(&script, "# TOUCH_LINE"));
-    let map = format!("mapping ({script}:{})", line_of(&script, "# MMAP_LINE"));
+    let touch = format!("touch ({script}:{})", marker_line(&script, "# TOUCH_LINE"));
+    let map = format!("mapping ({script}:{})", marker_line(&script, "# MMAP_LINE"));
     let stacks = report["stacks"].as_array().unwrap();
     let find = |layer: &str, leaf_frame: &str| {
         stacks
@@ -270,11 +253,11 @@ fn a_leaking_http_handler_is_the_top_growing_suspect_and_a_warm_cache_is_not() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("report");
     let leak = format!(
         "Handler.do_GET ({script}:{})",
-        line_of(&script, "# LEAK_LINE")
+        marker_line(&script, "# LEAK_LINE")
     );
     let cache = format!(
         "Handler.do_GET ({script}:{})",
-        line_of(&script, "# CACHE_LINE")
+        marker_line(&script, "# CACHE_LINE")
     );
     let all = suspects(&report);
     let top = &all[0];
@@ -397,7 +380,7 @@ fn snapshots_stream_one_json_line_per_sample() {
         .map(|l| l["layers"]["pymalloc"].as_u64().unwrap_or(0))
         .collect();
     assert!(pymalloc.last() > pymalloc.first(), "{pymalloc:?}");
-    let line = line_of(&script, "# REGISTRY_LINE");
+    let line = marker_line(&script, "# REGISTRY_LINE");
     let grew = lines.iter().any(|l| {
         l["top_growing"]
             .as_array()
@@ -459,7 +442,7 @@ fn top_draws_layers_and_growing_stacks_in_a_terminal_and_quits_on_q() {
         .expect("starting the client");
     let leak = format!(
         "Handler.do_GET ({script}:{})",
-        line_of(&script, "# LEAK_LINE")
+        marker_line(&script, "# LEAK_LINE")
     );
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut pane = String::new();

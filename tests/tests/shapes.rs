@@ -11,23 +11,9 @@ fn shape_pythons() -> Vec<(String, PathBuf)> {
     required_pythons(&["pyenv 3.12.1", "debian 3.11"])
 }
 
-fn workload(name: &str) -> String {
-    root()
-        .join("tests/workloads")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// `(path:N)`, the end of a frame at the 1-based line of `script` holding `marker`.
 fn at_line(script: &str, marker: &str) -> String {
-    let text = std::fs::read_to_string(script).expect("reading the workload");
-    let n = text
-        .lines()
-        .position(|l| l.contains(marker))
-        .unwrap_or_else(|| panic!("{marker} not in {script}"))
-        + 1;
-    format!("({script}:{n})")
+    format!("({script}:{})", marker_line(script, marker))
 }
 
 /// The leaf frame of a stack or suspect.
