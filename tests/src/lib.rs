@@ -22,6 +22,14 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
+/// Runs `tmux ARGS` (terminal tests of `pyleak top`).
+pub fn tmux(args: &[&str]) -> Output {
+    Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("running tmux")
+}
+
 /// The path of workload `name` in `tests/workloads`.
 pub fn workload(name: &str) -> String {
     root()

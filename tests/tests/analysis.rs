@@ -394,13 +394,6 @@ fn snapshots_stream_one_json_line_per_sample() {
 }
 
 /// Runs `tmux ARGS`.
-fn tmux(args: &[&str]) -> std::process::Output {
-    Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("running tmux")
-}
-
 #[test]
 fn top_draws_layers_and_growing_stacks_in_a_terminal_and_quits_on_q() {
     if !root_or_skip() {

@@ -472,3 +472,74 @@ fn record_with_census_reports_holders_next_to_suspects() {
     );
     assert!(text.contains("held by: __main__.REGISTRY ("), "{text}");
 }
+
+/// `pyleak top --census` on a growing program: the live view shows the growing types
+/// (tuple, str) and the holder `__main__.REGISTRY` among the growing holders, then quits
+/// on q.
+#[test]
+fn top_with_census_shows_growing_types_and_their_holders() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some((_, py)) = required_pythons(&["pyenv 3.12.1"]).into_iter().next() else {
+        return;
+    };
+    if !skip_unless(
+        Command::new("tmux").arg("-V").output().is_ok(),
+        "tmux is not installed",
+    ) {
+        return;
+    }
+    let w = Workload::start(&py, &["grow", &RATE.to_string(), "30"]);
+    let session = format!("pyleak-top-census-{}", std::process::id());
+    let done = scratch("top-census").join("done");
+    let cmd = format!(
+        "{} top --census --layers libc --interval 1 -p {}; touch {}",
+        pyleak_bin().display(),
+        w.pid(),
+        done.display()
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "160",
+        "-y",
+        "60",
+        &cmd,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let wanted = |pane: &str| {
+        pane.contains("growing types")
+            && pane.contains(" tuple")
+            && pane.contains("__main__.REGISTRY (dict")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let mut pane = String::new();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let cap = tmux(&["capture-pane", "-p", "-t", &session]);
+        pane = String::from_utf8_lossy(&cap.stdout).into_owned();
+        if wanted(&pane) {
+            break;
+        }
+    }
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = tmux(&["kill-session", "-t", &session]);
+    assert!(wanted(&pane), "the live view:\n{pane}");
+    assert!(done.exists(), "pyleak top did not quit on q");
+    // The holder's line is under "holders", growing.
+    let holders = pane.split("holders (pid").nth(1).unwrap_or("");
+    assert!(
+        holders
+            .lines()
+            .any(|l| l.contains("__main__.REGISTRY (dict") && l.contains("/s")),
+        "the live view:\n{pane}"
+    );
+}

@@ -102,6 +102,21 @@ impl Report {
         }
     }
 
+    /// Growth so far (first census to the last) and the `top` holders, without ending the
+    /// report (the live view's); empty before two censuses.
+    pub fn current(&self, top: usize) -> (Vec<Growth>, Vec<HolderRow>) {
+        match (self.censuses.first(), self.censuses.last()) {
+            (Some((t0, first)), Some((t1, last))) if self.censuses.len() > 1 => {
+                let dt = t1 - t0;
+                (
+                    type_growth(first, last, dt),
+                    holder_rows(first, last, dt, top),
+                )
+            }
+            _ => (Vec::new(), Vec::new()),
+        }
+    }
+
     /// Growth and the `top` holders.
     pub fn finish(self, top: usize) -> Finished {
         let (growth, holders) = match (self.censuses.first(), self.censuses.last()) {

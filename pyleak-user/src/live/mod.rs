@@ -45,6 +45,8 @@ pub struct TopView<'a> {
     pub samples: usize,
     /// The fastest-growing stacks.
     pub growing: &'a [GrowingStack],
+    /// With `--census`: the growing types and their holders, one line each.
+    pub census: Vec<String>,
 }
 
 /// Redraws the live view: layer totals and the fastest-growing stacks.
@@ -93,6 +95,13 @@ pub fn draw(view: &TopView<'_>) {
         for f in g.frames.iter().rev().take(3) {
             s.push_str(&format!("      {f}\r\n"));
         }
+    }
+    if !view.census.is_empty() {
+        s.push_str("\r\n");
+    }
+    for line in &view.census {
+        s.push_str(line);
+        s.push_str("\r\n");
     }
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(s.as_bytes());

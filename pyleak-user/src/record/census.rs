@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::census::Report;
 use crate::python::{self, census, PythonRuntime};
+use crate::report::human_bytes;
 
 /// Holders and types shown per process in the text summary.
 const TOP: usize = 10;
@@ -79,6 +80,40 @@ impl Censuses {
                 }
             }
         }
+    }
+
+    /// For `pyleak top`: per process, its `top` fastest-growing types and holders so far,
+    /// as lines of text (nothing before a process's second census).
+    pub fn live_lines(&self, top: usize) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (&pid, p) in &self.procs {
+            let (growth, holders) = p.report.current(top);
+            let growing: Vec<_> = growth.iter().filter(|g| g.bytes_per_s > 0.0).collect();
+            if growing.is_empty() && holders.is_empty() {
+                continue;
+            }
+            lines.push(format!("growing types (pid {pid}):"));
+            for g in growing.iter().take(top) {
+                lines.push(format!(
+                    "  {:>12}/s {:>12} objects/s  {}",
+                    format!("+{}", human_bytes(g.bytes_per_s as u64)),
+                    format!("{:+.1}", g.count_per_s),
+                    g.name
+                ));
+            }
+            lines.push(format!("holders (pid {pid}):"));
+            for h in holders.iter().filter(|h| h.growth_bytes_per_s > 0.0) {
+                let len = h.len.map(|n| format!(", {n} items")).unwrap_or_default();
+                lines.push(format!(
+                    "  {:>12}/s {:>10} retained  {} ({}{len})",
+                    format!("+{}", human_bytes(h.growth_bytes_per_s as u64)),
+                    human_bytes(h.retained_bytes),
+                    h.path.join("."),
+                    h.type_name
+                ));
+            }
+        }
+        lines
     }
 
     /// The holder of `pid`'s allocator block at `addr` in its last census.

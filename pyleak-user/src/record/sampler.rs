@@ -26,6 +26,9 @@ use crate::{
     symbolize::Symbolizer,
 };
 
+/// Growing types and holders drawn per process in `pyleak top --census`.
+const LIVE_CENSUS_ROWS: usize = 5;
+
 /// Growing stacks a snapshot line and the live view list.
 const TOP_GROWING: usize = 10;
 
@@ -139,7 +142,8 @@ impl Sampler {
         }
     }
 
-    /// Redraws the live view: layer totals and the fastest-growing stacks.
+    /// Redraws the live view: layer totals, the fastest-growing stacks and, with
+    /// `--census`, the growing types and their holders.
     pub fn draw(&self, rec: &Recorder) {
         // (layer, allocated, freed): the uprobe layers from the kernel, vm and pages from
         // the model.
@@ -160,6 +164,11 @@ impl Sampler {
             interval_s: self.interval.as_secs_f64(),
             samples: self.timeline.len(),
             growing: &self.growing,
+            census: self
+                .censuses
+                .as_ref()
+                .map(|c| c.live_lines(LIVE_CENSUS_ROWS))
+                .unwrap_or_default(),
         });
     }
 
