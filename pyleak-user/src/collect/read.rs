@@ -133,6 +133,30 @@ impl Recorder {
             .unwrap_or(now)
     }
 
+    /// Calls `f` with every live block the kernel tracks: the live-block table's, then
+    /// the overflow map's.
+    fn for_each_live_block(&self, f: &mut impl FnMut(AllocKey, LiveAlloc)) -> anyhow::Result<()> {
+        table::for_each_live(
+            self.ebpf
+                .map(names::LIVE_KEYS)
+                .context(missing(names::LIVE_KEYS))?,
+            self.ebpf
+                .map(names::LIVE_VALS)
+                .context(missing(names::LIVE_VALS))?,
+            &mut *f,
+        )?;
+        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
+            self.ebpf
+                .map(names::LIVE_ALLOCS)
+                .context(missing(names::LIVE_ALLOCS))?,
+        )?;
+        for entry in overflow.iter() {
+            let Ok((key, block)) = entry else { break };
+            f(key, block);
+        }
+        Ok(())
+    }
+
     /// Live blocks of `layer` that `key` knows by (process, address), counted and summed
     /// (requested bytes) per (process, stack, key). Read when the targets are frozen.
     pub fn live_blocks_by<K: std::hash::Hash + Eq>(
@@ -151,24 +175,7 @@ impl Recorder {
                 e.1 += block.size;
             }
         };
-        table::for_each_live(
-            self.ebpf
-                .map(names::LIVE_KEYS)
-                .context(missing(names::LIVE_KEYS))?,
-            self.ebpf
-                .map(names::LIVE_VALS)
-                .context(missing(names::LIVE_VALS))?,
-            &mut add,
-        )?;
-        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
-            self.ebpf
-                .map(names::LIVE_ALLOCS)
-                .context(missing(names::LIVE_ALLOCS))?,
-        )?;
-        for entry in overflow.iter() {
-            let Ok((k, block)) = entry else { break };
-            add(k, block);
-        }
+        self.for_each_live_block(&mut add)?;
         Ok(out)
     }
 
@@ -214,24 +221,7 @@ impl Recorder {
             }
         };
         // Every target is frozen by now, so nothing is removed under the walks.
-        table::for_each_live(
-            self.ebpf
-                .map(names::LIVE_KEYS)
-                .context(missing(names::LIVE_KEYS))?,
-            self.ebpf
-                .map(names::LIVE_VALS)
-                .context(missing(names::LIVE_VALS))?,
-            &mut add,
-        )?;
-        let overflow: BpfHashMap<_, AllocKey, LiveAlloc> = BpfHashMap::try_from(
-            self.ebpf
-                .map(names::LIVE_ALLOCS)
-                .context(missing(names::LIVE_ALLOCS))?,
-        )?;
-        for entry in overflow.iter() {
-            let Ok((key, block)) = entry else { break };
-            add(key, block);
-        }
+        self.for_each_live_block(&mut add)?;
         // Without the pymalloc layer, its arenas are the only trace of Python objects:
         // they can be vm suspects, at the Python stacks that made them.
         let arenas_judged = !self.opts.layers.contains(Layer::Pymalloc);
