@@ -9,6 +9,17 @@ use crate::analysis::Analysis;
 /// Frames shown (leaf end) per stack in these sections.
 const FRAMES_SHOWN: usize = 3;
 
+/// The leaf [`FRAMES_SHOWN`] frames of a root-first stack, leaf first: `a <- b <- c`.
+fn leaf_first(frames: &[String]) -> String {
+    let shown: Vec<&str> = frames
+        .iter()
+        .rev()
+        .take(FRAMES_SHOWN)
+        .map(String::as_str)
+        .collect();
+    shown.join(" <- ")
+}
+
 /// Below this, a kind's retention is not worth a line (a few pages always are).
 const RETENTION_SHOWN_BYTES: u64 = 1 << 20;
 
@@ -44,18 +55,11 @@ pub fn retention(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> 
             r.pid
         )?;
         for s in &r.stacks {
-            let leaf: Vec<&str> = s
-                .frames
-                .iter()
-                .rev()
-                .take(FRAMES_SHOWN)
-                .map(String::as_str)
-                .collect();
             writeln!(
                 out,
                 "      faulted in {:>10} at {}",
                 human_bytes(s.resident_bytes),
-                leaf.join(" <- ")
+                leaf_first(&s.frames)
             )?;
         }
         writeln!(out, "      gives it back: {}", r.gives_back)?;
@@ -93,18 +97,11 @@ pub fn peaks(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
             human_bytes(now)
         )?;
         for s in p.stacks.iter().take(3) {
-            let leaf: Vec<&str> = s
-                .frames
-                .iter()
-                .rev()
-                .take(FRAMES_SHOWN)
-                .map(String::as_str)
-                .collect();
             writeln!(
                 out,
                 "      {:>10} at {} (pid {})",
                 human_bytes(s.live_bytes),
-                leaf.join(" <- "),
+                leaf_first(&s.frames),
                 s.pid
             )?;
         }
