@@ -30,6 +30,43 @@ pub fn tmux(args: &[&str]) -> Output {
         .expect("running tmux")
 }
 
+/// Polls tmux session `session`'s pane every half second for up to `secs` seconds until
+/// `done` accepts it; returns the last pane seen.
+pub fn tmux_pane_until(session: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut pane = String::new();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let cap = tmux(&["capture-pane", "-p", "-t", session]);
+        pane = String::from_utf8_lossy(&cap.stdout).into_owned();
+        if done(&pane) {
+            break;
+        }
+    }
+    pane
+}
+
+/// Sends q to tmux session `session` and waits up to 20 s for `file` to exist (the
+/// command's `; touch FILE` once it quits); then ends the session.
+pub fn tmux_quit(session: &str, file: &Path) {
+    tmux(&["send-keys", "-t", session, "q"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = tmux(&["kill-session", "-t", session]);
+}
+
+/// The JSON line a workload printed on stdout.
+pub fn printed(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line from the workload in {stdout}"));
+    serde_json::from_str(line).expect("workload JSON")
+}
+
 /// The path of workload `name` in `tests/workloads`.
 pub fn workload(name: &str) -> String {
     root()

@@ -8,7 +8,6 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use pyleak_tests::*;
@@ -32,16 +31,6 @@ fn leaf(s: &Value) -> &str {
 
 fn suspects(report: &Value) -> &Vec<Value> {
     report["suspects"].as_array().expect("suspects")
-}
-
-/// The JSON line the workload printed.
-fn printed(out: &std::process::Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON line from the workload in {stdout}"));
-    serde_json::from_str(line).expect("workload JSON")
 }
 
 fn record_workload(dir: &Path, python: &Path, mode: &str) -> (Value, std::process::Output) {
@@ -437,24 +426,10 @@ fn top_draws_layers_and_growing_stacks_in_a_terminal_and_quits_on_q() {
         "Handler.do_GET ({script}:{})",
         marker_line(&script, "# LEAK_LINE")
     );
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let mut pane = String::new();
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        let cap = tmux(&["capture-pane", "-p", "-t", &session]);
-        pane = String::from_utf8_lossy(&cap.stdout).into_owned();
-        if pane.contains(&leak) {
-            break;
-        }
-    }
+    let pane = tmux_pane_until(&session, 40, |pane| pane.contains(&leak));
     let _ = client.kill();
     let _ = client.wait();
-    tmux(&["send-keys", "-t", &session, "q"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = tmux(&["kill-session", "-t", &session]);
+    tmux_quit(&session, &done);
     let _ = server.kill();
     let _ = server.wait();
     assert!(pane.contains("pyleak top"), "{pane}");

@@ -107,22 +107,24 @@ fn growth(report: &Value) -> HashMap<String, (f64, f64)> {
         .collect()
 }
 
+/// A holder's path, dotted.
+fn path_of(h: &Value) -> String {
+    let p: Vec<&str> = h["path"]
+        .as_array()
+        .expect("path")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    p.join(".")
+}
+
 /// The holder at `path` (dotted), if reported.
 fn holder<'a>(report: &'a Value, path: &str) -> Option<&'a Value> {
-    let want: Vec<&str> = path.split('.').collect();
     report["holders"]
         .as_array()
         .expect("holders")
         .iter()
-        .find(|h| {
-            let p: Vec<&str> = h["path"]
-                .as_array()
-                .expect("path")
-                .iter()
-                .filter_map(Value::as_str)
-                .collect();
-            p == want
-        })
+        .find(|h| path_of(h) == path)
 }
 
 fn holder_paths(report: &Value) -> Vec<String> {
@@ -130,15 +132,7 @@ fn holder_paths(report: &Value) -> Vec<String> {
         .as_array()
         .expect("holders")
         .iter()
-        .map(|h| {
-            let p: Vec<&str> = h["path"]
-                .as_array()
-                .expect("path")
-                .iter()
-                .filter_map(Value::as_str)
-                .collect();
-            p.join(".")
-        })
+        .map(path_of)
         .collect()
 }
 
@@ -516,22 +510,8 @@ fn top_with_census_shows_growing_types_and_their_holders() {
             && pane.contains(" tuple")
             && pane.contains("__main__.REGISTRY (dict")
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
-    let mut pane = String::new();
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let cap = tmux(&["capture-pane", "-p", "-t", &session]);
-        pane = String::from_utf8_lossy(&cap.stdout).into_owned();
-        if wanted(&pane) {
-            break;
-        }
-    }
-    tmux(&["send-keys", "-t", &session, "q"]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !done.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    let _ = tmux(&["kill-session", "-t", &session]);
+    let pane = tmux_pane_until(&session, 40, wanted);
+    tmux_quit(&session, &done);
     assert!(wanted(&pane), "the live view:\n{pane}");
     assert!(done.exists(), "pyleak top did not quit on q");
     // The holder's line is under "holders", growing.

@@ -31,16 +31,6 @@ fn array<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
         .unwrap_or_else(|| panic!("no {key} array"))
 }
 
-/// The JSON line the workload printed.
-fn printed(out: &std::process::Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON line from the workload in {stdout}"));
-    serde_json::from_str(line).expect("workload JSON")
-}
-
 fn num(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
