@@ -57,7 +57,8 @@ fn launch(dir: &std::path::Path, python: &std::path::Path, malloc: u64, mmap: u6
     r
 }
 
-fn check(label: &str, base: &Value, leak: &Value) {
+/// `attached`: pyleak attached to the running target (else it launched it).
+fn check(label: &str, base: &Value, leak: &Value, attached: bool) {
     within_2pct(
         label,
         "libc",
@@ -85,7 +86,22 @@ fn check(label: &str, base: &Value, leak: &Value) {
         live(leak, "vm") - live(base, "vm"),
         ((MMAP_MIB + MALLOC_MIB) << 20) as f64,
     );
-    assert_eq!(leak["lost_events"], 0, "{label}: lost {}", leak["lost"]);
+    if !attached {
+        assert_eq!(leak["lost_events"], 0, "{label}: lost {}", leak["lost"]);
+        return;
+    }
+    // Attached: a malloc already under way in the waiting target while its return probe
+    // went in before its entry probe returns unmatched, and is counted (once in a few runs
+    // on Debian 3.11's ~900 probes). Nothing else may be lost.
+    for (reason, n) in leak["lost"].as_object().expect("lost") {
+        let n = n.as_u64().unwrap();
+        let allowed = if reason == "unmatched_return" { 4 } else { 0 };
+        assert!(
+            n <= allowed,
+            "{label}: lost {n} to {reason}: {}",
+            leak["lost"]
+        );
+    }
 }
 
 #[test]
@@ -98,7 +114,7 @@ fn launch_mode_every_cpython() {
         let dir = scratch(&format!("pynative-{}", label.replace(' ', "-")));
         let base = launch(&dir, &python, 0, 0);
         let leak = launch(&dir, &python, MALLOC_MIB, MMAP_MIB);
-        check(&label, &base, &leak);
+        check(&label, &base, &leak, false);
         eprintln!(
             "{label}: ok (libc +{:.2} MiB, pages +{:.2} MiB)",
             (live(&leak, "libc") - live(&base, "libc")) / MIB,
@@ -133,7 +149,7 @@ fn attach_mode_pyenv_312_and_debian_311() {
         let dir = scratch(&format!("pyattach-{}", label.replace(' ', "-")));
         let base = attach(&dir, &python, 0, 0);
         let leak = attach(&dir, &python, MALLOC_MIB, MMAP_MIB);
-        check(&label, &base, &leak);
+        check(&label, &base, &leak, true);
     }
 }
 
