@@ -9,7 +9,7 @@ use aya_ebpf::{
 use pyleak_common::{Layer, VmEvent, VmKind, TARGET_ACTIVE};
 
 use crate::{
-    maps::{emit, in_probe, target_state, THREADS},
+    maps::{emit_quiet, in_probe, target_state, THREADS},
     stack,
     thread::upper_call,
 };
@@ -44,7 +44,7 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
         Some((flags, Some(id))) => (flags, id),
         _ => (0, stack::capture(ctx.as_ptr(), None, tid, true)),
     };
-    emit(VmEvent {
+    emit_quiet(VmEvent {
         kind: VmKind::Fault as u32,
         tgid,
         addr: address & PAGE_MASK,
