@@ -42,7 +42,7 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
         .map(|t| upper_call(unsafe { &mut *t }, Layer::Pages as usize, tid, true));
     let (flags, stack_id) = match upper {
         Some((flags, Some(id))) => (flags, id),
-        _ => (0, stack::capture(ctx.as_ptr(), None, tid, true)),
+        _ => (0, stack::capture_user(ctx.as_ptr(), tid)),
     };
     emit_quiet(VmEvent {
         kind: VmKind::Fault as u32,
