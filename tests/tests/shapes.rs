@@ -382,7 +382,8 @@ fn pymalloc_on(report: &Value, line: &str) -> u64 {
 /// Dicts copied by a C helper and dropped next to a function keeping dicts: the free lists
 /// hand the dropped copies' objects and keys tables to the keeper. In both modes the
 /// keeper is the growing suspect holding what the kept dicts hold (exact mode within 5%,
-/// sampled within 25%), and the copying line holds almost nothing (under 5% of it), on
+/// sampled within 25%), and the copying line holds almost nothing (under 1% of it in exact
+/// mode, 10% sampled), on
 /// every CPython whose free-list hand-overs pyleak sees: `_Py_NewReference` (3.9+, not
 /// inlined), `insert_to_emptydict` and `new_keys_object`. On 3.8 (`_Py_NewReference`
 /// inlined) and Debian's LTO 3.11 (most calls to it inlined) only the keeper is checked.
@@ -436,13 +437,20 @@ fn dicts_reused_through_free_lists_are_the_keepers() {
             // (Before 3.12 the copying line's frame is its list comprehension's.)
             let at_keeper = pymalloc_on(&report, &keep);
             let at_copier = pymalloc_on(&report, &copy_line);
-            let margin = if mode == "exact" { 0.05 } else { 0.25 };
+            // Sampled: a window that closes while a round's copies are still held keeps
+            // them as samples; dropped and taken by the keeper after it, they still look
+            // like the same dicts (measured 0.61 MB of 14.9 MB on 3.12).
+            let (margin, copier_share) = if mode == "exact" {
+                (0.05, 0.01)
+            } else {
+                (0.25, 0.10)
+            };
             assert!(
                 (at_keeper as f64 - want as f64).abs() <= margin * want as f64,
                 "{label} {mode}: {at_keeper} B at the keeping line, {want} B kept"
             );
             assert!(
-                (at_copier as f64) < 0.05 * want as f64,
+                (at_copier as f64) < copier_share * want as f64,
                 "{label} {mode}: the copying line holds {at_copier} B of the {want} B kept"
             );
         }
