@@ -142,24 +142,14 @@ struct WalkState {
     flags: u32,
     /// Bytes of each frame to read: past the last field the layout uses.
     frame_len: u32,
-    /// Python frames of this thread's previous capture still in the scratch stack.
-    earlier: u32,
 }
 
 /// Appends the Python frames of the current thread to `st`, leaf first.
 ///
-/// `earlier`: how many Python frames of this thread's previous capture `st` still holds
-/// (0 when it was another thread's). A frame whose code object is the one at the same
-/// depth there takes that frame's signature instead of reading the code object again (a
-/// user read, ~0.15 µs, of the walk's two per frame). Both frames held a reference to the
-/// code object when read, so it is the same object unless it was freed and another made at
-/// its address in between, the case the signature itself only catches when the first
-/// lines differ.
-///
 /// The frame loop runs through `bpf_loop`, so the verifier checks one step instead of
 /// every unrolled iteration.
 #[inline(always)]
-pub fn walk(st: &mut StackTrace, earlier: u32) {
+pub fn walk(st: &mut StackTrace) {
     st.py_len = 0;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
@@ -217,7 +207,6 @@ pub fn walk(st: &mut StackTrace, earlier: u32) {
         n: 0,
         flags: 0,
         frame_len: (last as usize + 8).min(FRAME_READ) as u32,
-        earlier,
     };
     // SAFETY: the callback is a static BPF function and takes no context.
     unsafe {
@@ -315,18 +304,12 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     } else {
         field_u64(buf, p.frame_lasti).unwrap_or(0) as u32
     };
+    let sig = read_u32(code + p.code_firstlineno as u64).unwrap_or(0);
     let n = s.n as usize;
     if n >= MAX_PY_FRAMES {
         s.flags |= STACK_PY_TRUNCATED;
         return 1;
     }
-    // SAFETY: the per-CPU scratch stack; `n` is below the array's length.
-    let before = unsafe { (*st).py[n] };
-    let sig = if n < s.earlier as usize && before.code == code {
-        before.sig
-    } else {
-        read_u32(code + p.code_firstlineno as u64).unwrap_or(0)
-    };
     // SAFETY: the per-CPU scratch stack; `n` is below the array's length.
     unsafe { (*st).py[n] = PyFrame { code, lasti, sig } };
     s.n += 1;

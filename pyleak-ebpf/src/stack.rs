@@ -90,9 +90,6 @@ fn fill(
     };
     // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
     let st = unsafe { &mut *st };
-    // The Python frames this CPU's last capture left, when it was this thread's: a frame
-    // showing the same code object at the same depth takes its signature from there.
-    let earlier = if st.tid == tid { st.py_len } else { 0 };
     st.flags = 0;
     st.py_len = 0;
     st.tid = tid;
@@ -140,7 +137,7 @@ fn fill(
         len = MAX_NATIVE_FRAMES;
     }
     st.native_len = len as u32;
-    crate::pystack::walk(st, earlier);
+    crate::pystack::walk(st);
     set_in_probe(false);
     intern(st)
 }
