@@ -47,6 +47,11 @@ pub struct AllocWatch {
     tables: [AllocTable; 3],
     bias: Option<u64>,
     said: TableState,
+    /// The state read at the previous check: a change is said when two checks in a row
+    /// agree. While the interpreter starts, CPython swaps the raw table for a moment
+    /// (`_PyMem_SetDefaultAllocator` around reading its configuration, 3.6–3.9): one read
+    /// then is no hook.
+    last: TableState,
 }
 
 impl AllocWatch {
@@ -72,6 +77,7 @@ impl AllocWatch {
             tables,
             bias: None,
             said: TableState::Original,
+            last: TableState::Original,
         })
     }
 
@@ -82,6 +88,10 @@ impl AllocWatch {
         }
         let Some(bias) = self.bias else { return };
         let Some(state) = self.read(bias) else { return };
+        let previous = std::mem::replace(&mut self.last, state);
+        if state != previous {
+            return;
+        }
         // Said once per change to a replaced state; going back is not news.
         let said = std::mem::replace(&mut self.said, state);
         if state == said || state == TableState::Original {
