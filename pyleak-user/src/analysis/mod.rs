@@ -113,9 +113,12 @@ pub fn analyze(
                 } else {
                     model.live_pages()
                 };
+                // Retired processes' memory is out of the model; the totals still count it,
+                // as the uprobe layers' counters do.
+                let retired = snap.retired.live.get(&layer).copied().unwrap_or_default();
                 let (live_bytes, live_count) = live
                     .values()
-                    .fold((0, 0), |(b, c), (lb, lc)| (b + lb, c + lc));
+                    .fold(retired, |(b, c), (lb, lc)| (b + lb, c + lc));
                 let sizes = if layer == Layer::Vm {
                     percentiles(&model.vm_sizes)
                 } else {
@@ -394,6 +397,22 @@ pub fn analyze(
             reused: sp.reused,
             unreadable: sp.unreadable,
             capped: sp.full,
+        }),
+        retired: (snap.retired.processes > 0).then(|| RetiredReport {
+            processes: snap.retired.processes,
+            kept: snap.retired.kept,
+            live_bytes: snap
+                .retired
+                .live
+                .iter()
+                .map(|(l, v)| (l.name().to_owned(), v.0))
+                .collect(),
+            live_count: snap
+                .retired
+                .live
+                .iter()
+                .map(|(l, v)| (l.name().to_owned(), v.1))
+                .collect(),
         }),
     }
 }

@@ -74,6 +74,25 @@ pub struct Analysis {
     /// Sampled pymalloc tracing, when on: the pymalloc figures are then estimates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_pymalloc: Option<SampledReport>,
+    /// Group targets: exited processes retired while recording (absent when none was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired: Option<RetiredReport>,
+}
+
+/// Exited processes whose state pyleak dropped while recording, to keep its own memory
+/// bounded under process churn: past the last `kept` exited processes, the oldest is
+/// retired. They are not in `processes`, `stacks` or `suspects`; the layer totals still
+/// count them (JSON `retired`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct RetiredReport {
+    /// Processes retired.
+    pub processes: u64,
+    /// Exited processes kept whole at any time.
+    pub kept: usize,
+    /// What they left live when retired, by layer name: bytes.
+    pub live_bytes: BTreeMap<String, u64>,
+    /// The same, in blocks (vm: mappings; pages: pages).
+    pub live_count: BTreeMap<String, u64>,
 }
 
 /// A live-bytes estimate of sampled pymalloc tracing (JSON fields of a stack or suspect).

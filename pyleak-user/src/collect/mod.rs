@@ -4,6 +4,7 @@ mod budget;
 pub mod bulk;
 pub mod frames;
 mod read;
+pub mod retire;
 mod snapshot;
 mod table;
 pub mod vm;
@@ -108,6 +109,8 @@ pub struct Recorder {
     pub cgroups: HashMap<u32, String>,
     /// CPython version of each target that runs one.
     pub pythons: HashMap<u32, String>,
+    /// Exited processes retired (group targets), and what they left live.
+    retired: retire::Retired,
 }
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyleak"));
@@ -277,6 +280,7 @@ impl Recorder {
             targets: Vec::new(),
             probes: Vec::new(),
             comms: HashMap::new(),
+            retired: retire::Retired::default(),
             new_stacks: Vec::new(),
             execs: Vec::new(),
             cgroups: HashMap::new(),
@@ -464,6 +468,8 @@ impl Recorder {
         if self.opts.filter == Filter::PidSet {
             self.mark_active(pid)?;
         }
+        // A pid retired earlier and now reused by a new process.
+        self.retired.pids.remove(&pid);
         if !self.targets.contains(&pid) {
             self.model.add_process(pid, current_brk(pid));
             if self.windows.is_some() {
@@ -515,7 +521,9 @@ impl Recorder {
                 // SAFETY: the kernel wrote a whole VmEvent; read_unaligned copes with the
                 // ring buffer's 8-byte alignment.
                 let ev: VmEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                if ev.kind == VmKind::NewStack as u32 {
+                if ev.kind != VmKind::Exec as u32 && self.retired.pids.contains(&ev.tgid) {
+                    // The last events of a retired process: nothing of it is kept.
+                } else if ev.kind == VmKind::NewStack as u32 {
                     self.new_stacks.push((ev.tgid, ev.stack_id));
                 } else {
                     if ev.kind == VmKind::Exec as u32 {
@@ -586,7 +594,9 @@ impl Recorder {
     /// Re-reads the command name of `pid` (it changes at exec).
     pub fn refresh_comm(&mut self, pid: u32) {
         if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-            self.comms.insert(pid, c.trim().to_owned());
+            if self.comms.get(&pid).map(String::as_str) != Some(c.trim()) {
+                self.comms.insert(pid, c.trim().to_owned());
+            }
         }
     }
 

@@ -202,6 +202,18 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// Forgets `pids` (retired processes): their memory (closed), code objects and stacks.
+    pub fn forget(&mut self, pids: &std::collections::HashSet<u32>) {
+        self.procs.retain(|p, _| !pids.contains(p));
+        self.cache.retain(|(p, _, _), _| !pids.contains(p));
+        self.stacks.retain(|(p, _), _| !pids.contains(p));
+    }
+
+    /// Processes known, code objects cached, stacks resolved.
+    pub fn footprint(&self) -> (usize, usize, usize) {
+        (self.procs.len(), self.cache.len(), self.stacks.len())
+    }
+
     /// Starts resolving frames of `pid`, which runs `rt`.
     pub fn add_process(&mut self, pid: u32, rt: &PythonRuntime) {
         // Memory is opened at first use: a launched command has not exec'd yet.

@@ -142,6 +142,13 @@ impl Sampler {
         }
     }
 
+    /// Forgets retired processes `gone`: their growth series and frame names.
+    pub fn forget(&mut self, gone: &std::collections::HashSet<u32>) {
+        self.timeline.forget(|(pid, _, _)| gone.contains(pid));
+        self.frames.retain(|(pid, _), _| !gone.contains(pid));
+        self.peaks.forget(gone);
+    }
+
     /// Redraws the live view: layer totals, the fastest-growing stacks and, with
     /// `--census`, the growing types and their holders.
     pub fn draw(&self, rec: &Recorder) {

@@ -131,6 +131,7 @@ fn sample() -> Analysis {
         probes_detach_s: 0.5,
         census: None,
         sampled_pymalloc: None,
+        retired: None,
         suspects: vec![
             Suspect {
                 estimate: None,

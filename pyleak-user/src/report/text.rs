@@ -136,6 +136,21 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
     }
     write_processes(report, out)?;
+    if let Some(r) = &report.retired {
+        let left: Vec<String> = r
+            .live_bytes
+            .iter()
+            .filter(|(_, &b)| b > 0)
+            .map(|(l, &b)| format!("{l} {}", human_bytes(b)))
+            .collect();
+        writeln!(
+            out,
+            "exited processes retired: {} (pyleak keeps the last {} whole; older ones are summed here and left out of the stacks above), live at exit: {}",
+            r.processes,
+            r.kept,
+            if left.is_empty() { "nothing".to_owned() } else { left.join(", ") }
+        )?;
+    }
     if report.lost_events == 0 {
         writeln!(out, "lost events: 0")?;
     } else {
