@@ -22,23 +22,28 @@ pub struct SoakArgs {
     minutes: u64,
 }
 
-/// pyleak's resident bytes and CPU seconds (user + system) so far, from /proc.
-fn usage(pid: u32) -> Option<(u64, f64)> {
+/// pyleak's resident bytes, its anonymous resident bytes (its heap: the resident total
+/// also counts the kernel's live-block table while pyleak has it mapped for a walk, up to
+/// 80 MiB for a moment) and CPU seconds (user + system) so far, from /proc.
+fn usage(pid: u32) -> Option<(u64, u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
+    let kib = |field: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (rss_kib, anon_kib) = (kib("VmRSS:")?, kib("RssAnon:")?);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // utime and stime are fields 14 and 15: 11 and 12 after the command.
     let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((rss_kib * 1024, ticks as f64 / hz))
+    Some((rss_kib * 1024, anon_kib * 1024, ticks as f64 / hz))
 }
 
 /// Runs the soak and prints its table.
@@ -70,18 +75,19 @@ pub fn run(bin: &std::path::Path, args: &SoakArgs) -> anyhow::Result<()> {
         .spawn()?;
     let started = Instant::now();
     eprintln!(
-        "xtask: soak: {} min; t_s, pyleak RSS MiB, CPU s, CPU % since last",
+        "xtask: soak: {} min; t_s, pyleak RSS MiB, of it anonymous MiB, CPU s, CPU % since last",
         args.minutes
     );
     let mut last = (0.0, 0.0);
     while pyleak.try_wait()?.is_none() {
         std::thread::sleep(Duration::from_secs(10));
-        if let Some((rss, cpu)) = usage(pyleak.id()) {
+        if let Some((rss, anon, cpu)) = usage(pyleak.id()) {
             let t = started.elapsed().as_secs_f64();
             let pct = 100.0 * (cpu - last.1) / (t - last.0);
             eprintln!(
-                "soak {t:6.0} {:8.1} {cpu:8.2} {pct:6.1}",
-                rss as f64 / 1048576.0
+                "soak {t:6.0} {:8.1} {:8.1} {cpu:8.2} {pct:6.1}",
+                rss as f64 / 1048576.0,
+                anon as f64 / 1048576.0
             );
             last = (t, cpu);
         }
