@@ -225,6 +225,11 @@ impl Resolver {
         self.procs.insert(pid, proc);
     }
 
+    /// Whether stack `stack_id` of `pid` has been resolved (its code objects read).
+    pub fn has_stack(&self, pid: u32, stack_id: u64) -> bool {
+        self.stacks.contains_key(&(pid, stack_id))
+    }
+
     /// Whether frames of `pid` can be resolved (its CPython version is known).
     pub fn knows(&self, pid: u32) -> bool {
         self.procs.contains_key(&pid)
