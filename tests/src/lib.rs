@@ -15,6 +15,7 @@ use std::{
 use serde_json::Value;
 
 pub mod group;
+pub mod one_line;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
