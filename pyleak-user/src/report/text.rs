@@ -474,24 +474,30 @@ fn write_processes(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()
         *live.entry((s.pid, s.layer.as_str())).or_default() += s.live_bytes;
     }
     writeln!(out, "per process (live bytes):")?;
+    // One column per layer of the registry, in call order.
+    let head: String = Layer::ALL
+        .iter()
+        .map(|l| format!(" {:>10}", l.name()))
+        .collect();
     writeln!(
         out,
-        "  {:>7} {:<16} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10}  cgroup",
-        "pid", "command", "python", "pymalloc", "pymem_raw", "libc", "vm", "pages"
+        "  {:>7} {:<16} {:<8}{head}  cgroup",
+        "pid", "command", "python"
     )?;
     for p in &report.processes {
-        let l = |layer: Layer| human_bytes(live.get(&(p.pid, layer.name())).copied().unwrap_or(0));
+        let cols: String = Layer::ALL
+            .iter()
+            .map(|l| {
+                let b = live.get(&(p.pid, l.name())).copied().unwrap_or(0);
+                format!(" {:>10}", human_bytes(b))
+            })
+            .collect();
         writeln!(
             out,
-            "  {:>7} {:<16} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
+            "  {:>7} {:<16} {:<8}{cols}  {}",
             p.pid,
             p.comm,
             p.python.as_deref().unwrap_or("-"),
-            l(Layer::Pymalloc),
-            l(Layer::PymemRaw),
-            l(Layer::Libc),
-            l(Layer::Vm),
-            l(Layer::Pages),
             p.cgroup.as_deref().unwrap_or("?"),
         )?;
     }
