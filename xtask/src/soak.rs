@@ -1,8 +1,10 @@
 //! `cargo xtask soak [--minutes N]`: pyleak on a leaking service with process churn
 //! (tests/workloads/soak_service.py: a worker pool replacing its workers), traced by
 //! cgroup for N minutes. Samples pyleak's resident memory and CPU every 10 s and prints
-//! them; at the end checks that no event was lost and nothing of pyleak is left in the
-//! kernel. Not in CI (it runs minutes); its figures go in docs/soak.md.
+//! them; at the end checks that no event was lost (but returns of calls in flight when a
+//! sampled-pymalloc window's probes went in, at most one per window) and nothing of
+//! pyleak is left in the kernel. Not in CI (it runs minutes; `tests/tests/churn.rs` is its
+//! short form); its figures go in docs/soak.md.
 
 use std::{
     path::PathBuf,
@@ -104,9 +106,37 @@ pub fn run(bin: &std::path::Path, args: &SoakArgs) -> anyhow::Result<()> {
     }
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
     let processes = report["processes"].as_array().map_or(0, Vec::len);
+    let retired = report["retired"]["processes"].as_u64().unwrap_or(0);
     eprintln!(
-        "xtask: soak: {processes} processes seen, lost events {}, {}",
-        report["lost_events"], report["lost"]
+        "xtask: soak: {} processes seen ({processes} in the report, {retired} retired: {}), lost events {}, {}",
+        processes as u64 + retired,
+        report["retired"]["live_bytes"],
+        report["lost_events"],
+        report["lost"]
+    );
+    // Each worker keeps a 1000-byte bytes object per task at task()'s first line: a
+    // malloc block under its Python frame, in the libc layer (exact).
+    let pids: Vec<u64> = report["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["pid"].as_u64())
+        .collect();
+    let named = |pid: u64, prefix: &str| {
+        report["stacks"].as_array().into_iter().flatten().any(|s| {
+            s["pid"] == pid
+                && s["layer"] == "libc"
+                && s["frames"]
+                    .as_array()
+                    .and_then(|f| f.last())
+                    .and_then(|f| f.as_str())
+                    .is_some_and(|f| f.starts_with(prefix))
+        })
+    };
+    let leaking = pids.iter().filter(|&&p| named(p, "task (")).count();
+    let unnamed = pids.iter().filter(|&&p| named(p, "[python code")).count();
+    eprintln!(
+        "xtask: soak: processes in the report with live bytes at task(): {leaking}; with unnamed Python frames: {unnamed}"
     );
     let left = Command::new("bpftool")
         .args(["-j", "link", "show"])
@@ -116,8 +146,21 @@ pub fn run(bin: &std::path::Path, args: &SoakArgs) -> anyhow::Result<()> {
         "xtask: soak: BPF links on the host after pyleak's exit: {}",
         links.as_array().map_or(0, Vec::len)
     );
-    if report["lost_events"] != 0 {
-        bail!("events were lost: {}", report["lost"]);
+    // A return whose call began before its probe went in is counted (`unmatched_return`):
+    // sampled pymalloc's windows attach probes every ~2 s, and a call in flight then can
+    // return unmatched. Anything else lost, or more of those than windows opened, fails.
+    let lost = report["lost"].as_object().cloned().unwrap_or_default();
+    let windows = report["sampled_pymalloc"]["windows"].as_u64().unwrap_or(0);
+    for (reason, n) in &lost {
+        let n = n.as_u64().unwrap_or(0);
+        let allowed = if reason == "unmatched_return" {
+            windows
+        } else {
+            0
+        };
+        if n > allowed {
+            bail!("events were lost: {n} {reason} ({windows} windows opened)");
+        }
     }
     Ok(())
 }
