@@ -7,6 +7,7 @@
 mod blame;
 pub mod growing;
 pub mod growth;
+pub mod layer_bytes;
 pub mod model;
 pub mod peak;
 mod rank;
@@ -255,14 +256,14 @@ pub fn analyze(
     }
 
     // Mappings and resident pages by kind, per (pid, frames) for the suspects.
+    let mut live = LayerBytes::default();
+    for layer in Layer::ALL {
+        live[layer] = layers[layer.name()].live_bytes;
+    }
     let mut linkage = Linkage {
-        pymalloc_live_bytes: layers["pymalloc"].live_bytes,
+        live,
         pymalloc_small_live_bytes: snap.pymalloc_small_live,
-        pymem_raw_live_bytes: layers["pymem_raw"].live_bytes,
-        libc_live_bytes: layers["libc"].live_bytes,
         libc_for_python_live_bytes: snap.libc_for_python_live,
-        vm_live_bytes: layers["vm"].live_bytes,
-        resident_bytes: layers["pages"].live_bytes,
         ..Linkage::default()
     };
     let mut arenas_by_stack: HashMap<(u32, Vec<String>), u64> = HashMap::new();

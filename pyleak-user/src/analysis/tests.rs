@@ -301,8 +301,8 @@ fn the_leak_ranks_first_and_its_layers_are_linked() {
     assert_eq!(first.layer, "pymalloc");
     assert_eq!(first.trend, growth::Trend::Growing);
     assert!((first.growth_bytes_per_s - 100.0 * 1024.0).abs() < 1.0);
-    assert_eq!(first.linkage.pymalloc_live_bytes, 4 * MIB);
-    assert_eq!(first.linkage.libc_live_bytes, 2 * MIB);
+    assert_eq!(first.linkage.live[Layer::Pymalloc], 4 * MIB);
+    assert_eq!(first.linkage.live[Layer::Libc], 2 * MIB);
     assert_eq!(first.linkage.arena_bytes, MIB);
     // Its libc row ranks with it, right below.
     assert_eq!(a.suspects[1].layer, "libc");

@@ -258,7 +258,7 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "  requested by Python code   {:>10} in pymalloc ({} in objects of at most 512 B)",
-            human_bytes(l.pymalloc_live_bytes),
+            human_bytes(l.live[Layer::Pymalloc]),
             human_bytes(l.pymalloc_small_live_bytes)
         )?;
     }
@@ -280,14 +280,14 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "  raw Python buffers         {:>10} in PyMem_Raw",
-            human_bytes(l.pymem_raw_live_bytes)
+            human_bytes(l.live[Layer::PymemRaw])
         )?;
     }
     if report.layers.get("libc").is_some_and(|r| r.allocs > 0) {
         writeln!(
             out,
             "  held by malloc             {:>10} ({} of it for pymalloc/PyMem_Raw)",
-            human_bytes(l.libc_live_bytes),
+            human_bytes(l.live[Layer::Libc]),
             human_bytes(l.libc_for_python_live_bytes)
         )?;
     }
@@ -295,7 +295,7 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "  mapped                     {:>10} ({})",
-            human_bytes(l.vm_live_bytes),
+            human_bytes(l.live[Layer::Vm]),
             kinds(&l.vm_by_kind)
         )?;
     }
@@ -311,7 +311,7 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "  resident                   {:>10} ({}){bulk}",
-            human_bytes(l.resident_bytes),
+            human_bytes(l.live[Layer::Pages]),
             kinds(&l.resident_by_kind)
         )?;
     }
@@ -404,16 +404,16 @@ fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         }
         let k = &s.linkage;
         let mut parts = Vec::new();
-        for (name, v) in [
-            ("pymalloc", k.pymalloc_live_bytes),
-            ("pymem_raw", k.pymem_raw_live_bytes),
-            ("malloc", k.libc_live_bytes),
-            ("arenas", k.arena_bytes),
-            ("mapped", k.vm_live_bytes),
-            ("resident", k.resident_bytes),
-        ] {
-            if v > 0 {
-                parts.push(format!("{name} {}", human_bytes(v)));
+        // Every layer of the registry, top down, with pymalloc's arenas under malloc.
+        for layer in Layer::ALL {
+            let mut at = vec![(layer.info().shown, k.live[layer])];
+            if layer == Layer::Libc {
+                at.push(("arenas", k.arena_bytes));
+            }
+            for (name, v) in at {
+                if v > 0 {
+                    parts.push(format!("{name} {}", human_bytes(v)));
+                }
             }
         }
         if !parts.is_empty() {
