@@ -256,3 +256,65 @@ fn worker_churn_with_sampled_pymalloc_windows() {
     nothing_lost(&report);
     assert_no_pyleak_programs();
 }
+
+/// Children a traced Python process forks inherit its Python layout in the kernel
+/// (`task_newtask`): what a child allocates right after fork, before pyleak has found it,
+/// carries its Python frames (it used to have native frames only).
+#[test]
+fn forked_children_leak_at_their_python_line_from_their_first_allocation() {
+    if !cgroup_or_skip() {
+        return;
+    }
+    let Some((_, python)) = required_pythons(&["pyenv 3.11.7"]).into_iter().next() else {
+        return;
+    };
+    let dir = scratch("cgroup-fork");
+    let json = dir.join("report.json");
+    let script = root().join("tests/workloads/py_fork_leak.py");
+    let s = script.to_str().unwrap();
+    let cg = TestCgroup::new("fork");
+    let pyleak = spawn_pyleak(&[
+        "record",
+        "-q",
+        "--cgroup",
+        cg.dir.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    // 6 children, forked 1.5 s after the parent starts, each living 3 s (long enough for
+    // a growth sample to name its stacks while it lives).
+    let mut parent = cg.spawn(&python, &[s, "6", "1.5", "3"]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(parent.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "forked");
+    assert!(parent.wait().unwrap().success());
+    let parent_pid = u64::from(parent.id());
+    let report = stop(pyleak, &json);
+    cg.remove();
+
+    let leaf = format!("leak_in_child ({s}:{})", marker_line(s, "# LEAK LINE"));
+    let children: Vec<u64> = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .filter(|&p| p != parent_pid)
+        .collect();
+    assert_eq!(children.len(), 6, "{}", report["processes"]);
+    for &pid in &children {
+        let at_line = leaked_at(&report, pid as u32, "libc", &leaf);
+        let big: Vec<String> = report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|st| st["pid"] == pid && st["live_bytes"].as_u64() >= Some(200_000))
+            .map(|st| format!("{} {} at {}", st["layer"], st["live_bytes"], st["frames"]))
+            .collect();
+        assert_eq!(at_line, 200_033, "child {pid}: {big:?}");
+    }
+    nothing_lost(&report);
+}

@@ -222,6 +222,7 @@ impl Recorder {
             vec![("sched_process_exit", "sched", "sched_process_exit")];
         if opts.filter.file_wide() {
             tracepoints.push(("sched_process_exec", "sched", "sched_process_exec"));
+            tracepoints.push(("task_newtask", "task", "task_newtask"));
         }
         // The benchmark's floor attaches an empty program wherever a layer's would go.
         let program = |real| if opts.bare { "bare_tp" } else { real };
