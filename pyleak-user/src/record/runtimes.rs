@@ -101,8 +101,13 @@ pub fn learn_used_stacks(
     used: impl IntoIterator<Item = (u32, u64)>,
 ) {
     let mut batch = false;
+    // Whether each process lives, asked once per call (exited ones keep their stacks).
+    let mut lives: HashMap<u32, bool> = HashMap::new();
     for (pid, id) in used {
-        if id == 0 || !resolver.knows(pid) || resolver.has_stack(pid, id) || !alive(pid) {
+        if id == 0 || !resolver.knows(pid) || resolver.has_stack(pid, id) {
+            continue;
+        }
+        if !*lives.entry(pid).or_insert_with(|| alive(pid)) {
             continue;
         }
         if !batch {
