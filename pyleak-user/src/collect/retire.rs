@@ -38,14 +38,15 @@ pub struct Retired {
     pub pids: HashSet<u32>,
     /// How many were retired.
     pub processes: u64,
-    /// What they left live when retired, per layer: (bytes, blocks, mappings or pages).
+    /// What they left live when retired, per layer: (bytes, count: blocks, mappings or
+    /// pages).
     /// Sampled pymalloc: the blocks its windows saw, not an estimate.
     pub live: BTreeMap<Layer, (u64, u64)>,
 }
 
 impl Recorder {
     /// Retires exited processes `pids` (their last events are read): sums what each left
-    /// live into [`Recorder::retired`], then drops their live blocks (table and overflow
+    /// live into the recorder's [`Retired`] summary, then drops their live blocks (table and overflow
     /// map), per-stack totals and vm model. Processes retired earlier whose totals the
     /// kernel wrote back since (a CPU's pending slot) lose them again.
     pub fn retire(&mut self, pids: &[u32]) -> anyhow::Result<()> {
