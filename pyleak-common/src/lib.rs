@@ -79,6 +79,24 @@ pub enum AllocKind {
     SiteFree = 15,
     /// Where a guarded inline allocation's result is in a register ([`SiteInfo::result_reg`]).
     SiteJoin = 16,
+    /// `_Py_NewReference(op)`: an object given its first reference, fresh from pymalloc or
+    /// taken again from a CPython free list (tuples, lists, dicts, floats…); its block
+    /// starts before `op` by the object's pre-header (`Include/internal/pycore_object.h`).
+    ReuseObject = 17,
+    /// The return of `new_keys_object` (`Objects/dictobject.c`): a dict keys table, fresh
+    /// or taken again from the keys free list; the block is the return value.
+    ReuseBlock = 18,
+    /// `insert_to_emptydict(…, mp, …)` (`Objects/dictobject.c`): an empty dict gets its
+    /// first keys table, fresh or off the keys free list; at the return the table is
+    /// `mp->ma_keys`. The cookie's `stack_delta` packs the argument index of `mp` (low
+    /// byte) and the offset of `ma_keys` (next bytes): see [`holder_cookie`].
+    ReuseHolder = 19,
+}
+
+/// The `stack_delta` of a [`AllocKind::ReuseHolder`] cookie: the holder is argument `arg`
+/// (System V order), its block pointer at byte `field` of it.
+pub const fn holder_cookie(arg: u32, field: u32) -> u32 {
+    arg | (field << 8)
 }
 
 impl AllocKind {
@@ -102,6 +120,9 @@ impl AllocKind {
             14 => AllocKind::SiteRealloc,
             15 => AllocKind::SiteFree,
             16 => AllocKind::SiteJoin,
+            17 => AllocKind::ReuseObject,
+            18 => AllocKind::ReuseBlock,
+            19 => AllocKind::ReuseHolder,
             _ => return None,
         })
     }
@@ -305,6 +326,15 @@ pub struct ThreadState {
     pub pymalloc_window: u32,
     /// The mmap-family syscall in flight, if `syscall.kind != 0`.
     pub syscall: VmPending,
+    /// The last pymalloc block this thread was seen allocating: an object made in it is
+    /// new, not one a free list hands out again.
+    pub last_block: u64,
+    /// The holder of a [`AllocKind::ReuseHolder`] call in flight (0: none).
+    pub reuse_holder: u64,
+    /// The sampling window that call began in.
+    pub reuse_window: u32,
+    /// Padding.
+    pub _pad: u32,
 }
 
 /// Key of per-stack aggregates.
@@ -373,6 +403,9 @@ pub struct LayerStats {
     pub unmatched_frees: u64,
     /// Allocation calls that failed (returned NULL).
     pub failed_allocs: u64,
+    /// Live blocks a CPython free list handed out again to code at another stack: the
+    /// block was counted again under the stack that took it (pymalloc only).
+    pub reused: u64,
 }
 
 /// Why an event was lost; index into the `DROPS` per-CPU array.

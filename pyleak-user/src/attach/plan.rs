@@ -10,8 +10,8 @@ use pyleak_common::{Layer, CALL_LAYERS};
 
 use super::{
     as_process_names, elf::ElfFile, is_libc, is_malloc_replacement, may_hold_python, plan_finalize,
-    plan_layer, plan_python_domain, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
-    PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
+    plan_layer, plan_python_domain, reuse, tables::Domain, ProbeSpec, LIBC_FUNCTIONS,
+    PYMALLOC_FUNCTIONS, PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
 };
 use crate::layers::LayerSet;
 
@@ -32,13 +32,16 @@ pub const LAYER_PROBES: [LayerProbes; CALL_LAYERS] = [
         layer: Layer::Pymalloc,
         recognise: may_hold_python,
         plan: |elf| {
-            plan_python_domain(
+            let mut probes = plan_python_domain(
                 elf,
                 Layer::Pymalloc,
                 &[Domain::Obj, Domain::Mem],
                 &PYMALLOC_TABLE_FUNCTIONS,
                 &PYMALLOC_FUNCTIONS,
-            )
+            );
+            // Free-list hand-overs: a block taken again by another stack.
+            probes.extend(reuse::plan_reuse(elf));
+            probes
         },
     },
     LayerProbes {

@@ -200,6 +200,12 @@ fn programs_of(role: ProbeRole, bare: bool) -> &'static [&'static str] {
         (ProbeRole::JoinReturn, false) => &[names::SITE_JOIN_RET],
         (ProbeRole::Site | ProbeRole::Join, true) => &[names::BARE_ENTER],
         (ProbeRole::JoinReturn, true) => &[names::BARE_EXIT],
+        (ProbeRole::ReuseObject, false) => &[names::REUSE_ENTER],
+        (ProbeRole::ReuseBlock, false) => &[names::REUSE_EXIT],
+        (ProbeRole::ReuseObject, true) => &[names::BARE_ENTER],
+        (ProbeRole::ReuseBlock, true) => &[names::BARE_EXIT],
+        (ProbeRole::ReuseHolder, false) => &[names::REUSE_HOLDER_EXIT, names::REUSE_HOLDER_ENTER],
+        (ProbeRole::ReuseHolder, true) => &[names::BARE_EXIT, names::BARE_ENTER],
     }
 }
 
