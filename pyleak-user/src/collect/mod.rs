@@ -430,6 +430,23 @@ impl Recorder {
         Ok(())
     }
 
+    /// What pyleak's own memory holds per process, for `RUST_LOG=debug` (soaks): one line.
+    pub fn footprint(&self) -> String {
+        let (known, heaps, lines) = self.book.sizes();
+        let pages: usize = self.model.procs.values().map(|p| p.pages.len()).sum();
+        let regions: usize = self.model.procs.values().map(|p| p.regions.len()).sum();
+        format!(
+            "vm model: {} processes, {regions} regions, {pages} pages, {} stacks; samples: {} known, {} heaps, {} lines; {} comms, {} targets",
+            self.model.procs.len(),
+            self.model.stacks.len(),
+            known,
+            heaps,
+            lines,
+            self.comms.len(),
+            self.targets.len(),
+        )
+    }
+
     /// Re-reads the command name of `pid` (it changes at exec).
     pub fn refresh_comm(&mut self, pid: u32) {
         if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {

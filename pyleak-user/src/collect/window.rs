@@ -320,6 +320,11 @@ type LineKey = (u32, Option<(u64, u32)>);
 pub const MIN_LINE_PAGES: u64 = 20;
 
 impl SampleBook {
+    /// Samples known, heap readers, leaf lines cached (for the footprint line).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.known.len(), self.heaps.len(), self.lines.len())
+    }
+
     /// Drops what is known of `pid`'s samples (a retired process).
     pub fn forget(&mut self, pid: u32) {
         self.known.retain(|&(p, _), _| p != pid);
@@ -556,22 +561,6 @@ impl Recorder {
     /// The estimates of the last sweep, per (pid, stack id).
     pub fn book(&self) -> &SampleBook {
         &self.book
-    }
-
-    /// What pyleak's own memory holds per process, for `RUST_LOG=debug` (soaks): one line.
-    pub fn footprint(&self) -> String {
-        let pages: usize = self.model.procs.values().map(|p| p.pages.len()).sum();
-        let regions: usize = self.model.procs.values().map(|p| p.regions.len()).sum();
-        format!(
-            "vm model: {} processes, {regions} regions, {pages} pages, {} stacks; samples: {} known, {} heaps, {} lines; {} comms, {} targets",
-            self.model.procs.len(),
-            self.model.stacks.len(),
-            self.book.known.len(),
-            self.book.heaps.len(),
-            self.book.lines.len(),
-            self.comms.len(),
-            self.targets.len(),
-        )
     }
 }
 
