@@ -72,7 +72,10 @@ pub enum AllocKind {
     SiteJoin = 16,
     /// `_Py_NewReference(op)`: an object given its first reference, fresh from pymalloc or
     /// taken again from a CPython free list (tuples, lists, dicts, floats…); its block
-    /// starts before `op` by the object's pre-header (`Include/internal/pycore_object.h`).
+    /// starts before `op` by the object's pre-header (`Include/internal/pycore_object.h`
+    /// `_PyType_PreHeaderSize`: 16 bytes of GC header for `Py_TPFLAGS_HAVE_GC`, two words
+    /// for the version's pre-header flags). The cookie's `stack_delta`: see
+    /// [`object_cookie`].
     ReuseObject = 17,
     /// The return of `new_keys_object` (`Objects/dictobject.c`): a dict keys table, fresh
     /// or taken again from the keys free list; the block is the return value.
@@ -83,6 +86,21 @@ pub enum AllocKind {
     /// byte) and the offset of `ma_keys` (next bytes): see [`holder_cookie`].
     ReuseHolder = 19,
 }
+
+/// The `stack_delta` of a [`AllocKind::ReuseObject`] cookie: how far below `rsp` the
+/// return address is (low 16 bits) and the `tp_flags` bits that put two pre-header words
+/// before an object in this CPython (high 16 bits; all below bit 5 in 3.11–3.14).
+pub const fn object_cookie(stack_delta: u32, preheader_flags: u32) -> u32 {
+    (stack_delta & 0xffff) | (preheader_flags << 16)
+}
+
+/// `offsetof(PyTypeObject, tp_flags)` in every CPython 3.8–3.14
+/// (`Include/cpython/object.h`: the variable-size head, then 18 pointer-sized slots).
+pub const TYPE_FLAGS_OFFSET: u64 = 168;
+/// `Py_TPFLAGS_HAVE_GC` (`Include/object.h`): a GC header precedes the object.
+pub const TPFLAGS_HAVE_GC: u64 = 1 << 14;
+/// `sizeof(PyGC_Head)` on 64-bit builds.
+pub const GC_HEAD_BYTES: u64 = 16;
 
 /// The `stack_delta` of a [`AllocKind::ReuseHolder`] cookie: the holder is argument `arg`
 /// (System V order), its block pointer at byte `field` of it.

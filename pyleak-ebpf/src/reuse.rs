@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
-use pyleak_common::Layer;
+use pyleak_common::{Layer, GC_HEAD_BYTES, TPFLAGS_HAVE_GC, TYPE_FLAGS_OFFSET};
 
 use crate::{
     alloc::{args3, cookie, hand_over, live_find},
@@ -26,15 +26,33 @@ use crate::{
 pub fn reuse_enter(ctx: ProbeContext) -> u32 {
     let c = cookie(&ctx);
     let op = args3(&ctx)[0];
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !uprobe_target_active(tgid) || window_of(Layer::Pymalloc as usize).is_none() {
+        return 0;
+    }
     // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
     let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
-    let at = rsp + c.stack_delta as u64;
+    let at = rsp + (c.stack_delta & 0xffff) as u64;
     // SAFETY: reads the return address from the target's stack, checked by the helper.
     let caller = unsafe { bpf_probe_read_user(at as *const u64) }.ok();
-    // An object's block starts at it, or before it by its GC header (16 bytes: dicts,
-    // tuples, lists) and two pre-header words (3.11+, objects with a managed dict): tried
-    // in the order free-listed objects need.
-    let blocks = [op.wrapping_sub(16), op, op.wrapping_sub(32)];
+    // The object's block starts before it by its pre-header, which its type's flags say.
+    // SAFETY: reads `op->ob_type` and the type's `tp_flags` from the target's memory,
+    // checked by the helper.
+    let Ok(ty) = (unsafe { bpf_probe_read_user((op + 8) as *const u64) }) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let Ok(flags) = (unsafe { bpf_probe_read_user((ty + TYPE_FLAGS_OFFSET) as *const u64) }) else {
+        return 0;
+    };
+    let mut pre = 0;
+    if flags & TPFLAGS_HAVE_GC != 0 {
+        pre += GC_HEAD_BYTES;
+    }
+    if flags & u64::from(c.stack_delta >> 16) != 0 {
+        pre += 16;
+    }
+    let blocks = [op.wrapping_sub(pre), 0, 0];
     let chain = stack::frame_chain_plausible(rsp, rbp);
     reused(ctx.as_ptr(), blocks, caller, chain);
     0

@@ -11,7 +11,7 @@
 //! CPython 3.8 inlines `_Py_NewReference` everywhere, and an LTO build (Debian's 3.11)
 //! inlines most calls to it: there only the calls left out of line are seen.
 
-use pyleak_common::{holder_cookie, AllocKind, Layer, ProbeCookie};
+use pyleak_common::{holder_cookie, object_cookie, AllocKind, Layer, ProbeCookie};
 
 use super::{elf::ElfFile, prologue::choose_attach_point, ProbeRole, ProbeSpec};
 
@@ -41,7 +41,16 @@ fn dict_argument(version: (u8, u8)) -> u32 {
 /// neither function.
 pub fn plan_reuse(elf: &ElfFile) -> Vec<ProbeSpec> {
     let mut out = Vec::new();
-    if let Some(f) = elf.function(NEW_REFERENCE) {
+    let version = object::File::parse(elf.data())
+        .ok()
+        .and_then(|obj| crate::python::release::version_of(&obj));
+    let Some(version) = version else {
+        return out;
+    };
+    let preheader = crate::python::versions::for_version(version)
+        .map(|v| v.pymalloc().preheader_flags)
+        .filter(|&f| f <= u64::from(u16::MAX));
+    if let (Some(f), Some(preheader)) = (elf.function(NEW_REFERENCE), preheader) {
         // `op` in rdi until the attach point.
         let point = choose_attach_point(&f.code, f.address, 1, false);
         out.push(ProbeSpec {
@@ -52,7 +61,7 @@ pub fn plan_reuse(elf: &ElfFile) -> Vec<ProbeSpec> {
             cookie: ProbeCookie {
                 kind: AllocKind::ReuseObject as u32,
                 layer: Layer::Pymalloc as u32,
-                stack_delta: point.stack_delta as u32,
+                stack_delta: object_cookie(point.stack_delta as u32, preheader as u32),
             }
             .encode(),
             emulated: point.emulated,
@@ -79,10 +88,7 @@ pub fn plan_reuse(elf: &ElfFile) -> Vec<ProbeSpec> {
             site: None,
         });
     }
-    let version = object::File::parse(elf.data())
-        .ok()
-        .and_then(|obj| crate::python::release::version_of(&obj));
-    if let (Some(f), Some(version)) = (elf.function_or_clone(INSERT_TO_EMPTY), version) {
+    if let Some(f) = elf.function_or_clone(INSERT_TO_EMPTY) {
         let arg = dict_argument(version);
         // The dict still in its register, and the return address on top.
         let point = choose_attach_point(&f.code, f.address, arg as usize + 1, true);
