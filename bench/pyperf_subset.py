@@ -1,5 +1,5 @@
 """Runs one pyperformance benchmark's own workload function in this process (no pyperf
-worker processes, so a tracer sees the work) and prints its run time.
+worker processes, so a tracer sees the work) and prints its run time and CPU time.
 
 Usage: pyperf_subset.py NAME [LOOPS]
 NAME: float, json_dumps, deltablue, raytrace, go, richards (benchmark programs shipped in
@@ -43,7 +43,10 @@ elif NAME == "richards":
 else:
     sys.exit(f"unknown benchmark {NAME}: use float, json_dumps, deltablue, raytrace, go, richards")
 
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for _ in range(LOOPS):
     once()
+# cpu_seconds: this process's user + system CPU (a tracer's probes run in it and count;
+# other work sharing the machine's cores does not).
 print("seconds %.4f" % (time.perf_counter() - start), flush=True)
+print("cpu_seconds %.4f" % (time.process_time() - cpu), flush=True)

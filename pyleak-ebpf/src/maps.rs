@@ -1,7 +1,9 @@
 //! Every map the probes share, with the sizes from `pyleak-common`.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    bindings::{
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    },
     helpers::{bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -243,13 +245,35 @@ pub fn in_probe() -> bool {
 
 /// Sends one event to userspace, stamping its time; a full ring buffer is counted.
 #[inline(always)]
-pub fn emit(mut ev: VmEvent) {
+pub fn emit(ev: VmEvent) {
+    emit_with(ev, 0);
+}
+
+/// Unread bytes in `EVENTS` past which a quiet event wakes userspace anyway.
+const QUIET_WAKE_BYTES: u64 = EVENTS_RING_BYTES as u64 / 8;
+
+/// Sends one event without waking userspace (it drains the ring on a short timer), unless
+/// the ring is filling up: for page faults, which come tens of thousands a second, where a
+/// wakeup each (the kernel's `irq_work`, a context switch to pyleak and back) costs the
+/// target more than the probe itself.
+#[inline(always)]
+pub fn emit_quiet(ev: VmEvent) {
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > QUIET_WAKE_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    emit_with(ev, flags as u64);
+}
+
+#[inline(always)]
+fn emit_with(mut ev: VmEvent, flags: u64) {
     // SAFETY: a helper without arguments.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     match EVENTS.reserve::<VmEvent>(0) {
         Some(mut slot) => {
             slot.write(ev);
-            slot.submit(0);
+            slot.submit(flags);
         }
         None => count_drop(Drop::RingFull),
     }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use pyleak_common::{Layer, VmEvent, VmKind, TARGET_ACTIVE};
 
 use crate::{
-    maps::{emit, in_probe, target_state, THREADS},
+    maps::{emit_quiet, in_probe, target_state, THREADS},
     stack,
     thread::upper_call,
 };
@@ -42,9 +42,9 @@ fn try_page_fault(ctx: &TracePointContext) -> Result<(), i32> {
         .map(|t| upper_call(unsafe { &mut *t }, Layer::Pages as usize, tid, true));
     let (flags, stack_id) = match upper {
         Some((flags, Some(id))) => (flags, id),
-        _ => (0, stack::capture(ctx.as_ptr(), None, tid, true)),
+        _ => (0, stack::capture_user(ctx.as_ptr(), tid)),
     };
-    emit(VmEvent {
+    emit_quiet(VmEvent {
         kind: VmKind::Fault as u32,
         tgid,
         addr: address & PAGE_MASK,

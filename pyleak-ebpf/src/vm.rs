@@ -151,7 +151,7 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let (flags, inherited) = upper_call(t, Layer::Vm as usize, tid, true);
     let stack_id = match inherited {
         Some(id) => id,
-        None => stack::capture(ctx.as_ptr(), None, tid, true),
+        None => stack::capture_user(ctx.as_ptr(), tid),
     };
     emit(VmEvent {
         kind,

@@ -197,6 +197,25 @@ pub(crate) fn median(
     Ok(samples[samples.len() / 2])
 }
 
+/// Runs `argv` `runs` times; the medians of its `seconds` (`measure`) and `cpu_seconds`
+/// lines.
+pub(crate) fn median2(
+    argv: &[String],
+    runs: usize,
+    measure: fn(&[String]) -> anyhow::Result<(f64, f64)>,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (w, c) = measure(argv)?;
+        wall.push(w);
+        cpu.push(c);
+    }
+    wall.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
+    eprintln!("bench: {argv:?}: wall {wall:?} cpu {cpu:?}");
+    Ok((wall[wall.len() / 2], cpu[cpu.len() / 2]))
+}
+
 /// Installs bpftrace from Debian's packages if needed; whether it is there.
 fn ensure_bpftrace() -> bool {
     let ok = |c: &str| {
@@ -214,6 +233,11 @@ fn ensure_bpftrace() -> bool {
 
 /// Runs one command and reads the number on its `KEY value` output line.
 fn reported(argv: &[String], key: &str) -> anyhow::Result<f64> {
+    Ok(reported_all(argv, &[key])?[0])
+}
+
+/// Runs one command and reads the numbers on its `KEY value` output lines, one per key.
+fn reported_all(argv: &[String], keys: &[&str]) -> anyhow::Result<Vec<f64>> {
     let out = Command::new(&argv[0])
         .args(&argv[1..])
         .output()
@@ -222,9 +246,13 @@ fn reported(argv: &[String], key: &str) -> anyhow::Result<f64> {
         bail!("{argv:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
-        .with_context(|| format!("no {key} line in the output of {argv:?}"))
+    keys.iter()
+        .map(|key| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+                .with_context(|| format!("no {key} line in the output of {argv:?}"))
+        })
+        .collect()
 }
 
 /// The C loop's own time per malloc/free pair.
@@ -232,7 +260,8 @@ fn ns_per_pair(argv: &[String]) -> anyhow::Result<f64> {
     reported(argv, "ns_per_pair")
 }
 
-/// The Python workload's own run time.
-pub(crate) fn seconds(argv: &[String]) -> anyhow::Result<f64> {
-    reported(argv, "seconds")
+/// The Python workload's own run time and CPU time (seconds).
+pub(crate) fn seconds(argv: &[String]) -> anyhow::Result<(f64, f64)> {
+    let v = reported_all(argv, &["seconds", "cpu_seconds"])?;
+    Ok((v[0], v[1]))
 }

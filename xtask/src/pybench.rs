@@ -17,7 +17,7 @@ use std::{path::Path, process::Command};
 use anyhow::Context as _;
 
 use crate::{
-    bench::{median, seconds, BenchArgs},
+    bench::{median2, seconds, BenchArgs},
     root, run as run_cmd,
 };
 
@@ -111,23 +111,29 @@ pub fn run(pyleak: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         args.runs
     );
     let rows = measure(&py, &pl, &steady, steady_scale, args.runs, None)?;
-    print_table(&steady, steady_scale, &rows, &[]);
+    for clock in [Clock::Cpu, Clock::Wall] {
+        print_table(&steady, steady_scale, &rows, clock, &[]);
+    }
     let rows = measure(&py, &pl, &exact, 1, args.runs, Some(&json))?;
-    // Exact mode against its floor, and the stack capture: (exact − exact without stacks)
-    // per allocation the exact run recorded.
-    let extra: Vec<(String, Vec<f64>)> = vec![
-        (
-            "exact / floor".into(),
-            rows.iter().map(|r| r.times[2] / r.times[1]).collect(),
-        ),
-        (
-            "stack capture µs/alloc".into(),
-            rows.iter()
-                .map(|r| (r.times[2] - r.times[3]) / r.allocs.max(1.0) * 1e6)
-                .collect(),
-        ),
-    ];
-    print_table(&exact, 1, &rows, &extra);
+    for clock in [Clock::Cpu, Clock::Wall] {
+        // Exact mode against its floor, and the stack capture: (exact − exact without
+        // stacks) per allocation the exact run recorded.
+        let extra: Vec<(String, Vec<f64>)> = vec![
+            (
+                "exact / floor".into(),
+                rows.iter()
+                    .map(|r| r.of(clock)[2] / r.of(clock)[1])
+                    .collect(),
+            ),
+            (
+                "stack capture µs/alloc".into(),
+                rows.iter()
+                    .map(|r| (r.of(clock)[2] - r.of(clock)[3]) / r.allocs.max(1.0) * 1e6)
+                    .collect(),
+            ),
+        ];
+        print_table(&exact, 1, &rows, clock, &extra);
+    }
     Ok(())
 }
 
@@ -161,13 +167,36 @@ fn venv_python() -> anyhow::Result<String> {
     Ok(venv_python.to_string_lossy().into_owned())
 }
 
+/// Which of a workload's own times a table shows.
+#[derive(Clone, Copy, PartialEq)]
+enum Clock {
+    /// The workload process's user + system CPU seconds (`time.process_time()`): what the
+    /// traced program pays, probes included (they run in it), unmoved by other work on the
+    /// machine's cores. pyleak's own CPU is measured apart (docs/benchmarks.md).
+    Cpu,
+    /// Wall-clock seconds (`time.perf_counter()`): also moved by whatever else shares the
+    /// cores, pyleak's own thread included.
+    Wall,
+}
+
 /// One workload's figures in a table.
 struct Row {
     name: String,
-    /// Median in-script seconds per column.
+    /// Median in-script wall seconds per column.
     times: Vec<f64>,
+    /// Median in-script CPU seconds per column.
+    cpu: Vec<f64>,
     /// Allocations the run that wrote the JSON report recorded (0 without one).
     allocs: f64,
+}
+
+impl Row {
+    fn of(&self, clock: Clock) -> &[f64] {
+        match clock {
+            Clock::Cpu => &self.cpu,
+            Clock::Wall => &self.times,
+        }
+    }
 }
 
 /// Per workload, the median in-script seconds of every column of `table`; with `json`,
@@ -203,6 +232,7 @@ fn measure(
     let mut rows = Vec::new();
     for (name, script) in workloads {
         let mut times = Vec::new();
+        let mut cpu = Vec::new();
         for (_, tracer) in &table.columns {
             let mut argv: Vec<String> = Vec::new();
             match tracer {
@@ -219,7 +249,10 @@ fn measure(
                 }
             }
             argv.extend(script.iter().cloned());
-            times.push(median(&argv, runs, seconds).with_context(|| format!("{name}: {argv:?}"))?);
+            let (wall, cpus) =
+                median2(&argv, runs, seconds).with_context(|| format!("{name}: {argv:?}"))?;
+            times.push(wall);
+            cpu.push(cpus);
         }
         let mut allocs = 0.0;
         if let Some(json) = json {
@@ -233,6 +266,7 @@ fn measure(
         rows.push(Row {
             name,
             times,
+            cpu,
             allocs,
         });
     }
@@ -241,14 +275,29 @@ fn measure(
 
 /// Prints `rows` as a Markdown table: the untraced seconds, every other column as a ratio
 /// of them, then the `extra` columns as they are; a geometric mean of every ratio last.
-fn print_table(table: &Table, scale: u32, rows: &[Row], extra: &[(String, Vec<f64>)]) {
+fn print_table(
+    table: &Table,
+    scale: u32,
+    rows: &[Row],
+    clock: Clock,
+    extra: &[(String, Vec<f64>)],
+) {
     println!(
-        "\n{} ({}× the exact-mode table's loops)",
-        table.title, scale
+        "\n{}, {} ({}× the exact-mode table's loops)",
+        table.title,
+        match clock {
+            Clock::Cpu => "the workload's CPU time",
+            Clock::Wall => "wall-clock time",
+        },
+        scale
     );
     let mut head = String::from("| workload |");
-    for (title, _) in &table.columns {
-        head += &format!(" {title} |");
+    for (i, (title, _)) in table.columns.iter().enumerate() {
+        if i == 0 && clock == Clock::Cpu {
+            head += " untraced CPU s |";
+        } else {
+            head += &format!(" {title} |");
+        }
     }
     for (title, _) in extra {
         head += &format!(" {title} |");
@@ -257,7 +306,8 @@ fn print_table(table: &Table, scale: u32, rows: &[Row], extra: &[(String, Vec<f6
     println!("|---|{}", "---:|".repeat(table.columns.len() + extra.len()));
     let n = rows.len() as f64;
     let mut logs = vec![0f64; table.columns.len() + extra.len()];
-    for (i, Row { name, times: t, .. }) in rows.iter().enumerate() {
+    for (i, row) in rows.iter().enumerate() {
+        let (name, t) = (&row.name, row.of(clock));
         let mut line = format!("| {name} | {:.3} |", t[0]);
         for (k, v) in t.iter().enumerate().skip(1) {
             line += &format!(" {:.2}× |", v / t[0]);

@@ -31,6 +31,9 @@ use crate::{
 const TICK: Duration = Duration::from_secs(1);
 /// Memory maps are re-read at most this often while events flow (new libraries).
 const MAPS_REFRESH: Duration = Duration::from_millis(20);
+/// How often the ring buffer is read when nothing wakes pyleak: page faults are sent
+/// without a wakeup (`emit_quiet` in the kernel), and wait at most this long.
+const QUIET_DRAIN: Duration = Duration::from_millis(20);
 /// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
 const CHILD_GRACE: Duration = Duration::from_secs(2);
 
@@ -59,6 +62,29 @@ impl AsRawFd for RingFd {
     }
 }
 
+/// Reads the events waiting in the ring buffer, the new stacks' code objects, and (at most
+/// every [`MAPS_REFRESH`] while events flow) the targets' memory maps.
+fn on_events(
+    rec: &mut Recorder,
+    syms: &Mutex<Symbolizer>,
+    resolver: &mut python::Resolver,
+    follow: &mut Follow<'_>,
+    last_maps: &mut Instant,
+) {
+    let n = rec.drain();
+    if let Follow::Group(g) = follow {
+        g.poll(rec, resolver, syms);
+    }
+    learn_new_stacks(rec, resolver);
+    if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
+        *last_maps = Instant::now();
+        match follow {
+            Follow::Group(g) => g.refresh(rec, resolver, syms),
+            Follow::Pids(runtimes) => runtimes.refresh(rec, syms),
+        }
+    }
+}
+
 /// Reads events until the recording ends; returns why it ended.
 pub async fn trace_loop(
     rec: &mut Recorder,
@@ -81,6 +107,8 @@ pub async fn trace_loop(
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(TICK);
     let mut sample_tick = tokio::time::interval(sampler.interval);
+    let mut quiet_drain = tokio::time::interval(QUIET_DRAIN);
+    quiet_drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut keys = sampler.keys();
     let deadline = args
         .duration
@@ -104,19 +132,9 @@ pub async fn trace_loop(
                 // wakes the loop again instead of waiting for the next tick.
                 let mut guard = guard?;
                 guard.clear_ready();
-                let n = rec.drain();
-                if let Follow::Group(g) = &mut follow {
-                    g.poll(rec, resolver, syms);
-                }
-                learn_new_stacks(rec, resolver);
-                if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
-                    last_maps = Instant::now();
-                    match &mut follow {
-                        Follow::Group(g) => g.refresh(rec, resolver, syms),
-                        Follow::Pids(runtimes) => runtimes.refresh(rec, syms),
-                    }
-                }
+                on_events(rec, syms, resolver, &mut follow, &mut last_maps);
             }
+            _ = quiet_drain.tick() => on_events(rec, syms, resolver, &mut follow, &mut last_maps),
             _ = tick.tick() => {
                 rec.drain();
                 if let Follow::Group(g) = &mut follow {
