@@ -46,6 +46,11 @@ pub struct LayerInfo {
     pub on_behalf: u32,
     /// What its stacks count, for titles and help.
     pub counts: &'static str,
+    /// The JSON field of its live bytes in the report's linkage (a suspect's and the
+    /// whole recording's): the output contract.
+    pub linkage: &'static str,
+    /// Its word in a suspect's "this stack at every layer" line.
+    pub shown: &'static str,
 }
 
 /// The registry of layers, in call order: everything that lists layers reads it.
@@ -56,6 +61,8 @@ pub const LAYERS: [LayerInfo; NUM_LAYERS] = [
         probed: Probed::Uprobes,
         on_behalf: FLAG_FOR_PYMALLOC,
         counts: "what Python code requested (PyObject_Malloc, PyMem_Malloc)",
+        linkage: "pymalloc_live_bytes",
+        shown: "pymalloc",
     },
     LayerInfo {
         layer: Layer::PymemRaw,
@@ -63,6 +70,8 @@ pub const LAYERS: [LayerInfo; NUM_LAYERS] = [
         probed: Probed::Uprobes,
         on_behalf: FLAG_FOR_PYMEM_RAW,
         counts: "PyMem_RawMalloc requests",
+        linkage: "pymem_raw_live_bytes",
+        shown: "pymem_raw",
     },
     LayerInfo {
         layer: Layer::Libc,
@@ -70,6 +79,8 @@ pub const LAYERS: [LayerInfo; NUM_LAYERS] = [
         probed: Probed::Uprobes,
         on_behalf: FLAG_FOR_LIBC,
         counts: "malloc blocks",
+        linkage: "libc_live_bytes",
+        shown: "malloc",
     },
     LayerInfo {
         layer: Layer::Vm,
@@ -77,6 +88,8 @@ pub const LAYERS: [LayerInfo; NUM_LAYERS] = [
         probed: Probed::Tracepoints,
         on_behalf: 0,
         counts: "mappings (mmap, brk)",
+        linkage: "vm_live_bytes",
+        shown: "mapped",
     },
     LayerInfo {
         layer: Layer::Pages,
@@ -84,6 +97,8 @@ pub const LAYERS: [LayerInfo; NUM_LAYERS] = [
         probed: Probed::Tracepoints,
         on_behalf: 0,
         counts: "pages faulted in",
+        linkage: "resident_bytes",
+        shown: "resident",
     },
 ];
 

@@ -69,6 +69,41 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `CLONE_THREAD` (`include/uapi/linux/sched.h`): the new task is a thread of its parent.
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// `task:task_newtask`: with `--cgroup` or `--all`, a new process (not a thread) of a traced
+/// process whose Python layout the kernel has inherits that layout: its memory is a copy
+/// of its parent's, the interpreter at the same addresses (a `multiprocessing` worker, a
+/// pre-forking server). Without it, what such a child allocates before userspace has found
+/// it and placed its runtime (up to a second) has native stacks only. Userspace places it
+/// again when it examines the child; exec drops it.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let mode = filter_mode();
+    if mode == FILTER_PIDS {
+        return 0;
+    }
+    // SAFETY: `clone_flags` is a u64 at offset 32 of the format, `pid` an i32 at 8.
+    let (flags, child) = unsafe { (ctx.read_at::<u64>(32), ctx.read_at::<i32>(8)) };
+    let (Ok(flags), Ok(child)) = (flags, child) else {
+        return 0;
+    };
+    if flags & CLONE_THREAD != 0 || child <= 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if mode == FILTER_CGROUP && target_state(tgid) == 0 {
+        return 0;
+    }
+    // SAFETY: a map value, copied out at once.
+    let Some(layout) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
+        return 0;
+    };
+    let _ = PY_PROCS.insert(&(child as u32), &layout, 0);
+    0
+}
+
 #[inline(always)]
 fn freeze(tgid: u32) {
     if target_state(tgid) != TARGET_ACTIVE {

@@ -44,17 +44,48 @@ struct Segment {
 pub struct Symbolizer {
     maps: HashMap<u32, Vec<Mapping>>,
     modules: HashMap<String, ModuleSyms>,
+    /// Per process, a hash of the `/proc/PID/maps` text last read: an unchanged map is
+    /// not parsed again (group targets re-read every member's map up to 50 times a
+    /// second, and with file-wide probes on libc each of pyleak's own mallocs traps).
+    last: HashMap<u32, u64>,
+    /// The buffer each map is read into.
+    buf: Vec<u8>,
 }
 
 impl Symbolizer {
+    /// Forgets the memory map of `pid` (a retired process); files' symbols stay.
+    pub fn forget(&mut self, pid: u32) {
+        self.maps.remove(&pid);
+        self.last.remove(&pid);
+    }
+
+    /// Processes whose memory maps are kept, and files whose symbols are.
+    pub fn footprint(&self) -> (usize, usize) {
+        (self.maps.len(), self.modules.len())
+    }
+
     /// Records the current memory map of `pid` (mappings seen before are kept, so a
     /// library unloaded later still resolves). Fails quietly when the process is gone.
     pub fn snapshot(&mut self, pid: u32) {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        use std::{hash::Hasher as _, io::Read as _};
+        self.buf.clear();
+        let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/maps")) else {
+            return;
+        };
+        if f.read_to_end(&mut self.buf).is_err() {
+            return;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        h.write(&self.buf);
+        let hash = h.finish();
+        if self.last.insert(pid, hash) == Some(hash) && self.maps.contains_key(&pid) {
+            return;
+        }
+        let Ok(text) = std::str::from_utf8(&self.buf) else {
             return;
         };
         let known = self.maps.entry(pid).or_default();
-        for line in crate::proctext::maps(&text) {
+        for line in crate::proctext::maps(text) {
             // Files, and the kernel's named areas ([heap], [stack]) for mapping kinds.
             if !line.is_file() && !line.path.starts_with('[') {
                 continue;

@@ -14,6 +14,9 @@ use std::{
 
 use serde_json::Value;
 
+pub mod group;
+pub mod one_line;
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -212,9 +215,21 @@ pub fn spawn_pyleak(args: &[&str]) -> Child {
 
 /// [`spawn_pyleak`] with environment variable `var` taken away.
 pub fn spawn_pyleak_without_env(args: &[&str], var: &str) -> Child {
-    let mut child = Command::new(pyleak_bin())
-        .env_remove(var)
-        .args(args)
+    let mut cmd = Command::new(pyleak_bin());
+    cmd.env_remove(var).args(args);
+    spawn_tracing(cmd)
+}
+
+/// [`spawn_pyleak`] with environment variable `var` set to `value` (a test-only setting).
+pub fn spawn_pyleak_with_env(args: &[&str], var: &str, value: &str) -> Child {
+    let mut cmd = Command::new(pyleak_bin());
+    cmd.env(var, value).args(args);
+    spawn_tracing(cmd)
+}
+
+/// Starts `cmd` (a pyleak) and waits until it says it is tracing.
+fn spawn_tracing(mut cmd: Command) -> Child {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

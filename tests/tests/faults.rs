@@ -323,7 +323,7 @@ fn pyleak_under_a_memory_limit_too_low_for_its_maps() {
 /// `pyleak record` with one of its maps shrunk (`PYLEAK_TEST_MAP_ENTRIES`) so that it
 /// fills: the drops are counted under `reason` in `lost`, in `lost_events` and on the
 /// summary's `lost events` line, and the report is still written whole.
-fn fill_map(name: &str, map: &str, entries: u32, reason: &str, args: &[&str]) {
+fn fill_map(name: &str, map: &str, entries: u32, reason: &str, args: &[&str]) -> Value {
     let dir = scratch(name);
     let json = dir.join("r.json");
     let mut all = vec!["record", "-q", "--json", json.to_str().unwrap()];
@@ -352,6 +352,7 @@ fn fill_map(name: &str, map: &str, entries: u32, reason: &str, args: &[&str]) {
     );
     assert_eq!(report["command_exit"], "exited with status 0");
     assert_no_pyleak_programs();
+    report
 }
 
 #[test]
@@ -375,6 +376,38 @@ fn ring_buffer_full() {
             "64",
         ],
     );
+}
+
+#[test]
+fn live_block_table_and_overflow_map_full() {
+    if !root_or_skip() {
+        return;
+    }
+    // More live blocks than the table's 2 Mi slots (256 Ki buckets of 8; Fibonacci hashing
+    // spreads a malloc's evenly spaced addresses evenly, so buckets fill together): those
+    // past it go to the overflow map, shrunk to 64 entries, which fills.
+    let bin = faults_bin();
+    let report = fill_map(
+        "full-live",
+        "LIVE_ALLOCS",
+        64,
+        "live_allocs_full",
+        &[
+            "--layers",
+            "libc",
+            "--",
+            bin.to_str().unwrap(),
+            "many",
+            "2300000",
+        ],
+    );
+    // Every block past the table's and the overflow map's room is a drop; the layer's
+    // counters still count every block.
+    // pyleak-common: LIVE_TABLE_BUCKETS (2^18) × LIVE_BUCKET_SLOTS (8), and the 64 above.
+    let room: u64 = (1 << 21) + 64;
+    let dropped = report["lost"]["live_allocs_full"].as_u64().unwrap();
+    assert!(dropped >= 2_300_000 - room, "{dropped} dropped");
+    assert!(layer(&report, "libc")["live_count"].as_u64().unwrap() >= 2_300_000);
 }
 
 #[test]

@@ -1,12 +1,15 @@
 /* A target that leaks a known amount, then meets a fault, for tests/tests/faults.rs.
  * Every mode calls leak_before_fault() first (wait: once FILE exists): 10 blocks of 1000
  * bytes, never freed.
- * Usage: faults segv | kill9 | exec PROGRAM ARGS... | fork N | wait FILE | grow MIB
+ * Usage: faults segv | kill9 | exec PROGRAM ARGS... | fork N | wait FILE | grow MIB | many N
  *   segv: dereference NULL; kill9: raise(SIGKILL); exec: execv PROGRAM;
  *   fork N: N children, each mallocs 500 bytes and exits, all reaped, then exit 0;
  *   wait FILE: wait for FILE, print "faults: ready", pause (killed by the test);
  *   grow MIB: touch MIB mebibytes of malloc'd memory, 1 MiB at a time (the OOM killer's
- *   prey in a memory-limited cgroup). No stdio before the fault (its buffers malloc). */
+ *   prey in a memory-limited cgroup);
+ *   many N: N blocks of 16 bytes, all kept (more live blocks than pyleak's table and
+ *   overflow map hold when the test shrinks the map). No stdio before the fault (its
+ *   buffers malloc). */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdlib.h>
@@ -64,6 +67,14 @@ int main(int argc, char **argv) {
             memset(p, 1, 1 << 20);
         }
         say("faults: grew\n");
+        return 0;
+    }
+    if (strcmp(argv[1], "many") == 0 && argc == 3) {
+        long n = atol(argv[2]);
+        void **all = malloc(n * sizeof(void *));
+        if (!all) return 3;
+        for (long i = 0; i < n; i++) all[i] = malloc(16);
+        say("faults: kept\n");
         return 0;
     }
     return 2;

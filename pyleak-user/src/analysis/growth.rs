@@ -69,6 +69,16 @@ impl<K: Eq + Hash + Clone> Timeline<K> {
         self.times.len()
     }
 
+    /// Keys with a series.
+    pub fn keys(&self) -> usize {
+        self.series.len()
+    }
+
+    /// Drops the series of the keys `gone` says (a retired process's).
+    pub fn forget(&mut self, mut gone: impl FnMut(&K) -> bool) {
+        self.series.retain(|k, _| !gone(k));
+    }
+
     /// Sums the series of keys that map to the same group (stacks with the same frames).
     pub fn grouped<G: Eq + Hash>(
         &self,
@@ -189,6 +199,20 @@ fn slope(xs: &[f64], ys: &[u64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_key_loses_its_series_and_the_others_keep_theirs() {
+        let mut t: Timeline<(u32, u64)> = Timeline::default();
+        for i in 0..3 {
+            t.record(i as f64, [((1, 7), 100 * (i + 1)), ((2, 7), 50)]);
+        }
+        t.forget(|&(pid, _)| pid == 1);
+        assert_eq!(t.keys(), 1);
+        assert_eq!(t.len(), 3);
+        let g = t.grouped(|&(pid, id)| Some((pid, id)));
+        assert_eq!(g[&(2, 7)], vec![50, 50, 50]);
+        assert!(!g.contains_key(&(1, 7)));
+    }
 
     fn times(n: usize) -> Vec<f64> {
         (0..n).map(|i| i as f64).collect()

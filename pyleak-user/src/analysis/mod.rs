@@ -7,6 +7,7 @@
 mod blame;
 pub mod growing;
 pub mod growth;
+pub mod layer_bytes;
 pub mod model;
 pub mod peak;
 mod rank;
@@ -113,9 +114,12 @@ pub fn analyze(
                 } else {
                     model.live_pages()
                 };
+                // Retired processes' memory is out of the model; the totals still count it,
+                // as the uprobe layers' counters do.
+                let retired = snap.retired.live.get(&layer).copied().unwrap_or_default();
                 let (live_bytes, live_count) = live
                     .values()
-                    .fold((0, 0), |(b, c), (lb, lc)| (b + lb, c + lc));
+                    .fold(retired, |(b, c), (lb, lc)| (b + lb, c + lc));
                 let sizes = if layer == Layer::Vm {
                     percentiles(&model.vm_sizes)
                 } else {
@@ -254,14 +258,14 @@ pub fn analyze(
     }
 
     // Mappings and resident pages by kind, per (pid, frames) for the suspects.
+    let mut live = LayerBytes::default();
+    for layer in Layer::ALL {
+        live[layer] = layers[layer.name()].live_bytes;
+    }
     let mut linkage = Linkage {
-        pymalloc_live_bytes: layers["pymalloc"].live_bytes,
+        live,
         pymalloc_small_live_bytes: snap.pymalloc_small_live,
-        pymem_raw_live_bytes: layers["pymem_raw"].live_bytes,
-        libc_live_bytes: layers["libc"].live_bytes,
         libc_for_python_live_bytes: snap.libc_for_python_live,
-        vm_live_bytes: layers["vm"].live_bytes,
-        resident_bytes: layers["pages"].live_bytes,
         ..Linkage::default()
     };
     let mut arenas_by_stack: HashMap<(u32, Vec<String>), u64> = HashMap::new();
@@ -396,6 +400,22 @@ pub fn analyze(
             reused: sp.reused,
             unreadable: sp.unreadable,
             capped: sp.full,
+        }),
+        retired: (snap.retired.processes > 0).then(|| RetiredReport {
+            processes: snap.retired.processes,
+            kept: snap.retired.kept,
+            live_bytes: snap
+                .retired
+                .live
+                .iter()
+                .map(|(l, v)| (l.name().to_owned(), v.0))
+                .collect(),
+            live_count: snap
+                .retired
+                .live
+                .iter()
+                .map(|(l, v)| (l.name().to_owned(), v.1))
+                .collect(),
         }),
     }
 }

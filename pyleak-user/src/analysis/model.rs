@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::growth::Trend;
+pub use super::layer_bytes::LayerBytes;
 
 /// What a recording found; its JSON form (the `--json` report) is pyleak's output contract.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -74,6 +75,25 @@ pub struct Analysis {
     /// Sampled pymalloc tracing, when on: the pymalloc figures are then estimates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_pymalloc: Option<SampledReport>,
+    /// Group targets: exited processes retired while recording (absent when none was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired: Option<RetiredReport>,
+}
+
+/// Exited processes whose state pyleak dropped while recording, to keep its own memory
+/// bounded under process churn: past the last `kept` exited processes, the oldest is
+/// retired. They are not in `processes`, `stacks` or `suspects`; the layer totals still
+/// count them (JSON `retired`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct RetiredReport {
+    /// Processes retired.
+    pub processes: u64,
+    /// Exited processes kept whole at any time.
+    pub kept: usize,
+    /// What they left live when retired, by layer name: bytes.
+    pub live_bytes: BTreeMap<String, u64>,
+    /// The same, in blocks (vm: mappings; pages: pages).
+    pub live_count: BTreeMap<String, u64>,
 }
 
 /// A live-bytes estimate of sampled pymalloc tracing (JSON fields of a stack or suspect).
@@ -197,29 +217,25 @@ pub struct FullStack {
 /// One stack's memory at every layer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SuspectLinkage {
-    /// Live pymalloc requests.
-    pub pymalloc_live_bytes: u64,
-    /// Live PyMem_Raw requests.
-    pub pymem_raw_live_bytes: u64,
-    /// Live malloc blocks.
-    pub libc_live_bytes: u64,
+    /// Live bytes at each layer: pymalloc and PyMem_Raw requests, malloc blocks, mappings
+    /// still mapped, pages this stack faulted in still resident (`pymalloc_live_bytes`,
+    /// `pymem_raw_live_bytes`, `libc_live_bytes`, `vm_live_bytes`, `resident_bytes`).
+    #[serde(flatten)]
+    pub live: LayerBytes,
     /// pymalloc arenas this stack caused to be mapped, still mapped.
     pub arena_bytes: u64,
-    /// Mappings still mapped.
-    pub vm_live_bytes: u64,
-    /// Pages this stack faulted in, still resident.
-    pub resident_bytes: u64,
 }
 
 /// The layers linked, for all traced processes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Linkage {
-    /// Live pymalloc requests (what Python code asked for).
-    pub pymalloc_live_bytes: u64,
-    /// Of those, requests of at most 512 bytes (served from arenas).
+    /// Live bytes at each layer: pymalloc requests (what Python code asked for), PyMem_Raw
+    /// requests, malloc blocks, mappings made while tracing and still mapped, pages faulted
+    /// in while tracing and still resident (`pymalloc_live_bytes`, …, `resident_bytes`).
+    #[serde(flatten)]
+    pub live: LayerBytes,
+    /// Of the pymalloc requests, those of at most 512 bytes (served from arenas).
     pub pymalloc_small_live_bytes: u64,
-    /// Live PyMem_Raw requests.
-    pub pymem_raw_live_bytes: u64,
     /// pymalloc arenas mapped while tracing and still mapped.
     pub arena_count: u64,
     /// Their bytes.
@@ -229,16 +245,10 @@ pub struct Linkage {
     /// `arena_bytes / pymalloc_small_live_bytes`: 1.0 is perfectly packed; far above 1,
     /// arenas kept alive by a few objects each.
     pub fragmentation_ratio: Option<f64>,
-    /// Live malloc blocks.
-    pub libc_live_bytes: u64,
     /// Of those, allocated on behalf of pymalloc or PyMem_Raw.
     pub libc_for_python_live_bytes: u64,
-    /// Mappings made while tracing and still mapped.
-    pub vm_live_bytes: u64,
     /// Those mappings by kind.
     pub vm_by_kind: BTreeMap<String, u64>,
-    /// Pages faulted in while tracing and still resident.
-    pub resident_bytes: u64,
     /// Those pages by the kind of mapping they are in.
     pub resident_by_kind: BTreeMap<String, u64>,
     /// Of the resident bytes, those the kernel mapped along with another page's fault

@@ -35,6 +35,14 @@ pub struct Peaks {
 }
 
 impl Peaks {
+    /// Leaves the stacks of processes `gone` (retired) out of every peak's list; the
+    /// peaks' totals keep them.
+    pub fn forget(&mut self, gone: &std::collections::HashSet<u32>) {
+        for p in self.by_layer.values_mut() {
+            p.stacks.retain(|(pid, _, _)| !gone.contains(pid));
+        }
+    }
+
     /// Takes one growth sample (live bytes per (pid, layer, stack), `t_s` seconds in).
     pub fn record(&mut self, t_s: f64, live: &HashMap<StackSlot, u64>) {
         let mut layers: BTreeMap<Layer, u64> = BTreeMap::new();

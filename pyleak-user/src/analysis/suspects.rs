@@ -108,13 +108,8 @@ pub fn suspects(rows: &[StackReport], inp: &Inputs, opts: Options) -> (Vec<Suspe
     for g in &groups {
         let l = by_frames.entry((g.pid, &g.frames)).or_default();
         let live: u64 = g.rows.iter().map(|&i| rows[i].live_bytes).sum();
-        match layer_named(&g.layer) {
-            Some(Layer::Pymalloc) => l.pymalloc_live_bytes += live,
-            Some(Layer::PymemRaw) => l.pymem_raw_live_bytes += live,
-            Some(Layer::Libc) => l.libc_live_bytes += live,
-            Some(Layer::Vm) => l.vm_live_bytes += live,
-            Some(Layer::Pages) => l.resident_bytes += live,
-            None => {}
+        if let Some(layer) = layer_named(&g.layer) {
+            l.live[layer] += live;
         }
     }
     let mut arenas: HashMap<(u32, Vec<String>), u64> = HashMap::new();

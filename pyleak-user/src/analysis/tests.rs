@@ -131,6 +131,7 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
     let mut snap = Snapshot {
         traced: crate::layers::LayerSet::parse("all").unwrap(),
         sampled: None,
+        retired: Default::default(),
         layer_stats,
         size_hist,
         stacks,
@@ -301,8 +302,8 @@ fn the_leak_ranks_first_and_its_layers_are_linked() {
     assert_eq!(first.layer, "pymalloc");
     assert_eq!(first.trend, growth::Trend::Growing);
     assert!((first.growth_bytes_per_s - 100.0 * 1024.0).abs() < 1.0);
-    assert_eq!(first.linkage.pymalloc_live_bytes, 4 * MIB);
-    assert_eq!(first.linkage.libc_live_bytes, 2 * MIB);
+    assert_eq!(first.linkage.live[Layer::Pymalloc], 4 * MIB);
+    assert_eq!(first.linkage.live[Layer::Libc], 2 * MIB);
     assert_eq!(first.linkage.arena_bytes, MIB);
     // Its libc row ranks with it, right below.
     assert_eq!(a.suspects[1].layer, "libc");
@@ -515,4 +516,33 @@ fn memory_a_library_allocated_is_blamed_on_the_users_line_unless_asked_not_to() 
         .expect("the tasks' suspect");
     assert_eq!(s.frames, full);
     assert!(s.full_stacks.is_empty());
+}
+
+#[test]
+fn retired_processes_are_summed_and_counted_in_the_layer_totals() {
+    let (mut snap, model, facts, timeline) = recording();
+    snap.retired = crate::collect::RetiredSummary {
+        processes: 3,
+        kept: 64,
+        live: BTreeMap::from([(Layer::Libc, (3000, 3)), (Layer::Pages, (5 * PAGE, 5))]),
+    };
+    let opts = Options {
+        duration_s: 10.0,
+        min_age_s: 1.0,
+        interval_s: 1.0,
+        group_libs: true,
+    };
+    let a = analyze(&snap, &model, &facts, &timeline, opts);
+    let r = a.retired.expect("retired processes reported");
+    assert_eq!((r.processes, r.kept), (3, 64));
+    assert_eq!(r.live_bytes["libc"], 3000);
+    assert_eq!(r.live_count["pages"], 5);
+    // The pages layer's total counts them as the uprobe layers' counters do; no row does.
+    assert_eq!(a.layers["pages"].live_bytes, 135 * PAGE);
+    assert_eq!(a.layers["pages"].live_count, 135);
+    // Without any, no `retired` in the JSON.
+    assert!(analysis().retired.is_none());
+    assert!(!serde_json::to_string(&analysis())
+        .unwrap()
+        .contains("retired"));
 }

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use pyleak_common::Layer;
+use pyleak_common::{Layer, CALL_LAYERS};
 
 use super::{
     as_process_names, elf::ElfFile, is_libc, is_malloc_replacement, may_hold_python, plan_finalize,
@@ -14,6 +14,55 @@ use super::{
     PYMALLOC_FUNCTIONS, PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
 };
 use crate::layers::LayerSet;
+
+/// How the probes of one uprobed layer are found in a file.
+pub struct LayerProbes {
+    /// The layer.
+    pub layer: Layer,
+    /// Whether a file, by its name, can hold the layer's functions.
+    pub recognise: fn(&Path) -> bool,
+    /// The layer's probes in a file (none where its functions are missing).
+    pub plan: fn(&ElfFile) -> Vec<ProbeSpec>,
+}
+
+/// The probe table of every uprobed layer of the registry (`pyleak_common::LAYERS`), in its
+/// order: [`plan_file`] reads it. A new allocator layer adds its entry here.
+pub const LAYER_PROBES: [LayerProbes; CALL_LAYERS] = [
+    LayerProbes {
+        layer: Layer::Pymalloc,
+        recognise: may_hold_python,
+        plan: |elf| {
+            let mut probes = plan_python_domain(
+                elf,
+                Layer::Pymalloc,
+                &[Domain::Obj, Domain::Mem],
+                &PYMALLOC_TABLE_FUNCTIONS,
+                &PYMALLOC_FUNCTIONS,
+            );
+            // Free-list hand-overs: a block taken again by another stack.
+            probes.extend(reuse::plan_reuse(elf));
+            probes
+        },
+    },
+    LayerProbes {
+        layer: Layer::PymemRaw,
+        recognise: may_hold_python,
+        plan: |elf| {
+            plan_python_domain(
+                elf,
+                Layer::PymemRaw,
+                &[Domain::Raw],
+                &PYMEM_RAW_TABLE_FUNCTIONS,
+                &PYMEM_RAW_FUNCTIONS,
+            )
+        },
+    },
+    LayerProbes {
+        layer: Layer::Libc,
+        recognise: |f| is_libc(f) || is_malloc_replacement(f),
+        plan: |elf| plan_layer(elf, Layer::Libc, &LIBC_FUNCTIONS),
+    },
+];
 
 /// Plans probes per file, once per file.
 pub struct Planner {
@@ -52,29 +101,12 @@ pub fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
         return Vec::new();
     };
     let mut probes = Vec::new();
-    if (is_libc(file) || is_malloc_replacement(file)) && layers.contains(Layer::Libc) {
-        probes.extend(plan_layer(&elf, Layer::Libc, &LIBC_FUNCTIONS));
-    }
     if may_hold_python(file) {
         probes.extend(plan_finalize(&elf));
-        if layers.contains(Layer::Pymalloc) {
-            probes.extend(plan_python_domain(
-                &elf,
-                Layer::Pymalloc,
-                &[Domain::Obj, Domain::Mem],
-                &PYMALLOC_TABLE_FUNCTIONS,
-                &PYMALLOC_FUNCTIONS,
-            ));
-            probes.extend(reuse::plan_reuse(&elf));
-        }
-        if layers.contains(Layer::PymemRaw) {
-            probes.extend(plan_python_domain(
-                &elf,
-                Layer::PymemRaw,
-                &[Domain::Raw],
-                &PYMEM_RAW_TABLE_FUNCTIONS,
-                &PYMEM_RAW_FUNCTIONS,
-            ));
+    }
+    for l in &LAYER_PROBES {
+        if layers.contains(l.layer) && (l.recognise)(file) {
+            probes.extend((l.plan)(&elf));
         }
     }
     probes
@@ -113,6 +145,15 @@ pub fn missing_libc(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_uprobed_layer_of_the_registry_has_its_probe_table_in_order() {
+        let listed: Vec<Layer> = LAYER_PROBES.iter().map(|l| l.layer).collect();
+        assert_eq!(listed, Layer::UPROBED);
+        for l in &LAYER_PROBES {
+            assert!(l.layer.is_uprobed(), "{:?}", l.layer);
+        }
+    }
 
     #[test]
     fn why_the_libc_layer_sees_nothing() {

@@ -3,22 +3,20 @@
 mod budget;
 pub mod bulk;
 pub mod frames;
+pub mod probes;
 mod read;
+pub mod retire;
 mod snapshot;
 mod table;
 pub mod vm;
 pub mod window;
 
-use std::{collections::HashMap, num::NonZeroU32, path::Path};
+use std::{collections::HashMap, path::Path};
 
 use anyhow::Context as _;
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, RingBuf},
-    programs::{
-        trace_point::TracePointLink,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
-        TracePoint, UProbe,
-    },
+    programs::{trace_point::TracePointLink, uprobe::UProbeLink, TracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
 use pyleak_common::{
@@ -27,7 +25,7 @@ use pyleak_common::{
 };
 
 use crate::{
-    attach::{ProbeRole, ProbeSpec},
+    attach::ProbeSpec,
     errors::UserError,
     layers::LayerSet,
     multi_uprobe::{MultiLink, MultiPrograms},
@@ -108,6 +106,8 @@ pub struct Recorder {
     pub cgroups: HashMap<u32, String>,
     /// CPython version of each target that runs one.
     pub pythons: HashMap<u32, String>,
+    /// Exited processes retired (group targets), and what they left live.
+    retired: retire::Retired,
 }
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyleak"));
@@ -226,6 +226,7 @@ impl Recorder {
             vec![("sched_process_exit", "sched", "sched_process_exit")];
         if opts.filter.file_wide() {
             tracepoints.push(("sched_process_exec", "sched", "sched_process_exec"));
+            tracepoints.push(("task_newtask", "task", "task_newtask"));
         }
         // The benchmark's floor attaches an empty program wherever a layer's would go.
         let program = |real| if opts.bare { "bare_tp" } else { real };
@@ -281,6 +282,7 @@ impl Recorder {
             targets: Vec::new(),
             probes: Vec::new(),
             comms: HashMap::new(),
+            retired: retire::Retired::default(),
             new_stacks: Vec::new(),
             execs: Vec::new(),
             cgroups: HashMap::new(),
@@ -299,175 +301,14 @@ impl Recorder {
         Ok(())
     }
 
-    /// Starts tracing `pid`: marks it in the kernel and attaches `probes` for it alone.
-    pub fn add_target(&mut self, pid: u32, probes: &[ProbeSpec]) -> anyhow::Result<()> {
-        self.mark_active(pid)?;
-        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(UserError::NoSuchPid(pid))?);
-        self.attach(probes, scope).map_err(|e| {
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                anyhow::Error::from(UserError::ProcessGone(pid))
-            } else {
-                e
-            }
-        })?;
-        self.model.add_process(pid, current_brk(pid));
-        if self.windows.is_some() {
-            self.model.note_earlier_arenas(pid);
-        }
-        self.refresh_comm(pid);
-        self.targets.push(pid);
-        if let Some(cg) = crate::targets::group::of_process(pid) {
-            self.cgroups.insert(pid, cg);
-        }
-        Ok(())
-    }
-
-    /// Attaches `probes` with `scope`; remembers them for the report.
-    ///
-    /// With multi-uprobe links, one link per (program, file) holds every probe of that
-    /// program in the file. Return programs are attached first: a call entering between
-    /// the two attachments must not leave an entry behind whose return is never seen (the
-    /// thread's later calls would look nested in it); a return without its entry is
-    /// counted.
-    fn attach(&mut self, probes: &[ProbeSpec], scope: UProbeScope) -> anyhow::Result<()> {
-        let started = std::time::Instant::now();
-        for p in probes {
-            if let Some(info) = p.site {
-                let id = pyleak_common::ProbeCookie::decode(p.cookie).stack_delta;
-                let mut sites: aya::maps::Array<_, pyleak_common::SiteInfo> =
-                    aya::maps::Array::try_from(
-                        self.ebpf.map_mut("SITES").context("map SITES missing")?,
-                    )?;
-                sites.set(id, info, 0)?;
-            }
-        }
-        let now: Vec<&ProbeSpec> = match self.windows.as_mut() {
-            Some(w) => w.keep(probes, scope),
-            None => probes.iter().collect(),
-        };
-        let pid = match scope {
-            UProbeScope::OneProcess(pid) => Some(pid.get()),
-            _ => None,
-        };
-        if let Uprobes::Multi { .. } = self.uprobes {
-            let specs: Vec<ProbeSpec> = now.into_iter().cloned().collect();
-            let new_links = self.link_probes(&specs, pid)?;
-            if let Uprobes::Multi { links, .. } = &mut self.uprobes {
-                links.extend(new_links);
-            }
-        } else {
-            for p in now {
-                for &prog in programs_of(p.role, self.opts.bare) {
-                    let point = UProbeAttachPoint {
-                        location: UProbeAttachLocation::AbsoluteOffset(p.offset),
-                        cookie: Some(p.cookie),
-                    };
-                    let program = uprobe(&mut self.ebpf, prog)?;
-                    let id = program.attach(point, &p.path, scope).map_err(|e| {
-                        anyhow::anyhow!(
-                            "attaching {prog} to {}+{:#x} ({}): {}",
-                            p.path.display(),
-                            p.offset,
-                            p.symbol,
-                            error_chain(&e)
-                        )
-                    })?;
-                    let link = program.take_link(id)?;
-                    if let Uprobes::PerfEvents(links) = &mut self.uprobes {
-                        links.push(link);
-                    }
-                }
-            }
-        }
-        self.probes.extend(probes.iter().cloned());
-        self.attach_s += started.elapsed().as_secs_f64();
-        Ok(())
-    }
-
-    /// Multi-uprobe links for `probes`, one per (program, file), return programs first; in
-    /// process `pid` only, when given. Errors: links are not in use, or the kernel refused.
-    fn link_probes(
-        &self,
-        probes: &[ProbeSpec],
-        pid: Option<u32>,
-    ) -> anyhow::Result<Vec<MultiLink>> {
-        let Uprobes::Multi { programs, .. } = &self.uprobes else {
-            anyhow::bail!("multi-uprobe links are not in use");
-        };
-        // (program, returns, file) → its probes in plan order, returns first.
-        let mut groups: Vec<(LinkKey, Vec<&ProbeSpec>)> = Vec::new();
-        for ret in [true, false] {
-            for p in probes {
-                for &prog in programs_of(p.role, self.opts.bare) {
-                    if is_return(prog) != ret {
-                        continue;
-                    }
-                    let key = (prog, ret, p.path.as_path());
-                    match groups.iter_mut().find(|(k, _)| *k == key) {
-                        Some((_, points)) => points.push(p),
-                        None => groups.push((key, vec![p])),
-                    }
-                }
-            }
-        }
-        let mut links = Vec::new();
-        for ((prog, ret, path), points) in groups {
-            let offsets: Vec<(u64, u64)> = points.iter().map(|p| (p.offset, p.cookie)).collect();
-            links.push(
-                programs
-                    .attach(prog, path, &offsets, ret, pid)
-                    .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?,
-            );
-        }
-        Ok(links)
-    }
-
-    /// Detaches every probe placed so far, uprobes and tracepoints; returns how long it
-    /// took, in seconds. Each detach waits for RCU grace periods (~0.1 s here): multi-uprobe
-    /// links and tracepoints are closed from several threads at once, which share them
-    /// (1.1 s → 0.57 s for `--layers libc,vm,pages`). Perf-event uprobes are closed one
-    /// after another: their detach holds a kernel-wide mutex, and 32 threads contending
-    /// for it took 98 s for Debian 3.11's 903 probes.
-    pub fn detach_probes(&mut self) -> f64 {
-        let started = std::time::Instant::now();
-        let tracepoints = std::mem::take(&mut self.tracepoint_links);
-        match &mut self.uprobes {
-            Uprobes::Multi { links, .. } => {
-                close_in_parallel(std::mem::take(links));
-            }
-            Uprobes::PerfEvents(links) => links.clear(),
-        }
-        if let Some(w) = self.windows.as_mut() {
-            w.opened = None;
-            close_in_parallel(std::mem::take(&mut w.links));
-        }
-        close_in_parallel(tracepoints);
-        started.elapsed().as_secs_f64()
-    }
-
-    /// Whether uprobes are placed as multi-uprobe links.
-    pub fn multi_links(&self) -> bool {
-        matches!(self.uprobes, Uprobes::Multi { .. })
-    }
-
-    /// `--cgroup`, `--all`: attaches `probes` to their file for every process mapping it
-    /// (the kernel counts only the traced ones); the report names the file `shown`.
-    pub fn attach_file_wide(&mut self, probes: &[ProbeSpec], shown: &Path) -> anyhow::Result<()> {
-        debug_assert!(self.opts.filter.file_wide());
-        let n = self.probes.len();
-        self.attach(probes, UProbeScope::AllProcesses)?;
-        for p in &mut self.probes[n..] {
-            p.path = shown.to_owned();
-        }
-        Ok(())
-    }
-
     /// `--cgroup`, `--all`: starts following `pid` in userspace (its vm model, name and
     /// cgroup); with `--all` also marks it traced in the kernel.
     pub fn track(&mut self, pid: u32) -> anyhow::Result<()> {
         if self.opts.filter == Filter::PidSet {
             self.mark_active(pid)?;
         }
+        // A pid retired earlier and now reused by a new process.
+        self.retired.pids.remove(&pid);
         if !self.targets.contains(&pid) {
             self.model.add_process(pid, current_brk(pid));
             if self.windows.is_some() {
@@ -519,7 +360,9 @@ impl Recorder {
                 // SAFETY: the kernel wrote a whole VmEvent; read_unaligned copes with the
                 // ring buffer's 8-byte alignment.
                 let ev: VmEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                if ev.kind == VmKind::NewStack as u32 {
+                if ev.kind != VmKind::Exec as u32 && self.retired.pids.contains(&ev.tgid) {
+                    // The last events of a retired process: nothing of it is kept.
+                } else if ev.kind == VmKind::NewStack as u32 {
                     self.new_stacks.push((ev.tgid, ev.stack_id));
                 } else {
                     if ev.kind == VmKind::Exec as u32 {
@@ -587,10 +430,29 @@ impl Recorder {
         Ok(())
     }
 
+    /// What pyleak's own memory holds per process, for `RUST_LOG=debug` (soaks): one line.
+    pub fn footprint(&self) -> String {
+        let (known, heaps, lines) = self.book.sizes();
+        let pages: usize = self.model.procs.values().map(|p| p.pages.len()).sum();
+        let regions: usize = self.model.procs.values().map(|p| p.regions.len()).sum();
+        format!(
+            "vm model: {} processes, {regions} regions, {pages} pages, {} stacks; samples: {} known, {} heaps, {} lines; {} comms, {} targets",
+            self.model.procs.len(),
+            self.model.stacks.len(),
+            known,
+            heaps,
+            lines,
+            self.comms.len(),
+            self.targets.len(),
+        )
+    }
+
     /// Re-reads the command name of `pid` (it changes at exec).
     pub fn refresh_comm(&mut self, pid: u32) {
         if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-            self.comms.insert(pid, c.trim().to_owned());
+            if self.comms.get(&pid).map(String::as_str) != Some(c.trim()) {
+                self.comms.insert(pid, c.trim().to_owned());
+            }
         }
     }
 
@@ -628,34 +490,6 @@ pub(super) fn close_in_parallel<T: Send>(mut links: Vec<T>) {
             s.spawn(move || drop(chunk));
         }
     });
-}
-
-/// The programs a probe of `role` runs (the empty ones in the benchmark's floor).
-fn programs_of(role: ProbeRole, bare: bool) -> &'static [&'static str] {
-    match (role, bare) {
-        (ProbeRole::Alloc, false) => &[names::ALLOC_EXIT, names::ALLOC_ENTER],
-        (ProbeRole::Free, false) => &[names::FREE_ENTER],
-        (ProbeRole::Finalize, _) => &[names::PY_FINALIZE_ENTER],
-        (ProbeRole::PyInit, _) => &[names::PY_INIT_ENTER],
-        (ProbeRole::Alloc, true) => &[names::BARE_EXIT, names::BARE_ENTER],
-        (ProbeRole::Free, true) => &[names::BARE_ENTER],
-        (ProbeRole::Site, false) => &[names::SITE_ENTER],
-        (ProbeRole::Join, false) => &[names::SITE_JOIN],
-        (ProbeRole::JoinReturn, false) => &[names::SITE_JOIN_RET],
-        (ProbeRole::Site | ProbeRole::Join, true) => &[names::BARE_ENTER],
-        (ProbeRole::JoinReturn, true) => &[names::BARE_EXIT],
-        (ProbeRole::ReuseObject, false) => &[names::REUSE_ENTER],
-        (ProbeRole::ReuseBlock, false) => &[names::REUSE_EXIT],
-        (ProbeRole::ReuseObject, true) => &[names::BARE_ENTER],
-        (ProbeRole::ReuseBlock, true) => &[names::BARE_EXIT],
-        (ProbeRole::ReuseHolder, false) => &[names::REUSE_HOLDER_EXIT, names::REUSE_HOLDER_ENTER],
-        (ProbeRole::ReuseHolder, true) => &[names::BARE_EXIT, names::BARE_ENTER],
-    }
-}
-
-/// Whether uprobe program `name` runs at the function's return.
-fn is_return(name: &str) -> bool {
-    UPROBE_PROGRAMS.iter().any(|&(n, ret)| n == name && ret)
 }
 
 /// Loads the uprobe programs for multi-uprobe links; `Err(None)` when the user asked for

@@ -70,7 +70,7 @@ impl Recorder {
     }
 
     /// Per (pid, layer, stack) totals of the uprobe layers, summed over CPUs.
-    fn stack_stats(&self) -> anyhow::Result<HashMap<(u32, Layer, u64), StackAgg>> {
+    pub(super) fn stack_stats(&self) -> anyhow::Result<HashMap<(u32, Layer, u64), StackAgg>> {
         let stats: PerCpuHashMap<_, StackKey, StackAgg> = PerCpuHashMap::try_from(
             self.ebpf
                 .map(names::STACK_STATS)
@@ -82,6 +82,9 @@ impl Recorder {
             let Some(layer) = Layer::from_u32(key.layer) else {
                 continue;
             };
+            if self.retired.pids.contains(&key.tgid) {
+                continue;
+            }
             let agg = stacks.entry((key.tgid, layer, key.stack_id)).or_default();
             for v in values.iter() {
                 agg.add(v);
@@ -97,7 +100,7 @@ impl Recorder {
             let Some(layer) = Layer::from_u32(slot.key.layer) else {
                 continue;
             };
-            if slot.key.stack_id == 0 {
+            if slot.key.stack_id == 0 || self.retired.pids.contains(&slot.key.tgid) {
                 continue;
             }
             stacks
@@ -137,6 +140,14 @@ impl Recorder {
     /// Calls `f` with every live block the kernel tracks: the live-block table's, then
     /// the overflow map's.
     fn for_each_live_block(&self, f: &mut impl FnMut(AllocKey, LiveAlloc)) -> anyhow::Result<()> {
+        // A retired process's blocks are cleared when it is retired; one claimed by a
+        // probe in flight then is skipped here.
+        let retired = &self.retired.pids;
+        let f = &mut |k: AllocKey, b: LiveAlloc| {
+            if !retired.contains(&k.tgid) {
+                f(k, b)
+            }
+        };
         table::for_each_live(
             self.ebpf
                 .map(names::LIVE_KEYS)
@@ -278,6 +289,7 @@ impl Recorder {
             libc_for_python_live,
             used_on_pages,
             sampled: None,
+            retired: self.retired.summary(),
         };
         self.apply_estimates(&mut snap);
         Ok(snap)

@@ -32,6 +32,20 @@ pub struct Snapshot {
     /// With sampled pymalloc tracing: its windows, samples and estimates (the pymalloc
     /// figures above are then estimates for the whole recording).
     pub sampled: Option<super::window::SampledPymalloc>,
+    /// Exited processes retired while recording (group targets), and what they left.
+    pub retired: RetiredSummary,
+}
+
+/// Exited processes retired while recording: their state was dropped to keep pyleak's
+/// memory bounded (see `collect::retire`); the uprobe layers' counters still count them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetiredSummary {
+    /// How many.
+    pub processes: u64,
+    /// Exited processes kept whole at any time (the cap).
+    pub kept: usize,
+    /// What they left live, per layer: (bytes, blocks; mappings for vm, pages for pages).
+    pub live: BTreeMap<Layer, (u64, u64)>,
 }
 
 /// One (pid, layer, stack).

@@ -319,6 +319,21 @@ type LineKey = (u32, Option<(u64, u32)>);
 /// samples (fewer: its process's share).
 pub const MIN_LINE_PAGES: u64 = 20;
 
+impl SampleBook {
+    /// Samples known, heap readers, leaf lines cached (for the footprint line).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.known.len(), self.heaps.len(), self.lines.len())
+    }
+
+    /// Drops what is known of `pid`'s samples (a retired process).
+    pub fn forget(&mut self, pid: u32) {
+        self.known.retain(|&(p, _), _| p != pid);
+        self.heaps.remove(&pid);
+        self.estimates.retain(|&(p, _), _| p != pid);
+        self.duty.remove(&pid);
+    }
+}
+
 struct Known {
     ts_ns: u64,
     window: u64,

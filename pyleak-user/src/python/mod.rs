@@ -202,6 +202,18 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// Forgets `pids` (retired processes): their memory (closed), code objects and stacks.
+    pub fn forget(&mut self, pids: &std::collections::HashSet<u32>) {
+        self.procs.retain(|p, _| !pids.contains(p));
+        self.cache.retain(|(p, _, _), _| !pids.contains(p));
+        self.stacks.retain(|(p, _), _| !pids.contains(p));
+    }
+
+    /// Processes known, code objects cached, stacks resolved.
+    pub fn footprint(&self) -> (usize, usize, usize) {
+        (self.procs.len(), self.cache.len(), self.stacks.len())
+    }
+
     /// Starts resolving frames of `pid`, which runs `rt`.
     pub fn add_process(&mut self, pid: u32, rt: &PythonRuntime) {
         // Memory is opened at first use: a launched command has not exec'd yet.
@@ -211,6 +223,11 @@ impl Resolver {
             mem: None,
         };
         self.procs.insert(pid, proc);
+    }
+
+    /// Whether stack `stack_id` of `pid` has been resolved (its code objects read).
+    pub fn has_stack(&self, pid: u32, stack_id: u64) -> bool {
+        self.stacks.contains_key(&(pid, stack_id))
     }
 
     /// Whether frames of `pid` can be resolved (its CPython version is known).

@@ -14,7 +14,7 @@ use pyleak_common::PyProc;
 
 use crate::{
     attach::{self, elf::ElfFile, plan::plan_file, ProbeSpec},
-    collect::Recorder,
+    collect::{retire, Recorder},
     layers::LayerSet,
     python::{self, placed},
     symbolize::{lock, Symbolizer},
@@ -72,6 +72,9 @@ pub struct Group {
     templates: u32,
     /// Processes seen.
     members: HashMap<u32, Member>,
+    /// Traced processes that exited, oldest first: past [`retire::exited_kept`], the
+    /// oldest is retired.
+    exited: std::collections::VecDeque<u32>,
 }
 
 impl Group {
@@ -85,7 +88,13 @@ impl Group {
             runtimes: HashMap::new(),
             templates: 0,
             members: HashMap::new(),
+            exited: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Processes seen (traced or not, alive or not), and files held open.
+    pub fn footprint(&self) -> (usize, usize) {
+        (self.members.len(), self.held.len())
     }
 
     /// How many processes are traced.
@@ -196,8 +205,11 @@ impl Group {
     }
 
     /// Drops the kernel entries of traced processes that exited (their events are all
-    /// read by now), and forgets untraced ones.
-    pub fn reap(&mut self, rec: &mut Recorder) {
+    /// read by now), and forgets untraced ones. Past the last [`retire::exited_kept`]
+    /// exited processes, retires the oldest (`collect::retire`) and returns them: the
+    /// caller drops what the rest of pyleak keeps of them.
+    pub fn reap(&mut self, rec: &mut Recorder) -> HashSet<u32> {
+        let exited = &mut self.exited;
         self.members.retain(|&pid, m| {
             if m.reaped || alive(pid) {
                 return true;
@@ -207,8 +219,28 @@ impl Group {
             }
             rec.forget(pid);
             m.reaped = true;
+            exited.push_back(pid);
             true
         });
+        let keep = retire::exited_kept();
+        let mut gone = HashSet::new();
+        while self.exited.len() > keep {
+            let Some(pid) = self.exited.pop_front() else {
+                break;
+            };
+            // Still reaped: not a pid reused by a process traced since.
+            if self.members.get(&pid).is_some_and(|m| m.reaped) {
+                self.members.remove(&pid);
+                gone.insert(pid);
+            }
+        }
+        if !gone.is_empty() {
+            let pids: Vec<u32> = gone.iter().copied().collect();
+            if let Err(e) = rec.retire(&pids) {
+                log::warn!("retiring exited processes: {e:#}");
+            }
+        }
+        gone
     }
 
     /// Looks at the files `pid` maps: probes the ones not probed yet, places its Python

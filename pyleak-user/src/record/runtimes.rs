@@ -90,6 +90,37 @@ pub fn learn_new_stacks(rec: &mut Recorder, resolver: &mut python::Resolver) {
     rec.new_stacks = waiting;
 }
 
+/// Resolves the Python frames of stacks `pid` uses but was never announced for: stacks
+/// are interned once for every process (the kernel announces a stack to the first process
+/// that makes it), so a worker forked from the same parent, running the same code at the
+/// same addresses, makes the first worker's stacks without an announcement. Called with
+/// the (pid, stack) of every growth sample, while the processes live.
+pub fn learn_used_stacks(
+    rec: &Recorder,
+    resolver: &mut python::Resolver,
+    used: impl IntoIterator<Item = (u32, u64)>,
+) {
+    let mut batch = false;
+    // Whether each process lives, asked once per call (exited ones keep their stacks).
+    let mut lives: HashMap<u32, bool> = HashMap::new();
+    for (pid, id) in used {
+        if id == 0 || !resolver.knows(pid) || resolver.has_stack(pid, id) {
+            continue;
+        }
+        if !*lives.entry(pid).or_insert_with(|| alive(pid)) {
+            continue;
+        }
+        if !batch {
+            resolver.next_batch();
+            batch = true;
+        }
+        if let Some(st) = rec.stack(id) {
+            let n = (st.py_len as usize).min(st.py.len());
+            resolver.learn(pid, id, &st.py[..n]);
+        }
+    }
+}
+
 /// The supported Python runtime among `files` (when Python stacks are `enabled`), warning
 /// once about an unsupported one; the version found is kept for process `pid`'s report.
 pub fn python_runtime(

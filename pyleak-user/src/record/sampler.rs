@@ -92,7 +92,7 @@ impl Sampler {
     }
 
     /// Takes one sample, and writes it as a line when streaming.
-    pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &Resolver) {
+    pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &mut Resolver) {
         if let Some(c) = self.censuses.as_mut() {
             c.take(self.started.elapsed().as_secs_f64());
         }
@@ -104,6 +104,8 @@ impl Sampler {
                 return;
             }
         };
+        super::runtimes::learn_used_stacks(rec, py, live.keys().map(|&(pid, _, id)| (pid, id)));
+        let py = &*py;
         let t = self.started.elapsed().as_secs_f64();
         let mut layers: BTreeMap<&'static str, u64> = BTreeMap::new();
         for (&(_, layer, _), &bytes) in &live {
@@ -140,6 +142,13 @@ impl Sampler {
                 self.out = None;
             }
         }
+    }
+
+    /// Forgets retired processes `gone`: their growth series and frame names.
+    pub fn forget(&mut self, gone: &std::collections::HashSet<u32>) {
+        self.timeline.forget(|(pid, _, _)| gone.contains(pid));
+        self.frames.retain(|(pid, _), _| !gone.contains(pid));
+        self.peaks.forget(gone);
     }
 
     /// Redraws the live view: layer totals, the fastest-growing stacks and, with

@@ -142,7 +142,15 @@ pub async fn trace_loop(
                     learn_new_stacks(rec, resolver);
                     g.scan(rec, resolver, syms);
                     g.refresh(rec, resolver, syms);
-                    g.reap(rec);
+                    let gone = g.reap(rec);
+                    if !gone.is_empty() {
+                        let mut syms = lock(syms);
+                        for &pid in &gone {
+                            syms.forget(pid);
+                        }
+                        resolver.forget(&gone);
+                        sampler.forget(&gone);
+                    }
                     if let Some(cg) = g.cgroup.as_ref().filter(|cg| !cg.dir.exists()) {
                         eprintln!("pyleak: cgroup {} was removed: ending the recording", cg.path);
                         break End::TargetsExited;
@@ -153,6 +161,9 @@ pub async fn trace_loop(
                     if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
                         break End::TargetsExited;
                     }
+                }
+                if log::log_enabled!(log::Level::Debug) {
+                    footprint(rec, &lock(syms), resolver, &follow, sampler);
                 }
                 if sampler.view == View::Top {
                     sampler.draw(rec);
@@ -250,6 +261,29 @@ fn next_gap(period: Duration, window: Duration) -> Duration {
     };
     let mean = period.saturating_sub(window).as_secs_f64();
     Duration::from_secs_f64((-u.ln() * mean).min(mean * 20.0))
+}
+
+/// What pyleak's own memory holds, per kind of state, on one debug line (`RUST_LOG=debug`;
+/// `cargo xtask soak` reads it to see what grows).
+fn footprint(
+    rec: &Recorder,
+    syms: &Symbolizer,
+    resolver: &python::Resolver,
+    follow: &Follow<'_>,
+    sampler: &Sampler,
+) {
+    let (maps, modules) = syms.footprint();
+    let (procs, codes, stacks) = resolver.footprint();
+    let (members, held) = match follow {
+        Follow::Group(g) => g.footprint(),
+        Follow::Pids(_) => (0, 0),
+    };
+    log::debug!(
+        "footprint: timeline {} series x {} samples; {}; symbols: {maps} memory maps, {modules} files; python: {procs} processes, {codes} code objects, {stacks} stacks; group: {members} members, {held} files held",
+        sampler.timeline.keys(),
+        sampler.timeline.len(),
+        rec.footprint(),
+    );
 }
 
 /// One line on stderr: elapsed, events per second, live bytes per layer.

@@ -131,6 +131,7 @@ fn sample() -> Analysis {
         probes_detach_s: 0.5,
         census: None,
         sampled_pymalloc: None,
+        retired: None,
         suspects: vec![
             Suspect {
                 estimate: None,
@@ -164,9 +165,7 @@ fn sample() -> Analysis {
                 trend: Trend::Growing,
                 oldest_age_s: 23.5,
                 linkage: SuspectLinkage {
-                    pymalloc_live_bytes: 4000400,
-                    libc_live_bytes: 4000400,
-                    resident_bytes: 4001792,
+                    live: LayerBytes([4000400, 0, 4000400, 0, 4001792]),
                     ..Default::default()
                 },
             },
@@ -189,7 +188,7 @@ fn sample() -> Analysis {
                 trend: Trend::Plateau,
                 oldest_age_s: 20.0,
                 linkage: SuspectLinkage {
-                    resident_bytes: 8192,
+                    live: LayerBytes([0, 0, 0, 0, 8192]),
                     ..Default::default()
                 },
             },
@@ -254,21 +253,18 @@ fn sample() -> Analysis {
             gives_back: "malloc_trim(0) (every arena), MALLOC_ARENA_MAX=2".to_owned(),
         }],
         linkage: Linkage {
-            pymalloc_live_bytes: 4100000,
+            // pymalloc, pymem_raw, libc, vm, pages
+            live: LayerBytes([4100000, 5000, 4100000, 8 << 20, 7 << 20]),
             pymalloc_small_live_bytes: 99600,
-            pymem_raw_live_bytes: 5000,
             arena_count: 3,
             arena_bytes: 3 << 20,
             arena_resident_bytes: 2 << 20,
             fragmentation_ratio: Some((3 << 20) as f64 / 99600.0),
-            libc_live_bytes: 4100000,
             libc_for_python_live_bytes: 4000400,
-            vm_live_bytes: 8 << 20,
             vm_by_kind: BTreeMap::from([
                 ("pymalloc_arena".to_owned(), 3 << 20),
                 ("malloc_heap".to_owned(), 5 << 20),
             ]),
-            resident_bytes: 7 << 20,
             resident_by_kind: BTreeMap::from([
                 ("pymalloc_arena".to_owned(), 2 << 20),
                 ("malloc_heap".to_owned(), 5 << 20),

@@ -136,6 +136,21 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
     }
     write_processes(report, out)?;
+    if let Some(r) = &report.retired {
+        let left: Vec<String> = r
+            .live_bytes
+            .iter()
+            .filter(|(_, &b)| b > 0)
+            .map(|(l, &b)| format!("{l} {}", human_bytes(b)))
+            .collect();
+        writeln!(
+            out,
+            "exited processes retired: {} (pyleak keeps the last {} whole; older ones are summed here and left out of the stacks above), live at exit: {}",
+            r.processes,
+            r.kept,
+            if left.is_empty() { "nothing".to_owned() } else { left.join(", ") }
+        )?;
+    }
     if report.lost_events == 0 {
         writeln!(out, "lost events: 0")?;
     } else {
@@ -243,7 +258,7 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "  requested by Python code   {:>10} in pymalloc ({} in objects of at most 512 B)",
-            human_bytes(l.pymalloc_live_bytes),
+            human_bytes(l.live[Layer::Pymalloc]),
             human_bytes(l.pymalloc_small_live_bytes)
         )?;
     }
@@ -265,14 +280,14 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "  raw Python buffers         {:>10} in PyMem_Raw",
-            human_bytes(l.pymem_raw_live_bytes)
+            human_bytes(l.live[Layer::PymemRaw])
         )?;
     }
     if report.layers.get("libc").is_some_and(|r| r.allocs > 0) {
         writeln!(
             out,
             "  held by malloc             {:>10} ({} of it for pymalloc/PyMem_Raw)",
-            human_bytes(l.libc_live_bytes),
+            human_bytes(l.live[Layer::Libc]),
             human_bytes(l.libc_for_python_live_bytes)
         )?;
     }
@@ -280,7 +295,7 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "  mapped                     {:>10} ({})",
-            human_bytes(l.vm_live_bytes),
+            human_bytes(l.live[Layer::Vm]),
             kinds(&l.vm_by_kind)
         )?;
     }
@@ -296,7 +311,7 @@ fn linkage(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "  resident                   {:>10} ({}){bulk}",
-            human_bytes(l.resident_bytes),
+            human_bytes(l.live[Layer::Pages]),
             kinds(&l.resident_by_kind)
         )?;
     }
@@ -389,16 +404,16 @@ fn suspects(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         }
         let k = &s.linkage;
         let mut parts = Vec::new();
-        for (name, v) in [
-            ("pymalloc", k.pymalloc_live_bytes),
-            ("pymem_raw", k.pymem_raw_live_bytes),
-            ("malloc", k.libc_live_bytes),
-            ("arenas", k.arena_bytes),
-            ("mapped", k.vm_live_bytes),
-            ("resident", k.resident_bytes),
-        ] {
-            if v > 0 {
-                parts.push(format!("{name} {}", human_bytes(v)));
+        // Every layer of the registry, top down, with pymalloc's arenas under malloc.
+        for layer in Layer::ALL {
+            let mut at = vec![(layer.info().shown, k.live[layer])];
+            if layer == Layer::Libc {
+                at.push(("arenas", k.arena_bytes));
+            }
+            for (name, v) in at {
+                if v > 0 {
+                    parts.push(format!("{name} {}", human_bytes(v)));
+                }
             }
         }
         if !parts.is_empty() {
@@ -459,24 +474,30 @@ fn write_processes(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()
         *live.entry((s.pid, s.layer.as_str())).or_default() += s.live_bytes;
     }
     writeln!(out, "per process (live bytes):")?;
+    // One column per layer of the registry, in call order.
+    let head: String = Layer::ALL
+        .iter()
+        .map(|l| format!(" {:>10}", l.name()))
+        .collect();
     writeln!(
         out,
-        "  {:>7} {:<16} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10}  cgroup",
-        "pid", "command", "python", "pymalloc", "pymem_raw", "libc", "vm", "pages"
+        "  {:>7} {:<16} {:<8}{head}  cgroup",
+        "pid", "command", "python"
     )?;
     for p in &report.processes {
-        let l = |layer: Layer| human_bytes(live.get(&(p.pid, layer.name())).copied().unwrap_or(0));
+        let cols: String = Layer::ALL
+            .iter()
+            .map(|l| {
+                let b = live.get(&(p.pid, l.name())).copied().unwrap_or(0);
+                format!(" {:>10}", human_bytes(b))
+            })
+            .collect();
         writeln!(
             out,
-            "  {:>7} {:<16} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
+            "  {:>7} {:<16} {:<8}{cols}  {}",
             p.pid,
             p.comm,
             p.python.as_deref().unwrap_or("-"),
-            l(Layer::Pymalloc),
-            l(Layer::PymemRaw),
-            l(Layer::Libc),
-            l(Layer::Vm),
-            l(Layer::Pages),
             p.cgroup.as_deref().unwrap_or("?"),
         )?;
     }
