@@ -346,7 +346,7 @@ pub fn loaded_programs() -> Vec<String> {
 }
 
 /// pyleak's program names as the kernel shows them (15 characters at most).
-pub const PYLEAK_PROGRAMS: [&str; 15] = [
+pub const PYLEAK_PROGRAMS: [&str; 16] = [
     "alloc_enter",
     "alloc_exit",
     "free_enter",
@@ -362,6 +362,7 @@ pub const PYLEAK_PROGRAMS: [&str; 15] = [
     "sys_exit_vm",
     "page_fault",
     "sched_process_e",
+    "task_newtask",
 ];
 
 /// BPF links in the kernel (through bpftool): (link type, program id).

@@ -362,6 +362,7 @@ pub fn analyze(
                         comm: "?".to_owned(),
                         cgroup: None,
                         python: None,
+                        followed: None,
                     })
                 })
                 .collect()

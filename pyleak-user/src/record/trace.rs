@@ -13,6 +13,7 @@ use pyleak_common::Layer;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use super::{
+    children::Children,
     follow::Group,
     runtimes::{learn_new_stacks, Runtimes},
     sampler::Sampler,
@@ -44,10 +45,27 @@ pub enum End {
 
 /// How targets are followed while recording.
 pub enum Follow<'a> {
-    /// `--pid`, a command: the targets' Python runtimes (placement, allocator tables).
-    Pids(&'a mut Runtimes),
+    /// `--pid`, a command: the targets' Python runtimes (placement, allocator tables) and
+    /// the processes they start.
+    Pids(&'a mut Runtimes, &'a mut Children),
     /// `--cgroup`, `--container`, `--all`: processes come and go.
     Group(&'a mut Group),
+}
+
+impl Follow<'_> {
+    /// Handles what the kernel announced: a group's new programs and unseen processes, or
+    /// the targets' children and new programs.
+    fn poll(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+    ) {
+        match self {
+            Follow::Group(g) => g.poll(rec, resolver, syms),
+            Follow::Pids(runtimes, children) => children.poll(rec, resolver, runtimes, syms),
+        }
+    }
 }
 
 /// The ring buffer's fd, for tokio to wait on.
@@ -88,7 +106,7 @@ pub async fn trace_loop(
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    if let Follow::Pids(runtimes) = &mut follow {
+    if let Follow::Pids(runtimes, _) = &mut follow {
         runtimes.refresh(rec, syms);
     }
     let window = Duration::from_secs_f64(args.pymalloc_window);
@@ -105,22 +123,20 @@ pub async fn trace_loop(
                 let mut guard = guard?;
                 guard.clear_ready();
                 let n = rec.drain();
-                if let Follow::Group(g) = &mut follow {
-                    g.poll(rec, resolver, syms);
-                }
+                follow.poll(rec, resolver, syms);
                 learn_new_stacks(rec, resolver);
                 if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
                     last_maps = Instant::now();
                     match &mut follow {
                         Follow::Group(g) => g.refresh(rec, resolver, syms),
-                        Follow::Pids(runtimes) => runtimes.refresh(rec, syms),
+                        Follow::Pids(runtimes, _) => runtimes.refresh(rec, syms),
                     }
                 }
             }
             _ = tick.tick() => {
                 rec.drain();
+                follow.poll(rec, resolver, syms);
                 if let Follow::Group(g) = &mut follow {
-                    g.poll(rec, resolver, syms);
                     learn_new_stacks(rec, resolver);
                     g.scan(rec, resolver, syms);
                     g.refresh(rec, resolver, syms);
@@ -129,7 +145,7 @@ pub async fn trace_loop(
                         eprintln!("pyleak: cgroup {} was removed: ending the recording", cg.path);
                         break End::TargetsExited;
                     }
-                } else if let Follow::Pids(runtimes) = &mut follow {
+                } else if let Follow::Pids(runtimes, _) = &mut follow {
                     learn_new_stacks(rec, resolver);
                     runtimes.refresh(rec, syms);
                     if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
@@ -144,9 +160,7 @@ pub async fn trace_loop(
             }
             _ = sample_tick.tick() => {
                 rec.drain();
-                if let Follow::Group(g) = &mut follow {
-                    g.poll(rec, resolver, syms);
-                }
+                follow.poll(rec, resolver, syms);
                 learn_new_stacks(rec, resolver);
                 sampler.sample(rec, &lock(syms), resolver);
                 if sampler.error.is_err() {
@@ -199,9 +213,7 @@ pub async fn trace_loop(
     }
     // The last moment counts for growth too.
     rec.drain();
-    if let Follow::Group(g) = &mut follow {
-        g.poll(rec, resolver, syms);
-    }
+    follow.poll(rec, resolver, syms);
     learn_new_stacks(rec, resolver);
     sampler.sample(rec, &lock(syms), resolver);
     if let (Some(pid), Some(wait)) = (child, child_exit) {
