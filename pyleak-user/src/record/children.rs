@@ -115,6 +115,9 @@ impl Children {
                     .insert(child, python::version_name(rt.cpython.version()));
                 self.runtimes.insert(child, rt);
             }
+            // A fork is named as its parent until it execs.
+            let comm = rec.comm(parent);
+            rec.set_comm(child, &comm);
             self.probed.insert(child, HashSet::new());
             let attached = self.examine(rec, resolver, runtimes, child, Vec::new());
             if let Some((at, _)) = attached {

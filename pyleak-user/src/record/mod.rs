@@ -576,6 +576,8 @@ fn facts(
 ) -> Facts {
     let mut pids: Vec<u32> = rec.targets.clone();
     pids.extend(snap.stacks.keys().map(|&(pid, _, _)| pid));
+    // Children that exited before their probes went in are listed too.
+    pids.extend(followed.keys());
     let processes = pids
         .into_iter()
         .map(|pid| {
