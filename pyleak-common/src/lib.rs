@@ -79,6 +79,42 @@ pub enum AllocKind {
     SiteFree = 15,
     /// Where a guarded inline allocation's result is in a register ([`SiteInfo::result_reg`]).
     SiteJoin = 16,
+    /// `_Py_NewReference(op)`: an object given its first reference, fresh from pymalloc or
+    /// taken again from a CPython free list (tuples, lists, dicts, floats…); its block
+    /// starts before `op` by the object's pre-header (`Include/internal/pycore_object.h`
+    /// `_PyType_PreHeaderSize`: 16 bytes of GC header for `Py_TPFLAGS_HAVE_GC`, two words
+    /// for the version's pre-header flags). The cookie's `stack_delta`: see
+    /// [`object_cookie`].
+    ReuseObject = 17,
+    /// The return of `new_keys_object` (`Objects/dictobject.c`): a dict keys table, fresh
+    /// or taken again from the keys free list; the block is the return value.
+    ReuseBlock = 18,
+    /// `insert_to_emptydict(…, mp, …)` (`Objects/dictobject.c`): an empty dict gets its
+    /// first keys table, fresh or off the keys free list; at the return the table is
+    /// `mp->ma_keys`. The cookie's `stack_delta` packs the argument index of `mp` (low
+    /// byte) and the offset of `ma_keys` (next bytes): see [`holder_cookie`].
+    ReuseHolder = 19,
+}
+
+/// The `stack_delta` of a [`AllocKind::ReuseObject`] cookie: how far below `rsp` the
+/// return address is (low 16 bits) and the `tp_flags` bits that put two pre-header words
+/// before an object in this CPython (high 16 bits; all below bit 5 in 3.11–3.14).
+pub const fn object_cookie(stack_delta: u32, preheader_flags: u32) -> u32 {
+    (stack_delta & 0xffff) | (preheader_flags << 16)
+}
+
+/// `offsetof(PyTypeObject, tp_flags)` in every CPython 3.8–3.14
+/// (`Include/cpython/object.h`: the variable-size head, then 18 pointer-sized slots).
+pub const TYPE_FLAGS_OFFSET: u64 = 168;
+/// `Py_TPFLAGS_HAVE_GC` (`Include/object.h`): a GC header precedes the object.
+pub const TPFLAGS_HAVE_GC: u64 = 1 << 14;
+/// `sizeof(PyGC_Head)` on 64-bit builds.
+pub const GC_HEAD_BYTES: u64 = 16;
+
+/// The `stack_delta` of a [`AllocKind::ReuseHolder`] cookie: the holder is argument `arg`
+/// (System V order), its block pointer at byte `field` of it.
+pub const fn holder_cookie(arg: u32, field: u32) -> u32 {
+    arg | (field << 8)
 }
 
 impl AllocKind {
@@ -102,6 +138,9 @@ impl AllocKind {
             14 => AllocKind::SiteRealloc,
             15 => AllocKind::SiteFree,
             16 => AllocKind::SiteJoin,
+            17 => AllocKind::ReuseObject,
+            18 => AllocKind::ReuseBlock,
+            19 => AllocKind::ReuseHolder,
             _ => return None,
         })
     }
@@ -305,6 +344,15 @@ pub struct ThreadState {
     pub pymalloc_window: u32,
     /// The mmap-family syscall in flight, if `syscall.kind != 0`.
     pub syscall: VmPending,
+    /// The last pymalloc block this thread was seen allocating: an object made in it is
+    /// new, not one a free list hands out again.
+    pub last_block: u64,
+    /// The holder of a [`AllocKind::ReuseHolder`] call in flight (0: none).
+    pub reuse_holder: u64,
+    /// The sampling window that call began in.
+    pub reuse_window: u32,
+    /// Padding.
+    pub _pad: u32,
 }
 
 /// Key of per-stack aggregates.
@@ -373,6 +421,9 @@ pub struct LayerStats {
     pub unmatched_frees: u64,
     /// Allocation calls that failed (returned NULL).
     pub failed_allocs: u64,
+    /// Live blocks a CPython free list handed out again to code at another stack: the
+    /// block was counted again under the stack that took it (pymalloc only).
+    pub reused: u64,
 }
 
 /// Why an event was lost; index into the `DROPS` per-CPU array.

@@ -62,6 +62,15 @@ pub const SITE_ENTER: &str = "site_enter";
 pub const SITE_JOIN: &str = "site_join";
 /// The return that ends an inlined site.
 pub const SITE_JOIN_RET: &str = "site_join_ret";
+/// An object given its first reference (`_Py_NewReference`): a free list's reuse.
+pub const REUSE_ENTER: &str = "reuse_enter";
+/// A block returned by a function that may take it off a free list (`new_keys_object`).
+pub const REUSE_EXIT: &str = "reuse_exit";
+/// Entry of a function that gives an object a block a free list may hand out (the dict
+/// of `insert_to_emptydict`).
+pub const REUSE_HOLDER_ENTER: &str = "reuse_holder_enter";
+/// Its return: the block is read from the object.
+pub const REUSE_HOLDER_EXIT: &str = "reuse_holder_exit";
 /// Interpreter start-up.
 pub const PY_INIT_ENTER: &str = "py_init_enter";
 /// Interpreter shutdown.
@@ -104,13 +113,17 @@ pub const MAPS: [&str; 17] = [
     PY_TEMPLATES,
 ];
 /// Every program name.
-pub const PROGRAMS: [&str; 16] = [
+pub const PROGRAMS: [&str; 20] = [
     ALLOC_ENTER,
     ALLOC_EXIT,
     FREE_ENTER,
     SITE_ENTER,
     SITE_JOIN,
     SITE_JOIN_RET,
+    REUSE_ENTER,
+    REUSE_EXIT,
+    REUSE_HOLDER_ENTER,
+    REUSE_HOLDER_EXIT,
     PY_INIT_ENTER,
     PY_FINALIZE_ENTER,
     BARE_ENTER,

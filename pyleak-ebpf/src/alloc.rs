@@ -223,6 +223,9 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
     }
     let ret: u64 = ctx.ret();
     finish(tgid, c.layer, &pending, ret);
+    if layer == Layer::Pymalloc as usize {
+        t.last_block = ret;
+    }
     Ok(())
 }
 
@@ -511,6 +514,97 @@ fn live_insert(tgid: u32, layer: u32, addr: u64, live: &LiveAlloc) {
     } else {
         count_drop(Drop::LiveAllocsFull);
     }
+}
+
+/// Where a tracked block's record is.
+#[derive(Clone, Copy)]
+pub(crate) enum LiveAt {
+    /// `LIVE_VALS[i]`.
+    Table(u32),
+    /// The overflow map `LIVE_ALLOCS`.
+    Overflow,
+}
+
+/// Where block `addr` of `layer` in process `tgid` is tracked, if it is.
+#[inline(always)]
+pub(crate) fn live_find(tgid: u32, layer: u32, addr: u64) -> Option<LiveAt> {
+    if let Some(k) = live_key(tgid, layer, addr) {
+        let b = live_bucket(k);
+        if let Some(keys) = LIVE_KEYS.get_ptr_mut(b) {
+            let base = b * LIVE_BUCKET_SLOTS as u32;
+            for i in 0..LIVE_BUCKET_SLOTS {
+                if key_load(slot_key(keys, i)) == k
+                    && LIVE_VALS
+                        .get(base + i as u32)
+                        .is_some_and(|v| v.tgid == tgid)
+                {
+                    return Some(LiveAt::Table(base + i as u32));
+                }
+            }
+        }
+    }
+    if overflow_count() == 0 {
+        return None;
+    }
+    let key = AllocKey { tgid, layer, addr };
+    // SAFETY: only whether the entry exists is looked at.
+    unsafe { LIVE_ALLOCS.get(&key) }.map(|_| LiveAt::Overflow)
+}
+
+/// A tracked block handed out again (by a CPython free list) to code at `stack_id`: from
+/// now on it is that stack's, as if allocated now. Its former stack counts it freed, the
+/// new one allocated; the layer counts it `reused` (when the stacks differ).
+#[inline(always)]
+pub(crate) fn hand_over(tgid: u32, layer: u32, addr: u64, at: LiveAt, stack_id: u64) {
+    let v = match at {
+        LiveAt::Table(i) => LIVE_VALS.get_ptr_mut(i),
+        LiveAt::Overflow => LIVE_ALLOCS.get_ptr_mut(&AllocKey { tgid, layer, addr }),
+    };
+    let Some(v) = v else {
+        return;
+    };
+    let (ts_ns, timed) = alloc_time();
+    // SAFETY: the block's own record: it is not freed while the code that took it runs.
+    let (size, former) = unsafe {
+        let (size, former) = ((*v).size, (*v).stack_id);
+        (*v).stack_id = stack_id;
+        (*v).ts_ns = ts_ns;
+        (*v).flags = ((*v).flags & !FLAG_TIMED) | if timed { FLAG_TIMED } else { 0 };
+        (size, former)
+    };
+    if former == stack_id {
+        return;
+    }
+    if let Some(s) = LAYER_STATS.get_ptr_mut(layer) {
+        // SAFETY: a per-CPU slot.
+        unsafe { (*s).reused += 1 };
+    }
+    stack_add(
+        StackKey {
+            tgid,
+            layer,
+            stack_id: former,
+        },
+        StackAgg {
+            allocs: 0,
+            alloc_bytes: 0,
+            frees: 1,
+            freed_bytes: size,
+        },
+    );
+    stack_add(
+        StackKey {
+            tgid,
+            layer,
+            stack_id,
+        },
+        StackAgg {
+            allocs: 1,
+            alloc_bytes: size,
+            frees: 0,
+            freed_bytes: 0,
+        },
+    );
 }
 
 /// Stops tracking a live block and returns it; `None` if it is not tracked.

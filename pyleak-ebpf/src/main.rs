@@ -14,6 +14,7 @@ mod lifecycle;
 mod maps;
 mod pages;
 mod pystack;
+mod reuse;
 mod sampling;
 mod sites;
 mod stack;

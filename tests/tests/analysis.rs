@@ -148,7 +148,10 @@ fn fragmented_arenas_hold_far_more_than_the_objects_in_them() {
         .iter()
         .find(|s| leaf(s) == format!("fragment ({script}:{line})") && s["layer"] == "pymalloc")
         .unwrap_or_else(|| panic!("no suspect at the fragmenting line: {report:#}"));
-    assert_eq!(frag["live_count"].as_u64(), Some(16000), "1 in 50 kept");
+    // 1 in 50 kept; and perhaps the list `objs`, taken off the list free list at this
+    // line and back on it after `del` (a dead 56-byte list object pymalloc still holds).
+    let count = frag["live_count"].as_u64().unwrap();
+    assert!((16000..=16001).contains(&count), "1 in 50 kept: {frag:#}");
     assert!(
         frag["linkage"]["arena_bytes"].as_u64().unwrap() >= 10 << 20,
         "{frag:#}"

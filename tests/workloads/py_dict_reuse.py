@@ -3,7 +3,7 @@ COPIES times with dict.copy (a C function) and drops every copy at once, filling
 and dict-keys free lists (80 each); then another function keeps KEEP new small dicts,
 which take their objects and keys tables from those free lists first. The copying line
 holds nothing at the end; the keeping line holds STEPS * ROUNDS * KEEP dicts (each with
-its keys table and an int). Prints one JSON line with the truth."""
+its keys table and two ints) and the list's item array. Prints one JSON line with the truth."""
 import json
 import sys
 import time
@@ -34,7 +34,14 @@ def main():
             keep_dicts(1000 + n)
             n += KEEP
         time.sleep(0.05)
-    print(json.dumps({"kept": len(KEPT), "dict_bytes": sys.getsizeof(KEPT[0])}), flush=True)
+    # The list's item array (allocated at the keeping line too).
+    array_bytes = sys.getsizeof(KEPT) - sys.getsizeof([])
+    print(
+        json.dumps(
+            {"kept": len(KEPT), "dict_bytes": sys.getsizeof(KEPT[0]), "array_bytes": array_bytes}
+        ),
+        flush=True,
+    )
     time.sleep(1.0)
 
 

@@ -132,6 +132,7 @@ pub fn analyze(
                     live_bytes,
                     unmatched_frees: t.unmatched_frees,
                     failed_allocs: 0,
+                    reused: 0,
                     size_percentiles: sizes,
                     lifetime_percentiles_us: percentiles(if layer == Layer::Vm {
                         &model.vm_lifetimes
@@ -151,6 +152,7 @@ pub fn analyze(
                     live_bytes: s.alloc_bytes.saturating_sub(s.freed_bytes),
                     unmatched_frees: s.unmatched_frees,
                     failed_allocs: s.failed_allocs,
+                    reused: s.reused,
                     size_percentiles: percentiles(&bucket_histogram(
                         &snap.size_hist[layer as usize],
                     )),

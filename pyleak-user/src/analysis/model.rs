@@ -365,6 +365,10 @@ pub struct LayerReport {
     pub unmatched_frees: u64,
     /// Allocation calls that failed.
     pub failed_allocs: u64,
+    /// Live blocks a CPython free list handed out again to another stack, counted from
+    /// then on under the stack that took them (pymalloc; absent when none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reused: u64,
     /// Allocation size percentiles (p50, p90, p99, max), in bytes.
     pub size_percentiles: BTreeMap<String, u64>,
     /// Lifetime percentiles of freed blocks (p50, p90, p99, max), in microseconds.
@@ -423,4 +427,9 @@ pub struct ProbeInfo {
     pub offset: u64,
     /// Whether the kernel emulates the instruction there (cheap) or single-steps it.
     pub emulated: bool,
+}
+
+/// Whether a count is zero (left out of the JSON).
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -92,6 +92,7 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
         freed_bytes: 8 * MIB,
         unmatched_frees: 7,
         failed_allocs: 0,
+        reused: 0,
     };
     layer_stats[Layer::Libc as usize] = LayerStats {
         allocs: 3,

@@ -88,11 +88,27 @@ impl ElfFile {
 
     /// Finds a defined function by name in the dynamic symbols, then in the full table.
     pub fn function(&self, name: &str) -> Option<Function> {
+        self.function_where(|n| n == name)
+    }
+
+    /// Finds a defined function by name, or GCC's specialised copy of it
+    /// (`name.constprop.0`, `name.isra.0`: the whole function, some arguments folded in;
+    /// not `.part`/`.cold`, which are pieces of one).
+    pub fn function_or_clone(&self, name: &str) -> Option<Function> {
+        self.function(name).or_else(|| {
+            self.function_where(|n| {
+                n.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with(".constprop.") || r.starts_with(".isra."))
+            })
+        })
+    }
+
+    /// The first defined function whose symbol name `matches`, dynamic symbols first.
+    fn function_where(&self, matches: impl Fn(&str) -> bool) -> Option<Function> {
         let file = object::File::parse(&*self.data).ok()?;
-        let sym = file
-            .dynamic_symbols()
-            .chain(file.symbols())
-            .find(|s| s.is_definition() && s.kind() == SymbolKind::Text && s.name() == Ok(name))?;
+        let sym = file.dynamic_symbols().chain(file.symbols()).find(|s| {
+            s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(&matches)
+        })?;
         let section = file.section_by_index(sym.section_index()?).ok()?;
         let (sec_off, sec_len) = section.file_range()?;
         let rel = sym.address().checked_sub(section.address())?;

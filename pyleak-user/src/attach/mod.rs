@@ -6,6 +6,7 @@ pub mod elf;
 mod fallback;
 pub mod plan;
 pub mod prologue;
+pub mod reuse;
 pub mod sites;
 pub mod tables;
 
@@ -37,6 +38,15 @@ pub enum ProbeRole {
     /// `site_join_ret`: the return of a function whose inlined allocator call is a tail
     /// call (the block is its return value).
     JoinReturn,
+    /// `reuse_enter` on `_Py_NewReference`: an object given its first reference, which a
+    /// free list may have handed out again.
+    ReuseObject,
+    /// `reuse_exit` on the return of a function that may take a block off a free list
+    /// (`new_keys_object`).
+    ReuseBlock,
+    /// `reuse_holder_exit` plus `reuse_holder_enter` at the same point: a function that
+    /// gives an object its block (`insert_to_emptydict`: a dict its keys table).
+    ReuseHolder,
 }
 
 /// One uprobe to attach.

@@ -11,8 +11,8 @@ use pyleak_common::Layer;
 
 use super::{
     as_process_names, elf::ElfFile, is_libc, is_malloc_replacement, may_hold_python, plan_finalize,
-    plan_layer, plan_python_domain, tables::Domain, ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS,
-    PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
+    plan_layer, plan_python_domain, reuse, tables::Domain, ProbeSpec, LIBC_FUNCTIONS,
+    PYMALLOC_FUNCTIONS, PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
 };
 use crate::layers::LayerSet;
 
@@ -88,6 +88,7 @@ pub fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
                 &PYMALLOC_TABLE_FUNCTIONS,
                 &PYMALLOC_FUNCTIONS,
             ));
+            probes.extend(reuse::plan_reuse(&elf));
         }
         if layers.contains(Layer::PymemRaw) {
             probes.extend(plan_python_domain(

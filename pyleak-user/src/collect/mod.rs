@@ -119,7 +119,7 @@ pub struct Recorder {
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyleak"));
 
 /// pyleak's uprobe programs: name, and whether it runs at the function's return.
-const UPROBE_PROGRAMS: [(&str, bool); 10] = [
+const UPROBE_PROGRAMS: [(&str, bool); 14] = [
     (names::ALLOC_ENTER, false),
     (names::ALLOC_EXIT, true),
     (names::FREE_ENTER, false),
@@ -128,6 +128,10 @@ const UPROBE_PROGRAMS: [(&str, bool); 10] = [
     (names::SITE_ENTER, false),
     (names::SITE_JOIN, false),
     (names::SITE_JOIN_RET, true),
+    (names::REUSE_ENTER, false),
+    (names::REUSE_EXIT, true),
+    (names::REUSE_HOLDER_ENTER, false),
+    (names::REUSE_HOLDER_EXIT, true),
     (names::BARE_ENTER, false),
     (names::BARE_EXIT, true),
 ];
@@ -672,6 +676,12 @@ fn programs_of(role: ProbeRole, bare: bool) -> &'static [&'static str] {
         (ProbeRole::JoinReturn, false) => &[names::SITE_JOIN_RET],
         (ProbeRole::Site | ProbeRole::Join, true) => &[names::BARE_ENTER],
         (ProbeRole::JoinReturn, true) => &[names::BARE_EXIT],
+        (ProbeRole::ReuseObject, false) => &[names::REUSE_ENTER],
+        (ProbeRole::ReuseBlock, false) => &[names::REUSE_EXIT],
+        (ProbeRole::ReuseObject, true) => &[names::BARE_ENTER],
+        (ProbeRole::ReuseBlock, true) => &[names::BARE_EXIT],
+        (ProbeRole::ReuseHolder, false) => &[names::REUSE_HOLDER_EXIT, names::REUSE_HOLDER_ENTER],
+        (ProbeRole::ReuseHolder, true) => &[names::BARE_EXIT, names::BARE_ENTER],
     }
 }
 

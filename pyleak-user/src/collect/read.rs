@@ -38,6 +38,7 @@ impl Recorder {
                 slot.freed_bytes += cpu.freed_bytes;
                 slot.unmatched_frees += cpu.unmatched_frees;
                 slot.failed_allocs += cpu.failed_allocs;
+                slot.reused += cpu.reused;
             }
         }
         Ok(out)

@@ -385,6 +385,12 @@ impl Recorder {
             let req: Vec<(u64, u64)> = new.iter().map(|b| (b.addr, b.block.size)).collect();
             for (b, fp) in new.iter().zip(heap.fingerprint(&req)) {
                 match fp {
+                    // Dropped already, on its type's free list: whoever takes it next
+                    // is not this line (a window open then hands it over in the kernel).
+                    Some(fingerprint) if fingerprint.dead => {
+                        book.freed += 1;
+                        dead.push(**b);
+                    }
                     Some(fingerprint) => {
                         book.known.insert(
                             (pid, b.addr),

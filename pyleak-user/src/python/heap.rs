@@ -111,6 +111,9 @@ pub struct Fingerprint {
     pub type_name: Option<Arc<str>>,
     /// (offset in the block, value): `ob_type` first, then immutable type-dependent words.
     pub words: Vec<(u16, u64)>,
+    /// The object was dead (refcount 0): dropped already, kept by its type's free list
+    /// for the next object of the type, which may be anyone's.
+    pub dead: bool,
 }
 
 /// A block seen allocated in a window and still allocated when it closed.
@@ -343,6 +346,7 @@ impl<M: ReadMemory> Heap<M> {
     fn fingerprint_of(&mut self, addr: u64, head: &[u8], size: u64) -> Fingerprint {
         match self.find_object(addr, head, size) {
             Some((at, ty, info)) => Fingerprint {
+                dead: word(head, at as usize) == Some(0),
                 object_at: Some(at as u8),
                 words: self.immutable_words(head, at, ty, &info),
                 type_name: Some(info.name),

@@ -1,0 +1,162 @@
+//! Blocks a CPython free list hands out again (see `pyleak-user`'s `attach/reuse.rs`): a
+//! dict, tuple, list or float dropped by one line sits on its type's free list, still a
+//! pymalloc block, until another line takes it. Where it is taken, the block is counted
+//! again under the taker's stack (`alloc::hand_over`), so the line that dropped it is not
+//! blamed for what another keeps. A block the thread has just allocated is left alone.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+    EbpfContext,
+};
+use pyleak_common::{Layer, GC_HEAD_BYTES, TPFLAGS_HAVE_GC, TYPE_FLAGS_OFFSET};
+
+use crate::{
+    alloc::{args3, cookie, hand_over, live_find},
+    maps::{uprobe_target_active, THREADS},
+    stack,
+    thread::window_of,
+};
+
+/// `_Py_NewReference(op)`: an object gets its first reference.
+#[uprobe]
+pub fn reuse_enter(ctx: ProbeContext) -> u32 {
+    let c = cookie(&ctx);
+    let op = args3(&ctx)[0];
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !uprobe_target_active(tgid) || window_of(Layer::Pymalloc as usize).is_none() {
+        return 0;
+    }
+    // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
+    let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
+    let at = rsp + (c.stack_delta & 0xffff) as u64;
+    // SAFETY: reads the return address from the target's stack, checked by the helper.
+    let caller = unsafe { bpf_probe_read_user(at as *const u64) }.ok();
+    // The object's block starts before it by its pre-header, which its type's flags say.
+    // SAFETY: reads `op->ob_type` and the type's `tp_flags` from the target's memory,
+    // checked by the helper.
+    let Ok(ty) = (unsafe { bpf_probe_read_user((op + 8) as *const u64) }) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let Ok(flags) = (unsafe { bpf_probe_read_user((ty + TYPE_FLAGS_OFFSET) as *const u64) }) else {
+        return 0;
+    };
+    let mut pre = 0;
+    if flags & TPFLAGS_HAVE_GC != 0 {
+        pre += GC_HEAD_BYTES;
+    }
+    if flags & u64::from(c.stack_delta >> 16) != 0 {
+        pre += 16;
+    }
+    let blocks = [op.wrapping_sub(pre), 0, 0];
+    let chain = stack::frame_chain_plausible(rsp, rbp);
+    reused(ctx.as_ptr(), blocks, caller, chain);
+    0
+}
+
+/// The return of `new_keys_object`: the dict keys table it returns is the block.
+#[uretprobe]
+pub fn reuse_exit(ctx: RetProbeContext) -> u32 {
+    let block: u64 = ctx.ret();
+    // SAFETY: a return probe runs with the instruction pointer back at the return address.
+    let caller = unsafe { (*ctx.regs).rip };
+    reused(ctx.as_ptr(), [block, 0, 0], Some(caller), false);
+    0
+}
+
+/// Hands the first tracked block of `blocks` to the current stack, unless this thread has
+/// just allocated it.
+#[inline(always)]
+fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Option<u64>, chain: bool) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let layer = Layer::Pymalloc as u32;
+    if !uprobe_target_active(tgid) || window_of(layer as usize).is_none() {
+        return;
+    }
+    // SAFETY: plain data read at once.
+    let last = unsafe { THREADS.get(tid) }.map_or(0, |t| t.last_block);
+    if last != 0 && (blocks[0] == last || blocks[1] == last || blocks[2] == last) {
+        return;
+    }
+    let mut found = None;
+    for addr in blocks {
+        if addr == 0 {
+            continue;
+        }
+        if let Some(at) = live_find(tgid, layer, addr) {
+            found = Some((addr, at));
+            break;
+        }
+    }
+    let Some((addr, at)) = found else {
+        return;
+    };
+    let stack_id = stack::capture(ctx, caller, tid, chain);
+    hand_over(tgid, layer, addr, at, stack_id);
+}
+
+/// Entry of `insert_to_emptydict`: keeps the dict (argument `cookie & 0xff`) for the
+/// return.
+#[uprobe]
+pub fn reuse_holder_enter(ctx: ProbeContext) -> u32 {
+    let c = cookie(&ctx);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !uprobe_target_active(tgid) {
+        return 0;
+    }
+    let Some(window) = window_of(Layer::Pymalloc as usize) else {
+        return 0;
+    };
+    let args = args3(&ctx);
+    let holder = match c.stack_delta & 0xff {
+        0 => args[0],
+        1 => args[1],
+        2 => args[2],
+        _ => return 0,
+    };
+    if let Some(t) = THREADS.get_ptr_mut(tid) {
+        // SAFETY: a valid map value pointer; only this thread touches its own entry.
+        unsafe {
+            (*t).reuse_holder = holder;
+            (*t).reuse_window = window;
+        }
+    }
+    0
+}
+
+/// Return of `insert_to_emptydict`: the dict's keys table (at byte `cookie >> 8` of it)
+/// is the block.
+#[uretprobe]
+pub fn reuse_holder_exit(ctx: RetProbeContext) -> u32 {
+    let c = cookie(&ctx);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(t) = THREADS.get_ptr_mut(tid) else {
+        return 0;
+    };
+    // SAFETY: a valid map value pointer; only this thread touches its own entry.
+    let (holder, window) = unsafe {
+        let h = ((*t).reuse_holder, (*t).reuse_window);
+        (*t).reuse_holder = 0;
+        h
+    };
+    // A call begun in an earlier window (its entry seen, its return link since taken out
+    // and put in again) holds a dict that may be gone.
+    if holder == 0 || window_of(Layer::Pymalloc as usize) != Some(window) {
+        return 0;
+    }
+    let field = holder.wrapping_add(u64::from(c.stack_delta >> 8));
+    // SAFETY: reads a pointer from the target's memory, checked by the helper.
+    let Ok(block) = (unsafe { bpf_probe_read_user(field as *const u64) }) else {
+        return 0;
+    };
+    // SAFETY: a return probe runs with the instruction pointer back at the return address.
+    let caller = unsafe { (*ctx.regs).rip };
+    reused(ctx.as_ptr(), [block, 0, 0], Some(caller), false);
+    0
+}
