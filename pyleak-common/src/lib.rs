@@ -465,6 +465,10 @@ pub enum VmKind {
     /// A process of the traced group (or, with `--all`, any process) called `exec`:
     /// userspace looks at its files and attaches to the ones not probed yet.
     Exec = 8,
+    /// A traced `--pid` or command target made a new process (fork, vfork, clone without
+    /// `CLONE_THREAD`): `tgid` is the child, `arg` its parent, `arg2` the clone flags. The
+    /// kernel traces it from here on; userspace attaches its uprobes.
+    Fork = 9,
 }
 
 /// An event in the ring buffer (vm layer, pages layer, freezes).

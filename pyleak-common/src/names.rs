@@ -47,6 +47,8 @@ pub const CGROUP_ID: &str = "CGROUP_ID";
 pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
 /// Setting: 1 when pymalloc is sampled in windows.
 pub const PYMALLOC_SAMPLED: &str = "PYMALLOC_SAMPLED";
+/// Setting: 1 to follow the children of `--pid` and command targets.
+pub const FOLLOW_CHILDREN: &str = "FOLLOW_CHILDREN";
 
 /// Entry of every allocating function.
 pub const ALLOC_ENTER: &str = "alloc_enter";
@@ -79,6 +81,10 @@ pub const BARE_ENTER: &str = "bare_enter";
 pub const BARE_EXIT: &str = "bare_exit";
 /// `sched:sched_process_exit`.
 pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+/// `task:task_newtask`: a target's new process.
+pub const TASK_NEWTASK: &str = "task_newtask";
+/// `sched:sched_process_exec`.
+pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
 /// `syscalls:sys_enter_*` of the vm calls.
 pub const SYS_ENTER_VM: &str = "sys_enter_vm";
 /// `syscalls:sys_exit_*` of the vm calls.
@@ -107,7 +113,7 @@ pub const MAPS: [&str; 17] = [
     PY_TEMPLATES,
 ];
 /// Every program name.
-pub const PROGRAMS: [&str; 18] = [
+pub const PROGRAMS: [&str; 20] = [
     ALLOC_ENTER,
     ALLOC_EXIT,
     FREE_ENTER,
@@ -123,15 +129,18 @@ pub const PROGRAMS: [&str; 18] = [
     BARE_ENTER,
     BARE_EXIT,
     SCHED_PROCESS_EXIT,
+    SCHED_PROCESS_EXEC,
+    TASK_NEWTASK,
     SYS_ENTER_VM,
     SYS_EXIT_VM,
     PAGE_FAULT,
 ];
 /// Every setting (a read-only global).
-pub const SETTINGS: [&str; 5] = [
+pub const SETTINGS: [&str; 6] = [
     NATIVE_DEPTH,
     FILTER_MODE,
     CGROUP_ID,
     CGROUP_LEVEL,
     PYMALLOC_SAMPLED,
+    FOLLOW_CHILDREN,
 ];

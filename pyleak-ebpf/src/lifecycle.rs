@@ -1,6 +1,7 @@
 //! When a traced process's state becomes final: its interpreter starts shutting down
 //! (`Py_FinalizeEx`) or the process exits. From then on its frees no longer change what is
-//! reported live, so userspace can read the maps at leisure.
+//! reported live, so userspace can read the maps at leisure. Also where a process begins:
+//! a target's children (fork, vfork, clone) and new programs (exec).
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
@@ -40,20 +41,110 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `sched:sched_process_exec`: with `--cgroup` (a process of the group) or `--all` (any
-/// process), tell userspace, which attaches to the files the new program maps. The layout
-/// of the old program's Python runtime no longer applies.
+/// 1 to follow the children of `--pid` and command targets (`--no-follow`: 0). Set by
+/// userspace before load.
+#[no_mangle]
+static FOLLOW_CHILDREN: u32 = 0;
+
+/// Whether children of `--pid` and command targets are followed.
+#[inline(always)]
+fn follow_children() -> bool {
+    // SAFETY: a read-only global, patched by userspace before load.
+    unsafe { core::ptr::read_volatile(&FOLLOW_CHILDREN) != 0 }
+}
+
+/// `clone(2)`'s flag for a new thread of the same process (`include/uapi/linux/sched.h`).
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// `task:task_newtask` (fired in `copy_process` by the parent, before the child first
+/// runs), for a new process (fork, vfork, clone without `CLONE_THREAD`):
+/// - of a traced `--pid` or command target: the child is traced from its first
+///   instruction by the tracepoints (vm, pages, exit), takes its parent's Python layout (a
+///   fork's memory is its parent's; an exec drops it), and userspace is told so it
+///   attaches the child's own uprobes (a multi-uprobe link with a pid fires in that
+///   process only);
+/// - with `--cgroup` or `--all`, of a traced process whose Python layout the kernel has:
+///   the child inherits that layout (a `multiprocessing` worker, a pre-forking server).
+///   Without it, what such a child allocates before userspace has found it and placed its
+///   runtime (up to a second) has native stacks only. Userspace places it again when it
+///   examines the child; exec drops it.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let mode = filter_mode();
+    if mode == FILTER_PIDS && !follow_children() {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: `clone_flags` is a u64 at offset 32 and `pid` an i32 at offset 8 of the
+    // tracepoint's format (`events/task/task_newtask/format`).
+    let (flags, child) = unsafe {
+        (
+            ctx.read_at::<u64>(32).unwrap_or(CLONE_THREAD),
+            ctx.read_at::<i32>(8).unwrap_or(0) as u32,
+        )
+    };
+    if flags & CLONE_THREAD != 0 || child == 0 {
+        return 0;
+    }
+    if mode != FILTER_PIDS {
+        if mode == FILTER_CGROUP && target_state(parent) == 0 {
+            return 0;
+        }
+        // SAFETY: a map value, copied out at once.
+        if let Some(layout) = unsafe { PY_PROCS.get(&parent) }.copied() {
+            let _ = PY_PROCS.insert(&child, &layout, 0);
+        }
+        return 0;
+    }
+    if target_state(parent) != TARGET_ACTIVE {
+        return 0;
+    }
+    if TARGETS.insert(child, TARGET_ACTIVE, 0).is_err() {
+        count_drop(Drop::TargetsFull);
+        return 0;
+    }
+    // SAFETY: a plain value copied out at once.
+    if let Some(layout) = unsafe { PY_PROCS.get(&parent) }.copied() {
+        let _ = PY_PROCS.insert(&child, &layout, 0);
+    }
+    emit(VmEvent {
+        kind: VmKind::Fork as u32,
+        tgid: child,
+        addr: 0,
+        len: 0,
+        arg: parent as u64,
+        arg2: flags,
+        stack_id: 0,
+        ts_ns: 0,
+        flags: 0,
+        tid: 0,
+    });
+    0
+}
+
+/// `sched:sched_process_exec`: with `--cgroup` (a process of the group), `--all` (any
+/// process), or a followed `--pid`/command target, tell userspace, which attaches to the
+/// files the new program maps. The layout of the old program's Python runtime no longer
+/// applies (a launched command's layout, still waiting for its interpreter with a bias of
+/// 0, is for the program being exec'd and stays).
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     let mode = filter_mode();
-    if mode == FILTER_PIDS {
-        return 0;
-    }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if mode == FILTER_CGROUP && target_state(tgid) == 0 {
-        return 0;
+    if mode == FILTER_PIDS {
+        if !follow_children() || target_state(tgid) != TARGET_ACTIVE {
+            return 0;
+        }
+        // SAFETY: a plain field copied out at once.
+        if unsafe { PY_PROCS.get(&tgid) }.is_some_and(|p| p.bias != 0) {
+            let _ = PY_PROCS.remove(&tgid);
+        }
+    } else {
+        if mode == FILTER_CGROUP && target_state(tgid) == 0 {
+            return 0;
+        }
+        let _ = PY_PROCS.remove(&tgid);
     }
-    let _ = PY_PROCS.remove(&tgid);
     emit(VmEvent {
         kind: VmKind::Exec as u32,
         tgid,
@@ -66,41 +157,6 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         flags: 0,
         tid: 0,
     });
-    0
-}
-
-/// `CLONE_THREAD` (`include/uapi/linux/sched.h`): the new task is a thread of its parent.
-const CLONE_THREAD: u64 = 0x0001_0000;
-
-/// `task:task_newtask`: with `--cgroup` or `--all`, a new process (not a thread) of a traced
-/// process whose Python layout the kernel has inherits that layout: its memory is a copy
-/// of its parent's, the interpreter at the same addresses (a `multiprocessing` worker, a
-/// pre-forking server). Without it, what such a child allocates before userspace has found
-/// it and placed its runtime (up to a second) has native stacks only. Userspace places it
-/// again when it examines the child; exec drops it.
-#[tracepoint]
-pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let mode = filter_mode();
-    if mode == FILTER_PIDS {
-        return 0;
-    }
-    // SAFETY: `clone_flags` is a u64 at offset 32 of the format, `pid` an i32 at 8.
-    let (flags, child) = unsafe { (ctx.read_at::<u64>(32), ctx.read_at::<i32>(8)) };
-    let (Ok(flags), Ok(child)) = (flags, child) else {
-        return 0;
-    };
-    if flags & CLONE_THREAD != 0 || child <= 0 {
-        return 0;
-    }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if mode == FILTER_CGROUP && target_state(tgid) == 0 {
-        return 0;
-    }
-    // SAFETY: a map value, copied out at once.
-    let Some(layout) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
-        return 0;
-    };
-    let _ = PY_PROCS.insert(&(child as u32), &layout, 0);
     0
 }
 

@@ -117,6 +117,11 @@ pub struct RecordArgs {
     /// hold them). --pid and command targets.
     #[arg(long)]
     pub census: bool,
+    /// Trace only the --pid or command targets themselves, not the processes they start.
+    /// By default each new process of a target (fork, vfork, clone, and the programs they
+    /// exec: multiprocessing workers) is traced under its own pid from its fork.
+    #[arg(long)]
+    pub no_follow: bool,
     /// Show the native frames under the Python ones (mixed stacks).
     #[arg(long)]
     pub native: bool,

@@ -361,7 +361,7 @@ pub fn loaded_programs() -> Vec<String> {
 }
 
 /// pyleak's program names as the kernel shows them (15 characters at most).
-pub const PYLEAK_PROGRAMS: [&str; 15] = [
+pub const PYLEAK_PROGRAMS: [&str; 20] = [
     "alloc_enter",
     "alloc_exit",
     "free_enter",
@@ -370,6 +370,10 @@ pub const PYLEAK_PROGRAMS: [&str; 15] = [
     "site_enter",
     "site_join",
     "site_join_ret",
+    "reuse_enter",
+    "reuse_exit",
+    "reuse_holder_en",
+    "reuse_holder_ex",
     "bare_enter",
     "bare_exit",
     "bare_tp",
@@ -377,6 +381,7 @@ pub const PYLEAK_PROGRAMS: [&str; 15] = [
     "sys_exit_vm",
     "page_fault",
     "sched_process_e",
+    "task_newtask",
 ];
 
 /// BPF links in the kernel (through bpftool): (link type, program id).

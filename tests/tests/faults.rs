@@ -115,17 +115,71 @@ fn target_forking_200_children() {
     if !root_or_skip() {
         return;
     }
+    // Each child mallocs 500 bytes and exits at once, mostly before its probes can go in.
     let (report, stdout, _) = launch("fault-fork", &["fork", "200"]);
     assert!(stdout.starts_with("faults: children reaped\n"), "{stdout}");
     assert_eq!(report["command_exit"], "exited with status 0");
-    // The command is traced, not its children (each mallocs 500 bytes and exits).
     assert_eq!(leak(&report), (10_000, 10));
-    let pids: Vec<&Value> = report["processes"].as_array().unwrap().iter().collect();
-    assert_eq!(pids.len(), 1, "only the command: {pids:?}");
+    let processes = report["processes"].as_array().unwrap();
+    assert_eq!(processes.len(), 201, "the command and its 200 children");
+    let (children, commands): (Vec<&Value>, Vec<&Value>) =
+        processes.iter().partition(|p| p["followed"].is_object());
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    let command = &commands[0]["pid"];
+    let mut traced = 0;
+    for p in children {
+        let f = &p["followed"];
+        assert_eq!(&f["parent"], command, "{p}");
+        let pid = p["pid"].as_u64().unwrap();
+        let mine: u64 = report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["pid"] == pid && s["layer"] == "libc")
+            .map(|s| s["live_bytes"].as_u64().unwrap())
+            .sum();
+        if f["traced"] == true {
+            traced += 1;
+            // Its malloc(500) is seen when it came after its probes.
+            assert!(mine == 0 || mine == 500, "{p}: {mine} bytes");
+        } else {
+            assert_eq!(mine, 0, "{p}: untraced, yet {mine} bytes");
+        }
+    }
+    eprintln!("{traced} of 200 children traced before they exited");
     assert_eq!(
         stack_sum(&report, "libc", "allocs", |_| true),
         report["layers"]["libc"]["allocs"].as_u64().unwrap()
     );
+    assert_no_pyleak_programs();
+}
+
+#[test]
+fn target_forking_200_children_not_followed() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("fault-fork-nofollow");
+    let bin = faults_bin();
+    let (report, out) = record_json(
+        &dir,
+        &[
+            "--layers",
+            "libc",
+            "--no-follow",
+            "--",
+            bin.to_str().unwrap(),
+            "fork",
+            "200",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("faults: children reaped\n"), "{stdout}");
+    assert_eq!(report["command_exit"], "exited with status 0");
+    // The command is traced, not its children.
+    assert_eq!(leak(&report), (10_000, 10));
+    let pids: Vec<&Value> = report["processes"].as_array().unwrap().iter().collect();
+    assert_eq!(pids.len(), 1, "only the command: {pids:?}");
     assert_no_pyleak_programs();
 }
 

@@ -351,11 +351,18 @@ pub fn analyze(
         command_exit: None,
         processes: {
             // Targets, then any process the kernel counted that userspace never saw (a
-            // short-lived fork in a traced cgroup).
+            // short-lived fork in a traced cgroup) or a target's child that exited before
+            // its probes went in.
             let mut pids = facts.targets.clone();
+            let followed = facts
+                .processes
+                .values()
+                .filter(|p| p.followed.is_some())
+                .map(|p| p.pid);
             let mut extra: Vec<u32> = rows
                 .iter()
                 .map(|s| s.pid)
+                .chain(followed)
                 .filter(|p| !pids.contains(p))
                 .collect();
             extra.sort_unstable();
@@ -368,6 +375,7 @@ pub fn analyze(
                         comm: "?".to_owned(),
                         cgroup: None,
                         python: None,
+                        followed: None,
                     })
                 })
                 .collect()

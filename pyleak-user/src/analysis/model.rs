@@ -334,6 +334,26 @@ pub struct ProcessInfo {
     pub cgroup: Option<String>,
     /// The CPython version it runs (`3.12`), if any was found.
     pub python: Option<String>,
+    /// A process a `--pid` or command target started, followed while recording.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub followed: Option<Followed>,
+}
+
+/// How a child of a target came to be traced (`processes[].followed` in the JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Followed {
+    /// The traced process that made it (fork, vfork, clone).
+    pub parent: u32,
+    /// Milliseconds from its fork (or, once it exec'd a program, from the exec) to its
+    /// uprobes being attached: the malloc-family and Python allocator calls it made in
+    /// that gap are not seen (its vm and pages events are, from the fork on). 0 when the
+    /// probes were in place before the exec.
+    pub gap_ms: f64,
+    /// Whether it exec'd a new program while traced (the gap is then the exec's).
+    pub exec: bool,
+    /// False when it exited before its uprobes could be attached: of its allocator calls
+    /// none was seen (its whole life is the gap).
+    pub traced: bool,
 }
 
 /// Totals of one layer.

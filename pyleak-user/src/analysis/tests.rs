@@ -188,6 +188,7 @@ fn recording() -> (Snapshot, VmModel, Facts, Timeline<StackSlot>) {
                 comm: "python3".to_owned(),
                 cgroup: Some("/system.slice/app.service".to_owned()),
                 python: Some("3.12".to_owned()),
+                followed: None,
             },
         )]),
         probes: vec![ProbeInfo {

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -64,10 +65,12 @@ pub const LAYER_PROBES: [LayerProbes; CALL_LAYERS] = [
     },
 ];
 
-/// Plans probes per file, once per file.
+/// Plans probes per file, once per distinct file (device and inode): processes name the
+/// same file their own way (`/proc/PID/root/…`, a symlink), and a file is probed once
+/// per process however many names it has.
 pub struct Planner {
     layers: LayerSet,
-    cache: HashMap<PathBuf, Vec<ProbeSpec>>,
+    cache: HashMap<(u64, u64), Vec<ProbeSpec>>,
 }
 
 impl Planner {
@@ -79,19 +82,39 @@ impl Planner {
         }
     }
 
-    /// Probes for the files a process maps (or will map).
+    /// Probes for the files a process maps (or will map), each named as given.
     pub fn plan(&mut self, files: &[PathBuf]) -> Vec<ProbeSpec> {
+        self.plan_keyed(files).0
+    }
+
+    /// [`Planner::plan`], and the device and inode of each distinct file planned (a file
+    /// that cannot be read is left out).
+    pub fn plan_keyed(&mut self, files: &[PathBuf]) -> (Vec<ProbeSpec>, Vec<(u64, u64)>) {
         let mut out = Vec::new();
+        let mut keys = Vec::new();
         for f in files {
+            let Some(key) = file_key(f) else { continue };
+            if keys.contains(&key) {
+                continue;
+            }
+            keys.push(key);
             let layers = self.layers;
             let probes = self
                 .cache
-                .entry(f.clone())
+                .entry(key)
                 .or_insert_with(|| plan_file(layers, f, f));
-            out.extend(probes.iter().cloned());
+            out.extend(probes.iter().map(|p| ProbeSpec {
+                path: f.clone(),
+                ..p.clone()
+            }));
         }
-        out
+        (out, keys)
     }
+}
+
+/// A file's device and inode (what a uprobe is placed on), if it can be read.
+pub fn file_key(f: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(f).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Probes for one file (named `file`, read through `via`): its libc functions, its

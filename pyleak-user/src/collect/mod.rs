@@ -47,6 +47,8 @@ pub struct RecorderOptions {
     pub filter: Filter,
     /// Sample the pymalloc layer in windows rather than trap every call.
     pub pymalloc_sampled: bool,
+    /// With [`Filter::Pids`]: trace the targets' new processes too (forks, exec'd programs).
+    pub follow_children: bool,
 }
 
 /// Which processes the kernel counts, and how uprobes are attached.
@@ -100,8 +102,12 @@ pub struct Recorder {
     comms: HashMap<u32, String>,
     /// Stacks with Python frames announced since last taken: (pid, stack id).
     pub new_stacks: Vec<(u32, u64)>,
-    /// Processes that called exec since last taken (`--cgroup`, `--all`).
-    pub execs: Vec<u32>,
+    /// Processes that called exec since last taken (`--cgroup`, `--all`, followed targets),
+    /// with the kernel's time of the exec (`CLOCK_MONOTONIC` ns).
+    pub execs: Vec<(u32, u64)>,
+    /// New processes of followed targets since last taken: (child, parent, the kernel's
+    /// time of the fork in `CLOCK_MONOTONIC` ns).
+    pub forks: Vec<(u32, u32, u64)>,
     /// Cgroup v2 path of each target, read when it was added.
     pub cgroups: HashMap<u32, String>,
     /// CPython version of each target that runs one.
@@ -171,6 +177,11 @@ impl Recorder {
                 &(opts.pymalloc_sampled as u32),
                 true,
             )
+            .override_global(
+                names::FOLLOW_CHILDREN,
+                &(opts.follow_children as u32),
+                true,
+            )
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 let chain = error_chain(&e);
@@ -224,9 +235,11 @@ impl Recorder {
         }
         let mut tracepoints: Vec<(&str, &str, &str)> =
             vec![("sched_process_exit", "sched", "sched_process_exit")];
-        if opts.filter.file_wide() {
-            tracepoints.push(("sched_process_exec", "sched", "sched_process_exec"));
-            tracepoints.push(("task_newtask", "task", "task_newtask"));
+        if opts.filter.file_wide() || opts.follow_children {
+            tracepoints.push((names::SCHED_PROCESS_EXEC, "sched", "sched_process_exec"));
+        }
+        if opts.filter.file_wide() || (opts.filter == Filter::Pids && opts.follow_children) {
+            tracepoints.push((names::TASK_NEWTASK, "task", "task_newtask"));
         }
         // The benchmark's floor attaches an empty program wherever a layer's would go.
         let program = |real| if opts.bare { "bare_tp" } else { real };
@@ -285,6 +298,7 @@ impl Recorder {
             retired: retire::Retired::default(),
             new_stacks: Vec::new(),
             execs: Vec::new(),
+            forks: Vec::new(),
             cgroups: HashMap::new(),
             pythons: HashMap::new(),
         })
@@ -364,9 +378,13 @@ impl Recorder {
                     // The last events of a retired process: nothing of it is kept.
                 } else if ev.kind == VmKind::NewStack as u32 {
                     self.new_stacks.push((ev.tgid, ev.stack_id));
+                } else if ev.kind == VmKind::Fork as u32 {
+                    // Its break is its parent's until it moves it.
+                    self.model.fork(ev.arg as u32, ev.tgid);
+                    self.forks.push((ev.tgid, ev.arg as u32, ev.ts_ns));
                 } else {
                     if ev.kind == VmKind::Exec as u32 {
-                        self.execs.push(ev.tgid);
+                        self.execs.push((ev.tgid, ev.ts_ns));
                         self.page_table.forget(ev.tgid);
                     }
                     self.model.apply(&ev);

@@ -34,7 +34,9 @@ impl Recorder {
             self.model.note_earlier_arenas(pid);
         }
         self.refresh_comm(pid);
-        self.targets.push(pid);
+        if !self.targets.contains(&pid) {
+            self.targets.push(pid);
+        }
         if let Some(cg) = crate::targets::group::of_process(pid) {
             self.cgroups.insert(pid, cg);
         }
@@ -107,8 +109,8 @@ impl Recorder {
         Ok(())
     }
 
-    /// Multi-uprobe links for `probes`, one per (program, file), return programs first; in
-    /// process `pid` only, when given. Errors: links are not in use, or the kernel refused.
+    /// Multi-uprobe links for `probes`, one per (program, file), file by file with each
+    /// file's return programs first; in process `pid` only, when given. Errors: links are not in use, or the kernel refused.
     pub(super) fn link_probes(
         &self,
         probes: &[ProbeSpec],
@@ -133,6 +135,17 @@ impl Recorder {
                 }
             }
         }
+        // File by file, each file's returns first: a call's entry and return probes are in
+        // one file, and a process that runs meanwhile (a child just forked) has its calls'
+        // returns unseen only while its own file's entry links go in.
+        let mut files: Vec<&Path> = Vec::new();
+        for ((_, _, path), _) in &groups {
+            if !files.contains(path) {
+                files.push(path);
+            }
+        }
+        let file_index = |p: &Path| files.iter().position(|f| *f == p).unwrap_or(0);
+        groups.sort_by_key(|((_, ret, path), _)| (file_index(path), !*ret));
         let mut links = Vec::new();
         for ((prog, ret, path), points) in groups {
             let offsets: Vec<(u64, u64)> = points.iter().map(|p| (p.offset, p.cookie)).collect();

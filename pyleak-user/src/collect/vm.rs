@@ -285,6 +285,19 @@ impl VmModel {
         }
     }
 
+    /// `child` was forked by `parent`: its program break (and the arenas it inherited) are
+    /// its parent's until it changes them.
+    pub fn fork(&mut self, parent: u32, child: u32) {
+        let (brk, arenas) = self
+            .procs
+            .get(&parent)
+            .map(|p| (p.brk, p.earlier_arenas.clone()))
+            .unwrap_or_default();
+        let c = self.procs.entry(child).or_default();
+        c.brk = brk;
+        c.earlier_arenas = arenas;
+    }
+
     /// Notes the arena-shaped mappings `pid` has now (anonymous, private, writable,
     /// exactly an arena long, from `/proc/PID/maps`), made before tracing began.
     pub fn note_earlier_arenas(&mut self, pid: u32) {
@@ -312,7 +325,7 @@ impl VmModel {
             5 => VmKind::Madvise,
             6 => VmKind::Freeze,
             8 => VmKind::Exec,
-            // New stacks are the Python resolver's business.
+            // New stacks are the Python resolver's business, forks the recorder's.
             _ => return,
         };
         match kind {
@@ -434,7 +447,7 @@ impl VmModel {
                 proc.brk = None;
                 self.unmap(ev.tgid, 0, USER_END, false);
             }
-            VmKind::NewStack => {}
+            VmKind::NewStack | VmKind::Fork => {}
         }
     }
 

@@ -199,6 +199,10 @@ pub struct Resolver {
     generation: u64,
     /// Per (process, stack id): the code object of each Python frame, leaf first.
     stacks: HashMap<(u32, u64), Vec<Option<Arc<CodeInfo>>>>,
+    /// Forked processes (not exec'd since) → their parent: a fork's code objects are its
+    /// parent's, at the same addresses, and the kernel announces a stack once, for the first
+    /// process of the family to use it.
+    forks: HashMap<u32, u32>,
 }
 
 impl Resolver {
@@ -228,6 +232,33 @@ impl Resolver {
     /// Whether stack `stack_id` of `pid` has been resolved (its code objects read).
     pub fn has_stack(&self, pid: u32, stack_id: u64) -> bool {
         self.stacks.contains_key(&(pid, stack_id))
+    }
+
+    /// Stops resolving frames of `pid` (it exec'd another program): stacks named so far
+    /// keep their names.
+    pub fn forget_process(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+        self.cache.retain(|k, _| k.0 != pid);
+        self.forks.remove(&pid);
+    }
+
+    /// `child` was forked by `parent` and runs `rt` (its parent's): its frames are named
+    /// from what any process of the family read.
+    pub fn add_fork(&mut self, child: u32, parent: u32, rt: &PythonRuntime) {
+        self.add_process(child, rt);
+        self.forks.insert(child, parent);
+    }
+
+    /// The first process of `pid`'s fork family.
+    fn family_root(&self, mut pid: u32) -> u32 {
+        // Bounded: a cycle (a pid reused) cannot loop forever.
+        for _ in 0..64 {
+            match self.forks.get(&pid) {
+                Some(&p) if p != pid => pid = p,
+                _ => break,
+            }
+        }
+        pid
     }
 
     /// Whether frames of `pid` can be resolved (its CPython version is known).
@@ -299,13 +330,28 @@ impl Resolver {
     /// placeholder when its code object could not be read.
     pub fn frame(&self, pid: u32, stack_id: u64, i: usize, f: &PyFrame) -> String {
         let proc = self.procs.get(&pid);
-        let info = match self.stacks.get(&(pid, stack_id)) {
+        let read_by = |p: u32| match self.stacks.get(&(p, stack_id)) {
             Some(v) => v.get(i).cloned().flatten(),
             None => self
                 .cache
-                .get(&(pid, f.code, f.sig))
+                .get(&(p, f.code, f.sig))
                 .and_then(|c| c.info.clone()),
         };
+        let info = read_by(pid).or_else(|| {
+            // Read by its parent, a sibling or a child (the same objects before a fork).
+            let root = self.family_root(pid);
+            if root == pid && !self.forks.values().any(|&p| p == pid) {
+                return None;
+            }
+            std::iter::once(root)
+                .chain(
+                    self.forks
+                        .keys()
+                        .copied()
+                        .filter(|&c| c != pid && self.family_root(c) == root),
+                )
+                .find_map(read_by)
+        });
         match (info, proc) {
             (Some(info), Some(p)) => {
                 let line = p.cpython.line(&p.layout, &info, f.lasti);

@@ -146,7 +146,7 @@ impl Group {
         resolver: &mut python::Resolver,
         syms: &Mutex<Symbolizer>,
     ) {
-        for pid in std::mem::take(&mut rec.execs) {
+        for (pid, _) in std::mem::take(&mut rec.execs) {
             if pid == std::process::id() {
                 continue;
             }

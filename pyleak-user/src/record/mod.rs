@@ -3,6 +3,7 @@
 //! targets' Python runtimes in `runtimes`, the growth samples in `sampler`.
 
 mod census;
+mod children;
 mod follow;
 mod runtimes;
 mod sampler;
@@ -21,6 +22,7 @@ use pyleak_common::{Layer, PyProc, MAX_NATIVE_FRAMES};
 
 use self::{
     census::Censuses,
+    children::Children,
     follow::Group,
     runtimes::{learn_new_stacks, python_runtime, Runtimes},
     sampler::Sampler,
@@ -28,11 +30,7 @@ use self::{
 };
 use crate::{
     analysis::{self, Analysis, Facts, HeldBy, ProbeInfo, ProcessInfo},
-    attach::{
-        self,
-        elf::ElfFile,
-        plan::{warn_missing, Planner},
-    },
+    attach::{self, elf::ElfFile, plan::warn_missing},
     cli::{PymallocMode, RecordArgs},
     collect::{frames::frames_of_all, Filter, Recorder, RecorderOptions, Snapshot},
     errors::UserError,
@@ -76,6 +74,8 @@ struct Session {
     runtimes: Runtimes,
     group: Option<Group>,
     child: Option<launch::Launched>,
+    /// The processes `--pid` and command targets start.
+    children: Children,
     /// The Python runtime of each `--pid` or command target (for `--census`).
     pythons: Vec<(u32, python::PythonRuntime)>,
 }
@@ -129,7 +129,7 @@ fn trace(
         &mut session.resolver,
         match session.group.as_mut() {
             Some(g) => Follow::Group(g),
-            None => Follow::Pids(&mut session.runtimes),
+            None => Follow::Pids(&mut session.runtimes, &mut session.children),
         },
         args,
         launched,
@@ -233,6 +233,7 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         }
         _ => None,
     };
+    let follow = !args.no_follow && !matches!(plan.target, Target::Group(_));
     let filter = match &plan.target {
         Target::Group(Some(cg)) => Filter::Cgroup {
             id: cg.id,
@@ -249,6 +250,7 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         pymalloc_sampled: args.pymalloc == PymallocMode::Sampled
             && !args.bare
             && layers.contains(Layer::Pymalloc),
+        follow_children: follow,
     };
     let rec = Recorder::load(opts)?;
     let group = match &plan.target {
@@ -262,6 +264,7 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         runtimes: Runtimes::default(),
         group,
         child,
+        children: Children::new(layers, !args.no_python_stacks),
         pythons: Vec::new(),
     })
 }
@@ -270,7 +273,6 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
 /// each target's Python frames.
 fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Result<()> {
     let layers = plan.layers;
-    let mut planner = Planner::new(layers);
     let Session {
         rec,
         syms,
@@ -278,6 +280,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
         runtimes,
         group,
         child,
+        children,
         pythons,
     } = s;
     if let Some(g) = group.as_mut() {
@@ -293,7 +296,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
         (Target::Command { program: p, .. }, Some(c)) => {
             let files = attach::libraries_of(&attach::program_of(p));
             runtimes.watch(c.pid, &files);
-            let mut probes = planner.plan(&files);
+            let mut probes = children.plan(&files);
             warn_missing(&probes, layers, &p.display().to_string(), &files);
             if let Some(rt) = python_runtime(
                 rec,
@@ -323,6 +326,8 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                 runtimes.unplaced.insert(c.pid, (rt.clone(), layout));
             }
             rec.add_target(c.pid, &probes)?;
+            let rt = pythons.iter().find(|p| p.0 == c.pid).map(|p| &p.1);
+            children.note_target(c.pid, &files, rt, true);
             let name = p
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -333,7 +338,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
             for &pid in pids {
                 let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
                 runtimes.watch(pid, &files);
-                let probes = planner.plan(&files);
+                let probes = children.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"), &files);
                 if let Some(rt) = python_runtime(
                     rec,
@@ -348,6 +353,8 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                     pythons.push((pid, rt));
                 }
                 rec.add_target(pid, &probes)?;
+                let rt = pythons.iter().find(|p| p.0 == pid).map(|p| &p.1);
+                children.note_target(pid, &files, rt, false);
             }
         }
         _ => {}
@@ -434,6 +441,10 @@ fn finish(
         s.rec.drain();
         g.poll(&mut s.rec, &mut s.resolver, &s.syms);
         g.scan(&mut s.rec, &mut s.resolver, &s.syms);
+    } else {
+        s.rec.drain();
+        s.children
+            .poll(&mut s.rec, &mut s.resolver, &mut s.runtimes, &s.syms);
     }
     s.rec.freeze_all()?;
     let snap = s.rec.snapshot((args.min_age * 1e9) as u64)?;
@@ -449,6 +460,7 @@ fn finish(
         &s.resolver,
         args.native,
         sampler.peaks.clone(),
+        &s.children.followed,
     );
     if let Some(c) = &s.child {
         // The command started with the recording.
@@ -560,9 +572,12 @@ fn facts(
     py: &python::Resolver,
     native: bool,
     peaks: crate::analysis::peak::Peaks,
+    followed: &HashMap<u32, analysis::Followed>,
 ) -> Facts {
     let mut pids: Vec<u32> = rec.targets.clone();
     pids.extend(snap.stacks.keys().map(|&(pid, _, _)| pid));
+    // Children that exited before their probes went in are listed too.
+    pids.extend(followed.keys());
     let processes = pids
         .into_iter()
         .map(|pid| {
@@ -573,6 +588,7 @@ fn facts(
                     comm: rec.comm(pid),
                     cgroup: rec.cgroups.get(&pid).cloned(),
                     python: rec.pythons.get(&pid).cloned(),
+                    followed: followed.get(&pid).cloned(),
                 },
             )
         })

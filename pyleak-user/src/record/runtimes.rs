@@ -37,6 +37,11 @@ impl Runtimes {
         self.watches.extend(AllocWatch::new(pid, &file));
     }
 
+    /// Watches the allocator tables of the Python runtime `file` in process `pid`.
+    pub fn watch_file(&mut self, pid: u32, file: &std::path::Path) {
+        self.watches.extend(AllocWatch::new(pid, file));
+    }
+
     /// Tells the kernel where launched commands' Python runtimes landed, once their memory
     /// maps show it.
     fn place(&mut self, rec: &mut Recorder) {

@@ -13,6 +13,7 @@ use pyleak_common::Layer;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use super::{
+    children::Children,
     follow::Group,
     runtimes::{learn_new_stacks, Runtimes},
     sampler::Sampler,
@@ -47,10 +48,27 @@ pub enum End {
 
 /// How targets are followed while recording.
 pub enum Follow<'a> {
-    /// `--pid`, a command: the targets' Python runtimes (placement, allocator tables).
-    Pids(&'a mut Runtimes),
+    /// `--pid`, a command: the targets' Python runtimes (placement, allocator tables) and
+    /// the processes they start.
+    Pids(&'a mut Runtimes, &'a mut Children),
     /// `--cgroup`, `--container`, `--all`: processes come and go.
     Group(&'a mut Group),
+}
+
+impl Follow<'_> {
+    /// Handles what the kernel announced: a group's new programs and unseen processes, or
+    /// the targets' children and new programs.
+    fn poll(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+    ) {
+        match self {
+            Follow::Group(g) => g.poll(rec, resolver, syms),
+            Follow::Pids(runtimes, children) => children.poll(rec, resolver, runtimes, syms),
+        }
+    }
 }
 
 /// The ring buffer's fd, for tokio to wait on.
@@ -72,15 +90,13 @@ fn on_events(
     last_maps: &mut Instant,
 ) {
     let n = rec.drain();
-    if let Follow::Group(g) = follow {
-        g.poll(rec, resolver, syms);
-    }
+    follow.poll(rec, resolver, syms);
     learn_new_stacks(rec, resolver);
     if n > 0 && last_maps.elapsed() >= MAPS_REFRESH {
         *last_maps = Instant::now();
         match follow {
             Follow::Group(g) => g.refresh(rec, resolver, syms),
-            Follow::Pids(runtimes) => runtimes.refresh(rec, syms),
+            Follow::Pids(runtimes, _) => runtimes.refresh(rec, syms),
         }
     }
 }
@@ -116,7 +132,7 @@ pub async fn trace_loop(
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
     let mut last_events = (0u64, Instant::now());
-    if let Follow::Pids(runtimes) = &mut follow {
+    if let Follow::Pids(runtimes, _) = &mut follow {
         runtimes.refresh(rec, syms);
     }
     let window = Duration::from_secs_f64(args.pymalloc_window);
@@ -137,8 +153,8 @@ pub async fn trace_loop(
             _ = quiet_drain.tick() => on_events(rec, syms, resolver, &mut follow, &mut last_maps),
             _ = tick.tick() => {
                 rec.drain();
+                follow.poll(rec, resolver, syms);
                 if let Follow::Group(g) = &mut follow {
-                    g.poll(rec, resolver, syms);
                     learn_new_stacks(rec, resolver);
                     g.scan(rec, resolver, syms);
                     g.refresh(rec, resolver, syms);
@@ -155,7 +171,7 @@ pub async fn trace_loop(
                         eprintln!("pyleak: cgroup {} was removed: ending the recording", cg.path);
                         break End::TargetsExited;
                     }
-                } else if let Follow::Pids(runtimes) = &mut follow {
+                } else if let Follow::Pids(runtimes, _) = &mut follow {
                     learn_new_stacks(rec, resolver);
                     runtimes.refresh(rec, syms);
                     if child.is_none() && rec.targets.iter().all(|&pid| !alive(pid) || rec.is_frozen(pid)) {
@@ -173,9 +189,7 @@ pub async fn trace_loop(
             }
             _ = sample_tick.tick() => {
                 rec.drain();
-                if let Follow::Group(g) = &mut follow {
-                    g.poll(rec, resolver, syms);
-                }
+                follow.poll(rec, resolver, syms);
                 learn_new_stacks(rec, resolver);
                 sampler.sample(rec, &lock(syms), resolver);
                 if sampler.error.is_err() {
@@ -228,9 +242,7 @@ pub async fn trace_loop(
     }
     // The last moment counts for growth too.
     rec.drain();
-    if let Follow::Group(g) = &mut follow {
-        g.poll(rec, resolver, syms);
-    }
+    follow.poll(rec, resolver, syms);
     learn_new_stacks(rec, resolver);
     sampler.sample(rec, &lock(syms), resolver);
     if let (Some(pid), Some(wait)) = (child, child_exit) {
@@ -276,7 +288,7 @@ fn footprint(
     let (procs, codes, stacks) = resolver.footprint();
     let (members, held) = match follow {
         Follow::Group(g) => g.footprint(),
-        Follow::Pids(_) => (0, 0),
+        Follow::Pids(..) => (0, 0),
     };
     log::debug!(
         "footprint: timeline {} series x {} samples; {}; symbols: {maps} memory maps, {modules} files; python: {procs} processes, {codes} code objects, {stacks} stacks; group: {members} members, {held} files held",

@@ -463,8 +463,8 @@ fn human_duration_us(us: u64) -> String {
     }
 }
 
-/// Per process, when there are several: pid, command, cgroup, CPython version, and the
-/// live bytes of each layer.
+/// Per process, when there are several: pid, command, cgroup, CPython version, the live
+/// bytes of each layer, and for a followed child its parent and how late its probes came.
 fn write_processes(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     if report.processes.len() < 2 {
         return Ok(());
@@ -500,6 +500,22 @@ fn write_processes(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()
             p.python.as_deref().unwrap_or("-"),
             p.cgroup.as_deref().unwrap_or("?"),
         )?;
+        match &p.followed {
+            Some(f) if f.traced => writeln!(
+                out,
+                "  {:>7} child of {}, probes attached {:.0} ms after its {} (allocator calls before are not seen)",
+                "",
+                f.parent,
+                f.gap_ms,
+                if f.exec { "exec" } else { "fork" }
+            )?,
+            Some(f) => writeln!(
+                out,
+                "  {:>7} child of {}, exited before its probes were attached ({:.0} ms): its allocator calls are not seen",
+                "", f.parent, f.gap_ms
+            )?,
+            None => {}
+        }
     }
     Ok(())
 }
