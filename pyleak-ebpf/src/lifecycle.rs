@@ -13,7 +13,7 @@ use pyleak_common::{
 };
 
 use crate::{
-    maps::emit,
+    maps::emit_urgent,
     maps::{count_drop, filter_mode, target_state, FROZEN_COUNT, TARGETS, THREADS},
     pystack::PY_PROCS,
 };
@@ -107,7 +107,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if let Some(layout) = unsafe { PY_PROCS.get(&parent) }.copied() {
         let _ = PY_PROCS.insert(&child, &layout, 0);
     }
-    emit(VmEvent {
+    emit_urgent(VmEvent {
         kind: VmKind::Fork as u32,
         tgid: child,
         addr: 0,
@@ -145,7 +145,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         }
         let _ = PY_PROCS.remove(&tgid);
     }
-    emit(VmEvent {
+    emit_urgent(VmEvent {
         kind: VmKind::Exec as u32,
         tgid,
         addr: 0,
@@ -174,7 +174,7 @@ fn freeze(tgid: u32) {
         // increment, which only makes uprobes look the state up more often.
         unsafe { *n += 1 };
     }
-    emit(VmEvent {
+    emit_urgent(VmEvent {
         kind: VmKind::Freeze as u32,
         tgid,
         addr: 0,

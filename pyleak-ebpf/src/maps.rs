@@ -249,6 +249,16 @@ pub fn emit(ev: VmEvent) {
     emit_with(ev, 0);
 }
 
+/// Sends one event and wakes userspace at once, whatever is queued before it: for the rare
+/// events userspace must act on while the process is still there (a new stack whose code
+/// objects it reads, a fork whose child it attaches, an exec, a freeze). A plain
+/// [`emit`] queued behind quiet events wakes nobody (the ring wakes only a reader that
+/// had caught up), and a worker that exits within the drain period would lose its names.
+#[inline(always)]
+pub fn emit_urgent(ev: VmEvent) {
+    emit_with(ev, BPF_RB_FORCE_WAKEUP as u64);
+}
+
 /// Unread bytes in `EVENTS` past which a quiet event wakes userspace anyway.
 const QUIET_WAKE_BYTES: u64 = EVENTS_RING_BYTES as u64 / 8;
 

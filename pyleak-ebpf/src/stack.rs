@@ -254,7 +254,7 @@ extern "C" fn hash_py_step(i: u64, ctx: *mut c_void) -> i64 {
 #[inline(always)]
 fn announce(stack_id: u64, tid: u32) {
     let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
-    crate::maps::emit(pyleak_common::VmEvent {
+    crate::maps::emit_urgent(pyleak_common::VmEvent {
         kind: pyleak_common::VmKind::NewStack as u32,
         tgid,
         addr: 0,
