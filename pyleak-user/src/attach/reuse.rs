@@ -13,7 +13,11 @@
 
 use pyleak_common::{holder_cookie, object_cookie, AllocKind, Layer, ProbeCookie};
 
-use super::{elf::ElfFile, prologue::choose_attach_point, ProbeRole, ProbeSpec};
+use super::{
+    elf::{ElfFile, Function},
+    prologue::{choose_attach_point, AttachPoint},
+    ProbeRole, ProbeSpec,
+};
 
 /// The function an object gets its first reference in.
 pub const NEW_REFERENCE: &str = "_Py_NewReference";
@@ -53,62 +57,68 @@ pub fn plan_reuse(elf: &ElfFile) -> Vec<ProbeSpec> {
     if let (Some(f), Some(preheader)) = (elf.function(NEW_REFERENCE), preheader) {
         // `op` in rdi until the attach point.
         let point = choose_attach_point(&f.code, f.address, 1, false);
-        out.push(ProbeSpec {
-            path: elf.path().to_owned(),
-            symbol: NEW_REFERENCE,
-            offset: f.file_offset + point.offset,
-            role: ProbeRole::ReuseObject,
-            cookie: ProbeCookie {
-                kind: AllocKind::ReuseObject as u32,
-                layer: Layer::Pymalloc as u32,
-                stack_delta: object_cookie(point.stack_delta as u32, preheader as u32),
-            }
-            .encode(),
-            emulated: point.emulated,
-            delta_from_entry: point.offset,
-            site: None,
-        });
+        let delta = object_cookie(point.stack_delta as u32, preheader as u32);
+        out.push(probe(
+            elf,
+            NEW_REFERENCE,
+            &f,
+            point,
+            ProbeRole::ReuseObject,
+            delta,
+        ));
     }
     if let Some(f) = elf.function_or_clone(NEW_KEYS) {
         // A return probe: where the return address is still on top.
         let point = choose_attach_point(&f.code, f.address, 0, true);
-        out.push(ProbeSpec {
-            path: elf.path().to_owned(),
-            symbol: NEW_KEYS,
-            offset: f.file_offset + point.offset,
-            role: ProbeRole::ReuseBlock,
-            cookie: ProbeCookie {
-                kind: AllocKind::ReuseBlock as u32,
-                layer: Layer::Pymalloc as u32,
-                stack_delta: 0,
-            }
-            .encode(),
-            emulated: point.emulated,
-            delta_from_entry: point.offset,
-            site: None,
-        });
+        out.push(probe(elf, NEW_KEYS, &f, point, ProbeRole::ReuseBlock, 0));
     }
     if let Some(f) = elf.function_or_clone(INSERT_TO_EMPTY) {
         let arg = dict_argument(version);
         // The dict still in its register, and the return address on top.
         let point = choose_attach_point(&f.code, f.address, arg as usize + 1, true);
-        out.push(ProbeSpec {
-            path: elf.path().to_owned(),
-            symbol: INSERT_TO_EMPTY,
-            offset: f.file_offset + point.offset,
-            role: ProbeRole::ReuseHolder,
-            cookie: ProbeCookie {
-                kind: AllocKind::ReuseHolder as u32,
-                layer: Layer::Pymalloc as u32,
-                stack_delta: holder_cookie(arg, MA_KEYS),
-            }
-            .encode(),
-            emulated: point.emulated,
-            delta_from_entry: point.offset,
-            site: None,
-        });
+        let delta = holder_cookie(arg, MA_KEYS);
+        out.push(probe(
+            elf,
+            INSERT_TO_EMPTY,
+            &f,
+            point,
+            ProbeRole::ReuseHolder,
+            delta,
+        ));
     }
     out
+}
+
+/// One reuse probe of the pymalloc layer at `point` of `f`; `stack_delta` is the cookie's
+/// field as its `role` reads it.
+fn probe(
+    elf: &ElfFile,
+    symbol: &'static str,
+    f: &Function,
+    point: AttachPoint,
+    role: ProbeRole,
+    stack_delta: u32,
+) -> ProbeSpec {
+    let kind = match role {
+        ProbeRole::ReuseObject => AllocKind::ReuseObject,
+        ProbeRole::ReuseBlock => AllocKind::ReuseBlock,
+        _ => AllocKind::ReuseHolder,
+    };
+    ProbeSpec {
+        path: elf.path().to_owned(),
+        symbol,
+        offset: f.file_offset + point.offset,
+        role,
+        cookie: ProbeCookie {
+            kind: kind as u32,
+            layer: Layer::Pymalloc as u32,
+            stack_delta,
+        }
+        .encode(),
+        emulated: point.emulated,
+        delta_from_entry: point.offset,
+        site: None,
+    }
 }
 
 #[cfg(test)]
