@@ -437,6 +437,21 @@ impl Recorder {
         self.model.procs.get(&pid).is_some_and(|p| p.frozen)
     }
 
+    /// Whether the kernel has frozen `pid` (its interpreter began shutting down), read from
+    /// the target map now rather than from the freeze event userspace may not have
+    /// drained yet: what a process frees while it tears down is not a verdict on its heap.
+    pub fn frozen_in_kernel(&self, pid: u32) -> bool {
+        let Some(map) = self.ebpf.map(names::TARGETS) else {
+            return false;
+        };
+        let Ok(targets) = BpfHashMap::<_, u32, u32>::try_from(map) else {
+            return false;
+        };
+        targets
+            .get(&pid, 0)
+            .is_ok_and(|s| s == pyleak_common::TARGET_FROZEN)
+    }
+
     /// Tells the kernel how to walk the Python frames of `pid`.
     pub fn set_python(&mut self, pid: u32, layout: &PyProc) -> anyhow::Result<()> {
         let mut procs: BpfHashMap<_, u32, PyProc> = BpfHashMap::try_from(

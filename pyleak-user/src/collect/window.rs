@@ -364,7 +364,7 @@ impl Recorder {
         let mut book = std::mem::take(&mut self.book);
         let mut dead: Vec<TableBlock> = Vec::new();
         for pid in pids {
-            if self.is_frozen(pid) || !alive(pid) {
+            if self.is_frozen(pid) || self.frozen_in_kernel(pid) || !alive(pid) {
                 continue;
             }
             let Some(cpython) = self
@@ -433,7 +433,13 @@ impl Recorder {
                     fingerprint: book.known[&(pid, b.addr)].fingerprint.clone(),
                 })
                 .collect();
-            for (b, verdict) in old.iter().zip(heap.judge(&samples)) {
+            let verdicts = heap.judge(&samples);
+            // Shutting down since (interpreter teardown frees everything): these
+            // verdicts are not about the heap the report describes.
+            if self.frozen_in_kernel(pid) {
+                continue;
+            }
+            for (b, verdict) in old.iter().zip(verdicts) {
                 match verdict {
                     Verdict::Live | Verdict::Unknown(_) => {}
                     Verdict::Freed(_) | Verdict::Reused => {
