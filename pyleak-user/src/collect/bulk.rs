@@ -270,6 +270,26 @@ mod tests {
     }
 
     #[test]
+    fn a_fault_in_a_mapping_unmapped_before_the_pass_counts_nothing_of_the_next_one() {
+        // A 64 MiB buffer is faulted, freed, and a file mapped at the same address before
+        // the pass: the file's pages are not the buffer's faults' neighbours.
+        let mut m = VmModel::default();
+        let base = 0x7000_0000_0000;
+        m.apply(&ev(VmKind::Mmap, base, 64 * PAGE, 0x3 << 32 | 0x22, 9));
+        m.apply(&ev(VmKind::Fault, base + 20 * PAGE, PAGE, 2, 5));
+        m.apply(&ev(VmKind::Munmap, base, 64 * PAGE, 0, 9));
+        m.apply(&ev(VmKind::Mmap, base, 64 * PAGE, 0x1 << 32 | 0x1, 7));
+        let mut pt = Fake {
+            present: vec![(base, base + 64 * PAGE)],
+            pfn0: 1000,
+            flags: 0,
+        };
+        assert_eq!(pass(&mut m, &mut pt, None), 0);
+        assert_eq!(m.stacks[&(1, Layer::Pages, 5)].alloc_bytes, PAGE);
+        assert_eq!(m.stacks[&(1, Layer::Pages, 5)].freed_bytes, PAGE);
+    }
+
+    #[test]
     fn a_transparent_huge_page_counts_512_pages_and_base_pages_count_one() {
         let mut m = VmModel::default();
         let base = 0x7000_0000_0000;

@@ -514,8 +514,12 @@ impl VmModel {
     }
 
     fn drop_pages(&mut self, pid: u32, start: u64, len: u64) {
-        let proc = self.procs.entry(pid).or_default();
         let end = start.saturating_add(len);
+        // A fault whose pages are gone has no neighbours left to count: whatever is
+        // mapped there by the next pass (a new mapping at the same address) is not its.
+        self.bulk_pending
+            .retain(|f| f.pid != pid || f.addr < start || f.addr >= end);
+        let proc = self.procs.entry(pid).or_default();
         let gone: Vec<(u64, Page)> = proc
             .pages
             .range(start..end)
