@@ -48,6 +48,12 @@ pub struct PyProc {
     pub code_firstlineno: u32,
     /// glibc `struct pthread` → `tid`, for versions without `native_thread_id`.
     pub pthread_tid: u32,
+    /// `PyThreadState.datastack_chunk`, followed by `datastack_top` (3.11+: the chunk of
+    /// the thread's data stack in use, and the end of its used part; CPython's
+    /// `Include/cpython/pystate.h`), or 0: frames are then read one by one.
+    pub tstate_datastack: u32,
+    /// `_PyStackChunk.data`: where a chunk's frames begin (`Include/internal/pycore_frame.h`).
+    pub chunk_data: u32,
     /// Device of the process's pid namespace (`stat /proc/PID/ns/pid`) when it is not
     /// pyleak's: the interpreter records thread ids as that namespace numbers them.
     pub pidns_dev: u64,

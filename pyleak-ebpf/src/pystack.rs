@@ -142,6 +142,14 @@ struct WalkState {
     flags: u32,
     /// Bytes of each frame to read: past the last field the layout uses.
     frame_len: u32,
+    _pad: u32,
+    /// The used part of the thread's current data-stack chunk, `[chunk_lo, chunk_hi)`
+    /// (both 0 when unknown): frames there sit one after another, callers below.
+    chunk_lo: u64,
+    chunk_hi: u64,
+    /// Target addresses `FRAME_BUF` holds now, `[win_lo, win_hi)`.
+    win_lo: u64,
+    win_hi: u64,
 }
 
 /// Appends the Python frames of the current thread to `st`, leaf first.
@@ -179,13 +187,23 @@ pub fn walk(st: &mut StackTrace) {
     } else {
         tid
     };
-    let Some(ts) = find_tstate(&p, tid) else {
-        // Not a Python thread (or not one yet).
-        return;
-    };
-    let Some(mut frame) = read_u64(ts + p.tstate_frame as u64) else {
-        st.flags |= STACK_PY_UNREADABLE;
-        return;
+    // The thread's state as last found, checked and read in one go (3.11+), else found
+    // and read field by field.
+    // SAFETY: plain data copied out at once.
+    let cached = unsafe { TSTATES.get(&tid) }.copied();
+    let (mut frame, (chunk_lo, chunk_hi)) = match cached.and_then(|ts| tstate_view(&p, ts, tid)) {
+        Some(v) => v,
+        None => {
+            let Some(ts) = find_tstate(&p, tid) else {
+                // Not a Python thread (or not one yet).
+                return;
+            };
+            let Some(frame) = read_u64(ts + p.tstate_frame as u64) else {
+                st.flags |= STACK_PY_UNREADABLE;
+                return;
+            };
+            (frame, used_chunk(&p, ts))
+        }
     };
     if p.cframe_frame != NO_OFFSET && frame != 0 {
         frame = read_u64(frame + p.cframe_frame as u64).unwrap_or(0);
@@ -207,6 +225,11 @@ pub fn walk(st: &mut StackTrace) {
         n: 0,
         flags: 0,
         frame_len: (last as usize + 8).min(FRAME_READ) as u32,
+        _pad: 0,
+        chunk_lo,
+        chunk_hi,
+        win_lo: 0,
+        win_hi: 0,
     };
     // SAFETY: the callback is a static BPF function and takes no context.
     unsafe {
@@ -231,26 +254,142 @@ static WALK_STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
 /// Bytes of a frame read at once: its fields sit below this offset in every layout.
 const FRAME_READ: usize = 128;
 
-/// Each CPU's copy of the frame being walked.
-#[map]
-static FRAME_BUF: PerCpuArray<[u8; FRAME_READ]> = PerCpuArray::with_max_entries(1, 0);
+/// Bytes of a data-stack chunk read at once, ending at the end of the frame wanted, so
+/// that its callers' frames come with it. One user read costs ~0.15 µs here whatever its
+/// length up to a few KiB; a frame of the float benchmark takes ~100–200 bytes.
+const WINDOW: usize = 2048;
 
-/// The little-endian u64 at `off` in a frame read, if it fits.
+/// Each CPU's copy of the target memory `[win_lo, win_hi)` of its walk: one frame, or a
+/// window of the data-stack chunk.
+#[map]
+static FRAME_BUF: PerCpuArray<[u8; WINDOW]> = PerCpuArray::with_max_entries(1, 0);
+
+/// `x & mask` for an `x` already checked to fit: the mask changes nothing but shows the
+/// verifier the bound, which a 32-bit check LLVM emits does not. The volatile read keeps
+/// LLVM from dropping the mask as redundant.
 #[inline(always)]
-fn field_u64(buf: &[u8; FRAME_READ], off: u32) -> Option<u64> {
-    let o = off as usize;
-    if o > FRAME_READ - 8 {
+fn masked(x: usize, mask: usize) -> usize {
+    // SAFETY: reads a local.
+    unsafe { core::ptr::read_volatile(&x) & mask }
+}
+
+/// Bytes of a thread state read at once by [`tstate_view`].
+const TSTATE_READ: usize = 256;
+
+/// Each CPU's copy of part of the thread state being walked.
+#[map]
+static TSTATE_BUF: PerCpuArray<[u8; TSTATE_READ]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The u64 at `at` in a thread-state read, if it fits.
+#[inline(always)]
+fn ts_u64(buf: &[u8; TSTATE_READ], at: u32) -> Option<u64> {
+    if at > (TSTATE_READ - 8) as u32 {
         return None;
     }
+    let o = masked(at as usize, TSTATE_READ - 1);
     let mut b = [0u8; 8];
     b.copy_from_slice(buf.get(o..o + 8)?);
     Some(u64::from_le_bytes(b))
 }
 
-/// The byte at `off` in a frame read, if it fits.
+/// If `ts` is thread `tid`'s state, its frame field (`tstate_frame`) and its data stack's
+/// used part ([`used_chunk`]), from one read of the thread state: 3.11+, whose layouts put
+/// the native thread id, the frame and the data stack within [`TSTATE_READ`] bytes.
+/// `None` when `ts` is not ours, or the layout does not allow it.
 #[inline(always)]
-fn field_u8(buf: &[u8; FRAME_READ], off: u32) -> Option<u8> {
-    buf.get(off as usize).copied()
+fn tstate_view(p: &PyProc, ts: u64, tid: u32) -> Option<(u64, (u64, u64))> {
+    if p.tstate_native_tid == NO_OFFSET || p.tstate_datastack == 0 {
+        return None;
+    }
+    let lo = p
+        .tstate_frame
+        .min(p.tstate_native_tid)
+        .min(p.tstate_datastack);
+    let hi = (p.tstate_frame as u64 + 8)
+        .max(p.tstate_native_tid as u64 + 8)
+        .max(p.tstate_datastack as u64 + 16);
+    let len = hi.wrapping_sub(lo as u64);
+    if len == 0 || len > TSTATE_READ as u64 {
+        return None;
+    }
+    let buf = TSTATE_BUF.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch buffer, ours while the program runs.
+    let buf = unsafe { &mut *buf };
+    let dst = buf.get_mut(..len as usize)?;
+    // SAFETY: the helper writes at most `dst`'s length, reading target memory checked.
+    unsafe { bpf_probe_read_user_buf((ts + lo as u64) as *const u8, dst) }.ok()?;
+    // `native_thread_id` is an `unsigned long`: its low half is the tid.
+    if ts_u64(buf, p.tstate_native_tid - lo)? as u32 != tid {
+        return None;
+    }
+    let frame = ts_u64(buf, p.tstate_frame - lo)?;
+    let chunk = ts_u64(buf, p.tstate_datastack - lo)?;
+    let top = ts_u64(buf, p.tstate_datastack + 8 - lo)?;
+    let data = chunk.wrapping_add(p.chunk_data as u64);
+    if chunk == 0 || top <= data {
+        return Some((frame, (0, 0)));
+    }
+    Some((frame, (data, top)))
+}
+
+/// The used part of thread state `ts`'s current data-stack chunk, `(lo, hi)`, or `(0, 0)`
+/// when the layout has none or it cannot be read.
+#[inline(always)]
+fn used_chunk(p: &PyProc, ts: u64) -> (u64, u64) {
+    if p.tstate_datastack == 0 {
+        return (0, 0);
+    }
+    // SAFETY: reads target memory through the checked helper.
+    let Ok([chunk, top]) =
+        (unsafe { bpf_probe_read_user((ts + p.tstate_datastack as u64) as *const [u64; 2]) })
+    else {
+        return (0, 0);
+    };
+    let lo = chunk.wrapping_add(p.chunk_data as u64);
+    if chunk == 0 || top <= lo {
+        return (0, 0);
+    }
+    (lo, top)
+}
+
+/// The little-endian u64 at `at` in the walk's buffer, if it fits.
+#[inline(always)]
+fn field_u64(buf: &[u8; WINDOW], at: u64) -> Option<u64> {
+    if at > (WINDOW - 8) as u64 {
+        return None;
+    }
+    let o = masked(at as usize, WINDOW - 1);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(buf.get(o..o + 8)?);
+    Some(u64::from_le_bytes(b))
+}
+
+/// The byte at `at` in the walk's buffer, if it fits.
+#[inline(always)]
+fn field_u8(buf: &[u8; WINDOW], at: u64) -> Option<u8> {
+    if at >= WINDOW as u64 {
+        return None;
+    }
+    buf.get(masked(at as usize, WINDOW - 1)).copied()
+}
+
+/// Fills the walk's buffer with target memory `[lo, hi)`; false if it cannot be read.
+#[inline(always)]
+fn load(s: &mut WalkState, buf: &mut [u8; WINDOW], lo: u64, hi: u64) -> bool {
+    let len = hi.wrapping_sub(lo);
+    if len == 0 || len > WINDOW as u64 {
+        return false;
+    }
+    let Some(dst) = buf.get_mut(..len as usize) else {
+        return false;
+    };
+    // SAFETY: the helper writes at most `dst`'s length, reading target memory checked.
+    if unsafe { bpf_probe_read_user_buf(lo as *const u8, dst) }.is_err() {
+        return false;
+    }
+    s.win_lo = lo;
+    s.win_hi = hi;
+    true
 }
 
 /// The layout of the process being walked, for `walk_step`.
@@ -271,38 +410,50 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     if frame == 0 {
         return 1;
     }
-    // One read for the frame's fields, up to the last one the layout uses (each user read
-    // costs ~0.15 µs here, whatever its length).
     let Some(buf) = FRAME_BUF.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: this CPU's scratch buffer, ours while the program runs.
     let buf = unsafe { &mut *buf };
-    let Some(dst) = buf.get_mut(..s.frame_len as usize) else {
-        return 1;
-    };
-    // SAFETY: the helper writes at most `dst`'s length, reading target memory checked.
-    if unsafe { bpf_probe_read_user_buf(frame as *const u8, dst) }.is_err() {
-        s.flags |= STACK_PY_UNREADABLE;
-        return 1;
+    // The frame's fields, up to the last one the layout uses: from the buffer if an earlier
+    // read brought them, else from one read (each user read costs ~0.15 µs here, whatever
+    // its length). A frame in the data-stack chunk in use comes with the chunk below it,
+    // its callers' frames: one read for most of a 3.11+ walk. The buffer is the target's
+    // memory at those addresses however the window was chosen; a window that cannot be
+    // read falls back to the frame alone.
+    let end = frame.wrapping_add(s.frame_len as u64);
+    if frame < s.win_lo || end > s.win_hi || end < frame {
+        let in_chunk = frame >= s.chunk_lo && end <= s.chunk_hi && end > frame;
+        let windowed = in_chunk
+            && load(
+                s,
+                buf,
+                s.chunk_lo.max(end.saturating_sub(WINDOW as u64)),
+                end,
+            );
+        if !windowed && !load(s, buf, frame, end) {
+            s.flags |= STACK_PY_UNREADABLE;
+            return 1;
+        }
     }
-    let Some(code) = field_u64(buf, p.frame_code) else {
+    let base = frame - s.win_lo;
+    let Some(code) = field_u64(buf, base + p.frame_code as u64) else {
         s.flags |= STACK_PY_UNREADABLE;
         return 1;
     };
     let code = code & !p.code_tag_mask;
-    let back = field_u64(buf, p.frame_back).unwrap_or(0);
-    if p.frame_owner != NO_OFFSET && field_u8(buf, p.frame_owner).unwrap_or(0) >= FIRST_ENTRY_OWNER
+    let back = field_u64(buf, base + p.frame_back as u64).unwrap_or(0);
+    if p.frame_owner != NO_OFFSET
+        && field_u8(buf, base + p.frame_owner as u64).unwrap_or(0) >= FIRST_ENTRY_OWNER
     {
         s.frame = back;
         return 0;
     }
+    let lasti_raw = field_u64(buf, base + p.frame_lasti as u64).unwrap_or(0);
     let lasti = if p.lasti_is_ptr != 0 {
-        field_u64(buf, p.frame_lasti)
-            .unwrap_or(0)
-            .wrapping_sub(code) as u32
+        lasti_raw.wrapping_sub(code) as u32
     } else {
-        field_u64(buf, p.frame_lasti).unwrap_or(0) as u32
+        lasti_raw as u32
     };
     let sig = read_u32(code + p.code_firstlineno as u64).unwrap_or(0);
     let n = s.n as usize;

@@ -239,6 +239,8 @@ mod tests {
             cframe_frame: walk.cframe_frame,
             lasti_is_ptr: walk.lasti_is_ptr,
             pthread_tid: walk.pthread_tid,
+            tstate_datastack: walk.tstate_datastack,
+            chunk_data: walk.chunk_data,
             ..PyProc::default()
         };
         let c = CodeLayout {

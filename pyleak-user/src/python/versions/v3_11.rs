@@ -36,6 +36,8 @@ impl CPython for Python311 {
             lasti_is_ptr: 1,
             frame_owner: 69,
             code_firstlineno: 72,
+            tstate_datastack: 296,
+            chunk_data: 24,
             ..common_walk()
         }
     }

@@ -48,6 +48,8 @@ impl CPython for Python313 {
             lasti_is_ptr: 1,
             frame_owner: 70,
             code_firstlineno: 68,
+            tstate_datastack: 232,
+            chunk_data: 24,
             ..common_walk()
         }
     }

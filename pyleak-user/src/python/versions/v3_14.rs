@@ -51,6 +51,9 @@ impl CPython for Python314 {
             interp_head: 808,
             code_tag_mask: STACKREF_TAG_BITS,
             frame_owner: 74,
+            // Not in `_Py_DebugOffsets` and unverified: frames are read one by one.
+            tstate_datastack: 0,
+            chunk_data: 0,
             ..Python313.walk_layout()
         }
     }
