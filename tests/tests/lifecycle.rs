@@ -205,7 +205,7 @@ fn leftover_check_tolerates_another_recording_not_what_it_left() {
     // The shell starts pyleak in the background and exits: pyleak is no descendant of ours.
     let out = Command::new("sh")
         .arg("-c")
-        .arg(r#""$0" record -q -p "$1" -d 60 -o /dev/null 2>"$2" & echo $!"#)
+        .arg(r#""$0" record -q -p "$1" -d 60 -o /dev/null >/dev/null 2>"$2" & echo $!"#)
         .arg(pyleak_bin())
         .arg(target.id().to_string())
         .arg(&log)
