@@ -273,8 +273,8 @@ pub struct ThreadState {
     pub reuse_holder: u64,
     /// The sampling window that call began in.
     pub reuse_window: u32,
-    /// Bytes asked for `last_block` (capped at `u32::MAX`): an object inside it is new.
-    pub last_size: u32,
+    /// Padding.
+    pub _pad: u32,
 }
 
 /// Key of per-stack aggregates.

@@ -225,7 +225,6 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
     finish(tgid, c.layer, &pending, ret);
     if layer == Layer::Pymalloc as usize {
         t.last_block = ret;
-        t.last_size = pending.size.min(u32::MAX as u64) as u32;
     }
     Ok(())
 }

@@ -26,20 +26,9 @@ use crate::{
 pub fn reuse_enter(ctx: ProbeContext) -> u32 {
     let c = cookie(&ctx);
     let op = args3(&ctx)[0];
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !uprobe_target_active(tgid) || window_of(Layer::Pymalloc as usize).is_none() {
         return 0;
-    }
-    // Most objects are made in the block their thread has just allocated: they are new,
-    // and need neither their type read nor a table lookup. (Blocks do not overlap, so an
-    // object inside that block is not in another one.)
-    // SAFETY: plain data read at once.
-    if let Some(t) = unsafe { THREADS.get(tid) } {
-        let (last, size) = (t.last_block, t.last_size as u64);
-        if last != 0 && op >= last && op - last < size {
-            return 0;
-        }
     }
     // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
     let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
