@@ -2,6 +2,7 @@
 
 mod budget;
 pub mod bulk;
+pub mod cow;
 pub mod frames;
 pub mod probes;
 mod read;

@@ -1,0 +1,214 @@
+//! Copy-on-write after fork: which of a forked child's faults copy a page of its parent's.
+//! A child that writes to what it inherited (CPython's GC writing every object's header,
+//! a loop touching refcounts) gets a private copy of each page it writes: its resident
+//! memory grows by pages that are neither new allocations nor leaks. They are counted
+//! apart from the pages layer, per process and faulting stack (`VmModel::cow_stacks`),
+//! and reported as `copy_on_write` (`analysis::cow`).
+
+use std::collections::BTreeSet;
+
+use super::vm::{PF_PRESENT, PF_WRITE};
+
+/// Copy-on-write breaks counted so far, all processes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CowTotals {
+    /// Pages made private (4 KiB each).
+    pub pages: u64,
+    /// Of those, pages unmapped since (or dropped by `madvise`).
+    pub released: u64,
+}
+
+/// What a fault is to copy-on-write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CowFault {
+    /// A page of the parent's, copied by this fault.
+    Copy,
+    /// A fault on a page copied before (no new page either).
+    Again,
+    /// Nothing to do with copy-on-write: the pages layer's.
+    No,
+}
+
+/// What a process shares with the parent that forked it.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// A forked child that has not exec'd: every page present in it that it did not fault
+    /// in itself is its parent's, shared until one of them writes it.
+    pub forked: bool,
+    /// Shared mappings (`[start, end)`, `s` in `/proc/PID/maps`) the child had when pyleak
+    /// learnt of its fork: a write there is no copy.
+    shared: Vec<(u64, u64)>,
+    /// Pages a copy-on-write fault made this child's own, still mapped.
+    pub copied: BTreeSet<u64>,
+}
+
+impl Inherited {
+    /// A child just forked. The shared mappings it has now (`/proc/CHILD/maps`, read
+    /// here: the child's right after its fork unless it has mapped more since) are noted
+    /// so that a write there is not taken for a copy.
+    pub fn at_fork(child: u32) -> Inherited {
+        Inherited {
+            forked: true,
+            shared: std::fs::read_to_string(format!("/proc/{child}/maps"))
+                .map(|maps| shared_mappings(&maps))
+                .unwrap_or_default(),
+            copied: BTreeSet::new(),
+        }
+    }
+
+    /// A fault at `addr` (a page address) with x86 error code `code`; `own`: the page was
+    /// faulted in by this process, or lies in a mapping it made. A new copy is counted in
+    /// `totals` (the caller counts it per stack).
+    ///
+    /// A copy-on-write break is, in a forked child, a write to a present page
+    /// (`PF_PRESENT | PF_WRITE`) that is not its own, outside any shared mapping: the
+    /// kernel write-protects every private page at fork (`mm/memory.c`,
+    /// `copy_present_pte`) and gives the writer its own copy (`wp_page_copy`).
+    pub fn fault(&mut self, addr: u64, code: u64, own: bool, totals: &mut CowTotals) -> CowFault {
+        if self.copied.contains(&addr) {
+            return CowFault::Again;
+        }
+        let cow = self.forked
+            && code & (PF_PRESENT | PF_WRITE) == PF_PRESENT | PF_WRITE
+            && !own
+            && !self.shared.iter().any(|&(s, e)| (s..e).contains(&addr));
+        if !cow {
+            return CowFault::No;
+        }
+        self.copied.insert(addr);
+        totals.pages += 1;
+        CowFault::Copy
+    }
+
+    /// `[start, end)` unmapped or dropped: returns how many copied pages went with it.
+    pub fn drop_range(&mut self, start: u64, end: u64) -> u64 {
+        let gone: Vec<u64> = self.copied.range(start..end).copied().collect();
+        for addr in &gone {
+            self.copied.remove(addr);
+        }
+        gone.len() as u64
+    }
+
+    /// `keep` bytes at `old` moved to `new` (`mremap`): the copies go along.
+    pub fn moved(&mut self, old: u64, keep: u64, new: u64) {
+        let moved: Vec<u64> = self.copied.range(old..old + keep).copied().collect();
+        for addr in moved {
+            self.copied.remove(&addr);
+            self.copied.insert(addr - old + new);
+        }
+    }
+}
+
+/// The shared mappings of a `/proc/PID/maps` text (`s` in its permissions).
+fn shared_mappings(maps: &str) -> Vec<(u64, u64)> {
+    crate::proctext::maps(maps)
+        .filter(|m| m.perms.ends_with('s'))
+        .map(|m| (m.start, m.end))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use pyleak_common::{Layer, VmEvent, VmKind};
+
+    use super::*;
+    use crate::collect::vm::{VmModel, PAGE};
+
+    /// No such process (above the kernel's `PID_MAX_LIMIT`, 4 Mi): its maps read as none.
+    const CHILD: u32 = 5_000_000;
+    const PARENT: u32 = 5_000_001;
+    const PRESENT_WRITE: u64 = PF_PRESENT | PF_WRITE;
+
+    fn ev(pid: u32, kind: VmKind, addr: u64, len: u64, arg: u64, stack: u64) -> VmEvent {
+        VmEvent {
+            kind: kind as u32,
+            tgid: pid,
+            addr,
+            len,
+            arg,
+            arg2: 0,
+            stack_id: stack,
+            ts_ns: 0,
+            flags: 0,
+            tid: pid,
+        }
+    }
+
+    fn fault(m: &mut VmModel, pid: u32, addr: u64, code: u64, stack: u64) {
+        m.apply(&ev(pid, VmKind::Fault, addr, PAGE, code, stack));
+    }
+
+    fn pages_at(m: &VmModel, pid: u32, stack: u64) -> u64 {
+        m.stacks
+            .get(&(pid, Layer::Pages, stack))
+            .map_or(0, |a| a.alloc_bytes / PAGE)
+    }
+
+    #[test]
+    fn a_childs_writes_to_inherited_pages_are_copies_not_pages() {
+        let mut m = VmModel::default();
+        // The parent's heap, faulted in while traced.
+        m.apply(&ev(PARENT, VmKind::Mmap, 0x100000, 64 * PAGE, 0x20, 1));
+        for i in 0..64 {
+            fault(&mut m, PARENT, 0x100000 + i * PAGE, PF_WRITE, 1);
+        }
+        m.fork(PARENT, CHILD);
+        // The child's collection writes 40 of them, one twice (a later fault on its
+        // copy), and one page of memory the parent had before tracing.
+        for i in 0..40 {
+            fault(&mut m, CHILD, 0x100000 + i * PAGE, PRESENT_WRITE, 9);
+        }
+        fault(&mut m, CHILD, 0x100000, PRESENT_WRITE, 9);
+        fault(&mut m, CHILD, 0x900000, PRESENT_WRITE, 9);
+        assert_eq!(m.cow_stacks[&(CHILD, 9)], 41);
+        assert_eq!(m.cow.pages, 41);
+        assert_eq!(pages_at(&m, CHILD, 9), 0, "copies are not new pages");
+        assert!(m.procs[&CHILD].pages.is_empty());
+        // A read, and a write to a page absent in the child, are its own new pages.
+        fault(&mut m, CHILD, 0x100000 + 50 * PAGE, PF_WRITE, 9);
+        assert_eq!(pages_at(&m, CHILD, 9), 1);
+        // The parent's own writes after the fork are never copies of its child's.
+        fault(&mut m, PARENT, 0x100000 + 60 * PAGE, PRESENT_WRITE, 1);
+        fault(&mut m, PARENT, 0x900000 + PAGE, PRESENT_WRITE, 1);
+        assert!(!m.cow_stacks.contains_key(&(PARENT, 1)));
+        // Unmapping copies releases them.
+        m.apply(&ev(CHILD, VmKind::Munmap, 0x100000, 10 * PAGE, 0, 9));
+        assert_eq!(m.cow.released, 10);
+        assert_eq!(m.procs[&CHILD].inherited.copied.len(), 31);
+    }
+
+    #[test]
+    fn what_the_child_maps_itself_and_shared_memory_are_not_copies() {
+        let mut m = VmModel::default();
+        m.fork(PARENT, CHILD);
+        // Its own mapping, read (the zero page) and then written: a new page of its own.
+        m.apply(&ev(CHILD, VmKind::Mmap, 0x200000, 4 * PAGE, 0x20, 3));
+        fault(&mut m, CHILD, 0x200000, 0, 3);
+        fault(&mut m, CHILD, 0x200000, PRESENT_WRITE, 3);
+        assert_eq!(pages_at(&m, CHILD, 3), 1);
+        // A shared mapping it inherited: a write there copies nothing.
+        m.procs.get_mut(&CHILD).unwrap().inherited.shared = vec![(0x300000, 0x310000)];
+        fault(&mut m, CHILD, 0x300000, PRESENT_WRITE, 4);
+        assert!(m.cow_stacks.is_empty());
+        // After an exec its memory is its own: a write to a present page is no copy.
+        m.apply(&ev(CHILD, VmKind::Exec, 0, 0, 0, 0));
+        fault(&mut m, CHILD, 0x400000, PRESENT_WRITE, 5);
+        assert!(m.cow_stacks.is_empty());
+        assert_eq!(m.cow.pages, 0);
+    }
+
+    #[test]
+    fn shared_mappings_from_proc_maps() {
+        let maps = "\
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n\
+7f0000240000-7f0000340000 rw-s 00000000 00:01 5 /dev/zero (deleted)\n\
+7f0000340000-7f0000440000 r--s 00000000 08:01 7 /dev/shm/sem.mp-1\n";
+        assert_eq!(
+            shared_mappings(maps),
+            vec![
+                (0x7f0000240000, 0x7f0000340000),
+                (0x7f0000340000, 0x7f0000440000)
+            ]
+        );
+    }
+}
