@@ -558,7 +558,7 @@ fn copy_on_write_is_per_child_and_line_and_never_a_suspect() {
     const GC: u64 = 20;
     const OTHER: u64 = 21;
     let (mut snap, mut model, mut facts, timeline) = recording();
-    model.fork(PID, CHILD);
+    model.fork(PID, CHILD, 0);
     let child = |addr: u64, code: u64, stack_id: u64| VmEvent {
         tgid: CHILD,
         tid: CHILD,

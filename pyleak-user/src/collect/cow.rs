@@ -9,6 +9,9 @@ use std::collections::BTreeSet;
 
 use super::vm::{PF_PRESENT, PF_WRITE};
 
+/// `clone(2)`'s flag for a child sharing its parent's memory (`include/uapi/linux/sched.h`).
+const CLONE_VM: u64 = 0x100;
+
 /// Copy-on-write breaks counted so far, all processes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CowTotals {
@@ -43,10 +46,14 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    /// A child just forked. The shared mappings it has now (`/proc/CHILD/maps`, read
-    /// here: the child's right after its fork unless it has mapped more since) are noted
-    /// so that a write there is not taken for a copy.
-    pub fn at_fork(child: u32) -> Inherited {
+    /// A child just made with `clone_flags`. A child that shares its parent's memory
+    /// (`CLONE_VM`: vfork, `posix_spawn`) copies nothing. Else the shared mappings it has
+    /// now (`/proc/CHILD/maps`, read here: the child's right after its fork unless it has
+    /// mapped more since) are noted so that a write there is not taken for a copy.
+    pub fn at_fork(child: u32, clone_flags: u64) -> Inherited {
+        if clone_flags & CLONE_VM != 0 {
+            return Inherited::default();
+        }
         Inherited {
             forked: true,
             shared: std::fs::read_to_string(format!("/proc/{child}/maps"))
@@ -152,7 +159,7 @@ mod tests {
         for i in 0..64 {
             fault(&mut m, PARENT, 0x100000 + i * PAGE, PF_WRITE, 1);
         }
-        m.fork(PARENT, CHILD);
+        m.fork(PARENT, CHILD, 0);
         // The child's collection writes 40 of them, one twice (a later fault on its
         // copy), and one page of memory the parent had before tracing.
         for i in 0..40 {
@@ -180,7 +187,7 @@ mod tests {
     #[test]
     fn what_the_child_maps_itself_and_shared_memory_are_not_copies() {
         let mut m = VmModel::default();
-        m.fork(PARENT, CHILD);
+        m.fork(PARENT, CHILD, 0);
         // Its own mapping, read (the zero page) and then written: a new page of its own.
         m.apply(&ev(CHILD, VmKind::Mmap, 0x200000, 4 * PAGE, 0x20, 3));
         fault(&mut m, CHILD, 0x200000, 0, 3);
@@ -195,6 +202,15 @@ mod tests {
         fault(&mut m, CHILD, 0x400000, PRESENT_WRITE, 5);
         assert!(m.cow_stacks.is_empty());
         assert_eq!(m.cow.pages, 0);
+    }
+
+    #[test]
+    fn a_child_sharing_its_parents_memory_copies_nothing() {
+        let mut m = VmModel::default();
+        m.fork(PARENT, CHILD, CLONE_VM | 0x4000);
+        fault(&mut m, CHILD, 0x100000, PRESENT_WRITE, 9);
+        assert!(m.cow_stacks.is_empty());
+        assert_eq!(pages_at(&m, CHILD, 9), 1);
     }
 
     #[test]

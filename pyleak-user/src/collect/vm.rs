@@ -298,8 +298,9 @@ impl VmModel {
 
     /// `child` was forked by `parent`: its program break (and the arenas it inherited) are
     /// its parent's until it changes them, and its memory is its parent's, shared
-    /// copy-on-write (`collect::cow`).
-    pub fn fork(&mut self, parent: u32, child: u32) {
+    /// copy-on-write (`collect::cow`), unless `clone_flags` (`clone(2)`'s) share it
+    /// (`CLONE_VM`: a vfork, `posix_spawn`).
+    pub fn fork(&mut self, parent: u32, child: u32, clone_flags: u64) {
         let (brk, arenas) = self
             .procs
             .get(&parent)
@@ -308,7 +309,7 @@ impl VmModel {
         let c = self.procs.entry(child).or_default();
         c.brk = brk;
         c.earlier_arenas = arenas;
-        c.inherited = super::cow::Inherited::at_fork(child);
+        c.inherited = super::cow::Inherited::at_fork(child, clone_flags);
     }
 
     /// Notes the arena-shaped mappings `pid` has now (anonymous, private, writable,
