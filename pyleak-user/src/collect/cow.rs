@@ -12,15 +12,6 @@ use super::vm::{PF_PRESENT, PF_WRITE};
 /// `clone(2)`'s flag for a child sharing its parent's memory (`include/uapi/linux/sched.h`).
 const CLONE_VM: u64 = 0x100;
 
-/// Copy-on-write breaks counted so far, all processes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CowTotals {
-    /// Pages made private (4 KiB each).
-    pub pages: u64,
-    /// Of those, pages unmapped since (or dropped by `madvise`).
-    pub released: u64,
-}
-
 /// What a fault is to copy-on-write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CowFault {
@@ -64,14 +55,14 @@ impl Inherited {
     }
 
     /// A fault at `addr` (a page address) with x86 error code `code`; `own`: the page was
-    /// faulted in by this process, or lies in a mapping it made. A new copy is counted in
-    /// `totals` (the caller counts it per stack).
+    /// faulted in by this process, or lies in a mapping it made. A copy is remembered
+    /// (the caller counts it per stack).
     ///
     /// A copy-on-write break is, in a forked child, a write to a present page
     /// (`PF_PRESENT | PF_WRITE`) that is not its own, outside any shared mapping: the
     /// kernel write-protects every private page at fork (`mm/memory.c`,
     /// `copy_present_pte`) and gives the writer its own copy (`wp_page_copy`).
-    pub fn fault(&mut self, addr: u64, code: u64, own: bool, totals: &mut CowTotals) -> CowFault {
+    pub fn fault(&mut self, addr: u64, code: u64, own: bool) -> CowFault {
         if self.copied.contains(&addr) {
             return CowFault::Again;
         }
@@ -83,17 +74,15 @@ impl Inherited {
             return CowFault::No;
         }
         self.copied.insert(addr);
-        totals.pages += 1;
         CowFault::Copy
     }
 
-    /// `[start, end)` unmapped or dropped: returns how many copied pages went with it.
-    pub fn drop_range(&mut self, start: u64, end: u64) -> u64 {
+    /// `[start, end)` unmapped or dropped: the copies there are gone.
+    pub fn drop_range(&mut self, start: u64, end: u64) {
         let gone: Vec<u64> = self.copied.range(start..end).copied().collect();
         for addr in &gone {
             self.copied.remove(addr);
         }
-        gone.len() as u64
     }
 
     /// `keep` bytes at `old` moved to `new` (`mremap`): the copies go along.
@@ -168,7 +157,7 @@ mod tests {
         fault(&mut m, CHILD, 0x100000, PRESENT_WRITE, 9);
         fault(&mut m, CHILD, 0x900000, PRESENT_WRITE, 9);
         assert_eq!(m.cow_stacks[&(CHILD, 9)], 41);
-        assert_eq!(m.cow.pages, 41);
+        assert_eq!(m.cow_stacks.values().sum::<u64>(), 41);
         assert_eq!(pages_at(&m, CHILD, 9), 0, "copies are not new pages");
         assert!(m.procs[&CHILD].pages.is_empty());
         // A read, and a write to a page absent in the child, are its own new pages.
@@ -180,7 +169,6 @@ mod tests {
         assert!(!m.cow_stacks.contains_key(&(PARENT, 1)));
         // Unmapping copies releases them.
         m.apply(&ev(CHILD, VmKind::Munmap, 0x100000, 10 * PAGE, 0, 9));
-        assert_eq!(m.cow.released, 10);
         assert_eq!(m.procs[&CHILD].inherited.copied.len(), 31);
     }
 
@@ -201,7 +189,6 @@ mod tests {
         m.apply(&ev(CHILD, VmKind::Exec, 0, 0, 0, 0));
         fault(&mut m, CHILD, 0x400000, PRESENT_WRITE, 5);
         assert!(m.cow_stacks.is_empty());
-        assert_eq!(m.cow.pages, 0);
     }
 
     #[test]

@@ -6,11 +6,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use hdrhistogram::Histogram;
-
-use super::cow::CowFault;
 use pyleak_common::{
     Layer, StackAgg, VmEvent, VmKind, FLAG_FOR_LIBC, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW,
 };
+
+use super::cow::CowFault;
 
 /// Page size.
 pub const PAGE: u64 = 4096;
@@ -246,8 +246,6 @@ pub struct VmModel {
     pub page_lifetimes: Histogram<u64>,
     /// Faults whose neighbourhood the next bulk pass (`collect::bulk`) looks at.
     pub bulk_pending: Vec<BulkFault>,
-    /// Copy-on-write breaks in forked children, all processes.
-    pub cow: super::cow::CowTotals,
     /// Pages made private by copy-on-write faults per (pid, stack of the faulting thread).
     /// Not in the pages layer: they are a one-off copy of the parent's memory.
     pub cow_stacks: HashMap<(u32, u64), u64>,
@@ -280,7 +278,6 @@ impl Default for VmModel {
             vm_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
             page_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
             bulk_pending: Vec::new(),
-            cow: super::cow::CowTotals::default(),
             cow_stacks: HashMap::new(),
             now_ns: 0,
         }
@@ -399,7 +396,7 @@ impl VmModel {
             }
             VmKind::Fault => {
                 let own = proc.pages.contains_key(&ev.addr) || proc.region_at(ev.addr).is_some();
-                match proc.inherited.fault(ev.addr, ev.arg, own, &mut self.cow) {
+                match proc.inherited.fault(ev.addr, ev.arg, own) {
                     CowFault::Copy => {
                         *self.cow_stacks.entry((ev.tgid, ev.stack_id)).or_default() += 1;
                         return;
@@ -545,7 +542,7 @@ impl VmModel {
         self.bulk_pending
             .retain(|f| f.pid != pid || f.addr < start || f.addr >= end);
         let proc = self.procs.entry(pid).or_default();
-        self.cow.released += proc.inherited.drop_range(start, end);
+        proc.inherited.drop_range(start, end);
         let gone: Vec<(u64, Page)> = proc
             .pages
             .range(start..end)
