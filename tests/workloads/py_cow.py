@@ -13,7 +13,8 @@ Usage: py_cow.py OUT [--wait FILE] [--leak]
 Prints "done" once the children have exited.
 
 Each child waits a second first: pyleak attaches a new process's probes tens of
-milliseconds after its fork, and the child's leak must come after that.
+milliseconds after its fork, and the child's leak must come after that. It lives 1.5 s
+after the collection, so that pages counted as its own would be old enough to be suspects.
 """
 import ctypes
 import gc
@@ -59,7 +60,7 @@ def child(out, how, leak):
     line = {"child": os.getpid(), "how": how, "private_dirty_growth": after - before}
     with open(out, "a") as f:
         f.write(json.dumps(line) + "\n")
-    time.sleep(0.5)
+    time.sleep(1.5)
 
 
 def main():
