@@ -3,12 +3,14 @@
 which writes the GC header of every inherited list (a copy-on-write fault on every page
 they lie on: the child's private resident memory grows by those pages).
 
-Usage: py_cow.py OUT [--wait FILE] [--leak]
+Usage: py_cow.py OUT [--wait FILE [--heap-first]] [--leak]
   OUT: where the truth is appended, one JSON line per process:
     a child: {"child": PID, "how": "fork"|"multiprocessing", "private_dirty_growth": BYTES}
       (its /proc/self/smaps_rollup Private_Dirty after the COW LINE minus before it);
     the parent, last: {"parent": PID, "leaked": BYTES} (libc blocks it keeps at PARENT LEAK).
   --wait FILE: wait for FILE to exist before building the heap (to attach first);
+  --heap-first: build the heap before waiting (pyleak attaches to a process whose heap
+    it never saw made);
   --leak: each child also keeps 2 MiB of libc blocks at CHILD LEAK.
 Prints "done" once the children have exited.
 
@@ -66,13 +68,16 @@ def child(out, how, leak):
 def main():
     out = sys.argv[1]
     opts = sys.argv[2:]
+    leak = "--leak" in opts
+    global HEAP
+    if "--heap-first" in opts:
+        HEAP = [[i] for i in range(200000)]
     if "--wait" in opts:
         wait = opts[opts.index("--wait") + 1]
         while not os.path.exists(wait):
             time.sleep(0.01)
-    leak = "--leak" in opts
-    global HEAP
-    HEAP = [[i] for i in range(200000)]  # HEAP LINE
+    if HEAP is None:
+        HEAP = [[i] for i in range(200000)]
     gc.collect()
     pid = os.fork()
     if pid == 0:
