@@ -8,7 +8,8 @@
 //! copy-on-write was told apart, each child's copies were ~14 MiB of its pages there),
 //! its `copy_on_write` bytes at that line within 10% of its own measure (its
 //! `/proc/self/smaps_rollup` Private_Dirty after the line minus before), and its libc
-//! leak exact; the parent: its leak exact, no copies. Launch mode on pyenv 3.12 and Debian's 3.11; `--pid` on 3.12,
+//! leak exact; the parent: its leak exact, no copies, and no new pages at its own
+//! collection after the forks (which writes the pages they write-protected). Launch mode on pyenv 3.12 and Debian's 3.11; `--pid` on 3.12,
 //! attached after the heap was built (the children's copies are of memory pyleak never
 //! saw made).
 //! Layers libc, vm and pages (the leaks are malloc's, the copies are faults).
@@ -142,6 +143,12 @@ fn check(what: &str, report: &Value, out: &Path) {
             "{what}: its leak at {child_leak}"
         );
     }
+    // The parent's collection after its forks writes pages it had (with `--pid`, from
+    // before pyleak attached): no new pages.
+    let parent_gc = frame("main", "# PARENT GC");
+    let pages = pages_at(report, parent, &parent_gc);
+    eprintln!("{what}: the parent's collection: {pages} B of new pages");
+    assert!(pages < 1 << 20, "{what}: {pages} B of pages at {parent_gc}");
     let parent_leak = frame("main", "# PARENT LEAK");
     assert_eq!(
         libc_at(report, parent, &parent_leak),

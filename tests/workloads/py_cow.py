@@ -12,7 +12,8 @@ Usage: py_cow.py OUT [--wait FILE [--heap-first]] [--leak]
   --heap-first: build the heap before waiting (pyleak attaches to a process whose heap
     it never saw made);
   --leak: each child also keeps 2 MiB of libc blocks at CHILD LEAK.
-Prints "done" once the children have exited.
+Once the children have exited, the parent collects too (its writes fault on every page
+the forks write-protected, copying nothing), keeps its blocks and prints "done".
 
 Each child waits a second first: pyleak attaches a new process's probes tens of
 milliseconds after its fork, and the child's leak must come after that. It lives 1.5 s
@@ -89,6 +90,7 @@ def main():
     )
     p.start()
     p.join()
+    gc.collect()  # PARENT GC
     for _ in range(3):
         KEEP.append(LIBC.malloc(BLOCK))  # PARENT LEAK
     with open(out, "a") as f:

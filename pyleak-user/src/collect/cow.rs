@@ -19,13 +19,19 @@ pub enum CowFault {
     Copy,
     /// A fault on a page copied before (no new page either).
     Again,
+    /// In a process that forked, a write to a page it had before pyleak saw its memory
+    /// (the fork write-protected it): no new page, and no copy of another's.
+    Had,
     /// Nothing to do with copy-on-write: the pages layer's.
     No,
 }
 
-/// What a process shares with the parent that forked it.
+/// What a process shares with the parent that forked it, or with its children.
 #[derive(Debug, Default)]
 pub struct Inherited {
+    /// It forked a child (since its last exec): its private pages were write-protected,
+    /// and its next write to each faults though the page is present.
+    pub has_forked: bool,
     /// A forked child that has not exec'd: every page present in it that it did not fault
     /// in itself is its parent's, shared until one of them writes it.
     pub forked: bool,
@@ -50,7 +56,7 @@ impl Inherited {
             shared: std::fs::read_to_string(format!("/proc/{child}/maps"))
                 .map(|maps| shared_mappings(&maps))
                 .unwrap_or_default(),
-            copied: BTreeSet::new(),
+            ..Inherited::default()
         }
     }
 
@@ -61,20 +67,32 @@ impl Inherited {
     /// A copy-on-write break is, in a forked child, a write to a present page
     /// (`PF_PRESENT | PF_WRITE`) that is not its own, outside any shared mapping: the
     /// kernel write-protects every private page at fork (`mm/memory.c`,
-    /// `copy_present_pte`) and gives the writer its own copy (`wp_page_copy`).
+    /// `copy_present_pte`) and gives the writer its own copy (`wp_page_copy`). In the
+    /// parent, the same fault on a page it had before pyleak attached is no new page
+    /// either (`Had`; a never-written page it had only read, the shared zero page, would
+    /// be one, and is missed).
     pub fn fault(&mut self, addr: u64, code: u64, own: bool) -> CowFault {
         if self.copied.contains(&addr) {
             return CowFault::Again;
         }
-        let cow = self.forked
-            && code & (PF_PRESENT | PF_WRITE) == PF_PRESENT | PF_WRITE
-            && !own
-            && !self.shared.iter().any(|&(s, e)| (s..e).contains(&addr));
-        if !cow {
+        let present_write = code & (PF_PRESENT | PF_WRITE) == PF_PRESENT | PF_WRITE;
+        if !present_write || own {
             return CowFault::No;
         }
-        self.copied.insert(addr);
-        CowFault::Copy
+        if self.forked && !self.shared.iter().any(|&(s, e)| (s..e).contains(&addr)) {
+            self.copied.insert(addr);
+            return CowFault::Copy;
+        }
+        if self.has_forked {
+            return CowFault::Had;
+        }
+        CowFault::No
+    }
+
+    /// Its program was replaced (exec): its memory is new, shared with no one.
+    pub fn exec(&mut self) {
+        self.forked = false;
+        self.has_forked = false;
     }
 
     /// `[start, end)` unmapped or dropped: the copies there are gone.
@@ -189,6 +207,23 @@ mod tests {
         m.apply(&ev(CHILD, VmKind::Exec, 0, 0, 0, 0));
         fault(&mut m, CHILD, 0x400000, PRESENT_WRITE, 5);
         assert!(m.cow_stacks.is_empty());
+    }
+
+    #[test]
+    fn a_parents_writes_after_its_fork_to_pages_it_had_are_no_new_pages() {
+        let mut m = VmModel::default();
+        m.fork(PARENT, CHILD, 0);
+        // Memory it had before pyleak attached, written after the fork.
+        fault(&mut m, PARENT, 0x900000, PRESENT_WRITE, 1);
+        assert_eq!(pages_at(&m, PARENT, 1), 0);
+        assert!(m.cow_stacks.is_empty());
+        // A page it never had is new.
+        fault(&mut m, PARENT, 0x901000, PF_WRITE, 1);
+        assert_eq!(pages_at(&m, PARENT, 1), 1);
+        // After an exec its memory is new: a process that never forked counts it.
+        m.apply(&ev(PARENT, VmKind::Exec, 0, 0, 0, 0));
+        fault(&mut m, PARENT, 0x902000, PRESENT_WRITE, 1);
+        assert_eq!(pages_at(&m, PARENT, 1), 2);
     }
 
     #[test]

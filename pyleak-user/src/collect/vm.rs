@@ -307,6 +307,9 @@ impl VmModel {
         c.brk = brk;
         c.earlier_arenas = arenas;
         c.inherited = super::cow::Inherited::at_fork(child, clone_flags);
+        if c.inherited.forked {
+            self.procs.entry(parent).or_default().inherited.has_forked = true;
+        }
     }
 
     /// Notes the arena-shaped mappings `pid` has now (anonymous, private, writable,
@@ -401,7 +404,7 @@ impl VmModel {
                         *self.cow_stacks.entry((ev.tgid, ev.stack_id)).or_default() += 1;
                         return;
                     }
-                    CowFault::Again => return,
+                    CowFault::Again | CowFault::Had => return,
                     CowFault::No => {}
                 }
                 // A read of a never-written page of anonymous memory maps the shared zero
@@ -466,7 +469,7 @@ impl VmModel {
                 // were released, not leaked; the new program's break is learnt afresh, and
                 // its memory is its own.
                 proc.brk = None;
-                proc.inherited.forked = false;
+                proc.inherited.exec();
                 self.unmap(ev.tgid, 0, USER_END, false);
             }
             VmKind::NewStack | VmKind::Fork => {}
