@@ -14,7 +14,10 @@ use std::{
 
 use serde_json::Value;
 
+pub use leftovers::{assert_no_pyleak_programs, pyleak_leftovers};
+
 pub mod group;
+pub mod leftovers;
 pub mod one_line;
 
 /// The workspace root.
@@ -341,7 +344,7 @@ pub fn required_pythons(labels: &[&str]) -> Vec<(String, PathBuf)> {
 
 /// `bpftool -j OBJECT show` (`prog`, `link`) as a JSON list (it prints `[]` for none);
 /// panics on anything else, so no check passes on output it could not read.
-fn bpftool_list(object: &str) -> Vec<Value> {
+pub(crate) fn bpftool_list(object: &str) -> Vec<Value> {
     let out = Command::new("bpftool")
         .args(["-j", object, "show"])
         .output()
@@ -384,8 +387,8 @@ pub const PYLEAK_PROGRAMS: [&str; 20] = [
     "task_newtask",
 ];
 
-/// BPF links in the kernel (through bpftool): (link type, program id).
-pub fn bpf_links() -> Vec<(String, u64)> {
+/// BPF links in the kernel (through bpftool): (link id, link type, program id).
+pub fn bpf_links() -> Vec<(u64, String, u64)> {
     bpftool_list("link")
         .iter()
         .map(|l| {
@@ -393,7 +396,11 @@ pub fn bpf_links() -> Vec<(String, u64)> {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            (ty, l["prog_id"].as_u64().unwrap_or(0))
+            (
+                l["id"].as_u64().unwrap_or(0),
+                ty,
+                l["prog_id"].as_u64().unwrap_or(0),
+            )
         })
         .collect()
 }
@@ -412,35 +419,12 @@ pub fn pyleak_program_ids() -> Vec<u64> {
 }
 
 /// The links that run one of pyleak's programs.
-pub fn pyleak_links() -> Vec<(String, u64)> {
+pub fn pyleak_links() -> Vec<(u64, String, u64)> {
     let ids = pyleak_program_ids();
     bpf_links()
         .into_iter()
-        .filter(|(_, prog)| ids.contains(prog))
+        .filter(|(_, _, prog)| ids.contains(prog))
         .collect()
-}
-
-/// Waits (up to 5 s) until none of pyleak's programs, links or tracefs uprobes is left in
-/// the kernel; panics with what is left.
-pub fn assert_no_pyleak_programs() {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left: Vec<String> = loaded_programs()
-            .into_iter()
-            .filter(|n| PYLEAK_PROGRAMS.contains(&n.as_str()))
-            .collect();
-        let links = pyleak_links();
-        let events =
-            std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
-        if left.is_empty() && links.is_empty() && events.trim().is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left in the kernel: programs {left:?}, links {links:?}, uprobe_events {events:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Attach mode, end to end: starts `target` (which waits for the file `go` before doing

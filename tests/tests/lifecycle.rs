@@ -1,6 +1,7 @@
 //! Every way a recording ends leaves nothing of pyleak in the kernel (programs, multi-uprobe
 //! links, tracefs uprobes): Ctrl-C, SIGTERM, the target exiting, an error while writing the
 //! report, and pyleak itself killed with SIGKILL; a target that did not end keeps running.
+//! The leftover check tolerates another live recording and catches what none holds.
 
 use std::process::{Command, Stdio};
 
@@ -26,14 +27,16 @@ fn ends_clean_on(sig: libc::c_int) {
         "--json",
         json.to_str().unwrap(),
     ]);
+    let held = leftovers::held_by(pyleak.id());
     assert!(
-        !loaded_programs().is_empty(),
+        !held.programs.is_empty(),
         "programs should be loaded while tracing"
     );
     assert!(
         pyleak_links()
             .iter()
-            .any(|(ty, _)| ty.contains("uprobe_multi") || ty == "12"),
+            .any(|(id, ty, _)| held.links.contains(id)
+                && (ty.contains("uprobe_multi") || ty == "12")),
         "uprobes should be multi-uprobe links: {:?}",
         bpf_links()
     );
@@ -170,7 +173,10 @@ fn sigkill_of_pyleak_leaves_nothing_and_the_target_runs_on() {
         "-p",
         &target.id().to_string(),
     ]);
-    assert!(!pyleak_links().is_empty(), "links placed while tracing");
+    assert!(
+        !leftovers::held_by(pyleak.id()).links.is_empty(),
+        "links placed while tracing"
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
     signal(pyleak.id(), libc::SIGKILL);
     let out = pyleak.wait_with_output().unwrap();
@@ -183,4 +189,87 @@ fn sigkill_of_pyleak_leaves_nothing_and_the_target_runs_on() {
     let done = target.wait_with_output().unwrap();
     assert!(done.status.success(), "target: {done:?}");
     assert_eq!(String::from_utf8_lossy(&done.stdout), "done 20000\n");
+}
+
+/// Another recording (a pyleak outside this test's process tree, as a soak or another
+/// person's test is) is not a leftover while it lives; a program of it that outlives it (a
+/// pin in bpffs holds it after its SIGKILL) is.
+#[test]
+fn leftover_check_tolerates_another_recording_not_what_it_left() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("another");
+    let mut target = sleeper();
+    let log = dir.join("stderr");
+    // The shell starts pyleak in the background and exits: pyleak is no descendant of ours.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#""$0" record -q -p "$1" -d 60 -o /dev/null >/dev/null 2>"$2" & echo $!"#)
+        .arg(pyleak_bin())
+        .arg(target.id().to_string())
+        .arg(&log)
+        .output()
+        .expect("starting pyleak through sh");
+    let pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("sh printed pyleak's pid");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("pyleak: tracing")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pyleak did not start tracing within 30 s: {:?}",
+            std::fs::read_to_string(&log)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let held = leftovers::held_by(pid);
+    let (&prog, &link) = (
+        held.programs.iter().next().expect("its programs"),
+        held.links.iter().next().expect("its links"),
+    );
+    assert!(pyleak_program_ids().contains(&prog));
+    assert_no_pyleak_programs();
+
+    // Pin one of its programs and one of its links in a bpffs of our own, then kill it.
+    let fs = dir.join("bpffs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&fs)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a bpffs at {}", fs.display());
+    let pin = |what: &str, id: u64| {
+        let ok = Command::new("bpftool")
+            .args([what, "pin", "id", &id.to_string()])
+            .arg(fs.join(what))
+            .status()
+            .unwrap();
+        assert!(ok.success(), "bpftool {what} pin id {id}");
+    };
+    pin("prog", prog);
+    pin("link", link);
+    signal(pid, libc::SIGKILL);
+    while leftovers::held_by(pid).programs.contains(&prog) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let left = pyleak_leftovers();
+    let unmount = || {
+        let _ = Command::new("umount").arg(&fs).status();
+    };
+    if !(left.programs.iter().any(|(id, _)| *id == prog)
+        && left.links.iter().any(|(id, _, _)| *id == link))
+    {
+        unmount();
+        panic!("the pinned program {prog} and link {link} are leftovers: {left:?}");
+    }
+    unmount();
+    let _ = target.kill();
+    let _ = target.wait();
+    assert_no_pyleak_programs();
 }
