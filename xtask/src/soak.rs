@@ -34,6 +34,14 @@ const FLAT_FROM_S: f64 = 270.0;
 /// of unbounded per-worker state cost before the fixes (~15 MiB a minute).
 const FLAT_SLACK: u64 = 4 << 20;
 
+/// What some workers leave less than others besides their leak, (bytes, blocks): two
+/// 32-byte locks that `threading` makes again after a fork for each `Condition` alive then
+/// (`Condition._at_fork_reinit`, threading.py:268 in 3.11), absent in ~3% of workers (4
+/// of 127 in a 1-minute run with none retired: every worker kept whole left 4480 B in 13
+/// blocks besides its leak, or 4416 B in 11). A run's kept workers may all be of the
+/// common kind.
+const AFTER_FORK_VARIANT: (u64, u64) = (64, 2);
+
 /// `cargo xtask soak`'s arguments.
 #[derive(clap::Args)]
 pub struct SoakArgs {
@@ -386,25 +394,29 @@ fn check_workers(report: &Value, truth: &Truth, script: &Path, failures: &mut Ve
         retired["live_count"]["libc"].as_u64().unwrap_or(0),
     );
     // Each retired worker left its truth and what a kept one leaves besides (the pool's
-    // bootstrap: a few blocks of `multiprocessing`, the same in every worker but for a
-    // few bytes), so the sum is bounded by the least and the most of those.
+    // bootstrap: 4480 B in 13 blocks of `multiprocessing` and `threading`, or
+    // [`AFTER_FORK_VARIANT`] less), so the sum is bounded by the least and the most.
     let n = retired_n;
+    let least = (
+        other_min
+            .0
+            .min(other_max.0)
+            .saturating_sub(AFTER_FORK_VARIANT.0),
+        other_min
+            .1
+            .min(other_max.1)
+            .saturating_sub(AFTER_FORK_VARIANT.1),
+    );
     let (lo, hi) = (
-        (
-            retired_bytes + n * other_min.0.min(other_max.0),
-            retired_kept + n * other_min.1.min(other_max.1),
-        ),
+        (retired_bytes + n * least.0, retired_kept + n * least.1),
         (
             retired_bytes + n * other_max.0,
             retired_kept + n * other_max.1,
         ),
     );
     eprintln!(
-        "xtask: soak: retired libc {bytes} B in {blocks} blocks; their truths {retired_bytes} B in {retired_kept}; a kept worker's other libc {}-{} B in {}-{} blocks",
-        other_min.0.min(other_max.0),
-        other_max.0,
-        other_min.1.min(other_max.1),
-        other_max.1
+        "xtask: soak: retired libc {bytes} B in {blocks} blocks; their truths {retired_bytes} B in {retired_kept}; a worker's other libc {}-{} B in {}-{} blocks",
+        least.0, other_max.0, least.1, other_max.1
     );
     if !(lo.0..=hi.0).contains(&bytes) || !(lo.1..=hi.1).contains(&blocks) {
         failures.push(format!(
