@@ -176,11 +176,11 @@ fn without_the_pymalloc_layer_arenas_are_vm_suspects_at_their_line() {
     );
 }
 
-/// Two threads keep small objects from two functions: both named, each within 20% of
-/// exact mode's figure (pyenv 3.12), bytes and count. The issue asks 15%: measured -15%
-/// (leak_a's count) to +7% over ten runs, leak_a always the lower (the two threads'
-/// objects share pymalloc's pools, so a new page is faulted in by whichever thread writes
-/// it first, and each line's share of the windows is read from those faults).
+/// Two threads keep small objects from two functions: both named, each within 15% of
+/// exact mode's figure (pyenv 3.12), bytes and count. Each iteration keeps an int made at
+/// the `for` line whose block a temporary on the next line freed, so the `for` line faults
+/// in few pages of its own: its chance is its function's (it was its line's, and the
+/// int's count came out anywhere from -47% to +0% of the truth).
 #[test]
 fn two_threads_leaking_from_two_functions_are_each_estimated() {
     if !root_or_skip() {
@@ -203,7 +203,7 @@ fn two_threads_leaking_from_two_functions_are_each_estimated() {
         let (want, want_count) = (want - table, want_count - tables);
         eprintln!("{func}: sampled {got} B in {got_count}, exact {want} B in {want_count}");
         assert!(
-            within(got, want, 0.20) && within(got_count, want_count, 0.20),
+            within(got, want, 0.15) && within(got_count, want_count, 0.15),
             "{func}: sampled {got} B in {got_count}, exact {want} B in {want_count}"
         );
     }

@@ -308,21 +308,22 @@ pub struct SampleBook {
     pub duty: HashMap<u32, f64>,
     /// Whether windows stopped because [`MAX_SAMPLES`] samples were kept.
     pub full: bool,
-    /// The leaf Python frame of each interned stack seen (see [`Recorder::line_of`]).
-    lines: HashMap<u64, Option<(u64, u32)>>,
+    /// The leaf Python function of each interned stack seen (see
+    /// [`Recorder::function_of`]).
+    functions: HashMap<u64, Option<u64>>,
 }
 
-/// A process and the leaf Python frame (code object, instruction) of a stack, if any.
-type LineKey = (u32, Option<(u64, u32)>);
+/// A process and the leaf Python function (its code object's address) of a stack, if any.
+type FunctionKey = (u32, Option<u64>);
 
-/// Pages a Python line must have faulted in inside windows for its own share to weigh its
-/// samples (fewer: its process's share).
-pub const MIN_LINE_PAGES: u64 = 20;
+/// Pages a Python function must have faulted in inside windows for its own share to weigh
+/// its samples (fewer: its process's share).
+pub const MIN_FUNCTION_PAGES: u64 = 20;
 
 impl SampleBook {
-    /// Samples known, heap readers, leaf lines cached (for the footprint line).
+    /// Samples known, heap readers, leaf functions cached (for the footprint line).
     pub fn sizes(&self) -> (usize, usize, usize) {
-        (self.known.len(), self.heaps.len(), self.lines.len())
+        (self.known.len(), self.heaps.len(), self.functions.len())
     }
 
     /// Drops what is known of `pid`'s samples (a retired process).
@@ -490,11 +491,14 @@ impl Recorder {
     }
 
     /// Live bytes per (pid, stack) from the book's samples, each weighted by one over its
-    /// chance of being sampled: the share of the heap growth made at its Python line (the
-    /// arena pages faulted in by threads running that line: an object's first write
-    /// follows its allocation on the same line) that windows saw. Threads and lines slowed
-    /// unequally by the traps get their own share; a line with fewer than
-    /// [`MIN_LINE_PAGES`] pages faulted inside windows takes its process's share.
+    /// chance of being sampled: the share of the heap growth made in its leaf Python
+    /// function (the arena pages faulted in by threads running it: an object's first write
+    /// follows its allocation) that windows saw. Threads and code paths slowed unequally
+    /// by the traps get their own share. A function, not a line: the line that carves new
+    /// pages is often not the one whose objects stay (in `for i in r: keep(i); t = i % 7`
+    /// the temporary takes the fresh block and the kept `i` the one it freed), while the
+    /// lines of one loop are slowed alike. A function with fewer than
+    /// [`MIN_FUNCTION_PAGES`] pages faulted inside windows takes its process's share.
     fn estimate(&mut self, book: &mut SampleBook) {
         let windows = self.windows.as_ref().map_or(0, |w| w.count);
         book.duty.clear();
@@ -503,8 +507,8 @@ impl Recorder {
                 book.duty.insert(pid, inside as f64 / all as f64);
             }
         }
-        // Pages faulted in per (pid, Python line), since each process's first window.
-        let mut pages: HashMap<LineKey, [u64; 2]> = HashMap::new();
+        // Pages faulted in per (pid, Python function), since each process's first window.
+        let mut pages: HashMap<FunctionKey, [u64; 2]> = HashMap::new();
         let per_stack: Vec<(u32, u64, [u64; 2])> = self
             .model
             .procs
@@ -516,32 +520,32 @@ impl Recorder {
             })
             .collect();
         for (pid, stack, n) in per_stack {
-            let line = self.line_of(book, stack);
-            let e = pages.entry((pid, line)).or_default();
+            let function = self.function_of(book, stack);
+            let e = pages.entry((pid, function)).or_default();
             e[0] += n[0];
             e[1] += n[1];
         }
         book.estimates.clear();
-        let mut groups: HashMap<LineKey, Vec<LiveSample<u64>>> = HashMap::new();
+        let mut groups: HashMap<FunctionKey, Vec<LiveSample<u64>>> = HashMap::new();
         let known: Vec<(u32, u64, u64, u64)> = book
             .known
             .iter()
             .map(|(&(pid, _), k)| (pid, k.stack_id, k.size, k.window))
             .collect();
         for (pid, stack, size, window) in known {
-            let line = self.line_of(book, stack);
-            groups.entry((pid, line)).or_default().push(LiveSample {
+            let function = self.function_of(book, stack);
+            groups.entry((pid, function)).or_default().push(LiveSample {
                 stack,
                 size,
                 window,
             });
         }
-        for ((pid, line), live) in groups {
+        for ((pid, function), live) in groups {
             let Some(&process_duty) = book.duty.get(&pid) else {
                 continue;
             };
-            let duty = match pages.get(&(pid, line)) {
-                Some(&[all, inside]) if line.is_some() && inside >= MIN_LINE_PAGES => {
+            let duty = match pages.get(&(pid, function)) {
+                Some(&[all, inside]) if function.is_some() && inside >= MIN_FUNCTION_PAGES => {
                     inside as f64 / all as f64
                 }
                 _ => process_duty,
@@ -556,11 +560,11 @@ impl Recorder {
         }
     }
 
-    /// The leaf Python frame (code object, instruction) of interned stack `id`, cached.
-    fn line_of(&self, book: &mut SampleBook, id: u64) -> Option<(u64, u32)> {
-        *book.lines.entry(id).or_insert_with(|| {
+    /// The leaf Python function (code object address) of interned stack `id`, cached.
+    fn function_of(&self, book: &mut SampleBook, id: u64) -> Option<u64> {
+        *book.functions.entry(id).or_insert_with(|| {
             let s = self.stack(id)?;
-            (s.py_len > 0).then(|| (s.py[0].code, s.py[0].lasti))
+            (s.py_len > 0).then(|| s.py[0].code)
         })
     }
 
