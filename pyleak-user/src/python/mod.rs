@@ -302,7 +302,11 @@ impl Resolver {
             let key = (pid, f.code, f.sig);
             let gen = self.generation;
             let Some(mem) = mem.as_ref() else {
-                let info = family.and_then(|(m, l)| read_checked(m, l, f));
+                let info = self
+                    .cache
+                    .get(&key)
+                    .and_then(|e| e.info.clone())
+                    .or_else(|| family.and_then(|(m, l)| read_checked(m, l, f)));
                 resolved.push(info);
                 continue;
             };
@@ -365,12 +369,16 @@ impl Resolver {
     /// placeholder when its code object could not be read.
     pub fn frame(&self, pid: u32, stack_id: u64, i: usize, f: &PyFrame) -> String {
         let proc = self.procs.get(&pid);
-        let read_by = |p: u32| match self.stacks.get(&(p, stack_id)) {
-            Some(v) => v.get(i).cloned().flatten(),
-            None => self
-                .cache
-                .get(&(p, f.code, f.sig))
-                .and_then(|c| c.info.clone()),
+        // The stack as resolved, else the code object as read for another stack.
+        let read_by = |p: u32| {
+            self.stacks
+                .get(&(p, stack_id))
+                .and_then(|v| v.get(i).cloned().flatten())
+                .or_else(|| {
+                    self.cache
+                        .get(&(p, f.code, f.sig))
+                        .and_then(|c| c.info.clone())
+                })
         };
         let info = read_by(pid).or_else(|| {
             // Read by its parent, a sibling or a child (the same objects before a fork).
