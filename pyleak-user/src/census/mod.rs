@@ -104,6 +104,10 @@ pub fn run(args: &CensusArgs) -> anyhow::Result<i32> {
             census.copy.paused_ms,
             census.parse_ms
         );
+        let time_s = census
+            .copy
+            .read_at
+            .map_or(time_s, |at| at.duration_since(start).as_secs_f64());
         report.add(time_s, census);
     }
     let out = report.finish(args.top);

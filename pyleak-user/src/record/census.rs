@@ -50,9 +50,11 @@ impl Censuses {
         );
     }
 
-    /// Takes a census of every followed process, `t` seconds into the recording. A
-    /// process gone, or not started yet, is skipped (said once at debug level).
-    pub fn take(&mut self, t: f64) {
+    /// Takes a census of every followed process, timed from `started` (the recording's
+    /// start) to the moment each process's memory was read. A process gone, or not
+    /// started yet, is skipped (said once at debug level).
+    pub fn take(&mut self, started: std::time::Instant) {
+        let begun = started.elapsed().as_secs_f64();
         for (&pid, p) in &mut self.procs {
             if p.bias.is_none() {
                 p.bias = python::load_bias(pid, &p.rt);
@@ -68,13 +70,17 @@ impl Censuses {
                         c.copy.paused_ms,
                         c.parse_ms
                     );
+                    let t = c
+                        .copy
+                        .read_at
+                        .map_or(begun, |at| at.duration_since(started).as_secs_f64());
                     p.report.add(t, c);
                     p.failed = None;
                 }
                 Err(e) => {
                     let e = e.to_string();
                     if p.failed.as_ref() != Some(&e) {
-                        log::info!("census of {pid} at {t:.1} s: {e}");
+                        log::info!("census of {pid} at {begun:.1} s: {e}");
                     }
                     p.failed = Some(e);
                 }

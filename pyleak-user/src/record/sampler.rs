@@ -94,7 +94,7 @@ impl Sampler {
     /// Takes one sample, and writes it as a line when streaming.
     pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &mut Resolver) {
         if let Some(c) = self.censuses.as_mut() {
-            c.take(self.started.elapsed().as_secs_f64());
+            c.take(self.started);
         }
         let live = match rec.sample() {
             Ok(Some(l)) => l,

@@ -38,6 +38,11 @@ pub struct CopyStats {
     pub bytes: u64,
     /// Bytes of writable mappings that could not be read.
     pub unreadable_bytes: u64,
+    /// When the memory was read: the middle of the pause (or of the reading, when the
+    /// target was not stopped). Growth rates are measured between these instants, not
+    /// between the moments a census was begun: making the copy's buffers first takes a
+    /// varying time (tens of ms on a busy host, more for the first census).
+    pub read_at: Option<Instant>,
 }
 
 impl Image {
@@ -252,8 +257,10 @@ pub fn copy(pid: u32, pause: bool) -> std::io::Result<(Image, CopyStats)> {
         }
     }
     drop(stopped);
+    let took = started.elapsed();
+    stats.read_at = Some(started + took / 2);
     if stats.paused {
-        stats.paused_ms = started.elapsed().as_secs_f64() * 1e3;
+        stats.paused_ms = took.as_secs_f64() * 1e3;
     }
     maps?;
     if regions.is_empty() {
