@@ -85,11 +85,15 @@ pub fn py_init_enter(ctx: ProbeContext) -> u32 {
     }
     if let Some(p) = PY_PROCS.get_ptr_mut(&tgid) {
         // Userspace may have placed the runtime already (with its own runtime_vaddr and
-        // bias pair): only fill in a bias still unknown.
+        // bias pair): only fill in a bias still unknown. A bias of 0 means "unknown", so
+        // the runtime is described one page low with a page more of bias: a python that
+        // is not position-independent (Debian's, at its link-time address) has a true
+        // bias of 0 and would otherwise stay unknown until userspace read its maps.
         // SAFETY: a valid map value pointer.
         unsafe {
             if (*p).bias == 0 {
-                (*p).bias = ip.wrapping_sub(vaddr);
+                (*p).runtime_vaddr = (*p).runtime_vaddr.wrapping_sub(4096);
+                (*p).bias = ip.wrapping_sub(vaddr).wrapping_add(4096);
             }
         }
     }

@@ -264,6 +264,14 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     // The short form of `cargo xtask fuzz`: 25 s a target, ~2 min in all after the build.
     if whole {
         fuzz::summary(&fuzz::fuzz(CI_FUZZ_SECONDS)?);
+        // The short form of `cargo xtask soak`: the same script, checks and figures.
+        soak::run(
+            &bin,
+            &soak::SoakArgs {
+                minutes: soak::CI_MINUTES,
+                python: None,
+            },
+        )?;
     }
     Ok(())
 }

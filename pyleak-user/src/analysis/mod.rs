@@ -5,6 +5,7 @@
 //! suspects' order in `rank`.
 
 mod blame;
+pub mod cow;
 pub mod growing;
 pub mod growth;
 pub mod layer_bytes;
@@ -397,6 +398,7 @@ pub fn analyze(
         census: None,
         retention: retention::retention(snap, model, facts),
         peak: peak::peaks(facts),
+        copy_on_write: cow::copy_on_write(model, facts),
         linkage,
         sampled_pymalloc: snap.sampled.as_ref().map(|sp| SampledReport {
             mode: "sampled".to_owned(),

@@ -58,6 +58,11 @@ pub struct Analysis {
     /// Per layer, the growth sample at which the most was live, and who held it.
     #[serde(default)]
     pub peak: Vec<Peak>,
+    /// Copy-on-write after fork: per forked child, the pages it made its own by writing
+    /// to memory it shared with its parent, and the lines that wrote them; most first.
+    /// Not leaks, and not in the pages layer.
+    #[serde(default)]
+    pub copy_on_write: Vec<CopyOnWrite>,
     /// How the uprobes were placed: `multi-uprobe` (one link per program and file) or
     /// `perf-event` (one per probe, on kernels without multi-uprobe links).
     #[serde(default)]
@@ -291,6 +296,39 @@ pub struct RetentionStack {
     pub native_frames: usize,
     /// Resident bytes it faulted in, of this kind.
     pub resident_bytes: u64,
+}
+
+/// Pages a forked child copied from its parent by writing to them (JSON
+/// `copy_on_write`): each was resident and shared with the parent at the fork, and a write
+/// fault on it (`PF_PRESENT | PF_WRITE`) gave the child its own copy (`collect::cow`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CopyOnWrite {
+    /// The child's process id.
+    pub pid: u32,
+    /// The process that forked it.
+    pub parent: Option<u32>,
+    /// Bytes made private (whole 4 KiB pages).
+    pub bytes: u64,
+    /// Pages made private.
+    pub pages: u64,
+    /// Of `bytes`, what is still mapped at the end.
+    pub live_bytes: u64,
+    /// The stacks whose writes made the copies, most bytes first (at most 5).
+    pub stacks: Vec<CowStack>,
+}
+
+/// A stack whose writes copied pages a child shared with its parent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CowStack {
+    /// Frames, root first (as in [`StackReport`]).
+    pub frames: Vec<String>,
+    /// How many of `frames`, at the leaf end, are native.
+    #[serde(default)]
+    pub native_frames: usize,
+    /// Bytes it made private.
+    pub bytes: u64,
+    /// Pages it made private.
+    pub pages: u64,
 }
 
 /// The growth sample at which one layer held the most (JSON `peak`): taken every

@@ -547,3 +547,84 @@ fn retired_processes_are_summed_and_counted_in_the_layer_totals() {
         .unwrap()
         .contains("retired"));
 }
+
+/// A child forked by the process, whose collection writes 300 pages of the arena it
+/// inherited and whose other line writes 2: copies, per child and line, never pages of
+/// its own or suspects. A page it writes that was not present is its own.
+#[test]
+fn copy_on_write_is_per_child_and_line_and_never_a_suspect() {
+    // Above the kernel's PID_MAX_LIMIT: no /proc entry to read at its fork.
+    const CHILD: u32 = 5_000_000;
+    const GC: u64 = 20;
+    const OTHER: u64 = 21;
+    let (mut snap, mut model, mut facts, timeline) = recording();
+    model.fork(PID, CHILD, 0);
+    let child = |addr: u64, code: u64, stack_id: u64| VmEvent {
+        tgid: CHILD,
+        tid: CHILD,
+        ..vm_event(VmKind::Fault, addr, PAGE, code, stack_id, 0)
+    };
+    for i in 0..300 {
+        model.apply(&child(0x100000 + i * PAGE, 3, GC));
+    }
+    model.apply(&child(0x900000, 3, OTHER));
+    model.apply(&child(0x400000, 3, OTHER));
+    model.apply(&child(0x100000 + 400 * PAGE, 2, GC));
+    snap.stacks
+        .extend(model.stacks.iter().map(|(&k, &v)| (k, v)));
+    let followed = Followed {
+        parent: PID,
+        gap_ms: 10.0,
+        exec: false,
+        traced: true,
+    };
+    facts.processes.insert(
+        CHILD,
+        ProcessInfo {
+            pid: CHILD,
+            comm: "python3".to_owned(),
+            cgroup: None,
+            python: Some("3.12".to_owned()),
+            followed: Some(followed),
+        },
+    );
+    let gc = ["<module> (/srv/app.py:73)", "worker (/srv/app.py:90)"];
+    facts.frames.insert((CHILD, GC), py(&gc));
+    facts.frames.insert(
+        (CHILD, OTHER),
+        py(&["<module> (/srv/app.py:73)", "other (/srv/app.py:95)"]),
+    );
+    let a = analyze(
+        &snap,
+        &model,
+        &facts,
+        &timeline,
+        Options {
+            duration_s: 10.0,
+            min_age_s: 0.0,
+            interval_s: 1.0,
+            group_libs: true,
+        },
+    );
+    assert_eq!(a.copy_on_write.len(), 1, "{:?}", a.copy_on_write);
+    let c = &a.copy_on_write[0];
+    assert_eq!((c.pid, c.parent), (CHILD, Some(PID)));
+    assert_eq!(
+        (c.pages, c.bytes, c.live_bytes),
+        (302, 302 * PAGE, 302 * PAGE)
+    );
+    assert_eq!(c.stacks[0].frames, gc);
+    assert_eq!((c.stacks[0].pages, c.stacks[1].pages), (300, 2));
+    // The one page it faulted in itself is its only page.
+    let pages: u64 = a
+        .stacks
+        .iter()
+        .filter(|s| s.pid == CHILD && s.layer == "pages")
+        .map(|s| s.live_bytes)
+        .sum();
+    assert_eq!(pages, PAGE);
+    assert!(a
+        .suspects
+        .iter()
+        .all(|s| s.pid != CHILD || s.live_bytes <= PAGE));
+}

@@ -2,6 +2,7 @@
 
 mod budget;
 pub mod bulk;
+pub mod cow;
 pub mod frames;
 pub mod probes;
 mod read;
@@ -380,7 +381,7 @@ impl Recorder {
                     self.new_stacks.push((ev.tgid, ev.stack_id));
                 } else if ev.kind == VmKind::Fork as u32 {
                     // Its break is its parent's until it moves it.
-                    self.model.fork(ev.arg as u32, ev.tgid);
+                    self.model.fork(ev.arg as u32, ev.tgid, ev.arg2);
                     self.forks.push((ev.tgid, ev.arg as u32, ev.ts_ns));
                 } else {
                     if ev.kind == VmKind::Exec as u32 {

@@ -10,12 +10,14 @@ use pyleak_common::{
     Layer, StackAgg, VmEvent, VmKind, FLAG_FOR_LIBC, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW,
 };
 
+use super::cow::CowFault;
+
 /// Page size.
 pub const PAGE: u64 = 4096;
 /// x86 page fault error code: the page was present (a protection fault).
-const PF_PRESENT: u64 = 1;
+pub(super) const PF_PRESENT: u64 = 1;
 /// x86 page fault error code: a write.
-const PF_WRITE: u64 = 2;
+pub(super) const PF_WRITE: u64 = 2;
 /// `MAP_ANONYMOUS`.
 const MAP_ANONYMOUS: u64 = 0x20;
 /// End of user space on x86_64 (47-bit addresses).
@@ -180,6 +182,8 @@ pub struct ProcVm {
     pub earlier_arenas: Vec<(u64, u64)>,
     /// `arena_pages` by the stack of the faulting thread.
     pub arena_pages_by_stack: HashMap<u64, [u64; 2]>,
+    /// A forked child's memory shared with its parent, and the pages it copied.
+    pub inherited: super::cow::Inherited,
 }
 
 /// The arena-shaped mappings of a `/proc/PID/maps` text: anonymous (no path), private,
@@ -242,6 +246,9 @@ pub struct VmModel {
     pub page_lifetimes: Histogram<u64>,
     /// Faults whose neighbourhood the next bulk pass (`collect::bulk`) looks at.
     pub bulk_pending: Vec<BulkFault>,
+    /// Pages made private by copy-on-write faults per (pid, stack of the faulting thread).
+    /// Not in the pages layer: they are a one-off copy of the parent's memory.
+    pub cow_stacks: HashMap<(u32, u64), u64>,
     /// Time of the event being applied.
     now_ns: u64,
 }
@@ -271,6 +278,7 @@ impl Default for VmModel {
             vm_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
             page_lifetimes: Histogram::new(3).expect("3 significant figures is a valid precision"),
             bulk_pending: Vec::new(),
+            cow_stacks: HashMap::new(),
             now_ns: 0,
         }
     }
@@ -286,8 +294,10 @@ impl VmModel {
     }
 
     /// `child` was forked by `parent`: its program break (and the arenas it inherited) are
-    /// its parent's until it changes them.
-    pub fn fork(&mut self, parent: u32, child: u32) {
+    /// its parent's until it changes them, and its memory is its parent's, shared
+    /// copy-on-write (`collect::cow`), unless `clone_flags` (`clone(2)`'s) share it
+    /// (`CLONE_VM`: a vfork, `posix_spawn`).
+    pub fn fork(&mut self, parent: u32, child: u32, clone_flags: u64) {
         let (brk, arenas) = self
             .procs
             .get(&parent)
@@ -296,6 +306,10 @@ impl VmModel {
         let c = self.procs.entry(child).or_default();
         c.brk = brk;
         c.earlier_arenas = arenas;
+        c.inherited = super::cow::Inherited::at_fork(child, clone_flags);
+        if c.inherited.forked {
+            self.procs.entry(parent).or_default().inherited.has_forked = true;
+        }
     }
 
     /// Notes the arena-shaped mappings `pid` has now (anonymous, private, writable,
@@ -384,6 +398,15 @@ impl VmModel {
                 }
             }
             VmKind::Fault => {
+                let own = proc.pages.contains_key(&ev.addr) || proc.region_at(ev.addr).is_some();
+                match proc.inherited.fault(ev.addr, ev.arg, own) {
+                    CowFault::Copy => {
+                        *self.cow_stacks.entry((ev.tgid, ev.stack_id)).or_default() += 1;
+                        return;
+                    }
+                    CowFault::Again | CowFault::Had => return,
+                    CowFault::No => {}
+                }
                 // A read of a never-written page of anonymous memory maps the shared zero
                 // page: nothing becomes resident until the write that follows.
                 let read_of_absent = ev.arg & (PF_PRESENT | PF_WRITE) == 0;
@@ -443,8 +466,10 @@ impl VmModel {
             }
             VmKind::Exec => {
                 // The old program's address space is gone with it: its mappings and pages
-                // were released, not leaked; the new program's break is learnt afresh.
+                // were released, not leaked; the new program's break is learnt afresh, and
+                // its memory is its own.
                 proc.brk = None;
+                proc.inherited.exec();
                 self.unmap(ev.tgid, 0, USER_END, false);
             }
             VmKind::NewStack | VmKind::Fork => {}
@@ -520,6 +545,7 @@ impl VmModel {
         self.bulk_pending
             .retain(|f| f.pid != pid || f.addr < start || f.addr >= end);
         let proc = self.procs.entry(pid).or_default();
+        proc.inherited.drop_range(start, end);
         let gone: Vec<(u64, Page)> = proc
             .pages
             .range(start..end)
@@ -586,6 +612,7 @@ impl VmModel {
             proc.pages.remove(&addr);
             proc.pages.insert(addr - old + new, page);
         }
+        proc.inherited.moved(old, keep, new);
         if old_len > new_len {
             self.unmap(ev.tgid, old + keep, old_len - keep, true);
         } else {

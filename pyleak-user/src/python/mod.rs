@@ -206,11 +206,13 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Forgets `pids` (retired processes): their memory (closed), code objects and stacks.
+    /// Forgets `pids` (retired processes): their memory (closed), code objects, stacks and
+    /// fork links.
     pub fn forget(&mut self, pids: &std::collections::HashSet<u32>) {
         self.procs.retain(|p, _| !pids.contains(p));
         self.cache.retain(|(p, _, _), _| !pids.contains(p));
         self.stacks.retain(|(p, _), _| !pids.contains(p));
+        self.forks.retain(|c, _| !pids.contains(c));
     }
 
     /// Processes known, code objects cached, stacks resolved.
@@ -271,20 +273,43 @@ impl Resolver {
     /// body's (freed once run, its address reused) only if the object at its address still
     /// has its identity, checked with one small read once per batch.
     pub fn learn(&mut self, pid: u32, stack_id: u64, frames: &[PyFrame]) {
-        let Some(Proc { layout, mem, .. }) = self.procs.get_mut(&pid) else {
+        let root = self.family_root(pid);
+        for p in [pid, root] {
+            if let Some(proc) = self.procs.get_mut(&p) {
+                if proc.mem.is_none() {
+                    proc.mem = ProcMem::open(p).ok();
+                }
+            }
+        }
+        let Some(Proc { layout, mem, .. }) = self.procs.get(&pid) else {
             return;
         };
-        if mem.is_none() {
-            *mem = ProcMem::open(pid).ok();
-        }
-        let Some(mem) = mem.as_ref() else {
+        // A fork's code objects from before the fork are its family's first process's, at
+        // the same addresses: read there what the fork's own memory no longer has (it
+        // exited, e.g. a pool's worker that ended between two growth samples), checked
+        // by the first line as any read is.
+        let family = self
+            .procs
+            .get(&root)
+            .filter(|_| root != pid)
+            .and_then(|p| Some((p.mem.as_ref()?, &p.layout)));
+        if mem.is_none() && family.is_none() {
             log::debug!("process {pid}: memory unreadable, stack {stack_id:#x} unnamed");
             return;
-        };
+        }
         let mut resolved = Vec::with_capacity(frames.len());
         for f in frames {
             let key = (pid, f.code, f.sig);
             let gen = self.generation;
+            let Some(mem) = mem.as_ref() else {
+                let info = self
+                    .cache
+                    .get(&key)
+                    .and_then(|e| e.info.clone())
+                    .or_else(|| family.and_then(|(m, l)| read_checked(m, l, f)));
+                resolved.push(info);
+                continue;
+            };
             let info = match self.cache.get(&key).cloned() {
                 // A function's code lives as long as the function: no check needed.
                 Some(e)
@@ -309,6 +334,7 @@ impl Resolver {
                 }
                 None => read_checked(mem, layout, f),
             };
+            let info = info.or_else(|| family.and_then(|(m, l)| read_checked(m, l, f)));
             self.cache.insert(
                 key,
                 Cached {
@@ -321,6 +347,19 @@ impl Resolver {
         self.stacks.insert((pid, stack_id), resolved);
     }
 
+    /// Notes that `child` (added) was forked by `parent` and has not exec'd since (a
+    /// group's member found by its scan rather than announced by the kernel).
+    pub fn note_fork(&mut self, child: u32, parent: u32) {
+        if child != parent {
+            self.forks.insert(child, parent);
+        }
+    }
+
+    /// Whether `pid` is a fork (not exec'd since) of a traced process.
+    pub fn is_fork(&self, pid: u32) -> bool {
+        self.forks.contains_key(&pid)
+    }
+
     /// Starts a batch of newly announced stacks (see [`Resolver::learn`]).
     pub fn next_batch(&mut self) {
         self.generation += 1;
@@ -330,12 +369,16 @@ impl Resolver {
     /// placeholder when its code object could not be read.
     pub fn frame(&self, pid: u32, stack_id: u64, i: usize, f: &PyFrame) -> String {
         let proc = self.procs.get(&pid);
-        let read_by = |p: u32| match self.stacks.get(&(p, stack_id)) {
-            Some(v) => v.get(i).cloned().flatten(),
-            None => self
-                .cache
-                .get(&(p, f.code, f.sig))
-                .and_then(|c| c.info.clone()),
+        // The stack as resolved, else the code object as read for another stack.
+        let read_by = |p: u32| {
+            self.stacks
+                .get(&(p, stack_id))
+                .and_then(|v| v.get(i).cloned().flatten())
+                .or_else(|| {
+                    self.cache
+                        .get(&(p, f.code, f.sig))
+                        .and_then(|c| c.info.clone())
+                })
         };
         let info = read_by(pid).or_else(|| {
             // Read by its parent, a sibling or a child (the same objects before a fork).

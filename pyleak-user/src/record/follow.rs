@@ -413,6 +413,20 @@ impl Group {
                         log::warn!("process {pid}: {e}");
                     }
                     resolver.add_process(pid, rt);
+                    // A fork of another member (a pool's worker) runs its parent's code
+                    // objects at the same addresses: the resolver names its frames from
+                    // the family's memory once it has exited. Forked, not exec'd: the
+                    // same `start_brk` (an exec places a new, randomized heap).
+                    let stat = |p| crate::proctext::Stat::of(p);
+                    if let Some(child) = stat(pid) {
+                        let parent = stat(child.ppid);
+                        if resolver.knows(child.ppid)
+                            && parent
+                                .is_some_and(|p| p.start_brk == child.start_brk && p.start_brk != 0)
+                        {
+                            resolver.note_fork(pid, child.ppid);
+                        }
+                    }
                 }
                 rec.pythons
                     .insert(pid, python::version_name(rt.cpython.version()));

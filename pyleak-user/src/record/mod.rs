@@ -603,6 +603,7 @@ fn facts(
                 .iter()
                 .flat_map(|(&pid, p)| p.regions.values().map(move |r| (pid, r.stack_id))),
         )
+        .chain(rec.model.cow_stacks.keys().copied())
         .chain(peaks.stack_keys());
     let mut page_kinds = std::collections::HashMap::new();
     for (&pid, p) in &rec.model.procs {

@@ -112,17 +112,21 @@ pub fn learn_used_stacks(
         if id == 0 || !resolver.knows(pid) || resolver.has_stack(pid, id) {
             continue;
         }
-        if !*lives.entry(pid).or_insert_with(|| alive(pid)) {
+        let Some(st) = rec.stack(id) else {
+            continue;
+        };
+        let frames = &st.py[..(st.py_len as usize).min(st.py.len())];
+        // An exited fork (a pool's worker that ended between two samples) is named from
+        // its family's memory (see `Resolver::learn`); another exited process keeps its
+        // stacks unnamed.
+        if !*lives.entry(pid).or_insert_with(|| alive(pid)) && !resolver.is_fork(pid) {
             continue;
         }
         if !batch {
             resolver.next_batch();
             batch = true;
         }
-        if let Some(st) = rec.stack(id) {
-            let n = (st.py_len as usize).min(st.py.len());
-            resolver.learn(pid, id, &st.py[..n]);
-        }
+        resolver.learn(pid, id, frames);
     }
 }
 

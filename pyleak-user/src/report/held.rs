@@ -1,5 +1,6 @@
 //! Text sections about memory held that is not a leak: what the allocators keep resident
-//! after their blocks are freed (retention), and the moment the most was live (the peak).
+//! after their blocks are freed (retention), the moment the most was live (the peak), and
+//! what forked children copied from their parents (copy-on-write).
 
 use std::io::Write;
 
@@ -107,4 +108,54 @@ pub fn peaks(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Below this, a child's copies are not worth a line (every fork copies a few pages: the
+/// stack, the interpreter's state).
+const COW_SHOWN_BYTES: u64 = 1 << 20;
+
+/// Copy-on-write after fork: per child, the bytes it made private and the lines that
+/// wrote them.
+pub fn copy_on_write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
+    let shown: Vec<_> = report
+        .copy_on_write
+        .iter()
+        .filter(|c| c.bytes >= COW_SHOWN_BYTES)
+        .collect();
+    if shown.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "copy-on-write after fork, not leak suspects (pages a child shared with its parent, copied when the child wrote them):"
+    )?;
+    for c in shown {
+        let parent = c
+            .parent
+            .map(|p| format!(", forked by {p}"))
+            .unwrap_or_default();
+        let Some((top, rest)) = c.stacks.split_first() else {
+            continue;
+        };
+        writeln!(
+            out,
+            "  pid {}{parent}: {} made private, {} by {}",
+            c.pid,
+            human_bytes(c.bytes),
+            human_bytes(top.bytes),
+            leaf_first(&top.frames)
+        )?;
+        for s in rest.iter().take(2) {
+            writeln!(
+                out,
+                "      {:>10} by {}",
+                human_bytes(s.bytes),
+                leaf_first(&s.frames)
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "  keeps them shared: gc.freeze() in the parent before it forks (a child's collections then leave what it inherited alone)"
+    )
 }

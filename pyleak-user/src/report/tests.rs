@@ -237,6 +237,22 @@ fn sample() -> Analysis {
                 live_bytes: 100 << 20,
             }],
         }],
+        copy_on_write: vec![CopyOnWrite {
+            pid: 4343,
+            parent: Some(42),
+            bytes: 14 << 20,
+            pages: 3584,
+            live_bytes: 14 << 20,
+            stacks: vec![CowStack {
+                frames: vec![
+                    "child (/srv/prefork.py:30)".to_owned(),
+                    "make_private (/srv/prefork.py:22)".to_owned(),
+                ],
+                native_frames: 0,
+                bytes: 14 << 20,
+                pages: 3584,
+            }],
+        }],
         retention: vec![Retention {
             pid: 4242,
             kind: "malloc_arena".to_owned(),

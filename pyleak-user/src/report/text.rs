@@ -208,6 +208,7 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     startup(report, out)?;
     super::held::retention(report, out)?;
     super::held::peaks(report, out)?;
+    super::held::copy_on_write(report, out)?;
     let top: Vec<_> = report
         .stacks
         .iter()
