@@ -491,14 +491,10 @@ impl Recorder {
     }
 
     /// Live bytes per (pid, stack) from the book's samples, each weighted by one over its
-    /// chance of being sampled: the share of the heap growth made in its leaf Python
-    /// function (the arena pages faulted in by threads running it: an object's first write
-    /// follows its allocation) that windows saw. Threads and code paths slowed unequally
-    /// by the traps get their own share. A function, not a line: the line that carves new
-    /// pages is often not the one whose objects stay (in `for i in r: keep(i); t = i % 7`
-    /// the temporary takes the fresh block and the kept `i` the one it freed), while the
-    /// lines of one loop are slowed alike. A function with fewer than
-    /// [`MIN_FUNCTION_PAGES`] pages faulted inside windows takes its process's share.
+    /// chance of being sampled: the share of the arena pages faulted in by its leaf Python
+    /// function (an object's first write follows its allocation) that windows saw. Not per
+    /// line: the line carving new pages is often not the one whose objects stay
+    /// (docs/sampled-pymalloc.md). Under [`MIN_FUNCTION_PAGES`]: the process's share.
     fn estimate(&mut self, book: &mut SampleBook) {
         let windows = self.windows.as_ref().map_or(0, |w| w.count);
         book.duty.clear();
