@@ -4,7 +4,8 @@
 //! them; then stops the service (every worker exits and writes what it kept), stops pyleak
 //! and checks: every worker's leak against its truth, nothing lost, pyleak's anonymous
 //! memory flat once its growth timeline is full, nothing of pyleak left in the kernel.
-//! `cargo xtask test` runs it for [`CI_MINUTES`]; its figures go in docs/soak.md.
+//! Its default length is [`CI_MINUTES`] (CI does not run it yet: docs/soak.md); its
+//! figures go in docs/soak.md.
 
 use std::{
     collections::{BTreeSet, HashMap},
