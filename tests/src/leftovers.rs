@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{bpf_links, bpftool_list, PYLEAK_PROGRAMS};
+use crate::{bpf_links, bpftool_list, is_pyleak_program};
 
 /// Program and link ids held by live processes outside this test's process tree.
 #[derive(Debug, Default)]
@@ -160,9 +160,7 @@ pub fn pyleak_leftovers() -> Leftovers {
         .iter()
         .filter_map(|p| {
             let name = p["name"].as_str()?;
-            PYLEAK_PROGRAMS
-                .contains(&name)
-                .then(|| Some((p["id"].as_u64()?, name.to_owned())))?
+            is_pyleak_program(name).then(|| Some((p["id"].as_u64()?, name.to_owned())))?
         })
         .collect();
     let ids: HashSet<u64> = programs.iter().map(|(id, _)| *id).collect();
@@ -212,6 +210,16 @@ mod tests {
         assert_eq!(fdinfo_field(link, "link_id"), Some(134197));
         assert_eq!(fdinfo_field(link, "prog_id"), Some(91472));
         assert_eq!(fdinfo_field(link, "map_id"), None);
+    }
+
+    #[test]
+    fn program_names_full_and_cut_to_15() {
+        assert!(is_pyleak_program("sched_process_exit"));
+        assert!(is_pyleak_program("sched_process_e"));
+        assert!(is_pyleak_program("reuse_holder_en"));
+        assert!(is_pyleak_program("alloc_enter"));
+        assert!(!is_pyleak_program("alloc_ente"));
+        assert!(!is_pyleak_program("sched_process_fork"));
     }
 
     #[test]

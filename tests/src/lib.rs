@@ -363,29 +363,40 @@ pub fn loaded_programs() -> Vec<String> {
         .collect()
 }
 
-/// pyleak's program names as the kernel shows them (15 characters at most).
-pub const PYLEAK_PROGRAMS: [&str; 20] = [
+/// pyleak's program names, as its eBPF source (`pyleak-ebpf/src`) names them.
+pub const PYLEAK_PROGRAMS: [&str; 21] = [
     "alloc_enter",
     "alloc_exit",
     "free_enter",
-    "py_finalize_ent",
+    "py_finalize_enter",
     "py_init_enter",
     "site_enter",
     "site_join",
     "site_join_ret",
     "reuse_enter",
     "reuse_exit",
-    "reuse_holder_en",
-    "reuse_holder_ex",
+    "reuse_holder_enter",
+    "reuse_holder_exit",
     "bare_enter",
     "bare_exit",
     "bare_tp",
     "sys_enter_vm",
     "sys_exit_vm",
     "page_fault",
-    "sched_process_e",
+    "sched_process_exec",
+    "sched_process_exit",
     "task_newtask",
 ];
+
+/// Whether a program name as bpftool prints it is one of pyleak's. The kernel keeps 15
+/// characters of a name (`BPF_OBJ_NAME_LEN` is 16 with the NUL, `include/linux/bpf.h`);
+/// bpftool prints the whole name from the program's BTF when it has it (bpftool 7's
+/// `get_prog_full_name`), the 15 characters when not, so both forms match.
+pub fn is_pyleak_program(name: &str) -> bool {
+    PYLEAK_PROGRAMS
+        .iter()
+        .any(|p| *p == name || (p.len() > 15 && &p[..15] == name))
+}
 
 /// BPF links in the kernel (through bpftool): (link id, link type, program id).
 pub fn bpf_links() -> Vec<(u64, String, u64)> {
@@ -409,11 +420,7 @@ pub fn bpf_links() -> Vec<(u64, String, u64)> {
 pub fn pyleak_program_ids() -> Vec<u64> {
     bpftool_list("prog")
         .iter()
-        .filter(|p| {
-            p["name"]
-                .as_str()
-                .is_some_and(|n| PYLEAK_PROGRAMS.contains(&n))
-        })
+        .filter(|p| p["name"].as_str().is_some_and(is_pyleak_program))
         .filter_map(|p| p["id"].as_u64())
         .collect()
 }
