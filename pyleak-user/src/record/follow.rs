@@ -219,11 +219,15 @@ impl Group {
                 }
             }
         }
-        // A fork is named as its parent until it execs.
+        // A fork is named as its parent until it execs, and is in its parent's cgroup
+        // until moved.
         let comm = rec.comm(parent);
         rec.set_comm(child, &comm);
         if let Some(version) = rec.pythons.get(&parent).cloned() {
             rec.pythons.insert(child, version);
+        }
+        if let Some(cg) = rec.cgroups.get(&parent).cloned() {
+            rec.cgroups.entry(child).or_insert(cg);
         }
         if self.python_stacks {
             resolver.add_fork_of(child, parent);
