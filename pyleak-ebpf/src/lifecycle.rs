@@ -67,7 +67,11 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 ///   the child inherits that layout (a `multiprocessing` worker, a pre-forking server).
 ///   Without it, what such a child allocates before userspace has found it and placed its
 ///   runtime (up to a second) has native stacks only. Userspace places it again when it
-///   examines the child; exec drops it.
+///   examines the child; exec drops it. Userspace is told of the fork (with `--cgroup`, of
+///   any process of the group; with `--all`, of a Python process): a worker that lives
+///   and exits between two scans of the group is then still known as its parent's fork,
+///   its frames named from the family's memory, its memory kept and retired like any
+///   member's.
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
     let mode = filter_mode();
@@ -91,8 +95,12 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
             return 0;
         }
         // SAFETY: a map value, copied out at once.
-        if let Some(layout) = unsafe { PY_PROCS.get(&parent) }.copied() {
+        let layout = unsafe { PY_PROCS.get(&parent) }.copied();
+        if let Some(layout) = layout {
             let _ = PY_PROCS.insert(&child, &layout, 0);
+        }
+        if mode == FILTER_CGROUP || layout.is_some() {
+            announce_fork(child, parent, flags);
         }
         return 0;
     }
@@ -107,6 +115,13 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if let Some(layout) = unsafe { PY_PROCS.get(&parent) }.copied() {
         let _ = PY_PROCS.insert(&child, &layout, 0);
     }
+    announce_fork(child, parent, flags);
+    0
+}
+
+/// Tells userspace that `parent` made process `child` with `clone(2)` flags `flags`.
+#[inline(always)]
+fn announce_fork(child: u32, parent: u32, flags: u64) {
     emit_urgent(VmEvent {
         kind: VmKind::Fork as u32,
         tgid: child,
@@ -119,7 +134,6 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         flags: 0,
         tid: 0,
     });
-    0
 }
 
 /// `sched:sched_process_exec`: with `--cgroup` (a process of the group), `--all` (any

@@ -318,3 +318,74 @@ fn forked_children_leak_at_their_python_line_from_their_first_allocation() {
     }
     nothing_lost(&report);
 }
+
+/// Children forked by a traced process that leak and exit at once, between two scans of
+/// the group (1 s apart): the kernel announces each fork, so each child is its parent's
+/// fork from the start: its frames are named from the family's memory after it is gone,
+/// and the report gives it its parent's command name, CPython and cgroup.
+#[test]
+fn forked_children_gone_before_any_scan_are_named_as_their_parents_forks() {
+    if !cgroup_or_skip() {
+        return;
+    }
+    let Some((_, python)) = required_pythons(&["pyenv 3.11.7"]).into_iter().next() else {
+        return;
+    };
+    let dir = scratch("cgroup-fork-brief");
+    let json = dir.join("report.json");
+    let script = root().join("tests/workloads/py_fork_leak.py");
+    let s = script.to_str().unwrap();
+    let cg = TestCgroup::new("fork-brief");
+    let pyleak = spawn_pyleak(&[
+        "record",
+        "-q",
+        "--cgroup",
+        cg.dir.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    // 6 children, forked 1.5 s after the parent starts, each exiting right after its leak.
+    let mut parent = cg.spawn(&python, &[s, "6", "1.5", "0"]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(parent.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "forked");
+    assert!(parent.wait().unwrap().success());
+    let parent_pid = u64::from(parent.id());
+    let report = stop(pyleak, &json);
+    cg.remove();
+
+    let leaf = format!("leak_in_child ({s}:{})", marker_line(s, "# LEAK LINE"));
+    let procs = report["processes"].as_array().unwrap();
+    let parent_entry = procs
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(parent_pid))
+        .expect("the parent in the report");
+    let children: Vec<&Value> = procs
+        .iter()
+        .filter(|p| p["pid"].as_u64() != Some(parent_pid))
+        .collect();
+    assert_eq!(children.len(), 6, "{}", report["processes"]);
+    for child in children {
+        let pid = child["pid"].as_u64().unwrap();
+        for field in ["comm", "python", "cgroup"] {
+            assert_eq!(
+                child[field], parent_entry[field],
+                "child {pid}'s {field}: {child}, parent: {parent_entry}"
+            );
+        }
+        let at_line = leaked_at(&report, pid as u32, "libc", &leaf);
+        let big: Vec<String> = report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|st| st["pid"] == pid && st["live_bytes"].as_u64() >= Some(200_000))
+            .map(|st| format!("{} {} at {}", st["layer"], st["live_bytes"], st["frames"]))
+            .collect();
+        assert_eq!(at_line, 200_033, "child {pid}: {big:?}");
+    }
+    nothing_lost(&report);
+}

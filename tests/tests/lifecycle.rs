@@ -89,7 +89,9 @@ fn attached_process_exiting_mid_run_still_gets_a_report() {
         return;
     }
     let dir = scratch("pid-exits");
-    let mut target = Command::new("sleep").arg("1").spawn().unwrap();
+    // Long enough for pyleak to start on a loaded machine; it may still exit while the
+    // probes go in, which must end the same way.
+    let mut target = Command::new("sleep").arg("3").spawn().unwrap();
     let json = dir.join("r.json");
     let out = pyleak(&[
         "record",

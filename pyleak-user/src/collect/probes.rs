@@ -19,16 +19,19 @@ use crate::{
 
 impl Recorder {
     /// Starts tracing `pid`: marks it in the kernel and attaches `probes` for it alone.
+    ///
+    /// A process that exits while its probes go in (a zombie's `/proc/PID/root` is gone,
+    /// so the next probe's file cannot be opened) stays a target: the recording ends as for
+    /// any target that exits, with a report of what it did until then.
     pub fn add_target(&mut self, pid: u32, probes: &[ProbeSpec]) -> anyhow::Result<()> {
         self.mark_active(pid)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(UserError::NoSuchPid(pid))?);
-        self.attach(probes, scope).map_err(|e| {
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                anyhow::Error::from(UserError::ProcessGone(pid))
-            } else {
-                e
+        if let Err(e) = self.attach(probes, scope) {
+            if crate::targets::alive(pid) {
+                return Err(e);
             }
-        })?;
+            log::info!("process {pid} exited while its probes were attached: {e:#}");
+        }
         self.model.add_process(pid, current_brk(pid));
         if self.windows.is_some() {
             self.model.note_earlier_arenas(pid);

@@ -251,6 +251,26 @@ impl Resolver {
         self.forks.insert(child, parent);
     }
 
+    /// `child` was forked by `parent`, a process known here, and has not exec'd: its
+    /// frames are read as its parent's (the same CPython at the same place) and named from
+    /// what any process of the family read. Returns whether `parent` was known.
+    pub fn add_fork_of(&mut self, child: u32, parent: u32) -> bool {
+        let Some(p) = self.procs.get(&parent) else {
+            return false;
+        };
+        if child == parent {
+            return true;
+        }
+        let proc = Proc {
+            cpython: p.cpython,
+            layout: p.layout,
+            mem: None,
+        };
+        self.procs.insert(child, proc);
+        self.forks.insert(child, parent);
+        true
+    }
+
     /// The first process of `pid`'s fork family.
     fn family_root(&self, mut pid: u32) -> u32 {
         // Bounded: a cycle (a pid reused) cannot loop forever.

@@ -138,18 +138,25 @@ impl Group {
         }
     }
 
-    /// Handles what the kernel announced: processes that exec'd, stacks of processes not
-    /// examined yet (a fork pyleak has not seen).
+    /// Handles what the kernel announced: forks of members, processes that exec'd, stacks
+    /// of processes not examined yet.
     pub fn poll(
         &mut self,
         rec: &mut Recorder,
         resolver: &mut python::Resolver,
         syms: &Mutex<Symbolizer>,
     ) {
+        // Forks first: a worker may have forked, exec'd and exited since the last poll.
+        for (child, parent, _) in std::mem::take(&mut rec.forks) {
+            self.forked(rec, resolver, syms, child, parent);
+        }
         for (pid, _) in std::mem::take(&mut rec.execs) {
             if pid == std::process::id() {
                 continue;
             }
+            // Its parent's program is no longer in its memory (stacks named so far keep
+            // their names).
+            resolver.forget_process(pid);
             let m = self.members.entry(pid).or_insert(Member {
                 tracked: false,
                 settled: false,
@@ -177,6 +184,55 @@ impl Group {
             });
             self.examine(rec, resolver, syms, pid);
         }
+    }
+
+    /// `parent`, a traced member, forked `child`: the child maps its parent's files (probed
+    /// already) and runs its parent's interpreter at the same place, so it is traced as
+    /// its parent's fork at once, without reading its own memory map (it may be gone by the
+    /// time this runs: a pool's short-lived worker). An exec later makes it examined anew.
+    fn forked(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+        child: u32,
+        parent: u32,
+    ) {
+        if child == std::process::id() || !self.members.get(&parent).is_some_and(|m| m.tracked) {
+            // A parent not seen yet: the child is found by the scan, or by its stacks.
+            return;
+        }
+        let m = self.members.entry(child).or_insert(Member {
+            tracked: false,
+            settled: true,
+            since: Instant::now(),
+            reaped: false,
+        });
+        m.settled = true;
+        m.reaped = false;
+        if !m.tracked {
+            match rec.track(child) {
+                Ok(()) => m.tracked = true,
+                Err(e) => {
+                    log::warn!("process {child}: {e}");
+                    return;
+                }
+            }
+        }
+        // A fork is named as its parent until it execs, and is in its parent's cgroup
+        // until moved.
+        let comm = rec.comm(parent);
+        rec.set_comm(child, &comm);
+        if let Some(version) = rec.pythons.get(&parent).cloned() {
+            rec.pythons.insert(child, version);
+        }
+        if let Some(cg) = rec.cgroups.get(&parent).cloned() {
+            rec.cgroups.entry(child).or_insert(cg);
+        }
+        if self.python_stacks {
+            resolver.add_fork_of(child, parent);
+        }
+        lock(syms).snapshot(child);
     }
 
     /// Re-reads the memory maps of processes whose Python runtime is not mapped yet.
