@@ -264,10 +264,14 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     // The short form of `cargo xtask fuzz`: 25 s a target, ~2 min in all after the build.
     if whole {
         fuzz::summary(&fuzz::fuzz(CI_FUZZ_SECONDS)?);
-        // `cargo xtask soak` is not run here: on a clean machine its 5-minute form failed
-        // its naming check (2 of 66 workers kept whole unnamed: with --cgroup the kernel
-        // announces no forks, and a worker that forks, works and exits between two scans
-        // is never known by name; docs/soak.md). CI's churn test is tests/tests/churn.rs.
+        // The short form of `cargo xtask soak`: the same script, checks and figures.
+        soak::run(
+            &bin,
+            &soak::SoakArgs {
+                minutes: soak::CI_MINUTES,
+                python: None,
+            },
+        )?;
     }
     Ok(())
 }

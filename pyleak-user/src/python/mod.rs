@@ -253,14 +253,11 @@ impl Resolver {
 
     /// `child` was forked by `parent`, a process known here, and has not exec'd: its
     /// frames are read as its parent's (the same CPython at the same place) and named from
-    /// what any process of the family read. Returns whether `parent` was known.
-    pub fn add_fork_of(&mut self, child: u32, parent: u32) -> bool {
-        let Some(p) = self.procs.get(&parent) else {
-            return false;
+    /// what any process of the family read. Nothing is done for a `parent` not known here.
+    pub fn add_fork_of(&mut self, child: u32, parent: u32) {
+        let Some(p) = self.procs.get(&parent).filter(|_| child != parent) else {
+            return;
         };
-        if child == parent {
-            return true;
-        }
         let proc = Proc {
             cpython: p.cpython,
             layout: p.layout,
@@ -268,7 +265,6 @@ impl Resolver {
         };
         self.procs.insert(child, proc);
         self.forks.insert(child, parent);
-        true
     }
 
     /// The first process of `pid`'s fork family.
