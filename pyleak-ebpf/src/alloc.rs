@@ -666,9 +666,8 @@ fn stack_add(key: StackKey, add: StackAgg) {
     slot.agg.add(&add);
 }
 
-/// Adds a slot's totals to `STACK_STATS`, atomically: other CPUs may add to the same
-/// stack's at once. Of two CPUs inserting a new stack at once, the one refused adds to the
-/// other's.
+/// Adds a slot's totals to `STACK_STATS`, atomically (other CPUs may add to the same
+/// stack's); of two CPUs inserting a new stack at once, the one refused adds to the other's.
 #[inline(always)]
 fn flush(key: &StackKey, add: &StackAgg) {
     if let Some(a) = STACK_STATS.get_ptr_mut(key) {
@@ -687,22 +686,18 @@ fn flush(key: &StackKey, add: &StackAgg) {
 
 /// `EEXIST`: an insert with `BPF_NOEXIST` found the key there.
 const EEXIST: i64 = 17;
-
 /// Adds `add` to the totals at `a` with one atomic add a field.
 #[inline(always)]
 fn agg_add(a: *mut StackAgg, add: &StackAgg) {
-    // SAFETY: `a` is a map value's address; each field is an aligned u64 changed only
-    // atomically while the map is shared.
+    let xadd = |at: *mut u64, n: u64| {
+        // SAFETY: a field of a map value: an aligned u64, changed only atomically.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(at, n) };
+    };
+    // SAFETY: only the fields' addresses are taken.
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*a).allocs, add.allocs);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-            &raw mut (*a).alloc_bytes,
-            add.alloc_bytes,
-        );
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*a).frees, add.frees);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-            &raw mut (*a).freed_bytes,
-            add.freed_bytes,
-        );
+        xadd(&raw mut (*a).allocs, add.allocs);
+        xadd(&raw mut (*a).alloc_bytes, add.alloc_bytes);
+        xadd(&raw mut (*a).frees, add.frees);
+        xadd(&raw mut (*a).freed_bytes, add.freed_bytes);
     }
 }
