@@ -36,8 +36,21 @@ pub fn map_bytes(map_type: u32, key: u32, value: u32, entries: u32, cpus: u64) -
     }
 }
 
-/// Bytes the maps of the eBPF object `obj` take as they are created, about (maps with
-/// `BPF_F_NO_PREALLOC`, pyleak's interned stacks, grow later and are left out).
+/// What a hash map's bucket array takes: one `struct bucket` (a list head and a raw
+/// spinlock, 16 bytes on x86_64) per bucket, `roundup_pow_of_two(max_entries)` buckets,
+/// allocated when the map is created, preallocated or not (`htab_map_alloc` in
+/// `kernel/bpf/hashtab.c`).
+pub fn hash_buckets_bytes(map_type: u32, entries: u32) -> u64 {
+    match map_type {
+        HASH | LRU_HASH | PERCPU_HASH => u64::from(entries).next_power_of_two() * 16,
+        _ => 0,
+    }
+}
+
+/// Bytes the maps of the eBPF object `obj` take as they are created, about: every map's
+/// bucket array, and the elements of the preallocated ones (the elements of maps with
+/// `BPF_F_NO_PREALLOC`, pyleak's interned stacks and per-stack totals, come later and are
+/// left out).
 pub fn maps_bytes(obj: &[u8]) -> u64 {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let Ok(obj) = aya_obj::Object::parse(obj) else {
@@ -45,15 +58,19 @@ pub fn maps_bytes(obj: &[u8]) -> u64 {
     };
     obj.maps
         .values()
-        .filter(|m| m.map_flags() & NO_PREALLOC == 0)
         .map(|m| {
-            map_bytes(
-                m.map_type(),
-                m.key_size(),
-                m.value_size(),
-                m.max_entries(),
-                cpus,
-            )
+            let elements = if m.map_flags() & NO_PREALLOC == 0 {
+                map_bytes(
+                    m.map_type(),
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    cpus,
+                )
+            } else {
+                0
+            };
+            elements + hash_buckets_bytes(m.map_type(), m.max_entries())
         })
         .sum()
 }
@@ -97,6 +114,9 @@ mod tests {
         assert_eq!(map_bytes(PERCPU_ARRAY, 4, 8, 10, 2), 160);
         assert_eq!(map_bytes(HASH, 8, 16, 100, 2), 100 * (8 + 16 + 48));
         assert_eq!(map_bytes(RINGBUF, 0, 0, 1 << 20, 2), 1 << 20);
+        assert_eq!(hash_buckets_bytes(HASH, 100), 128 * 16);
+        assert_eq!(hash_buckets_bytes(PERCPU_HASH, 1 << 18), (1 << 18) * 16);
+        assert_eq!(hash_buckets_bytes(ARRAY, 100), 0);
         let obj = std::fs::read(concat!(env!("OUT_DIR"), "/pyleak")).unwrap();
         let total = maps_bytes(&obj);
         // The live-block table's values alone are 1 Mi slots of 32 bytes.
