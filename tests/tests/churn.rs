@@ -2,7 +2,10 @@
 //! the cap on exited processes kept whole (the oldest retired and summed, pyleak's memory
 //! bounded); a worker pool replacing its workers under sampled pymalloc windows.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use pyleak_tests::{group::*, *};
 use serde_json::Value;
@@ -257,22 +260,17 @@ fn worker_churn_with_sampled_pymalloc_windows() {
     assert_no_pyleak_programs();
 }
 
-/// Children a traced Python process forks inherit its Python layout in the kernel
-/// (`task_newtask`): what a child allocates right after fork, before pyleak has found it,
-/// carries its Python frames (it used to have native frames only).
-#[test]
-fn forked_children_leak_at_their_python_line_from_their_first_allocation() {
-    if !cgroup_or_skip() {
-        return;
-    }
-    let Some((_, python)) = required_pythons(&["pyenv 3.11.7"]).into_iter().next() else {
-        return;
-    };
-    let dir = scratch("cgroup-fork");
+/// Records, by cgroup, `py_fork_leak.py` (run by `python`) forking 6 children 1.5 s after
+/// it starts, each
+/// leaking 200 033 B at its leak line and exiting `linger` seconds later. Returns the
+/// report, the parent's pid, and each child's process entry after checking that each
+/// leaked exactly that at its line and that nothing was lost.
+fn six_forked_children(python: &Path, name: &str, linger: &str) -> (Value, u64, Vec<Value>) {
+    let dir = scratch(&format!("cgroup-{name}"));
     let json = dir.join("report.json");
     let script = root().join("tests/workloads/py_fork_leak.py");
     let s = script.to_str().unwrap();
-    let cg = TestCgroup::new("fork");
+    let cg = TestCgroup::new(name);
     let pyleak = spawn_pyleak(&[
         "record",
         "-q",
@@ -281,9 +279,7 @@ fn forked_children_leak_at_their_python_line_from_their_first_allocation() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    // 6 children, forked 1.5 s after the parent starts, each living 3 s (long enough for
-    // a growth sample to name its stacks while it lives).
-    let mut parent = cg.spawn(&python, &[s, "6", "1.5", "3"]);
+    let mut parent = cg.spawn(python, &[s, "6", "1.5", linger]);
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(parent.stdout.as_mut().unwrap()),
@@ -297,15 +293,16 @@ fn forked_children_leak_at_their_python_line_from_their_first_allocation() {
     cg.remove();
 
     let leaf = format!("leak_in_child ({s}:{})", marker_line(s, "# LEAK LINE"));
-    let children: Vec<u64> = report["processes"]
+    let children: Vec<Value> = report["processes"]
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|p| p["pid"].as_u64())
-        .filter(|&p| p != parent_pid)
+        .filter(|p| p["pid"].as_u64() != Some(parent_pid))
+        .cloned()
         .collect();
     assert_eq!(children.len(), 6, "{}", report["processes"]);
-    for &pid in &children {
+    for child in &children {
+        let pid = child["pid"].as_u64().unwrap();
         let at_line = leaked_at(&report, pid as u32, "libc", &leaf);
         let big: Vec<String> = report["stacks"]
             .as_array()
@@ -317,6 +314,22 @@ fn forked_children_leak_at_their_python_line_from_their_first_allocation() {
         assert_eq!(at_line, 200_033, "child {pid}: {big:?}");
     }
     nothing_lost(&report);
+    (report, parent_pid, children)
+}
+
+/// Children a traced Python process forks inherit its Python layout in the kernel
+/// (`task_newtask`): what a child allocates right after fork, before pyleak has found it,
+/// carries its Python frames (it used to have native frames only). Each lives 3 s, long
+/// enough for a growth sample to name its stacks while it lives.
+#[test]
+fn forked_children_leak_at_their_python_line_from_their_first_allocation() {
+    if !cgroup_or_skip() {
+        return;
+    }
+    let Some((_, python)) = required_pythons(&["pyenv 3.11.7"]).into_iter().next() else {
+        return;
+    };
+    six_forked_children(&python, "fork", "3");
 }
 
 /// Children forked by a traced process that leak and exit at once, between two scans of
@@ -331,61 +344,20 @@ fn forked_children_gone_before_any_scan_are_named_as_their_parents_forks() {
     let Some((_, python)) = required_pythons(&["pyenv 3.11.7"]).into_iter().next() else {
         return;
     };
-    let dir = scratch("cgroup-fork-brief");
-    let json = dir.join("report.json");
-    let script = root().join("tests/workloads/py_fork_leak.py");
-    let s = script.to_str().unwrap();
-    let cg = TestCgroup::new("fork-brief");
-    let pyleak = spawn_pyleak(&[
-        "record",
-        "-q",
-        "--cgroup",
-        cg.dir.to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    // 6 children, forked 1.5 s after the parent starts, each exiting right after its leak.
-    let mut parent = cg.spawn(&python, &[s, "6", "1.5", "0"]);
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(parent.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "forked");
-    assert!(parent.wait().unwrap().success());
-    let parent_pid = u64::from(parent.id());
-    let report = stop(pyleak, &json);
-    cg.remove();
-
-    let leaf = format!("leak_in_child ({s}:{})", marker_line(s, "# LEAK LINE"));
-    let procs = report["processes"].as_array().unwrap();
-    let parent_entry = procs
+    let (report, parent_pid, children) = six_forked_children(&python, "fork-brief", "0");
+    let parent = report["processes"]
+        .as_array()
+        .unwrap()
         .iter()
         .find(|p| p["pid"].as_u64() == Some(parent_pid))
         .expect("the parent in the report");
-    let children: Vec<&Value> = procs
-        .iter()
-        .filter(|p| p["pid"].as_u64() != Some(parent_pid))
-        .collect();
-    assert_eq!(children.len(), 6, "{}", report["processes"]);
-    for child in children {
-        let pid = child["pid"].as_u64().unwrap();
+    for child in &children {
         for field in ["comm", "python", "cgroup"] {
             assert_eq!(
-                child[field], parent_entry[field],
-                "child {pid}'s {field}: {child}, parent: {parent_entry}"
+                child[field], parent[field],
+                "child {}'s {field}: {child}, parent: {parent}",
+                child["pid"]
             );
         }
-        let at_line = leaked_at(&report, pid as u32, "libc", &leaf);
-        let big: Vec<String> = report["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|st| st["pid"] == pid && st["live_bytes"].as_u64() >= Some(200_000))
-            .map(|st| format!("{} {} at {}", st["layer"], st["live_bytes"], st["frames"]))
-            .collect();
-        assert_eq!(at_line, 200_033, "child {pid}: {big:?}");
     }
-    nothing_lost(&report);
 }
