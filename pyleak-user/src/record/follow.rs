@@ -41,6 +41,18 @@ struct Member {
     reaped: bool,
 }
 
+impl Member {
+    /// A process first seen now, not traced yet; `settled` as given.
+    fn new(settled: bool) -> Member {
+        Member {
+            tracked: false,
+            settled,
+            since: Instant::now(),
+            reaped: false,
+        }
+    }
+}
+
 /// The Python runtime of one file (by device and inode), as detected once.
 #[derive(Debug, Clone)]
 enum FileRuntime {
@@ -120,15 +132,7 @@ impl Group {
             if pid == me || self.members.contains_key(&pid) {
                 continue;
             }
-            self.members.insert(
-                pid,
-                Member {
-                    tracked: false,
-                    settled: false,
-                    since: Instant::now(),
-                    reaped: false,
-                },
-            );
+            self.members.insert(pid, Member::new(false));
             self.examine(rec, resolver, syms, pid);
             // Running before it was seen: what it maps now is what it runs (a program
             // that loads libpython late is re-read when it execs or allocates).
@@ -157,12 +161,7 @@ impl Group {
             // Its parent's program is no longer in its memory (stacks named so far keep
             // their names).
             resolver.forget_process(pid);
-            let m = self.members.entry(pid).or_insert(Member {
-                tracked: false,
-                settled: false,
-                since: Instant::now(),
-                reaped: false,
-            });
+            let m = self.members.entry(pid).or_insert(Member::new(false));
             // A new program: its files and runtime are to be learnt again.
             m.settled = false;
             m.reaped = false;
@@ -176,12 +175,7 @@ impl Group {
             .filter(|pid| !self.members.get(pid).is_some_and(|m| m.settled))
             .collect();
         for pid in unseen {
-            self.members.entry(pid).or_insert(Member {
-                tracked: false,
-                settled: false,
-                since: Instant::now(),
-                reaped: false,
-            });
+            self.members.entry(pid).or_insert(Member::new(false));
             self.examine(rec, resolver, syms, pid);
         }
     }
@@ -202,12 +196,7 @@ impl Group {
             // A parent not seen yet: the child is found by the scan, or by its stacks.
             return;
         }
-        let m = self.members.entry(child).or_insert(Member {
-            tracked: false,
-            settled: true,
-            since: Instant::now(),
-            reaped: false,
-        });
+        let m = self.members.entry(child).or_insert(Member::new(true));
         m.settled = true;
         m.reaped = false;
         if !m.tracked {
