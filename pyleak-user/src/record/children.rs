@@ -21,7 +21,7 @@ use std::{
 
 use pyleak_common::PyProc;
 
-use super::runtimes::{python_runtime, Runtimes};
+use super::runtimes::{python_runtime, Runtimes, Unplaced};
 use crate::{
     analysis::Followed,
     attach::{
@@ -137,6 +137,7 @@ impl Children {
         for (pid, ts) in std::mem::take(&mut rec.execs) {
             if self.launched == Some(pid) {
                 self.launched = None;
+                runtimes.exec_passed(pid);
                 continue;
             }
             self.runtimes.remove(&pid);
@@ -273,7 +274,14 @@ impl Children {
                 if let Ok(elf) = ElfFile::open(&rt.file) {
                     probes.extend(attach::plan_py_init(&elf));
                 }
-                runtimes.unplaced.insert(pid, (rt.clone(), layout));
+                runtimes.unplaced.insert(
+                    pid,
+                    Unplaced {
+                        rt: rt.clone(),
+                        layout,
+                        exec_pending: false,
+                    },
+                );
                 rec.set_python(
                     pid,
                     &PyProc {

@@ -24,7 +24,7 @@ use self::{
     census::Censuses,
     children::Children,
     follow::Group,
-    runtimes::{learn_new_stacks, python_runtime, Runtimes},
+    runtimes::{learn_new_stacks, python_runtime, Runtimes, Unplaced},
     sampler::Sampler,
     trace::{trace_loop, Follow},
 };
@@ -323,7 +323,16 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                 pythons.push((c.pid, rt.clone()));
                 // ...or pyleak reads it from the memory map first (an LTO build may have
                 // inlined the probed function away).
-                runtimes.unplaced.insert(c.pid, (rt.clone(), layout));
+                // Following children, the kernel drops a placed layout at the command's
+                // exec: not placed before the kernel announced it (see `Unplaced`).
+                runtimes.unplaced.insert(
+                    c.pid,
+                    Unplaced {
+                        rt: rt.clone(),
+                        layout,
+                        exec_pending: !args.no_follow,
+                    },
+                );
             }
             rec.add_target(c.pid, &probes)?;
             let rt = pythons.iter().find(|p| p.0 == c.pid).map(|p| &p.1);

@@ -14,12 +14,25 @@ use crate::{
     targets::alive,
 };
 
+/// A process whose Python runtime has not shown in its memory map yet.
+pub struct Unplaced {
+    pub rt: python::PythonRuntime,
+    /// Its layout (bias unknown).
+    pub layout: PyProc,
+    /// A launched command whose own exec the kernel has not announced yet. Its runtime is
+    /// not placed from its memory map before: the kernel maps an executable (Debian's
+    /// non-PIE `python3.11`, which holds its runtime) before `sched_process_exec` fires,
+    /// and that tracepoint drops a placed layout as the old program's, so a placement
+    /// written in between was lost and the whole run had no Python frames.
+    pub exec_pending: bool,
+}
+
 /// The targets' Python runtimes: those whose load address the kernel does not know yet,
 /// and the watches on their allocator tables.
 #[derive(Default)]
 pub struct Runtimes {
-    /// Launched commands whose runtime has not shown in their memory map yet.
-    pub unplaced: HashMap<u32, (python::PythonRuntime, PyProc)>,
+    /// Processes whose runtime has not shown in their memory map yet, by pid.
+    pub unplaced: HashMap<u32, Unplaced>,
     /// Watches on the targets' allocator tables.
     pub watches: Vec<AllocWatch>,
 }
@@ -42,14 +55,25 @@ impl Runtimes {
         self.watches.extend(AllocWatch::new(pid, file));
     }
 
+    /// The kernel announced that `pid` exec'd: a launched command's runtime may be placed
+    /// from now on.
+    pub fn exec_passed(&mut self, pid: u32) {
+        if let Some(u) = self.unplaced.get_mut(&pid) {
+            u.exec_pending = false;
+        }
+    }
+
     /// Tells the kernel where launched commands' Python runtimes landed, once their memory
-    /// maps show it.
+    /// maps show it (and their exec has passed).
     fn place(&mut self, rec: &mut Recorder) {
-        self.unplaced.retain(|&pid, (rt, layout)| {
-            let Some(bias) = python::load_bias(pid, rt) else {
+        self.unplaced.retain(|&pid, u| {
+            if u.exec_pending {
+                return true;
+            }
+            let Some(bias) = python::load_bias(pid, &u.rt) else {
                 return true;
             };
-            if let Err(e) = rec.set_python(pid, &python::placed(pid, rt, bias, *layout)) {
+            if let Err(e) = rec.set_python(pid, &python::placed(pid, &u.rt, bias, u.layout)) {
                 log::warn!("process {pid}: {e}");
             }
             false
