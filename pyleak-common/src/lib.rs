@@ -18,8 +18,11 @@ pub const THREADS_ENTRIES: u32 = 16 << 10;
 /// Distinct stacks interned (allocated on first use: a Python program has tens of
 /// thousands, one per call path and instruction).
 pub const STACKS_ENTRIES: u32 = 128 << 10;
-/// Distinct (process, layer, stack) aggregates.
-pub const STACK_STATS_ENTRIES: u32 = 64 << 10;
+/// Distinct (process, layer, stack) aggregates at most (allocated on first use, ~150 bytes
+/// each as `bpftool map show` counts them, whatever the CPU count: ~37 MiB full). Twice
+/// [`STACKS_ENTRIES`]: a stack's totals are kept per layer, and in exact mode one
+/// interpreter running pyperformance's `float` with its imports makes 96 k.
+pub const STACK_STATS_ENTRIES: u32 = 256 << 10;
 /// Processes traced at once.
 pub const TARGETS_ENTRIES: u32 = 4096;
 /// Bytes of the ring buffer that carries vm and page events to userspace.

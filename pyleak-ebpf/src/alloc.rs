@@ -2,6 +2,7 @@
 //! PyMem_Raw). Which function a probe sits on, and its layer, come from the attach cookie.
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{bpf_get_attach_cookie, bpf_jiffies64},
@@ -665,16 +666,38 @@ fn stack_add(key: StackKey, add: StackAgg) {
     slot.agg.add(&add);
 }
 
-/// Adds a slot's totals to `STACK_STATS`.
+/// Adds a slot's totals to `STACK_STATS`, atomically (other CPUs may add to the same
+/// stack's); of two CPUs inserting a new stack at once, the one refused adds to the other's.
 #[inline(always)]
 fn flush(key: &StackKey, add: &StackAgg) {
-    match STACK_STATS.get_ptr_mut(*key) {
-        // SAFETY: a per-CPU map value; only this CPU writes its copy.
-        Some(a) => unsafe { (*a).add(add) },
-        None => {
-            if STACK_STATS.insert(*key, *add, 0).is_err() {
-                count_drop(Drop::StackStatsFull);
-            }
-        }
+    if let Some(a) = STACK_STATS.get_ptr_mut(key) {
+        agg_add(a, add);
+        return;
+    }
+    match STACK_STATS.insert(key, add, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(e) if e as i64 == -EEXIST => match STACK_STATS.get_ptr_mut(key) {
+            Some(a) => agg_add(a, add),
+            None => count_drop(Drop::StackStatsFull),
+        },
+        Err(_) => count_drop(Drop::StackStatsFull),
+    }
+}
+
+/// `EEXIST`: an insert with `BPF_NOEXIST` found the key there.
+const EEXIST: i64 = 17;
+/// Adds `add` to the totals at `a` with one atomic add a field.
+#[inline(always)]
+fn agg_add(a: *mut StackAgg, add: &StackAgg) {
+    let xadd = |at: *mut u64, n: u64| {
+        // SAFETY: a field of a map value: an aligned u64, changed only atomically.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(at, n) };
+    };
+    // SAFETY: only the fields' addresses are taken.
+    unsafe {
+        xadd(&raw mut (*a).allocs, add.allocs);
+        xadd(&raw mut (*a).alloc_bytes, add.alloc_bytes);
+        xadd(&raw mut (*a).frees, add.frees);
+        xadd(&raw mut (*a).freed_bytes, add.freed_bytes);
     }
 }

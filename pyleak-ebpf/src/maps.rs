@@ -6,7 +6,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use pyleak_common::{
     AllocKey, Drop, LayerStats, LiveAlloc, LiveBucket, SiteInfo, StackAgg, StackAggSlot, StackKey,
@@ -58,10 +58,13 @@ pub static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(THREAD
 pub static STACKS: HashMap<u64, StackTrace> =
     HashMap::with_max_entries(STACKS_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Per (process, layer, stack) totals; per CPU so updates need no atomics.
+/// Per (process, layer, stack) totals, added to atomically. One copy for every CPU: a
+/// per-CPU map would take each entry's value once per possible CPU, and the write-back
+/// slots in front of it (`STACK_AGG_SLOT`) make updates rare. Elements are allocated as
+/// stacks come.
 #[map]
-pub static STACK_STATS: PerCpuHashMap<StackKey, StackAgg> =
-    PerCpuHashMap::with_max_entries(STACK_STATS_ENTRIES, 0);
+pub static STACK_STATS: HashMap<StackKey, StackAgg> =
+    HashMap::with_max_entries(STACK_STATS_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Each CPU's write-back slot in front of `STACK_STATS`.
 #[map]

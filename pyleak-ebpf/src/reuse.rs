@@ -33,8 +33,6 @@ pub fn reuse_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
     let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
     let at = rsp + (c.stack_delta & 0xffff) as u64;
-    // SAFETY: reads the return address from the target's stack, checked by the helper.
-    let caller = unsafe { bpf_probe_read_user(at as *const u64) }.ok();
     // The object's block starts before it by its pre-header, which its type's flags say.
     // SAFETY: reads `op->ob_type` and the type's `tp_flags` from the target's memory,
     // checked by the helper.
@@ -54,7 +52,7 @@ pub fn reuse_enter(ctx: ProbeContext) -> u32 {
     }
     let blocks = [op.wrapping_sub(pre), 0, 0];
     let chain = stack::frame_chain_plausible(rsp, rbp);
-    reused(ctx.as_ptr(), blocks, caller, chain);
+    reused(ctx.as_ptr(), blocks, Caller::At(at), chain);
     0
 }
 
@@ -64,14 +62,24 @@ pub fn reuse_exit(ctx: RetProbeContext) -> u32 {
     let block: u64 = ctx.ret();
     // SAFETY: a return probe runs with the instruction pointer back at the return address.
     let caller = unsafe { (*ctx.regs).rip };
-    reused(ctx.as_ptr(), [block, 0, 0], Some(caller), false);
+    reused(ctx.as_ptr(), [block, 0, 0], Caller::Is(caller), false);
     0
+}
+
+/// The native caller of a hand-over: known, or a return address still to be read.
+#[derive(Clone, Copy)]
+enum Caller {
+    /// This address.
+    Is(u64),
+    /// The return address stored in the target's stack at this address: read only when
+    /// a block is handed over, not for the objects a thread has just allocated.
+    At(u64),
 }
 
 /// Hands the first tracked block of `blocks` to the current stack, unless this thread has
 /// just allocated it.
 #[inline(always)]
-fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Option<u64>, chain: bool) {
+fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Caller, chain: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let layer = Layer::Pymalloc as u32;
@@ -95,6 +103,11 @@ fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Option<u64>, chain: bool) 
     }
     let Some((addr, at)) = found else {
         return;
+    };
+    let caller = match caller {
+        Caller::Is(ip) => Some(ip),
+        // SAFETY: reads the return address from the target's stack, checked by the helper.
+        Caller::At(at) => unsafe { bpf_probe_read_user(at as *const u64) }.ok(),
     };
     let stack_id = stack::capture(ctx, caller, tid, chain);
     hand_over(tgid, layer, addr, at, stack_id);
@@ -157,6 +170,6 @@ pub fn reuse_holder_exit(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: a return probe runs with the instruction pointer back at the return address.
     let caller = unsafe { (*ctx.regs).rip };
-    reused(ctx.as_ptr(), [block, 0, 0], Some(caller), false);
+    reused(ctx.as_ptr(), [block, 0, 0], Caller::Is(caller), false);
     0
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context as _;
-use aya::maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, PerCpuArray};
 use pyleak_common::{
     names, AllocKey, Drop, Layer, LayerStats, LiveAlloc, StackAgg, StackAggSlot, StackKey,
     StackTrace, CALL_LAYERS, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS,
@@ -71,24 +71,24 @@ impl Recorder {
 
     /// Per (pid, layer, stack) totals of the uprobe layers, summed over CPUs.
     pub(super) fn stack_stats(&self) -> anyhow::Result<HashMap<(u32, Layer, u64), StackAgg>> {
-        let stats: PerCpuHashMap<_, StackKey, StackAgg> = PerCpuHashMap::try_from(
+        let stats: BpfHashMap<_, StackKey, StackAgg> = BpfHashMap::try_from(
             self.ebpf
                 .map(names::STACK_STATS)
                 .context(missing(names::STACK_STATS))?,
         )?;
         let mut stacks: HashMap<(u32, Layer, u64), StackAgg> = HashMap::new();
         for entry in stats.iter() {
-            let (key, values) = entry?;
+            let (key, value) = entry?;
             let Some(layer) = Layer::from_u32(key.layer) else {
                 continue;
             };
             if self.retired.pids.contains(&key.tgid) {
                 continue;
             }
-            let agg = stacks.entry((key.tgid, layer, key.stack_id)).or_default();
-            for v in values.iter() {
-                agg.add(v);
-            }
+            stacks
+                .entry((key.tgid, layer, key.stack_id))
+                .or_default()
+                .add(&value);
         }
         // What each CPU's write-back slot holds has not reached the map yet.
         let slots: PerCpuArray<_, StackAggSlot> = PerCpuArray::try_from(

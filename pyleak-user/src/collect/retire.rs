@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use anyhow::Context as _;
-use aya::maps::{HashMap as BpfHashMap, PerCpuHashMap};
+use aya::maps::HashMap as BpfHashMap;
 use pyleak_common::{names, AllocKey, Layer, LiveAlloc, StackAgg, StackKey};
 
 use super::{table, Recorder};
@@ -134,8 +134,8 @@ impl Recorder {
         for k in keys {
             let _ = overflow.remove(&k);
         }
-        let mut stats: PerCpuHashMap<_, StackKey, StackAgg> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut(names::STACK_STATS).context(concat!(
+        let mut stats: BpfHashMap<_, StackKey, StackAgg> =
+            BpfHashMap::try_from(self.ebpf.map_mut(names::STACK_STATS).context(concat!(
                 "map ",
                 "STACK_STATS",
                 " missing"
