@@ -269,8 +269,11 @@ pub struct ThreadState {
     pub pymalloc_window: u32,
     /// The mmap-family syscall in flight, if `syscall.kind != 0`.
     pub syscall: VmPending,
-    /// The last pymalloc block this thread was seen allocating: an object made in it is
-    /// new, not one a free list hands out again.
+    /// The last pymalloc block this thread was seen allocating, until the thread's next
+    /// object gets its first reference: an object or keys table made in it is new, not one
+    /// a free list hands out again. Cleared there, or a block the thread made, dropped to
+    /// a free list and took back with no allocation between would stay charged to the line
+    /// that made it.
     pub last_block: u64,
     /// The holder of a [`AllocKind::ReuseHolder`] call in flight (0: none).
     pub reuse_holder: u64,

@@ -52,7 +52,7 @@ pub fn reuse_enter(ctx: ProbeContext) -> u32 {
     }
     let blocks = [op.wrapping_sub(pre), 0, 0];
     let chain = stack::frame_chain_plausible(rsp, rbp);
-    reused(ctx.as_ptr(), blocks, Caller::At(at), chain);
+    reused(ctx.as_ptr(), blocks, Caller::At(at), chain, true);
     0
 }
 
@@ -62,7 +62,13 @@ pub fn reuse_exit(ctx: RetProbeContext) -> u32 {
     let block: u64 = ctx.ret();
     // SAFETY: a return probe runs with the instruction pointer back at the return address.
     let caller = unsafe { (*ctx.regs).rip };
-    reused(ctx.as_ptr(), [block, 0, 0], Caller::Is(caller), false);
+    reused(
+        ctx.as_ptr(),
+        [block, 0, 0],
+        Caller::Is(caller),
+        false,
+        false,
+    );
     0
 }
 
@@ -77,17 +83,28 @@ enum Caller {
 }
 
 /// Hands the first tracked block of `blocks` to the current stack, unless this thread has
-/// just allocated it.
+/// just allocated it. `object`: an object's first reference, which ends the thread's
+/// "just allocated" block (`ThreadState::last_block`): each new object gets exactly one,
+/// right after its block is allocated, while a keys table made before an object (`{}`,
+/// then its first insert) is seen by its own probes first.
 #[inline(always)]
-fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Caller, chain: bool) {
+fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Caller, chain: bool, object: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let layer = Layer::Pymalloc as u32;
     if !uprobe_target_active(tgid) || window_of(layer as usize).is_none() {
         return;
     }
-    // SAFETY: plain data read at once.
-    let last = unsafe { THREADS.get(tid) }.map_or(0, |t| t.last_block);
+    let mut last = 0;
+    if let Some(t) = THREADS.get_ptr_mut(tid) {
+        // SAFETY: a valid map value pointer; only this thread touches its own entry.
+        unsafe {
+            last = (*t).last_block;
+            if object {
+                (*t).last_block = 0;
+            }
+        }
+    }
     if last != 0 && (blocks[0] == last || blocks[1] == last || blocks[2] == last) {
         return;
     }
@@ -170,6 +187,12 @@ pub fn reuse_holder_exit(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: a return probe runs with the instruction pointer back at the return address.
     let caller = unsafe { (*ctx.regs).rip };
-    reused(ctx.as_ptr(), [block, 0, 0], Caller::Is(caller), false);
+    reused(
+        ctx.as_ptr(),
+        [block, 0, 0],
+        Caller::Is(caller),
+        false,
+        false,
+    );
     0
 }
