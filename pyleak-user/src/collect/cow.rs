@@ -191,6 +191,28 @@ mod tests {
     }
 
     #[test]
+    fn a_retired_child_leaves_no_copies_behind() {
+        let mut m = VmModel::default();
+        m.apply(&ev(PARENT, VmKind::Mmap, 0x100000, 8 * PAGE, 0x20, 1));
+        for i in 0..8 {
+            fault(&mut m, PARENT, 0x100000 + i * PAGE, PF_WRITE, 1);
+        }
+        m.fork(PARENT, CHILD, 0);
+        for i in 0..8 {
+            fault(&mut m, CHILD, 0x100000 + i * PAGE, PRESENT_WRITE, 9);
+        }
+        fault(&mut m, CHILD, 0x200000, PF_WRITE, 9);
+        assert_eq!(m.cow_stacks[&(CHILD, 9)], 8);
+        m.forget(&[CHILD].into_iter().collect());
+        assert!(m.cow_stacks.is_empty());
+        assert!(!m.procs.contains_key(&CHILD));
+        assert!(m.stacks.keys().all(|&(pid, _, _)| pid != CHILD));
+        assert!(m.bulk_pending.iter().all(|f| f.pid != CHILD));
+        // The parent keeps what it has.
+        assert_eq!(pages_at(&m, PARENT, 1), 8);
+    }
+
+    #[test]
     fn what_the_child_maps_itself_and_shared_memory_are_not_copies() {
         let mut m = VmModel::default();
         m.fork(PARENT, CHILD, 0);

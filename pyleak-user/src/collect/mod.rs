@@ -472,9 +472,10 @@ impl Recorder {
         let pages: usize = self.model.procs.values().map(|p| p.pages.len()).sum();
         let regions: usize = self.model.procs.values().map(|p| p.regions.len()).sum();
         format!(
-            "vm model: {} processes, {regions} regions, {pages} pages, {} stacks; samples: {} known, {} heaps, {} lines; {} comms, {} targets",
+            "vm model: {} processes, {regions} regions, {pages} pages, {} stacks, {} copy-on-write stacks; samples: {} known, {} heaps, {} lines; {} comms, {} targets",
             self.model.procs.len(),
             self.model.stacks.len(),
+            self.model.cow_stacks.len(),
             known,
             heaps,
             lines,

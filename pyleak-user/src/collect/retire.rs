@@ -84,16 +84,13 @@ impl Recorder {
         let all = self.retired.pids.clone();
         self.drop_kernel_state(&all)?;
         for pid in &gone {
-            self.model.procs.remove(pid);
             self.page_table.forget(*pid);
             self.comms.remove(pid);
             self.cgroups.remove(pid);
             self.pythons.remove(pid);
             self.book.forget(*pid);
         }
-        self.model
-            .stacks
-            .retain(|(pid, _, _), _| !gone.contains(pid));
+        self.model.forget(&gone);
         self.targets.retain(|pid| !gone.contains(pid));
         Ok(())
     }

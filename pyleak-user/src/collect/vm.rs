@@ -3,7 +3,7 @@
 //! `mremap` moves them with their pages, the break grows and shrinks the heap, and a page
 //! counts once from its first fault until it is unmapped (or dropped by `madvise`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use hdrhistogram::Histogram;
 use pyleak_common::{
@@ -285,6 +285,18 @@ impl Default for VmModel {
 }
 
 impl VmModel {
+    /// Drops everything kept per process for `pids` (retired processes): mappings and
+    /// pages, per-stack totals, copy-on-write copies, faults awaiting their bulk pass.
+    /// Nothing of a retired process may stay: with a worker pool's churn, copy-on-write
+    /// counts alone grew ~1 800 entries a second (a 13 MB table at 250 s of the soak, 100
+    /// MB by 1 940 s) while they were kept.
+    pub fn forget(&mut self, pids: &HashSet<u32>) {
+        self.procs.retain(|pid, _| !pids.contains(pid));
+        self.stacks.retain(|(pid, _, _), _| !pids.contains(pid));
+        self.cow_stacks.retain(|(pid, _), _| !pids.contains(pid));
+        self.bulk_pending.retain(|f| !pids.contains(&f.pid));
+    }
+
     /// Starts tracking a process whose break is `brk` (if known).
     pub fn add_process(&mut self, pid: u32, brk: Option<u64>) {
         let p = self.procs.entry(pid).or_default();
