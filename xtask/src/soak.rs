@@ -257,7 +257,13 @@ pub fn run(bin: &Path, args: &SoakArgs) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(5));
     // SAFETY: signalling the pyleak we started.
     unsafe { libc::kill(pyleak.id() as libc::pid_t, libc::SIGINT) };
-    let status = pyleak.wait()?;
+    let stopping = Instant::now();
+    let (status, peak_kib) = wait_with_peak(pyleak.id())?;
+    eprintln!(
+        "xtask: soak: pyleak wrote its report and exited {:.1} s after SIGINT; its peak resident memory over the run (mostly the report's) {:.1} MiB",
+        stopping.elapsed().as_secs_f64(),
+        peak_kib as f64 / 1024.0
+    );
     let _ = std::fs::write(group.join("cgroup.kill"), "1");
     let _ = service.kill();
     let _ = service.wait();
@@ -448,6 +454,27 @@ fn check_lost(report: &Value, failures: &mut Vec<String>) {
         };
         if n > allowed {
             failures.push(format!("lost {n} to {reason} ({windows} windows opened)"));
+        }
+    }
+}
+
+/// Waits for `pid` (a child of ours) and returns its exit status and its peak resident
+/// memory in KiB (`ru_maxrss` of wait4(2): the high-water mark over its whole life, which
+/// the sampling every 10 s misses when it is the final report's).
+fn wait_with_peak(pid: u32) -> anyhow::Result<(std::process::ExitStatus, i64)> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut status = 0;
+    // SAFETY: rusage is plain old data, filled by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting for our own child with valid out-pointers.
+        let got = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+        if got == pid as libc::pid_t {
+            return Ok((std::process::ExitStatus::from_raw(status), usage.ru_maxrss));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err).context("waiting for pyleak");
         }
     }
 }
