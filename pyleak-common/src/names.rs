@@ -75,6 +75,9 @@ pub const REUSE_HOLDER_EXIT: &str = "reuse_holder_exit";
 pub const PY_INIT_ENTER: &str = "py_init_enter";
 /// Interpreter shutdown.
 pub const PY_FINALIZE_ENTER: &str = "py_finalize_enter";
+/// A code object being freed (`code_dealloc`, `PyCode_Type.tp_dealloc`): bumps the code
+/// epoch.
+pub const CODE_DEALLOC_ENTER: &str = "code_dealloc_enter";
 /// Empty probes at the same points (`--bare`).
 pub const BARE_ENTER: &str = "bare_enter";
 /// Empty return probes (`--bare`).
@@ -113,7 +116,7 @@ pub const MAPS: [&str; 17] = [
     PY_TEMPLATES,
 ];
 /// Every program name.
-pub const PROGRAMS: [&str; 20] = [
+pub const PROGRAMS: [&str; 21] = [
     ALLOC_ENTER,
     ALLOC_EXIT,
     FREE_ENTER,
@@ -126,6 +129,7 @@ pub const PROGRAMS: [&str; 20] = [
     REUSE_HOLDER_EXIT,
     PY_INIT_ENTER,
     PY_FINALIZE_ENTER,
+    CODE_DEALLOC_ENTER,
     BARE_ENTER,
     BARE_EXIT,
     SCHED_PROCESS_EXIT,

@@ -62,4 +62,13 @@ pub struct PyProc {
     /// Bits cleared from the pointer at `frame_code` before it is used: 3.14's
     /// `f_executable` is a `_PyStackRef` tagged in its low bits; 0 before 3.14.
     pub code_tag_mask: u64,
+    /// 1 when the process's `code_dealloc` is probed (`code_dealloc_enter` bumps the
+    /// kernel's code epoch before a code object's memory is freed), so a code object's
+    /// `co_firstlineno` may be taken from the kernel's per-CPU cache while the epoch is
+    /// unchanged instead of read per frame; 0: read per frame. Set by userspace only once
+    /// that probe is in place for the process (or for every process mapping its runtime
+    /// file); a forked child's copy is cleared by the kernel until its own probes are in.
+    pub line_cache: u32,
+    /// Padding (0).
+    pub _pad: u32,
 }

@@ -15,7 +15,7 @@ use pyleak_common::{
 use crate::{
     maps::emit_urgent,
     maps::{count_drop, filter_mode, target_state, FROZEN_COUNT, TARGETS, THREADS},
-    pystack::PY_PROCS,
+    pystack::{bump_code_epoch, PY_PROCS},
 };
 
 /// Uprobe on `Py_FinalizeEx`: freeze the process.
@@ -36,6 +36,12 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: `group_dead` is a bool at offset 32 of the format.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0);
     if group_dead != 0 {
+        // Its pid may be used again, by a process whose code objects sit elsewhere. Only a
+        // process with a layout was ever walked, so only its exit can make a cached first
+        // line stale.
+        if PY_PROCS.get_ptr(&tgid).is_some() {
+            bump_code_epoch();
+        }
         freeze(tgid);
     }
     0
@@ -112,7 +118,10 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: a plain value copied out at once.
-    if let Some(layout) = unsafe { PY_PROCS.get(&parent) }.copied() {
+    if let Some(mut layout) = unsafe { PY_PROCS.get(&parent) }.copied() {
+        // The parent's `code_dealloc` probe is the parent's alone: no cached first lines
+        // until userspace has put in the child's.
+        layout.line_cache = 0;
         let _ = PY_PROCS.insert(&child, &layout, 0);
     }
     announce_fork(child, parent, flags);
@@ -145,6 +154,11 @@ fn announce_fork(child: u32, parent: u32, flags: u64) {
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     let mode = filter_mode();
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A new program: its code objects may sit where the old one's did (in a process with
+    // a layout: only those were walked). Attached whatever the mode, for this.
+    if PY_PROCS.get_ptr(&tgid).is_some() {
+        bump_code_epoch();
+    }
     if mode == FILTER_PIDS {
         if !follow_children() || target_state(tgid) != TARGET_ACTIVE {
             return 0;

@@ -36,6 +36,90 @@ pub static PY_TEMPLATES: Array<PyProc> = Array::with_max_entries(PY_TEMPLATES_EN
 #[map]
 pub static TSTATES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(THREADS_ENTRIES, 0);
 
+/// `[0]`: the code epoch, bumped (atomically) before any code object of a process whose
+/// `code_dealloc` is probed is freed, and at every exec and process exit (a new program
+/// in the same process, or a pid used again). A [`LINE_CACHE`] slot filled at an epoch is
+/// valid only while the epoch is unchanged.
+#[map]
+pub static CODE_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Bumps [`CODE_EPOCH`].
+#[inline(always)]
+pub fn bump_code_epoch() {
+    if let Some(e) = CODE_EPOCH.get_ptr_mut(0) {
+        // SAFETY: an aligned map value, changed only atomically.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                e, 1,
+            )
+        };
+    }
+}
+
+/// Uprobe on `code_dealloc` (`PyCode_Type.tp_dealloc`, `Objects/codeobject.c`), at its
+/// entry, before the code object's memory can be freed: every cached first line may now
+/// name a code object that is gone.
+#[uprobe]
+pub fn code_dealloc_enter(_ctx: ProbeContext) -> u32 {
+    bump_code_epoch();
+    0
+}
+
+/// One slot of [`LINE_CACHE`]: code object `code` of process `tgid` had `co_firstlineno`
+/// `line` when the code epoch was `epoch`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LineSlot {
+    code: u64,
+    epoch: u64,
+    tgid: u32,
+    line: u32,
+}
+
+/// Slots of [`LINE_CACHE`] (a power of two): a deep stack of the pyperformance subset
+/// uses 10–40 distinct code objects.
+const LINE_SLOTS: usize = 256;
+
+/// Each CPU's direct-mapped cache of code objects' first lines (the signature kept with
+/// each frame), so a walk reads a code object only when it is new to this CPU since the
+/// last code epoch. A code object a frame of the walked thread runs cannot be freed while
+/// that frame exists, so one filled at the current epoch is still the object at that
+/// address: any object freed there since was freed through `code_dealloc`, which bumped
+/// the epoch first.
+#[map]
+static LINE_CACHE: PerCpuArray<[LineSlot; LINE_SLOTS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The first line of code object `code` (0 if unreadable), from this CPU's cache when the
+/// walk may use it (`s.cache`), else read from the target.
+#[inline(always)]
+fn first_line(s: &WalkState, p: &PyProc, code: u64) -> u32 {
+    let read = || read_u32(code + p.code_firstlineno as u64).unwrap_or(0);
+    if s.cache == 0 {
+        return read();
+    }
+    let Some(cache) = LINE_CACHE.get_ptr_mut(0) else {
+        return read();
+    };
+    let i = masked(((code >> 4) ^ (code >> 13)) as usize, LINE_SLOTS - 1);
+    // SAFETY: this CPU's cache, ours while the program runs; `i` is below its length.
+    let Some(slot) = (unsafe { &mut *cache }).get_mut(i) else {
+        return read();
+    };
+    if slot.code == code && slot.tgid == s.tgid && slot.epoch == s.epoch {
+        return slot.line;
+    }
+    let line = read();
+    if line != 0 {
+        *slot = LineSlot {
+            code,
+            epoch: s.epoch,
+            tgid: s.tgid,
+            line,
+        };
+    }
+    line
+}
+
 /// Owner values from here up mark entry frames, not Python code: the C stack's (3 on
 /// 3.12/3.13) and the interpreter's (3 on 3.14, where the C stack's becomes 4).
 const FIRST_ENTRY_OWNER: u8 = 3;
@@ -146,6 +230,12 @@ struct WalkState {
     flags: u32,
     /// Bytes of each frame to read: past the last field the layout uses.
     frame_len: u32,
+    /// 1: first lines come through [`LINE_CACHE`] (the process's `code_dealloc` is
+    /// probed), valid at code epoch `epoch`.
+    cache: u32,
+    epoch: u64,
+    /// The walked process.
+    tgid: u32,
     _pad: u32,
     /// The used part of the thread's current data-stack chunk, `[chunk_lo, chunk_hi)`
     /// (both 0 when unknown): frames there sit one after another, callers below.
@@ -224,11 +314,16 @@ pub fn walk(st: &mut StackTrace) {
     };
     // SAFETY: this CPU's slot, ours while the program runs.
     let state = unsafe { &mut *state };
+    // Read before any code object: one freed after this read bumps the epoch past it.
+    let epoch = CODE_EPOCH.get(0).copied();
     *state = WalkState {
         frame,
         n: 0,
         flags: 0,
         frame_len: (last as usize + 8).min(FRAME_READ) as u32,
+        cache: (p.line_cache != 0 && epoch.is_some()) as u32,
+        epoch: epoch.unwrap_or(0),
+        tgid,
         _pad: 0,
         chunk_lo,
         chunk_hi,
@@ -459,7 +554,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     } else {
         lasti_raw as u32
     };
-    let sig = read_u32(code + p.code_firstlineno as u64).unwrap_or(0);
+    let sig = first_line(s, p, code);
     let n = s.n as usize;
     if n >= MAX_PY_FRAMES {
         s.flags |= STACK_PY_TRUNCATED;

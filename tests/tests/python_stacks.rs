@@ -268,3 +268,64 @@ fn demo_through_a_symlinked_python_names_the_leaking_line() {
     let live = top["live_bytes"].as_u64().unwrap() as f64;
     assert!((live - want).abs() / want <= 0.02, "live {live} vs {want}");
 }
+
+/// Live libc bytes and blocks under stacks whose leaf frame is `leaf` (`f (gen_a.py:3)`).
+fn kept_at(report: &Value, leaf: &str) -> (u64, u64) {
+    stacks(report, "libc")
+        .filter(|s| {
+            s["frames"]
+                .as_array()
+                .and_then(|f| f.last())
+                .and_then(Value::as_str)
+                == Some(leaf)
+        })
+        .fold((0, 0), |(b, n), s| {
+            (
+                b + s["live_bytes"].as_u64().unwrap(),
+                n + s["live_count"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// Code objects freed and replaced at the same addresses by code objects of other lines
+/// (tests/workloads/py_code_reuse.py): each phase's bytes are at its own line, exactly.
+/// The kernel keeps code objects' first lines in a per-CPU cache, valid until a code
+/// object is freed (`code_dealloc`) or a process execs or exits: a first line kept past
+/// a free would name phase B's bytes as phase A's line.
+#[test]
+fn code_objects_replaced_at_the_same_address_keep_their_own_lines() {
+    if !root_or_skip() {
+        return;
+    }
+    let script = root().join("tests/workloads/py_code_reuse.py");
+    for (label, python) in required_pythons(&ALL_PYTHONS) {
+        let dir = scratch(&format!("code-reuse-{}", label.replace(' ', "-")));
+        let (report, out) = record_json(
+            &dir,
+            &[
+                "--layers",
+                "libc",
+                "--",
+                python.to_str().unwrap(),
+                script.to_str().unwrap(),
+            ],
+        );
+        let truth: Value = printed(&out);
+        let reused = truth["reused"].as_u64().unwrap();
+        // Without code objects at the same addresses this test would prove nothing.
+        assert!(
+            reused >= 10,
+            "{label}: only {reused} of phase B's code objects took phase A's addresses"
+        );
+        let want = (
+            truth["bytes_each"].as_u64().unwrap(),
+            truth["blocks_each"].as_u64().unwrap(),
+        );
+        let a = kept_at(&report, "f (gen_a.py:3)");
+        let b = kept_at(&report, "f (gen_b.py:103)");
+        eprintln!("{label}: {reused} code addresses reused; gen_a.py:3 {a:?}, gen_b.py:103 {b:?}, each should be {want:?}");
+        assert_eq!(a, want, "{label}: phase A's line (bytes, blocks)");
+        assert_eq!(b, want, "{label}: phase B's line (bytes, blocks)");
+        assert_eq!(report["lost_events"], 0, "{label}: lost {}", report["lost"]);
+    }
+}

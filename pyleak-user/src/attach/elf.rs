@@ -129,6 +129,17 @@ impl ElfFile {
         })
     }
 
+    /// The link-time address of the defined data object `name` (`PyCode_Type`), from the
+    /// dynamic symbols, then the full table.
+    pub fn data_symbol(&self, name: &str) -> Option<u64> {
+        let file = object::File::parse(&*self.data).ok()?;
+        let sym = file
+            .dynamic_symbols()
+            .chain(file.symbols())
+            .find(|s| s.is_definition() && s.kind() == SymbolKind::Data && s.name() == Ok(name))?;
+        Some(sym.address())
+    }
+
     /// Shared libraries the file needs (`DT_NEEDED`) and its run paths, `$ORIGIN` expanded.
     pub fn needed(&self) -> (Vec<String>, Vec<PathBuf>) {
         let Ok(file) = object::read::elf::ElfFile64::<object::Endianness>::parse(&*self.data)

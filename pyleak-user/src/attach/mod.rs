@@ -47,6 +47,9 @@ pub enum ProbeRole {
     /// `reuse_holder_exit` plus `reuse_holder_enter` at the same point: a function that
     /// gives an object its block (`insert_to_emptydict`: a dict its keys table).
     ReuseHolder,
+    /// `code_dealloc_enter` on `code_dealloc`: a code object being freed (the kernel's
+    /// cached first lines may be stale from then on).
+    CodeDealloc,
 }
 
 /// One uprobe to attach.
@@ -412,6 +415,35 @@ pub fn plan_finalize(elf: &ElfFile) -> Option<ProbeSpec> {
     })
 }
 
+/// `offsetof(PyTypeObject, tp_dealloc)`, 3.6–3.14 (`Include/cpython/object.h`: the
+/// variable-size object head, 24 bytes, then `tp_name`, `tp_basicsize`, `tp_itemsize`).
+const TP_DEALLOC: u64 = 48;
+
+/// The probe that tells the kernel a code object is being freed: on the function
+/// `PyCode_Type.tp_dealloc` points at (`code_dealloc`, `Objects/codeobject.c`), found from
+/// the type's initial value in the file, so stripped and LTO builds (where the function
+/// has no name) have it too. Its address is taken, so it is never inlined. `None` when the
+/// file has no `PyCode_Type` or its `tp_dealloc` is not code in the file.
+pub fn plan_code_dealloc(elf: &ElfFile) -> Option<ProbeSpec> {
+    let ty = elf.data_symbol("PyCode_Type")?;
+    let addr = elf.initial_pointer(ty.checked_add(TP_DEALLOC)?)?;
+    if !elf.is_code(addr) {
+        return None;
+    }
+    let f = elf.function_at(addr)?;
+    let point = choose_attach_point(&f.code, f.address, 0, false);
+    Some(ProbeSpec {
+        path: elf.path().to_owned(),
+        symbol: "code_dealloc",
+        offset: f.file_offset + point.offset,
+        role: ProbeRole::CodeDealloc,
+        cookie: 0,
+        emulated: point.emulated,
+        delta_from_entry: point.offset,
+        site: None,
+    })
+}
+
 /// The probe that tells the kernel where a launched command's Python runtime was loaded.
 pub fn plan_py_init(elf: &ElfFile) -> Option<ProbeSpec> {
     let f = elf.function("Py_InitializeFromConfig")?;
@@ -603,6 +635,67 @@ pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CPython this machine is expected to have: loud here, a failure under CI.
+    fn skip(why: &str) {
+        assert!(std::env::var_os("CI").is_none(), "required under CI: {why}");
+        eprintln!("!!! SKIPPED: {why}");
+    }
+
+    #[test]
+    fn code_dealloc_is_found_from_the_code_type() {
+        // pyenv's shared libpythons name it (a local symbol): the probe is in that
+        // function, found from `PyCode_Type` alone.
+        let root = std::process::Command::new("pyenv")
+            .arg("root")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        for (v, lib) in [
+            ("3.8.18", "3.8"),
+            ("3.9.18", "3.9"),
+            ("3.10.13", "3.10"),
+            ("3.11.7", "3.11"),
+            ("3.12.1", "3.12"),
+            ("3.13.0", "3.13"),
+        ] {
+            let path = format!("{root}/versions/{v}/lib/libpython{lib}.so.1.0");
+            let Ok(elf) = ElfFile::open(Path::new(&path)) else {
+                skip(&format!("no {path}"));
+                continue;
+            };
+            let named = elf
+                .function("code_dealloc")
+                .expect("pyenv keeps local symbols");
+            let p = plan_code_dealloc(&elf).expect("code_dealloc from PyCode_Type");
+            assert_eq!(p.role, ProbeRole::CodeDealloc);
+            assert_eq!(p.offset - p.delta_from_entry, named.file_offset, "{v}");
+        }
+        // Debian's LTO executable has no local symbols: found all the same, in code.
+        let debian = Path::new("/usr/bin/python3.11");
+        let Ok(elf) = ElfFile::open(debian) else {
+            return skip("no /usr/bin/python3.11");
+        };
+        assert!(elf.function("code_dealloc").is_none());
+        let p = plan_code_dealloc(&elf).expect("code_dealloc from PyCode_Type");
+        let ty = elf.data_symbol("PyCode_Type").unwrap();
+        let f = elf.initial_pointer(ty + TP_DEALLOC).unwrap();
+        assert!(elf.is_code(f));
+        assert_eq!(
+            elf.function_at(f).unwrap().file_offset,
+            p.offset - p.delta_from_entry
+        );
+        // A file without CPython has none.
+        let libc = [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        ]
+        .into_iter()
+        .find_map(|l| ElfFile::open(Path::new(l)).ok())
+        .expect("libc");
+        assert!(plan_code_dealloc(&libc).is_none());
+    }
 
     #[test]
     fn replacement_mallocs_are_recognised_by_name() {

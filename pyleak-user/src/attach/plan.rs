@@ -10,9 +10,10 @@ use std::{
 use pyleak_common::{Layer, CALL_LAYERS};
 
 use super::{
-    as_process_names, elf::ElfFile, is_libc, is_malloc_replacement, may_hold_python, plan_finalize,
-    plan_layer, plan_python_domain, reuse, tables::Domain, ProbeSpec, LIBC_FUNCTIONS,
-    PYMALLOC_FUNCTIONS, PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS, PYMEM_RAW_TABLE_FUNCTIONS,
+    as_process_names, elf::ElfFile, is_libc, is_malloc_replacement, may_hold_python,
+    plan_code_dealloc, plan_finalize, plan_layer, plan_python_domain, reuse, tables::Domain,
+    ProbeSpec, LIBC_FUNCTIONS, PYMALLOC_FUNCTIONS, PYMALLOC_TABLE_FUNCTIONS, PYMEM_RAW_FUNCTIONS,
+    PYMEM_RAW_TABLE_FUNCTIONS,
 };
 use crate::layers::LayerSet;
 
@@ -126,6 +127,7 @@ pub fn plan_file(layers: LayerSet, file: &Path, via: &Path) -> Vec<ProbeSpec> {
     let mut probes = Vec::new();
     if may_hold_python(file) {
         probes.extend(plan_finalize(&elf));
+        probes.extend(plan_code_dealloc(&elf));
     }
     for l in &LAYER_PROBES {
         if layers.contains(l.layer) && (l.recognise)(file) {

@@ -4,6 +4,7 @@ mod budget;
 pub mod bulk;
 pub mod cow;
 pub mod frames;
+pub mod lines;
 pub mod probes;
 mod read;
 pub mod retire;
@@ -115,13 +116,16 @@ pub struct Recorder {
     pub pythons: HashMap<u32, String>,
     /// Exited processes retired (group targets), and what they left live.
     retired: retire::Retired,
+    /// Where the kernel's first-line cache may be used.
+    code_watch: lines::CodeWatch,
 }
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyleak"));
 
 /// pyleak's uprobe programs: name, and whether it runs at the function's return.
-const UPROBE_PROGRAMS: [(&str, bool); 14] = [
+const UPROBE_PROGRAMS: [(&str, bool); 15] = [
     (names::ALLOC_ENTER, false),
+    (names::CODE_DEALLOC_ENTER, false),
     (names::ALLOC_EXIT, true),
     (names::FREE_ENTER, false),
     (names::PY_FINALIZE_ENTER, false),
@@ -238,9 +242,8 @@ impl Recorder {
         }
         let mut tracepoints: Vec<(&str, &str, &str)> =
             vec![("sched_process_exit", "sched", "sched_process_exit")];
-        if opts.filter.file_wide() || opts.follow_children {
-            tracepoints.push((names::SCHED_PROCESS_EXEC, "sched", "sched_process_exec"));
-        }
+        // Always: an exec also ends the code objects the kernel's first-line cache knows.
+        tracepoints.push((names::SCHED_PROCESS_EXEC, "sched", "sched_process_exec"));
         if opts.filter.file_wide() || (opts.filter == Filter::Pids && opts.follow_children) {
             tracepoints.push((names::TASK_NEWTASK, "task", "task_newtask"));
         }
@@ -304,6 +307,7 @@ impl Recorder {
             forks: Vec::new(),
             cgroups: HashMap::new(),
             pythons: HashMap::new(),
+            code_watch: lines::CodeWatch::default(),
         })
     }
 
@@ -354,19 +358,7 @@ impl Recorder {
         ) {
             let _ = procs.remove(&pid);
         }
-    }
-
-    /// Stores the layout template `index` the kernel applies to processes starting later.
-    pub fn set_template(&mut self, index: u32, layout: &PyProc) -> anyhow::Result<()> {
-        let mut t: aya::maps::Array<_, PyProc> = aya::maps::Array::try_from(
-            self.ebpf.map_mut(names::PY_TEMPLATES).context(concat!(
-                "map ",
-                "PY_TEMPLATES",
-                " missing"
-            ))?,
-        )?;
-        t.set(index, *layout, 0)?;
-        Ok(())
+        self.forget_code_watch(pid);
     }
 
     /// Reads every event waiting in the ring buffer into the vm model; returns how many.
@@ -453,17 +445,6 @@ impl Recorder {
         targets
             .get(&pid, 0)
             .is_ok_and(|s| s == pyleak_common::TARGET_FROZEN)
-    }
-
-    /// Tells the kernel how to walk the Python frames of `pid`.
-    pub fn set_python(&mut self, pid: u32, layout: &PyProc) -> anyhow::Result<()> {
-        let mut procs: BpfHashMap<_, u32, PyProc> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut(names::PY_PROCS)
-                .context(concat!("map ", "PY_PROCS", " missing"))?,
-        )?;
-        procs.insert(pid, *layout, 0)?;
-        Ok(())
     }
 
     /// What pyleak's own memory holds per process, for `RUST_LOG=debug` (soaks): one line.

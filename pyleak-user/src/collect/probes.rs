@@ -107,6 +107,7 @@ impl Recorder {
                 }
             }
         }
+        self.note_code_watch(probes, pid);
         self.probes.extend(probes.iter().cloned());
         self.attach_s += started.elapsed().as_secs_f64();
         Ok(())
@@ -209,6 +210,7 @@ fn programs_of(role: ProbeRole, bare: bool) -> &'static [&'static str] {
         (ProbeRole::Free, false) => &[names::FREE_ENTER],
         (ProbeRole::Finalize, _) => &[names::PY_FINALIZE_ENTER],
         (ProbeRole::PyInit, _) => &[names::PY_INIT_ENTER],
+        (ProbeRole::CodeDealloc, _) => &[names::CODE_DEALLOC_ENTER],
         (ProbeRole::Alloc, true) => &[names::BARE_EXIT, names::BARE_ENTER],
         (ProbeRole::Free, true) => &[names::BARE_ENTER],
         (ProbeRole::Site, false) => &[names::SITE_ENTER],

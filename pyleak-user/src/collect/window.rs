@@ -76,9 +76,12 @@ impl Windows {
         };
         let mut rest = Vec::new();
         for p in probes {
-            // Only allocator probes carry a layer in their cookie (a finalize or init probe's
+            // Only allocator probes carry a layer in their cookie (a finalize, init or code probe's
             // cookie is something else: it must stay in all the time).
-            let allocator = !matches!(p.role, ProbeRole::Finalize | ProbeRole::PyInit);
+            let allocator = !matches!(
+                p.role,
+                ProbeRole::Finalize | ProbeRole::PyInit | ProbeRole::CodeDealloc
+            );
             if allocator && ProbeCookie::decode(p.cookie).layer == Layer::Pymalloc as u32 {
                 self.probes.push((p.clone(), pid));
             } else {

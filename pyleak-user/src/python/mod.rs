@@ -34,6 +34,9 @@ pub struct PythonRuntime {
     pub code: CodeLayout,
     /// What the user should hear about how the layouts were found (one line), if anything.
     pub warning: Option<String>,
+    /// The file's device and inode as read (through the path pyleak opened), if known:
+    /// what its uprobes are placed on.
+    pub key: Option<(u64, u64)>,
 }
 
 /// What detection found in a file that holds a Python runtime.
@@ -66,7 +69,11 @@ pub fn detect_via(file: &std::path::Path, via: &std::path::Path) -> Option<Detec
     if !(name.starts_with("libpython") || name.starts_with("python")) {
         return None;
     }
-    detect_in(file, &std::fs::read(via).ok()?)
+    let mut found = detect_in(file, &std::fs::read(via).ok()?)?;
+    if let Detected::Supported(rt) = &mut found {
+        rt.key = crate::attach::plan::file_key(via);
+    }
+    Some(found)
 }
 
 /// Whether the ELF file `data` (named `file`) holds a Python runtime; see [`detect_via`].
@@ -139,6 +146,7 @@ pub fn detect_in(file: &std::path::Path, data: &[u8]) -> Option<Detected> {
         walk,
         code,
         warning,
+        key: None,
     })))
 }
 

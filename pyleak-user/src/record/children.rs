@@ -106,6 +106,8 @@ impl Children {
         syms: &Mutex<Symbolizer>,
     ) {
         for (child, parent, ts) in std::mem::take(&mut rec.forks) {
+            // A new process, maybe with an earlier one's pid: its own probes are not in yet.
+            rec.forget_code_watch(child);
             if let Some(rt) = self.runtimes.get(&parent).cloned() {
                 // The kernel gave it its parent's layout: the same runtime at the same place.
                 if self.python_stacks {
@@ -269,7 +271,7 @@ impl Children {
     ) {
         let layout = rt.walk;
         let set = match python::load_bias(pid, rt) {
-            Some(bias) => rec.set_python(pid, &python::placed(pid, rt, bias, layout)),
+            Some(bias) => rec.set_python(pid, &python::placed(pid, rt, bias, layout), rt.key),
             None => {
                 if let Ok(elf) = ElfFile::open(&rt.file) {
                     probes.extend(attach::plan_py_init(&elf));
@@ -289,6 +291,7 @@ impl Children {
                         bias: 0,
                         ..layout
                     },
+                    rt.key,
                 )
             }
         };

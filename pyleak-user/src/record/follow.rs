@@ -454,7 +454,7 @@ impl Group {
                     return;
                 };
                 if self.python_stacks {
-                    if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, rt.walk)) {
+                    if let Err(e) = rec.set_python(pid, &placed(pid, rt, bias, rt.walk), rt.key) {
                         log::warn!("process {pid}: {e}");
                     }
                     resolver.add_process(pid, rt);
@@ -502,7 +502,7 @@ impl Group {
             ..rt.walk
         };
         let mut init = attach::plan_py_init(&ElfFile::open(file).ok()?)?;
-        rec.set_template(self.templates, &template).ok()?;
+        rec.set_template(self.templates, &template, rt.key).ok()?;
         init.cookie = pyleak_common::py_init_cookie(init.cookie, Some(self.templates));
         self.templates += 1;
         Some(init)

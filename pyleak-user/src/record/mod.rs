@@ -315,6 +315,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                         bias: 0,
                         ..layout
                     },
+                    rt.key,
                 )?;
                 if let Ok(elf) = ElfFile::open(&rt.file) {
                     probes.extend(attach::plan_py_init(&elf));
@@ -357,7 +358,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                     !args.no_python_stacks,
                 ) {
                     let bias = python::load_bias(pid, &rt).ok_or(UserError::ProcessGone(pid))?;
-                    rec.set_python(pid, &python::placed(pid, &rt, bias, rt.walk))?;
+                    rec.set_python(pid, &python::placed(pid, &rt, bias, rt.walk), rt.key)?;
                     resolver.add_process(pid, &rt);
                     pythons.push((pid, rt));
                 }

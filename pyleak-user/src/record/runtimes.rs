@@ -73,7 +73,9 @@ impl Runtimes {
             let Some(bias) = python::load_bias(pid, &u.rt) else {
                 return true;
             };
-            if let Err(e) = rec.set_python(pid, &python::placed(pid, &u.rt, bias, u.layout)) {
+            if let Err(e) =
+                rec.set_python(pid, &python::placed(pid, &u.rt, bias, u.layout), u.rt.key)
+            {
                 log::warn!("process {pid}: {e}");
             }
             false
