@@ -237,6 +237,8 @@ struct WalkState {
     /// The walked process.
     tgid: u32,
     _pad: u32,
+    /// The stack's hash so far: the native frames, then each Python frame pushed.
+    hash: u64,
     /// The used part of the thread's current data-stack chunk, `[chunk_lo, chunk_hi)`
     /// (both 0 when unknown): frames there sit one after another, callers below.
     chunk_lo: u64,
@@ -246,21 +248,24 @@ struct WalkState {
     win_hi: u64,
 }
 
-/// Appends the Python frames of the current thread to `st`, leaf first.
+/// Appends the Python frames of the current thread to `st`, leaf first, and returns
+/// `hash` with each frame folded in as it is pushed (FNV-1a over the code address, then
+/// the line offset and signature: the start of [`crate::stack`]'s stack id), saving the
+/// interning a second pass over the frames.
 ///
 /// The frame loop runs through `bpf_loop`, so the verifier checks one step instead of
 /// every unrolled iteration.
 #[inline(always)]
-pub fn walk(st: &mut StackTrace) {
+pub fn walk(st: &mut StackTrace, hash: u64) -> u64 {
     st.py_len = 0;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // SAFETY: plain data copied out at once.
     let Some(p) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
-        return;
+        return hash;
     };
     if p.bias == 0 {
-        return;
+        return hash;
     }
     // The interpreter knows its threads by the ids its own pid namespace gives them.
     let tid = if p.pidns_ino != 0 {
@@ -275,7 +280,7 @@ pub fn walk(st: &mut StackTrace) {
             )
         };
         if rc != 0 {
-            return;
+            return hash;
         }
         ns.pid
     } else {
@@ -290,11 +295,11 @@ pub fn walk(st: &mut StackTrace) {
         None => {
             let Some(ts) = find_tstate(&p, tid) else {
                 // Not a Python thread (or not one yet).
-                return;
+                return hash;
             };
             let Some(frame) = read_u64(ts + p.tstate_frame as u64) else {
                 st.flags |= STACK_PY_UNREADABLE;
-                return;
+                return hash;
             };
             (frame, used_chunk(&p, ts))
         }
@@ -303,33 +308,33 @@ pub fn walk(st: &mut StackTrace) {
         frame = read_u64(frame + p.cframe_frame as u64).unwrap_or(0);
     }
     if PY_SCRATCH.set(0, &p, 0).is_err() {
-        return;
+        return hash;
     }
     let mut last = p.frame_code.max(p.frame_back).max(p.frame_lasti);
     if p.frame_owner != NO_OFFSET {
         last = last.max(p.frame_owner);
     }
     let Some(state) = WALK_STATE.get_ptr_mut(0) else {
-        return;
+        return hash;
     };
     // SAFETY: this CPU's slot, ours while the program runs.
     let state = unsafe { &mut *state };
     // Read before any code object: one freed after this read bumps the epoch past it.
     let epoch = CODE_EPOCH.get(0).copied();
-    *state = WalkState {
-        frame,
-        n: 0,
-        flags: 0,
-        frame_len: (last as usize + 8).min(FRAME_READ) as u32,
-        cache: (p.line_cache != 0 && epoch.is_some()) as u32,
-        epoch: epoch.unwrap_or(0),
-        tgid,
-        _pad: 0,
-        chunk_lo,
-        chunk_hi,
-        win_lo: 0,
-        win_hi: 0,
-    };
+    // Field by field: a whole struct would be built on the BPF stack first, which the
+    // callers' frames leave no room for.
+    state.frame = frame;
+    state.n = 0;
+    state.flags = 0;
+    state.frame_len = (last as usize + 8).min(FRAME_READ) as u32;
+    state.cache = (p.line_cache != 0 && epoch.is_some()) as u32;
+    state.epoch = epoch.unwrap_or(0);
+    state.tgid = tgid;
+    state.hash = hash;
+    state.chunk_lo = chunk_lo;
+    state.chunk_hi = chunk_hi;
+    state.win_lo = 0;
+    state.win_hi = 0;
     // SAFETY: the callback is a static BPF function and takes no context.
     unsafe {
         bpf_loop(
@@ -344,6 +349,7 @@ pub fn walk(st: &mut StackTrace) {
     }
     st.flags |= state.flags;
     st.py_len = state.n.min(MAX_PY_FRAMES as u32);
+    state.hash
 }
 
 /// Each CPU's walk in progress.
@@ -562,6 +568,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     }
     // SAFETY: the per-CPU scratch stack; `n` is below the array's length.
     unsafe { (*st).py[n] = PyFrame { code, lasti, sig } };
+    s.hash = crate::stack::fold_py(s.hash, code, lasti, sig);
     s.n += 1;
     s.frame = back;
     0

@@ -13,7 +13,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_get_stack, bpf_loop, bpf_task_pt_regs},
     },
 };
-use pyleak_common::{Drop, MAX_NATIVE_FRAMES, MAX_PY_FRAMES, STACK_LEAF_IS_IP};
+use pyleak_common::{Drop, MAX_NATIVE_FRAMES, STACK_LEAF_IS_IP};
 
 use crate::maps::{count_drop, set_in_probe, LAST_STACK, STACKS, STACK_SCRATCH};
 
@@ -137,9 +137,17 @@ fn fill(
         len = MAX_NATIVE_FRAMES;
     }
     st.native_len = len as u32;
-    crate::pystack::walk(st);
+    // The id hashes the Python frames as the walk pushes them, then the native frames.
+    let h = crate::pystack::walk(st, FNV_OFFSET);
     set_in_probe(false);
-    intern(st)
+    intern(st, h)
+}
+
+/// Folds Python frame `(code, lasti, sig)` into stack hash `h`.
+#[inline(always)]
+pub fn fold_py(h: u64, code: u64, lasti: u32, sig: u32) -> u64 {
+    let h = (h ^ code).wrapping_mul(FNV_PRIME);
+    (h ^ ((lasti as u64) << 32 | sig as u64)).wrapping_mul(FNV_PRIME)
 }
 
 /// Whether `rbp` at an allocator's entry (the caller's) can start a frame-pointer chain: a
@@ -155,16 +163,17 @@ pub fn frame_chain_plausible(rsp: u64, rbp: u64) -> bool {
 /// How far above the stack pointer the caller's frame may start (the default 8 MiB stack).
 const MAX_FRAME_SPAN: u64 = 8 << 20;
 
-/// Hashes the used part of `st` and stores it under that hash.
+/// Stores `st` under its hash: `h` (its Python frames, folded in by the walk), then its
+/// native frames and flags.
 #[inline(always)]
-fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
+fn intern(st: &mut pyleak_common::StackTrace, h: u64) -> u64 {
     // Loops through `bpf_loop`: the verifier checks one step, not every unrolled one per
     // path into this function.
     let mut hs = HashState {
-        h: FNV_OFFSET,
+        h,
         len: st.native_len.min(MAX_NATIVE_FRAMES as u32),
     };
-    // SAFETY: the callbacks are static BPF functions; the context is our stack variable.
+    // SAFETY: the callback is a static BPF function; the context is our stack variable.
     unsafe {
         bpf_loop(
             hs.len,
@@ -173,18 +182,7 @@ fn intern(st: &mut pyleak_common::StackTrace) -> u64 {
             0,
         );
     }
-    hs.len = st.py_len.min(MAX_PY_FRAMES as u32);
-    // SAFETY: as above.
-    unsafe {
-        bpf_loop(
-            hs.len,
-            hash_py_step as *mut c_void,
-            (&mut hs as *mut HashState).cast(),
-            0,
-        );
-    }
-    let mut h = hs.h;
-    h = (h ^ (st.flags as u64)).wrapping_mul(FNV_PRIME);
+    let h = (hs.h ^ (st.flags as u64)).wrapping_mul(FNV_PRIME);
     // 0 means "no stack".
     let id = h | 1;
     let last = LAST_STACK.get_ptr_mut(0);
@@ -232,21 +230,6 @@ extern "C" fn hash_native_step(i: u64, ctx: *mut c_void) -> i64 {
         return 1;
     };
     hs.h = (hs.h ^ ip).wrapping_mul(FNV_PRIME);
-    0
-}
-
-/// Hashes Python frame `i` of this CPU's scratch stack.
-extern "C" fn hash_py_step(i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the HashState `intern` passed to bpf_loop.
-    let hs = unsafe { &mut *(ctx as *mut HashState) };
-    let Some(st) = STACK_SCRATCH.get(0) else {
-        return 1;
-    };
-    let Some(f) = st.py.get(i as usize) else {
-        return 1;
-    };
-    hs.h = (hs.h ^ f.code).wrapping_mul(FNV_PRIME);
-    hs.h = (hs.h ^ ((f.lasti as u64) << 32 | f.sig as u64)).wrapping_mul(FNV_PRIME);
     0
 }
 

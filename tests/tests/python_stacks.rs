@@ -269,7 +269,7 @@ fn demo_through_a_symlinked_python_names_the_leaking_line() {
     assert!((live - want).abs() / want <= 0.02, "live {live} vs {want}");
 }
 
-/// Live libc bytes and blocks under stacks whose leaf frame is `leaf` (`f (gen_a.py:3)`).
+/// Live libc bytes and blocks under stacks whose leaf frame is `leaf` (`f (gen_a.py:13)`).
 fn kept_at(report: &Value, leaf: &str) -> (u64, u64) {
     stacks(report, "libc")
         .filter(|s| {
@@ -321,9 +321,9 @@ fn code_objects_replaced_at_the_same_address_keep_their_own_lines() {
             truth["bytes_each"].as_u64().unwrap(),
             truth["blocks_each"].as_u64().unwrap(),
         );
-        let a = kept_at(&report, "f (gen_a.py:3)");
-        let b = kept_at(&report, "f (gen_b.py:103)");
-        eprintln!("{label}: {reused} code addresses reused; gen_a.py:3 {a:?}, gen_b.py:103 {b:?}, each should be {want:?}");
+        let a = kept_at(&report, "f (gen_a.py:13)");
+        let b = kept_at(&report, "f (gen_b.py:113)");
+        eprintln!("{label}: {reused} code addresses reused; gen_a.py:13 {a:?}, gen_b.py:113 {b:?}, each should be {want:?}");
         assert_eq!(a, want, "{label}: phase A's line (bytes, blocks)");
         assert_eq!(b, want, "{label}: phase B's line (bytes, blocks)");
         assert_eq!(report["lost_events"], 0, "{label}: lost {}", report["lost"]);
