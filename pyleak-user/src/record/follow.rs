@@ -87,6 +87,9 @@ pub struct Group {
     /// Traced processes that exited, oldest first: past [`retire::exited_kept`], the
     /// oldest is retired.
     exited: std::collections::VecDeque<u32>,
+    /// Exited processes retired early, because a new process took their pid while they
+    /// were kept whole (see [`Group::take_retired_early`]).
+    retired_early: HashSet<u32>,
 }
 
 impl Group {
@@ -101,7 +104,35 @@ impl Group {
             templates: 0,
             members: HashMap::new(),
             exited: std::collections::VecDeque::new(),
+            retired_early: HashSet::new(),
         }
+    }
+
+    /// `pid` belongs to a new process (forked, exec'd, or found by a scan or by its
+    /// stacks): an exited process of the same pid still kept whole is retired now. The
+    /// kernel counts by pid, so the new process would otherwise add to the old one's
+    /// blocks and totals (pids wrap at `kernel.pid_max`, and the allocator's next pid may
+    /// be one just freed: 1 worker of 7 858 in the hour's soak of session 11). What the
+    /// new process allocated before pyleak learnt of it (its first milliseconds, when a
+    /// fork is announced) is retired with the old one.
+    fn take_pid(
+        &mut self,
+        rec: &mut Recorder,
+        resolver: &mut python::Resolver,
+        syms: &Mutex<Symbolizer>,
+        pid: u32,
+    ) {
+        if !self.members.get(&pid).is_some_and(|m| m.reaped) {
+            return;
+        }
+        self.members.remove(&pid);
+        self.exited.retain(|&q| q != pid);
+        if let Err(e) = rec.retire(&[pid]) {
+            log::warn!("retiring exited process {pid}: {e:#}");
+        }
+        lock(syms).forget(pid);
+        resolver.forget(&HashSet::from([pid]));
+        self.retired_early.insert(pid);
     }
 
     /// Processes seen (traced or not, alive or not), and files held open.
@@ -129,7 +160,12 @@ impl Group {
         };
         let me = std::process::id();
         for pid in pids {
-            if pid == me || self.members.contains_key(&pid) {
+            if pid == me {
+                continue;
+            }
+            // A member of that pid that exited: this is a new process.
+            self.take_pid(rec, resolver, syms, pid);
+            if self.members.contains_key(&pid) {
                 continue;
             }
             self.members.insert(pid, Member::new(false));
@@ -161,6 +197,7 @@ impl Group {
             // Its parent's program is no longer in its memory (stacks named so far keep
             // their names).
             resolver.forget_process(pid);
+            self.take_pid(rec, resolver, syms, pid);
             let m = self.members.entry(pid).or_insert(Member::new(false));
             // A new program: its files and runtime are to be learnt again.
             m.settled = false;
@@ -175,6 +212,7 @@ impl Group {
             .filter(|pid| !self.members.get(pid).is_some_and(|m| m.settled))
             .collect();
         for pid in unseen {
+            self.take_pid(rec, resolver, syms, pid);
             self.members.entry(pid).or_insert(Member::new(false));
             self.examine(rec, resolver, syms, pid);
         }
@@ -196,6 +234,7 @@ impl Group {
             // A parent not seen yet: the child is found by the scan, or by its stacks.
             return;
         }
+        self.take_pid(rec, resolver, syms, child);
         let m = self.members.entry(child).or_insert(Member::new(true));
         m.settled = true;
         m.reaped = false;
@@ -247,6 +286,13 @@ impl Group {
                 rec.refresh_comm(pid);
             }
         }
+    }
+
+    /// The pids whose exited process was retired early since the last call, because a new
+    /// process took the pid: what else pyleak keeps per pid (growth series) starts again
+    /// for the new one. Symbols and Python runtimes were dropped when it happened.
+    pub fn take_retired_early(&mut self) -> HashSet<u32> {
+        std::mem::take(&mut self.retired_early)
     }
 
     /// Drops the kernel entries of traced processes that exited (their events are all

@@ -158,6 +158,7 @@ pub async fn trace_loop(
                     learn_new_stacks(rec, resolver);
                     g.scan(rec, resolver, syms);
                     g.refresh(rec, resolver, syms);
+                    sampler.forget(&g.take_retired_early());
                     let gone = g.reap(rec);
                     if !gone.is_empty() {
                         let mut syms = lock(syms);
