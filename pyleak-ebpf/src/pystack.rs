@@ -37,8 +37,8 @@ pub static PY_TEMPLATES: Array<PyProc> = Array::with_max_entries(PY_TEMPLATES_EN
 pub static TSTATES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(THREADS_ENTRIES, 0);
 
 /// `[0]`: the code epoch, bumped (atomically) before any code object of a process whose
-/// `code_dealloc` is probed is freed, and at every exec and process exit (a new program
-/// in the same process, or a pid used again). A [`LINE_CACHE`] slot filled at an epoch is
+/// `code_dealloc` is probed is freed, and at the exec and the exit of every process with a
+/// layout in `PY_PROCS` (a new program in the same process, or a pid used again). A [`LINE_CACHE`] slot filled at an epoch is
 /// valid only while the epoch is unchanged.
 #[map]
 pub static CODE_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
@@ -237,7 +237,8 @@ struct WalkState {
     /// The walked process.
     tgid: u32,
     _pad: u32,
-    /// The stack's hash so far: the native frames, then each Python frame pushed.
+    /// The stack's hash so far: each Python frame pushed (the native frames come after,
+    /// when the stack is interned).
     hash: u64,
     /// The used part of the thread's current data-stack chunk, `[chunk_lo, chunk_hi)`
     /// (both 0 when unknown): frames there sit one after another, callers below.
