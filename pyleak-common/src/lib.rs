@@ -279,8 +279,9 @@ pub struct ThreadState {
     pub reuse_holder: u64,
     /// The sampling window that call began in.
     pub reuse_window: u32,
-    /// Padding.
-    pub _pad: u32,
+    /// Bytes requested for `last_block` (at most `u32::MAX`): an object whose address
+    /// falls in `[last_block, last_block + last_size)` was made in it.
+    pub last_size: u32,
 }
 
 /// Key of per-stack aggregates.

@@ -226,6 +226,7 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
     finish(tgid, c.layer, &pending, ret);
     if layer == Layer::Pymalloc as usize {
         t.last_block = ret;
+        t.last_size = pending.size.min(u64::from(u32::MAX)) as u32;
     }
     Ok(())
 }
@@ -550,6 +551,18 @@ pub(crate) fn live_find(tgid: u32, layer: u32, addr: u64) -> Option<LiveAt> {
     let key = AllocKey { tgid, layer, addr };
     // SAFETY: only whether the entry exists is looked at.
     unsafe { LIVE_ALLOCS.get(&key) }.map(|_| LiveAt::Overflow)
+}
+
+/// Bytes requested for the tracked block at `at` (0 if its record is gone).
+#[inline(always)]
+pub(crate) fn live_size(tgid: u32, layer: u32, addr: u64, at: LiveAt) -> u64 {
+    match at {
+        LiveAt::Table(i) => LIVE_VALS.get(i).map_or(0, |v| v.size),
+        // SAFETY: plain data copied out at once.
+        LiveAt::Overflow => {
+            unsafe { LIVE_ALLOCS.get(&AllocKey { tgid, layer, addr }) }.map_or(0, |v| v.size)
+        }
+    }
 }
 
 /// A tracked block handed out again (by a CPython free list) to code at `stack_id`: from

@@ -15,8 +15,8 @@ use aya_ebpf::{
 use pyleak_common::{Layer, GC_HEAD_BYTES, TPFLAGS_HAVE_GC, TYPE_FLAGS_OFFSET};
 
 use crate::{
-    alloc::{args3, cookie, hand_over, live_find},
-    maps::{uprobe_target_active, THREADS},
+    alloc::{args3, cookie, hand_over, live_find, live_size},
+    maps::{pymalloc_sampled, uprobe_target_active, THREADS},
     stack,
     thread::window_of,
 };
@@ -33,27 +33,48 @@ pub fn reuse_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
     let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
     let at = rsp + (c.stack_delta & 0xffff) as u64;
-    // The object's block starts before it by its pre-header, which its type's flags say.
+    let managed = u64::from(c.stack_delta >> 16);
+    let blocks = if pymalloc_sampled() {
+        // Blocks tracked in a window stay in the table when their frees go unseen between
+        // windows: only the block the object's type says is looked up.
+        match preheader(op, managed) {
+            Some(pre) => [op.wrapping_sub(pre), 0, 0],
+            None => return 0,
+        }
+    } else {
+        // Exact mode sees every free, so a tracked block that contains the object is its
+        // block: each pre-header size the version allows is tried (no pre-header, a GC
+        // header or the pre-header flags' two words, both), with no read of its type.
+        let both = if managed != 0 {
+            op.wrapping_sub(GC_HEAD_BYTES + 16)
+        } else {
+            0
+        };
+        [op, op.wrapping_sub(GC_HEAD_BYTES), both]
+    };
+    let chain = stack::frame_chain_plausible(rsp, rbp);
+    reused(ctx.as_ptr(), blocks, op, Caller::At(at), chain, true);
+    0
+}
+
+/// Bytes before object `op` where its block starts, from its type's flags (two reads of
+/// the target's memory): a GC header for `Py_TPFLAGS_HAVE_GC`, two words for any of the
+/// version's pre-header flags `managed`.
+#[inline(always)]
+fn preheader(op: u64, managed: u64) -> Option<u64> {
     // SAFETY: reads `op->ob_type` and the type's `tp_flags` from the target's memory,
     // checked by the helper.
-    let Ok(ty) = (unsafe { bpf_probe_read_user((op + 8) as *const u64) }) else {
-        return 0;
-    };
+    let ty = unsafe { bpf_probe_read_user((op + 8) as *const u64) }.ok()?;
     // SAFETY: as above.
-    let Ok(flags) = (unsafe { bpf_probe_read_user((ty + TYPE_FLAGS_OFFSET) as *const u64) }) else {
-        return 0;
-    };
+    let flags = unsafe { bpf_probe_read_user((ty + TYPE_FLAGS_OFFSET) as *const u64) }.ok()?;
     let mut pre = 0;
     if flags & TPFLAGS_HAVE_GC != 0 {
         pre += GC_HEAD_BYTES;
     }
-    if flags & u64::from(c.stack_delta >> 16) != 0 {
+    if flags & managed != 0 {
         pre += 16;
     }
-    let blocks = [op.wrapping_sub(pre), 0, 0];
-    let chain = stack::frame_chain_plausible(rsp, rbp);
-    reused(ctx.as_ptr(), blocks, Caller::At(at), chain, true);
-    0
+    Some(pre)
 }
 
 /// The return of `new_keys_object`: the dict keys table it returns is the block.
@@ -62,13 +83,7 @@ pub fn reuse_exit(ctx: RetProbeContext) -> u32 {
     let block: u64 = ctx.ret();
     // SAFETY: a return probe runs with the instruction pointer back at the return address.
     let caller = unsafe { (*ctx.regs).rip };
-    reused(
-        ctx.as_ptr(),
-        [block, 0, 0],
-        Caller::Is(caller),
-        false,
-        false,
-    );
+    table_reused(ctx.as_ptr(), block, caller);
     0
 }
 
@@ -82,30 +97,33 @@ enum Caller {
     At(u64),
 }
 
-/// Hands the first tracked block of `blocks` to the current stack, unless this thread has
-/// just allocated it. `object`: an object's first reference, which ends the thread's
-/// "just allocated" block (`ThreadState::last_block`): each new object gets exactly one,
-/// right after its block is allocated, while a keys table made before an object (`{}`,
-/// then its first insert) is seen by its own probes first.
+/// Hands the first tracked block of `blocks` that holds address `obj` to the current
+/// stack, unless this thread has just allocated it. `object`: an object's first reference,
+/// which ends the thread's "just allocated" block (`ThreadState::last_block`): each new
+/// object gets exactly one, right after its block is allocated, while a keys table made
+/// before an object (`{}`, then its first insert) is seen by its own probes first.
 #[inline(always)]
-fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Caller, chain: bool, object: bool) {
+fn reused(ctx: *mut c_void, blocks: [u64; 3], obj: u64, caller: Caller, chain: bool, object: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let layer = Layer::Pymalloc as u32;
     if !uprobe_target_active(tgid) || window_of(layer as usize).is_none() {
         return;
     }
-    let mut last = 0;
+    let (mut last, mut last_size) = (0, 0);
     if let Some(t) = THREADS.get_ptr_mut(tid) {
         // SAFETY: a valid map value pointer; only this thread touches its own entry.
         unsafe {
-            last = (*t).last_block;
+            (last, last_size) = ((*t).last_block, (*t).last_size);
             if object {
                 (*t).last_block = 0;
             }
         }
     }
-    if last != 0 && (blocks[0] == last || blocks[1] == last || blocks[2] == last) {
+    if last != 0
+        && (blocks[0] == last || blocks[1] == last || blocks[2] == last)
+        && holds(last, u64::from(last_size), obj)
+    {
         return;
     }
     let mut found = None;
@@ -114,8 +132,10 @@ fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Caller, chain: bool, objec
             continue;
         }
         if let Some(at) = live_find(tgid, layer, addr) {
-            found = Some((addr, at));
-            break;
+            if holds(addr, live_size(tgid, layer, addr, at), obj) {
+                found = Some((addr, at));
+                break;
+            }
         }
     }
     let Some((addr, at)) = found else {
@@ -128,6 +148,21 @@ fn reused(ctx: *mut c_void, blocks: [u64; 3], caller: Caller, chain: bool, objec
     };
     let stack_id = stack::capture(ctx, caller, tid, chain);
     hand_over(tgid, layer, addr, at, stack_id);
+}
+
+/// A dict keys table `block` returned to native `caller`: handed to the current stack if
+/// tracked.
+#[inline(always)]
+fn table_reused(ctx: *mut c_void, block: u64, caller: u64) {
+    reused(ctx, [block, 0, 0], block, Caller::Is(caller), false, false);
+}
+
+/// Whether the block at `block` of `size` requested bytes holds address `obj` (it starts
+/// there, or runs past it: blocks do not overlap, so a live one that runs past `obj` from
+/// below is `obj`'s).
+#[inline(always)]
+fn holds(block: u64, size: u64, obj: u64) -> bool {
+    block == obj || (block < obj && block.wrapping_add(size) > obj)
 }
 
 /// Entry of `insert_to_emptydict`: keeps the dict (argument `cookie & 0xff`) for the
@@ -187,12 +222,6 @@ pub fn reuse_holder_exit(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: a return probe runs with the instruction pointer back at the return address.
     let caller = unsafe { (*ctx.regs).rip };
-    reused(
-        ctx.as_ptr(),
-        [block, 0, 0],
-        Caller::Is(caller),
-        false,
-        false,
-    );
+    table_reused(ctx.as_ptr(), block, caller);
     0
 }
