@@ -206,9 +206,15 @@ pub fn uprobe_target_active(tgid: u32) -> bool {
     }
 }
 
-/// Last stack interned on this CPU: a repeat needs no map update.
+/// Slots of [`KNOWN_STACKS`] (a power of two).
+pub const KNOWN_STACK_SLOTS: u32 = 256;
+
+/// Stack ids this CPU interned lately, direct-mapped by id: one found here is in `STACKS`
+/// (userspace never removes a stack), so interning it again needs no map update. The
+/// lines of one loop alternate between a few stacks; a single last-stack slot missed
+/// each time, and each miss took the map's bucket lock to be told the stack existed.
 #[map]
-pub static LAST_STACK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static KNOWN_STACKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KNOWN_STACK_SLOTS, 0);
 
 /// The tracing state of a process: 0 (not traced), `TARGET_ACTIVE` or `TARGET_FROZEN`.
 /// In cgroup mode every process of the group is active until frozen.

@@ -15,7 +15,9 @@ use aya_ebpf::{
 };
 use pyleak_common::{Drop, MAX_NATIVE_FRAMES, STACK_LEAF_IS_IP};
 
-use crate::maps::{count_drop, set_in_probe, LAST_STACK, STACKS, STACK_SCRATCH};
+use crate::maps::{
+    count_drop, set_in_probe, KNOWN_STACKS, KNOWN_STACK_SLOTS, STACKS, STACK_SCRATCH,
+};
 
 /// How many native frames to keep, 1 to `MAX_NATIVE_FRAMES` (1: the immediate caller
 /// only). Set by userspace.
@@ -167,28 +169,32 @@ const MAX_FRAME_SPAN: u64 = 8 << 20;
 /// native frames and flags.
 #[inline(always)]
 fn intern(st: &mut pyleak_common::StackTrace, h: u64) -> u64 {
-    // Loops through `bpf_loop`: the verifier checks one step, not every unrolled one per
-    // path into this function.
-    let mut hs = HashState {
-        h,
-        len: st.native_len.min(MAX_NATIVE_FRAMES as u32),
+    let len = st.native_len.min(MAX_NATIVE_FRAMES as u32);
+    let h = if len == 1 {
+        // The caller alone (the common case: no frame chain): the loop's one step inline.
+        (h ^ st.native[0]).wrapping_mul(FNV_PRIME)
+    } else {
+        // Loops through `bpf_loop`: the verifier checks one step, not every unrolled one
+        // per path into this function.
+        let mut hs = HashState { h, len };
+        // SAFETY: the callback is a static BPF function; the context is our stack variable.
+        unsafe {
+            bpf_loop(
+                hs.len,
+                hash_native_step as *mut c_void,
+                (&mut hs as *mut HashState).cast(),
+                0,
+            );
+        }
+        hs.h
     };
-    // SAFETY: the callback is a static BPF function; the context is our stack variable.
-    unsafe {
-        bpf_loop(
-            hs.len,
-            hash_native_step as *mut c_void,
-            (&mut hs as *mut HashState).cast(),
-            0,
-        );
-    }
-    let h = (hs.h ^ (st.flags as u64)).wrapping_mul(FNV_PRIME);
+    let h = (h ^ (st.flags as u64)).wrapping_mul(FNV_PRIME);
     // 0 means "no stack".
     let id = h | 1;
-    let last = LAST_STACK.get_ptr_mut(0);
-    if let Some(last) = last {
+    let known = KNOWN_STACKS.get_ptr_mut(((id >> 1) as u32) & (KNOWN_STACK_SLOTS - 1));
+    if let Some(known) = known {
         // SAFETY: a per-CPU slot.
-        if unsafe { *last } == id {
+        if unsafe { *known } == id {
             return id;
         }
     }
@@ -202,12 +208,12 @@ fn intern(st: &mut pyleak_common::StackTrace, h: u64) -> u64 {
         Err(e) if e as i64 == -EEXIST => id,
         Err(_) => {
             count_drop(Drop::StacksFull);
-            0
+            return 0;
         }
     };
-    if let Some(last) = last {
+    if let Some(known) = known {
         // SAFETY: a per-CPU slot.
-        unsafe { *last = id };
+        unsafe { *known = id };
     }
     id
 }
