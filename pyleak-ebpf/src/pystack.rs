@@ -327,19 +327,24 @@ pub fn walk(st: &mut StackTrace, hash: u64) -> u64 {
     state.frame = frame;
     state.n = 0;
     state.flags = 0;
-    state.frame_len = (last as usize + 8).min(FRAME_READ) as u32;
+    // A whole number of words, so that a window ending at a frame's end starts aligned.
+    state.frame_len = ((last as usize + 15) & !7).min(FRAME_READ) as u32;
     state.cache = (p.line_cache != 0 && epoch.is_some()) as u32;
     state.epoch = epoch.unwrap_or(0);
     state.tgid = tgid;
     state.hash = hash;
     state.chunk_lo = chunk_lo;
     state.chunk_hi = chunk_hi;
-    state.win_lo = 0;
-    state.win_hi = 0;
+    // Volatile: two plain stores side by side become a call to a byte-wise memset.
+    // SAFETY: fields of this CPU's slot.
+    unsafe {
+        core::ptr::write_volatile(&mut state.win_lo, 0);
+        core::ptr::write_volatile(&mut state.win_hi, 0);
+    }
     // SAFETY: the callback is a static BPF function and takes no context.
     unsafe {
         bpf_loop(
-            MAX_PY_WALK as u32,
+            MAX_PY_WALK.div_ceil(2) as u32,
             walk_step as *mut core::ffi::c_void,
             core::ptr::null_mut(),
             0,
@@ -365,10 +370,14 @@ const FRAME_READ: usize = 128;
 /// length up to a few KiB; a frame of the float benchmark takes ~100–200 bytes.
 const WINDOW: usize = 2048;
 
+/// 8-byte words of a window.
+const WINDOW_WORDS: usize = WINDOW / 8;
+
 /// Each CPU's copy of the target memory `[win_lo, win_hi)` of its walk: one frame, or a
-/// window of the data-stack chunk.
+/// window of the data-stack chunk. Kept as words: frames and chunks are 8-aligned, and so
+/// are most fields.
 #[map]
-static FRAME_BUF: PerCpuArray<[u8; WINDOW]> = PerCpuArray::with_max_entries(1, 0);
+static FRAME_BUF: PerCpuArray<[u64; WINDOW_WORDS]> = PerCpuArray::with_max_entries(1, 0);
 
 /// `x & mask` for an `x` already checked to fit: the mask changes nothing but shows the
 /// verifier the bound, which a 32-bit check LLVM emits does not. The volatile read keeps
@@ -382,20 +391,20 @@ fn masked(x: usize, mask: usize) -> usize {
 /// Bytes of a thread state read at once by [`tstate_view`].
 const TSTATE_READ: usize = 256;
 
-/// Each CPU's copy of part of the thread state being walked.
+/// Each CPU's copy of part of the thread state being walked, as words.
 #[map]
-static TSTATE_BUF: PerCpuArray<[u8; TSTATE_READ]> = PerCpuArray::with_max_entries(1, 0);
+static TSTATE_BUF: PerCpuArray<[u64; TSTATE_READ / 8]> = PerCpuArray::with_max_entries(1, 0);
 
-/// The u64 at `at` in a thread-state read, if it fits.
+/// The u64 at byte `at` of a thread-state read, if it fits and is aligned (the fields read
+/// are pointers and an `unsigned long`, and the read starts at one of them: `None` would
+/// only send the walk the slow way, field by field).
 #[inline(always)]
-fn ts_u64(buf: &[u8; TSTATE_READ], at: u32) -> Option<u64> {
-    if at > (TSTATE_READ - 8) as u32 {
+fn ts_u64(buf: &[u64; TSTATE_READ / 8], at: u32) -> Option<u64> {
+    if at > (TSTATE_READ - 8) as u32 || at & 7 != 0 {
         return None;
     }
-    let o = masked(at as usize, TSTATE_READ - 1);
-    let mut b = [0u8; 8];
-    b.copy_from_slice(buf.get(o..o + 8)?);
-    Some(u64::from_le_bytes(b))
+    buf.get(masked((at >> 3) as usize, TSTATE_READ / 8 - 1))
+        .copied()
 }
 
 /// If `ts` is thread `tid`'s state, its frame field (`tstate_frame`) and its data stack's
@@ -421,7 +430,9 @@ fn tstate_view(p: &PyProc, ts: u64, tid: u32) -> Option<(u64, (u64, u64))> {
     let buf = TSTATE_BUF.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch buffer, ours while the program runs.
     let buf = unsafe { &mut *buf };
-    let dst = buf.get_mut(..len as usize)?;
+    // SAFETY: the same memory seen as bytes, for the read helper.
+    let bytes = unsafe { &mut *(buf as *mut [u64; TSTATE_READ / 8]).cast::<[u8; TSTATE_READ]>() };
+    let dst = bytes.get_mut(..len as usize)?;
     // SAFETY: the helper writes at most `dst`'s length, reading target memory checked.
     unsafe { bpf_probe_read_user_buf((ts + lo as u64) as *const u8, dst) }.ok()?;
     // `native_thread_id` is an `unsigned long`: its low half is the tid.
@@ -458,35 +469,45 @@ fn used_chunk(p: &PyProc, ts: u64) -> (u64, u64) {
     (lo, top)
 }
 
-/// The little-endian u64 at `at` in the walk's buffer, if it fits.
+/// The little-endian u64 at byte `at` of the walk's buffer, if it fits: one aligned word,
+/// or two for an unaligned `at` (a byte-wise copy costs the verifier's BPF ~24
+/// instructions a field, a few fields a frame).
 #[inline(always)]
-fn field_u64(buf: &[u8; WINDOW], at: u64) -> Option<u64> {
+fn field_u64(buf: &[u64; WINDOW_WORDS], at: u64) -> Option<u64> {
     if at > (WINDOW - 8) as u64 {
         return None;
     }
-    let o = masked(at as usize, WINDOW - 1);
-    let mut b = [0u8; 8];
-    b.copy_from_slice(buf.get(o..o + 8)?);
-    Some(u64::from_le_bytes(b))
+    let i = masked((at >> 3) as usize, WINDOW_WORDS - 1);
+    let lo = *buf.get(i)?;
+    let shift = (at & 7) * 8;
+    if shift == 0 {
+        return Some(lo);
+    }
+    // Below the last word, as `at` is at most `WINDOW - 8` and unaligned.
+    let hi = *buf.get(masked((at >> 3) as usize + 1, WINDOW_WORDS - 1))?;
+    Some(lo >> shift | hi << (64 - shift))
 }
 
 /// The byte at `at` in the walk's buffer, if it fits.
 #[inline(always)]
-fn field_u8(buf: &[u8; WINDOW], at: u64) -> Option<u8> {
+fn field_u8(buf: &[u64; WINDOW_WORDS], at: u64) -> Option<u8> {
     if at >= WINDOW as u64 {
         return None;
     }
-    buf.get(masked(at as usize, WINDOW - 1)).copied()
+    let w = *buf.get(masked((at >> 3) as usize, WINDOW_WORDS - 1))?;
+    Some((w >> ((at & 7) * 8)) as u8)
 }
 
 /// Fills the walk's buffer with target memory `[lo, hi)`; false if it cannot be read.
 #[inline(always)]
-fn load(s: &mut WalkState, buf: &mut [u8; WINDOW], lo: u64, hi: u64) -> bool {
+fn load(s: &mut WalkState, buf: &mut [u64; WINDOW_WORDS], lo: u64, hi: u64) -> bool {
     let len = hi.wrapping_sub(lo);
     if len == 0 || len > WINDOW as u64 {
         return false;
     }
-    let Some(dst) = buf.get_mut(..len as usize) else {
+    // SAFETY: the same memory seen as bytes, for the read helper.
+    let bytes = unsafe { &mut *(buf as *mut [u64; WINDOW_WORDS]).cast::<[u8; WINDOW]>() };
+    let Some(dst) = bytes.get_mut(..len as usize) else {
         return false;
     };
     // SAFETY: the helper writes at most `dst`'s length, reading target memory checked.
@@ -502,7 +523,7 @@ fn load(s: &mut WalkState, buf: &mut [u8; WINDOW], lo: u64, hi: u64) -> bool {
 #[map]
 static PY_SCRATCH: PerCpuArray<PyProc> = PerCpuArray::with_max_entries(1, 0);
 
-/// One frame of the walk: returns 1 to stop, 0 to go on.
+/// Two frames of the walk: returns 1 to stop, 0 to go on.
 extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let Some(s) = WALK_STATE.get_ptr_mut(0) else {
         return 1;
@@ -512,15 +533,31 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let (Some(p), Some(st)) = (PY_SCRATCH.get(0), STACK_SCRATCH.get_ptr_mut(0)) else {
         return 1;
     };
-    let frame = s.frame;
-    if frame == 0 {
-        return 1;
-    }
     let Some(buf) = FRAME_BUF.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: this CPU's scratch buffer, ours while the program runs.
     let buf = unsafe { &mut *buf };
+    // Two frames a step: the lookups above are paid once for both.
+    if frame_step(s, p, st, buf) != 0 {
+        return 1;
+    }
+    frame_step(s, p, st, buf)
+}
+
+/// The walk's next frame, `s.frame`: pushed to `st` (or skipped, for an entry frame).
+/// Returns 1 to stop, 0 to go on.
+#[inline(always)]
+fn frame_step(
+    s: &mut WalkState,
+    p: &PyProc,
+    st: *mut StackTrace,
+    buf: &mut [u64; WINDOW_WORDS],
+) -> i64 {
+    let frame = s.frame;
+    if frame == 0 {
+        return 1;
+    }
     // The frame's fields, up to the last one the layout uses: from the buffer if an earlier
     // read brought them, else from one read (each user read costs ~0.15 µs here, whatever
     // its length). A frame in the data-stack chunk in use comes with the chunk below it,
