@@ -143,10 +143,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
             // stack at entry, as calls made inside them expect.
             let chain = stack::frame_chain_plausible(rsp, rbp);
             if layer != Layer::Libc as usize || chain {
-                // SAFETY: reads the return address from the target's stack, checked by the
-                // helper.
-                let caller = unsafe { bpf_probe_read_user(at as *const u64) }.ok();
-                (stack::capture(ctx.as_ptr(), caller, tid, chain), 0)
+                (stack::capture_at(ctx.as_ptr(), at, tid, chain), 0)
             } else {
                 // No frame chain to walk: the caller alone is the native stack, and the
                 // return probe has it in a register, for free. Python frames do not move

@@ -240,6 +240,8 @@ struct WalkState {
     /// The stack's hash so far: each Python frame pushed (the native frames come after,
     /// when the stack is interned).
     hash: u64,
+    /// The return address read with the current frame (0: not read).
+    caller: u64,
     /// The used part of the thread's current data-stack chunk, `[chunk_lo, chunk_hi)`
     /// (both 0 when unknown): frames there sit one after another, callers below.
     chunk_lo: u64,
@@ -256,13 +258,33 @@ struct WalkState {
 ///
 /// The frame loop runs through `bpf_loop`, so the verifier checks one step instead of
 /// every unrolled iteration.
+///
+/// `caller_at` (0: none): where an allocator's return address is stored in the target's
+/// stack. When the thread's current frame pointer sits in its `_PyCFrame` (3.11, 3.12: a
+/// local of the eval loop, a little above in the same stack), both come from one read
+/// ([`walked_caller`] then has the return address).
 #[inline(always)]
-pub fn walk(st: &mut StackTrace, hash: u64) -> u64 {
+pub fn walk(st: &mut StackTrace, hash: u64, caller_at: u64) -> u64 {
     st.py_len = 0;
+    let Some(state) = WALK_STATE.get_ptr_mut(0) else {
+        return hash;
+    };
+    // SAFETY: this CPU's slot, ours while the program runs.
+    let state = unsafe { &mut *state };
+    state.caller = 0;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // SAFETY: plain data copied out at once.
-    let Some(p) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
+    // The layout, copied into this CPU's scratch slot for `walk_step`: by the update
+    // helper straight from map to map (a copy on the BPF stack would not fit in it with the
+    // callers' frames; a plain assignment becomes a byte-wise memmove call).
+    let Some(src) = PY_PROCS.get_ptr(&tgid) else {
+        return hash;
+    };
+    // SAFETY: a map value, read by the helper.
+    if PY_SCRATCH.set(0, unsafe { &*src }, 0).is_err() {
+        return hash;
+    }
+    let Some(p) = PY_SCRATCH.get(0) else {
         return hash;
     };
     if p.bias == 0 {
@@ -291,10 +313,10 @@ pub fn walk(st: &mut StackTrace, hash: u64) -> u64 {
     // and read field by field.
     // SAFETY: plain data copied out at once.
     let cached = unsafe { TSTATES.get(&tid) }.copied();
-    let (mut frame, (chunk_lo, chunk_hi)) = match cached.and_then(|ts| tstate_view(&p, ts, tid)) {
+    let (mut frame, (chunk_lo, chunk_hi)) = match cached.and_then(|ts| tstate_view(p, ts, tid)) {
         Some(v) => v,
         None => {
-            let Some(ts) = find_tstate(&p, tid) else {
+            let Some(ts) = find_tstate(p, tid) else {
                 // Not a Python thread (or not one yet).
                 return hash;
             };
@@ -302,24 +324,20 @@ pub fn walk(st: &mut StackTrace, hash: u64) -> u64 {
                 st.flags |= STACK_PY_UNREADABLE;
                 return hash;
             };
-            (frame, used_chunk(&p, ts))
+            (frame, used_chunk(p, ts))
         }
     };
     if p.cframe_frame != NO_OFFSET && frame != 0 {
-        frame = read_u64(frame + p.cframe_frame as u64).unwrap_or(0);
-    }
-    if PY_SCRATCH.set(0, &p, 0).is_err() {
-        return hash;
+        let field = frame.wrapping_add(p.cframe_frame as u64);
+        frame = match with_caller(state, caller_at, field) {
+            Some(f) => f,
+            None => read_u64(field).unwrap_or(0),
+        };
     }
     let mut last = p.frame_code.max(p.frame_back).max(p.frame_lasti);
     if p.frame_owner != NO_OFFSET {
         last = last.max(p.frame_owner);
     }
-    let Some(state) = WALK_STATE.get_ptr_mut(0) else {
-        return hash;
-    };
-    // SAFETY: this CPU's slot, ours while the program runs.
-    let state = unsafe { &mut *state };
     // Read before any code object: one freed after this read bumps the epoch past it.
     let epoch = CODE_EPOCH.get(0).copied();
     // Field by field: a whole struct would be built on the BPF stack first, which the
@@ -356,6 +374,39 @@ pub fn walk(st: &mut StackTrace, hash: u64) -> u64 {
     st.flags |= state.flags;
     st.py_len = state.n.min(MAX_PY_FRAMES as u32);
     state.hash
+}
+
+/// The return address the last [`walk`] on this CPU read with the current frame, if it
+/// did.
+#[inline(always)]
+pub fn walked_caller() -> Option<u64> {
+    WALK_STATE.get(0).map(|s| s.caller).filter(|&c| c != 0)
+}
+
+/// The u64 at `field`, read with the return address at `caller_at` (kept in `s.caller`)
+/// in one read of the target's stack, when `field` lies above `caller_at` within
+/// [`WINDOW`] bytes.
+#[inline(always)]
+fn with_caller(s: &mut WalkState, caller_at: u64, field: u64) -> Option<u64> {
+    if caller_at == 0 || field < caller_at.wrapping_add(8) {
+        return None;
+    }
+    let len = field.wrapping_add(8).wrapping_sub(caller_at);
+    if len > WINDOW as u64 {
+        return None;
+    }
+    let buf = FRAME_BUF.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch buffer, ours while the program runs; the walk reloads it
+    // (its window starts empty).
+    let buf = unsafe { &mut *buf };
+    // SAFETY: the same memory seen as bytes, for the read helper.
+    let bytes = unsafe { &mut *(buf as *mut [u64; WINDOW_WORDS]).cast::<[u8; WINDOW]>() };
+    let dst = bytes.get_mut(..len as usize)?;
+    // SAFETY: the helper writes at most `dst`'s length, reading target memory checked.
+    unsafe { bpf_probe_read_user_buf(caller_at as *const u8, dst) }.ok()?;
+    let value = field_u64(buf, field - caller_at)?;
+    s.caller = field_u64(buf, 0)?;
+    Some(value)
 }
 
 /// Each CPU's walk in progress.

@@ -141,12 +141,10 @@ fn reused(ctx: *mut c_void, blocks: [u64; 3], obj: u64, caller: Caller, chain: b
     let Some((addr, at)) = found else {
         return;
     };
-    let caller = match caller {
-        Caller::Is(ip) => Some(ip),
-        // SAFETY: reads the return address from the target's stack, checked by the helper.
-        Caller::At(at) => unsafe { bpf_probe_read_user(at as *const u64) }.ok(),
+    let stack_id = match caller {
+        Caller::Is(ip) => stack::capture(ctx, Some(ip), tid, chain),
+        Caller::At(at) => stack::capture_at(ctx, at, tid, chain),
     };
-    let stack_id = stack::capture(ctx, caller, tid, chain);
     hand_over(tgid, layer, addr, at, stack_id);
 }
 

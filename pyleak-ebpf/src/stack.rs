@@ -9,7 +9,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{pt_regs, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
-        bpf_probe_read_kernel,
+        bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task_btf, bpf_get_stack, bpf_loop, bpf_task_pt_regs},
     },
 };
@@ -36,7 +36,16 @@ const EEXIST: i64 = 17;
 /// caller alone is the native stack.
 #[inline(always)]
 pub fn capture(ctx: *mut c_void, caller: Option<u64>, tid: u32, walk_native: bool) -> u64 {
-    fill(ctx, caller, None, tid, walk_native)
+    fill(ctx, caller, 0, None, tid, walk_native)
+}
+
+/// As [`capture`], with the caller the return address stored at `at` in the target's stack
+/// (an allocator's entry): read together with the thread's current Python frame when that
+/// lies just above it in the same stack (3.11 and 3.12 keep it in the eval loop's C frame),
+/// one user read instead of two.
+#[inline(always)]
+pub fn capture_at(ctx: *mut c_void, at: u64, tid: u32, walk_native: bool) -> u64 {
+    fill(ctx, None, at, None, tid, walk_native)
 }
 
 /// Captures the stack of a thread that entered the kernel (a page fault, an mmap-family
@@ -51,9 +60,9 @@ pub fn capture_user(ctx: *mut c_void, tid: u32) -> u64 {
         // Interrupted anywhere, a leaf function's body included, where `rbp` may equal
         // `rsp` (no `sub rsp` with the red zone): that starts a chain too.
         Some((ip, sp, bp)) if bp != sp && !frame_chain_plausible(sp, bp) => {
-            fill(ctx, None, Some(ip), tid, false)
+            fill(ctx, None, 0, Some(ip), tid, false)
         }
-        _ => fill(ctx, None, None, tid, true),
+        _ => fill(ctx, None, 0, None, tid, true),
     }
 }
 
@@ -77,12 +86,13 @@ fn user_regs() -> Option<(u64, u64, u64)> {
 }
 
 /// Fills this CPU's scratch stack and interns it. The native stack starts with `caller`
-/// (a return address), or `leaf_ip` (an instruction pointer; walking nothing further), or
-/// what `bpf_get_stack` gives.
+/// (a return address; or the one stored at `caller_at` when that is not 0), or `leaf_ip`
+/// (an instruction pointer; walking nothing further), or what `bpf_get_stack` gives.
 #[inline(always)]
 fn fill(
     ctx: *mut c_void,
     caller: Option<u64>,
+    caller_at: u64,
     leaf_ip: Option<u64>,
     tid: u32,
     walk_native: bool,
@@ -120,6 +130,16 @@ fn fill(
             count_drop(Drop::StackUnreadable);
         }
     }
+    // The id hashes the Python frames as the walk pushes them, then the native frames.
+    let h = crate::pystack::walk(st, FNV_OFFSET, caller_at);
+    let caller = if caller_at != 0 {
+        // SAFETY: reads the return address from the target's stack, checked by the helper.
+        crate::pystack::walked_caller()
+            .or_else(|| unsafe { bpf_probe_read_user(caller_at as *const u64) }.ok())
+    } else {
+        caller
+    };
+    set_in_probe(false);
     if caller.is_none() {
         st.flags |= STACK_LEAF_IS_IP;
     }
@@ -139,9 +159,6 @@ fn fill(
         len = MAX_NATIVE_FRAMES;
     }
     st.native_len = len as u32;
-    // The id hashes the Python frames as the walk pushes them, then the native frames.
-    let h = crate::pystack::walk(st, FNV_OFFSET);
-    set_in_probe(false);
     intern(st, h)
 }
 
@@ -169,7 +186,11 @@ const MAX_FRAME_SPAN: u64 = 8 << 20;
 /// native frames and flags.
 #[inline(always)]
 fn intern(st: &mut pyleak_common::StackTrace, h: u64) -> u64 {
-    let len = st.native_len.min(MAX_NATIVE_FRAMES as u32);
+    // Volatile: a length the verifier knows (0 where `--native-depth 1` leaves no frame
+    // walk) would let it drop the loop's callback as dead while the call still names it,
+    // which this kernel's verifier refuses ("No program to jit").
+    // SAFETY: a field of this CPU's scratch stack.
+    let len = unsafe { core::ptr::read_volatile(&st.native_len) }.min(MAX_NATIVE_FRAMES as u32);
     let h = if len == 1 {
         // The caller alone (the common case: no frame chain): the loop's one step inline.
         (h ^ st.native[0]).wrapping_mul(FNV_PRIME)
