@@ -321,23 +321,10 @@ impl StackAgg {
     }
 }
 
-/// Write-back slots in front of the per-stack totals, per CPU (a power of two): a stack's
-/// updates go to the slot its key hashes to ([`stack_agg_slot`]), so a block allocated at
-/// one line and handed over or freed at another touches no hash map while neither line's
-/// slot is taken by a third.
-pub const STACK_AGG_SLOTS: u32 = 8;
-
-/// The write-back slot of `key`, below [`STACK_AGG_SLOTS`].
-#[inline(always)]
-pub fn stack_agg_slot(key: &StackKey) -> u32 {
-    let h = key.stack_id ^ (key.stack_id >> 29) ^ u64::from(key.layer) ^ u64::from(key.tgid);
-    (h as u32 ^ (h >> 13) as u32) & (STACK_AGG_SLOTS - 1)
-}
-
-/// A per-CPU write-back slot in front of the per-stack totals: updates for the stack that
-/// holds it add up here, and reach the hash map only when another stack takes the slot (a
-/// loop allocating and freeing at one place touches no hash map for its totals). Readers
-/// add every CPU's slots to the map.
+/// The per-CPU write-back slot in front of the per-stack totals: updates for the stack a CPU
+/// saw last add up here, and reach the hash map only when another stack comes (a loop
+/// allocating and freeing at one place touches no hash map for its totals). Readers add
+/// every CPU's slot to the map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackAggSlot {
@@ -693,25 +680,5 @@ mod tests {
             stack_delta: 24,
         };
         assert_eq!(ProbeCookie::decode(c.encode()), c);
-    }
-
-    /// Stack ids are FNV hashes with the low bit set: the slot must take its bits from
-    /// the whole id, so that the stacks one loop alternates between (an allocating line, a
-    /// freeing one) seldom share a slot.
-    #[test]
-    fn stack_agg_slots_spread_hashed_ids() {
-        let mut used = [0u32; STACK_AGG_SLOTS as usize];
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for i in 0..256u64 {
-            h = (h ^ i).wrapping_mul(0x0000_0100_0000_01b3);
-            let key = StackKey {
-                tgid: 4242,
-                layer: Layer::Pymalloc as u32,
-                stack_id: h | 1,
-            };
-            used[stack_agg_slot(&key) as usize] += 1;
-        }
-        // 32 a slot on average.
-        assert!(used.iter().all(|&n| (12..=56).contains(&n)), "{used:?}");
     }
 }

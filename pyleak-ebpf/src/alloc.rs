@@ -12,9 +12,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use pyleak_common::{
-    live_bucket, live_key, size_bucket, stack_agg_slot, AllocKey, AllocKind, Drop, Layer,
-    LiveAlloc, LiveBucket, Pending, ProbeCookie, StackAgg, StackKey, CALL_LAYERS, FLAG_TIMED,
-    HIST_BUCKETS, LIVE_BUCKET_SLOTS,
+    live_bucket, live_key, size_bucket, AllocKey, AllocKind, Drop, Layer, LiveAlloc, LiveBucket,
+    Pending, ProbeCookie, StackAgg, StackKey, CALL_LAYERS, FLAG_TIMED, HIST_BUCKETS,
+    LIVE_BUCKET_SLOTS,
 };
 
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
@@ -555,8 +555,8 @@ pub(crate) fn live_find(tgid: u32, layer: u32, addr: u64) -> Option<LiveAt> {
 pub(crate) fn live_size(tgid: u32, layer: u32, addr: u64, at: LiveAt) -> u64 {
     match at {
         LiveAt::Table(i) => LIVE_VALS.get(i).map_or(0, |v| v.size),
+        // SAFETY: plain data copied out at once.
         LiveAt::Overflow => {
-            // SAFETY: plain data copied out at once.
             unsafe { LIVE_ALLOCS.get(&AllocKey { tgid, layer, addr }) }.map_or(0, |v| v.size)
         }
     }
@@ -657,11 +657,11 @@ fn live_take(tgid: u32, layer: u32, addr: u64) -> Option<LiveAlloc> {
     Some(v)
 }
 
-/// Adds to a stack's totals: in this CPU's slot for it if the stack is the slot's, else
-/// the slot goes to `STACK_STATS` and takes this stack.
+/// Adds to a stack's totals: in this CPU's slot if the stack is the slot's, else the slot
+/// goes to `STACK_STATS` and takes this stack.
 #[inline(always)]
 fn stack_add(key: StackKey, add: StackAgg) {
-    let Some(slot) = STACK_AGG_SLOT.get_ptr_mut(stack_agg_slot(&key)) else {
+    let Some(slot) = STACK_AGG_SLOT.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: this CPU's slot; only this CPU writes it while the program runs.

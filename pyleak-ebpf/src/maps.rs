@@ -12,8 +12,8 @@ use pyleak_common::{
     AllocKey, Drop, LayerStats, LiveAlloc, LiveBucket, SiteInfo, StackAgg, StackAggSlot, StackKey,
     StackTrace, ThreadState, VmEvent, EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS,
     LIVE_ALLOCS_ENTRIES, LIVE_BUCKET_SLOTS, LIVE_TABLE_BUCKETS, NUM_DROPS, NUM_LAYERS,
-    SITES_ENTRIES, STACKS_ENTRIES, STACK_AGG_SLOTS, STACK_STATS_ENTRIES, TARGETS_ENTRIES,
-    TARGET_ACTIVE, TARGET_FROZEN, THREADS_ENTRIES,
+    SITES_ENTRIES, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES, TARGET_ACTIVE,
+    TARGET_FROZEN, THREADS_ENTRIES,
 };
 
 /// Processes traced: tgid → `TARGET_ACTIVE` or `TARGET_FROZEN`.
@@ -66,10 +66,9 @@ pub static STACKS: HashMap<u64, StackTrace> =
 pub static STACK_STATS: HashMap<StackKey, StackAgg> =
     HashMap::with_max_entries(STACK_STATS_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Each CPU's write-back slots in front of `STACK_STATS`, by `stack_agg_slot`.
+/// Each CPU's write-back slot in front of `STACK_STATS`.
 #[map]
-pub static STACK_AGG_SLOT: PerCpuArray<StackAggSlot> =
-    PerCpuArray::with_max_entries(STACK_AGG_SLOTS, 0);
+pub static STACK_AGG_SLOT: PerCpuArray<StackAggSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// Each CPU's kernel tick (`jiffies`) when it last read the clock, and that time.
 #[map]

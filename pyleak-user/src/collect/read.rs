@@ -8,7 +8,7 @@ use aya::maps::{HashMap as BpfHashMap, PerCpuArray};
 use pyleak_common::{
     names, AllocKey, Drop, Layer, LayerStats, LiveAlloc, StackAgg, StackAggSlot, StackKey,
     StackTrace, CALL_LAYERS, FLAG_FOR_PYMALLOC, FLAG_FOR_PYMEM_RAW, HIST_BUCKETS, NUM_DROPS,
-    NUM_LAYERS, STACK_AGG_SLOTS,
+    NUM_LAYERS,
 };
 
 use super::{monotonic_ns, table, vm, Ages, Recorder, Snapshot, StackSlot, PYMALLOC_SMALL_REQUEST};
@@ -96,19 +96,17 @@ impl Recorder {
                 .map(names::STACK_AGG_SLOT)
                 .context(missing(names::STACK_AGG_SLOT))?,
         )?;
-        for i in 0..STACK_AGG_SLOTS {
-            for slot in slots.get(&i, 0)?.iter() {
-                let Some(layer) = Layer::from_u32(slot.key.layer) else {
-                    continue;
-                };
-                if slot.key.stack_id == 0 || self.retired.pids.contains(&slot.key.tgid) {
-                    continue;
-                }
-                stacks
-                    .entry((slot.key.tgid, layer, slot.key.stack_id))
-                    .or_default()
-                    .add(&slot.agg);
+        for slot in slots.get(&0, 0)?.iter() {
+            let Some(layer) = Layer::from_u32(slot.key.layer) else {
+                continue;
+            };
+            if slot.key.stack_id == 0 || self.retired.pids.contains(&slot.key.tgid) {
+                continue;
             }
+            stacks
+                .entry((slot.key.tgid, layer, slot.key.stack_id))
+                .or_default()
+                .add(&slot.agg);
         }
         Ok(stacks)
     }
