@@ -97,14 +97,17 @@ fn target_execing_another_program() {
     );
     assert!(stdout.starts_with("exec-ok\n"), "{stdout}");
     assert_eq!(report["command_exit"], "exited with status 4");
-    // What the first program leaked stays live under its pid, but its frames cannot be
-    // named once exec has replaced its memory map (a known limit, README).
+    // What the first program leaked stays live under its pid. Its frames cannot be named
+    // once exec has replaced its memory map (a known limit, README), unless pyleak read
+    // that map before the exec (a CI rehearsal under load did): then they are its own.
     let stacks = report["stacks"].as_array().unwrap();
+    let unnamed = serde_json::json!(["[unknown native code]"]);
+    let named = serde_json::json!(["main (faults)", "leak_before_fault (faults)"]);
     assert!(
         stacks.iter().any(|s| s["layer"] == "libc"
             && s["live_bytes"] == 10_000
             && s["live_count"] == 10
-            && s["frames"] == serde_json::json!(["[unknown native code]"])),
+            && (s["frames"] == unnamed || s["frames"] == named)),
         "{stacks:?}"
     );
     assert_no_pyleak_programs();
