@@ -384,26 +384,19 @@ pub fn walked_caller() -> Option<u64> {
 }
 
 /// The u64 at `field`, read with the return address at `caller_at` (kept in `s.caller`)
-/// in one read of the target's stack, when `field` lies above `caller_at` within
-/// [`WINDOW`] bytes.
+/// in one read of the target's stack ([`load`]), when `field` lies above `caller_at`
+/// within [`WINDOW`] bytes. The walk's window starts empty after it.
 #[inline(always)]
 fn with_caller(s: &mut WalkState, caller_at: u64, field: u64) -> Option<u64> {
     if caller_at == 0 || field < caller_at.wrapping_add(8) {
         return None;
     }
-    let len = field.wrapping_add(8).wrapping_sub(caller_at);
-    if len > WINDOW as u64 {
+    let buf = FRAME_BUF.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch buffer, ours while the program runs.
+    let buf = unsafe { &mut *buf };
+    if !load(s, buf, caller_at, field.wrapping_add(8)) {
         return None;
     }
-    let buf = FRAME_BUF.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch buffer, ours while the program runs; the walk reloads it
-    // (its window starts empty).
-    let buf = unsafe { &mut *buf };
-    // SAFETY: the same memory seen as bytes, for the read helper.
-    let bytes = unsafe { &mut *(buf as *mut [u64; WINDOW_WORDS]).cast::<[u8; WINDOW]>() };
-    let dst = bytes.get_mut(..len as usize)?;
-    // SAFETY: the helper writes at most `dst`'s length, reading target memory checked.
-    unsafe { bpf_probe_read_user_buf(caller_at as *const u8, dst) }.ok()?;
     let value = field_u64(buf, field - caller_at)?;
     s.caller = field_u64(buf, 0)?;
     Some(value)
