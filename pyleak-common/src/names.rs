@@ -34,6 +34,8 @@ pub const FROZEN_COUNT: &str = "FROZEN_COUNT";
 pub const PY_PROCS: &str = "PY_PROCS";
 /// Layout templates of group targets' runtimes.
 pub const PY_TEMPLATES: &str = "PY_TEMPLATES";
+/// Changes to `PY_PROCS`: `[kernel's count, userspace's count]`, see `PY_EPOCH_USER`.
+pub const PY_EPOCH: &str = "PY_EPOCH";
 /// The pymalloc sampling window: `[generation, open]`.
 pub const PYMALLOC_WINDOW: &str = "PYMALLOC_WINDOW";
 
@@ -96,7 +98,7 @@ pub const SYS_EXIT_VM: &str = "sys_exit_vm";
 pub const PAGE_FAULT: &str = "page_fault";
 
 /// Every map name.
-pub const MAPS: [&str; 17] = [
+pub const MAPS: [&str; 18] = [
     PYMALLOC_WINDOW,
     TARGETS,
     SITES,
@@ -114,6 +116,7 @@ pub const MAPS: [&str; 17] = [
     FROZEN_COUNT,
     PY_PROCS,
     PY_TEMPLATES,
+    PY_EPOCH,
 ];
 /// Every program name.
 pub const PROGRAMS: [&str; 21] = [

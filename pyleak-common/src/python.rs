@@ -5,6 +5,13 @@ use crate::MAX_PY_FRAMES;
 
 /// An offset field that does not apply to this CPython version.
 pub const NO_OFFSET: u32 = u32::MAX;
+
+/// Index in the `PY_EPOCH` map of the count the kernel adds 1 to (atomically) after each
+/// of its own changes to `PY_PROCS`.
+pub const PY_EPOCH_KERNEL: u32 = 0;
+/// Index in the `PY_EPOCH` map of the count userspace adds 1 to after each of its changes
+/// to `PY_PROCS` (the kernel's copies of a layout are taken again once either changed).
+pub const PY_EPOCH_USER: u32 = 1;
 /// Python threads looked at when searching a thread's state.
 pub const MAX_PY_THREADS: u32 = 64;
 /// Frames looked at per walk (entry frames are skipped, so a little more than kept).

@@ -15,7 +15,7 @@ use pyleak_common::{
 use crate::{
     maps::emit_urgent,
     maps::{count_drop, filter_mode, target_state, FROZEN_COUNT, TARGETS, THREADS},
-    pystack::{bump_code_epoch, PY_PROCS},
+    pystack::{bump_code_epoch, bump_py_epoch, PY_PROCS},
 };
 
 /// Uprobe on `Py_FinalizeEx`: freeze the process.
@@ -104,6 +104,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         let layout = unsafe { PY_PROCS.get(&parent) }.copied();
         if let Some(layout) = layout {
             let _ = PY_PROCS.insert(&child, &layout, 0);
+            bump_py_epoch();
         }
         if mode == FILTER_CGROUP || layout.is_some() {
             announce_fork(child, parent, flags);
@@ -123,6 +124,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         // until userspace has put in the child's.
         layout.line_cache = 0;
         let _ = PY_PROCS.insert(&child, &layout, 0);
+        bump_py_epoch();
     }
     announce_fork(child, parent, flags);
     0
@@ -166,12 +168,15 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         // SAFETY: a plain field copied out at once.
         if unsafe { PY_PROCS.get(&tgid) }.is_some_and(|p| p.bias != 0) {
             let _ = PY_PROCS.remove(&tgid);
+            bump_py_epoch();
         }
     } else {
         if mode == FILTER_CGROUP && target_state(tgid) == 0 {
             return 0;
         }
-        let _ = PY_PROCS.remove(&tgid);
+        if PY_PROCS.remove(&tgid).is_ok() {
+            bump_py_epoch();
+        }
     }
     emit_urgent(VmEvent {
         kind: VmKind::Exec as u32,

@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use pyleak_common::{
     PyFrame, PyProc, StackTrace, FILTER_PIDS, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_PY_WALK,
-    NO_OFFSET, PY_INIT_VADDR_MASK, PY_TEMPLATES_ENTRIES, STACK_PY_TRUNCATED, STACK_PY_UNREADABLE,
-    TARGETS_ENTRIES, TARGET_ACTIVE, THREADS_ENTRIES,
+    NO_OFFSET, PY_EPOCH_KERNEL, PY_EPOCH_USER, PY_INIT_VADDR_MASK, PY_TEMPLATES_ENTRIES,
+    STACK_PY_TRUNCATED, STACK_PY_UNREADABLE, TARGETS_ENTRIES, TARGET_ACTIVE, THREADS_ENTRIES,
 };
 
 /// Per process: where its Python runtime is and how to walk its frames.
@@ -31,6 +31,26 @@ pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(TARGETS_EN
 /// kernel adds that page to the bias (a bias of 0 means "unknown").
 #[map]
 pub static PY_TEMPLATES: Array<PyProc> = Array::with_max_entries(PY_TEMPLATES_ENTRIES, 0);
+
+/// Changes to [`PY_PROCS`], counted: `[PY_EPOCH_KERNEL]` by the kernel (atomically, after
+/// each of its own), `[PY_EPOCH_USER]` by userspace (after each of its own). A CPU's copy
+/// of a layout (`PY_SCRATCH`) serves the next walk of the same process only while both are
+/// what they were when it was taken.
+#[map]
+pub static PY_EPOCH: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Counts a change the kernel made to [`PY_PROCS`] (after making it).
+#[inline(always)]
+pub fn bump_py_epoch() {
+    if let Some(e) = PY_EPOCH.get_ptr_mut(PY_EPOCH_KERNEL) {
+        // SAFETY: an aligned map value, changed only atomically by the kernel.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+                e, 1,
+            )
+        };
+    }
+}
 
 /// Thread id → its `PyThreadState` address, as last found.
 #[map]
@@ -163,6 +183,7 @@ pub fn py_init_enter(ctx: ProbeContext) -> u32 {
                 let mut p = *t;
                 p.bias = ip.wrapping_sub(vaddr).wrapping_add(4096);
                 let _ = PY_PROCS.insert(&tgid, &p, 0);
+                bump_py_epoch();
             }
             return 0;
         }
@@ -178,6 +199,7 @@ pub fn py_init_enter(ctx: ProbeContext) -> u32 {
             if (*p).bias == 0 {
                 (*p).runtime_vaddr = (*p).runtime_vaddr.wrapping_sub(4096);
                 (*p).bias = ip.wrapping_sub(vaddr).wrapping_add(4096);
+                bump_py_epoch();
             }
         }
     }
@@ -249,6 +271,15 @@ struct WalkState {
     /// Target addresses `FRAME_BUF` holds now, `[win_lo, win_hi)`.
     win_lo: u64,
     win_hi: u64,
+    /// Kept from one walk to the next on this CPU: the process whose layout `PY_SCRATCH`
+    /// holds (0: none) and the [`PY_EPOCH`] counts when it was copied.
+    proc_tgid: u32,
+    _pad2: u32,
+    proc_epoch: [u64; 2],
+    /// Kept from one walk to the next: the thread (`pid_tgid`) whose thread state was
+    /// found last on this CPU, and its address (checked again before each use).
+    ts_key: u64,
+    ts: u64,
 }
 
 /// Appends the Python frames of the current thread to `st`, leaf first, and returns
@@ -274,22 +305,32 @@ pub fn walk(st: &mut StackTrace, hash: u64, caller_at: u64) -> u64 {
     state.caller = 0;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // The layout, copied into this CPU's scratch slot for `walk_step`: by the update
+    // The layout, copied into this CPU's scratch slot for `walk_step`, unless the slot
+    // holds this process's already and nothing changed `PY_PROCS` since: by the update
     // helper straight from map to map (a copy on the BPF stack would not fit in it with the
     // callers' frames; a plain assignment becomes a byte-wise memmove call).
-    let Some(src) = PY_PROCS.get_ptr(&tgid) else {
-        return hash;
-    };
-    // SAFETY: a map value, read by the helper.
-    if PY_SCRATCH.set(0, unsafe { &*src }, 0).is_err() {
-        return hash;
+    let epoch = [
+        PY_EPOCH.get(PY_EPOCH_KERNEL).copied().unwrap_or(0),
+        PY_EPOCH.get(PY_EPOCH_USER).copied().unwrap_or(0),
+    ];
+    if state.proc_tgid != tgid || state.proc_epoch != epoch {
+        state.proc_tgid = 0;
+        let Some(src) = PY_PROCS.get_ptr(&tgid) else {
+            return hash;
+        };
+        // SAFETY: a map value, read by the helper.
+        if PY_SCRATCH.set(0, unsafe { &*src }, 0).is_err() {
+            return hash;
+        }
+        if PY_SCRATCH.get(0).is_none_or(|p| p.bias == 0) {
+            return hash;
+        }
+        state.proc_tgid = tgid;
+        state.proc_epoch = epoch;
     }
     let Some(p) = PY_SCRATCH.get(0) else {
         return hash;
     };
-    if p.bias == 0 {
-        return hash;
-    }
     // The interpreter knows its threads by the ids its own pid namespace gives them.
     let tid = if p.pidns_ino != 0 {
         let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
@@ -311,15 +352,27 @@ pub fn walk(st: &mut StackTrace, hash: u64, caller_at: u64) -> u64 {
     };
     // The thread's state as last found, checked and read in one go (3.11+), else found
     // and read field by field.
-    // SAFETY: plain data copied out at once.
-    let cached = unsafe { TSTATES.get(&tid) }.copied();
-    let (mut frame, (chunk_lo, chunk_hi)) = match cached.and_then(|ts| tstate_view(p, ts, tid)) {
-        Some(v) => v,
+    // This CPU's last thread's first, then the map's.
+    let cached = if state.ts_key == pid_tgid {
+        Some(state.ts)
+    } else {
+        // SAFETY: plain data copied out at once.
+        unsafe { TSTATES.get(&tid) }.copied()
+    };
+    let view = cached.and_then(|ts| tstate_view(p, ts, tid).map(|v| (ts, v)));
+    let (mut frame, (chunk_lo, chunk_hi)) = match view {
+        Some((ts, v)) => {
+            state.ts_key = pid_tgid;
+            state.ts = ts;
+            v
+        }
         None => {
             let Some(ts) = find_tstate(p, tid) else {
                 // Not a Python thread (or not one yet).
                 return hash;
             };
+            state.ts_key = pid_tgid;
+            state.ts = ts;
             let Some(frame) = read_u64(ts + p.tstate_frame as u64) else {
                 st.flags |= STACK_PY_UNREADABLE;
                 return hash;

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use aya::maps::HashMap as BpfHashMap;
-use pyleak_common::{names, PyProc};
+use pyleak_common::{names, PyProc, PY_EPOCH_USER};
 
 use super::Recorder;
 use crate::attach::{plan::file_key, ProbeRole, ProbeSpec};
@@ -57,6 +57,19 @@ impl Recorder {
                 .context(concat!("map ", "PY_PROCS", " missing"))?,
         )?;
         procs.insert(pid, layout, 0)?;
+        self.py_procs_changed()
+    }
+
+    /// Counts a change userspace made to the kernel's `PY_PROCS` (`PY_EPOCH_USER`), so no
+    /// CPU walks with its copy of the layout from before.
+    pub(super) fn py_procs_changed(&mut self) -> anyhow::Result<()> {
+        let mut epoch: aya::maps::Array<_, u64> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut(names::PY_EPOCH)
+                .context(concat!("map ", "PY_EPOCH", " missing"))?,
+        )?;
+        let n = epoch.get(&PY_EPOCH_USER, 0)?;
+        epoch.set(PY_EPOCH_USER, n.wrapping_add(1), 0)?;
         Ok(())
     }
 
@@ -119,6 +132,8 @@ impl Recorder {
                 let _ = procs.insert(pid, layout, 0);
             }
         }
+        // A CPU's older copy only reads first lines the slow way until then.
+        let _ = self.py_procs_changed();
     }
 
     /// `pid` is a new process (a fork: a pid may be used again): nothing probed for an

@@ -358,6 +358,7 @@ impl Recorder {
         ) {
             let _ = procs.remove(&pid);
         }
+        let _ = self.py_procs_changed();
         self.forget_code_watch(pid);
     }
 
