@@ -84,6 +84,8 @@ pub const CODE_DEALLOC_ENTER: &str = "code_dealloc_enter";
 pub const BARE_ENTER: &str = "bare_enter";
 /// Empty return probes (`--bare`).
 pub const BARE_EXIT: &str = "bare_exit";
+/// An empty program on pyleak's tracepoints (`--bare`).
+pub const BARE_TP: &str = "bare_tp";
 /// `sched:sched_process_exit`.
 pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
 /// `task:task_newtask`: a target's new process.
@@ -119,7 +121,7 @@ pub const MAPS: [&str; 18] = [
     PY_EPOCH,
 ];
 /// Every program name.
-pub const PROGRAMS: [&str; 21] = [
+pub const PROGRAMS: [&str; 22] = [
     ALLOC_ENTER,
     ALLOC_EXIT,
     FREE_ENTER,
@@ -135,6 +137,7 @@ pub const PROGRAMS: [&str; 21] = [
     CODE_DEALLOC_ENTER,
     BARE_ENTER,
     BARE_EXIT,
+    BARE_TP,
     SCHED_PROCESS_EXIT,
     SCHED_PROCESS_EXEC,
     TASK_NEWTASK,

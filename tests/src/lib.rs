@@ -363,30 +363,10 @@ pub fn loaded_programs() -> Vec<String> {
         .collect()
 }
 
-/// pyleak's program names, as its eBPF source (`pyleak-ebpf/src`) names them.
-pub const PYLEAK_PROGRAMS: [&str; 21] = [
-    "alloc_enter",
-    "alloc_exit",
-    "free_enter",
-    "py_finalize_enter",
-    "py_init_enter",
-    "site_enter",
-    "site_join",
-    "site_join_ret",
-    "reuse_enter",
-    "reuse_exit",
-    "reuse_holder_enter",
-    "reuse_holder_exit",
-    "bare_enter",
-    "bare_exit",
-    "bare_tp",
-    "sys_enter_vm",
-    "sys_exit_vm",
-    "page_fault",
-    "sched_process_exec",
-    "sched_process_exit",
-    "task_newtask",
-];
+/// pyleak's program names (`pyleak_common::names::PROGRAMS`, which a unit test of
+/// pyleak checks against the built eBPF object's programs, both ways).
+pub const PYLEAK_PROGRAMS: [&str; pyleak_common::names::PROGRAMS.len()] =
+    pyleak_common::names::PROGRAMS;
 
 /// Whether a program name as bpftool prints it is one of pyleak's. The kernel keeps 15
 /// characters of a name (`BPF_OBJ_NAME_LEN` is 16 with the NUL, `include/linux/bpf.h`);

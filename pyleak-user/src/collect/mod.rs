@@ -248,7 +248,7 @@ impl Recorder {
             tracepoints.push((names::TASK_NEWTASK, "task", "task_newtask"));
         }
         // The benchmark's floor attaches an empty program wherever a layer's would go.
-        let program = |real| if opts.bare { "bare_tp" } else { real };
+        let program = |real| if opts.bare { names::BARE_TP } else { real };
         if opts.layers.contains(Layer::Vm) || opts.layers.contains(Layer::Pages) {
             // Unmaps and the break matter to the pages layer too.
             for sc in ["mmap", "munmap", "mremap", "brk", "madvise"] {
@@ -574,5 +574,13 @@ mod tests {
         {
             assert!(symbols.contains(name), "{name} is not in the eBPF object");
         }
+        // And the other way: every program of the object is named there (the leftover
+        // checks of the tests find pyleak's programs by these names).
+        let obj = aya_obj::Object::parse(super::EBPF_OBJECT).expect("aya-obj parses it");
+        let mut programs: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        programs.sort_unstable();
+        let mut named = names::PROGRAMS.to_vec();
+        named.sort_unstable();
+        assert_eq!(programs, named);
     }
 }
