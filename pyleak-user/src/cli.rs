@@ -70,7 +70,7 @@ pub struct RecordArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Layers to probe, comma-separated: pymalloc, pymem_raw, libc, vm, pages, or all
-    /// [default: all with a command, libc,vm,pages otherwise].
+    /// [default: all with a command, pymalloc,libc,vm,pages otherwise].
     #[arg(long, value_name = "LIST")]
     pub layers: Option<String>,
     /// How the pymalloc layer is traced. sampled: its probes go in for short windows

@@ -119,12 +119,10 @@ fn the_registry_is_named_and_estimated_on_every_cpython() {
         }
         eprintln!("{label}: registry estimate {bytes} B in {count} blocks");
         if label == "pyenv 3.12.1" {
-            let exact = record(
-                &py,
-                "registry",
-                &["--pymalloc", "exact", "--layers", "pymalloc,libc,vm,pages"],
-                "exact-registry",
-            );
+            // Attached with no --layers: `--pymalloc exact` alone brings the layer in (it
+            // once left the attach defaults at libc,vm,pages, pymalloc silently off: the
+            // exact count below was then 0).
+            let exact = record(&py, "registry", &["--pymalloc", "exact"], "exact-registry");
             let (exact_bytes, exact_count) = at_line(&exact, "pymalloc", "register", line);
             let (table, _) = at_line(&exact, "libc", "register", line);
             let want = exact_bytes - table;

@@ -145,14 +145,13 @@ fn trace(
 fn validate(args: &RecordArgs) -> anyhow::Result<Plan> {
     host::check_privileges()?;
     host::check_lockdown(Path::new(host::LOCKDOWN))?;
-    // Launching: every layer. Attaching: pymalloc when it is sampled (a few percent of
-    // CPU), not pymem_raw; not pymalloc at all when every call would trap.
+    // Launching: every layer. Attaching: not pymem_raw (its calls are malloc's, seen in
+    // libc); pymalloc sampled (a few percent of CPU) or, asked for, exact.
     let sampled = args.pymalloc == PymallocMode::Sampled && !args.bare;
     let attaching = args.target.command.is_empty();
     let layers = match &args.layers {
         Some(l) => LayerSet::parse(l)?,
-        None if attaching && sampled => LayerSet::parse("pymalloc,libc,vm,pages")?,
-        None if attaching => LayerSet::parse("libc,vm,pages")?,
+        None if attaching => LayerSet::parse("pymalloc,libc,vm,pages")?,
         None => LayerSet::ALL,
     };
     if sampled
@@ -426,8 +425,8 @@ fn start(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Result<()> 
         },
         if rec.samples_pymalloc() {
             " (pymalloc sampled in windows: its live bytes are estimates; --pymalloc exact traps every call, 10-60x CPU on allocation-heavy code)"
-        } else if args.layers.is_none() && args.target.command.is_empty() && !args.bare {
-            " (add the Python allocator layers with --layers all: a trap per Python allocation)"
+        } else if layers.contains(Layer::Pymalloc) && !args.bare && args.target.command.is_empty() {
+            " (pymalloc exact: a trap per Python allocation, 10-60x CPU on allocation-heavy code)"
         } else {
             ""
         }
