@@ -406,10 +406,13 @@ pub fn analyze(
             window_open_s: sp.open_s,
             inclusion: sp.duty.iter().map(|(&p, &d)| (p, d)).collect(),
             samples: sp.samples,
+            unconfirmed: sp.unconfirmed,
             freed: sp.freed,
             reused: sp.reused,
             unreadable: sp.unreadable,
             capped: sp.full,
+            inclusion_from_time: sp.duty_from_time.clone(),
+            cut_to_pools: sp.cut_to_pools,
         }),
         retired: (snap.retired.processes > 0).then(|| RetiredReport {
             processes: snap.retired.processes,

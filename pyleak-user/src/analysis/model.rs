@@ -134,10 +134,24 @@ pub struct SampledReport {
     /// Seconds they were open, in all.
     pub window_open_s: f64,
     /// Per pid: the share of its heap growth (arena pages faulted in) the windows saw, the
-    /// chance of an allocation being sampled (lines with enough pages use their own).
+    /// chance of an allocation being sampled (lines with enough pages use their own); at
+    /// most the windows' share of time.
     pub inclusion: BTreeMap<u32, f64>,
-    /// Live samples at the end.
+    /// Pids whose inclusion is the windows' share of time: fewer than 20 arena pages were
+    /// faulted in inside windows, too few to measure the heap's growth by.
+    #[serde(default)]
+    pub inclusion_from_time: Vec<u32>,
+    /// Estimated live blocks taken off the stacks' estimates so that no size class holds
+    /// more than its pools have in use (read from their headers at each judgement).
+    #[serde(default)]
+    pub cut_to_pools: u64,
+    /// Live samples at the end (confirmed by a judgement after their window's own: the
+    /// ones the estimates rest on).
     pub samples: u64,
+    /// Samples taken by the last windows and not judged again before the end: left out of
+    /// the estimates.
+    #[serde(default)]
+    pub unconfirmed: u64,
     /// Samples found freed later by reading the target (reused ones included).
     pub freed: u64,
     /// Of those, found reused by another object.

@@ -26,7 +26,7 @@ use crate::{
     multi_uprobe::MultiLink,
     python::heap::{
         estimate::{estimate, Design, LiveSample, StackEstimate},
-        size_class, Fingerprint, Heap, Sample, Verdict, VmReader,
+        size_class, Fingerprint, Heap, Sample, Verdict, VmReader, NUM_CLASSES,
     },
 };
 
@@ -48,6 +48,8 @@ pub struct Windows {
     pub open_s: f64,
     /// Windows opened.
     pub count: u64,
+    /// When the first window opened.
+    first_opened: Option<Instant>,
     /// Seconds spent putting links in and taking them out (pyleak's time, not the
     /// target's).
     pub switch_s: f64,
@@ -98,6 +100,16 @@ impl Windows {
 }
 
 impl Recorder {
+    /// The share of time windows were open since the first one opened (0 < share ≤ 1):
+    /// an upper bound on any allocation's chance of being sampled, as the traps only slow
+    /// what a window sees. None before the first window.
+    pub fn time_share(&self) -> Option<f64> {
+        let w = self.windows.as_ref()?;
+        let since = w.first_opened?.elapsed().as_secs_f64();
+        let open = w.open_s + w.opened.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        (since > 0.0 && open > 0.0).then(|| (open / since).min(1.0))
+    }
+
     /// Whether the pymalloc layer is sampled in windows.
     pub fn samples_pymalloc(&self) -> bool {
         self.windows.is_some()
@@ -166,7 +178,9 @@ impl Recorder {
         result?;
         self.set_window_word(1, 1)?;
         let w = self.windows.as_mut().expect("checked above");
-        w.opened = Some(Instant::now());
+        let now = Instant::now();
+        w.opened = Some(now);
+        w.first_opened.get_or_insert(now);
         w.count += 1;
         Ok(())
     }
@@ -307,8 +321,17 @@ pub struct SampleBook {
     pub unreadable: u64,
     /// Live-sample estimates per (pid, stack id), as of the last sweep.
     pub estimates: HashMap<(u32, u64), StackEstimate>,
-    /// Per pid: the share of its arena page faults inside windows, as of the last sweep.
+    /// Per pid: an allocation's chance of being sampled, as of the last sweep: the share
+    /// of its arena page faults inside windows, at most the windows' share of time.
     pub duty: HashMap<u32, f64>,
+    /// Pids whose `duty` is the windows' share of time: too few arena pages faulted in
+    /// inside windows ([`MIN_FUNCTION_PAGES`]) to measure the heap's growth by.
+    pub duty_from_time: std::collections::BTreeSet<u32>,
+    /// Per pid: blocks in use per size class in its pools, as of its last sweep (see
+    /// [`Heap::in_use_by_class`]): no estimate of a class may exceed it.
+    in_use: HashMap<u32, [u64; NUM_CLASSES]>,
+    /// Estimated live blocks the last estimate took off to stay within `in_use`.
+    pub cut_to_pools: u64,
     /// Whether windows stopped because [`MAX_SAMPLES`] samples were kept.
     pub full: bool,
     /// The leaf Python function of each interned stack seen (see
@@ -333,6 +356,7 @@ impl SampleBook {
     pub fn forget(&mut self, pid: u32) {
         self.known.retain(|&(p, _), _| p != pid);
         self.heaps.remove(&pid);
+        self.in_use.remove(&pid);
         self.estimates.retain(|&(p, _), _| p != pid);
         self.duty.remove(&pid);
     }
@@ -344,6 +368,12 @@ struct Known {
     stack_id: u64,
     size: u64,
     fingerprint: Fingerprint,
+    /// Found live by a judgement after the sweep that fingerprinted it. Only confirmed
+    /// samples are estimated: that first sweep follows its window at once, while the code
+    /// that made the sample is still at work, slowed by the traps (a block it frees and
+    /// takes again for an equal object passes for the sample then), and when the
+    /// recording ends before another judgement the sample says nothing about the end.
+    confirmed: bool,
 }
 
 impl Recorder {
@@ -419,6 +449,7 @@ impl Recorder {
                                 stack_id: b.block.stack_id,
                                 size: b.block.size,
                                 fingerprint,
+                                confirmed: false,
                             },
                         );
                     }
@@ -438,14 +469,21 @@ impl Recorder {
                 })
                 .collect();
             let verdicts = heap.judge(&samples);
+            let in_use = heap.in_use_by_class(&arena_regions(pid, heap.layout().arena_size));
             // Shutting down since (interpreter teardown frees everything): these
             // verdicts are not about the heap the report describes.
             if self.frozen_in_kernel(pid) {
                 continue;
             }
+            book.in_use.insert(pid, in_use);
             for (b, verdict) in old.iter().zip(verdicts) {
                 match verdict {
-                    Verdict::Live | Verdict::Unknown(_) => {}
+                    Verdict::Live => {
+                        if let Some(k) = book.known.get_mut(&(pid, b.addr)) {
+                            k.confirmed = true;
+                        }
+                    }
+                    Verdict::Unknown(_) => {}
                     Verdict::Freed(_) | Verdict::Reused => {
                         if verdict == Verdict::Reused {
                             book.reused += 1;
@@ -500,10 +538,23 @@ impl Recorder {
     /// (docs/sampled-pymalloc.md). Under [`MIN_FUNCTION_PAGES`]: the process's share.
     fn estimate(&mut self, book: &mut SampleBook) {
         let windows = self.windows.as_ref().map_or(0, |w| w.count);
+        let share = self.time_share();
         book.duty.clear();
+        book.duty_from_time.clear();
         for (pid, (all, inside)) in self.progress() {
-            if all > 0 && inside > 0 {
-                book.duty.insert(pid, inside as f64 / all as f64);
+            // Fewer faults than that inside windows say little (5 of 37 186 once put the
+            // chance 250x under the truth, for a leak made between bursts of churn): the
+            // share of time is the chance of what the traps do not slow.
+            match share {
+                Some(share) if inside < MIN_FUNCTION_PAGES => {
+                    book.duty.insert(pid, share);
+                    book.duty_from_time.insert(pid);
+                }
+                Some(share) if all > 0 => {
+                    book.duty
+                        .insert(pid, (inside as f64 / all as f64).min(share));
+                }
+                _ => {}
             }
         }
         // Pages faulted in per (pid, Python function), since each process's first window.
@@ -529,6 +580,7 @@ impl Recorder {
         let known: Vec<(u32, u64, u64, u64)> = book
             .known
             .iter()
+            .filter(|(_, k)| k.confirmed)
             .map(|(&(pid, _), k)| (pid, k.stack_id, k.size, k.window))
             .collect();
         for (pid, stack, size, window) in known {
@@ -539,13 +591,15 @@ impl Recorder {
                 window,
             });
         }
+        // Per (pid, size class): each live sample's (stack, size, weight).
+        let mut by_class: ClassSamples = HashMap::new();
         for ((pid, function), live) in groups {
             let Some(&process_duty) = book.duty.get(&pid) else {
                 continue;
             };
             let duty = match pages.get(&(pid, function)) {
                 Some(&[all, inside]) if function.is_some() && inside >= MIN_FUNCTION_PAGES => {
-                    inside as f64 / all as f64
+                    (inside as f64 / all as f64).min(share.unwrap_or(1.0))
                 }
                 _ => process_duty,
             };
@@ -553,10 +607,15 @@ impl Recorder {
                 opened: windows,
                 duty,
             };
+            for s in &live {
+                let e = by_class.entry((pid, class_of(s.size))).or_default();
+                e.push((s.stack, s.size, 1.0 / duty));
+            }
             for (stack, e) in estimate(live, design) {
                 book.estimates.insert((pid, stack), e);
             }
         }
+        book.cut_to_pools = cut_to_pools(&mut book.estimates, &by_class, &book.in_use);
     }
 
     /// The leaf Python function (code object address) of interned stack `id`, cached.
@@ -571,6 +630,82 @@ impl Recorder {
     pub fn book(&self) -> &SampleBook {
         &self.book
     }
+}
+
+/// Per (pid, size class): each live sample's (stack id, requested size, weight).
+type ClassSamples = HashMap<(u32, usize), Vec<(u64, u64, f64)>>;
+
+/// The size class of a sampled request (larger ones leave the sample before this).
+fn class_of(size: u64) -> usize {
+    size_class(size).map_or(NUM_CLASSES - 1, |c| c as usize)
+}
+
+/// Scales down the stacks' estimates of each (pid, size class) whose estimated live blocks
+/// exceed the blocks its pools hold in use: an estimate is never more than the heap holds
+/// (a sample whose block was freed and taken again by an equal object of the same code, a
+/// dict or a list a fingerprint cannot tell apart, or a chance measured too low, would
+/// otherwise weigh hundreds of blocks that are not there). `by_class`: each live sample's
+/// (stack, size, weight) per (pid, class). Returns the estimated blocks taken off.
+fn cut_to_pools(
+    estimates: &mut HashMap<(u32, u64), StackEstimate>,
+    by_class: &ClassSamples,
+    in_use: &HashMap<u32, [u64; NUM_CLASSES]>,
+) -> u64 {
+    // Per (pid, stack): [weighted bytes, kept weighted bytes, weight, kept weight].
+    let mut sums: HashMap<(u32, u64), [f64; 4]> = HashMap::new();
+    let mut cut = 0.0;
+    for (&(pid, class), samples) in by_class {
+        let total: f64 = samples.iter().map(|&(_, _, w)| w).sum();
+        let held = in_use.get(&pid).map(|c| c[class] as f64);
+        let keep = match held {
+            Some(held) if total > held => held / total,
+            _ => 1.0,
+        };
+        cut += total * (1.0 - keep);
+        if keep < 1.0 {
+            log::debug!(
+                "pid {pid} class {class}: {total:.0} blocks estimated, {held:?} in use: kept {keep:.3}"
+            );
+        }
+        for &(stack, size, w) in samples {
+            let s = sums.entry((pid, stack)).or_default();
+            let bytes = size as f64 * w;
+            s[0] += bytes;
+            s[1] += bytes * keep;
+            s[2] += w;
+            s[3] += w * keep;
+        }
+    }
+    for (key, [bytes, kept_bytes, weight, kept_weight]) in sums {
+        if kept_weight >= weight {
+            continue;
+        }
+        if let Some(e) = estimates.get_mut(&key) {
+            let b = if bytes > 0.0 { kept_bytes / bytes } else { 1.0 };
+            e.live_bytes_estimate *= b;
+            e.live_bytes_stderr *= b;
+            e.live_count_estimate *= kept_weight / weight;
+        }
+    }
+    cut.round() as u64
+}
+
+/// Anonymous read-write private mappings of `pid` at least an arena long: where its pools
+/// may be (the kernel merges an arena with the anonymous mappings next to it, malloc's
+/// large blocks among them, so a mapping's length says little).
+fn arena_regions(pid: u32, arena_size: u64) -> Vec<(u64, u64)> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    crate::proctext::maps(&text)
+        .filter(|m| {
+            m.path.is_empty()
+                && m.perms.starts_with("rw")
+                && m.perms.ends_with('p')
+                && m.end - m.start >= arena_size
+        })
+        .map(|m| (m.start, m.end))
+        .collect()
 }
 
 /// `"3.12"` (or `"3.12.1"`) as a version tuple.
@@ -591,8 +726,10 @@ pub struct SampledPymalloc {
     /// Per pid: the share of its arena page faults inside windows (an allocation's chance
     /// of being sampled).
     pub duty: HashMap<u32, f64>,
-    /// Live samples.
+    /// Live samples, confirmed by a judgement after their window's (the estimated ones).
     pub samples: u64,
+    /// Samples not judged again since their window (left out of the estimates).
+    pub unconfirmed: u64,
     /// Samples found freed or reused after their window (reused is a part of freed).
     pub freed: u64,
     /// Samples found reused by another object.
@@ -601,6 +738,11 @@ pub struct SampledPymalloc {
     pub unreadable: u64,
     /// Whether windows stopped at the cap of samples kept.
     pub full: bool,
+    /// Pids whose `duty` is the windows' share of time (too few arena pages faulted in
+    /// inside windows).
+    pub duty_from_time: Vec<u32>,
+    /// Estimated live blocks taken off to stay within what the pools hold in use.
+    pub cut_to_pools: u64,
     /// Per (pid, stack id): the estimate.
     pub estimates: HashMap<(u32, u64), StackEstimate>,
 }
@@ -657,31 +799,45 @@ impl Recorder {
         s.freed_bytes = layer.freed_bytes;
         // Frees of blocks from outside windows are most frees here: not a sign of loss.
         s.unmatched_frees = 0;
-        for (&(pid, l, _), a) in snap.ages.iter_mut() {
+        for (&(pid, l, stack), a) in snap.ages.iter_mut() {
             if l != Layer::Pymalloc {
                 continue;
             }
-            let wt = weight(pid);
-            a.aged_bytes = scale(a.aged_bytes, wt);
-            a.aged_count = scale(a.aged_count, wt);
-            a.bytes = scale(a.bytes, wt);
-            a.count = scale(a.count, wt);
+            // The ages' shares of the stack's live samples, applied to its estimate (which
+            // may have been cut to what the pools hold), so the aged part is never more
+            // than the whole.
+            let est = book
+                .estimates
+                .get(&(pid, stack))
+                .copied()
+                .unwrap_or_default();
+            let (wb, wc) = if est.samples > 0 && a.bytes > 0 && a.count > 0 {
+                (
+                    est.live_bytes_estimate / a.bytes as f64,
+                    est.live_count_estimate / a.count as f64,
+                )
+            } else {
+                (weight(pid), weight(pid))
+            };
+            a.aged_bytes = scale(a.aged_bytes, wb);
+            a.aged_count = scale(a.aged_count, wc);
+            a.bytes = scale(a.bytes, wb);
+            a.count = scale(a.count, wc);
         }
-        let mean_weight = if book.duty.is_empty() {
-            0.0
-        } else {
-            book.duty.values().map(|d| 1.0 / d).sum::<f64>() / book.duty.len() as f64
-        };
-        snap.pymalloc_small_live = scale(snap.pymalloc_small_live, mean_weight);
+        // Every sampled block is a small one (larger requests leave the sample).
+        snap.pymalloc_small_live = layer.alloc_bytes.saturating_sub(layer.freed_bytes);
         snap.sampled = Some(SampledPymalloc {
             windows: w.count,
             open_s: w.open_s,
             duty: book.duty.clone(),
-            samples: book.known.len() as u64,
+            samples: book.known.values().filter(|k| k.confirmed).count() as u64,
+            unconfirmed: book.known.values().filter(|k| !k.confirmed).count() as u64,
             freed: book.freed,
             reused: book.reused,
             unreadable: book.unreadable,
             full: book.full,
+            duty_from_time: book.duty_from_time.iter().copied().collect(),
+            cut_to_pools: book.cut_to_pools,
             estimates: book.estimates.clone(),
         });
     }
@@ -699,5 +855,52 @@ impl Recorder {
                 live.insert((pid, Layer::Pymalloc, stack), bytes);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn est(bytes: f64, count: f64, samples: u64) -> StackEstimate {
+        StackEstimate {
+            live_bytes_estimate: bytes,
+            live_bytes_stderr: bytes / 2.0,
+            live_count_estimate: count,
+            samples,
+        }
+    }
+
+    /// Two stacks share size class 2 (48-byte blocks) and estimate 300 blocks there while
+    /// the pools hold 150 in use: each keeps half of its class-2 blocks; stack 1's class-0
+    /// sample stays whole; a process with no census is left alone.
+    #[test]
+    fn estimates_are_cut_to_the_blocks_in_use() {
+        let mut estimates = HashMap::from([
+            ((7, 1), est(100.0 * 48.0 + 10.0 * 16.0, 110.0, 3)),
+            ((7, 2), est(200.0 * 48.0, 200.0, 2)),
+            ((8, 1), est(1000.0 * 48.0, 1000.0, 1)),
+        ]);
+        let by_class = HashMap::from([
+            (
+                (7, 2),
+                vec![(1, 48, 50.0), (1, 48, 50.0), (2, 48, 100.0), (2, 48, 100.0)],
+            ),
+            ((7, 0), vec![(1, 16, 10.0)]),
+            ((8, 2), vec![(1, 48, 1000.0)]),
+        ]);
+        let mut pools = [0u64; NUM_CLASSES];
+        pools[2] = 150;
+        pools[0] = 20;
+        let in_use = HashMap::from([(7, pools)]);
+        let cut = cut_to_pools(&mut estimates, &by_class, &in_use);
+        assert_eq!(cut, 150);
+        let one = estimates[&(7, 1)];
+        assert!((one.live_count_estimate - 60.0).abs() < 1e-9);
+        assert!((one.live_bytes_estimate - (50.0 * 48.0 + 160.0)).abs() < 1e-9);
+        let two = estimates[&(7, 2)];
+        assert!((two.live_count_estimate - 100.0).abs() < 1e-9);
+        assert!((two.live_bytes_stderr - 100.0 * 48.0 / 2.0).abs() < 1e-9);
+        assert_eq!(estimates[&(8, 1)], est(48_000.0, 1000.0, 1));
     }
 }

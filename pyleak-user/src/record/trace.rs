@@ -140,6 +140,8 @@ pub async fn trace_loop(
     // The first window, like every other, opens after a random wait: a window pinned to the
     // start would always see the interpreter's start-up, whose mix of events is its own.
     let mut window_at = tokio::time::Instant::now() + next_gap(period, window);
+    // A second judgement of the samples between two windows, at a random point of the gap.
+    let mut judge_at: Option<tokio::time::Instant> = None;
     let end = loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -207,6 +209,19 @@ pub async fn trace_loop(
             _ = async { tokio::time::sleep_until(sleep_until.unwrap_or_else(tokio::time::Instant::now)).await }, if sleep_until.is_some() => {
                 break End::Duration;
             }
+            // The sweep right after a window judges the samples while the code that made
+            // them is still at work (the traps slowed it through the window): a block it
+            // freed and took again for an equal object, a dict or a list a fingerprint
+            // cannot tell apart, would pass for the sample. Judged again at a moment
+            // unrelated to the windows, such a sample is found freed as soon as its code
+            // rests, and a sample found freed once is gone for good.
+            _ = async { tokio::time::sleep_until(judge_at.unwrap_or_else(tokio::time::Instant::now)).await }, if judge_at.is_some() => {
+                judge_at = None;
+                rec.drain();
+                if let Err(e) = rec.sweep() {
+                    log::warn!("judging pymalloc samples: {e}");
+                }
+            }
             _ = tokio::time::sleep_until(window_at), if rec.samples_pymalloc() => {
                 if rec.windows().is_some_and(|w| w.is_open()) {
                     rec.close_window()?;
@@ -215,7 +230,10 @@ pub async fn trace_loop(
                     if let Err(e) = rec.sweep() {
                         log::warn!("judging pymalloc samples: {e}");
                     }
-                    window_at = tokio::time::Instant::now() + next_gap(period, window);
+                    let gap = next_gap(period, window);
+                    let now = tokio::time::Instant::now();
+                    window_at = now + gap;
+                    judge_at = Some(now + gap.mul_f64(0.25 + 0.5 * uniform()));
                 } else if rec.book().full {
                     window_at = tokio::time::Instant::now() + period;
                 } else {
@@ -266,14 +284,19 @@ pub async fn trace_loop(
 /// period), less the window itself.
 fn next_gap(period: Duration, window: Duration) -> Duration {
     let u = loop {
-        // SAFETY: libc's generator, seeded by nothing: no secret is drawn here.
-        let r = unsafe { libc::rand() } as f64 / (libc::RAND_MAX as f64 + 1.0);
+        let r = uniform();
         if r > 0.0 {
             break r;
         }
     };
     let mean = period.saturating_sub(window).as_secs_f64();
     Duration::from_secs_f64((-u.ln() * mean).min(mean * 20.0))
+}
+
+/// A number drawn uniformly from [0, 1).
+fn uniform() -> f64 {
+    // SAFETY: libc's generator, seeded by nothing: no secret is drawn here.
+    unsafe { libc::rand() as f64 / (libc::RAND_MAX as f64 + 1.0) }
 }
 
 /// What pyleak's own memory holds, per kind of state, on one debug line (`RUST_LOG=debug`;

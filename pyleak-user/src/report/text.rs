@@ -185,11 +185,18 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         let inclusion: Vec<String> = sp
             .inclusion
             .iter()
-            .map(|(pid, p)| format!("{:.2}% for pid {pid}", p * 100.0))
+            .map(|(pid, p)| {
+                let time = if sp.inclusion_from_time.contains(pid) {
+                    " (the windows' share of time: too few arena pages faulted in inside them)"
+                } else {
+                    ""
+                };
+                format!("{:.2}% for pid {pid}{time}", p * 100.0)
+            })
             .collect();
         writeln!(
             out,
-            "pymalloc sampled: {} windows ({:.2} s open) saw {} of the heap's growth; {} samples live, {} found freed ({} reused by other objects){}; pymalloc figures marked ~ are estimates, requests above 512 B are counted exactly in libc (--pymalloc exact traps every call)",
+            "pymalloc sampled: {} windows ({:.2} s open) saw {} of the heap's growth; {} samples live{}, {} found freed ({} reused by other objects){}{}; pymalloc figures marked ~ are estimates, requests above 512 B are counted exactly in libc (--pymalloc exact traps every call)",
             sp.windows,
             sp.window_open_s,
             if inclusion.is_empty() {
@@ -198,8 +205,24 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
                 inclusion.join(", ")
             },
             sp.samples,
+            if sp.unconfirmed > 0 {
+                format!(
+                    " ({} more from the last window, not judged again: left out)",
+                    sp.unconfirmed
+                )
+            } else {
+                String::new()
+            },
             sp.freed,
             sp.reused,
+            if sp.cut_to_pools > 0 {
+                format!(
+                    "; estimates cut by ~{} blocks to what the pools hold in use",
+                    sp.cut_to_pools
+                )
+            } else {
+                String::new()
+            },
             if sp.capped { "; sample cap reached, no more windows" } else { "" }
         )?;
     }

@@ -257,3 +257,36 @@ fn one_pool_read_serves_all_its_samples() {
     assert_eq!(after.ranges - before.ranges, 2);
     assert_eq!(after.bytes - before.bytes, 48 + 48 + 6 * 64);
 }
+
+#[test]
+fn pools_headers_count_blocks_in_use_per_class() {
+    let mut mem = world();
+    // A second used pool right after the first: class 5 (96-byte blocks), 7 in use; a
+    // third with garbage in its header, a fourth empty (count 0, a stale class).
+    let next = POOL + 16384;
+    let mut pool = vec![0u8; 3 * 16384];
+    let hdr = |p: &mut Vec<u8>, at: usize, off: usize, v: u32| {
+        p[at + off..at + off + 4].copy_from_slice(&v.to_le_bytes())
+    };
+    hdr(&mut pool, 0, POOL_COUNT, 7);
+    hdr(&mut pool, 0, POOL_SZIDX, 5);
+    hdr(&mut pool, 0, POOL_NEXTOFFSET, 48 + 9 * 96);
+    hdr(&mut pool, 0, POOL_MAXNEXTOFFSET, 16384 - 96);
+    hdr(&mut pool, 16384, POOL_COUNT, 50);
+    hdr(&mut pool, 16384, POOL_SZIDX, 5);
+    hdr(&mut pool, 16384, POOL_MAXNEXTOFFSET, 12);
+    hdr(&mut pool, 2 * 16384, POOL_SZIDX, 9);
+    mem.map(next, pool);
+    let mut h = heap(mem, 12);
+    // A region that starts mid-pool reads from the next pool boundary; one that ends
+    // mid-pool leaves the partial pool out; an unmapped one reads nothing.
+    let classes = h.in_use_by_class(&[
+        (POOL - 100, next + 2 * 16384 + 5),
+        (next + 2 * 16384, next + 3 * 16384),
+        (0x10_0000, 0x10_0000 + 16384),
+    ]);
+    let mut want = [0u64; NUM_CLASSES];
+    want[3] = 4;
+    want[5] = 7;
+    assert_eq!(classes, want);
+}
