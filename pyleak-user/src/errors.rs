@@ -77,6 +77,15 @@ pub enum UserError {
     /// The command is not an executable file on PATH.
     #[error("command `{0}` not found: give a path or a program on PATH")]
     CommandNotFound(String),
+    /// The command names a directory.
+    #[error("`{0}` is a directory, not a command: give the program to run")]
+    CommandIsDirectory(String),
+    /// The command is a file without execute permission.
+    #[error("`{0}` is not executable: `chmod +x` it, or run it through its interpreter (pyleak record -- python3 {0})")]
+    CommandNotExecutable(String),
+    /// `execv` of the command failed (the command, why).
+    #[error("cannot run `{0}`: {1}")]
+    ExecFailed(String, String),
     /// Neither `--pid` nor a command.
     #[error("nothing to trace: give `--pid PID`, `--cgroup PATH`, `--container ID`, `--all` or `-- COMMAND ARGS...`")]
     NoTarget,

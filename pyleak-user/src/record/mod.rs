@@ -119,10 +119,13 @@ fn trace(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let launched = session
-        .child
-        .as_mut()
-        .and_then(|c| Some((c.pid, c.exited.take()?)));
+    let launched = session.child.as_mut().and_then(|c| {
+        Some((
+            c.pid,
+            c.exited.take()?,
+            std::sync::Arc::clone(&c.last_sigint_ms),
+        ))
+    });
     let end = runtime.block_on(trace_loop(
         &mut session.rec,
         &session.syms,
@@ -412,6 +415,10 @@ fn start(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Result<()> 
                 .join(", ")
         ),
     };
+    // The command runs now (its probes are in): a failed exec ends here, in one line.
+    if let Some(c) = child.as_mut() {
+        c.start()?;
+    }
     // Always said (even with -q): scripts wait for this line before starting the work.
     eprintln!(
         "pyleak: tracing {what}, layers {}, {} uprobes attached in {:.2} s ({}){}; Ctrl-C to stop",
@@ -431,9 +438,6 @@ fn start(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Result<()> 
             ""
         }
     );
-    if let Some(c) = child.as_mut() {
-        c.start()?;
-    }
     Ok(())
 }
 

@@ -5,7 +5,10 @@ use std::{
     io::IsTerminal as _,
     os::fd::{AsRawFd, RawFd},
     process::ExitStatus,
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -25,7 +28,7 @@ use crate::{
     python,
     report::human_bytes,
     symbolize::{lock, Symbolizer},
-    targets::alive,
+    targets::{alive, launch::monotonic_ms},
 };
 
 /// How often the status line and the memory-map snapshots refresh.
@@ -35,6 +38,9 @@ const MAPS_REFRESH: Duration = Duration::from_millis(20);
 /// How often the ring buffer is read when nothing wakes pyleak: page faults are sent
 /// without a wakeup (`emit_quiet` in the kernel), and wait at most this long.
 const QUIET_DRAIN: Duration = Duration::from_millis(20);
+/// A SIGINT delivered to the command this long before pyleak's own is the same Ctrl-C.
+const SIGINT_SKEW_MS: u64 = 200;
+
 /// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
 const CHILD_GRACE: Duration = Duration::from_secs(2);
 
@@ -108,13 +114,21 @@ pub async fn trace_loop(
     resolver: &mut python::Resolver,
     mut follow: Follow<'_>,
     args: &RecordArgs,
-    launched: Option<(u32, tokio::sync::oneshot::Receiver<Option<ExitStatus>>)>,
+    launched: Option<(
+        u32,
+        tokio::sync::oneshot::Receiver<Option<ExitStatus>>,
+        Arc<AtomicU64>,
+    )>,
     sampler: &mut Sampler,
 ) -> anyhow::Result<(End, Option<ExitStatus>)> {
     let started = sampler.started;
-    let child = launched.as_ref().map(|(pid, _)| *pid);
-    let mut child_exit = launched.map(|(_, exit)| exit);
+    let child = launched.as_ref().map(|(pid, _, _)| *pid);
+    let child_sigint = launched.as_ref().map(|(_, _, n)| Arc::clone(n));
+    let mut child_exit = launched.map(|(_, exit, _)| exit);
     let mut exit = None;
+    // The signal that ended the recording (0: none), and the command's SIGINTs then.
+    let mut signalled = 0;
+    let mut signalled_ms = 0;
     // SAFETY: the ring buffer's fd belongs to `rec`, which outlives this function and so
     // this AsyncFd; it is not closed while registered.
     let ring = unsafe { AsyncFd::register(RingFd(rec.ring_fd().as_raw_fd())) }
@@ -241,8 +255,15 @@ pub async fn trace_loop(
                     window_at = tokio::time::Instant::now() + window;
                 }
             }
-            _ = sigint.recv() => break End::Signal,
-            _ = sigterm.recv() => break End::Signal,
+            _ = sigint.recv() => {
+                signalled = libc::SIGINT;
+                signalled_ms = monotonic_ms();
+                break End::Signal;
+            }
+            _ = sigterm.recv() => {
+                signalled = libc::SIGTERM;
+                break End::Signal;
+            }
             status = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
                 child_exit = None;
                 exit = status.ok().flatten();
@@ -265,13 +286,37 @@ pub async fn trace_loop(
     learn_new_stacks(rec, resolver);
     sampler.sample(rec, &lock(syms), resolver);
     if let (Some(pid), Some(wait)) = (child, child_exit) {
-        if end == End::Signal {
-            // Forward Ctrl-C/SIGTERM to the command and give it a moment to shut down,
-            // so its interpreter's teardown freezes its state as in a normal exit.
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        }
-        if let Ok(Ok(status)) = tokio::time::timeout(CHILD_GRACE, wait).await {
+        // Ended by a signal: the command gets the same one (unless a terminal's Ctrl-C
+        // already reached it) and a moment to shut down, so its interpreter's teardown
+        // freezes its state as in a normal exit. Ended by -d: it goes on, untraced.
+        let grace = if end == End::Signal {
+            // `q` in the live view, or a failed sample: as SIGTERM.
+            let signal = if signalled != 0 {
+                signalled
+            } else {
+                libc::SIGTERM
+            };
+            // A SIGINT the command got as pyleak did (a Ctrl-C reaches the whole
+            // foreground group; its tracer sees it within milliseconds): not sent again.
+            let mut reached = signal_reached_child(signal, pid);
+            if let (libc::SIGINT, false, Some(last)) = (signal, reached, &child_sigint) {
+                for _ in 0..20 {
+                    if last.load(Ordering::Relaxed) + SIGINT_SKEW_MS >= signalled_ms {
+                        reached = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            if !reached {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(pid as libc::pid_t, signal) };
+            }
+            CHILD_GRACE
+        } else {
+            Duration::ZERO
+        };
+        if let Ok(Ok(status)) = tokio::time::timeout(grace, wait).await {
             exit = status;
         }
     }
@@ -291,6 +336,24 @@ fn next_gap(period: Duration, window: Duration) -> Duration {
     };
     let mean = period.saturating_sub(window).as_secs_f64();
     Duration::from_secs_f64((-u.ln() * mean).min(mean * 20.0))
+}
+
+/// Whether `signal` sent to pyleak most likely reached the command `child` too: a SIGINT
+/// while pyleak's process group, which the command shares, is its terminal's foreground
+/// group (Ctrl-C signals the whole group). Sending it again would interrupt the command's
+/// own handling of the first (a `KeyboardInterrupt` in its cleanup).
+fn signal_reached_child(signal: i32, child: u32) -> bool {
+    if signal != libc::SIGINT {
+        return false;
+    }
+    // SAFETY: plain queries of process groups and of the terminal on stdin/stderr.
+    unsafe {
+        let ours = libc::getpgrp();
+        let same_group = libc::getpgid(child as libc::pid_t) == ours;
+        let foreground = libc::tcgetpgrp(libc::STDIN_FILENO) == ours
+            || libc::tcgetpgrp(libc::STDERR_FILENO) == ours;
+        same_group && foreground
+    }
 }
 
 /// A number drawn uniformly from [0, 1).

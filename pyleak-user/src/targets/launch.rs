@@ -12,20 +12,35 @@ use std::{
     process::ExitStatus,
 };
 
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
 use anyhow::Context as _;
 
 /// A command forked, waiting to exec until [`Launched::start`].
 ///
 /// A dedicated thread forks it and stays its ptrace tracer (ptrace requests must come from
-/// the thread that forked). The only use of ptrace is `PTRACE_O_TRACEEXIT`: the command
+/// the thread that attached). The only use of ptrace is `PTRACE_O_TRACEEXIT`: the command
 /// stops once as it exits, with its memory map still in place, so pyleak can read it for
-/// symbols even when the command lives a millisecond; signals are passed on unchanged.
+/// symbols even when the command lives a millisecond; signals are passed on unchanged, and
+/// a stop signal stops it as without a tracer (attached with `PTRACE_SEIZE`, its
+/// group-stops are left in place with `PTRACE_LISTEN` until a SIGCONT).
 pub struct Launched {
     /// Its pid.
     pub pid: u32,
+    /// The program, for messages.
+    program: String,
     go: Option<std::sync::mpsc::Sender<()>>,
+    /// Read end of a close-on-exec pipe the child writes `errno` to when `execv` fails
+    /// (end of file: the exec succeeded).
+    exec_errno: Option<std::fs::File>,
     /// Resolves to how the command ended (`None` if it could not be waited for).
     pub exited: Option<tokio::sync::oneshot::Receiver<Option<ExitStatus>>>,
+    /// When a SIGINT was last delivered to the command (its tracer sees each), in
+    /// [`monotonic_ms`] (0: never): whether a Ctrl-C that reached pyleak reached it too.
+    pub last_sigint_ms: Arc<AtomicU64>,
 }
 
 /// Forks a child that will exec `program` with `args` (args[0] included) once started;
@@ -42,22 +57,28 @@ pub fn spawn_paused(
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .context("argument has a NUL byte")?;
-    let (pid_tx, pid_rx) = std::sync::mpsc::channel::<std::io::Result<u32>>();
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel::<std::io::Result<(u32, libc::c_int)>>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    let last_sigint_ms = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&last_sigint_ms);
     std::thread::Builder::new()
         .name("pyleak-launcher".into())
         .spawn(move || {
             let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
             argv_ptrs.push(std::ptr::null());
-            let (pid, go_fd) = match fork_paused(&path, &argv_ptrs) {
+            let (pid, go_fd, errno_fd) = match fork_paused(&path, &argv_ptrs) {
                 Ok(v) => v,
                 Err(e) => {
                     let _ = pid_tx.send(Err(e));
                     return;
                 }
             };
-            let _ = pid_tx.send(Ok(pid));
+            // Traced from here, by this thread: exits and execs stop it.
+            let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
+            // SAFETY: seizing our own child, which waits on the pipe.
+            unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid as libc::pid_t, 0, options) };
+            let _ = pid_tx.send(Ok((pid, errno_fd)));
             let started = go_rx.recv().is_ok();
             if started {
                 let b = 1u8;
@@ -66,24 +87,33 @@ pub fn spawn_paused(
             }
             // SAFETY: closing our pipe end once; unstarted, the child exits on EOF.
             unsafe { libc::close(go_fd) };
-            let _ = exit_tx.send(trace_until_exit(pid, &on_exit));
+            let _ = exit_tx.send(trace_until_exit(pid, &on_exit, &seen));
         })?;
-    let pid = pid_rx.recv().context("launcher thread")?.context("fork")?;
+    let (pid, errno_fd) = pid_rx.recv().context("launcher thread")?.context("fork")?;
     Ok(Launched {
         pid,
+        program: program.display().to_string(),
         go: Some(go_tx),
+        // SAFETY: the read end of the pipe, ours alone from here.
+        exec_errno: Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(errno_fd) }),
         exited: Some(exit_rx),
+        last_sigint_ms,
     })
 }
 
-/// Forks; the child asks to be traced, waits for a byte on a pipe, then execs.
+/// Forks; the child waits for a byte on a pipe, then execs (writing `errno` to a second,
+/// close-on-exec pipe if that fails). Returns the pid, the write end of the first pipe and
+/// the read end of the second.
 fn fork_paused(
     path: &CString,
     argv: &[*const libc::c_char],
-) -> std::io::Result<(u32, libc::c_int)> {
+) -> std::io::Result<(u32, libc::c_int, libc::c_int)> {
     let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    let mut errno_fds = [0; 2];
+    // SAFETY: fds are valid arrays of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0
+        || unsafe { libc::pipe2(errno_fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0
+    {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the child only makes async-signal-safe calls on data prepared before fork.
@@ -95,27 +125,33 @@ fn fork_paused(
         // SAFETY: async-signal-safe calls on fds and buffers prepared before fork.
         unsafe {
             libc::close(fds[1]);
-            libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+            libc::close(errno_fds[0]);
             let mut b = 0u8;
             if libc::read(fds[0], (&mut b as *mut u8).cast(), 1) != 1 {
                 // pyleak gave up before starting the command.
                 libc::_exit(127);
             }
             libc::execv(path.as_ptr(), argv.as_ptr());
-            let msg = b"pyleak: exec of the command failed\n";
-            libc::write(2, msg.as_ptr().cast(), msg.len());
+            let errno = *libc::__errno_location();
+            libc::write(errno_fds[1], (&errno as *const i32).cast(), 4);
             libc::_exit(127);
         }
     }
-    // SAFETY: closing our copy of the read end.
-    unsafe { libc::close(fds[0]) };
-    Ok((pid as u32, fds[1]))
+    // SAFETY: closing our copies of the child's ends.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(errno_fds[1]);
+    }
+    Ok((pid as u32, fds[1], errno_fds[0]))
 }
 
 /// Runs the child to its end as its tracer; returns how it ended.
-fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> Option<ExitStatus> {
+fn trace_until_exit(
+    pid: u32,
+    on_exit: &impl Fn(u32),
+    last_sigint_ms: &AtomicU64,
+) -> Option<ExitStatus> {
     let pid_t = pid as libc::pid_t;
-    let mut exec_seen = false;
     loop {
         let mut status = 0;
         // SAFETY: waiting for our own child with a valid status pointer.
@@ -134,28 +170,49 @@ fn trace_until_exit(pid: u32, on_exit: &impl Fn(u32)) -> Option<ExitStatus> {
         }
         let sig = libc::WSTOPSIG(status);
         let event = status >> 16;
+        if event == libc::PTRACE_EVENT_STOP {
+            // A group-stop (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU delivered): it stays
+            // stopped, as untraced, until a SIGCONT. Other event stops just go on.
+            let stop = matches!(
+                sig,
+                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+            );
+            let request = if stop {
+                libc::PTRACE_LISTEN
+            } else {
+                libc::PTRACE_CONT
+            };
+            // SAFETY: resuming (or leaving stopped) our stopped tracee.
+            unsafe { libc::ptrace(request, pid_t, 0, 0) };
+            continue;
+        }
         let inject = if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXIT {
             on_exit(pid);
             0
         } else if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXEC {
-            // The command exec'd another program: a stop of our own, nothing to deliver
-            // (without PTRACE_O_TRACEEXEC the kernel would send the new program a SIGTRAP,
-            // which kills it).
-            0
-        } else if sig == libc::SIGTRAP && !exec_seen {
-            // The stop after the first exec: from here on, only the exit stop matters.
-            exec_seen = true;
-            let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
-            // SAFETY: setting options on our stopped tracee.
-            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid_t, 0, options) };
+            // The command exec'd a program: a stop of our own, nothing to deliver.
             0
         } else {
+            if sig == libc::SIGINT {
+                last_sigint_ms.store(monotonic_ms(), Ordering::Relaxed);
+            }
             // A signal for the command: deliver it as if nobody were watching.
             sig
         };
         // SAFETY: resuming our stopped tracee.
         unsafe { libc::ptrace(libc::PTRACE_CONT, pid_t, 0, inject as libc::c_long) };
     }
+}
+
+/// Milliseconds of `CLOCK_MONOTONIC`.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 /// How a command ended, in words: `exited with status 3`, `killed by signal 11
@@ -182,12 +239,31 @@ pub fn describe_exit(status: ExitStatus) -> String {
 
 impl Launched {
     /// Lets the child exec.
+    /// Lets the command exec. Errors: the exec failed (the command's one-line reason).
     pub fn start(&mut self) -> anyhow::Result<()> {
         self.go
             .take()
             .context("already started")?
             .send(())
             .context("launcher thread gone")?;
+        let Some(mut pipe) = self.exec_errno.take() else {
+            return Ok(());
+        };
+        let mut errno = [0u8; 4];
+        if std::io::Read::read_exact(&mut pipe, &mut errno).is_ok() {
+            let errno = i32::from_ne_bytes(errno);
+            let why = std::io::Error::from_raw_os_error(errno).to_string();
+            let hint = match errno {
+                libc::ENOENT => " (for a script: is its #! interpreter there?)",
+                libc::ENOEXEC => " (not a program this machine runs, nor a script with #!)",
+                _ => "",
+            };
+            return Err(crate::errors::UserError::ExecFailed(
+                self.program.clone(),
+                format!("{why}{hint}"),
+            )
+            .into());
+        }
         Ok(())
     }
 }

@@ -83,8 +83,7 @@ impl Target {
         match args.command.first() {
             Some(cmd) if cmd.is_empty() => Err(UserError::EmptyCommand),
             Some(cmd) => Ok(Target::Command {
-                program: resolve_command(cmd)
-                    .ok_or_else(|| UserError::CommandNotFound(cmd.clone()))?,
+                program: resolve_command(cmd).ok_or_else(|| not_runnable(cmd))?,
                 argv: args.command.clone(),
             }),
             None if args.pids.is_empty() => Err(if std::env::args().any(|a| a == "--") {
@@ -127,6 +126,19 @@ pub fn check_pid(pid: u32) -> Result<(), UserError> {
         });
     }
     crate::host::check_seccomp(pid)
+}
+
+/// Why `cmd`, which [`resolve_command`] did not find, cannot run: a path that is a
+/// directory or lacks the execute bits, else not found.
+fn not_runnable(cmd: &str) -> UserError {
+    let path = Path::new(cmd);
+    match path.metadata() {
+        Ok(m) if cmd.contains('/') && m.is_dir() => UserError::CommandIsDirectory(cmd.to_owned()),
+        Ok(m) if cmd.contains('/') && m.is_file() => {
+            UserError::CommandNotExecutable(cmd.to_owned())
+        }
+        _ => UserError::CommandNotFound(cmd.to_owned()),
+    }
 }
 
 /// Resolves a command the way `execvp` would: a path as given, else the first executable

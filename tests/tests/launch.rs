@@ -1,0 +1,189 @@
+//! A launched command (`pyleak record -- COMMAND`) behaves as without pyleak: a Ctrl-C
+//! reaches it once, a stop signal stops it, `-d` ends the recording on time and leaves it
+//! running, and a command that cannot run is one line and a non-zero exit.
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use pyleak_tests::*;
+
+/// `pyleak record --json DIR/r.json -- PYTHON py_cleanup.py` in a process group of its own
+/// (as a shell job is); returns pyleak once the command printed `running`, and its stdout.
+fn cleanup_command(
+    dir: &std::path::Path,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let (_, py) = required_pythons(&["pyenv 3.12.1"])
+        .into_iter()
+        .next()
+        .expect("pyenv 3.12.1");
+    let mut cmd = Command::new(pyleak_bin());
+    cmd.args(["record", "-q", "-o", "/dev/null", "--json"])
+        .arg(dir.join("r.json"))
+        .arg("--")
+        .arg(py)
+        .arg(root().join("tests/workloads/py_cleanup.py"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut pyleak = cmd.spawn().expect("starting pyleak");
+    let mut out = BufReader::new(pyleak.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "running");
+    (pyleak, out)
+}
+
+fn rest(out: BufReader<std::process::ChildStdout>) -> Vec<String> {
+    out.lines().map_while(Result::ok).collect()
+}
+
+/// Ctrl-C in a terminal signals the whole foreground group, the command with pyleak: the
+/// command runs its handler to the end, undisturbed (pyleak once sent it SIGTERM on top,
+/// killing its cleanup). SIGINT to pyleak alone is passed on as SIGINT.
+#[test]
+fn ctrl_c_reaches_a_launched_command_once() {
+    if !root_or_skip() {
+        return;
+    }
+    for to_group in [true, false] {
+        let dir = scratch(&format!("launch-ctrl-c-{to_group}"));
+        let (mut pyleak, out) = cleanup_command(&dir);
+        let pid = pyleak.id() as libc::pid_t;
+        // SAFETY: signalling the group (or the process) of our own child.
+        unsafe { libc::kill(if to_group { -pid } else { pid }, libc::SIGINT) };
+        let lines = rest(out);
+        assert!(pyleak.wait().unwrap().success());
+        assert!(
+            lines.iter().any(|l| l == "cleanup done"),
+            "to the group: {to_group}: {lines:?}"
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).unwrap()).unwrap();
+        assert_eq!(report["command_exit"], "exited with status 4", "{to_group}");
+    }
+    assert_no_pyleak_programs();
+}
+
+/// The state letter of `pid` (`/proc/PID/stat`, after the command name).
+fn state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(") ")
+        .next()
+        .and_then(|s| s.chars().next())
+        .unwrap_or('?')
+}
+
+/// SIGSTOP stops the command as it would untraced, until SIGCONT (pyleak's tracer once
+/// let it run on through the stop).
+#[test]
+fn a_stop_signal_stops_a_launched_command() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("launch-stop");
+    let (mut pyleak, out) = cleanup_command(&dir);
+    // Its launcher thread forked it: the children of every task of pyleak's.
+    let command = std::fs::read_dir(format!("/proc/{}/task", pyleak.id()))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .next();
+    let Some(command) = command else {
+        let _ = pyleak.kill();
+        panic!("the command is no child of pyleak's");
+    };
+    // SAFETY: signalling the command pyleak started for us.
+    unsafe { libc::kill(command as libc::pid_t, libc::SIGSTOP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !matches!(state(command), 'T' | 't') {
+        assert!(Instant::now() < deadline, "not stopped: {}", state(command));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still stopped a while later: a SIGINT now waits with it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(matches!(state(command), 'T' | 't'), "{}", state(command));
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(command as libc::pid_t, libc::SIGCONT);
+        libc::kill(command as libc::pid_t, libc::SIGINT);
+    }
+    let lines = rest(out);
+    assert!(pyleak.wait().unwrap().success());
+    assert!(lines.iter().any(|l| l == "cleanup done"), "{lines:?}");
+    assert_no_pyleak_programs();
+}
+
+/// `-d 2` with a command: two seconds recorded (once four: a grace meant for a signalled
+/// command), and the command runs on after pyleak.
+#[test]
+fn duration_ends_a_launched_recording_on_time() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("launch-duration");
+    let json = dir.join("r.json");
+    let out = Command::new(pyleak_bin())
+        .args(["record", "-q", "-d", "2", "-o", "/dev/null", "--json"])
+        .arg(&json)
+        .args(["--", "sleep", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let recorded = report["duration_s"].as_f64().unwrap();
+    assert!((2.0..2.5).contains(&recorded), "recorded {recorded} s");
+    assert!(
+        report["command_exit"].is_null(),
+        "{}",
+        report["command_exit"]
+    );
+    assert_no_pyleak_programs();
+}
+
+/// A command whose exec fails (a script whose #! interpreter is missing; a file that is
+/// not executable; a directory): one line that says why, exit status 1, no report.
+#[test]
+fn a_command_that_cannot_run_is_one_line() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = scratch("launch-cannot-run");
+    let script = dir.join("bad.py");
+    std::fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
+    let plain = dir.join("plain.py");
+    std::fs::write(&plain, "print(1)\n").unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    for (cmd, says) in [
+        (script.to_str().unwrap(), "cannot run"),
+        (plain.to_str().unwrap(), "is not executable"),
+        (dir.to_str().unwrap(), "is a directory"),
+    ] {
+        let out = Command::new(pyleak_bin())
+            .args(["record", "--", cmd])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr.lines().filter(|l| !l.contains("warning")).collect();
+        assert_eq!(errors.len(), 1, "{cmd}: {stderr}");
+        assert!(errors[0].contains(says), "{cmd}: {stderr}");
+        assert!(out.stdout.is_empty(), "{cmd}: a report: {out:?}");
+    }
+    assert_no_pyleak_programs();
+}
