@@ -187,3 +187,43 @@ fn a_command_that_cannot_run_is_one_line() {
     }
     assert_no_pyleak_programs();
 }
+
+/// A standard output that fails (a pipe closed by `head`) costs the report files nothing:
+/// they are written first, then one line says what failed.
+#[test]
+fn a_closed_stdout_does_not_cost_the_report_files() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_, py) = required_pythons(&["pyenv 3.12.1"])
+        .into_iter()
+        .next()
+        .expect("pyenv 3.12.1");
+    let dir = scratch("launch-closed-stdout");
+    let (json, folded) = (dir.join("r.json"), dir.join("r.folded"));
+    let mut pyleak = Command::new(pyleak_bin())
+        .args(["record", "-q", "--json"])
+        .arg(&json)
+        .arg("-o")
+        .arg(&folded)
+        .arg("--")
+        .arg(&py)
+        .args(["-c", "x = [bytearray(100_000) for _ in range(5)]"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(pyleak.stdout.take());
+    let out = pyleak.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("writing the report to standard output"),
+        "{stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["command_exit"], "exited with status 0");
+    assert!(std::fs::metadata(&folded).unwrap().len() > 0);
+    assert_no_pyleak_programs();
+}

@@ -18,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use pyleak_common::{Layer, PyProc, MAX_NATIVE_FRAMES};
 
 use self::{
@@ -506,11 +507,8 @@ fn finish(
     analysis.probes_detach_s = s.rec.detach_probes();
     log::info!("probes detached in {:.3} s", analysis.probes_detach_s);
 
-    let stdout = std::io::stdout();
-    report::text::write(&analysis, &mut stdout.lock())?;
-    if let Some((_, text)) = &census {
-        print!("{text}");
-    }
+    // The files first: a standard output that fails (a closed pipe, a full disk) must not
+    // cost them.
     if let Some(out) = plan.outputs.output {
         let format = args
             .out
@@ -521,7 +519,16 @@ fn finish(
     if let Some(out) = plan.outputs.json {
         report::write_file(&analysis, OutputFormat::Json, &plan.render, out)?;
     }
-    std::io::stdout().flush()?;
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    report::text::write(&analysis, &mut lock)
+        .and_then(|()| match &census {
+            Some((_, text)) => lock.write_all(text.as_bytes()),
+            None => Ok(()),
+        })
+        .and_then(|()| lock.flush())
+        .context("writing the report to standard output")?;
+    drop(lock);
     drop(s.rec);
     Ok(0)
 }
