@@ -227,6 +227,10 @@ fn a_leaking_http_handler_is_the_top_growing_suspect_and_a_warm_cache_is_not() {
         &pid,
         "--interval",
         "0.5",
+        // The layers this test was written for (the attach defaults under the test
+        // runner's PYLEAK_PYMALLOC=exact until exact mode brought pymalloc in).
+        "--layers",
+        "libc,vm,pages",
         "--json",
         json.to_str().unwrap(),
     ]);

@@ -29,6 +29,16 @@ fn cleanup_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .process_group(0);
+    // SIGINT as a terminal's job has it: a test run in the background of a shell without
+    // job control inherits it ignored, and pyleak, like a shell, hands the command the
+    // dispositions it got (Python installs no Ctrl-C handler when SIGINT is ignored).
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     let mut pyleak = cmd.spawn().expect("starting pyleak");
     let mut out = BufReader::new(pyleak.stdout.take().unwrap());
     let mut line = String::new();
