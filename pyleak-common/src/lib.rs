@@ -214,6 +214,11 @@ pub const FLAG_FOR_LIBC: u32 = 4;
 /// is freed; the others carry the time of their CPU's first allocation in the same kernel
 /// tick (see `pyleak-ebpf`'s `alloc_time`).
 pub const FLAG_TIMED: u32 = 8;
+/// `PYMALLOC_WINDOW[1]` while a pymalloc sampling window is open.
+pub const WINDOW_OPEN: u32 = 1;
+/// `PYMALLOC_WINDOW[1]` while a window closes: allocations and frees no longer count,
+/// free-list hand-overs still do (until userspace has fingerprinted the window's samples).
+pub const WINDOW_CLOSING: u32 = 2;
 /// Set on a page fault taken while a pymalloc sampling window was open.
 pub const FLAG_IN_WINDOW: u32 = 16;
 /// Set on a page fault taken once the first pymalloc sampling window has opened (from then

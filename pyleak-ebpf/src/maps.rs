@@ -13,7 +13,7 @@ use pyleak_common::{
     StackTrace, ThreadState, VmEvent, EVENTS_RING_BYTES, FILTER_CGROUP, FILTER_PIDS, HIST_BUCKETS,
     LIVE_ALLOCS_ENTRIES, LIVE_BUCKET_SLOTS, LIVE_TABLE_BUCKETS, NUM_DROPS, NUM_LAYERS,
     SITES_ENTRIES, STACKS_ENTRIES, STACK_STATS_ENTRIES, TARGETS_ENTRIES, TARGET_ACTIVE,
-    TARGET_FROZEN, THREADS_ENTRIES,
+    TARGET_FROZEN, THREADS_ENTRIES, WINDOW_CLOSING, WINDOW_OPEN,
 };
 
 /// Processes traced: tgid → `TARGET_ACTIVE` or `TARGET_FROZEN`.
@@ -132,7 +132,9 @@ static CGROUP_LEVEL: u32 = 0;
 static PYMALLOC_SAMPLED: u32 = 0;
 
 /// `[0]`: the current sampling window's generation (userspace bumps it before each window
-/// opens); `[1]`: 1 while the window is open. Only read when `PYMALLOC_SAMPLED`.
+/// opens); `[1]`: [`WINDOW_OPEN`] while the window is open, [`WINDOW_CLOSING`] while it
+/// closes (no allocation or free counts, free-list hand-overs still do, until userspace has
+/// fingerprinted the window's samples), 0 when closed. Only read when `PYMALLOC_SAMPLED`.
 #[map]
 pub static PYMALLOC_WINDOW: Array<u32> = Array::with_max_entries(2, 0);
 
@@ -144,14 +146,33 @@ pub fn pymalloc_sampled() -> bool {
 }
 
 /// With sampled pymalloc tracing: `Some(generation)` of the open window, `None` when
-/// closed (a probe firing while its link is put in or taken out). Without: `Some(0)`.
+/// closing or closed (a probe firing while its link is put in or taken out). Without:
+/// `Some(0)`.
 #[inline(always)]
 pub fn pymalloc_window() -> Option<u32> {
+    window_in(WINDOW_OPEN)
+}
+
+/// [`pymalloc_window`] for free-list hand-overs, which also count while a window closes:
+/// a block its code dropped on a type's free list when the window closed, and another
+/// stack takes before userspace reads it, goes to that stack (read only later, it would
+/// look like the dropping code's live object).
+#[inline(always)]
+pub fn pymalloc_handover_window() -> Option<u32> {
+    window_in(WINDOW_CLOSING)
+}
+
+/// The window's generation while `PYMALLOC_WINDOW[1]` is between 1 and `up_to`.
+#[inline(always)]
+fn window_in(up_to: u32) -> Option<u32> {
     // SAFETY: a read-only global, patched by userspace before load.
     if unsafe { core::ptr::read_volatile(&PYMALLOC_SAMPLED) } == 0 {
         return Some(0);
     }
-    if PYMALLOC_WINDOW.get(1).is_some_and(|o| *o != 0) {
+    if PYMALLOC_WINDOW
+        .get(1)
+        .is_some_and(|o| *o != 0 && *o <= up_to)
+    {
         PYMALLOC_WINDOW.get(0).copied()
     } else {
         None

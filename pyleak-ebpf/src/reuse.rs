@@ -16,9 +16,8 @@ use pyleak_common::{Layer, GC_HEAD_BYTES, TPFLAGS_HAVE_GC, TYPE_FLAGS_OFFSET};
 
 use crate::{
     alloc::{args3, cookie, hand_over, live_find, live_size},
-    maps::{pymalloc_sampled, uprobe_target_active, THREADS},
+    maps::{pymalloc_handover_window, pymalloc_sampled, uprobe_target_active, THREADS},
     stack,
-    thread::window_of,
 };
 
 /// `_Py_NewReference(op)`: an object gets its first reference.
@@ -27,7 +26,7 @@ pub fn reuse_enter(ctx: ProbeContext) -> u32 {
     let c = cookie(&ctx);
     let op = args3(&ctx)[0];
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !uprobe_target_active(tgid) || window_of(Layer::Pymalloc as usize).is_none() {
+    if !uprobe_target_active(tgid) || pymalloc_handover_window().is_none() {
         return 0;
     }
     // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
@@ -107,7 +106,7 @@ fn reused(ctx: *mut c_void, blocks: [u64; 3], obj: u64, caller: Caller, chain: b
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let layer = Layer::Pymalloc as u32;
-    if !uprobe_target_active(tgid) || window_of(layer as usize).is_none() {
+    if !uprobe_target_active(tgid) || pymalloc_handover_window().is_none() {
         return;
     }
     let (mut last, mut last_size) = (0, 0);
@@ -173,7 +172,7 @@ pub fn reuse_holder_enter(ctx: ProbeContext) -> u32 {
     if !uprobe_target_active(tgid) {
         return 0;
     }
-    let Some(window) = window_of(Layer::Pymalloc as usize) else {
+    let Some(window) = pymalloc_handover_window() else {
         return 0;
     };
     let args = args3(&ctx);
@@ -210,7 +209,7 @@ pub fn reuse_holder_exit(ctx: RetProbeContext) -> u32 {
     };
     // A call begun in an earlier window (its entry seen, its return link since taken out
     // and put in again) holds a dict that may be gone.
-    if holder == 0 || window_of(Layer::Pymalloc as usize) != Some(window) {
+    if holder == 0 || pymalloc_handover_window() != Some(window) {
         return 0;
     }
     let field = holder.wrapping_add(u64::from(c.stack_delta >> 8));

@@ -18,7 +18,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap},
     programs::uprobe::UProbeScope,
 };
-use pyleak_common::{names, AllocKey, Layer, LiveAlloc, ProbeCookie};
+use pyleak_common::{names, AllocKey, Layer, LiveAlloc, ProbeCookie, WINDOW_CLOSING, WINDOW_OPEN};
 
 use super::{table, Recorder};
 use crate::{
@@ -50,6 +50,8 @@ pub struct Windows {
     pub count: u64,
     /// When the first window opened.
     first_opened: Option<Instant>,
+    /// Whether the last window is closing (hand-overs still on, links still in).
+    closing: bool,
     /// Seconds spent putting links in and taking them out (pyleak's time, not the
     /// target's).
     pub switch_s: f64,
@@ -176,7 +178,7 @@ impl Recorder {
         w.links = links;
         w.switch_s += started.elapsed().as_secs_f64();
         result?;
-        self.set_window_word(1, 1)?;
+        self.set_window_word(1, WINDOW_OPEN)?;
         let w = self.windows.as_mut().expect("checked above");
         let now = Instant::now();
         w.opened = Some(now);
@@ -185,17 +187,33 @@ impl Recorder {
         Ok(())
     }
 
-    /// Closes the open window: counting off, then its links taken out on another thread
-    /// (each waits for a grace period; the probes do nothing meanwhile).
+    /// Closes the open window, first step: allocations and frees stop counting, free-list
+    /// hand-overs go on (`PYMALLOC_WINDOW[1] = 2`) until [`Recorder::end_closing`], called
+    /// once [`Recorder::sweep`] has fingerprinted the window's samples: a block its code
+    /// left on a type's free list as the window closed, taken by another stack before the
+    /// sweep read it, goes to that stack instead of passing for the dropper's live object.
     pub fn close_window(&mut self) -> anyhow::Result<()> {
         if !self.windows.as_ref().is_some_and(Windows::is_open) {
             return Ok(());
         }
-        self.set_window_word(1, 0)?;
+        self.set_window_word(1, WINDOW_CLOSING)?;
         let w = self.windows.as_mut().expect("checked above");
         if let Some(t) = w.opened.take() {
             w.open_s += t.elapsed().as_secs_f64();
         }
+        w.closing = true;
+        Ok(())
+    }
+
+    /// Closes the window, second step: hand-overs off, then its links taken out on another
+    /// thread (each waits for a grace period; the probes do nothing meanwhile).
+    pub fn end_closing(&mut self) -> anyhow::Result<()> {
+        if !self.windows.as_ref().is_some_and(|w| w.closing) {
+            return Ok(());
+        }
+        self.set_window_word(1, 0)?;
+        let w = self.windows.as_mut().expect("checked above");
+        w.closing = false;
         // Each link's release waits for grace periods, and the target runs slower until
         // they end: one after another, a window's three links took ~200 ms (~0.12 s of the
         // target's time per window, whatever its length); closed together, 30-90 ms (a

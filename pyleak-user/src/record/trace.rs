@@ -244,6 +244,7 @@ pub async fn trace_loop(
                     if let Err(e) = rec.sweep() {
                         log::warn!("judging pymalloc samples: {e}");
                     }
+                    rec.end_closing()?;
                     let gap = next_gap(period, window);
                     let now = tokio::time::Instant::now();
                     window_at = now + gap;
@@ -280,6 +281,7 @@ pub async fn trace_loop(
     if let Err(e) = rec.sweep() {
         log::warn!("judging pymalloc samples: {e}");
     }
+    rec.end_closing()?;
     // The last moment counts for growth too.
     rec.drain();
     follow.poll(rec, resolver, syms);
