@@ -321,3 +321,52 @@ fn python_2_process() {
     );
     assert_no_pyleak_programs();
 }
+
+/// A CPython whose heap pyleak cannot read (pyenv 3.7), attached with the defaults: one
+/// warning says its pymalloc layer is left out, and no pymalloc figure is made up (the
+/// sampled layer's blocks were never judged: every one was reported freed, with megabytes
+/// "older than 1 s" at suspects of 0 B).
+#[test]
+fn a_cpython_whose_heap_cannot_be_read_gets_no_sampled_pymalloc_layer() {
+    if !root_or_skip() {
+        return;
+    }
+    let py37 = std::env::var_os("PYENV_ROOT")
+        .map_or_else(|| "/root/.pyenv".into(), std::path::PathBuf::from)
+        .join("versions/3.7.16/bin/python3.7");
+    if !skip_unless(py37.exists(), "CPython 3.7.16 (pyenv) is not installed") {
+        return;
+    }
+    let dir = scratch("unjudged-heap");
+    let json = dir.join("r.json");
+    let mut target = Command::new(&py37)
+        .args([
+            "-c",
+            "import time\nL = []\nfor i in range(400):\n    L.append([str(j) for j in range(100)]); time.sleep(0.01)\ntime.sleep(60)",
+        ])
+        .spawn()
+        .expect("python3.7");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = Command::new(pyleak_bin())
+        .env_remove("PYLEAK_PYMALLOC")
+        .args(["record", "-q", "-d", "3", "-o", "/dev/null", "--json"])
+        .arg(&json)
+        .args(["-p", &target.id().to_string()])
+        .output()
+        .unwrap();
+    let _ = target.kill();
+    let _ = target.wait();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("its pymalloc layer is left out"),
+        "{stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["layers"]["pymalloc"]["allocs"], 0);
+    for s in report["suspects"].as_array().unwrap() {
+        assert_ne!(s["layer"], "pymalloc", "{s}");
+    }
+    assert_no_pyleak_programs();
+}

@@ -69,6 +69,35 @@ impl Recorder {
                 sites.set(id, info, 0)?;
             }
         }
+        // Sampled pymalloc reads the process's heap to judge its samples, which pyleak can
+        // for the CPythons whose layout it knows: another's pymalloc probes stay out.
+        let unjudged = match scope {
+            UProbeScope::OneProcess(pid) if self.windows.is_some() => self
+                .pythons
+                .get(&pid.get())
+                .filter(|v| !super::window::judges(v))
+                .cloned(),
+            _ => None,
+        };
+        let kept: Vec<ProbeSpec>;
+        let probes = match &unjudged {
+            Some(version) => {
+                eprintln!(
+                    "pyleak: warning: process {} runs CPython {version}, whose heap sampled pymalloc tracing cannot read (3.8 to 3.14): its pymalloc layer is left out",
+                    match scope {
+                        UProbeScope::OneProcess(pid) => pid.get(),
+                        _ => 0,
+                    }
+                );
+                kept = probes
+                    .iter()
+                    .filter(|p| !super::window::is_pymalloc_allocator(p))
+                    .cloned()
+                    .collect();
+                &kept[..]
+            }
+            None => probes,
+        };
         let now: Vec<&ProbeSpec> = match self.windows.as_mut() {
             Some(w) => w.keep(probes, scope),
             None => probes.iter().collect(),

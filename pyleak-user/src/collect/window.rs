@@ -82,11 +82,7 @@ impl Windows {
         for p in probes {
             // Only allocator probes carry a layer in their cookie (a finalize, init or code probe's
             // cookie is something else: it must stay in all the time).
-            let allocator = !matches!(
-                p.role,
-                ProbeRole::Finalize | ProbeRole::PyInit | ProbeRole::CodeDealloc
-            );
-            if allocator && ProbeCookie::decode(p.cookie).layer == Layer::Pymalloc as u32 {
+            if is_pymalloc_allocator(p) {
                 self.probes.push((p.clone(), pid));
             } else {
                 rest.push(p);
@@ -724,6 +720,24 @@ fn arena_regions(pid: u32, arena_size: u64) -> Vec<(u64, u64)> {
         })
         .map(|m| (m.start, m.end))
         .collect()
+}
+
+/// Whether `p` is one of the pymalloc layer's allocator probes (a finalize, init or code
+/// probe's cookie carries no layer: those stay in all the time).
+pub fn is_pymalloc_allocator(p: &ProbeSpec) -> bool {
+    let allocator = !matches!(
+        p.role,
+        ProbeRole::Finalize | ProbeRole::PyInit | ProbeRole::CodeDealloc
+    );
+    allocator && ProbeCookie::decode(p.cookie).layer == Layer::Pymalloc as u32
+}
+
+/// Whether the samples of a process running CPython `version` (`"3.12"`) can be judged:
+/// pyleak knows its heap's layout.
+pub fn judges(version: &str) -> bool {
+    parse_version(version)
+        .and_then(crate::python::versions::for_version)
+        .is_some()
 }
 
 /// `"3.12"` (or `"3.12.1"`) as a version tuple.
