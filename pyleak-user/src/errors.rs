@@ -77,6 +77,12 @@ pub enum UserError {
     /// The command is not an executable file on PATH.
     #[error("command `{0}` not found: give a path or a program on PATH")]
     CommandNotFound(String),
+    /// The PID given is a thread of another process (a TID).
+    #[error("{0} is a thread of process {1}, not a process: give `-p {1}`")]
+    ThreadNotProcess(u32, u32),
+    /// A live process whose memory map cannot be read.
+    #[error("cannot read the memory map of process {0} (/proc/{0}/maps: {1}): pyleak reads it to find the files to probe; a process the kernel shields from other root processes cannot be traced")]
+    MapsUnreadable(u32, String),
     /// The command names a directory.
     #[error("`{0}` is a directory, not a command: give the program to run")]
     CommandIsDirectory(String),

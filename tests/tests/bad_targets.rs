@@ -34,6 +34,35 @@ fn pids_that_cannot_be_traced() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1);
+    // A thread's id (a TID: /proc/TID exists, hidden from listings).
+    let mut threaded = Command::new("python3")
+        .args([
+            "-c",
+            "import threading, time\nthreading.Thread(target=time.sleep, args=(30,)).start()\ntime.sleep(30)",
+        ])
+        .spawn()
+        .unwrap();
+    let pid = threaded.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let tid = loop {
+        let tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|&t| t != pid)
+            .collect();
+        if let Some(&t) = tids.first() {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "no thread started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    exact_error(
+        &["record", "-p", &tid.to_string()],
+        &format!("{tid} is a thread of process {pid}, not a process: give `-p {pid}`"),
+    );
+    let _ = threaded.kill();
+    let _ = threaded.wait();
 }
 
 #[test]

@@ -349,7 +349,13 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
         }
         (Target::Pids(pids), _) => {
             for &pid in pids {
-                let files = attach::mapped_files(pid).map_err(|_| UserError::ProcessGone(pid))?;
+                let files = attach::mapped_files(pid).map_err(|e| {
+                    if crate::targets::alive(pid) {
+                        UserError::MapsUnreadable(pid, e.to_string())
+                    } else {
+                        UserError::ProcessGone(pid)
+                    }
+                })?;
                 runtimes.watch(pid, &files);
                 let probes = children.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"), &files);

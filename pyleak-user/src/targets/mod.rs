@@ -125,6 +125,17 @@ pub fn check_pid(pid: u32) -> Result<(), UserError> {
             comm: stat.comm,
         });
     }
+    // /proc/TID exists for each thread, hidden from listings: a TID names a thread.
+    let tgid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        });
+    if let Some(tgid) = tgid.filter(|&t| t != pid) {
+        return Err(UserError::ThreadNotProcess(pid, tgid));
+    }
     crate::host::check_seccomp(pid)
 }
 
