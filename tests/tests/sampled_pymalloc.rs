@@ -47,6 +47,24 @@ fn record(py: &Path, mode: &str, pymalloc_args: &[&str], name: &str) -> Value {
     attach_and_record_with(target, &go, "done", &dir.join("r.json"), args)
 }
 
+/// Launches `py script` under `pyleak record` with the defaults (sampled pymalloc, its
+/// window every 2 s; the test runner's PYLEAK_PYMALLOC taken away) and returns the JSON
+/// report, after checking that pyleak succeeded.
+fn launch_with_defaults(py: &Path, script: &Path, name: &str) -> Value {
+    let json = scratch(name).join("r.json");
+    let out = Command::new(pyleak_bin())
+        .env_remove("PYLEAK_PYMALLOC")
+        .args(["record", "-q", "--json", json.to_str().unwrap(), "--"])
+        .arg(py)
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["sampled_pymalloc"]["mode"], "sampled");
+    report
+}
+
 /// (live bytes, live count) of `layer`'s rows whose leaf frame `leaf` accepts (the shared
 /// `stack_sum`).
 fn live_where(report: &Value, layer: &str, leaf: impl Fn(&str) -> bool) -> (u64, u64) {
@@ -283,17 +301,7 @@ fn a_launched_churn_of_equal_dicts_makes_no_suspect() {
         return;
     };
     let script = root().join("tests/workloads/py_churn_dicts.py");
-    let json = scratch("sampled-churn-dicts").join("r.json");
-    let out = Command::new(pyleak_bin())
-        .env_remove("PYLEAK_PYMALLOC")
-        .args(["record", "-q", "--json", json.to_str().unwrap(), "--"])
-        .arg(&py)
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["sampled_pymalloc"]["mode"], "sampled");
+    let report = launch_with_defaults(&py, &script, "sampled-churn-dicts");
     assert!(report["sampled_pymalloc"]["windows"].as_u64().unwrap() >= 2);
     let pymalloc_live = report["layers"]["pymalloc"]["live_bytes"].as_u64().unwrap();
     for s in report["suspects"].as_array().unwrap() {
@@ -318,16 +326,7 @@ fn a_launched_dropper_is_not_blamed_for_what_the_keeper_takes() {
         return;
     };
     let script = root().join("tests/workloads/py_dropper.py");
-    let json = scratch("sampled-dropper").join("r.json");
-    let out = Command::new(pyleak_bin())
-        .env_remove("PYLEAK_PYMALLOC")
-        .args(["record", "-q", "--json", json.to_str().unwrap(), "--"])
-        .arg(&py)
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = launch_with_defaults(&py, &script, "sampled-dropper");
     let file = script.display().to_string();
     let line = |mark: &str| {
         std::fs::read_to_string(&script)
@@ -468,17 +467,7 @@ fn a_launched_command_with_the_defaults_freezes_at_shutdown_and_names_its_leak()
         return;
     };
     let demo = root().join("demo/leaky_service.py");
-    let json = scratch("sampled-launch").join("r.json");
-    let out = Command::new(pyleak_bin())
-        .env_remove("PYLEAK_PYMALLOC")
-        .args(["record", "-q", "--json", json.to_str().unwrap(), "--"])
-        .arg(&py)
-        .arg(&demo)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["sampled_pymalloc"]["mode"], "sampled");
+    let report = launch_with_defaults(&py, &demo, "sampled-launch");
     let leaf = format!("handle_request ({}:28)", demo.display());
     assert_eq!(
         live_where(&report, "pymem_raw", |f| f == leaf),
