@@ -146,6 +146,9 @@ fn exited_processes_past_the_cap_are_retired_and_summed() {
             "-q",
             "--cgroup",
             cg.dir.to_str().unwrap(),
+            // The layers this test was written for (see the first test).
+            "--layers",
+            "libc,vm,pages",
             "--json",
             json.to_str().unwrap(),
         ],
@@ -280,6 +283,9 @@ fn six_forked_children(python: &Path, name: &str, linger: &str) -> (Value, u64, 
         "-q",
         "--cgroup",
         cg.dir.to_str().unwrap(),
+        // The layers this test was written for (see the first test).
+        "--layers",
+        "libc,vm,pages",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -419,6 +425,9 @@ fn a_pid_used_again_while_its_exited_process_is_kept_starts_a_new_process() {
         "-q",
         "--cgroup",
         cg.dir.to_str().unwrap(),
+        // The layers this test was written for (see the first test).
+        "--layers",
+        "libc,vm,pages",
         "--json",
         json.to_str().unwrap(),
     ]);
