@@ -1,6 +1,7 @@
 //! A launched command (`pyleak record -- COMMAND`) behaves as without pyleak: a Ctrl-C
 //! reaches it once, a stop signal stops it, `-d` ends the recording on time and leaves it
-//! running, and a command that cannot run is one line and a non-zero exit.
+//! running, a command that cannot run is one line and a non-zero exit, and a Python that a
+//! launched `env`, `setsid` or `bash -c` execs is traced from its first allocation.
 
 use std::{
     io::{BufRead, BufReader},
@@ -235,5 +236,64 @@ fn a_closed_stdout_does_not_cost_the_report_files() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["command_exit"], "exited with status 0");
     assert!(std::fs::metadata(&folded).unwrap().len() > 0);
+    assert_no_pyleak_programs();
+}
+
+/// `env`, `setsid` and `bash -c` exec Python in the process pyleak launched: it is held at
+/// that exec until its new program is probed, so a leak made in the interpreter's first
+/// milliseconds (and a short script's whole run) is named, bytes and line, as when Python
+/// is launched directly. Before the hold, those runs had no Python frame at all.
+#[test]
+fn a_python_execd_by_env_setsid_or_bash_is_traced_from_its_start() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_, py) = required_pythons(&["pyenv 3.12.1"])
+        .into_iter()
+        .next()
+        .expect("pyenv 3.12.1");
+    let script = workload("py_early_leak.py");
+    let line = marker_line(&script, "# the leak");
+    let py = py.to_str().unwrap();
+    let through_bash = format!("{py} {script}");
+    let dir = scratch("launch-exec");
+    for cmd in [
+        vec![py, script.as_str()],
+        vec!["/usr/bin/env", py, script.as_str()],
+        vec!["/usr/bin/setsid", py, script.as_str()],
+        vec!["/bin/bash", "-c", through_bash.as_str()],
+    ] {
+        let mut args = vec!["--layers", "libc", "--"];
+        args.extend_from_slice(&cmd);
+        let (report, _) = record_json(&dir, &args);
+        let leaf = format!("early ({script}:{line})");
+        let live: u64 = report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["layer"] == "libc"
+                    && s["frames"]
+                        .as_array()
+                        .unwrap()
+                        .last()
+                        .and_then(|f| f.as_str())
+                        == Some(leaf.as_str())
+            })
+            .map(|s| s["live_bytes"].as_u64().unwrap())
+            .sum();
+        // 500 buffers of 4001 bytes, and the list's item array (made on the same line).
+        assert!(
+            (500 * 4001..=500 * 4001 + 8192).contains(&live),
+            "{cmd:?}: {live} B live at {leaf}; libc stacks over 100 kB: {:#?}",
+            report["stacks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["layer"] == "libc" && s["live_bytes"].as_u64().unwrap() > 100_000)
+                .map(|s| (s["live_bytes"].clone(), s["frames"].clone()))
+                .collect::<Vec<_>>()
+        );
+    }
     assert_no_pyleak_programs();
 }

@@ -16,7 +16,7 @@
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use pyleak_common::PyProc;
@@ -34,6 +34,7 @@ use crate::{
     layers::LayerSet,
     python,
     symbolize::{lock, Symbolizer},
+    targets::launch::ExecGate,
 };
 
 /// The children of `--pid` and command targets, as they come.
@@ -51,6 +52,8 @@ pub struct Children {
     known: HashMap<(u64, u64), python::PythonRuntime>,
     /// A launched command's own exec, which its probes were planned for already.
     launched: Option<u32>,
+    /// The launched command and what holds it at its execs until they are handled here.
+    exec_gate: Option<(u32, Arc<ExecGate>)>,
     /// How each child came to be traced.
     pub followed: HashMap<u32, Followed>,
     /// When each process's allocator probes were last attached (`CLOCK_MONOTONIC` ns).
@@ -68,19 +71,21 @@ impl Children {
             runtimes: HashMap::new(),
             known: HashMap::new(),
             launched: None,
+            exec_gate: None,
             followed: HashMap::new(),
             attached: HashMap::new(),
         }
     }
 
     /// Notes a target attached at the start: the files probed for it and its runtime.
-    /// `launched`: a command held before its exec, whose exec is not a new program.
+    /// `launched`: a command held before its exec, whose exec is not a new program, and
+    /// the gate that holds it at its later execs until this handles them.
     pub fn note_target(
         &mut self,
         pid: u32,
         files: &[PathBuf],
         rt: Option<&python::PythonRuntime>,
-        launched: bool,
+        launched: Option<Arc<ExecGate>>,
     ) {
         self.probed
             .entry(pid)
@@ -92,8 +97,9 @@ impl Children {
                 self.known.insert(k, rt.clone());
             }
         }
-        if launched {
+        if let Some(gate) = launched {
             self.launched = Some(pid);
+            self.exec_gate = Some((pid, gate));
         }
     }
 
@@ -140,6 +146,7 @@ impl Children {
             if self.launched == Some(pid) {
                 self.launched = None;
                 runtimes.exec_passed(pid);
+                self.exec_handled(pid);
                 continue;
             }
             self.runtimes.remove(&pid);
@@ -167,6 +174,14 @@ impl Children {
                 f.traced = at.is_some();
             }
             lock(syms).snapshot(pid);
+            self.exec_handled(pid);
+        }
+    }
+
+    /// Lets a launched command held at its exec go on: `pid`'s new program is probed.
+    fn exec_handled(&self, pid: u32) {
+        if let Some((_, gate)) = self.exec_gate.as_ref().filter(|(p, _)| *p == pid) {
+            gate.handled();
         }
     }
 

@@ -27,7 +27,7 @@ use self::{
     follow::Group,
     runtimes::{learn_new_stacks, python_runtime, Runtimes, Unplaced},
     sampler::Sampler,
-    trace::{trace_loop, Follow},
+    trace::{trace_loop, Follow, Launch},
 };
 use crate::{
     analysis::{self, Analysis, Facts, HeldBy, ProbeInfo, ProcessInfo},
@@ -121,11 +121,12 @@ fn trace(
         .enable_all()
         .build()?;
     let launched = session.child.as_mut().and_then(|c| {
-        Some((
-            c.pid,
-            c.exited.take()?,
-            std::sync::Arc::clone(&c.last_sigint_ms),
-        ))
+        Some(Launch {
+            pid: c.pid,
+            exited: c.exited.take()?,
+            last_sigint_ms: Arc::clone(&c.last_sigint_ms),
+            exec_gate: Arc::clone(&c.exec_gate),
+        })
     });
     let end = runtime.block_on(trace_loop(
         &mut session.rec,
@@ -340,7 +341,11 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
             }
             rec.add_target(c.pid, &probes)?;
             let rt = pythons.iter().find(|p| p.0 == c.pid).map(|p| &p.1);
-            children.note_target(c.pid, &files, rt, true);
+            children.note_target(c.pid, &files, rt, Some(Arc::clone(&c.exec_gate)));
+            if args.no_follow {
+                // No exec is announced to be handled: the command is never held.
+                c.exec_gate.open();
+            }
             let name = p
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -373,7 +378,7 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                 }
                 rec.add_target(pid, &probes)?;
                 let rt = pythons.iter().find(|p| p.0 == pid).map(|p| &p.1);
-                children.note_target(pid, &files, rt, false);
+                children.note_target(pid, &files, rt, None);
             }
         }
         _ => {}

@@ -28,7 +28,10 @@ use crate::{
     python,
     report::human_bytes,
     symbolize::{lock, Symbolizer},
-    targets::{alive, launch::monotonic_ms},
+    targets::{
+        alive,
+        launch::{monotonic_ms, ExecGate},
+    },
 };
 
 /// How often the status line and the memory-map snapshots refresh.
@@ -107,6 +110,17 @@ fn on_events(
     }
 }
 
+/// A launched command, as the trace loop sees it.
+pub struct Launch {
+    pub pid: u32,
+    /// Resolves to how it ended.
+    pub exited: tokio::sync::oneshot::Receiver<Option<ExitStatus>>,
+    /// See [`Launched::last_sigint_ms`](crate::targets::launch::Launched::last_sigint_ms).
+    pub last_sigint_ms: Arc<AtomicU64>,
+    /// Opened when the loop ends: nothing handles the command's execs after it.
+    pub exec_gate: Arc<ExecGate>,
+}
+
 /// Reads events until the recording ends; returns why it ended.
 pub async fn trace_loop(
     rec: &mut Recorder,
@@ -114,17 +128,14 @@ pub async fn trace_loop(
     resolver: &mut python::Resolver,
     mut follow: Follow<'_>,
     args: &RecordArgs,
-    launched: Option<(
-        u32,
-        tokio::sync::oneshot::Receiver<Option<ExitStatus>>,
-        Arc<AtomicU64>,
-    )>,
+    launched: Option<Launch>,
     sampler: &mut Sampler,
 ) -> anyhow::Result<(End, Option<ExitStatus>)> {
     let started = sampler.started;
-    let child = launched.as_ref().map(|(pid, _, _)| *pid);
-    let child_sigint = launched.as_ref().map(|(_, _, n)| Arc::clone(n));
-    let mut child_exit = launched.map(|(_, exit, _)| exit);
+    let child = launched.as_ref().map(|l| l.pid);
+    let child_sigint = launched.as_ref().map(|l| Arc::clone(&l.last_sigint_ms));
+    let exec_gate = launched.as_ref().map(|l| Arc::clone(&l.exec_gate));
+    let mut child_exit = launched.map(|l| l.exited);
     let mut exit = None;
     // The signal that ended the recording (0: none), and the command's SIGINTs then.
     let mut signalled = 0;
@@ -272,6 +283,10 @@ pub async fn trace_loop(
             }
         }
     };
+    // Execs are not handled from here on: a launched command is not held at them.
+    if let Some(gate) = &exec_gate {
+        gate.open();
+    }
     if status_tty && !args.quiet && sampler.view == View::StatusLine {
         eprintln!();
     }

@@ -12,9 +12,12 @@ use std::{
     process::ExitStatus,
 };
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Condvar, Mutex,
+    },
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -41,6 +44,56 @@ pub struct Launched {
     /// When a SIGINT was last delivered to the command (its tracer sees each), in
     /// [`monotonic_ms`] (0: never): whether a Ctrl-C that reached pyleak reached it too.
     pub last_sigint_ms: Arc<AtomicU64>,
+    /// Holds the command at each exec after its first until the new program is probed.
+    pub exec_gate: Arc<ExecGate>,
+}
+
+/// The longest a launched command is held at an exec for its new program's probes: past
+/// it, the command goes on (its first calls unseen) and a debug line says so.
+const EXEC_HOLD_MAX: Duration = Duration::from_secs(2);
+
+/// Holds a launched command at its ptrace exec stop, after its first exec, until pyleak
+/// has probed the program it became: `env python app.py`, `setsid`, `nice` and
+/// `bash -c 'python app.py'` exec Python in the same process, whose start-up (and a
+/// short script's whole run) would otherwise pass before its probes are in. The kernel
+/// announces the exec (`sched:sched_process_exec`) before the stop
+/// (`PTRACE_EVENT_EXEC`, both in `fs/exec.c`'s `exec_binprm`), so pyleak learns of each
+/// exec while the command waits for it.
+#[derive(Default)]
+pub struct ExecGate {
+    /// How many of the command's execs pyleak has handled (its first included).
+    handled: Mutex<u32>,
+    cv: Condvar,
+    /// Set when nobody will handle execs any more (the recording ended, or children are
+    /// not followed): the command is not held.
+    open: AtomicBool,
+}
+
+impl ExecGate {
+    /// pyleak handled one more of the command's execs.
+    pub fn handled(&self) {
+        *self.handled.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.cv.notify_all();
+    }
+
+    /// No exec will be handled from now on: nothing waits.
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Relaxed);
+        self.cv.notify_all();
+    }
+
+    /// Waits until `n` execs are handled, the gate is opened, or [`EXEC_HOLD_MAX`] passes;
+    /// returns whether the exec was handled in time.
+    fn wait(&self, n: u32) -> bool {
+        let guard = self.handled.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .cv
+            .wait_timeout_while(guard, EXEC_HOLD_MAX, |h| {
+                *h < n && !self.open.load(Ordering::Relaxed)
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        *guard >= n
+    }
 }
 
 /// Forks a child that will exec `program` with `args` (args[0] included) once started;
@@ -62,6 +115,8 @@ pub fn spawn_paused(
     let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
     let last_sigint_ms = Arc::new(AtomicU64::new(0));
     let seen = Arc::clone(&last_sigint_ms);
+    let exec_gate = Arc::new(ExecGate::default());
+    let gate = Arc::clone(&exec_gate);
     std::thread::Builder::new()
         .name("pyleak-launcher".into())
         .spawn(move || {
@@ -87,7 +142,7 @@ pub fn spawn_paused(
             }
             // SAFETY: closing our pipe end once; unstarted, the child exits on EOF.
             unsafe { libc::close(go_fd) };
-            let _ = exit_tx.send(trace_until_exit(pid, &on_exit, &seen));
+            let _ = exit_tx.send(trace_until_exit(pid, &on_exit, &seen, &gate));
         })?;
     let (pid, errno_fd) = pid_rx.recv().context("launcher thread")?.context("fork")?;
     Ok(Launched {
@@ -98,6 +153,7 @@ pub fn spawn_paused(
         exec_errno: Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(errno_fd) }),
         exited: Some(exit_rx),
         last_sigint_ms,
+        exec_gate,
     })
 }
 
@@ -150,8 +206,10 @@ fn trace_until_exit(
     pid: u32,
     on_exit: &impl Fn(u32),
     last_sigint_ms: &AtomicU64,
+    exec_gate: &ExecGate,
 ) -> Option<ExitStatus> {
     let pid_t = pid as libc::pid_t;
+    let mut execs = 0;
     loop {
         let mut status = 0;
         // SAFETY: waiting for our own child with a valid status pointer.
@@ -190,7 +248,13 @@ fn trace_until_exit(
             on_exit(pid);
             0
         } else if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXEC {
-            // The command exec'd a program: a stop of our own, nothing to deliver.
+            // The command exec'd a program: a stop of our own, nothing to deliver. The
+            // first exec is the command itself, probed before it started; a later one
+            // waits for its new program's probes.
+            execs += 1;
+            if execs > 1 && !exec_gate.wait(execs) {
+                log::debug!("process {pid}: went on after exec {execs} before its probes were in");
+            }
             0
         } else {
             if sig == libc::SIGINT {
@@ -238,7 +302,6 @@ pub fn describe_exit(status: ExitStatus) -> String {
 }
 
 impl Launched {
-    /// Lets the child exec.
     /// Lets the command exec. Errors: the exec failed (the command's one-line reason).
     pub fn start(&mut self) -> anyhow::Result<()> {
         self.go
