@@ -192,15 +192,23 @@ pub fn pyleak(args: &[&str]) -> Output {
         .expect("running pyleak")
 }
 
-/// Runs `pyleak record --json FILE ARGS` and returns the parsed report and the output.
+/// Runs `pyleak record --json FILE ARGS` and returns the parsed report and the output;
+/// pyleak must succeed.
 pub fn record_json(dir: &Path, args: &[&str]) -> (Value, Output) {
+    record_json_ending(dir, args, 0)
+}
+
+/// [`record_json`] for a launched command that ends with a shell's status `code` (its
+/// exit status, or 128 + the signal that killed it): pyleak ends with it.
+pub fn record_json_ending(dir: &Path, args: &[&str], code: i32) -> (Value, Output) {
     let json = dir.join("report.json");
     let mut full = vec!["record", "-q", "--json", json.to_str().expect("utf-8 path")];
     full.extend_from_slice(args);
     let out = pyleak(&full);
     assert!(
-        out.status.success(),
-        "pyleak {full:?} failed: {}\n{}",
+        out.status.code() == Some(code),
+        "pyleak {full:?} ended with {} (expected {code}): {}\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );

@@ -42,13 +42,14 @@ fn leak(report: &Value) -> (u64, u64) {
     )
 }
 
-/// `pyleak record --layers libc -- faults ARGS`: the report, its stdout and stderr.
-fn launch(name: &str, args: &[&str]) -> (Value, String, String) {
+/// `pyleak record --layers libc -- faults ARGS`, which ends with the shell's status `code`
+/// (pyleak ends with its command's): the report, its stdout and stderr.
+fn launch(name: &str, args: &[&str], code: i32) -> (Value, String, String) {
     let dir = scratch(name);
     let bin = faults_bin();
     let mut all = vec!["--layers", "libc", "--", bin.to_str().unwrap()];
     all.extend_from_slice(args);
-    let (report, out) = record_json(&dir, &all);
+    let (report, out) = record_json_ending(&dir, &all, code);
     (
         report,
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -61,7 +62,7 @@ fn target_segfaulting() {
     if !root_or_skip() {
         return;
     }
-    let (report, stdout, _) = launch("fault-segv", &["segv"]);
+    let (report, stdout, _) = launch("fault-segv", &["segv"], 128 + libc::SIGSEGV);
     assert_eq!(leak(&report), (10_000, 10));
     assert_eq!(
         report["command_exit"],
@@ -78,7 +79,7 @@ fn target_killed_by_sigkill() {
     if !root_or_skip() {
         return;
     }
-    let (report, _, _) = launch("fault-kill9", &["kill9"]);
+    let (report, _, _) = launch("fault-kill9", &["kill9"], 128 + libc::SIGKILL);
     assert_eq!(leak(&report), (10_000, 10));
     assert_eq!(report["command_exit"], "killed by signal 9 (Killed)");
     assert_no_pyleak_programs();
@@ -94,6 +95,7 @@ fn target_execing_another_program() {
     let (report, stdout, _) = launch(
         "fault-exec",
         &["exec", "/bin/sh", "-c", "echo exec-ok; exit 4"],
+        4,
     );
     assert!(stdout.starts_with("exec-ok\n"), "{stdout}");
     assert_eq!(report["command_exit"], "exited with status 4");
@@ -129,7 +131,7 @@ fn target_forking_200_children() {
         return;
     }
     // Each child mallocs 500 bytes and exits at once, mostly before its probes can go in.
-    let (report, stdout, _) = launch("fault-fork", &["fork", "200"]);
+    let (report, stdout, _) = launch("fault-fork", &["fork", "200"], 0);
     assert!(stdout.starts_with("faults: children reaped\n"), "{stdout}");
     assert_eq!(report["command_exit"], "exited with status 0");
     assert_eq!(leak(&report), (10_000, 10));
@@ -336,7 +338,11 @@ fn target_oom_killed_in_a_memory_cgroup() {
     // The shell joins the group and execs the target, which grows past the limit.
     let script = cg.enter_then(&format!("{} grow 1024", bin.display()));
     let dir = scratch("fault-oom");
-    let (report, _) = record_json(&dir, &["--layers", "libc", "--", "sh", "-c", &script]);
+    let (report, _) = record_json_ending(
+        &dir,
+        &["--layers", "libc", "--", "sh", "-c", &script],
+        128 + libc::SIGKILL,
+    );
     assert_eq!(report["command_exit"], "killed by signal 9 (Killed)");
     let oom = std::fs::read_to_string(cg.0.join("memory.oom_control")).unwrap();
     assert!(

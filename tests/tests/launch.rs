@@ -37,6 +37,7 @@ fn cleanup_command(
     unsafe {
         cmd.pre_exec(|| {
             libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
             Ok(())
         });
     }
@@ -52,29 +53,38 @@ fn rest(out: BufReader<std::process::ChildStdout>) -> Vec<String> {
     out.lines().map_while(Result::ok).collect()
 }
 
-/// Ctrl-C in a terminal signals the whole foreground group, the command with pyleak: the
-/// command runs its handler to the end, undisturbed (pyleak once sent it SIGTERM on top,
-/// killing its cleanup). SIGINT to pyleak alone is passed on as SIGINT.
+/// Ctrl-C in a terminal signals the whole foreground group, the command with pyleak, and a
+/// terminal's hang-up its whole session: the command runs its handler to the end,
+/// undisturbed (pyleak once sent it SIGTERM on top, killing its cleanup; a SIGHUP killed
+/// pyleak without a report). SIGINT or SIGHUP to pyleak alone is passed on as such. pyleak
+/// ends with the command's exit status, as `time` does.
 #[test]
-fn ctrl_c_reaches_a_launched_command_once() {
+fn ctrl_c_or_a_hang_up_reaches_a_launched_command_once() {
     if !root_or_skip() {
         return;
     }
-    for to_group in [true, false] {
-        let dir = scratch(&format!("launch-ctrl-c-{to_group}"));
-        let (mut pyleak, out) = cleanup_command(&dir);
-        let pid = pyleak.id() as libc::pid_t;
-        // SAFETY: signalling the group (or the process) of our own child.
-        unsafe { libc::kill(if to_group { -pid } else { pid }, libc::SIGINT) };
-        let lines = rest(out);
-        assert!(pyleak.wait().unwrap().success());
-        assert!(
-            lines.iter().any(|l| l == "cleanup done"),
-            "to the group: {to_group}: {lines:?}"
-        );
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).unwrap()).unwrap();
-        assert_eq!(report["command_exit"], "exited with status 4", "{to_group}");
+    for signal in [libc::SIGINT, libc::SIGHUP] {
+        for to_group in [true, false] {
+            let dir = scratch(&format!("launch-signal-{signal}-{to_group}"));
+            let (mut pyleak, out) = cleanup_command(&dir);
+            let pid = pyleak.id() as libc::pid_t;
+            // SAFETY: signalling the group (or the process) of our own child.
+            unsafe { libc::kill(if to_group { -pid } else { pid }, signal) };
+            let lines = rest(out);
+            let status = pyleak.wait().unwrap();
+            assert!(
+                lines.iter().any(|l| l == "cleanup done"),
+                "signal {signal} to the group: {to_group}: {lines:?}"
+            );
+            assert_eq!(status.code(), Some(4), "signal {signal}, {to_group}");
+            let report: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).unwrap())
+                    .unwrap();
+            assert_eq!(
+                report["command_exit"], "exited with status 4",
+                "signal {signal}, {to_group}"
+            );
+        }
     }
     assert_no_pyleak_programs();
 }
@@ -128,7 +138,11 @@ fn a_stop_signal_stops_a_launched_command() {
         libc::kill(command as libc::pid_t, libc::SIGINT);
     }
     let lines = rest(out);
-    assert!(pyleak.wait().unwrap().success());
+    assert_eq!(
+        pyleak.wait().unwrap().code(),
+        Some(4),
+        "the command's status"
+    );
     assert!(lines.iter().any(|l| l == "cleanup done"), "{lines:?}");
     assert_no_pyleak_programs();
 }

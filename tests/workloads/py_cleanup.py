@@ -1,13 +1,25 @@
-"""A command with a Ctrl-C handler: prints `running`, waits; on KeyboardInterrupt prints
-`cleaning up`, takes half a second, prints `cleanup done` and exits with status 4. A
-second SIGINT during the cleanup would end it with a traceback instead."""
+"""A command with a Ctrl-C and a hang-up handler: prints `running`, waits; on SIGINT
+(KeyboardInterrupt) or SIGHUP prints `cleaning up`, takes half a second, prints `cleanup
+done` and exits with status 4. A second SIGINT or SIGHUP during the cleanup would end it
+with a traceback instead."""
+import signal
 import sys
 import time
 
+
+class Hangup(Exception):
+    """SIGHUP, raised as Ctrl-C raises KeyboardInterrupt."""
+
+
+def on_hangup(signum, frame):
+    raise Hangup
+
+
+signal.signal(signal.SIGHUP, on_hangup)
 try:
     print("running", flush=True)
     time.sleep(60)
-except KeyboardInterrupt:
+except (KeyboardInterrupt, Hangup):
     print("cleaning up", flush=True)
     time.sleep(0.5)
     print("cleanup done", flush=True)

@@ -124,7 +124,7 @@ fn trace(
         Some(Launch {
             pid: c.pid,
             exited: c.exited.take()?,
-            last_sigint_ms: Arc::clone(&c.last_sigint_ms),
+            signals_seen: Arc::clone(&c.signals_seen),
             exec_gate: Arc::clone(&c.exec_gate),
         })
     });
@@ -474,8 +474,12 @@ fn finish(
     s.rec.freeze_all()?;
     let snap = s.rec.snapshot((args.min_age * 1e9) as u64)?;
     learn_new_stacks(&mut s.rec, &mut s.resolver);
+    // A launched command's status is pyleak's, as with `time` or `strace`: scripts that
+    // run their tests under pyleak still see them fail. A command still running (-d) or
+    // a target attached to: 0.
+    let status = exit.map_or(0, launch::exit_code);
     if args.bare {
-        return Ok(0);
+        return Ok(status);
     }
     sampler.error?;
     let mut facts = facts(
@@ -541,7 +545,7 @@ fn finish(
         .context("writing the report to standard output")?;
     drop(lock);
     drop(s.rec);
-    Ok(0)
+    Ok(status)
 }
 
 /// Holders shown per suspect at most.

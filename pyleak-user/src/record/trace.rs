@@ -5,10 +5,7 @@ use std::{
     io::IsTerminal as _,
     os::fd::{AsRawFd, RawFd},
     process::ExitStatus,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -30,7 +27,7 @@ use crate::{
     symbolize::{lock, Symbolizer},
     targets::{
         alive,
-        launch::{monotonic_ms, ExecGate},
+        launch::{monotonic_ms, ExecGate, SignalsSeen},
     },
 };
 
@@ -41,8 +38,9 @@ const MAPS_REFRESH: Duration = Duration::from_millis(20);
 /// How often the ring buffer is read when nothing wakes pyleak: page faults are sent
 /// without a wakeup (`emit_quiet` in the kernel), and wait at most this long.
 const QUIET_DRAIN: Duration = Duration::from_millis(20);
-/// A SIGINT delivered to the command this long before pyleak's own is the same Ctrl-C.
-const SIGINT_SKEW_MS: u64 = 200;
+/// A SIGINT (SIGHUP) delivered to the command this long before pyleak's own is the same
+/// Ctrl-C (hang-up).
+const SIGNAL_SKEW_MS: u64 = 200;
 
 /// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
 const CHILD_GRACE: Duration = Duration::from_secs(2);
@@ -115,8 +113,8 @@ pub struct Launch {
     pub pid: u32,
     /// Resolves to how it ended.
     pub exited: tokio::sync::oneshot::Receiver<Option<ExitStatus>>,
-    /// See [`Launched::last_sigint_ms`](crate::targets::launch::Launched::last_sigint_ms).
-    pub last_sigint_ms: Arc<AtomicU64>,
+    /// See [`Launched::signals_seen`](crate::targets::launch::Launched::signals_seen).
+    pub signals_seen: Arc<SignalsSeen>,
     /// Opened when the loop ends: nothing handles the command's execs after it.
     pub exec_gate: Arc<ExecGate>,
 }
@@ -133,7 +131,7 @@ pub async fn trace_loop(
 ) -> anyhow::Result<(End, Option<ExitStatus>)> {
     let started = sampler.started;
     let child = launched.as_ref().map(|l| l.pid);
-    let child_sigint = launched.as_ref().map(|l| Arc::clone(&l.last_sigint_ms));
+    let child_signals = launched.as_ref().map(|l| Arc::clone(&l.signals_seen));
     let exec_gate = launched.as_ref().map(|l| Arc::clone(&l.exec_gate));
     let mut child_exit = launched.map(|l| l.exited);
     let mut exit = None;
@@ -146,6 +144,14 @@ pub async fn trace_loop(
         .map_err(|_| anyhow::anyhow!("cannot poll the ring buffer"))?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    // A hang-up (the terminal closed, or `kill -HUP`) ends the recording as SIGTERM does:
+    // the report files are written (standard output may be gone with the terminal). Under
+    // `nohup` (SIGHUP ignored) it is left ignored.
+    let mut sighup = if ignored(libc::SIGHUP) {
+        None
+    } else {
+        Some(tokio::signal::unix::signal(SignalKind::hangup())?)
+    };
     let mut tick = tokio::time::interval(TICK);
     let mut sample_tick = tokio::time::interval(sampler.interval);
     let mut quiet_drain = tokio::time::interval(QUIET_DRAIN);
@@ -276,6 +282,11 @@ pub async fn trace_loop(
                 signalled = libc::SIGTERM;
                 break End::Signal;
             }
+            _ = async { sighup.as_mut().expect("guarded").recv().await }, if sighup.is_some() => {
+                signalled = libc::SIGHUP;
+                signalled_ms = monotonic_ms();
+                break End::Signal;
+            }
             status = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
                 child_exit = None;
                 exit = status.ok().flatten();
@@ -313,12 +324,15 @@ pub async fn trace_loop(
             } else {
                 libc::SIGTERM
             };
-            // A SIGINT the command got as pyleak did (a Ctrl-C reaches the whole
-            // foreground group; its tracer sees it within milliseconds): not sent again.
+            // A SIGINT or SIGHUP the command got as pyleak did (a Ctrl-C reaches the
+            // whole foreground group, a terminal's hang-up its session; its tracer sees it
+            // within milliseconds): not sent again.
             let mut reached = signal_reached_child(signal, pid);
-            if let (libc::SIGINT, false, Some(last)) = (signal, reached, &child_sigint) {
+            if let (libc::SIGINT | libc::SIGHUP, false, Some(seen)) =
+                (signal, reached, &child_signals)
+            {
                 for _ in 0..20 {
-                    if last.load(Ordering::Relaxed) + SIGINT_SKEW_MS >= signalled_ms {
+                    if seen.last_ms(signal) + SIGNAL_SKEW_MS >= signalled_ms {
                         reached = true;
                         break;
                     }
@@ -370,6 +384,16 @@ fn signal_reached_child(signal: i32, child: u32) -> bool {
         let foreground = libc::tcgetpgrp(libc::STDIN_FILENO) == ours
             || libc::tcgetpgrp(libc::STDERR_FILENO) == ours;
         same_group && foreground
+    }
+}
+
+/// Whether `signal` is ignored in pyleak (as `nohup` leaves SIGHUP).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: querying a disposition into a zeroed sigaction; nothing is changed.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
     }
 }
 

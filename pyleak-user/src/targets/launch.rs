@@ -41,11 +41,37 @@ pub struct Launched {
     exec_errno: Option<std::fs::File>,
     /// Resolves to how the command ended (`None` if it could not be waited for).
     pub exited: Option<tokio::sync::oneshot::Receiver<Option<ExitStatus>>>,
-    /// When a SIGINT was last delivered to the command (its tracer sees each), in
-    /// [`monotonic_ms`] (0: never): whether a Ctrl-C that reached pyleak reached it too.
-    pub last_sigint_ms: Arc<AtomicU64>,
+    /// When each signal was last delivered to the command (its tracer sees each): whether
+    /// a Ctrl-C or a hang-up that reached pyleak reached it too.
+    pub signals_seen: Arc<SignalsSeen>,
     /// Holds the command at each exec after its first until the new program is probed.
     pub exec_gate: Arc<ExecGate>,
+}
+
+/// When each signal was last delivered to a launched command, in [`monotonic_ms`] (0:
+/// never), by signal number (1 to 64, Linux's `_NSIG`).
+pub struct SignalsSeen([AtomicU64; 65]);
+
+impl Default for SignalsSeen {
+    fn default() -> Self {
+        SignalsSeen(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl SignalsSeen {
+    /// `signal` is being delivered now.
+    fn saw(&self, signal: i32) {
+        if let Some(t) = self.0.get(signal as usize) {
+            t.store(monotonic_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// When `signal` was last delivered (0: never).
+    pub fn last_ms(&self, signal: i32) -> u64 {
+        self.0
+            .get(signal as usize)
+            .map_or(0, |t| t.load(Ordering::Relaxed))
+    }
 }
 
 /// The longest a launched command is held at an exec for its new program's probes: past
@@ -113,8 +139,8 @@ pub fn spawn_paused(
     let (pid_tx, pid_rx) = std::sync::mpsc::channel::<std::io::Result<(u32, libc::c_int)>>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
-    let last_sigint_ms = Arc::new(AtomicU64::new(0));
-    let seen = Arc::clone(&last_sigint_ms);
+    let signals_seen = Arc::new(SignalsSeen::default());
+    let seen = Arc::clone(&signals_seen);
     let exec_gate = Arc::new(ExecGate::default());
     let gate = Arc::clone(&exec_gate);
     std::thread::Builder::new()
@@ -152,7 +178,7 @@ pub fn spawn_paused(
         // SAFETY: the read end of the pipe, ours alone from here.
         exec_errno: Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(errno_fd) }),
         exited: Some(exit_rx),
-        last_sigint_ms,
+        signals_seen,
         exec_gate,
     })
 }
@@ -205,7 +231,7 @@ fn fork_paused(
 fn trace_until_exit(
     pid: u32,
     on_exit: &impl Fn(u32),
-    last_sigint_ms: &AtomicU64,
+    signals_seen: &SignalsSeen,
     exec_gate: &ExecGate,
 ) -> Option<ExitStatus> {
     let pid_t = pid as libc::pid_t;
@@ -257,9 +283,7 @@ fn trace_until_exit(
             }
             0
         } else {
-            if sig == libc::SIGINT {
-                last_sigint_ms.store(monotonic_ms(), Ordering::Relaxed);
-            }
+            signals_seen.saw(sig);
             // A signal for the command: deliver it as if nobody were watching.
             sig
         };
@@ -277,6 +301,15 @@ pub fn monotonic_ms() -> u64 {
     // SAFETY: a valid timespec to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// The exit status pyleak ends with for a command that ended this way, as a shell gives
+/// it (`$?`): its own status, or 128 + the signal that killed it.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
 }
 
 /// How a command ended, in words: `exited with status 3`, `killed by signal 11
@@ -334,6 +367,14 @@ impl Launched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_codes_as_a_shell_gives_them() {
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGINT)), 130);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGSEGV | 0x80)), 139);
+    }
 
     #[test]
     fn exits_in_words() {
