@@ -201,6 +201,11 @@ pub struct FixedLayout {
     pub member_type: u64,
     /// `PyMemberDef.offset`.
     pub member_offset: u64,
+    /// `PyByteArrayObject.ob_alloc` (bytes in its buffer) and `.ob_bytes` (the buffer, a
+    /// block of its own; `Include/cpython/bytearrayobject.h`).
+    pub bytearray_alloc: u64,
+    /// `PyByteArrayObject.ob_bytes`.
+    pub bytearray_bytes: u64,
 }
 
 /// Fields every supported version shares.
@@ -222,6 +227,8 @@ pub const FIXED: FixedLayout = FixedLayout {
     member_size: 40,
     member_type: 8,
     member_offset: 16,
+    bytearray_alloc: 24,
+    bytearray_bytes: 32,
 };
 
 /// `tp_flags` bits (`Include/object.h`, unchanged 3.8–3.13).

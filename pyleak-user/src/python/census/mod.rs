@@ -385,8 +385,8 @@ impl Walk {
             };
             let info = &heap.types[rec.ty as usize];
             census.blocks.insert(addr - heap.header_bytes(info), h);
-            if let Some(items) = heap.list_items(addr, info) {
-                census.blocks.insert(items, h);
+            if let Some(buffer) = heap.own_buffer(addr, info) {
+                census.blocks.insert(buffer, h);
             }
         }
         census

@@ -38,6 +38,7 @@ pub enum Kind {
     Type,
     Str,
     Bytes,
+    ByteArray,
     Long,
     Other,
 }
@@ -348,6 +349,14 @@ impl<'a> Heap<'a> {
             Kind::List => {
                 n += self.len_at(addr + f.list_allocated).unwrap_or(0) * 8;
             }
+            // `bytearray.__sizeof__`: the object and its whole buffer (`ob_alloc`).
+            // (Bytes, not items: a buffer up to 1 TiB is believed.)
+            Kind::ByteArray => {
+                n += self
+                    .word(addr + f.bytearray_alloc)
+                    .filter(|&a| a < 1 << 40)
+                    .unwrap_or(0);
+            }
             Kind::Dict => {
                 if let Some(keys) = self.ptr(addr + self.layout.dict.keys) {
                     n += self.keys_bytes(keys);
@@ -389,11 +398,15 @@ impl<'a> Heap<'a> {
         }
     }
 
-    /// A list's item array (a block of its own), if `addr` is a list with items.
-    pub fn list_items(&self, addr: u64, ty: &TypeInfo) -> Option<u64> {
-        (ty.kind == Kind::List)
-            .then(|| self.ptr(addr + self.layout.fixed.list_items))
-            .flatten()
+    /// The block of its own an object's contents live in, if any: a list's item array, a
+    /// bytearray's buffer.
+    pub fn own_buffer(&self, addr: u64, ty: &TypeInfo) -> Option<u64> {
+        let f = self.layout.fixed;
+        match ty.kind {
+            Kind::List => self.ptr(addr + f.list_items),
+            Kind::ByteArray => self.ptr(addr + f.bytearray_bytes),
+            _ => None,
+        }
     }
 
     /// How many items a container holds (dict, list, tuple, set), for holder reports.
@@ -627,6 +640,7 @@ fn kind_of(fl: u64, name: &str) -> Kind {
         _ if fl & flags::TYPE != 0 => Kind::Type,
         _ => match name {
             "set" | "frozenset" => Kind::Set,
+            "bytearray" => Kind::ByteArray,
             "cell" => Kind::Cell,
             "function" => Kind::Function,
             "method" => Kind::Method,

@@ -189,3 +189,53 @@ fn holders_retain_what_is_reached_through_them() {
     assert_eq!(census.blocks.get(&items).copied(), cache_i);
     assert_eq!(census.blocks.get(&item).copied(), cache_i);
 }
+
+/// A bytearray counts its buffer as `sys.getsizeof` does (56 + `ob_alloc` bytes; it was
+/// 56 alone), and the buffer, a block of its own, is its holder's.
+#[test]
+fn a_bytearray_counts_and_holds_its_buffer() {
+    let mut m = Made::new();
+    let meta = m.ty(0, "type", flags::TYPE, 920, 40);
+    let str_t = m.ty(meta, "str", flags::UNICODE, 40, 0);
+    let dict_t = m.ty(meta, "dict", flags::DICT | flags::HAVE_GC, 48, 0);
+    let module_t = m.ty(meta, "module", flags::HAVE_GC, 72, 0);
+    let bytearray_t = m.ty(meta, "bytearray", 0, 56, 1);
+    // BUF = bytearray(4000): ob_size 4000, ob_alloc 4001, ob_bytes -> its buffer.
+    let buffer = m.alloc(0, 4008);
+    let buf = m.alloc(0, 56);
+    m.put(buf + 8, bytearray_t);
+    m.put(buf + 16, 4000);
+    m.put(buf + 24, 4001);
+    m.put(buf + 32, buffer);
+    m.put(buf + 40, buffer);
+    let name = m.str(str_t, "BUF");
+    let globals = m.dict(dict_t, &[(name, buf)]);
+    let module = m.alloc(16, 72);
+    m.put(module + 8, module_t);
+    m.put(module + 16, globals);
+
+    let img = Image::from_regions(vec![(BASE, m.bytes)]);
+    let cp = for_version((3, 12)).expect("3.12");
+    let layout = cp.heap_layout().expect("layout");
+    let pre = cp.pymalloc().preheader_flags;
+    let mut heap = Heap::new(std::process::id(), &img, layout, pre, 40, 56);
+    let mut w = Walk::default();
+    let root = w.node(NO_HOLDER, "__main__".to_owned(), module);
+    w.reach(&mut heap, module, root, true);
+    w.bfs(&mut heap);
+    let census = w.finish(&heap);
+
+    let bytearrays = census
+        .types
+        .iter()
+        .find(|t| t.name == "bytearray")
+        .map(|t| (t.count, t.bytes));
+    assert_eq!(bytearrays, Some((1, 56 + 4001)));
+    let holder = census
+        .holders
+        .iter()
+        .position(|h| h.path == ["__main__", "BUF"])
+        .expect("BUF holds its bytearray") as u32;
+    assert_eq!(census.blocks.get(&buf).copied(), Some(holder));
+    assert_eq!(census.blocks.get(&buffer).copied(), Some(holder));
+}
