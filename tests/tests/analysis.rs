@@ -445,3 +445,37 @@ fn top_draws_layers_and_growing_stacks_in_a_terminal_and_quits_on_q() {
     assert!(pane.contains(&leak), "the leaking handler is drawn: {pane}");
     assert!(done.exists(), "pyleak top quit on q");
 }
+
+/// `pyleak top` into a pipe or a file (no terminal): plain frames, one after another,
+/// without the screen-clearing escapes that garbled logs.
+#[test]
+fn top_into_a_pipe_is_plain_lines() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some(py) = python312() else { return };
+    let mut target = Command::new(&py)
+        .args(["-c", "import time; time.sleep(60)"])
+        .spawn()
+        .expect("starting the target");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = pyleak(&[
+        "top",
+        "-d",
+        "2",
+        "--interval",
+        "0.5",
+        "-p",
+        &target.id().to_string(),
+    ]);
+    let _ = target.kill();
+    let _ = target.wait();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains('\x1b') && !text.contains('\r'), "{text:?}");
+    assert!(
+        text.matches("pyleak top").count() >= 2,
+        "a frame per sample: {text}"
+    );
+    assert_no_pyleak_programs();
+}

@@ -2,7 +2,10 @@
 //! `--snapshots` stream (one JSON line per growth sample). Renderers of plain data, like
 //! `report`; the recording loop hands them what to show.
 
-use std::{collections::BTreeMap, io::Write as _};
+use std::{
+    collections::BTreeMap,
+    io::{IsTerminal as _, Write as _},
+};
 
 use pyleak_common::Layer;
 use serde::Serialize;
@@ -49,10 +52,13 @@ pub struct TopView<'a> {
     pub census: Vec<String>,
 }
 
-/// Redraws the live view: layer totals and the fastest-growing stacks.
+/// Redraws the live view: layer totals and the fastest-growing stacks. On a standard
+/// output that is not a terminal (a pipe, a log file) each frame is plain lines, appended,
+/// with no screen-clearing escapes.
 pub fn draw(view: &TopView<'_>) {
+    let tty = std::io::stdout().is_terminal();
     let mut s = String::new();
-    s.push_str("\x1b[H\x1b[2J");
+    s.push_str(if tty { "\x1b[H\x1b[2J" } else { "\r\n" });
     let procs: Vec<String> = view
         .processes
         .iter()
@@ -102,6 +108,9 @@ pub fn draw(view: &TopView<'_>) {
     for line in &view.census {
         s.push_str(line);
         s.push_str("\r\n");
+    }
+    if !tty {
+        s = s.replace("\r\n", "\n");
     }
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(s.as_bytes());
