@@ -51,6 +51,8 @@ pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
 pub const PYMALLOC_SAMPLED: &str = "PYMALLOC_SAMPLED";
 /// Setting: 1 to follow the children of `--pid` and command targets.
 pub const FOLLOW_CHILDREN: &str = "FOLLOW_CHILDREN";
+/// Setting: the launched command's pid, held at `Py_FinalizeEx` (0: none).
+pub const HOLD_AT_FINALIZE: &str = "HOLD_AT_FINALIZE";
 
 /// Entry of every allocating function.
 pub const ALLOC_ENTER: &str = "alloc_enter";
@@ -146,11 +148,12 @@ pub const PROGRAMS: [&str; 22] = [
     PAGE_FAULT,
 ];
 /// Every setting (a read-only global).
-pub const SETTINGS: [&str; 6] = [
+pub const SETTINGS: [&str; 7] = [
     NATIVE_DEPTH,
     FILTER_MODE,
     CGROUP_ID,
     CGROUP_LEVEL,
     PYMALLOC_SAMPLED,
     FOLLOW_CHILDREN,
+    HOLD_AT_FINALIZE,
 ];

@@ -18,11 +18,32 @@ use crate::{
     pystack::{bump_code_epoch, bump_py_epoch, PY_PROCS},
 };
 
-/// Uprobe on `Py_FinalizeEx`: freeze the process.
+/// The launched command's pid when its state is to be read at `Py_FinalizeEx` before
+/// the interpreter tears it down (`--census`: a last heap census), else 0. Set by
+/// userspace before load.
+#[no_mangle]
+static HOLD_AT_FINALIZE: u32 = 0;
+
+/// `SIGURG` (`include/uapi/asm-generic/signal.h`): ignored by default, so that were it
+/// ever delivered without pyleak's tracer to take it, nothing would happen.
+const SIGURG: u32 = 23;
+
+/// Uprobe on `Py_FinalizeEx`: freeze the process. The launched command's main thread
+/// (`HOLD_AT_FINALIZE`), which pyleak ptraces, is also sent a `SIGURG`: it stops for its
+/// tracer before its next instruction, pyleak reads its heap as it is before teardown and
+/// lets it go on with the signal suppressed (`targets::launch`).
 #[uprobe]
 pub fn py_finalize_enter(_ctx: ProbeContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     freeze(tgid);
+    // SAFETY: a read-only global, patched by userspace before load.
+    let hold = unsafe { core::ptr::read_volatile(&HOLD_AT_FINALIZE) };
+    if hold != 0 && tgid == hold && tid == tgid {
+        // SAFETY: a helper call with a signal number; it signals the current thread only
+        // (`bpf_send_signal_thread`, kernel/trace/bpf_trace.c).
+        unsafe { aya_ebpf::helpers::generated::bpf_send_signal_thread(SIGURG) };
+    }
     0
 }
 

@@ -51,6 +51,9 @@ pub struct RecorderOptions {
     pub pymalloc_sampled: bool,
     /// With [`Filter::Pids`]: trace the targets' new processes too (forks, exec'd programs).
     pub follow_children: bool,
+    /// A launched command (ptraced by pyleak) to stop at `Py_FinalizeEx`, its state read
+    /// before the interpreter tears it down (0: none); see `targets::launch::Launched`.
+    pub hold_at_finalize: u32,
 }
 
 /// Which processes the kernel counts, and how uprobes are attached.
@@ -187,6 +190,7 @@ impl Recorder {
                 &(opts.follow_children as u32),
                 true,
             )
+            .override_global(names::HOLD_AT_FINALIZE, &opts.hold_at_finalize, true)
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 let chain = error_chain(&e);

@@ -126,6 +126,7 @@ fn trace(
             exited: c.exited.take()?,
             signals_seen: Arc::clone(&c.signals_seen),
             exec_gate: Arc::clone(&c.exec_gate),
+            holds: c.holds.take(),
         })
     });
     let end = runtime.block_on(trace_loop(
@@ -255,6 +256,11 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
             && !args.bare
             && layers.contains(Layer::Pymalloc),
         follow_children: follow,
+        // The last census is read at Py_FinalizeEx, before the interpreter's teardown.
+        hold_at_finalize: match &child {
+            Some(c) if args.census => c.pid,
+            _ => 0,
+        },
     };
     let rec = Recorder::load(opts)?;
     let group = match &plan.target {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use pyleak_common::Layer;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc::UnboundedReceiver};
 
 use super::{
     children::Children,
@@ -117,6 +117,8 @@ pub struct Launch {
     pub signals_seen: Arc<SignalsSeen>,
     /// Opened when the loop ends: nothing handles the command's execs after it.
     pub exec_gate: Arc<ExecGate>,
+    /// See [`Launched::holds`](crate::targets::launch::Launched::holds).
+    pub holds: Option<UnboundedReceiver<std::sync::mpsc::Sender<bool>>>,
 }
 
 /// Reads events until the recording ends; returns why it ended.
@@ -133,7 +135,10 @@ pub async fn trace_loop(
     let child = launched.as_ref().map(|l| l.pid);
     let child_signals = launched.as_ref().map(|l| Arc::clone(&l.signals_seen));
     let exec_gate = launched.as_ref().map(|l| Arc::clone(&l.exec_gate));
-    let mut child_exit = launched.map(|l| l.exited);
+    let (mut child_exit, mut holds) = match launched {
+        Some(l) => (Some(l.exited), l.holds),
+        None => (None, None),
+    };
     let mut exit = None;
     // The signal that ended the recording (0: none), and the command's SIGINTs then.
     let mut signalled = 0;
@@ -287,6 +292,23 @@ pub async fn trace_loop(
                 signalled_ms = monotonic_ms();
                 break End::Signal;
             }
+            // The command stopped at Py_FinalizeEx (`--census`): its last census now,
+            // before the interpreter tears its heap down, then it goes on.
+            hold = async { holds.as_mut().expect("guarded").recv().await }, if holds.is_some() => {
+                match hold {
+                    Some(reply) => {
+                        rec.drain();
+                        let ours = child.is_some_and(|pid| rec.frozen_in_kernel(pid));
+                        if ours {
+                            follow.poll(rec, resolver, syms);
+                            learn_new_stacks(rec, resolver);
+                            sampler.sample(rec, &lock(syms), resolver);
+                        }
+                        let _ = reply.send(ours);
+                    }
+                    None => holds = None,
+                }
+            }
             status = async { child_exit.as_mut().expect("guarded").await }, if child_exit.is_some() => {
                 child_exit = None;
                 exit = status.ok().flatten();
@@ -294,10 +316,12 @@ pub async fn trace_loop(
             }
         }
     };
-    // Execs are not handled from here on: a launched command is not held at them.
+    // Execs are not handled from here on: a launched command is not held at them, nor at
+    // Py_FinalizeEx.
     if let Some(gate) = &exec_gate {
         gate.open();
     }
+    drop(holds);
     if status_tty && !args.quiet && sampler.view == View::StatusLine {
         eprintln!();
     }

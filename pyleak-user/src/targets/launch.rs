@@ -46,7 +46,20 @@ pub struct Launched {
     pub signals_seen: Arc<SignalsSeen>,
     /// Holds the command at each exec after its first until the new program is probed.
     pub exec_gate: Arc<ExecGate>,
+    /// Each time the command stops at `Py_FinalizeEx` (the kernel's `SIGURG`, see
+    /// `HOLD_AT_FINALIZE` in `pyleak-ebpf/src/lifecycle.rs`): a channel to answer on once
+    /// its state is read, `true` when the stop was pyleak's (the signal is then
+    /// suppressed). Dropping the receiver ends the holds.
+    pub holds: Option<tokio::sync::mpsc::UnboundedReceiver<std::sync::mpsc::Sender<bool>>>,
 }
+
+/// The longest a launched command is held at `Py_FinalizeEx` for its state to be read (a
+/// census of a large heap takes seconds): past it, it goes on.
+const FINALIZE_HOLD_MAX: Duration = Duration::from_secs(60);
+
+/// `si_code` of a signal the kernel sent (`SI_KERNEL`, `include/uapi/asm-generic/siginfo.h`):
+/// `bpf_send_signal_thread` sends with it, `kill(2)` cannot.
+const SI_KERNEL: i32 = 0x80;
 
 /// When each signal was last delivered to a launched command, in [`monotonic_ms`] (0:
 /// never), by signal number (1 to 64, Linux's `_NSIG`).
@@ -143,6 +156,7 @@ pub fn spawn_paused(
     let seen = Arc::clone(&signals_seen);
     let exec_gate = Arc::new(ExecGate::default());
     let gate = Arc::clone(&exec_gate);
+    let (hold_tx, hold_rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("pyleak-launcher".into())
         .spawn(move || {
@@ -168,7 +182,7 @@ pub fn spawn_paused(
             }
             // SAFETY: closing our pipe end once; unstarted, the child exits on EOF.
             unsafe { libc::close(go_fd) };
-            let _ = exit_tx.send(trace_until_exit(pid, &on_exit, &seen, &gate));
+            let _ = exit_tx.send(trace_until_exit(pid, &on_exit, &seen, &gate, &hold_tx));
         })?;
     let (pid, errno_fd) = pid_rx.recv().context("launcher thread")?.context("fork")?;
     Ok(Launched {
@@ -180,6 +194,7 @@ pub fn spawn_paused(
         exited: Some(exit_rx),
         signals_seen,
         exec_gate,
+        holds: Some(hold_rx),
     })
 }
 
@@ -233,6 +248,7 @@ fn trace_until_exit(
     on_exit: &impl Fn(u32),
     signals_seen: &SignalsSeen,
     exec_gate: &ExecGate,
+    holds: &tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<bool>>,
 ) -> Option<ExitStatus> {
     let pid_t = pid as libc::pid_t;
     let mut execs = 0;
@@ -282,6 +298,9 @@ fn trace_until_exit(
                 log::debug!("process {pid}: went on after exec {execs} before its probes were in");
             }
             0
+        } else if sig == libc::SIGURG && sent_by_kernel(pid_t) && held(holds) {
+            // pyleak's own stop at Py_FinalizeEx, its state read: suppressed.
+            0
         } else {
             signals_seen.saw(sig);
             // A signal for the command: deliver it as if nobody were watching.
@@ -290,6 +309,31 @@ fn trace_until_exit(
         // SAFETY: resuming our stopped tracee.
         unsafe { libc::ptrace(libc::PTRACE_CONT, pid_t, 0, inject as libc::c_long) };
     }
+}
+
+/// Whether the signal `pid` stopped for was sent by the kernel (`si_code` `SI_KERNEL`).
+fn sent_by_kernel(pid: libc::pid_t) -> bool {
+    // SAFETY: reading the stopped tracee's siginfo into a zeroed buffer of its type.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::ptrace(
+            libc::PTRACE_GETSIGINFO,
+            pid,
+            0,
+            &mut info as *mut libc::siginfo_t,
+        ) == 0
+            && info.si_code == SI_KERNEL
+    }
+}
+
+/// Asks pyleak's recording loop to read the stopped command's state and waits for its
+/// answer: whether the stop was pyleak's. False at once when the loop has ended.
+fn held(holds: &tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<bool>>) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    if holds.send(tx).is_err() {
+        return false;
+    }
+    rx.recv_timeout(FINALIZE_HOLD_MAX).unwrap_or(false)
 }
 
 /// Milliseconds of `CLOCK_MONOTONIC`.
