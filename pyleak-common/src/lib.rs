@@ -260,6 +260,9 @@ pub struct Pending {
 /// Layers whose calls can be in flight on a thread (those probed with uprobes).
 pub const CALL_LAYERS: usize = 3;
 
+/// Where the "entry seen" bits start in [`ThreadState::active`].
+pub const ENTERED_SHIFT: u32 = 16;
+
 /// Per-thread state, keyed by thread id: the allocator calls in flight, one slot per layer
 /// (a `malloc` inside `PyObject_Malloc` is two), and the syscall in flight.
 #[repr(C)]
@@ -267,7 +270,9 @@ pub const CALL_LAYERS: usize = 3;
 pub struct ThreadState {
     /// Calls in flight, indexed by [`Layer`] number.
     pub calls: [Pending; CALL_LAYERS],
-    /// Bit `1 << layer` set while `calls[layer]` is in flight.
+    /// Bit `1 << layer` set while `calls[layer]` is in flight; bit
+    /// `1 << (ENTERED_SHIFT + layer)` once an entry of that layer was seen on this thread
+    /// (a return before any is of a call in flight when its probes were attached).
     pub active: u32,
     /// The pymalloc sampling window `calls[Layer::Pymalloc]` began in: a call from an
     /// earlier window lost its return when the window's links were taken out, and is stale.
@@ -367,7 +372,8 @@ pub enum Drop {
     /// A live-table bucket and the overflow map `LIVE_ALLOCS` were full: an allocation is
     /// not tracked.
     LiveAllocsFull = 0,
-    /// An allocator returned to a thread with no call in flight, though no probe missed.
+    /// An allocator returned to a thread with no call in flight, though the thread's
+    /// earlier calls of that layer were seen entering: no probe should have missed.
     OrphanReturn = 1,
     /// `STACKS` was full: an event kept no stack.
     StacksFull = 2,
@@ -375,7 +381,8 @@ pub enum Drop {
     StackStatsFull = 3,
     /// The ring buffer was full: a vm or page event is lost.
     RingFull = 4,
-    /// An allocator returned without a matching entry (probe attached mid-call).
+    /// An allocator returned without a matching entry, before any entry of its layer was
+    /// seen on the thread: a call in flight while its probes were attached.
     UnmatchedReturn = 5,
     /// A user stack could not be read.
     StackUnreadable = 6,

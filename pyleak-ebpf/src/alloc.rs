@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use pyleak_common::{
     live_bucket, live_key, size_bucket, AllocKey, AllocKind, Drop, Layer, LiveAlloc, LiveBucket,
-    Pending, ProbeCookie, StackAgg, StackKey, CALL_LAYERS, FLAG_TIMED, HIST_BUCKETS,
+    Pending, ProbeCookie, StackAgg, StackKey, CALL_LAYERS, ENTERED_SHIFT, FLAG_TIMED, HIST_BUCKETS,
     LIVE_BUCKET_SLOTS,
 };
 
@@ -176,7 +176,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), i32> {
         join: 0,
         ret_addr_at,
     };
-    t.active |= 1 << layer;
+    t.active |= (1 << layer) | (1 << (ENTERED_SHIFT + layer as u32));
     begun_in(t, layer, window);
     Ok(())
 }
@@ -203,7 +203,14 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<(), i32> {
     };
     if t.active & (1 << layer) == 0 {
         if uprobe_target_active(tgid) && !window_edge {
-            count_drop(Drop::OrphanReturn);
+            // The thread's first return of this layer with no entry ever seen: a call in
+            // flight while the probes went in (group targets attach file-wide probes to
+            // running processes whose threads libc's probes already know).
+            count_drop(if t.active & (1 << (ENTERED_SHIFT + layer as u32)) == 0 {
+                Drop::UnmatchedReturn
+            } else {
+                Drop::OrphanReturn
+            });
         }
         return Ok(());
     }

@@ -8,7 +8,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
-use pyleak_common::{AllocKind, Pending, SiteInfo, CALL_LAYERS, REG_CONST, REG_NONE, REG_STACK};
+use pyleak_common::{
+    AllocKind, Pending, SiteInfo, CALL_LAYERS, ENTERED_SHIFT, REG_CONST, REG_NONE, REG_STACK,
+};
 
 use crate::{
     alloc::{cookie, finish, mul, record_free},
@@ -157,7 +159,7 @@ fn try_site_enter(ctx: &ProbeContext) -> Result<(), i32> {
         join: s.join,
         ret_addr_at: 0,
     };
-    t.active |= 1 << layer;
+    t.active |= (1 << layer) | (1 << (ENTERED_SHIFT + layer as u32));
     begun_in(t, layer, window);
     Ok(())
 }
