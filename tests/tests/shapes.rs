@@ -424,7 +424,18 @@ fn dicts_reused_through_free_lists_are_the_keepers() {
                         && leaf(s).ends_with(&keep)
                 })
                 .unwrap_or_else(|| panic!("{label} {mode}: the keeping line is no suspect"));
-            assert_eq!(keeper["trend"], "growing", "{label} {mode}: {keeper:#}");
+            // A sampled estimate moves in steps at its judgements, up and down around its
+            // rise: over this 3 s run's six growth samples its last step can be flat,
+            // which reads as a plateau (README, known limits).
+            let trends: &[&str] = if mode == "exact" {
+                &["growing"]
+            } else {
+                &["growing", "plateau"]
+            };
+            assert!(
+                trends.iter().any(|t| keeper["trend"] == *t),
+                "{label} {mode}: {keeper:#}"
+            );
             // Sampled estimates on Debian's LTO 3.11 run low (docs/sampled-pymalloc.md),
             // and there most hand-overs are inlined: only the keeper is checked there.
             if label.starts_with("debian") {
