@@ -98,6 +98,10 @@ pub enum UserError {
     /// `census --pid` names a process that runs no CPython.
     #[error("process {0} runs no CPython (no _PyRuntime in the files it maps): give the PID of a Python 3.8-3.13 process")]
     NotPython(u32),
+    /// `census --pid` names a process whose CPython runtime file was deleted or replaced
+    /// on disk since it was mapped (the pid, the file).
+    #[error("process {0} runs a CPython whose file {1} was deleted or replaced on disk since it started (an upgrade?): pyleak reads the runtime's layout from that file; restart the process to take a census")]
+    RuntimeDeleted(u32, String),
     /// `census --pid` names a CPython whose heap pyleak cannot read.
     #[error("process {pid} runs CPython {version}, whose heap pyleak cannot read: census supports CPython 3.8-3.13 (GIL builds)")]
     CensusUnsupported {

@@ -399,3 +399,71 @@ fn a_cpython_whose_heap_cannot_be_read_gets_no_sampled_pymalloc_layer() {
     }
     assert_no_pyleak_programs();
 }
+
+/// A Python whose libpython was deleted or replaced on disk after it started (a package
+/// upgrade under a running service): `census` says so in one line and what to do, and
+/// `record --pid` traces what it can with one warning naming the file (it used to be
+/// taken silently for a process that runs no CPython).
+#[test]
+fn a_python_whose_libpython_was_deleted_is_said_so() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some((_, py)) = required_pythons(&["pyenv 3.12.1"]).into_iter().next() else {
+        return;
+    };
+    let lib = py
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("lib/libpython3.12.so.1.0");
+    let dir = scratch("deleted-libpython");
+    let copy = dir.join("libpython3.12.so.1.0");
+    std::fs::copy(&lib, &copy).unwrap();
+    let mut target = Command::new(&py)
+        .args(["-c", "import time\nprint('up', flush=True)\ntime.sleep(30)"])
+        .env("LD_LIBRARY_PATH", &dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(target.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.id())).unwrap();
+    assert!(
+        maps.contains(copy.to_str().unwrap()),
+        "the copy is not mapped: {maps}"
+    );
+    std::fs::remove_file(&copy).unwrap();
+    let pid = target.id().to_string();
+    let census = pyleak(&["census", "-p", &pid]);
+    let record = pyleak(&["record", "-q", "-d", "0.5", "-p", &pid]);
+    let _ = target.kill();
+    let _ = target.wait();
+    let err = String::from_utf8_lossy(&census.stderr);
+    assert_eq!(census.status.code(), Some(1), "{census:?}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("{} was deleted or replaced", copy.display()))
+            && err.contains("restart the process"),
+        "{err}"
+    );
+    assert!(record.status.success(), "{record:?}");
+    let warnings: Vec<String> = String::from_utf8_lossy(&record.stderr)
+        .lines()
+        .filter(|l| l.contains("warning"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(&format!("process {pid} maps {}", copy.display()))
+            && warnings[0].contains("deleted or replaced"),
+        "{warnings:?}"
+    );
+    assert_no_pyleak_programs();
+}

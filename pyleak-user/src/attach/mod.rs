@@ -485,6 +485,30 @@ pub fn mapped_files(pid: u32) -> std::io::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// The files a running process maps that pyleak would probe or read a Python runtime
+/// from (the C library, a malloc replacement, libpython, a `python` executable) but that
+/// were deleted or replaced on disk since they were mapped (`/proc/PID/maps` marks them
+/// ` (deleted)`: a package upgrade under a running service): their names, without the
+/// mark. pyleak cannot open them by name, so their layers and Python stacks are missing.
+pub fn deleted_runtime_files(pid: u32) -> Vec<String> {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    let names: BTreeSet<String> = proctext::maps(&maps)
+        .filter(|m| m.is_file() && m.deleted())
+        .map(|m| m.path.trim_end_matches(" (deleted)").to_owned())
+        .filter(|p| {
+            let path = Path::new(p);
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            is_libc(path)
+                || is_malloc_replacement(path)
+                || name.starts_with("libpython")
+                || name.starts_with("python")
+        })
+        .collect();
+    names.into_iter().collect()
+}
+
 /// Files a running process maps, each as (a path naming it through `/proc/PID/root`, a
 /// path that opens the very file mapped: `/proc/PID/map_files/START-END`). The memory map
 /// names files as seen from the process's mount namespace, which may not be reachable

@@ -7,7 +7,7 @@
 mod report;
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -60,7 +60,16 @@ pub fn run(args: &CensusArgs) -> anyhow::Result<i32> {
     }
     let files = attach::mapped_files(pid).map_err(|_| UserError::MemoryUnreadable(pid))?;
     let rt = match python::detect(&files) {
-        None => return Err(UserError::NotPython(pid).into()),
+        None => {
+            let deleted = attach::deleted_runtime_files(pid);
+            return Err(
+                match deleted.iter().find(|f| !attach::is_libc(Path::new(f))) {
+                    Some(f) => UserError::RuntimeDeleted(pid, f.clone()),
+                    None => UserError::NotPython(pid),
+                }
+                .into(),
+            );
+        }
         Some(python::Detected::Unsupported { version, .. }) => {
             return Err(UserError::CensusUnsupported { pid, version }.into())
         }

@@ -370,6 +370,13 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                 runtimes.watch(pid, &files);
                 let probes = children.plan(&files);
                 warn_missing(&probes, layers, &format!("process {pid}"), &files);
+                let deleted = attach::deleted_runtime_files(pid);
+                if !deleted.is_empty() {
+                    eprintln!(
+                        "pyleak: warning: process {pid} maps {} deleted or replaced on disk since it started (an upgrade?): pyleak cannot open them, so their probes and Python stacks are missing; restart the process to trace it fully",
+                        deleted.join(", ")
+                    );
+                }
                 if let Some(rt) = python_runtime(
                     rec,
                     pid,
