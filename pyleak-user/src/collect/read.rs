@@ -295,6 +295,20 @@ impl Recorder {
         Ok(snap)
     }
 
+    /// How many events the kernel has lost to `reason` so far, on every CPU (0 when the
+    /// counters cannot be read).
+    pub fn drop_count(&self, reason: Drop) -> u64 {
+        let Some(map) = self.ebpf.map(names::DROPS) else {
+            return 0;
+        };
+        let Ok(drops) = PerCpuArray::<_, u64>::try_from(map) else {
+            return 0;
+        };
+        drops
+            .get(&(reason as u32), 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+
     /// Reads an interned stack.
     pub fn stack(&self, id: u64) -> Option<StackTrace> {
         let stacks: BpfHashMap<_, u64, StackTrace> =

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pyleak_common::Layer;
+use pyleak_common::{Drop, Layer};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc::UnboundedReceiver};
 
 use super::{
@@ -167,6 +167,7 @@ pub async fn trace_loop(
         .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
     let status_tty = std::io::stderr().is_terminal();
     let mut last_maps = Instant::now() - MAPS_REFRESH;
+    let mut stacks_full_said = false;
     let mut last_events = (0u64, Instant::now());
     if let Follow::Pids(runtimes, _) = &mut follow {
         runtimes.refresh(rec, syms);
@@ -219,6 +220,10 @@ pub async fn trace_loop(
                 }
                 if log::log_enabled!(log::Level::Debug) {
                     footprint(rec, &lock(syms), resolver, &follow, sampler);
+                }
+                if !stacks_full_said && rec.drop_count(Drop::StacksFull) > 0 {
+                    stacks_full_said = true;
+                    eprintln!("pyleak: warning: {}", crate::report::text::stacks_full_hint());
                 }
                 if sampler.view == View::Top {
                     sampler.draw(rec);

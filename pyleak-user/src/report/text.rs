@@ -42,6 +42,15 @@ fn margin(e: Option<crate::analysis::Estimate>) -> String {
     }
 }
 
+/// What a full stack table (`stacks_full` lost events) means and what to do: said once
+/// while recording and under the report's lost events.
+pub fn stacks_full_hint() -> String {
+    format!(
+        "the kernel's stack table (STACKS, {} stacks, never pruned) is full: new stacks are not kept, and their events' bytes go unattributed. Every Python process traced with --pymalloc exact interns thousands of stacks (a group of about 20 short-lived ones fills it): use the default --pymalloc sampled, or --layers libc,vm,pages, for long group recordings",
+        pyleak_common::STACKS_ENTRIES
+    )
+}
+
 /// Writes the summary: a table of layers, lost events, the stacks holding most live memory.
 pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     let procs: Vec<String> = report
@@ -166,6 +175,9 @@ pub fn write(report: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
             report.lost_events,
             reasons.join(", ")
         )?;
+        if report.lost.get("stacks_full").is_some_and(|&n| n > 0) {
+            writeln!(out, "  {}", stacks_full_hint())?;
+        }
     }
     if !report.probe_links.is_empty() {
         writeln!(
