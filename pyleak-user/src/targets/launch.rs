@@ -251,7 +251,7 @@ fn trace_until_exit(
     holds: &tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<bool>>,
 ) -> Option<ExitStatus> {
     let pid_t = pid as libc::pid_t;
-    let mut execs = 0;
+    let (mut execs, mut unhandled) = (0, 0);
     loop {
         let mut status = 0;
         // SAFETY: waiting for our own child with a valid status pointer.
@@ -294,7 +294,10 @@ fn trace_until_exit(
             // first exec is the command itself, probed before it started; a later one
             // waits for its new program's probes.
             execs += 1;
-            if execs > 1 && !exec_gate.wait(execs) {
+            // An exec pyleak never handled (its announcement lost) is not waited for
+            // again at each later one.
+            if execs > 1 && !exec_gate.wait(execs - unhandled) {
+                unhandled += 1;
                 log::debug!("process {pid}: went on after exec {execs} before its probes were in");
             }
             0
