@@ -837,7 +837,9 @@ impl Recorder {
             }
             // The ages' shares of the stack's live samples, applied to its estimate (which
             // may have been cut to what the pools hold), so the aged part is never more
-            // than the whole.
+            // than the whole. A stack with no confirmed sample (its blocks all from the
+            // last window, left out of the estimate) is estimated at nothing, and so is
+            // its aged part: it once read "0 B live, 96.9 MiB older than 0 s".
             let est = book
                 .estimates
                 .get(&(pid, stack))
@@ -849,7 +851,7 @@ impl Recorder {
                     est.live_count_estimate / a.count as f64,
                 )
             } else {
-                (weight(pid), weight(pid))
+                (0.0, 0.0)
             };
             a.aged_bytes = scale(a.aged_bytes, wb);
             a.aged_count = scale(a.aged_count, wc);
