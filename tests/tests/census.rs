@@ -528,31 +528,47 @@ fn top_with_census_shows_growing_types_and_their_holders() {
 /// census is taken at `Py_FinalizeEx` (the kernel stops the command there for pyleak, which
 /// reads its heap before the interpreter's teardown and lets it go on), so the report
 /// names the holder and every live block of the filling line is held by it. Before, such a
-/// run had no census at all.
+/// run had no census at all; through `env` it still had none; and a slow teardown's
+/// censuses, taken after, replaced it with a heap half freed.
 #[test]
 fn record_with_census_of_a_command_reads_its_heap_at_shutdown() {
     if !root_or_skip() {
         return;
     }
-    for (label, python) in required_pythons(&["pyenv 3.12.1", "pyenv 3.8.18", "debian 3.11"]) {
-        let dir = scratch(&format!("census-exit-{}", label.replace(' ', "-")));
-        let script = workload("py_census_exit.py");
-        let (report, out) = record_json(
-            &dir,
-            &[
-                "--census",
-                "--layers",
-                "pymalloc",
-                "--pymalloc",
-                "exact",
-                // The run lasts under the default age of a suspect (1 s).
-                "--min-age",
-                "0",
-                "--",
-                python.to_str().unwrap(),
-                &script,
-            ],
+    let cases = required_pythons(&["pyenv 3.12.1", "pyenv 3.8.18", "debian 3.11"])
+        .into_iter()
+        .map(|(label, py)| (label, py, false))
+        .chain(
+            required_pythons(&["pyenv 3.13.0"])
+                .into_iter()
+                .map(|(label, py)| (format!("{label} through env, slow teardown"), py, true)),
         );
+    for (label, python, through_env) in cases {
+        let dir = scratch(&format!("census-exit-{through_env}"));
+        let script = workload("py_census_exit.py");
+        let mut args = vec![
+            "--census",
+            "--layers",
+            "pymalloc",
+            "--pymalloc",
+            "exact",
+            // The run lasts under the default age of a suspect (1 s).
+            "--min-age",
+            "0",
+        ];
+        if through_env {
+            // Python exec'd by env is followed by the census too; censuses at every
+            // 0.2 s sample while its teardown runs (1.5 s) would read a heap half freed:
+            // none is taken once it froze.
+            args.extend(["--interval", "0.2", "--", "/usr/bin/env"]);
+        } else {
+            args.push("--");
+        }
+        args.extend([python.to_str().unwrap(), &script]);
+        if through_env {
+            args.push("--slow-teardown");
+        }
+        let (report, out) = record_json(&dir, &args);
         let text = String::from_utf8_lossy(&out.stdout);
         let census = &report["census"][0];
         assert!(census.is_object(), "{label}: no census: {text}");

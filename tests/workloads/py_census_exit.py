@@ -3,8 +3,18 @@ fraction of a second, then exits normally: growth samples (every 2 s) never see 
 after exit its heap is gone. Only a census taken as the interpreter starts shutting down
 (`Py_FinalizeEx`, before teardown clears the module) names REGISTRY as the holder.
 
-Usage: py_census_exit.py"""
+Usage: py_census_exit.py [--slow-teardown]
+  --slow-teardown: also keeps 300 objects whose __del__ sleeps 5 ms, so the interpreter's
+  teardown lasts 1.5 s: censuses taken during it would see a heap half freed."""
+import sys
+import time
+
 REGISTRY = {}
+
+
+class Slow:
+    def __del__(self):
+        time.sleep(0.005)
 
 
 def fill(n):
@@ -13,3 +23,4 @@ def fill(n):
 
 
 fill(20_000)
+SLOW = [Slow() for _ in range(300)] if "--slow-teardown" in sys.argv else []

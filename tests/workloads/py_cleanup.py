@@ -1,14 +1,14 @@
-"""A command with a Ctrl-C and a hang-up handler: prints `running`, waits; on SIGINT
-(KeyboardInterrupt) or SIGHUP prints `cleaning up`, takes half a second, prints `cleanup
-done` and exits with status 4. A second SIGINT or SIGHUP during the cleanup would end it
-with a traceback instead."""
+"""A command with Ctrl-C, hang-up and SIGTERM handlers: prints `running`, waits; on
+SIGINT (KeyboardInterrupt), SIGHUP or SIGTERM prints `cleaning up`, takes half a second,
+prints `cleanup done` and exits with status 4. A second such signal during the cleanup
+would end it with a traceback instead."""
 import signal
 import sys
 import time
 
 
 class Hangup(Exception):
-    """SIGHUP, raised as Ctrl-C raises KeyboardInterrupt."""
+    """SIGHUP or SIGTERM, raised as Ctrl-C raises KeyboardInterrupt."""
 
 
 def on_hangup(signum, frame):
@@ -16,6 +16,7 @@ def on_hangup(signum, frame):
 
 
 signal.signal(signal.SIGHUP, on_hangup)
+signal.signal(signal.SIGTERM, on_hangup)
 try:
     print("running", flush=True)
     time.sleep(60)

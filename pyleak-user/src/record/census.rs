@@ -23,17 +23,27 @@ struct Proc {
     report: Report,
     /// Why the last census failed, said once.
     failed: Option<String>,
+    /// A command pyleak launched (starting when the recording starts).
+    launched: bool,
 }
 
 /// The censuses of every Python target.
 #[derive(Default)]
 pub struct Censuses {
     procs: BTreeMap<u32, Proc>,
+    /// Whether a sample was taken yet.
+    sampled: bool,
 }
 
 impl Censuses {
-    /// Follows `pid`, which runs `rt` (3.8–3.13; others are left out with a warning).
-    pub fn add(&mut self, pid: u32, rt: &PythonRuntime) {
+    /// Whether `pid` is followed.
+    pub fn has(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
+    /// Follows `pid`, which runs `rt` (3.8–3.13; others are left out with a warning);
+    /// `launched`: a command pyleak started.
+    pub fn add(&mut self, pid: u32, rt: &PythonRuntime, launched: bool) {
         let version = python::version_name(rt.cpython.version());
         if rt.cpython.heap_layout().is_none() {
             eprintln!("pyleak: warning: --census: process {pid} runs CPython {version}, whose heap pyleak cannot read (3.8-3.13)");
@@ -46,16 +56,23 @@ impl Censuses {
                 bias: None,
                 report: Report::new(pid, version),
                 failed: None,
+                launched,
             },
         );
     }
 
-    /// Takes a census of every followed process, timed from `started` (the recording's
-    /// start) to the moment each process's memory was read. A process gone, or not
-    /// started yet, is skipped (said once at debug level).
-    pub fn take(&mut self, started: std::time::Instant) {
+    /// Takes a census of every followed process but those `skip` names, timed from
+    /// `started` (the recording's start) to the moment each process's memory was read. A
+    /// process gone, or not started yet, is skipped (said once at debug level); so is a
+    /// launched command at the recording's first sample, which finds its interpreter still
+    /// starting (a half-built heap, counted as growth from nothing).
+    pub fn take(&mut self, started: std::time::Instant, skip: impl Fn(u32) -> bool) {
         let begun = started.elapsed().as_secs_f64();
+        let first = !std::mem::replace(&mut self.sampled, true);
         for (&pid, p) in &mut self.procs {
+            if skip(pid) || (first && p.launched) {
+                continue;
+            }
             if p.bias.is_none() {
                 p.bias = python::load_bias(pid, &p.rt);
             }

@@ -178,6 +178,12 @@ impl Children {
         }
     }
 
+    /// The Python runtime `pid` runs, as far as its probes know (None: not Python, or not
+    /// followed).
+    pub fn runtime(&self, pid: u32) -> Option<&python::PythonRuntime> {
+        self.runtimes.get(&pid)
+    }
+
     /// Lets a launched command held at its exec go on: `pid`'s new program is probed.
     fn exec_handled(&self, pid: u32) {
         if let Some((_, gate)) = self.exec_gate.as_ref().filter(|(p, _)| *p == pid) {

@@ -112,8 +112,9 @@ fn trace(
     );
     if args.census {
         let mut censuses = Censuses::default();
+        let launched = session.child.as_ref().map(|c| c.pid);
         for (pid, rt) in &session.pythons {
-            censuses.add(*pid, rt);
+            censuses.add(*pid, rt, launched == Some(*pid));
         }
         sampler.censuses = Some(censuses);
     }
@@ -491,6 +492,8 @@ fn finish(
     // run their tests under pyleak still see them fail. A command still running (-d) or
     // a target attached to: 0.
     let status = exit.map_or(0, launch::exit_code);
+    // Ended by -d (or a signal it ignored), a launched command runs on, untraced.
+    let running = s.child.as_ref().filter(|_| exit.is_none()).map(|c| c.pid);
     if args.bare {
         return Ok(status);
     }
@@ -558,6 +561,9 @@ fn finish(
         .context("writing the report to standard output")?;
     drop(lock);
     drop(s.rec);
+    if let Some(pid) = running.filter(|&pid| crate::targets::alive(pid)) {
+        eprintln!("pyleak: the command (pid {pid}) is still running, no longer traced");
+    }
     Ok(status)
 }
 

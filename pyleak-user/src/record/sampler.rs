@@ -91,11 +91,26 @@ impl Sampler {
         Some(rx)
     }
 
-    /// Takes one sample, and writes it as a line when streaming.
+    /// Takes one sample, and writes it as a line when streaming. A process the kernel has
+    /// frozen (its interpreter shutting down) gets no census: its teardown is under way
+    /// (a launched command's last census is taken at its freeze, see [`Sampler::hold`]).
     pub fn sample(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &mut Resolver) {
         if let Some(c) = self.censuses.as_mut() {
-            c.take(self.started);
+            c.take(self.started, |pid| rec.frozen_in_kernel(pid));
         }
+        self.sample_growth(rec, syms, py);
+    }
+
+    /// The sample taken while a launched command is held at `Py_FinalizeEx`: its census
+    /// (frozen, but its heap as it was before teardown) and the growth sample.
+    pub fn hold(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &mut Resolver) {
+        if let Some(c) = self.censuses.as_mut() {
+            c.take(self.started, |_| false);
+        }
+        self.sample_growth(rec, syms, py);
+    }
+
+    fn sample_growth(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &mut Resolver) {
         let live = match rec.sample() {
             Ok(Some(l)) => l,
             Ok(None) => return,

@@ -38,8 +38,8 @@ const MAPS_REFRESH: Duration = Duration::from_millis(20);
 /// How often the ring buffer is read when nothing wakes pyleak: page faults are sent
 /// without a wakeup (`emit_quiet` in the kernel), and wait at most this long.
 const QUIET_DRAIN: Duration = Duration::from_millis(20);
-/// A SIGINT (SIGHUP) delivered to the command this long before pyleak's own is the same
-/// Ctrl-C (hang-up).
+/// A SIGINT, SIGHUP or SIGTERM delivered to the command this long before pyleak's own is
+/// the same signal, sent to both.
 const SIGNAL_SKEW_MS: u64 = 200;
 
 /// How long a launched command gets to exit after pyleak forwards Ctrl-C/SIGTERM.
@@ -235,6 +235,7 @@ pub async fn trace_loop(
                 rec.drain();
                 follow.poll(rec, resolver, syms);
                 learn_new_stacks(rec, resolver);
+                census_execd(sampler, &follow, child);
                 sampler.sample(rec, &lock(syms), resolver);
                 if sampler.error.is_err() {
                     break End::Signal;
@@ -290,6 +291,7 @@ pub async fn trace_loop(
             }
             _ = sigterm.recv() => {
                 signalled = libc::SIGTERM;
+                signalled_ms = monotonic_ms();
                 break End::Signal;
             }
             _ = async { sighup.as_mut().expect("guarded").recv().await }, if sighup.is_some() => {
@@ -307,7 +309,8 @@ pub async fn trace_loop(
                         if ours {
                             follow.poll(rec, resolver, syms);
                             learn_new_stacks(rec, resolver);
-                            sampler.sample(rec, &lock(syms), resolver);
+                            census_execd(sampler, &follow, child);
+                            sampler.hold(rec, &lock(syms), resolver);
                         }
                         let _ = reply.send(ours);
                     }
@@ -353,12 +356,13 @@ pub async fn trace_loop(
             } else {
                 libc::SIGTERM
             };
-            // A SIGINT or SIGHUP the command got as pyleak did (a Ctrl-C reaches the
-            // whole foreground group, a terminal's hang-up its session; its tracer sees it
-            // within milliseconds): not sent again.
+            // A signal the command got as pyleak did (a Ctrl-C reaches the whole
+            // foreground group, a terminal's hang-up its session, `kill -TERM -PGID` or a
+            // service manager's stop the whole group; its tracer sees it within
+            // milliseconds): not sent again.
             let mut reached = signal_reached_child(signal, pid);
-            if let (libc::SIGINT | libc::SIGHUP, false, Some(seen)) =
-                (signal, reached, &child_signals)
+            if let (libc::SIGINT | libc::SIGHUP | libc::SIGTERM, false, Some(seen), true) =
+                (signal, reached, &child_signals, signalled != 0)
             {
                 for _ in 0..20 {
                     if seen.last_ms(signal) + SIGNAL_SKEW_MS >= signalled_ms {
@@ -413,6 +417,21 @@ fn signal_reached_child(signal: i32, child: u32) -> bool {
         let foreground = libc::tcgetpgrp(libc::STDIN_FILENO) == ours
             || libc::tcgetpgrp(libc::STDERR_FILENO) == ours;
         same_group && foreground
+    }
+}
+
+/// With `--census`: a launched command that became Python by an exec (`env python3`,
+/// `bash -c 'python3 …'`) is followed from then on, like one launched directly.
+fn census_execd(sampler: &mut Sampler, follow: &Follow<'_>, child: Option<u32>) {
+    let (Some(c), Some(pid), Follow::Pids(_, children)) =
+        (sampler.censuses.as_mut(), child, follow)
+    else {
+        return;
+    };
+    if !c.has(pid) {
+        if let Some(rt) = children.runtime(pid) {
+            c.add(pid, rt, true);
+        }
     }
 }
 

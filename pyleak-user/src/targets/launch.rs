@@ -89,7 +89,7 @@ impl SignalsSeen {
 
 /// The longest a launched command is held at an exec for its new program's probes: past
 /// it, the command goes on (its first calls unseen) and a debug line says so.
-const EXEC_HOLD_MAX: Duration = Duration::from_secs(2);
+const EXEC_HOLD_MAX: Duration = Duration::from_secs(10);
 
 /// Holds a launched command at its ptrace exec stop, after its first exec, until pyleak
 /// has probed the program it became: `env python app.py`, `setsid`, `nice` and
