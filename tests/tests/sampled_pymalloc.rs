@@ -477,3 +477,44 @@ fn a_launched_command_with_the_defaults_freezes_at_shutdown_and_names_its_leak()
     assert_eq!(top["layer"], "pymem_raw", "{top}");
     assert_eq!(top["frames"].as_array().unwrap().last().unwrap(), &leaf);
 }
+
+/// A launched run shorter than a second, the defaults with windows every 0.1 s: every
+/// window falls in the build, and the last one's samples can only be confirmed at
+/// shutdown. The kernel stops the command at `Py_FinalizeEx` for pyleak, which judges
+/// them there, before the interpreter's teardown: the build line is estimated within 15%
+/// of exact mode's figure (it was 18-30% under, the last window left out).
+#[test]
+fn a_short_launched_run_is_judged_at_shutdown() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some((_, py)) = required_pythons(&["pyenv 3.12.1"]).into_iter().next() else {
+        return;
+    };
+    let script = workload("py_short_leak.py");
+    let leaf = format!("build ({script}:{})", marker_line(&script, "# the leak"));
+    let run = |mode: &str| {
+        let json = scratch(&format!("short-run-{mode}")).join("r.json");
+        let out = Command::new(pyleak_bin())
+            .env_remove("PYLEAK_PYMALLOC")
+            .args(["record", "-q", "--min-age", "0", "--pymalloc", mode])
+            .args(["--pymalloc-period", "0.1", "--json", json.to_str().unwrap()])
+            .arg("--")
+            .arg(&py)
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        live_where(&report, "pymalloc", |f| f == leaf).0
+    };
+    let exact = run("exact");
+    let sampled = run("sampled");
+    eprintln!("{leaf}: sampled {sampled} B, exact {exact} B");
+    assert!(exact > 80_000_000, "exact: {exact}");
+    assert!(
+        within(sampled, exact, 0.15),
+        "sampled {sampled} against exact {exact}"
+    );
+    assert_no_pyleak_programs();
+}

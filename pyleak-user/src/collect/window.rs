@@ -397,6 +397,14 @@ impl Recorder {
     /// bytes per stack. Processes that are frozen (finalizing) or gone are left as they
     /// are.
     pub fn sweep(&mut self) -> anyhow::Result<()> {
+        self.sweep_holding(None)
+    }
+
+    /// [`Recorder::sweep`], with `held` judged though the kernel froze it: a launched
+    /// command stopped at `Py_FinalizeEx` by its tracer, its heap as it was before the
+    /// interpreter's teardown (its frees since the freeze are not counted, and none is
+    /// made while it is held).
+    pub fn sweep_holding(&mut self, held: Option<u32>) -> anyhow::Result<()> {
         let Some(w) = self.windows.as_ref() else {
             return Ok(());
         };
@@ -411,8 +419,11 @@ impl Recorder {
         };
         let mut book = std::mem::take(&mut self.book);
         let mut dead: Vec<TableBlock> = Vec::new();
+        let frozen = |rec: &Self, pid: u32| {
+            held != Some(pid) && (rec.is_frozen(pid) || rec.frozen_in_kernel(pid))
+        };
         for pid in pids {
-            if self.is_frozen(pid) || self.frozen_in_kernel(pid) || !alive(pid) {
+            if frozen(self, pid) || !alive(pid) {
                 continue;
             }
             let Some(cpython) = self
@@ -486,7 +497,7 @@ impl Recorder {
             let in_use = heap.in_use_by_class(&arena_regions(pid, heap.layout().arena_size));
             // Shutting down since (interpreter teardown frees everything): these
             // verdicts are not about the heap the report describes.
-            if self.frozen_in_kernel(pid) {
+            if frozen(self, pid) {
                 continue;
             }
             book.in_use.insert(pid, in_use);

@@ -248,18 +248,19 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         Target::Group(None) => Filter::PidSet,
         _ => Filter::Pids,
     };
+    let pymalloc_sampled =
+        args.pymalloc == PymallocMode::Sampled && !args.bare && layers.contains(Layer::Pymalloc);
     let opts = RecorderOptions {
         layers,
         native_depth: args.native_depth,
         bare: args.bare,
         filter,
-        pymalloc_sampled: args.pymalloc == PymallocMode::Sampled
-            && !args.bare
-            && layers.contains(Layer::Pymalloc),
+        pymalloc_sampled,
         follow_children: follow,
-        // The last census is read at Py_FinalizeEx, before the interpreter's teardown.
+        // The last census is read, and the pymalloc samples judged a last time, at
+        // Py_FinalizeEx, before the interpreter's teardown.
         hold_at_finalize: match &child {
-            Some(c) if args.census => c.pid,
+            Some(c) if args.census || pymalloc_sampled => c.pid,
             _ => 0,
         },
     };

@@ -299,8 +299,9 @@ pub async fn trace_loop(
                 signalled_ms = monotonic_ms();
                 break End::Signal;
             }
-            // The command stopped at Py_FinalizeEx (`--census`): its last census now,
-            // before the interpreter tears its heap down, then it goes on.
+            // The command stopped at Py_FinalizeEx (`--census`, sampled pymalloc): its
+            // samples judged and its last census taken now, before the interpreter tears
+            // its heap down, then it goes on.
             hold = async { holds.as_mut().expect("guarded").recv().await }, if holds.is_some() => {
                 match hold {
                     Some(reply) => {
@@ -309,6 +310,14 @@ pub async fn trace_loop(
                         if ours {
                             follow.poll(rec, resolver, syms);
                             learn_new_stacks(rec, resolver);
+                            // The pymalloc samples judged against the heap the report
+                            // describes (the last window's were not confirmed yet).
+                            rec.close_window()?;
+                            rec.drain();
+                            if let Err(e) = rec.sweep_holding(child) {
+                                log::warn!("judging pymalloc samples: {e}");
+                            }
+                            rec.end_closing()?;
                             census_execd(sampler, &follow, child);
                             sampler.hold(rec, &lock(syms), resolver);
                         }
