@@ -374,8 +374,16 @@ fn attach_targets(args: &RecordArgs, plan: &Plan, s: &mut Session) -> anyhow::Re
                 warn_missing(&probes, layers, &format!("process {pid}"), &files);
                 let deleted = attach::deleted_runtime_files(pid);
                 if !deleted.is_empty() {
+                    let (them, census) = (
+                        if deleted.len() == 1 { "it" } else { "them" },
+                        if args.census {
+                            " (and --census has no runtime to read)"
+                        } else {
+                            ""
+                        },
+                    );
                     eprintln!(
-                        "pyleak: warning: process {pid} maps {} deleted or replaced on disk since it started (an upgrade?): pyleak cannot open them, so their probes and Python stacks are missing; restart the process to trace it fully",
+                        "pyleak: warning: process {pid} maps {} deleted or replaced on disk since it started (an upgrade?): pyleak cannot open {them}, so its probes there and its Python stacks are missing{census}; restart the process to trace it fully",
                         deleted.join(", ")
                     );
                 }
