@@ -528,23 +528,37 @@ fn top_with_census_shows_growing_types_and_their_holders() {
 /// census is taken at `Py_FinalizeEx` (the kernel stops the command there for pyleak, which
 /// reads its heap before the interpreter's teardown and lets it go on), so the report
 /// names the holder and every live block of the filling line is held by it. Before, such a
-/// run had no census at all; through `env` it still had none; and a slow teardown's
-/// censuses, taken after, replaced it with a heap half freed.
+/// run had no census at all; through `env` it still had none; a slow teardown's
+/// censuses, taken after, replaced it with a heap half freed; and one that ends with
+/// `os._exit` (no shutdown) is read at its exit stop.
 #[test]
 fn record_with_census_of_a_command_reads_its_heap_at_shutdown() {
     if !root_or_skip() {
         return;
     }
+    // (label, python, through env with a slow teardown, ending with os._exit)
     let cases = required_pythons(&["pyenv 3.12.1", "pyenv 3.8.18", "debian 3.11"])
         .into_iter()
-        .map(|(label, py)| (label, py, false))
+        .map(|(label, py)| (label, py, false, false))
         .chain(
             required_pythons(&["pyenv 3.13.0"])
                 .into_iter()
-                .map(|(label, py)| (format!("{label} through env, slow teardown"), py, true)),
+                .map(|(label, py)| {
+                    (
+                        format!("{label} through env, slow teardown"),
+                        py,
+                        true,
+                        false,
+                    )
+                }),
+        )
+        .chain(
+            required_pythons(&["pyenv 3.11.7"])
+                .into_iter()
+                .map(|(label, py)| (format!("{label} ending with os._exit"), py, false, true)),
         );
-    for (label, python, through_env) in cases {
-        let dir = scratch(&format!("census-exit-{through_env}"));
+    for (label, python, through_env, os_exit) in cases {
+        let dir = scratch(&format!("census-exit-{through_env}-{os_exit}"));
         let script = workload("py_census_exit.py");
         let mut args = vec![
             "--census",
@@ -567,6 +581,10 @@ fn record_with_census_of_a_command_reads_its_heap_at_shutdown() {
         args.extend([python.to_str().unwrap(), &script]);
         if through_env {
             args.push("--slow-teardown");
+        }
+        if os_exit {
+            // No Py_FinalizeEx: the census is read at its exit stop, the heap intact.
+            args.push("--os-exit");
         }
         let (report, out) = record_json(&dir, &args);
         let text = String::from_utf8_lossy(&out.stdout);

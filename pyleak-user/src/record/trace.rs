@@ -27,7 +27,7 @@ use crate::{
     symbolize::{lock, Symbolizer},
     targets::{
         alive,
-        launch::{monotonic_ms, ExecGate, SignalsSeen},
+        launch::{monotonic_ms, ExecGate, Hold, SignalsSeen},
     },
 };
 
@@ -118,7 +118,7 @@ pub struct Launch {
     /// Opened when the loop ends: nothing handles the command's execs after it.
     pub exec_gate: Arc<ExecGate>,
     /// See [`Launched::holds`](crate::targets::launch::Launched::holds).
-    pub holds: Option<UnboundedReceiver<std::sync::mpsc::Sender<bool>>>,
+    pub holds: Option<UnboundedReceiver<Hold>>,
 }
 
 /// Reads events until the recording ends; returns why it ended.
@@ -304,9 +304,17 @@ pub async fn trace_loop(
             // its heap down, then it goes on.
             hold = async { holds.as_mut().expect("guarded").recv().await }, if holds.is_some() => {
                 match hold {
-                    Some(reply) => {
+                    Some(Hold { at_exit, reply }) => {
                         rec.drain();
-                        let ours = child.is_some_and(|pid| rec.frozen_in_kernel(pid));
+                        let frozen = child.is_some_and(|pid| rec.frozen_in_kernel(pid));
+                        // At Py_FinalizeEx: the kernel froze it there. At its exit: only
+                        // if it never froze (os._exit, a fatal signal: the heap as it
+                        // was), and when there is something to read.
+                        let ours = if at_exit {
+                            !frozen && (sampler.censuses.is_some() || rec.samples_pymalloc())
+                        } else {
+                            frozen
+                        };
                         if ours {
                             follow.poll(rec, resolver, syms);
                             learn_new_stacks(rec, resolver);

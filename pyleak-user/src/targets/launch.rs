@@ -47,10 +47,20 @@ pub struct Launched {
     /// Holds the command at each exec after its first until the new program is probed.
     pub exec_gate: Arc<ExecGate>,
     /// Each time the command stops at `Py_FinalizeEx` (the kernel's `SIGURG`, see
-    /// `HOLD_AT_FINALIZE` in `pyleak-ebpf/src/lifecycle.rs`): a channel to answer on once
-    /// its state is read, `true` when the stop was pyleak's (the signal is then
-    /// suppressed). Dropping the receiver ends the holds.
-    pub holds: Option<tokio::sync::mpsc::UnboundedReceiver<std::sync::mpsc::Sender<bool>>>,
+    /// `HOLD_AT_FINALIZE` in `pyleak-ebpf/src/lifecycle.rs`) or at its exit: a request to
+    /// read its state. Dropping the receiver ends the holds.
+    pub holds: Option<tokio::sync::mpsc::UnboundedReceiver<Hold>>,
+}
+
+/// The launched command stopped for pyleak to read its state (its heap, intact).
+pub struct Hold {
+    /// Stopped at its exit (`PTRACE_EVENT_EXIT`, its memory still mapped) rather than at
+    /// `Py_FinalizeEx`: the heap is intact only if the interpreter never began its
+    /// teardown (`os._exit`, a fatal signal).
+    pub at_exit: bool,
+    /// Answered once its state is read: `true` when a `Py_FinalizeEx` stop was pyleak's
+    /// (the signal is then suppressed).
+    pub reply: std::sync::mpsc::Sender<bool>,
 }
 
 /// The longest a launched command is held at `Py_FinalizeEx` for its state to be read (a
@@ -248,7 +258,7 @@ fn trace_until_exit(
     on_exit: &impl Fn(u32),
     signals_seen: &SignalsSeen,
     exec_gate: &ExecGate,
-    holds: &tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<bool>>,
+    holds: &tokio::sync::mpsc::UnboundedSender<Hold>,
 ) -> Option<ExitStatus> {
     let pid_t = pid as libc::pid_t;
     let (mut execs, mut unhandled) = (0, 0);
@@ -288,6 +298,7 @@ fn trace_until_exit(
         }
         let inject = if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXIT {
             on_exit(pid);
+            held(holds, true);
             0
         } else if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXEC {
             // The command exec'd a program: a stop of our own, nothing to deliver. The
@@ -301,7 +312,7 @@ fn trace_until_exit(
                 log::debug!("process {pid}: went on after exec {execs} before its probes were in");
             }
             0
-        } else if sig == libc::SIGURG && sent_by_kernel(pid_t) && held(holds) {
+        } else if sig == libc::SIGURG && sent_by_kernel(pid_t) && held(holds, false) {
             // pyleak's own stop at Py_FinalizeEx, its state read: suppressed.
             0
         } else {
@@ -331,9 +342,10 @@ fn sent_by_kernel(pid: libc::pid_t) -> bool {
 
 /// Asks pyleak's recording loop to read the stopped command's state and waits for its
 /// answer: whether the stop was pyleak's. False at once when the loop has ended.
-fn held(holds: &tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<bool>>) -> bool {
-    let (tx, rx) = std::sync::mpsc::channel();
-    if holds.send(tx).is_err() {
+/// `at_exit`: stopped at its exit (see [`Hold::at_exit`]).
+fn held(holds: &tokio::sync::mpsc::UnboundedSender<Hold>, at_exit: bool) -> bool {
+    let (reply, rx) = std::sync::mpsc::channel();
+    if holds.send(Hold { at_exit, reply }).is_err() {
         return false;
     }
     rx.recv_timeout(FINALIZE_HOLD_MAX).unwrap_or(false)
