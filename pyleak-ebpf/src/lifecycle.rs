@@ -19,8 +19,8 @@ use crate::{
 };
 
 /// The launched command's pid when its state is to be read at `Py_FinalizeEx` before
-/// the interpreter tears it down (`--census`: a last heap census), else 0. Set by
-/// userspace before load.
+/// the interpreter tears it down (sampled pymalloc: a last judgement of the samples;
+/// `--census`: a last heap census), else 0. Set by userspace before load.
 #[no_mangle]
 static HOLD_AT_FINALIZE: u32 = 0;
 

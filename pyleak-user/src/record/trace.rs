@@ -266,13 +266,7 @@ pub async fn trace_loop(
             }
             _ = tokio::time::sleep_until(window_at), if rec.samples_pymalloc() => {
                 if rec.windows().is_some_and(|w| w.is_open()) {
-                    rec.close_window()?;
-                    // The window's page faults count before its samples are weighed.
-                    rec.drain();
-                    if let Err(e) = rec.sweep() {
-                        log::warn!("judging pymalloc samples: {e}");
-                    }
-                    rec.end_closing()?;
+                    close_and_judge(rec, None)?;
                     let gap = next_gap(period, window);
                     let now = tokio::time::Instant::now();
                     window_at = now + gap;
@@ -320,12 +314,7 @@ pub async fn trace_loop(
                             learn_new_stacks(rec, resolver);
                             // The pymalloc samples judged against the heap the report
                             // describes (the last window's were not confirmed yet).
-                            rec.close_window()?;
-                            rec.drain();
-                            if let Err(e) = rec.sweep_holding(child) {
-                                log::warn!("judging pymalloc samples: {e}");
-                            }
-                            rec.end_closing()?;
+                            close_and_judge(rec, child)?;
                             census_execd(sampler, &follow, child);
                             sampler.hold(rec, &lock(syms), resolver);
                         }
@@ -351,12 +340,7 @@ pub async fn trace_loop(
         eprintln!();
     }
     // The last window closes, and every sample is judged once more while the targets live.
-    rec.close_window()?;
-    rec.drain();
-    if let Err(e) = rec.sweep() {
-        log::warn!("judging pymalloc samples: {e}");
-    }
-    rec.end_closing()?;
+    close_and_judge(rec, None)?;
     // The last moment counts for growth too.
     rec.drain();
     follow.poll(rec, resolver, syms);
@@ -435,6 +419,18 @@ fn signal_reached_child(signal: i32, child: u32) -> bool {
             || libc::tcgetpgrp(libc::STDERR_FILENO) == ours;
         same_group && foreground
     }
+}
+
+/// Closes the sampling window if one is open and judges every pymalloc sample (those of
+/// `held`, a launched command stopped at its freeze, too): the window's page faults are
+/// drained first, so they count before its samples are weighed.
+fn close_and_judge(rec: &mut Recorder, held: Option<u32>) -> anyhow::Result<()> {
+    rec.close_window()?;
+    rec.drain();
+    if let Err(e) = rec.sweep_holding(held) {
+        log::warn!("judging pymalloc samples: {e}");
+    }
+    rec.end_closing()
 }
 
 /// With `--census`: a launched command that became Python by an exec (`env python3`,
