@@ -101,6 +101,21 @@ impl Made {
     }
 }
 
+/// The census of the memory `m` made, walked from the module object `module` (a
+/// `__main__` with 3.12's layouts).
+fn census_from(m: Made, module: u64) -> super::Census {
+    let img = Image::from_regions(vec![(BASE, m.bytes)]);
+    let cp = for_version((3, 12)).expect("3.12");
+    let layout = cp.heap_layout().expect("layout");
+    let pre = cp.pymalloc().preheader_flags;
+    let mut heap = Heap::new(std::process::id(), &img, layout, pre, 40, 56);
+    let mut w = Walk::default();
+    let root = w.node(NO_HOLDER, "__main__".to_owned(), module);
+    w.reach(&mut heap, module, root, true);
+    w.bfs(&mut heap);
+    w.finish(&heap)
+}
+
 #[test]
 fn holders_retain_what_is_reached_through_them() {
     let mut m = Made::new();
@@ -131,17 +146,7 @@ fn holders_retain_what_is_reached_through_them() {
     let module = m.alloc(16, 72);
     m.put(module + 8, module_t);
     m.put(module + 16, globals);
-
-    let img = Image::from_regions(vec![(BASE, m.bytes)]);
-    let cp = for_version((3, 12)).expect("3.12");
-    let layout = cp.heap_layout().expect("layout");
-    let pre = cp.pymalloc().preheader_flags;
-    let mut heap = Heap::new(std::process::id(), &img, layout, pre, 40, 56);
-    let mut w = Walk::default();
-    let root = w.node(NO_HOLDER, "__main__".to_owned(), module);
-    w.reach(&mut heap, module, root, true);
-    w.bfs(&mut heap);
-    let census = w.finish(&heap);
+    let census = census_from(m, module);
 
     assert_eq!(census.unreadable, 0);
     let count = |name: &str| {
@@ -213,17 +218,7 @@ fn a_bytearray_counts_and_holds_its_buffer() {
     let module = m.alloc(16, 72);
     m.put(module + 8, module_t);
     m.put(module + 16, globals);
-
-    let img = Image::from_regions(vec![(BASE, m.bytes)]);
-    let cp = for_version((3, 12)).expect("3.12");
-    let layout = cp.heap_layout().expect("layout");
-    let pre = cp.pymalloc().preheader_flags;
-    let mut heap = Heap::new(std::process::id(), &img, layout, pre, 40, 56);
-    let mut w = Walk::default();
-    let root = w.node(NO_HOLDER, "__main__".to_owned(), module);
-    w.reach(&mut heap, module, root, true);
-    w.bfs(&mut heap);
-    let census = w.finish(&heap);
+    let census = census_from(m, module);
 
     let bytearrays = census
         .types
