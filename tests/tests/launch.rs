@@ -17,10 +17,7 @@ use pyleak_tests::*;
 fn cleanup_command(
     dir: &std::path::Path,
 ) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
-    let (_, py) = required_pythons(&["pyenv 3.12.1"])
-        .into_iter()
-        .next()
-        .expect("pyenv 3.12.1");
+    let py = python312();
     let mut cmd = Command::new(pyleak_bin());
     cmd.args(["record", "-q", "-o", "/dev/null", "--json"])
         .arg(dir.join("r.json"))
@@ -47,6 +44,15 @@ fn cleanup_command(
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "running");
     (pyleak, out)
+}
+
+/// pyenv's CPython 3.12.1, which these tests launch.
+fn python312() -> std::path::PathBuf {
+    let (_, py) = required_pythons(&["pyenv 3.12.1"])
+        .into_iter()
+        .next()
+        .expect("pyenv 3.12.1");
+    py
 }
 
 fn rest(out: BufReader<std::process::ChildStdout>) -> Vec<String> {
@@ -221,10 +227,7 @@ fn a_closed_stdout_does_not_cost_the_report_files() {
     if !root_or_skip() {
         return;
     }
-    let (_, py) = required_pythons(&["pyenv 3.12.1"])
-        .into_iter()
-        .next()
-        .expect("pyenv 3.12.1");
+    let py = python312();
     let dir = scratch("launch-closed-stdout");
     let (json, folded) = (dir.join("r.json"), dir.join("r.folded"));
     let mut pyleak = Command::new(pyleak_bin())
@@ -263,10 +266,7 @@ fn a_python_execd_by_env_setsid_or_bash_is_traced_from_its_start() {
     if !root_or_skip() {
         return;
     }
-    let (_, py) = required_pythons(&["pyenv 3.12.1"])
-        .into_iter()
-        .next()
-        .expect("pyenv 3.12.1");
+    let py = python312();
     let script = workload("py_early_leak.py");
     let line = marker_line(&script, "# the leak");
     let py = py.to_str().unwrap();
