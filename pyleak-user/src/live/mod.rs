@@ -52,46 +52,87 @@ pub struct TopView<'a> {
     pub census: Vec<String>,
 }
 
-/// Redraws the live view: layer totals and the fastest-growing stacks. On a standard
-/// output that is not a terminal (a pipe, a log file) each frame is plain lines, appended,
-/// with no screen-clearing escapes.
+/// Redraws the live view: layer totals and the fastest-growing stacks. On a terminal the
+/// frame is cut to the window's size (rows and columns from `TIOCGWINSZ`), so that it
+/// never scrolls its first line away; on a standard output that is not a terminal (a pipe,
+/// a log file) each frame is plain lines, appended, with no screen-clearing escapes.
 pub fn draw(view: &TopView<'_>) {
     let tty = std::io::stdout().is_terminal();
-    let mut s = String::new();
-    s.push_str(if tty { "\x1b[H\x1b[2J" } else { "\r\n" });
+    let s = if tty {
+        format!("\x1b[H\x1b[2J{}", fit(&frame_lines(view), window_size()))
+    } else {
+        let mut s = String::from("\n");
+        for line in frame_lines(view) {
+            s.push_str(&line);
+            s.push('\n');
+        }
+        s
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+/// The terminal's size on standard output as (rows, columns), `None` when it has none.
+fn window_size() -> Option<(usize, usize)> {
+    // SAFETY: TIOCGWINSZ fills a `winsize` we own.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row as usize, ws.ws_col as usize))
+}
+
+/// A frame for a terminal of `size` (rows, columns): at most `rows` lines of at most
+/// `columns` characters, joined by CR LF with none after the last, so that drawing it
+/// from the top-left corner never scrolls. Everything, when the size is unknown.
+fn fit(lines: &[String], size: Option<(usize, usize)>) -> String {
+    let (rows, cols) = size.unwrap_or((usize::MAX, usize::MAX));
+    lines
+        .iter()
+        .take(rows)
+        .map(|l| l.chars().take(cols).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// The lines of one frame, first the header, without line ends.
+fn frame_lines(view: &TopView<'_>) -> Vec<String> {
     let procs: Vec<String> = view
         .processes
         .iter()
         .map(|(p, comm)| format!("{p} ({comm})"))
         .collect();
-    s.push_str(&format!(
-        "pyleak top  {:.0} s  process {}  (q to quit)\r\n\r\n",
-        view.elapsed_s,
-        procs.join(", ")
-    ));
-    s.push_str(&format!(
-        "{:<10} {:>12} {:>12} {:>12}\r\n",
-        "layer", "live", "allocated", "freed"
-    ));
+    let mut lines = vec![
+        format!(
+            "pyleak top  {:.0} s  process {}  (q to quit)",
+            view.elapsed_s,
+            procs.join(", ")
+        ),
+        String::new(),
+        format!(
+            "{:<10} {:>12} {:>12} {:>12}",
+            "layer", "live", "allocated", "freed"
+        ),
+    ];
     for &(layer, alloc, freed) in &view.layers {
-        s.push_str(&format!(
-            "{:<10} {:>12} {:>12} {:>12}\r\n",
+        lines.push(format!(
+            "{:<10} {:>12} {:>12} {:>12}",
             layer.name(),
             human_bytes(alloc.saturating_sub(freed)),
             human_bytes(alloc),
             human_bytes(freed)
         ));
     }
-    s.push_str(&format!(
-        "\r\ntop growing stacks (a sample every {:.1} s, {} so far):\r\n",
+    lines.push(String::new());
+    lines.push(format!(
+        "top growing stacks (a sample every {:.1} s, {} so far):",
         view.interval_s, view.samples
     ));
     if view.growing.is_empty() {
-        s.push_str("  (none growing yet)\r\n");
+        lines.push("  (none growing yet)".to_string());
     }
     for g in view.growing {
-        s.push_str(&format!(
-            "  {:>12}/s {:>10} live  {:<9} pid {}  {:?}\r\n",
+        lines.push(format!(
+            "  {:>12}/s {:>10} live  {:<9} pid {}  {:?}",
             format!("+{}", human_bytes(g.growth_bytes_per_s as u64)),
             human_bytes(g.live_bytes),
             g.layer,
@@ -99,22 +140,14 @@ pub fn draw(view: &TopView<'_>) {
             g.trend
         ));
         for f in g.frames.iter().rev().take(3) {
-            s.push_str(&format!("      {f}\r\n"));
+            lines.push(format!("      {f}"));
         }
     }
     if !view.census.is_empty() {
-        s.push_str("\r\n");
+        lines.push(String::new());
     }
-    for line in &view.census {
-        s.push_str(line);
-        s.push_str("\r\n");
-    }
-    if !tty {
-        s = s.replace("\r\n", "\n");
-    }
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(s.as_bytes());
-    let _ = out.flush();
+    lines.extend(view.census.iter().cloned());
+    lines
 }
 
 /// Keys pressed in the live view, with the terminal in raw mode until the returned guard
@@ -171,5 +204,27 @@ impl Drop for RawTerminal {
         let _ = std::io::stdout().flush();
         // SAFETY: restores the settings read in `enter`.
         unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame taller and wider than the terminal keeps its header: at most `rows` lines,
+    /// none longer than the width, and no line end after the last (which would scroll the
+    /// header away; a 50-row terminal lost it with ten growing stacks).
+    #[test]
+    fn a_frame_fits_the_terminal_and_keeps_its_header() {
+        let lines: Vec<String> = (0..60)
+            .map(|i| format!("line {i} {}", "x".repeat(i)))
+            .collect();
+        let drawn = fit(&lines, Some((50, 20)));
+        let rows: Vec<&str> = drawn.split("\r\n").collect();
+        assert_eq!(rows.len(), 50);
+        assert_eq!(rows[0], "line 0 ");
+        assert!(rows.iter().all(|r| r.chars().count() <= 20), "{rows:?}");
+        assert!(!drawn.ends_with('\n'));
+        assert_eq!(fit(&lines, None).split("\r\n").count(), 60);
     }
 }
