@@ -25,6 +25,24 @@ pub const STACKS_ENTRIES: u32 = 128 << 10;
 pub const STACK_STATS_ENTRIES: u32 = 256 << 10;
 /// Processes traced at once.
 pub const TARGETS_ENTRIES: u32 = 4096;
+
+/// Cookie of the shutdown probe on `Py_FinalizeEx` when the file has no later point
+/// probed: freeze the process there (Debian's LTO build, whose `_Py_FinishPendingCalls`
+/// has no symbol).
+pub const FINALIZE_FREEZE_HERE: u64 = 0;
+/// Cookie of the shutdown probe on `Py_FinalizeEx` when the file's `_Py_FinishPendingCalls`
+/// is probed too: only mark the process as finalizing. `Py_FinalizeEx` first joins the
+/// non-daemon threads (`wait_for_thread_shutdown`, `Python/pylifecycle.c`, 3.8–3.13), and
+/// what they do until then still counts.
+pub const FINALIZE_MARK: u64 = 1;
+/// Cookie of the shutdown probe on `_Py_FinishPendingCalls`, which `Py_FinalizeEx` calls
+/// right after joining the threads (or, in a build that does not name it, on the
+/// instruction after `Py_FinalizeEx`'s call of `wait_for_thread_shutdown`) and before the `atexit` functions and the teardown:
+/// freeze a process marked by [`FINALIZE_MARK`] there (`Py_EndInterpreter` calls it too, in
+/// 3.12+, and is not a shutdown of the process).
+pub const FINALIZE_THREADS_JOINED: u64 = 2;
+/// Processes between `Py_FinalizeEx` and its `_Py_FinishPendingCalls` at once.
+pub const FINALIZING_ENTRIES: u32 = 1024;
 /// Bytes of the ring buffer that carries vm and page events to userspace.
 pub const EVENTS_RING_BYTES: u32 = 16 << 20;
 /// Native frames kept per stack (the immediate caller, then frame pointers).
@@ -476,7 +494,8 @@ pub enum VmKind {
     Fault = 4,
     /// `madvise(addr, len, arg = advice)` dropped pages (`MADV_DONTNEED`, `MADV_FREE`...).
     Madvise = 5,
-    /// The process entered `Py_FinalizeEx` or exited: its state is frozen from here on.
+    /// The process's interpreter began its teardown (see [`FINALIZE_FREEZE_HERE`]) or the
+    /// process exited: its state is frozen from here on.
     Freeze = 6,
     /// A stack with Python frames was interned for the first time (`stack_id`): userspace
     /// reads its code objects now, while they surely exist.

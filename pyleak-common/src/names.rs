@@ -51,7 +51,7 @@ pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
 pub const PYMALLOC_SAMPLED: &str = "PYMALLOC_SAMPLED";
 /// Setting: 1 to follow the children of `--pid` and command targets.
 pub const FOLLOW_CHILDREN: &str = "FOLLOW_CHILDREN";
-/// Setting: the launched command's pid, held at `Py_FinalizeEx` (0: none).
+/// Setting: the launched command's pid, held at its interpreter's shutdown (0: none).
 pub const HOLD_AT_FINALIZE: &str = "HOLD_AT_FINALIZE";
 
 /// Entry of every allocating function.

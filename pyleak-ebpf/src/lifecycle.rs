@@ -1,15 +1,19 @@
-//! When a traced process's state becomes final: its interpreter starts shutting down
-//! (`Py_FinalizeEx`) or the process exits. From then on its frees no longer change what is
-//! reported live, so userspace can read the maps at leisure. Also where a process begins:
-//! a target's children (fork, vfork, clone) and new programs (exec).
+//! When a traced process's state becomes final: its interpreter starts tearing itself
+//! down (in `Py_FinalizeEx`, once its non-daemon threads are joined) or the process
+//! exits. From then on its frees no longer change what is reported live, so userspace can
+//! read the maps at leisure. Also where a process begins: a target's children (fork,
+//! vfork, clone) and new programs (exec).
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::{tracepoint, uprobe},
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_attach_cookie},
+    macros::{map, tracepoint, uprobe},
+    maps::LruHashMap,
     programs::{ProbeContext, TracePointContext},
+    EbpfContext as _,
 };
 use pyleak_common::{
-    Drop, VmEvent, VmKind, FILTER_CGROUP, FILTER_PIDS, TARGET_ACTIVE, TARGET_FROZEN,
+    Drop, VmEvent, VmKind, FILTER_CGROUP, FILTER_PIDS, FINALIZE_MARK, FINALIZE_THREADS_JOINED,
+    FINALIZING_ENTRIES, TARGET_ACTIVE, TARGET_FROZEN,
 };
 
 use crate::{
@@ -18,7 +22,7 @@ use crate::{
     pystack::{bump_code_epoch, bump_py_epoch, PY_PROCS},
 };
 
-/// The launched command's pid when its state is to be read at `Py_FinalizeEx` before
+/// The launched command's pid when its state is to be read at its interpreter's shutdown before
 /// the interpreter tears it down (sampled pymalloc: a last judgement of the samples;
 /// `--census`: a last heap census), else 0. Set by userspace before load.
 #[no_mangle]
@@ -28,14 +32,35 @@ static HOLD_AT_FINALIZE: u32 = 0;
 /// ever delivered without pyleak's tracer to take it, nothing would happen.
 const SIGURG: u32 = 23;
 
-/// Uprobe on `Py_FinalizeEx`: freeze the process. The launched command's main thread
-/// (`HOLD_AT_FINALIZE`), which pyleak ptraces, is also sent a `SIGURG`: it stops for its
-/// tracer before its next instruction, pyleak reads its heap as it is before teardown and
-/// lets it go on with the signal suppressed (`targets::launch`).
+/// Processes inside `Py_FinalizeEx` that have not reached its `_Py_FinishPendingCalls`
+/// yet: tgid → 1.
+#[map]
+static FINALIZING: LruHashMap<u32, u8> = LruHashMap::with_max_entries(FINALIZING_ENTRIES, 0);
+
+/// Uprobe on the interpreter's shutdown, by its cookie: on `Py_FinalizeEx`, freeze the
+/// process (`FINALIZE_FREEZE_HERE`) or mark it ([`FINALIZE_MARK`]); on
+/// `_Py_FinishPendingCalls` ([`FINALIZE_THREADS_JOINED`]), freeze a marked process, its
+/// non-daemon threads joined and its heap still whole. Where it freezes, the launched
+/// command's main thread (`HOLD_AT_FINALIZE`), which pyleak ptraces, is also sent a
+/// `SIGURG`: it stops for its tracer before its next instruction, pyleak reads its heap as
+/// it is before teardown and lets it go on with the signal suppressed (`targets::launch`).
 #[uprobe]
-pub fn py_finalize_enter(_ctx: ProbeContext) -> u32 {
+pub fn py_finalize_enter(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: reads the cookie userspace attached with this probe.
+    match unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } {
+        FINALIZE_MARK => {
+            let _ = FINALIZING.insert(&tgid, &1, 0);
+            return 0;
+        }
+        FINALIZE_THREADS_JOINED => {
+            if FINALIZING.remove(&tgid).is_err() {
+                return 0;
+            }
+        }
+        _ => {}
+    }
     freeze(tgid);
     // SAFETY: a read-only global, patched by userspace before load.
     let hold = unsafe { core::ptr::read_volatile(&HOLD_AT_FINALIZE) };

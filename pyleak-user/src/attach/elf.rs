@@ -86,6 +86,14 @@ impl ElfFile {
         })
     }
 
+    /// Whether link-time address `addr` lies in the section named `name`.
+    pub fn in_section(&self, addr: u64, name: &str) -> bool {
+        object::File::parse(&*self.data).is_ok_and(|file| {
+            file.section_by_name(name)
+                .is_some_and(|s| addr >= s.address() && addr - s.address() < s.size())
+        })
+    }
+
     /// Finds a defined function by name in the dynamic symbols, then in the full table.
     pub fn function(&self, name: &str) -> Option<Function> {
         self.function_where(|n| n == name)

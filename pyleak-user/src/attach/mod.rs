@@ -15,7 +15,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use pyleak_common::{AllocKind, Layer, ProbeCookie};
+use pyleak_common::{
+    AllocKind, Layer, ProbeCookie, FINALIZE_FREEZE_HERE, FINALIZE_MARK, FINALIZE_THREADS_JOINED,
+};
 
 use self::{elf::ElfFile, prologue::choose_attach_point};
 use crate::proctext;
@@ -399,20 +401,107 @@ fn plan_function(
     }
 }
 
-/// The probe that freezes a process when its interpreter starts shutting down.
-pub fn plan_finalize(elf: &ElfFile) -> Option<ProbeSpec> {
-    let f = elf.function("Py_FinalizeEx")?;
-    let point = choose_attach_point(&f.code, f.address, 0, false);
-    Some(ProbeSpec {
-        path: elf.path().to_owned(),
-        symbol: "Py_FinalizeEx",
-        offset: f.file_offset + point.offset,
-        role: ProbeRole::Finalize,
-        cookie: 0,
-        emulated: point.emulated,
-        delta_from_entry: point.offset,
-        site: None,
-    })
+/// The probes that freeze a process when its interpreter starts tearing itself down, once
+/// it has joined the non-daemon threads: a program whose main thread returns while a
+/// worker goes on allocating is read after the worker's work. `Py_FinalizeEx` first calls
+/// `wait_for_thread_shutdown`, then `_Py_FinishPendingCalls`, then the `atexit` functions,
+/// and only then tears down (`Python/pylifecycle.c`, 3.8–3.13). Probed:
+/// - `Py_FinalizeEx`, to mark the process (cookie `FINALIZE_MARK`), and
+///   `_Py_FinishPendingCalls` to freeze it (`FINALIZE_THREADS_JOINED`), where the file
+///   names it (`.symtab` or `.dynsym`: pyenv's and python.org's builds);
+/// - else (Debian's LTO build: no symbol, the function inlined) the instruction after
+///   `Py_FinalizeEx`'s first call into its own file's `.text`, `wait_for_thread_shutdown`'s
+///   return (see [`after_first_local_call`]);
+/// - else `Py_FinalizeEx` alone, freezing there (`FINALIZE_FREEZE_HERE`).
+///
+/// Empty without `Py_FinalizeEx`.
+pub fn plan_finalize(elf: &ElfFile) -> Vec<ProbeSpec> {
+    let Some(finalize) = elf.function("Py_FinalizeEx") else {
+        return Vec::new();
+    };
+    let probe = |symbol: &'static str, file_offset: u64, code: &[u8], address: u64, cookie| {
+        let point = choose_attach_point(code, address, 0, false);
+        ProbeSpec {
+            path: elf.path().to_owned(),
+            symbol,
+            offset: file_offset + point.offset,
+            role: ProbeRole::Finalize,
+            cookie,
+            emulated: point.emulated,
+            delta_from_entry: point.offset,
+            site: None,
+        }
+    };
+    let joined = if let Some(f) = elf.function("_Py_FinishPendingCalls") {
+        Some(probe(
+            "_Py_FinishPendingCalls",
+            f.file_offset,
+            &f.code,
+            f.address,
+            FINALIZE_THREADS_JOINED,
+        ))
+    } else {
+        after_first_local_call(elf, &finalize).map(|(delta, emulated)| ProbeSpec {
+            path: elf.path().to_owned(),
+            symbol: "Py_FinalizeEx",
+            offset: finalize.file_offset + delta,
+            role: ProbeRole::Finalize,
+            cookie: FINALIZE_THREADS_JOINED,
+            emulated,
+            delta_from_entry: delta,
+            site: None,
+        })
+    };
+    let cookie = if joined.is_some() {
+        FINALIZE_MARK
+    } else {
+        FINALIZE_FREEZE_HERE
+    };
+    let mut probes = vec![probe(
+        "Py_FinalizeEx",
+        finalize.file_offset,
+        &finalize.code,
+        finalize.address,
+        cookie,
+    )];
+    probes.extend(joined);
+    probes
+}
+
+/// Instructions of `Py_FinalizeEx` looked at for its first call.
+const FINALIZE_CALL_WINDOW: usize = 64;
+
+/// The instruction after `f`'s first direct call, in the order of its bytes, into its
+/// file's own `.text` (a call through the PLT is another library's, `__tls_get_addr` in a
+/// shared libpython; an early return, such as 3.8's when not initialized, is passed): its
+/// offset from `f`'s start, and whether a uprobe emulates it. In `Py_FinalizeEx` that call
+/// is `wait_for_thread_shutdown` (3.8–3.13; in 3.13 after `resolve_final_tstate`, when
+/// that is not inlined, which at worst freezes as early as `Py_FinalizeEx`'s entry). `None`
+/// when its first instructions make no such call.
+pub fn after_first_local_call(elf: &ElfFile, f: &elf::Function) -> Option<(u64, bool)> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
+    let mut decoder = Decoder::with_ip(64, &f.code, f.address, DecoderOptions::NONE);
+    let mut called = false;
+    for instr in decoder.iter().take(FINALIZE_CALL_WINDOW) {
+        if instr.is_invalid() {
+            return None;
+        }
+        let start = usize::try_from(instr.ip() - f.address).ok()?;
+        if called {
+            let bytes = f.code.get(start..start + instr.len())?;
+            return Some((instr.ip() - f.address, prologue::is_emulated(&instr, bytes)));
+        }
+        match instr.flow_control() {
+            FlowControl::Call
+                if instr.op0_kind() == OpKind::NearBranch64
+                    && elf.in_section(instr.near_branch_target(), ".text") =>
+            {
+                called = true;
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// `offsetof(PyTypeObject, tp_dealloc)`, 3.6–3.14 (`Include/cpython/object.h`: the
@@ -666,16 +755,15 @@ mod tests {
         eprintln!("!!! SKIPPED: {why}");
     }
 
-    #[test]
-    fn code_dealloc_is_found_from_the_code_type() {
-        // pyenv's shared libpythons name it (a local symbol): the probe is in that
-        // function, found from `PyCode_Type` alone.
+    /// pyenv's shared libpythons, 3.8–3.13: (version, file), the missing ones said.
+    fn pyenv_libpythons() -> Vec<(&'static str, ElfFile)> {
         let root = std::process::Command::new("pyenv")
             .arg("root")
             .output()
             .ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
+        let mut out = Vec::new();
         for (v, lib) in [
             ("3.8.18", "3.8"),
             ("3.9.18", "3.9"),
@@ -685,10 +773,77 @@ mod tests {
             ("3.13.0", "3.13"),
         ] {
             let path = format!("{root}/versions/{v}/lib/libpython{lib}.so.1.0");
-            let Ok(elf) = ElfFile::open(Path::new(&path)) else {
-                skip(&format!("no {path}"));
-                continue;
-            };
+            match ElfFile::open(Path::new(&path)) {
+                Ok(elf) => out.push((v, elf)),
+                Err(_) => skip(&format!("no {path}")),
+            }
+        }
+        out
+    }
+
+    /// The instruction before `delta` bytes into `f`: a direct call, and its target.
+    fn call_before(f: &elf::Function, delta: u64) -> Option<u64> {
+        use iced_x86::{Decoder, DecoderOptions, FlowControl};
+        let mut decoder = Decoder::with_ip(64, &f.code, f.address, DecoderOptions::NONE);
+        decoder
+            .iter()
+            .find(|i| i.next_ip() == f.address + delta)
+            .filter(|i| i.flow_control() == FlowControl::Call)
+            .map(|i| i.near_branch_target())
+    }
+
+    #[test]
+    fn the_shutdown_freeze_waits_for_the_threads_to_be_joined() {
+        // pyenv names `_Py_FinishPendingCalls`: Py_FinalizeEx marks, it freezes.
+        for (v, elf) in pyenv_libpythons() {
+            let probes = plan_finalize(&elf);
+            let got: Vec<(&str, u64)> = probes.iter().map(|p| (p.symbol, p.cookie)).collect();
+            assert_eq!(
+                got,
+                [
+                    ("Py_FinalizeEx", FINALIZE_MARK),
+                    ("_Py_FinishPendingCalls", FINALIZE_THREADS_JOINED)
+                ],
+                "{v}"
+            );
+            // Where it is not a tail call, the first local call of Py_FinalizeEx is
+            // wait_for_thread_shutdown: what Debian's build is probed after.
+            let finalize = elf.function("Py_FinalizeEx").unwrap();
+            let wait = elf.function("wait_for_thread_shutdown").unwrap();
+            match after_first_local_call(&elf, &finalize) {
+                Some((delta, _)) => {
+                    assert_eq!(call_before(&finalize, delta), Some(wait.address), "{v}")
+                }
+                None => assert_eq!(v, "3.13.0", "only 3.13 tail-calls _Py_Finalize"),
+            }
+        }
+        // Debian's LTO executable names neither: probed after Py_FinalizeEx's first call.
+        let Ok(elf) = ElfFile::open(Path::new("/usr/bin/python3.11")) else {
+            return skip("no /usr/bin/python3.11");
+        };
+        assert!(elf.function("_Py_FinishPendingCalls").is_none());
+        let finalize = elf.function("Py_FinalizeEx").unwrap();
+        let probes = plan_finalize(&elf);
+        assert_eq!(probes.len(), 2);
+        assert_eq!(
+            (probes[0].cookie, probes[0].delta_from_entry),
+            (FINALIZE_MARK, 0)
+        );
+        let joined = &probes[1];
+        assert_eq!(joined.cookie, FINALIZE_THREADS_JOINED);
+        assert_eq!(
+            joined.offset,
+            finalize.file_offset + joined.delta_from_entry
+        );
+        let target = call_before(&finalize, joined.delta_from_entry).expect("after a call");
+        assert!(elf.in_section(target, ".text"));
+    }
+
+    #[test]
+    fn code_dealloc_is_found_from_the_code_type() {
+        // pyenv's shared libpythons name it (a local symbol): the probe is in that
+        // function, found from `PyCode_Type` alone.
+        for (v, elf) in pyenv_libpythons() {
             let named = elf
                 .function("code_dealloc")
                 .expect("pyenv keeps local symbols");

@@ -258,7 +258,7 @@ fn load(args: &RecordArgs, plan: &Plan) -> anyhow::Result<Session> {
         pymalloc_sampled,
         follow_children: follow,
         // The last census is read, and the pymalloc samples judged a last time, at
-        // Py_FinalizeEx, before the interpreter's teardown.
+        // the interpreter's shutdown, its threads joined, before its teardown.
         hold_at_finalize: match &child {
             Some(c) if args.census || pymalloc_sampled => c.pid,
             _ => 0,

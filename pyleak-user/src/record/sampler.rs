@@ -101,7 +101,7 @@ impl Sampler {
         self.sample_growth(rec, syms, py);
     }
 
-    /// The sample taken while a launched command is held at `Py_FinalizeEx`: its census
+    /// The sample taken while a launched command is held at its interpreter's shutdown: its census
     /// (frozen, but its heap as it was before teardown) and the growth sample.
     pub fn hold(&mut self, rec: &mut Recorder, syms: &Symbolizer, py: &mut Resolver) {
         if let Some(c) = self.censuses.as_mut() {

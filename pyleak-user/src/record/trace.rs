@@ -293,7 +293,7 @@ pub async fn trace_loop(
                 signalled_ms = monotonic_ms();
                 break End::Signal;
             }
-            // The command stopped at Py_FinalizeEx (`--census`, sampled pymalloc): its
+            // The command stopped at its interpreter's shutdown (`--census`, sampled pymalloc): its
             // samples judged and its last census taken now, before the interpreter tears
             // its heap down, then it goes on.
             hold = async { holds.as_mut().expect("guarded").recv().await }, if holds.is_some() => {
@@ -301,7 +301,7 @@ pub async fn trace_loop(
                     Some(Hold { at_exit, reply }) => {
                         rec.drain();
                         let frozen = child.is_some_and(|pid| rec.frozen_in_kernel(pid));
-                        // At Py_FinalizeEx: the kernel froze it there. At its exit: only
+                        // At its shutdown: the kernel froze it there. At its exit: only
                         // if it never froze (os._exit, a fatal signal: the heap as it
                         // was), and when there is something to read.
                         let ours = if at_exit {
@@ -331,7 +331,7 @@ pub async fn trace_loop(
         }
     };
     // Execs are not handled from here on: a launched command is not held at them, nor at
-    // Py_FinalizeEx.
+    // its interpreter's shutdown.
     if let Some(gate) = &exec_gate {
         gate.open();
     }

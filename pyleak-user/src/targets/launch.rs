@@ -46,7 +46,7 @@ pub struct Launched {
     pub signals_seen: Arc<SignalsSeen>,
     /// Holds the command at each exec after its first until the new program is probed.
     pub exec_gate: Arc<ExecGate>,
-    /// Each time the command stops at `Py_FinalizeEx` (the kernel's `SIGURG`, see
+    /// Each time the command stops at its interpreter's shutdown (the kernel's `SIGURG`, see
     /// `HOLD_AT_FINALIZE` in `pyleak-ebpf/src/lifecycle.rs`) or at its exit: a request to
     /// read its state. Dropping the receiver ends the holds.
     pub holds: Option<tokio::sync::mpsc::UnboundedReceiver<Hold>>,
@@ -58,12 +58,12 @@ pub struct Hold {
     /// `Py_FinalizeEx`: the heap is intact only if the interpreter never began its
     /// teardown (`os._exit`, a fatal signal).
     pub at_exit: bool,
-    /// Answered once its state is read: `true` when a `Py_FinalizeEx` stop was pyleak's
+    /// Answered once its state is read: `true` when a shutdown stop was pyleak's
     /// (the signal is then suppressed).
     pub reply: std::sync::mpsc::Sender<bool>,
 }
 
-/// The longest a launched command is held at `Py_FinalizeEx` for its state to be read (a
+/// The longest a launched command is held at its interpreter's shutdown for its state to be read (a
 /// census of a large heap takes seconds): past it, it goes on.
 const FINALIZE_HOLD_MAX: Duration = Duration::from_secs(60);
 
@@ -313,7 +313,7 @@ fn trace_until_exit(
             }
             0
         } else if sig == libc::SIGURG && sent_by_kernel(pid_t) && held(holds, false) {
-            // pyleak's own stop at Py_FinalizeEx, its state read: suppressed.
+            // pyleak's own stop at the interpreter's shutdown, its state read: suppressed.
             0
         } else {
             signals_seen.saw(sig);
