@@ -106,6 +106,12 @@ pub enum AllocKind {
     /// `mp->ma_keys`. The cookie's `stack_delta` packs the argument index of `mp` (low
     /// byte) and the offset of `ma_keys` (next bytes): see [`holder_cookie`].
     ReuseHolder = 19,
+    /// A `_Py_NewReference(op)` an LTO build inlined into its caller (3.9–3.11's
+    /// `Objects/object.c`: `if (_Py_tracemalloc_config.tracing)
+    /// _PyTraceMalloc_NewReference(op);` then the reference count set): the probe sits on the
+    /// jump of that tracemalloc check, `op` in a register. The cookie's `stack_delta`: see
+    /// [`site_object_cookie`].
+    SiteReuseObject = 20,
 }
 
 /// The `stack_delta` of a [`AllocKind::ReuseObject`] cookie: how far below `rsp` the
@@ -113,6 +119,13 @@ pub enum AllocKind {
 /// before an object in this CPython (high 16 bits; all below bit 5 in 3.11–3.14).
 pub const fn object_cookie(stack_delta: u32, preheader_flags: u32) -> u32 {
     (stack_delta & 0xffff) | (preheader_flags << 16)
+}
+
+/// The `stack_delta` of a [`AllocKind::SiteReuseObject`] cookie: the register holding the
+/// object at the probe (low byte, numbered as in [`SiteInfo`]) and the pre-header flags
+/// as in [`object_cookie`] (high 16 bits).
+pub const fn site_object_cookie(reg: u8, preheader_flags: u32) -> u32 {
+    reg as u32 | (preheader_flags << 16)
 }
 
 /// `offsetof(PyTypeObject, tp_flags)` in every CPython 3.8–3.14
@@ -153,6 +166,7 @@ impl AllocKind {
             17 => AllocKind::ReuseObject,
             18 => AllocKind::ReuseBlock,
             19 => AllocKind::ReuseHolder,
+            20 => AllocKind::SiteReuseObject,
             _ => return None,
         })
     }

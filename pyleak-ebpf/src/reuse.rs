@@ -12,26 +12,34 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
-use pyleak_common::{Layer, GC_HEAD_BYTES, TPFLAGS_HAVE_GC, TYPE_FLAGS_OFFSET};
+use pyleak_common::{AllocKind, Layer, GC_HEAD_BYTES, TPFLAGS_HAVE_GC, TYPE_FLAGS_OFFSET};
 
 use crate::{
     alloc::{args3, cookie, hand_over, live_find, live_size},
     maps::{pymalloc_handover_window, pymalloc_sampled, uprobe_target_active, THREADS},
+    sites::reg,
     stack,
 };
 
-/// `_Py_NewReference(op)`: an object gets its first reference.
+/// `_Py_NewReference(op)`: an object gets its first reference. At the function's entry
+/// (`AllocKind::ReuseObject`: `op` its argument, its caller's return address on the stack)
+/// or at a copy inlined into a caller (`AllocKind::SiteReuseObject`: `op` in the register
+/// the cookie names, the caller the probed code itself).
 #[uprobe]
 pub fn reuse_enter(ctx: ProbeContext) -> u32 {
     let c = cookie(&ctx);
-    let op = args3(&ctx)[0];
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !uprobe_target_active(tgid) || pymalloc_handover_window().is_none() {
         return 0;
     }
-    // SAFETY: `regs` is the probe's register set; rsp and rbp are read as numbers.
-    let (rsp, rbp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
-    let at = rsp + (c.stack_delta & 0xffff) as u64;
+    // SAFETY: `regs` is the probe's register set; rsp, rbp and rip are read as numbers.
+    let (rsp, rbp, rip) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp, (*ctx.regs).rip) };
+    let (op, caller) = if c.kind == AllocKind::SiteReuseObject as u32 {
+        (reg(&ctx, c.stack_delta as u8), Caller::Is(rip))
+    } else {
+        let at = rsp + (c.stack_delta & 0xffff) as u64;
+        (args3(&ctx)[0], Caller::At(at))
+    };
     let managed = u64::from(c.stack_delta >> 16);
     let blocks = if pymalloc_sampled() {
         // Blocks tracked in a window stay in the table when their frees go unseen between
@@ -52,7 +60,7 @@ pub fn reuse_enter(ctx: ProbeContext) -> u32 {
         [op, op.wrapping_sub(GC_HEAD_BYTES), both]
     };
     let chain = stack::frame_chain_plausible(rsp, rbp);
-    reused(ctx.as_ptr(), blocks, op, Caller::At(at), chain, true);
+    reused(ctx.as_ptr(), blocks, op, caller, chain, true);
     0
 }
 

@@ -22,7 +22,7 @@ use crate::{
 /// Register `i` of the probe's register set (numbered as in [`SiteInfo`]), 0 for none.
 /// One fixed-offset read per arm: the verifier rejects a variable context offset.
 #[inline(always)]
-fn reg(ctx: &ProbeContext, i: u8) -> u64 {
+pub(crate) fn reg(ctx: &ProbeContext, i: u8) -> u64 {
     let r = ctx.regs;
     // SAFETY: `regs` points at the probe's register set for the program's whole run.
     unsafe {

@@ -476,6 +476,10 @@ fn dicts_reused_through_free_lists_are_the_keepers() {
 /// dicts hold (`sys.getsizeof`) within 1%, the making line under 64 KiB; sampled: the
 /// making line under 1 MiB and the keeper's estimate within 40% (its accuracy is checked
 /// elsewhere; here the blame is). Every CPython whose hand-overs are seen (3.9+, not LTO).
+/// Debian's LTO 3.11, exact mode: the dict objects, taken off their free list by the
+/// copies of `_Py_NewReference` inlined into the dict code, at the `{}` line within 1%
+/// (their keys tables come off theirs in an inlined `new_keys_object`, which is not
+/// probed: they stay with the making line).
 #[test]
 fn a_block_taken_back_off_a_free_list_by_its_maker_thread_is_the_keepers() {
     if !root_or_skip() {
@@ -493,37 +497,50 @@ fn a_block_taken_back_off_a_free_list_by_its_maker_thread_is_the_keepers() {
         "pyenv 3.12.1",
         "pyenv 3.13.0",
     ]);
-    for (label, py) in pythons {
-        for mode in ["exact", "sampled"] {
-            let (report, out) = record_json(
-                &scratch("shape-freelist-same-thread"),
-                &[
-                    "--pymalloc",
-                    mode,
-                    "--pymalloc-period",
-                    "0.2",
-                    "--",
-                    py.to_str().unwrap(),
-                    &script,
-                ],
-            );
-            let truth = printed(&out);
-            let want = num(&truth["kept"]) * num(&truth["dict_bytes"]);
-            let at_keeper = pymalloc_on(&report, &keep) + pymalloc_on(&report, &insert);
-            let at_maker = pymalloc_on(&report, &make);
-            let (margin, maker_max) = if mode == "exact" {
-                (0.01, 64 << 10)
-            } else {
-                (0.40, 1 << 20)
-            };
+    let debian = required_pythons(&["debian 3.11"]);
+    let runs = pythons
+        .iter()
+        .flat_map(|p| [(p, "exact"), (p, "sampled")])
+        .chain(debian.iter().map(|p| (p, "exact")));
+    for ((label, py), mode) in runs {
+        let (report, out) = record_json(
+            &scratch("shape-freelist-same-thread"),
+            &[
+                "--pymalloc",
+                mode,
+                "--pymalloc-period",
+                "0.2",
+                "--",
+                py.to_str().unwrap(),
+                &script,
+            ],
+        );
+        let truth = printed(&out);
+        if label.starts_with("debian") {
+            let want = num(&truth["kept"]) * num(&truth["object_bytes"]);
+            let at_keep = pymalloc_on(&report, &keep);
+            eprintln!("{label}: {at_keep} B at the {{}} line, {want} B of dict objects");
             assert!(
-                (at_keeper as f64 - want as f64).abs() <= margin * want as f64,
-                "{label} {mode}: {at_keeper} B at the keeping lines, {want} B kept"
+                (at_keep as f64 - want as f64).abs() <= 0.01 * want as f64,
+                "{label} {mode}: {at_keep} B at the {{}} line, {want} B of dict objects"
             );
-            assert!(
-                at_maker < maker_max,
-                "{label} {mode}: the making line holds {at_maker} B of the {want} B kept"
-            );
+            continue;
         }
+        let want = num(&truth["kept"]) * num(&truth["dict_bytes"]);
+        let at_keeper = pymalloc_on(&report, &keep) + pymalloc_on(&report, &insert);
+        let at_maker = pymalloc_on(&report, &make);
+        let (margin, maker_max) = if mode == "exact" {
+            (0.01, 64 << 10)
+        } else {
+            (0.40, 1 << 20)
+        };
+        assert!(
+            (at_keeper as f64 - want as f64).abs() <= margin * want as f64,
+            "{label} {mode}: {at_keeper} B at the keeping lines, {want} B kept"
+        );
+        assert!(
+            at_maker < maker_max,
+            "{label} {mode}: the making line holds {at_maker} B of the {want} B kept"
+        );
     }
 }

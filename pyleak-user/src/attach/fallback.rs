@@ -56,6 +56,35 @@ pub(super) struct Code_<'a> {
 }
 
 impl<'a> Code_<'a> {
+    /// The executable sections of `file`, its PLT sections and its functions with a symbol
+    /// and a size.
+    pub(super) fn of(file: &object::File<'a>) -> Code_<'a> {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+        let ranges = file
+            .sections()
+            .filter(|s| s.kind() == object::SectionKind::Text)
+            .filter_map(|s| Some((s.address(), s.data().ok()?)))
+            .collect();
+        let plt = file
+            .sections()
+            .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
+            .map(|s| (s.address(), s.address().saturating_add(s.size())))
+            .collect();
+        let mut functions: Vec<(u64, u64)> = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0)
+            .map(|s| (s.address(), s.address().saturating_add(s.size())))
+            .collect();
+        functions.sort_unstable();
+        functions.dedup();
+        Code_ {
+            ranges,
+            plt,
+            functions,
+        }
+    }
+
     pub(super) fn in_plt(&self, addr: u64) -> bool {
         self.plt.iter().any(|&(s, e)| addr >= s && addr < e)
     }
@@ -139,27 +168,48 @@ pub(super) fn load_stack(i: &Instruction) -> Option<(u8, u64)> {
         .then(|| Some((reg_number(i.op0_register())?, i.memory_displacement64())))?
 }
 
-/// Follows the fallback branch from `start` to its call through the table; returns the
-/// sources of the call's registers and the address after the call (`None` for a tail call,
+/// What a fallback branch ends by calling.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Callee<'a> {
+    /// A function of an allocator table: through the register the guard compared
+    /// (`guard_reg`), or through one of the table's fields (link-time addresses).
+    Table {
+        guard_reg: Option<u8>,
+        fields: &'a [u64],
+    },
+    /// The function at this link-time address, called directly.
+    Function(u64),
+}
+
+/// Follows the fallback branch from `start` to its call of `callee`; returns the sources
+/// of the call's registers and the address after the call (`None` for a tail call,
 /// `jmp *reg`).
 pub(super) fn walk_to_call(
     code: &Code_,
     factory: &mut InstructionInfoFactory,
     start: u64,
-    guard_reg: Option<u8>,
-    table_fields: &[u64],
+    callee: Callee<'_>,
 ) -> Option<([Src; 16], Option<u64>)> {
     let mut src: [Src; 16] = core::array::from_fn(|n| Src::Reg(n as u8));
     let mut rsp_moved = false;
     let mut pc = start;
     for _ in 0..MAX_WALK {
         let i = code.at(pc)?;
-        match i.flow_control() {
-            FlowControl::UnconditionalBranch if i.op0_kind() == OpKind::NearBranch64 => {
+        match (i.flow_control(), callee) {
+            (FlowControl::UnconditionalBranch, _) if i.op0_kind() == OpKind::NearBranch64 => {
                 pc = i.near_branch64();
                 continue;
             }
-            FlowControl::IndirectCall | FlowControl::IndirectBranch => {
+            (FlowControl::Call, Callee::Function(f)) if i.op0_kind() == OpKind::NearBranch64 => {
+                return (i.near_branch64() == f).then_some((src, Some(i.next_ip())));
+            }
+            (
+                FlowControl::IndirectCall | FlowControl::IndirectBranch,
+                Callee::Table {
+                    guard_reg,
+                    fields: table_fields,
+                },
+            ) => {
                 // Through the register the guard compared, or the table field itself.
                 let through_table = if i.op0_kind() == OpKind::Register {
                     let r = reg_number(i.op0_register())?;
@@ -174,7 +224,7 @@ pub(super) fn walk_to_call(
                 let after = (i.flow_control() == FlowControl::IndirectCall).then(|| i.next_ip());
                 return through_table.then_some((src, after));
             }
-            FlowControl::Next => {}
+            (FlowControl::Next, _) => {}
             _ => return None,
         }
         let writes = written(factory, &i);

@@ -359,7 +359,7 @@ fn plan_sites(
 }
 
 /// The file offset of link-time address `addr` in an executable section.
-fn file_offset(file: &object::File, addr: u64) -> Option<u64> {
+pub(super) fn file_offset(file: &object::File, addr: u64) -> Option<u64> {
     use object::{Object, ObjectSection};
     let s = file.sections().find(|s| {
         s.kind() == object::SectionKind::Text

@@ -29,7 +29,7 @@
 use iced_x86::{
     Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpKind, Register,
 };
-use object::{Object, ObjectSection, ObjectSymbol};
+use object::Object;
 use pyleak_common::{AllocKind, SiteInfo, REG_CONST, REG_NONE, REG_STACK};
 
 use super::{elf::ElfFile, fallback::*, tables::AllocTable};
@@ -81,30 +81,7 @@ pub fn find_sites(elf: &ElfFile, tables: &[AllocTable]) -> SiteScan {
     if file.kind() != object::ObjectKind::Executable {
         return SiteScan::default();
     }
-    let ranges: Vec<(u64, &[u8])> = file
-        .sections()
-        .filter(|s| s.kind() == object::SectionKind::Text)
-        .filter_map(|s| Some((s.address(), s.data().ok()?)))
-        .collect();
-    let plt = file
-        .sections()
-        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
-        .map(|s| (s.address(), s.address().saturating_add(s.size())))
-        .collect();
-    let mut sized: Vec<(u64, u64)> = file
-        .symbols()
-        .chain(file.dynamic_symbols())
-        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0)
-        .map(|s| (s.address(), s.address().saturating_add(s.size())))
-        .collect();
-    sized.sort_unstable();
-    sized.dedup();
-    let code = Code_ {
-        ranges,
-        plt,
-        functions: sized,
-    };
-    scan_code(&code, tables)
+    scan_code(&Code_::of(&file), tables)
 }
 
 /// [`find_sites`] on decoded code: every guard comparing with one of the tables' functions.
@@ -206,7 +183,8 @@ fn analyse(
     expected: u64,
     fields: &[u64],
 ) -> Option<Site> {
-    let (src, after) = walk_to_call(code, factory, fallback, guard_reg, fields)?;
+    let callee = Callee::Table { guard_reg, fields };
+    let (src, after) = walk_to_call(code, factory, fallback, callee)?;
     // System V: rdi = ctx, then rsi, rdx.
     let wanted: &[usize] = match kind {
         AllocKind::SiteMalloc | AllocKind::SiteFree => &[4],
