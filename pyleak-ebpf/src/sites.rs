@@ -9,7 +9,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use pyleak_common::{
-    AllocKind, Pending, SiteInfo, CALL_LAYERS, ENTERED_SHIFT, REG_CONST, REG_NONE, REG_STACK,
+    AllocKind, Layer, Pending, SiteInfo, CALL_LAYERS, ENTERED_SHIFT, REG_CONST, REG_NONE, REG_STACK,
 };
 
 use crate::{
@@ -196,5 +196,12 @@ fn try_site_join(ctx: &ProbeContext) -> Result<(), i32> {
         reg(ctx, s.result_reg)
     };
     finish(tgid, c.layer, &pending, ret);
+    // As at a function's return: the object's first reference, next, is not a hand-over
+    // (an inlined `_Py_NewReference` probed further on would count the block again, on a
+    // stack that differs by its native frame).
+    if layer == Layer::Pymalloc as usize {
+        t.last_block = ret;
+        t.last_size = pending.size.min(u64::from(u32::MAX)) as u32;
+    }
     Ok(())
 }
