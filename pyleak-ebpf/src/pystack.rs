@@ -227,11 +227,18 @@ fn find_tstate(p: &PyProc, tid: u32) -> Option<u64> {
         }
     }
     let runtime = p.runtime_vaddr.wrapping_add(p.bias);
-    let interp = read_u64(runtime + p.interp_head as u64)?;
+    let mut interp = read_u64(runtime + p.interp_head as u64)?;
     let mut ts = read_u64(interp + p.tstate_head as u64)?;
+    // Every interpreter's threads, the newest interpreter's first (a thread of the main
+    // interpreter, last in the list, once a subinterpreter exists), in one bounded loop.
     for _ in 0..MAX_PY_THREADS {
         if ts == 0 {
-            return None;
+            interp = read_u64(interp + p.interp_next as u64)?;
+            if interp == 0 {
+                return None;
+            }
+            ts = read_u64(interp + p.tstate_head as u64)?;
+            continue;
         }
         if is_ours(p, ts, tid) {
             let _ = TSTATES.insert(&tid, &ts, 0);

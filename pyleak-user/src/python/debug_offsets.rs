@@ -25,8 +25,8 @@ const UNICODE_STATE: u64 = 32;
 pub struct DebugOffsetsLayout {
     /// `runtime_state`: `size`, `interpreters_head`.
     pub runtime: [usize; 2],
-    /// `interpreter_state`: `size`, `threads_head`.
-    pub interp: [usize; 2],
+    /// `interpreter_state`: `size`, `next`, `threads_head`.
+    pub interp: [usize; 3],
     /// `thread_state`: `size`, `next`, `current_frame`, `thread_id`, `native_thread_id`.
     pub tstate: [usize; 5],
     /// `interpreter_frame`: `size`, `previous`, `executable`, `instr_ptr`, `owner`.
@@ -110,7 +110,7 @@ pub fn parse(
         return Err(Problem::FreeThreaded);
     }
     let [_, interp_head] = group(&word, "runtime_state", layout.runtime)?;
-    let [_, threads_head] = group(&word, "interpreter_state", layout.interp)?;
+    let [_, interp_next, threads_head] = group(&word, "interpreter_state", layout.interp)?;
     let [_, next, current_frame, thread_id, native_tid] =
         group(&word, "thread_state", layout.tstate)?;
     let [_, previous, executable, instr_ptr, owner] =
@@ -131,6 +131,7 @@ pub fn parse(
         field.set(file);
     };
     set("interpreters_head", interp_head, &mut w.interp_head);
+    set("interpreters.next", interp_next, &mut w.interp_next);
     set("threads_head", threads_head, &mut w.tstate_head);
     set("tstate.next", next, &mut w.tstate_next);
     set("tstate.current_frame", current_frame, &mut w.tstate_frame);
@@ -296,7 +297,11 @@ mod tests {
             }
         };
         put(&l.runtime, 1 << 20, &[walk.interp_head.into()]);
-        put(&l.interp, 1 << 20, &[walk.tstate_head.into()]);
+        put(
+            &l.interp,
+            1 << 20,
+            &[walk.interp_next.into(), walk.tstate_head.into()],
+        );
         let t = [
             walk.tstate_next,
             walk.tstate_frame,

@@ -18,7 +18,7 @@ use crate::python::{
 /// the fields pyleak reads, checked on pyenv 3.13.0.
 static DEBUG_OFFSETS: DebugOffsetsLayout = DebugOffsetsLayout {
     runtime: [3, 5],
-    interp: [6, 9],
+    interp: [6, 8, 9],
     tstate: [19, 21, 23, 24, 25],
     frame: [28, 29, 30, 31, 33],
     code: [34, 35, 36, 37, 38, 39, 43],
@@ -37,6 +37,7 @@ impl CPython for Python313 {
     fn walk_layout(&self) -> PyProc {
         PyProc {
             interp_head: 632,
+            interp_next: 7264,
             tstate_head: 7344,
             tstate_native_tid: 160,
             tstate_thread_id: 152,

@@ -28,7 +28,7 @@ const STACKREF_TAG_BITS: u64 = 3;
 /// offset inside its struct, the str header fields pyleak assumes).
 static DEBUG_OFFSETS: DebugOffsetsLayout = DebugOffsetsLayout {
     runtime: [3, 5],
-    interp: [6, 9],
+    interp: [6, 8, 9],
     tstate: [22, 24, 26, 27, 28],
     frame: [31, 32, 33, 34, 36],
     code: [39, 40, 41, 42, 43, 44, 48],
@@ -49,6 +49,8 @@ impl CPython for Python314 {
         // `f_executable` is tagged.
         PyProc {
             interp_head: 808,
+            // py-spy's bindings; `_Py_DebugOffsets` says where it is when read.
+            interp_next: 7272,
             code_tag_mask: STACKREF_TAG_BITS,
             frame_owner: 74,
             // Not in `_Py_DebugOffsets` and unverified: frames are read one by one.
