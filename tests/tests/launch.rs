@@ -312,3 +312,45 @@ fn a_python_execd_by_env_setsid_or_bash_is_traced_from_its_start() {
     }
     assert_no_pyleak_programs();
 }
+
+/// A launched command that starts a process and does not wait for it: the recording ends
+/// with the command, and pyleak says which followed process was still running, untraced
+/// from then on (before, the child's report was cut off without a word).
+#[test]
+fn a_child_left_running_by_the_command_is_said_so() {
+    if !root_or_skip() {
+        return;
+    }
+    let py = python312();
+    let dir = scratch("child-left-running");
+    let pidfile = dir.join("child.pid");
+    let code = format!(
+        "import subprocess, sys\n\
+         p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(5)'],\n\
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
+         open({:?}, 'w').write(str(p.pid))\n",
+        pidfile.to_str().unwrap()
+    );
+    let out = pyleak(&[
+        "record",
+        "-q",
+        "-o",
+        dir.join("r.txt").to_str().unwrap(),
+        "--",
+        py.to_str().unwrap(),
+        "-c",
+        &code,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let child = std::fs::read_to_string(&pidfile).expect("the child's pid");
+    let child: u32 = child.trim().parse().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    signal(child, libc::SIGKILL);
+    assert!(
+        err.contains(&format!(
+            "1 followed process(es) still running, no longer traced (pid {child})"
+        )),
+        "{err}"
+    );
+    assert_no_pyleak_programs();
+}

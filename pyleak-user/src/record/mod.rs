@@ -495,6 +495,20 @@ fn finish(
             .poll(&mut s.rec, &mut s.resolver, &mut s.runtimes, &s.syms);
     }
     s.rec.freeze_all()?;
+    // Processes a launched command started and left running (a `Popen` not waited for):
+    // the recording ends with the command, and with it what is known of them.
+    let mut orphans: Vec<u32> = match &s.child {
+        Some(c) => s
+            .rec
+            .targets
+            .iter()
+            .copied()
+            .filter(|&p| p != c.pid)
+            .collect(),
+        None => Vec::new(),
+    };
+    orphans.retain(|&pid| crate::targets::alive(pid));
+    orphans.sort_unstable();
     let snap = s.rec.snapshot((args.min_age * 1e9) as u64)?;
     learn_new_stacks(&mut s.rec, &mut s.resolver);
     // A launched command's status is pyleak's, as with `time` or `strace`: scripts that
@@ -572,6 +586,14 @@ fn finish(
     drop(s.rec);
     if let Some(pid) = running.filter(|&pid| crate::targets::alive(pid)) {
         eprintln!("pyleak: the command (pid {pid}) is still running, no longer traced");
+    }
+    if !orphans.is_empty() {
+        let pids: Vec<String> = orphans.iter().map(u32::to_string).collect();
+        eprintln!(
+            "pyleak: {} followed process(es) still running, no longer traced (pid {}): the report holds what they did until the recording ended; wait for them in the program, or attach with --pid",
+            orphans.len(),
+            pids.join(", ")
+        );
     }
     Ok(status)
 }
