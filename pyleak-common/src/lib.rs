@@ -36,10 +36,10 @@ pub const FINALIZE_FREEZE_HERE: u64 = 0;
 /// what they do until then still counts.
 pub const FINALIZE_MARK: u64 = 1;
 /// Cookie of the shutdown probe on `_Py_FinishPendingCalls`, which `Py_FinalizeEx` calls
-/// right after joining the threads (or, in a build that does not name it, on the
-/// instruction after `Py_FinalizeEx`'s call of `wait_for_thread_shutdown`) and before the `atexit` functions and the teardown:
-/// freeze a process marked by [`FINALIZE_MARK`] there (`Py_EndInterpreter` calls it too, in
-/// 3.12+, and is not a shutdown of the process).
+/// right after joining the threads and before the `atexit` functions and the teardown (in
+/// a build that does not name it, on the instruction after `Py_FinalizeEx`'s call of
+/// `wait_for_thread_shutdown`): freeze a process marked by [`FINALIZE_MARK`] there
+/// (`Py_EndInterpreter` calls it too, in 3.12+, and is not a shutdown of the process).
 pub const FINALIZE_THREADS_JOINED: u64 = 2;
 /// Processes between `Py_FinalizeEx` and its `_Py_FinishPendingCalls` at once.
 pub const FINALIZING_ENTRIES: u32 = 1024;

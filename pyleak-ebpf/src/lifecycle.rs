@@ -22,9 +22,9 @@ use crate::{
     pystack::{bump_code_epoch, bump_py_epoch, PY_PROCS},
 };
 
-/// The launched command's pid when its state is to be read at its interpreter's shutdown before
-/// the interpreter tears it down (sampled pymalloc: a last judgement of the samples;
-/// `--census`: a last heap census), else 0. Set by userspace before load.
+/// The launched command's pid when its state is to be read at its interpreter's shutdown,
+/// before the interpreter tears it down (sampled pymalloc: a last judgement of the
+/// samples; `--census`: a last heap census), else 0. Set by userspace before load.
 #[no_mangle]
 static HOLD_AT_FINALIZE: u32 = 0;
 

@@ -51,8 +51,9 @@ pub struct RecorderOptions {
     pub pymalloc_sampled: bool,
     /// With [`Filter::Pids`]: trace the targets' new processes too (forks, exec'd programs).
     pub follow_children: bool,
-    /// A launched command (ptraced by pyleak) to stop at its interpreter's shutdown (`attach::plan_finalize`), its state read
-    /// before the interpreter tears it down (0: none); see `targets::launch::Launched`.
+    /// A launched command (ptraced by pyleak) to stop at its interpreter's shutdown
+    /// (`attach::plan_finalize`), its state read before the interpreter tears it down (0:
+    /// none); see `targets::launch::Launched`.
     pub hold_at_finalize: u32,
 }
 

@@ -401,9 +401,9 @@ impl Recorder {
     }
 
     /// [`Recorder::sweep`], with `held` judged though the kernel froze it: a launched
-    /// command stopped at its interpreter's shutdown by its tracer, its heap as it was before the
-    /// interpreter's teardown (its frees since the freeze are not counted, and none is
-    /// made while it is held).
+    /// command stopped at its interpreter's shutdown by its tracer, its heap as it was
+    /// before the interpreter's teardown (its frees since the freeze are not counted, and
+    /// none is made while it is held).
     pub fn sweep_holding(&mut self, held: Option<u32>) -> anyhow::Result<()> {
         let Some(w) = self.windows.as_ref() else {
             return Ok(());
