@@ -698,3 +698,42 @@ fn a_worker_that_outlives_the_main_thread_is_read_once_joined() {
     }
     assert_no_pyleak_programs();
 }
+
+/// With a subinterpreter alive, the runtime's list of interpreters starts with it: the
+/// census reads the main interpreter (the list's last), whose `sys.modules` holds the
+/// program's globals (before, it read the subinterpreter's, and named none of them).
+#[test]
+fn a_census_reads_the_main_interpreter_when_a_subinterpreter_exists() {
+    if !root_or_skip() {
+        return;
+    }
+    let script = workload("py_subinterpreter_thread.py");
+    for (label, python) in required_pythons(&["pyenv 3.12.1", "pyenv 3.13.0"]) {
+        let (report, out) = record_json(
+            &scratch("census-subinterpreter"),
+            &[
+                "--census",
+                "--layers",
+                "pymalloc",
+                "--pymalloc",
+                "exact",
+                "--",
+                python.to_str().unwrap(),
+                &script,
+            ],
+        );
+        let census = &report["census"][0];
+        assert!(
+            census.is_object(),
+            "{label}: no census: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(
+            holder(census, "__main__.KEPT").and_then(|h| h["len"].as_u64()),
+            Some(10_000),
+            "{label}: {:?}",
+            holder_paths(census)
+        );
+    }
+    assert_no_pyleak_programs();
+}

@@ -21,7 +21,7 @@ def worker(n):
         KEPT.append(bytes(200))  # the thread's leak
 
 
-interpreters.create()
+SUB = interpreters.create()  # kept: 3.12 ends a subinterpreter whose last id is dropped
 t = threading.Thread(target=worker, args=(N,))
 t.start()
 t.join()

@@ -117,6 +117,23 @@ pub fn take(pid: u32, rt: &PythonRuntime, bias: u64, pause: bool) -> Result<Cens
     Ok(census)
 }
 
+/// Interpreters followed from the head of the list to the main one, at most.
+const MAX_INTERPRETERS: usize = 64;
+
+/// The main interpreter: the last of the runtime's list, which starts with the newest (a
+/// subinterpreter, once one exists; `Python/pystate.c` links each new one at the head).
+/// `head` itself when the list cannot be followed.
+fn main_interpreter(img: &Image, head: u64, next_offset: u32) -> u64 {
+    let mut interp = head;
+    for _ in 0..MAX_INTERPRETERS {
+        match img.word(interp + u64::from(next_offset)) {
+            Some(next) if next != 0 => interp = next,
+            _ => break,
+        }
+    }
+    interp
+}
+
 /// Parses one copied image (see [`take`]).
 fn parse(
     pid: u32,
@@ -126,12 +143,13 @@ fn parse(
     img: &Image,
 ) -> Result<Census, CensusError> {
     let runtime = rt.runtime_vaddr.wrapping_add(bias);
-    let interp = img
+    let head = img
         .word(runtime + u64::from(rt.walk.interp_head))
         .filter(|&p| p != 0)
         .ok_or(CensusError::NoInterpreter(
             "no interpreter in _PyRuntime (not initialised yet, or finalised)",
         ))?;
+    let interp = main_interpreter(img, head, rt.walk.interp_next);
     let modules = img
         .word(interp + layout.interp_modules)
         .filter(|&p| p != 0)
