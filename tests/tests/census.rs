@@ -127,6 +127,15 @@ fn holder<'a>(report: &'a Value, path: &str) -> Option<&'a Value> {
         .find(|h| path_of(h) == path)
 }
 
+/// The suspect whose innermost frame is `leaf`.
+fn suspect_at<'a>(report: &'a Value, leaf: &str) -> Option<&'a Value> {
+    report["suspects"]
+        .as_array()
+        .expect("suspects")
+        .iter()
+        .find(|s| s["frames"].as_array().and_then(|f| f.last()) == Some(&Value::from(leaf)))
+}
+
 fn holder_paths(report: &Value) -> Vec<String> {
     report["holders"]
         .as_array()
@@ -600,13 +609,7 @@ fn record_with_census_of_a_command_reads_its_heap_at_shutdown() {
             "fill ({script}:{})",
             marker_line(&script, "# the holder's line")
         );
-        let suspect = report["suspects"]
-            .as_array()
-            .expect("suspects")
-            .iter()
-            .find(|s| {
-                s["frames"].as_array().and_then(|f| f.last()) == Some(&Value::from(leaf.as_str()))
-            })
+        let suspect = suspect_at(&report, &leaf)
             .unwrap_or_else(|| panic!("{label}: no suspect at {leaf}: {text}"));
         let held = &suspect["held_by"];
         assert_eq!(
@@ -672,13 +675,7 @@ fn a_worker_that_outlives_the_main_thread_is_read_once_joined() {
             ],
         );
         let text = String::from_utf8_lossy(&out.stdout);
-        let suspect = report["suspects"]
-            .as_array()
-            .expect("suspects")
-            .iter()
-            .find(|s| {
-                s["frames"].as_array().and_then(|f| f.last()) == Some(&Value::from(leaf.as_str()))
-            })
+        let suspect = suspect_at(&report, &leaf)
             .unwrap_or_else(|| panic!("{label}: no suspect at {leaf}: {text}"));
         let live = suspect["live_bytes"].as_u64().expect("live_bytes");
         eprintln!("{label}: {live} B live at {leaf}");
