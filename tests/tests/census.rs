@@ -127,6 +127,18 @@ fn holder<'a>(report: &'a Value, path: &str) -> Option<&'a Value> {
         .find(|h| path_of(h) == path)
 }
 
+/// `record`'s options for a launched run read at its shutdown: a census, pymalloc exact
+/// alone, and suspects of any age (these runs last under the default 1 s).
+const SHORT_RUN_CENSUS: [&str; 7] = [
+    "--census",
+    "--layers",
+    "pymalloc",
+    "--pymalloc",
+    "exact",
+    "--min-age",
+    "0",
+];
+
 /// The suspect whose innermost frame is `leaf`.
 fn suspect_at<'a>(report: &'a Value, leaf: &str) -> Option<&'a Value> {
     report["suspects"]
@@ -569,16 +581,7 @@ fn record_with_census_of_a_command_reads_its_heap_at_shutdown() {
     for (label, python, through_env, os_exit) in cases {
         let dir = scratch(&format!("census-exit-{through_env}-{os_exit}"));
         let script = workload("py_census_exit.py");
-        let mut args = vec![
-            "--census",
-            "--layers",
-            "pymalloc",
-            "--pymalloc",
-            "exact",
-            // The run lasts under the default age of a suspect (1 s).
-            "--min-age",
-            "0",
-        ];
+        let mut args = SHORT_RUN_CENSUS.to_vec();
         if through_env {
             // Python exec'd by env is followed by the census too; censuses at every
             // 0.2 s sample while its teardown runs (1.5 s) would read a heap half freed:
@@ -662,17 +665,10 @@ fn a_worker_that_outlives_the_main_thread_is_read_once_joined() {
         let (report, out) = record_json(
             &dir,
             &[
-                "--census",
-                "--layers",
-                "pymalloc",
-                "--pymalloc",
-                "exact",
-                "--min-age",
-                "0",
-                "--",
-                python.to_str().unwrap(),
-                &script,
-            ],
+                &SHORT_RUN_CENSUS[..],
+                &["--", python.to_str().unwrap(), &script],
+            ]
+            .concat(),
         );
         let text = String::from_utf8_lossy(&out.stdout);
         let suspect = suspect_at(&report, &leaf)
@@ -709,15 +705,10 @@ fn a_census_reads_the_main_interpreter_when_a_subinterpreter_exists() {
         let (report, out) = record_json(
             &scratch("census-subinterpreter"),
             &[
-                "--census",
-                "--layers",
-                "pymalloc",
-                "--pymalloc",
-                "exact",
-                "--",
-                python.to_str().unwrap(),
-                &script,
-            ],
+                &SHORT_RUN_CENSUS[..],
+                &["--", python.to_str().unwrap(), &script],
+            ]
+            .concat(),
         );
         let census = &report["census"][0];
         assert!(
